@@ -1,0 +1,612 @@
+//! The secret cache: a read-through, in-memory map from connection ID to loaded connection.
+//!
+//! - A hit younger than `ttl` is served at once; past 80% of `ttl` a background re-read starts,
+//!   and a maintenance task re-reads connections in use before they expire, so a key rotated in
+//!   Vault is in use within `ttl` without any request waiting for Vault.
+//! - Any number of concurrent misses share one load (one Vault read): the first request spawns
+//!   it and stores its shared future in the entry; the others await the same future.
+//! - Unknown (and invalid) connections are remembered for `negative_ttl`.
+//! - When Vault fails, an entry past `ttl` keeps serving, marked stale, until `ttl + max_stale`;
+//!   its re-read runs in the background, so a hung Vault never delays a request on a connection
+//!   that has a usable value.
+//! - At most `max_entries` entries; the least recently used of a sample is evicted first.
+//!
+//! No map guard is ever held across an `.await`: every guard lives inside one synchronous block.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+use crate::catalog::Catalog;
+use crate::config::CacheConfig;
+use crate::connection::{Connection, ConnectionError, ConnectionId};
+use crate::telemetry::{self, CacheOutcome};
+use crate::vault::{Vault, VaultError};
+
+/// Where connections come from. Vault in production; a seam for unit tests.
+pub trait Source: Send + Sync + 'static {
+    fn load(&self, id: ConnectionId) -> BoxFuture<'static, Result<Option<Connection>, CacheError>>;
+}
+
+/// Loads connections from Vault and checks them against the catalog.
+pub struct VaultSource {
+    pub vault: Arc<Vault>,
+    pub catalog: Arc<Catalog>,
+}
+
+impl Source for VaultSource {
+    fn load(&self, id: ConnectionId) -> BoxFuture<'static, Result<Option<Connection>, CacheError>> {
+        let vault = self.vault.clone();
+        let catalog = self.catalog.clone();
+        async move {
+            match vault.read(&id).await {
+                Ok(None) => Ok(None),
+                Ok(Some(stored)) => Connection::from_stored(id, stored, &catalog)
+                    .map(Some)
+                    .map_err(CacheError::Invalid),
+                Err(e) => Err(CacheError::Unavailable(e)),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Why no connection could be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    #[error("no such connection")]
+    NotFound,
+    #[error("the stored connection cannot be used: {0}")]
+    Invalid(ConnectionError),
+    #[error("the secret store is unavailable: {0}")]
+    Unavailable(VaultError),
+    #[error("the connection could not be loaded")]
+    Internal,
+}
+
+type Outcome = Result<Arc<Connection>, CacheError>;
+type Load = Shared<BoxFuture<'static, Outcome>>;
+
+/// Minimum time between two re-reads of one connection triggered by upstream 401s.
+const UNAUTHORIZED_REREAD_INTERVAL: Duration = Duration::from_secs(5);
+/// How many entries an eviction looks at to find the least recently used.
+const EVICTION_SAMPLE: usize = 16;
+
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<ConnectionId, Slot>,
+    source: Arc<dyn Source>,
+    ttl: Duration,
+    refresh_at: Duration,
+    max_stale: Duration,
+    negative_ttl: Duration,
+    max_entries: usize,
+    epoch: Instant,
+    next_generation: AtomicU64,
+}
+
+struct Slot {
+    state: State,
+    /// The load in flight and its generation; a finished load only updates the slot if it is
+    /// still the slot's current one (an invalidation in between wins).
+    inflight: Option<(u64, Load)>,
+    /// Milliseconds since the cache's epoch of the last request that used this entry.
+    last_used: AtomicU64,
+    last_unauthorized_reread: Option<Instant>,
+}
+
+enum State {
+    Empty,
+    Ready {
+        conn: Arc<Connection>,
+        fetched: Instant,
+    },
+    Negative {
+        err: CacheError,
+        until: Instant,
+    },
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig, source: Arc<dyn Source>) -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                source,
+                ttl: config.ttl,
+                refresh_at: config.ttl.mul_f64(0.8),
+                max_stale: config.max_stale,
+                negative_ttl: config.negative_ttl,
+                max_entries: config.max_entries,
+                epoch: Instant::now(),
+                next_generation: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// The connection, and how the cache answered.
+    pub async fn get(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<(Arc<Connection>, CacheOutcome), (CacheError, CacheOutcome)> {
+        let now = Instant::now();
+        let mut refresh = false;
+        let mut answer = None;
+        if let Some(slot) = self.inner.map.get(id) {
+            slot.last_used
+                .store(self.inner.millis(now), Ordering::Relaxed);
+            match &slot.state {
+                State::Ready { conn, fetched } => {
+                    let age = now.saturating_duration_since(*fetched);
+                    if age < self.inner.ttl {
+                        refresh = age >= self.inner.refresh_at && slot.inflight.is_none();
+                        answer = Some(Ok((conn.clone(), CacheOutcome::Hit)));
+                    } else if age < self.inner.ttl + self.inner.max_stale {
+                        refresh = slot.inflight.is_none();
+                        answer = Some(Ok((conn.clone(), CacheOutcome::Stale)));
+                    }
+                }
+                State::Negative { err, until } if now < *until => {
+                    answer = Some(Err((err.clone(), CacheOutcome::Negative)));
+                }
+                _ => {}
+            }
+        }
+        if let Some(answer) = answer {
+            telemetry::cache_lookup(match &answer {
+                Ok((_, o)) | Err((_, o)) => *o,
+            });
+            if refresh {
+                drop(self.start_load(id));
+            }
+            return answer;
+        }
+
+        telemetry::cache_lookup(CacheOutcome::Miss);
+        if self.inner.map.len() >= self.inner.max_entries && !self.inner.map.contains_key(id) {
+            self.evict_one();
+        }
+        match self.start_load(id).await {
+            Ok(conn) => Ok((conn, CacheOutcome::Miss)),
+            Err(e) => Err((e, CacheOutcome::Miss)),
+        }
+    }
+
+    /// Joins the load in flight for `id`, or spawns one.
+    fn start_load(&self, id: &ConnectionId) -> Load {
+        let mut slot = match self.inner.map.entry(id.clone()) {
+            Entry::Occupied(o) => o.into_ref(),
+            Entry::Vacant(v) => v.insert(Slot {
+                state: State::Empty,
+                inflight: None,
+                last_used: AtomicU64::new(self.inner.millis(Instant::now())),
+                last_unauthorized_reread: None,
+            }),
+        };
+        if let Some((_, load)) = &slot.inflight {
+            return load.clone();
+        }
+        let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        let inner = self.inner.clone();
+        let task_id = id.clone();
+        let handle = tokio::spawn(async move { inner.load(task_id, generation).await });
+        let load: Load = async move { handle.await.unwrap_or(Err(CacheError::Internal)) }
+            .boxed()
+            .shared();
+        slot.inflight = Some((generation, load.clone()));
+        load
+    }
+
+    /// Drops a connection from the cache at once (after a rotation or delete).
+    pub fn invalidate(&self, id: &ConnectionId) {
+        self.inner.map.remove(id);
+        telemetry::cache_entries(self.inner.map.len());
+    }
+
+    /// Puts a freshly written connection in the cache, so the next request uses it.
+    pub fn insert(&self, conn: Connection) {
+        let id = conn.id.clone();
+        let now = Instant::now();
+        self.inner.map.insert(
+            id,
+            Slot {
+                state: State::Ready {
+                    conn: Arc::new(conn),
+                    fetched: now,
+                },
+                inflight: None,
+                last_used: AtomicU64::new(self.inner.millis(now)),
+                last_unauthorized_reread: None,
+            },
+        );
+    }
+
+    /// An upstream answered 401 to a request made with this connection's cached key: re-read
+    /// it, in case it was rotated elsewhere. At most one re-read at a time per connection, and
+    /// at most one per [`UNAUTHORIZED_REREAD_INTERVAL`]. Returns whether a re-read started.
+    pub fn reread_after_unauthorized(&self, id: &ConnectionId) -> bool {
+        let now = Instant::now();
+        {
+            let Some(mut slot) = self.inner.map.get_mut(id) else {
+                return false;
+            };
+            if slot.inflight.is_some()
+                || slot.last_unauthorized_reread.is_some_and(|t| {
+                    now.saturating_duration_since(t) < UNAUTHORIZED_REREAD_INTERVAL
+                })
+            {
+                return false;
+            }
+            slot.last_unauthorized_reread = Some(now);
+        }
+        drop(self.start_load(id));
+        true
+    }
+
+    /// Periodic upkeep, until `shutdown`: re-reads connections in use before they expire and
+    /// removes entries that can no longer be served.
+    pub async fn maintain(self, shutdown: impl std::future::Future<Output = ()>) {
+        let tick = (self.inner.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = interval.tick() => self.sweep(),
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        let inner = &self.inner;
+        let mut refresh = Vec::new();
+        let mut remove = Vec::new();
+        for slot in inner.map.iter() {
+            match &slot.state {
+                State::Ready { fetched, .. } => {
+                    let age = now.saturating_duration_since(*fetched);
+                    let used_since_fetch =
+                        slot.last_used.load(Ordering::Relaxed) >= inner.millis(*fetched);
+                    if age >= inner.ttl + inner.max_stale && slot.inflight.is_none() {
+                        remove.push(slot.key().clone());
+                    } else if age >= inner.refresh_at && slot.inflight.is_none() && used_since_fetch
+                    {
+                        refresh.push(slot.key().clone());
+                    }
+                }
+                State::Negative { until, .. } if now >= *until && slot.inflight.is_none() => {
+                    remove.push(slot.key().clone());
+                }
+                _ => {}
+            }
+        }
+        for id in remove {
+            inner.map.remove_if(&id, |_, s| s.inflight.is_none());
+        }
+        for id in refresh {
+            drop(self.start_load(&id));
+        }
+        telemetry::cache_entries(inner.map.len());
+    }
+
+    fn evict_one(&self) {
+        let victim = self
+            .inner
+            .map
+            .iter()
+            .take(EVICTION_SAMPLE)
+            .filter(|s| s.inflight.is_none())
+            .min_by_key(|s| s.last_used.load(Ordering::Relaxed))
+            .map(|s| s.key().clone());
+        if let Some(id) = victim {
+            self.inner.map.remove_if(&id, |_, s| s.inflight.is_none());
+        }
+    }
+}
+
+impl Inner {
+    fn millis(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn load(self: Arc<Self>, id: ConnectionId, generation: u64) -> Outcome {
+        let result = self.source.load(id.clone()).await;
+        let now = Instant::now();
+        let outcome: Outcome = match result {
+            Ok(Some(conn)) => Ok(Arc::new(conn)),
+            Ok(None) => Err(CacheError::NotFound),
+            Err(e) => Err(e),
+        };
+        if let Some(mut slot) = self.map.get_mut(&id) {
+            if slot
+                .inflight
+                .as_ref()
+                .is_some_and(|(g, _)| *g == generation)
+            {
+                slot.inflight = None;
+                match &outcome {
+                    Ok(conn) => {
+                        // A first load counts as a use, so that a connection loaded by one
+                        // request is re-read once before it expires.
+                        if matches!(slot.state, State::Empty) {
+                            slot.last_used.store(self.millis(now), Ordering::Relaxed);
+                        }
+                        slot.state = State::Ready {
+                            conn: conn.clone(),
+                            fetched: now,
+                        }
+                    }
+                    Err(e @ (CacheError::NotFound | CacheError::Invalid(_))) => {
+                        slot.state = State::Negative {
+                            err: e.clone(),
+                            until: now + self.negative_ttl,
+                        }
+                    }
+                    // An outage keeps whatever the slot had, to serve it stale.
+                    Err(CacheError::Unavailable(_) | CacheError::Internal) => {}
+                }
+            }
+        }
+        match &outcome {
+            Ok(_) => tracing::debug!(connection = %id, "connection loaded"),
+            Err(e) => tracing::debug!(connection = %id, error = %e, "connection load failed"),
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::StoredConnection;
+    use crate::secret::Secret;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    /// A source whose answers the test sets, counting loads, each taking `delay`.
+    struct Fake {
+        loads: AtomicUsize,
+        answer: Mutex<Result<Option<&'static str>, CacheError>>,
+        delay: Duration,
+        catalog: Catalog,
+    }
+
+    impl Fake {
+        fn new(delay: Duration) -> Arc<Fake> {
+            Arc::new(Fake {
+                loads: AtomicUsize::new(0),
+                answer: Mutex::new(Ok(Some("sk_test_one"))),
+                delay,
+                catalog: Catalog::builtin().unwrap(),
+            })
+        }
+        fn set(&self, a: Result<Option<&'static str>, CacheError>) {
+            *self.answer.lock().unwrap() = a;
+        }
+        fn loads(&self) -> usize {
+            self.loads.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Source for Arc<Fake> {
+        fn load(
+            &self,
+            id: ConnectionId,
+        ) -> BoxFuture<'static, Result<Option<Connection>, CacheError>> {
+            let me = self.clone();
+            async move {
+                me.loads.fetch_add(1, Ordering::SeqCst);
+                let answer = me.answer.lock().unwrap().clone();
+                tokio::time::sleep(me.delay).await;
+                match answer {
+                    Ok(Some(key)) => Ok(Some(
+                        Connection::from_stored(
+                            id,
+                            StoredConnection {
+                                fields: [("connector", "stripe"), ("api_key", key)]
+                                    .into_iter()
+                                    .map(|(k, v)| (k.to_string(), Secret::new(v)))
+                                    .collect(),
+                                version: 1,
+                                custom_metadata: Default::default(),
+                            },
+                            &me.catalog,
+                        )
+                        .unwrap(),
+                    )),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            .boxed()
+        }
+    }
+
+    fn config(ttl_ms: u64, stale_ms: u64) -> CacheConfig {
+        CacheConfig {
+            ttl: Duration::from_millis(ttl_ms),
+            max_stale: Duration::from_millis(stale_ms),
+            negative_ttl: Duration::from_millis(ttl_ms),
+            max_entries: 1000,
+        }
+    }
+
+    fn key_of(c: &Connection) -> String {
+        match &c.credential {
+            crate::connection::Credential::Header { value, .. } => {
+                value.to_str().unwrap().to_string()
+            }
+            crate::connection::Credential::Query { .. } => unreachable!(),
+        }
+    }
+
+    fn id(s: &str) -> ConnectionId {
+        ConnectionId::parse(s).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_share_one_load() {
+        let fake = Fake::new(Duration::from_millis(50));
+        let cache = Cache::new(&config(60_000, 60_000), Arc::new(fake.clone()));
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&id("c1")).await.map(|(c, _)| key_of(&c)) })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), "Bearer sk_test_one");
+        }
+        assert_eq!(fake.loads(), 1);
+        let (_, outcome) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(outcome, CacheOutcome::Hit);
+        assert_eq!(fake.loads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_ahead_and_serves_stale_while_the_store_is_down() {
+        let fake = Fake::new(Duration::from_millis(1));
+        let cache = Cache::new(&config(1000, 5000), Arc::new(fake.clone()));
+        cache.get(&id("c1")).await.unwrap();
+        assert_eq!(fake.loads(), 1);
+
+        // Past 80% of the TTL a hit starts a background re-read, which picks up a rotation.
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::advance(Duration::from_millis(850)).await;
+        let (c, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            (key_of(&c).as_str(), o),
+            ("Bearer sk_test_one", CacheOutcome::Hit)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(fake.loads(), 2);
+        let (c, _) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(key_of(&c), "Bearer sk_test_two");
+
+        // The store goes down: past the TTL the entry is served stale, without waiting.
+        fake.set(Err(CacheError::Unavailable(VaultError::Timeout(
+            Duration::from_secs(1),
+        ))));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (c, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            (key_of(&c).as_str(), o),
+            ("Bearer sk_test_two", CacheOutcome::Stale)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+
+        // Past ttl + max_stale, the outage shows.
+        tokio::time::advance(Duration::from_millis(5000)).await;
+        let (e, _) = cache.get(&id("c1")).await.unwrap_err();
+        assert!(matches!(e, CacheError::Unavailable(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_connections_are_remembered_briefly() {
+        let fake = Fake::new(Duration::from_millis(1));
+        fake.set(Ok(None));
+        let cache = Cache::new(&config(1000, 0), Arc::new(fake.clone()));
+        assert_eq!(
+            cache.get(&id("nope")).await.unwrap_err(),
+            (CacheError::NotFound, CacheOutcome::Miss)
+        );
+        assert_eq!(
+            cache.get(&id("nope")).await.unwrap_err(),
+            (CacheError::NotFound, CacheOutcome::Negative)
+        );
+        assert_eq!(fake.loads(), 1);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        fake.set(Ok(Some("sk_test_one")));
+        assert!(cache.get(&id("nope")).await.is_ok());
+        assert_eq!(fake.loads(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unauthorized_rereads_are_rate_limited() {
+        let fake = Fake::new(Duration::from_millis(1));
+        let cache = Cache::new(&config(60_000, 0), Arc::new(fake.clone()));
+        cache.get(&id("c1")).await.unwrap();
+        fake.set(Ok(Some("sk_test_two")));
+        assert!(cache.reread_after_unauthorized(&id("c1")));
+        assert!(!cache.reread_after_unauthorized(&id("c1")));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!cache.reread_after_unauthorized(&id("c1")));
+        assert_eq!(fake.loads(), 2);
+        let (c, _) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(key_of(&c), "Bearer sk_test_two");
+        tokio::time::advance(UNAUTHORIZED_REREAD_INTERVAL).await;
+        assert!(cache.reread_after_unauthorized(&id("c1")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidation_wins_over_a_load_in_flight() {
+        let fake = Fake::new(Duration::from_millis(100));
+        let cache = Cache::new(&config(60_000, 0), Arc::new(fake.clone()));
+        let c2 = cache.clone();
+        let first = tokio::spawn(async move { c2.get(&id("c1")).await.map(|(c, _)| key_of(&c)) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        cache.invalidate(&id("c1"));
+        fake.set(Ok(Some("sk_test_two")));
+        assert_eq!(first.await.unwrap().unwrap(), "Bearer sk_test_one");
+        let (c, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            (key_of(&c).as_str(), o),
+            ("Bearer sk_test_two", CacheOutcome::Miss)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_by_max_entries() {
+        let fake = Fake::new(Duration::from_millis(1));
+        let mut cfg = config(60_000, 0);
+        cfg.max_entries = 10;
+        let cache = Cache::new(&cfg, Arc::new(fake.clone()));
+        for i in 0..50 {
+            cache.get(&id(&format!("c{i}"))).await.unwrap();
+        }
+        assert!(cache.len() <= 10, "{} entries", cache.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn maintenance_rereads_connections_in_use() {
+        let fake = Fake::new(Duration::from_millis(1));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cache.clone().maintain(async {
+            let _ = stop_rx.await;
+        }));
+        cache.get(&id("c1")).await.unwrap();
+        cache.get(&id("c1")).await.unwrap();
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let (c, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            (key_of(&c).as_str(), o),
+            ("Bearer sk_test_two", CacheOutcome::Hit)
+        );
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
+    }
+}

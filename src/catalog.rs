@@ -1,0 +1,705 @@
+//! The connector catalog: what each service needs from a connection and how its credential is
+//! presented.
+//!
+//! A connector names its fields (secret or not, required or not, with a pattern), a `base_url`
+//! template, the hosts its credential may reach, the injection scheme, the verification call and
+//! the key patterns per environment. The built-in catalog is `config/connectors.toml`, compiled
+//! into the binary; the operator's `[connectors.*]` tables add connectors or replace built-in
+//! ones whole.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+
+/// The built-in catalog, as shipped.
+pub const BUILTIN: &str = include_str!("../config/connectors.toml");
+
+/// Field names with a meaning of their own in a stored connection.
+pub const RESERVED_FIELDS: [&str; 6] = [
+    "connector",
+    "name",
+    "environment",
+    "base_url",
+    "allowed_hosts",
+    "expires_at",
+];
+
+/// All connectors, by ID.
+#[derive(Clone, Default)]
+pub struct Catalog {
+    connectors: BTreeMap<String, Arc<Connector>>,
+}
+
+impl fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.connectors.keys()).finish()
+    }
+}
+
+/// One service.
+#[derive(Debug)]
+pub struct Connector {
+    pub id: String,
+    pub name: String,
+    /// `None` for generic connectors: the connection supplies its own `base_url`.
+    pub base_url: Option<Template>,
+    pub allowed_hosts: Vec<String>,
+    pub inject: Inject,
+    pub verify: Option<Verify>,
+    /// Environment name and the pattern its keys match, checked on the first secret field.
+    pub environments: Vec<(String, Regex)>,
+    pub fields: Vec<Field>,
+    /// Headers sent when the client sends none of that name (API version pins and the like).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// What scopes or permissions a key needs, in words, for error messages and the API.
+    pub scopes: Option<String>,
+    pub docs_url: Option<String>,
+}
+
+/// How the credential is presented to the service.
+#[derive(Debug, Clone)]
+pub enum Inject {
+    /// `Authorization: Bearer {value}`.
+    Bearer { value: Template },
+    /// Any header: `X-API-Key: {api_key}`, `Authorization: token {api_key}`.
+    Header { header: HeaderName, value: Template },
+    /// `Authorization: Basic base64(username:password)`.
+    Basic {
+        username: Template,
+        password: Template,
+    },
+    /// A query parameter: `key={api_key}`.
+    Query { param: String, value: Template },
+}
+
+impl Inject {
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Inject::Bearer { .. } => "bearer",
+            Inject::Header { .. } => "header",
+            Inject::Basic { .. } => "basic",
+            Inject::Query { .. } => "query",
+        }
+    }
+}
+
+/// A connector field.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub label: String,
+    pub secret: bool,
+    pub required: bool,
+    pub pattern: Option<Regex>,
+    pub default: Option<String>,
+    pub description: Option<String>,
+}
+
+/// The call that checks a key.
+#[derive(Debug, Clone)]
+pub struct Verify {
+    pub method: Method,
+    /// Path (and query) appended to the base URL.
+    pub path: Template,
+    /// For services that answer 200 with an error in the body (Slack): the JSON member that
+    /// must be `true`.
+    pub json_ok_field: Option<String>,
+}
+
+/// A string with `{field}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Field(String),
+}
+
+impl Template {
+    pub fn parse(source: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = source;
+        while let Some(open) = rest.find(['{', '}']) {
+            if rest.as_bytes()[open] == b'}' {
+                return Err(format!("{source:?} has a '}}' with no '{{'"));
+            }
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("{source:?} has a '{{' with no '}}'"))?;
+            let name = &after[..close];
+            if !is_field_name(name) {
+                return Err(format!(
+                    "{source:?} has placeholder {{{name}}}; field names are lower-case letters, digits and '_'"
+                ));
+            }
+            parts.push(Part::Field(name.to_string()));
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Template {
+            source: source.to_string(),
+            parts,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// The fields the template refers to.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Field(f) => Some(f.as_str()),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// Fills the placeholders. `value` returns `None` for a field the connection lacks, which
+    /// makes the whole rendering fail with that field's name.
+    pub fn render<'a>(
+        &self,
+        out: &mut String,
+        value: impl Fn(&str) -> Option<&'a str>,
+    ) -> Result<(), String> {
+        for part in &self.parts {
+            match part {
+                Part::Lit(s) => out.push_str(s),
+                Part::Field(f) => out.push_str(value(f).ok_or_else(|| f.clone())?),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn is_field_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TOML form, shared by the built-in file and the operator's `[connectors.*]` tables.
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnector {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    inject: RawInject,
+    #[serde(default)]
+    verify: Option<RawVerify>,
+    #[serde(default)]
+    environments: BTreeMap<String, String>,
+    #[serde(default)]
+    fields: Vec<RawField>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    scopes: Option<String>,
+    #[serde(default)]
+    docs_url: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields, tag = "scheme", rename_all = "lowercase")]
+enum RawInject {
+    Bearer {
+        #[serde(default = "api_key_template")]
+        value: String,
+    },
+    Header {
+        header: String,
+        value: String,
+    },
+    Basic {
+        username: String,
+        password: String,
+    },
+    Query {
+        param: String,
+        #[serde(default = "api_key_template")]
+        value: String,
+    },
+}
+
+fn api_key_template() -> String {
+    "{api_key}".into()
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default = "get")]
+    method: String,
+    path: String,
+    #[serde(default)]
+    json_ok_field: Option<String>,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawField {
+    name: String,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    secret: bool,
+    #[serde(default = "yes")]
+    required: bool,
+    #[serde(default)]
+    pattern: Option<String>,
+    #[serde(default)]
+    default: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalogFile {
+    connectors: BTreeMap<String, RawConnector>,
+}
+
+impl Catalog {
+    /// The built-in catalog alone.
+    pub fn builtin() -> Result<Catalog, ConfigError> {
+        Catalog::with_overrides(BTreeMap::new())
+    }
+
+    /// The built-in catalog with the operator's connectors added, replacing built-in ones of the
+    /// same ID.
+    pub fn with_overrides(
+        overrides: BTreeMap<String, RawConnector>,
+    ) -> Result<Catalog, ConfigError> {
+        let builtin: RawCatalogFile =
+            serde_path_to_error::deserialize(toml::Deserializer::new(BUILTIN)).map_err(|e| {
+                ConfigError::new(
+                    format!("built-in catalog: {}", e.path()),
+                    e.into_inner().message().to_string(),
+                )
+            })?;
+        let mut raw = builtin.connectors;
+        raw.extend(overrides);
+        let mut connectors = BTreeMap::new();
+        for (id, rc) in raw {
+            let connector = Connector::from_raw(&id, rc)?;
+            connectors.insert(id, Arc::new(connector));
+        }
+        Ok(Catalog { connectors })
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Connector>> {
+        self.connectors.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Connector>> {
+        self.connectors.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.connectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connectors.is_empty()
+    }
+}
+
+impl Connector {
+    fn from_raw(id: &str, raw: RawConnector) -> Result<Connector, ConfigError> {
+        let key = |k: &str| format!("connectors.{id}.{k}");
+        if !crate::connection::ConnectionId::is_valid(id) {
+            return Err(ConfigError::new(
+                format!("connectors.{id}"),
+                "connector IDs are letters, digits, '-' and '_'",
+            ));
+        }
+        let fields = if raw.fields.is_empty() {
+            vec![Field {
+                name: "api_key".into(),
+                label: "API key".into(),
+                secret: true,
+                required: true,
+                pattern: None,
+                default: None,
+                description: None,
+            }]
+        } else {
+            let mut fields: Vec<Field> = Vec::with_capacity(raw.fields.len());
+            for (i, f) in raw.fields.into_iter().enumerate() {
+                let fkey = |k: &str| key(&format!("fields[{i}].{k}"));
+                if !is_field_name(&f.name) {
+                    return Err(ConfigError::new(
+                        fkey("name"),
+                        format!(
+                            "{:?}: field names are lower-case letters, digits and '_'",
+                            f.name
+                        ),
+                    ));
+                }
+                if RESERVED_FIELDS.contains(&f.name.as_str()) {
+                    return Err(ConfigError::new(
+                        fkey("name"),
+                        format!("{:?} is reserved for the connection itself", f.name),
+                    ));
+                }
+                if fields.iter().any(|g| g.name == f.name) {
+                    return Err(ConfigError::new(
+                        fkey("name"),
+                        format!("{:?} is declared twice", f.name),
+                    ));
+                }
+                let pattern = f
+                    .pattern
+                    .as_deref()
+                    .map(|p| {
+                        Regex::new(p).map_err(|e| {
+                            ConfigError::new(fkey("pattern"), format!("bad regex: {e}"))
+                        })
+                    })
+                    .transpose()?;
+                if let (Some(d), Some(p)) = (&f.default, &pattern) {
+                    if !p.is_match(d) {
+                        return Err(ConfigError::new(
+                            fkey("default"),
+                            "does not match the field's pattern",
+                        ));
+                    }
+                }
+                fields.push(Field {
+                    label: f.label.unwrap_or_else(|| f.name.clone()),
+                    name: f.name,
+                    secret: f.secret,
+                    required: f.required,
+                    pattern,
+                    default: f.default,
+                    description: f.description,
+                });
+            }
+            fields
+        };
+        if !fields.iter().any(|f| f.secret) {
+            return Err(ConfigError::new(
+                key("fields"),
+                "no field is marked secret = true",
+            ));
+        }
+        let declared = |t: &Template, k: &str| -> Result<(), ConfigError> {
+            for f in t.fields() {
+                if !fields.iter().any(|g| g.name == f) {
+                    return Err(ConfigError::new(
+                        key(k),
+                        format!("uses {{{f}}}, which is not one of the connector's fields"),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        let template = |s: &str, k: &str| -> Result<Template, ConfigError> {
+            let t = Template::parse(s).map_err(|e| ConfigError::new(key(k), e))?;
+            declared(&t, k)?;
+            Ok(t)
+        };
+
+        let base_url = match raw.base_url.as_deref() {
+            None => None,
+            Some(s) => {
+                let t = template(s, "base_url")?;
+                for f in t.fields() {
+                    if fields.iter().any(|g| g.name == f && g.secret) {
+                        return Err(ConfigError::new(
+                            key("base_url"),
+                            format!("uses the secret field {{{f}}}; a URL is not a safe place for a secret"),
+                        ));
+                    }
+                }
+                // Check the shape with every placeholder filled by a harmless word.
+                let mut sample = String::new();
+                let _ = t.render(&mut sample, |_| Some("x"));
+                crate::connection::BaseUrl::parse(&sample)
+                    .map_err(|e| ConfigError::new(key("base_url"), e))?;
+                Some(t)
+            }
+        };
+
+        let inject = match raw.inject {
+            RawInject::Bearer { value } => Inject::Bearer {
+                value: template(&value, "inject.value")?,
+            },
+            RawInject::Header { header, value } => {
+                let name = HeaderName::try_from(header.as_str()).map_err(|_| {
+                    ConfigError::new(
+                        key("inject.header"),
+                        format!("{header:?} is not a header name"),
+                    )
+                })?;
+                if crate::inject::is_hop_by_hop(&name) || name == http::header::HOST {
+                    return Err(ConfigError::new(
+                        key("inject.header"),
+                        format!(
+                            "{header:?} is a connection-level header and cannot carry a credential"
+                        ),
+                    ));
+                }
+                Inject::Header {
+                    header: name,
+                    value: template(&value, "inject.value")?,
+                }
+            }
+            RawInject::Basic { username, password } => Inject::Basic {
+                username: template(&username, "inject.username")?,
+                password: template(&password, "inject.password")?,
+            },
+            RawInject::Query { param, value } => {
+                if param.is_empty()
+                    || !param
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    return Err(ConfigError::new(
+                        key("inject.param"),
+                        format!("{param:?} is not a plain query parameter name"),
+                    ));
+                }
+                Inject::Query {
+                    param,
+                    value: template(&value, "inject.value")?,
+                }
+            }
+        };
+
+        let verify = match raw.verify {
+            None => None,
+            Some(v) => {
+                let method =
+                    Method::from_bytes(v.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        ConfigError::new(
+                            key("verify.method"),
+                            format!("{:?} is not a method", v.method),
+                        )
+                    })?;
+                if !v.path.starts_with('/') {
+                    return Err(ConfigError::new(key("verify.path"), "must start with '/'"));
+                }
+                Some(Verify {
+                    method,
+                    path: template(&v.path, "verify.path")?,
+                    json_ok_field: v.json_ok_field,
+                })
+            }
+        };
+
+        let mut environments = Vec::with_capacity(raw.environments.len());
+        for (env, pattern) in raw.environments {
+            let re = Regex::new(&pattern).map_err(|e| {
+                ConfigError::new(
+                    key(&format!("environments.{env}")),
+                    format!("bad regex: {e}"),
+                )
+            })?;
+            environments.push((env, re));
+        }
+
+        let mut headers = Vec::with_capacity(raw.headers.len());
+        for (name, value) in raw.headers {
+            let hkey = key(&format!("headers.{name}"));
+            let n = HeaderName::try_from(name.as_str())
+                .map_err(|_| ConfigError::new(&hkey, "is not a header name"))?;
+            if crate::inject::is_hop_by_hop(&n) || n == http::header::HOST {
+                return Err(ConfigError::new(&hkey, "is a connection-level header"));
+            }
+            let v = HeaderValue::try_from(value.as_str())
+                .map_err(|_| ConfigError::new(&hkey, "is not a valid header value"))?;
+            headers.push((n, v));
+        }
+
+        let mut allowed_hosts = Vec::with_capacity(raw.allowed_hosts.len());
+        for (i, h) in raw.allowed_hosts.into_iter().enumerate() {
+            let h = crate::destination::normalize_host_pattern(&h)
+                .map_err(|e| ConfigError::new(key(&format!("allowed_hosts[{i}]")), e))?;
+            allowed_hosts.push(h);
+        }
+
+        Ok(Connector {
+            id: id.to_string(),
+            name: raw.name.unwrap_or_else(|| id.to_string()),
+            base_url,
+            allowed_hosts,
+            inject,
+            verify,
+            environments,
+            fields,
+            headers,
+            scopes: raw.scopes,
+            docs_url: raw.docs_url,
+        })
+    }
+
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+
+    /// The field that environment patterns are checked against: the first secret field.
+    pub fn primary_secret(&self) -> Option<&Field> {
+        self.fields.iter().find(|f| f.secret)
+    }
+
+    /// The environment whose key pattern a value matches, if the connector declares any.
+    pub fn environment_of(&self, key: &str) -> Option<&str> {
+        self.environments
+            .iter()
+            .find(|(_, re)| re.is_match(key))
+            .map(|(env, _)| env.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_catalog_loads_with_real_services() {
+        let c = Catalog::builtin().unwrap();
+        for id in [
+            "stripe",
+            "github",
+            "openai",
+            "anthropic",
+            "sendgrid",
+            "slack",
+            "shopify",
+            "mailchimp",
+            "twilio",
+            "airtable",
+            "hubspot",
+            "google-maps",
+            "notion",
+            "generic-bearer",
+            "generic-header",
+            "generic-basic",
+            "generic-query",
+        ] {
+            assert!(c.get(id).is_some(), "missing connector {id}");
+        }
+        assert!(c.len() >= 17);
+        let stripe = c.get("stripe").unwrap();
+        assert!(matches!(stripe.inject, Inject::Bearer { .. }));
+        assert_eq!(stripe.environment_of("sk_live_abc"), Some("production"));
+        assert_eq!(stripe.environment_of("sk_test_abc"), Some("sandbox"));
+        let shopify = c.get("shopify").unwrap();
+        assert_eq!(
+            shopify
+                .base_url
+                .as_ref()
+                .unwrap()
+                .fields()
+                .collect::<Vec<_>>(),
+            vec!["store"]
+        );
+        assert!(matches!(
+            c.get("twilio").unwrap().inject,
+            Inject::Basic { .. }
+        ));
+        assert!(matches!(
+            c.get("google-maps").unwrap().inject,
+            Inject::Query { .. }
+        ));
+        let notion = c.get("notion").unwrap();
+        assert!(notion.headers.iter().any(|(n, _)| n == "notion-version"));
+        for generic in [
+            "generic-bearer",
+            "generic-header",
+            "generic-basic",
+            "generic-query",
+        ] {
+            assert!(c.get(generic).unwrap().base_url.is_none());
+        }
+    }
+
+    #[test]
+    fn templates() {
+        let t = Template::parse("https://{store}.myshopify.com/admin").unwrap();
+        assert_eq!(t.fields().collect::<Vec<_>>(), vec!["store"]);
+        let mut out = String::new();
+        t.render(&mut out, |f| (f == "store").then_some("acme"))
+            .unwrap();
+        assert_eq!(out, "https://acme.myshopify.com/admin");
+        let mut out = String::new();
+        assert_eq!(t.render(&mut out, |_| None), Err("store".to_string()));
+        assert!(Template::parse("{api_key").is_err());
+        assert!(Template::parse("api_key}").is_err());
+        assert!(Template::parse("{Api-Key}").is_err());
+    }
+
+    fn override_err(toml_text: &str) -> ConfigError {
+        let raw: BTreeMap<String, RawConnector> = toml::from_str(toml_text).unwrap();
+        Catalog::with_overrides(raw).unwrap_err()
+    }
+
+    #[test]
+    fn bad_connectors_are_named() {
+        let e = override_err(
+            "[x]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"{token}\" }\n",
+        );
+        assert_eq!(e.key, "connectors.x.inject.value");
+        let e = override_err("[x]\ninject = { scheme = \"header\", header = \"Connection\", value = \"{api_key}\" }\n");
+        assert_eq!(e.key, "connectors.x.inject.header");
+        let e = override_err(
+            "[x]\nbase_url = \"https://{api_key}.example.com\"\ninject = { scheme = \"bearer\" }\n",
+        );
+        assert_eq!(e.key, "connectors.x.base_url");
+        let e = override_err("[x]\ninject = { scheme = \"bearer\" }\n[[x.fields]]\nname = \"api_key\"\nsecret = true\npattern = \"(\"\n");
+        assert_eq!(e.key, "connectors.x.fields[0].pattern");
+        let e = override_err("[x]\ninject = { scheme = \"bearer\" }\n[[x.fields]]\nname = \"connector\"\nsecret = true\n");
+        assert_eq!(e.key, "connectors.x.fields[0].name");
+    }
+
+    #[test]
+    fn operator_connectors_extend_and_replace() {
+        let raw: BTreeMap<String, RawConnector> = toml::from_str(
+            "[my-internal-api]\nbase_url = \"https://internal.example.com\"\ninject = { scheme = \"header\", header = \"X-API-Key\", value = \"{api_key}\" }\n\
+             [stripe]\nbase_url = \"https://stripe.internal\"\ninject = { scheme = \"bearer\" }\n",
+        )
+        .unwrap();
+        let c = Catalog::with_overrides(raw).unwrap();
+        let mine = c.get("my-internal-api").unwrap();
+        assert_eq!(mine.name, "my-internal-api");
+        assert_eq!(mine.fields[0].name, "api_key");
+        assert!(mine.fields[0].secret);
+        assert_eq!(
+            c.get("stripe").unwrap().base_url.as_ref().unwrap().as_str(),
+            "https://stripe.internal"
+        );
+    }
+}

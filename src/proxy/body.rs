@@ -1,0 +1,141 @@
+//! Body wrappers of the request path: a byte counter for what the client sends, and a response
+//! body that writes the access-log line when it ends, fails or is dropped, so the line holds the
+//! true byte count and duration of a streamed answer.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::telemetry::AccessLog;
+
+pin_project_lite::pin_project! {
+    /// Counts the data bytes that pass through.
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        count: Arc<AtomicU64>,
+    }
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Counted { inner, count }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The access-log record of a request whose response is still streaming.
+pub struct PendingLog {
+    pub log: AccessLog,
+    pub started: Instant,
+    pub bytes_in: Arc<AtomicU64>,
+}
+
+impl PendingLog {
+    fn emit(mut self, bytes_out: u64) {
+        self.log.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.log.bytes_out = bytes_out;
+        self.log.emit(self.started.elapsed());
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that emits the access log once, at its end.
+    pub struct Logged<B> {
+        #[pin]
+        inner: B,
+        bytes: u64,
+        pending: Option<Box<PendingLog>>,
+    }
+
+    impl<B> PinnedDrop for Logged<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(p) = this.pending.take() {
+                p.emit(*this.bytes);
+            }
+        }
+    }
+}
+
+impl<B> Logged<B> {
+    pub fn new(inner: B, pending: PendingLog) -> Self {
+        Logged {
+            inner,
+            bytes: 0,
+            pending: Some(Box::new(pending)),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Logged<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = this.pending.take() {
+                    p.emit(*this.bytes);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut p) = this.pending.take() {
+                    p.log.error = Some("upstream_body");
+                    p.emit(*this.bytes);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,413 @@
+//! The proxy service: one request's way through latchkey, as named phases.
+//!
+//! 1. [`Proxy::route`]: which form the request is in, its connection ID and client token.
+//! 2. [`Proxy::authorize`]: the client's token and its right to the connection.
+//! 3. [`Proxy::connection`]: the connection, from the cache (one Vault read on a miss).
+//! 4. [`Proxy::upstream_peer`]: where the request goes, checked against the connection's hosts.
+//!    The address check on the dialled address follows in the upstream connector.
+//! 5. [`inject::rewrite`]: strip, then inject.
+//! 6. [`Proxy::forward`]: the pooled client, streaming both ways; hop-by-hop headers of the
+//!    answer are stripped, and a 401 starts a re-read of the connection.
+//! 7. The access log line and metrics, on success (when the body ends) and on failure alike.
+
+pub mod body;
+pub mod error;
+pub mod upstream;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::auth::{self, Clients, CredentialsError};
+use crate::cache::Cache;
+use crate::config::ClientConfig;
+use crate::connection::{self, Connection, ConnectionId, Scheme};
+use crate::destination::normalize_host;
+use crate::inject::{self, Target};
+use crate::secret::Secret;
+use crate::telemetry::{self, AccessLog};
+
+use body::{Counted, Logged, PendingLog};
+pub use error::ProxyError;
+use upstream::{BoxError, DialError, UpstreamClient};
+
+/// The body type of every response latchkey sends.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The proxy listener's service.
+pub struct Proxy {
+    cache: Cache,
+    clients: Clients,
+    upstream: UpstreamClient,
+    request_timeout: Duration,
+}
+
+/// Which of the request forms of PRODUCT.md section 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Gateway,
+    Forward,
+}
+
+impl Form {
+    fn as_str(self) -> &'static str {
+        match self {
+            Form::Gateway => "gateway",
+            Form::Forward => "forward",
+        }
+    }
+}
+
+/// What the first phase learns of a request.
+struct Route<'u> {
+    form: Form,
+    id: ConnectionId,
+    token: Option<Secret>,
+    /// The path and query to send on (in gateway form, what follows the connection ID).
+    path_and_query: &'u str,
+    /// The destination a forward-form request named.
+    requested: Option<Requested<'u>>,
+}
+
+struct Requested<'u> {
+    scheme: Scheme,
+    host: &'u str,
+    port: Option<u16>,
+}
+
+impl Proxy {
+    pub fn new(
+        cache: Cache,
+        clients: Clients,
+        upstream: UpstreamClient,
+        request_timeout: Duration,
+    ) -> Proxy {
+        Proxy {
+            cache,
+            clients,
+            upstream,
+            request_timeout,
+        }
+    }
+
+    /// Serves one request; never fails (latchkey's own errors become responses).
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let mut log = AccessLog {
+            form: "-",
+            method: req.method().as_str().to_string(),
+            ..AccessLog::default()
+        };
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        match self.serve(req, &mut log, &bytes_in).await {
+            Ok(response) => {
+                log.status = response.status().as_u16();
+                let (parts, body) = response.into_parts();
+                let body = Logged::new(
+                    body,
+                    PendingLog {
+                        log,
+                        started,
+                        bytes_in,
+                    },
+                );
+                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+            }
+            Err(e) => {
+                log.status = e.status().as_u16();
+                log.error = Some(e.code());
+                log.bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(code = e.code(), message = %e, "request refused");
+                log.emit(started.elapsed());
+                e.into_response()
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        log: &mut AccessLog,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let uri = std::mem::take(&mut parts.uri);
+
+        let route = Self::route(&parts, &uri)?;
+        log.form = route.form.as_str();
+        log.connection = Some(route.id.to_string());
+        if let Some(r) = &route.requested {
+            log.host = Some(r.host.to_string());
+        }
+
+        let client = self.authorize(&route)?;
+        log.client = client.map(|c| c.name.clone());
+
+        let conn = self.connection(&route.id, log).await?;
+        log.connection_known = true;
+
+        let (target, host) = Self::upstream_peer(&route, &conn)?;
+        log.host = Some(host);
+
+        let target = Target {
+            scheme: target.0,
+            authority: &target.1,
+            path_prefix: target.2,
+        };
+        let log_path = inject::rewrite(&mut parts, route.path_and_query, target, &conn)
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        log.path = Some(log_path);
+
+        let body = Counted::new(body, bytes_in.clone())
+            .map_err(BoxError::from)
+            .boxed_unsync();
+        let response = self.forward(Request::from_parts(parts, body), log).await?;
+        if response.status() == http::StatusCode::UNAUTHORIZED {
+            telemetry::upstream_unauthorized(route.id.as_str());
+            if self.cache.reread_after_unauthorized(&route.id) {
+                tracing::info!(connection = %route.id, "upstream answered 401; re-reading the connection");
+            }
+        }
+        Ok(response)
+    }
+
+    /// Phase 1: the request's form, connection ID and token.
+    fn route<'u>(parts: &http::request::Parts, uri: &'u Uri) -> Result<Route<'u>, ProxyError> {
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::ConnectUnsupported);
+        }
+        // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is a
+        // forward-proxy request.
+        let absolute = uri.scheme().is_some() && uri.authority().is_some();
+        if absolute && parts.version < Version::HTTP_2 {
+            return Self::route_forward(parts, uri);
+        }
+
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        let Some(after) = pq.strip_prefix('/') else {
+            return Err(ProxyError::BadRequest(
+                "send /{connection_id}/path to the proxy, or an absolute http:// URL".into(),
+            ));
+        };
+        let end = after.find(['/', '?']).unwrap_or(after.len());
+        let (id, rest) = after.split_at(end);
+        if id.is_empty() {
+            return Err(ProxyError::BadConnectionId(
+                "the path must start with /{connection_id}/".into(),
+            ));
+        }
+        let id = ConnectionId::parse(id).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+        let token = match auth::proxy_credentials(&parts.headers) {
+            Ok(c) => Some(c.token),
+            Err(CredentialsError::Missing) => None,
+            Err(CredentialsError::Malformed) => return Err(ProxyError::ProxyAuthRequired(
+                "Proxy-Authorization must be `Bearer {token}` or Basic with the token as password",
+            )),
+        };
+        Ok(Route {
+            form: Form::Gateway,
+            id,
+            token,
+            path_and_query: rest,
+            requested: None,
+        })
+    }
+
+    fn route_forward<'u>(
+        parts: &http::request::Parts,
+        uri: &'u Uri,
+    ) -> Result<Route<'u>, ProxyError> {
+        let scheme = match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
+            Some(s) if s.eq_ignore_ascii_case("https") => Scheme::Https,
+            _ => {
+                return Err(ProxyError::BadRequest(
+                    "only http:// and https:// URLs can be proxied".into(),
+                ))
+            }
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ProxyError::BadRequest("no host".into()))?;
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::BadRequest(
+                "the request URL must not carry user information".into(),
+            ));
+        }
+        let host = authority.host();
+        let port = authority.port_u16();
+
+        let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+        if let Some(value) = hosts.next() {
+            if hosts.next().is_some() {
+                return Err(ProxyError::BadRequest("more than one Host header".into()));
+            }
+            let named = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<Authority>().ok())
+                .ok_or_else(|| ProxyError::BadRequest("the Host header is not a host".into()))?;
+            let default = scheme.default_port();
+            if normalize_host(named.host()) != normalize_host(host)
+                || named.port_u16().unwrap_or(default) != port.unwrap_or(default)
+            {
+                return Err(ProxyError::BadRequest(format!(
+                    "the Host header names {} but the request URL names {}",
+                    named.as_str(),
+                    authority.as_str()
+                )));
+            }
+        }
+
+        let creds = auth::proxy_credentials(&parts.headers).map_err(|e| {
+            ProxyError::ProxyAuthRequired(match e {
+                CredentialsError::Missing => {
+                    "forward-form requests name their connection in Proxy-Authorization: Basic base64(connection_id:token)"
+                }
+                CredentialsError::Malformed => {
+                    "Proxy-Authorization must be Basic base64(connection_id:token)"
+                }
+            })
+        })?;
+        let user = creds.user.ok_or(ProxyError::ProxyAuthRequired(
+            "forward-form requests use Basic proxy authentication with the connection ID as the user name",
+        ))?;
+        let id =
+            ConnectionId::parse(&user).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+        Ok(Route {
+            form: Form::Forward,
+            id,
+            token: Some(creds.token),
+            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
+            requested: Some(Requested { scheme, host, port }),
+        })
+    }
+
+    /// Phase 2: the client, and whether it may use the connection.
+    fn authorize(&self, route: &Route<'_>) -> Result<Option<&ClientConfig>, ProxyError> {
+        if self.clients.is_open() {
+            return Ok(None);
+        }
+        let token = route.token.as_ref().ok_or(ProxyError::ProxyAuthRequired(
+            "a client token is required in Proxy-Authorization",
+        ))?;
+        let client = self
+            .clients
+            .authenticate(token)
+            .ok_or(ProxyError::ProxyAuthRequired(
+                "the client token is not valid",
+            ))?;
+        if !client.may_use(route.id.as_str()) {
+            return Err(ProxyError::ConnectionForbidden {
+                client: client.name.clone(),
+                connection: route.id.to_string(),
+            });
+        }
+        Ok(Some(client))
+    }
+
+    /// Phase 3: the connection, through the cache.
+    async fn connection(
+        &self,
+        id: &ConnectionId,
+        log: &mut AccessLog,
+    ) -> Result<Arc<Connection>, ProxyError> {
+        match self.cache.get(id).await {
+            Ok((conn, outcome)) => {
+                log.cache = Some(outcome);
+                Ok(conn)
+            }
+            Err((e, outcome)) => {
+                log.cache = Some(outcome);
+                Err(ProxyError::from_cache(id.as_str(), e))
+            }
+        }
+    }
+
+    /// Phase 4: the upstream's scheme, authority and path prefix, and the host for the log.
+    fn upstream_peer<'c>(
+        route: &Route<'_>,
+        conn: &'c Connection,
+    ) -> Result<((Scheme, String, &'c str), String), ProxyError> {
+        let Some(req) = &route.requested else {
+            let base = &conn.base;
+            return Ok((
+                (base.scheme, base.authority.clone(), base.path.as_str()),
+                base.host.clone(),
+            ));
+        };
+        if !conn.hosts.allows(req.host) {
+            return Err(ProxyError::HostNotAllowed {
+                host: req.host.to_string(),
+                connection: conn.id.to_string(),
+                allowed: conn.hosts.iter().collect::<Vec<_>>().join(", "),
+            });
+        }
+        // A connection whose base URL is https never sends its credential in the clear.
+        let scheme = if conn.base.scheme == Scheme::Https {
+            Scheme::Https
+        } else {
+            req.scheme
+        };
+        let port = match req.port {
+            Some(p) if p != req.scheme.default_port() => p,
+            _ => scheme.default_port(),
+        };
+        let host = req.host.to_ascii_lowercase();
+        let authority = connection::authority(&host, port, scheme);
+        Ok(((scheme, authority, ""), host))
+    }
+
+    /// Phase 6: send it on and take the answer's head.
+    async fn forward(
+        &self,
+        req: Request<UnsyncBoxBody<Bytes, BoxError>>,
+        log: &mut AccessLog,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let response =
+            match tokio::time::timeout(self.request_timeout, self.upstream.request(req)).await {
+                Err(_) => {
+                    return Err(ProxyError::UpstreamTimeout(format!(
+                        "the upstream did not answer within {:?}",
+                        self.request_timeout
+                    )))
+                }
+                Ok(Err(e)) => return Err(upstream_error(&e)),
+                Ok(Ok(r)) => r,
+            };
+        let (mut parts, body) = response.into_parts();
+        log.upstream_version = Some(match parts.version {
+            Version::HTTP_2 => "h2",
+            Version::HTTP_10 => "http/1.0",
+            _ => "http/1.1",
+        });
+        inject::strip_response(&mut parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
+    match upstream::dial_error(e) {
+        Some(DialError::Blocked(b)) => ProxyError::DestinationBlocked(*b),
+        Some(d @ DialError::Tls { .. }) => ProxyError::UpstreamTls(d.to_string()),
+        Some(d @ DialError::Timeout(_)) => ProxyError::UpstreamTimeout(d.to_string()),
+        Some(d) => ProxyError::UpstreamUnreachable(d.to_string()),
+        None => {
+            let mut message = String::from("the upstream connection failed");
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+            while let Some(inner) = cur {
+                message.push_str(": ");
+                message.push_str(&inner.to_string());
+                cur = inner.source();
+            }
+            ProxyError::UpstreamUnreachable(message)
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The upstream side: a pooled hyper client whose connector resolves, checks and dials.
+//!
+//! The destination check lives here, in the connector, because this is where the socket address
+//! is known: hyper-util's own `HttpConnector` parses literal IP hosts before any resolver runs,
+//! so a check in a resolver would miss them. Every resolved address is judged by the
+//! [`AddressPolicy`]; blocked ones are skipped, and if none is left the dial fails with the
+//! first reason. TLS is rustls with the system roots plus `tls.extra_roots`, offering h2 and
+//! HTTP/1.1 by ALPN.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::destination::{AddressPolicy, Blocked};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type UpstreamClient = Client<Dialer, UpstreamBody>;
+
+/// Why a connection to an upstream could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{0}")]
+    Blocked(Blocked),
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    #[error("TLS with {host} failed: {source}")]
+    Tls { host: String, source: io::Error },
+    #[error("the upstream URI has no host")]
+    NoHost,
+}
+
+/// Builds the rustls client configuration for upstreams.
+pub fn tls_config(extra_roots: &[PathBuf]) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system store may hold certificates rustls cannot use; skip those.
+        let _ = roots.add(cert);
+    }
+    for path in extra_roots {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("{}: not PEM: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: unusable certificate: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Builds the pooled upstream client.
+pub fn client(dialer: Dialer) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(dialer)
+}
+
+/// The connector: resolve, check every address, connect, then TLS for `https`.
+#[derive(Clone)]
+pub struct Dialer {
+    inner: Arc<DialerInner>,
+}
+
+struct DialerInner {
+    policy: AddressPolicy,
+    tls: TlsConnector,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    pub fn new(
+        policy: AddressPolicy,
+        tls: Arc<rustls::ClientConfig>,
+        connect_timeout: Duration,
+    ) -> Dialer {
+        Dialer {
+            inner: Arc::new(DialerInner {
+                policy,
+                tls: TlsConnector::from(tls),
+                connect_timeout,
+            }),
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for Dialer {
+    type Response = TokioIo<MaybeTls>;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DialError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.dial(uri).await.map(TokioIo::new) })
+    }
+}
+
+impl DialerInner {
+    async fn dial(&self, uri: Uri) -> Result<MaybeTls, DialError> {
+        let host = uri.host().ok_or(DialError::NoHost)?;
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+
+        let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => {
+                tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host((bare, port)))
+                    .await
+                    .map_err(|_| DialError::Timeout(host.to_string()))?
+                    .map_err(|source| DialError::Resolve {
+                        host: host.to_string(),
+                        source,
+                    })?
+                    .collect()
+            }
+        };
+        if addrs.is_empty() {
+            return Err(DialError::NoAddress(host.to_string()));
+        }
+
+        let mut first_block = None;
+        let mut last_error = None;
+        let mut tcp = None;
+        for addr in addrs {
+            if let Err(blocked) = self.policy.check(addr.ip()) {
+                tracing::debug!(%addr, range = blocked.range, "skipping a blocked address");
+                first_block.get_or_insert(blocked);
+                continue;
+            }
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Ok(Err(source)) => last_error = Some(DialError::Connect { addr, source }),
+                Err(_) => last_error = Some(DialError::Timeout(addr.to_string())),
+            }
+        }
+        let tcp = match (tcp, last_error, first_block) {
+            (Some(tcp), _, _) => tcp,
+            (None, Some(e), _) => return Err(e),
+            (None, None, Some(blocked)) => return Err(DialError::Blocked(blocked)),
+            (None, None, None) => return Err(DialError::NoAddress(host.to_string())),
+        };
+        let _ = tcp.set_nodelay(true);
+        if !https {
+            return Ok(MaybeTls::Plain(tcp));
+        }
+
+        let server_name =
+            rustls::pki_types::ServerName::try_from(bare.to_string()).map_err(|_| {
+                DialError::Tls {
+                    host: host.to_string(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a valid TLS server name",
+                    ),
+                }
+            })?;
+        let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(server_name, tcp))
+            .await
+            .map_err(|_| DialError::Timeout(format!("TLS handshake with {host}")))?
+            .map_err(|source| DialError::Tls {
+                host: host.to_string(),
+                source,
+            })?;
+        Ok(MaybeTls::Tls(Box::new(tls)))
+    }
+}
+
+/// A plain or TLS connection to an upstream.
+pub enum MaybeTls {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for MaybeTls {
+    fn connected(&self) -> Connected {
+        match self {
+            MaybeTls::Plain(_) => Connected::new(),
+            MaybeTls::Tls(tls) => {
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    Connected::new().negotiated_h2()
+                } else {
+                    Connected::new()
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for MaybeTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MaybeTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Finds the dial error under a client error, if the failure was in the connector.
+pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(d) = e.downcast_ref::<DialError>() {
+            return Some(d);
+        }
+        cur = e.source();
+    }
+    None
+}

@@ -1,0 +1,197 @@
+//! Logging and metrics: the tracing set-up, the access log line, and every metric name.
+//!
+//! Labels are bounded: connection IDs appear only once a connection has been found in Vault,
+//! client names come from the configuration, and errors are labelled by their code, never by a
+//! message. No value recorded here is derived from a credential.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names, in one place.
+pub mod names {
+    pub const REQUESTS: &str = "latchkey_requests_total";
+    pub const REQUEST_DURATION: &str = "latchkey_request_duration_seconds";
+    pub const REQUEST_BYTES: &str = "latchkey_request_bytes_total";
+    pub const ERRORS: &str = "latchkey_errors_total";
+    pub const CACHE_LOOKUPS: &str = "latchkey_cache_lookups_total";
+    pub const CACHE_ENTRIES: &str = "latchkey_cache_entries";
+    pub const VAULT_REQUESTS: &str = "latchkey_vault_requests_total";
+    pub const VAULT_DURATION: &str = "latchkey_vault_request_duration_seconds";
+    pub const UPSTREAM_ERRORS: &str = "latchkey_upstream_errors_total";
+    pub const UPSTREAM_UNAUTHORIZED: &str = "latchkey_upstream_unauthorized_total";
+}
+
+/// Sets up logging: JSON lines on standard error, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    // vaultrs and rustify log every failed Vault call (a 404 for an unknown connection
+    // included) at ERROR; latchkey logs its own classified line instead. An explicit RUST_LOG
+    // is taken as written.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,vaultrs=off,rustify=off"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    // The default hook prints the panic's message, which could quote a value; this one says
+    // where it happened and nothing else.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, "panic (message withheld)");
+    }));
+}
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        const BUCKETS: &[f64] = &[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
+        ];
+        let builder = PrometheusBuilder::new();
+        let builder = builder
+            .set_buckets_for_metric(Matcher::Suffix("_duration_seconds".into()), BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // A second install (several servers in one test process) keeps the first recorder.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Cache lookup outcomes, as logged and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    Stale,
+    Negative,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Stale => "stale",
+            CacheOutcome::Negative => "negative",
+        }
+    }
+}
+
+pub fn cache_lookup(outcome: CacheOutcome) {
+    counter!(names::CACHE_LOOKUPS, "outcome" => outcome.as_str()).increment(1);
+}
+
+pub fn cache_entries(n: usize) {
+    gauge!(names::CACHE_ENTRIES).set(n as f64);
+}
+
+pub fn vault_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
+    counter!(names::VAULT_REQUESTS, "op" => op, "outcome" => outcome).increment(1);
+    histogram!(names::VAULT_DURATION, "op" => op).record(elapsed.as_secs_f64());
+}
+
+pub fn upstream_unauthorized(connection: &str) {
+    counter!(names::UPSTREAM_UNAUTHORIZED, "connection" => connection.to_string()).increment(1);
+}
+
+/// One request's access-log record, filled in as the request goes and emitted once.
+#[derive(Debug, Default, Clone)]
+pub struct AccessLog {
+    pub form: &'static str,
+    pub connection: Option<String>,
+    /// The connection was found, so its ID may label metrics.
+    pub connection_known: bool,
+    pub client: Option<String>,
+    pub method: String,
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub cache: Option<CacheOutcome>,
+    pub upstream_version: Option<&'static str>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl AccessLog {
+    /// Writes the access line and records the request's metrics.
+    pub fn emit(&self, elapsed: Duration) {
+        let connection = self.connection.as_deref().unwrap_or("-");
+        let client = self.client.as_deref().unwrap_or("-");
+        tracing::info!(
+            target: "latchkey::access",
+            form = self.form,
+            connection,
+            client,
+            method = %self.method,
+            host = self.host.as_deref().unwrap_or("-"),
+            path = self.path.as_deref().unwrap_or("-"),
+            status = self.status,
+            error = self.error.unwrap_or("-"),
+            cache = self.cache.map_or("-", CacheOutcome::as_str),
+            upstream_version = self.upstream_version.unwrap_or("-"),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            "access"
+        );
+        let status = status_label(self.status);
+        counter!(
+            names::REQUESTS,
+            "form" => self.form,
+            "connection" => if self.connection_known { connection.to_string() } else { "-".to_string() },
+            "client" => client.to_string(),
+            "status" => status
+        )
+        .increment(1);
+        histogram!(names::REQUEST_DURATION, "form" => self.form).record(elapsed.as_secs_f64());
+        counter!(names::REQUEST_BYTES, "direction" => "in").increment(self.bytes_in);
+        counter!(names::REQUEST_BYTES, "direction" => "out").increment(self.bytes_out);
+        if let Some(code) = self.error {
+            counter!(names::ERRORS, "code" => code).increment(1);
+            if code.starts_with("upstream_") || code == "destination_blocked" {
+                counter!(names::UPSTREAM_ERRORS, "code" => code).increment(1);
+            }
+        }
+    }
+}
+
+/// Status codes as static labels, so that recording one allocates nothing.
+fn status_label(status: u16) -> &'static str {
+    const LABELS: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        407 => "407",
+        409 => "409",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s => LABELS.get(usize::from(s / 100)).copied().unwrap_or("other"),
+    }
+}

@@ -1,0 +1,437 @@
+//! The Vault (or OpenBao) client: token auth, KV v2 reads and writes in latchkey's layout.
+//!
+//! One `vaultrs` client is shared by everything. Its HTTP client is replaced by one built here,
+//! with a timeout and with proxies switched off: in a sidecar `HTTPS_PROXY` points at latchkey
+//! itself, and Vault traffic must go direct. No vaultrs value or error is ever formatted with
+//! `{:?}` (several print tokens or response bodies); errors are classified into [`VaultError`],
+//! whose messages hold no data from Vault.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretMetadataRequest};
+use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+
+use crate::config::{VaultAuth, VaultConfig};
+use crate::connection::{ConnectionId, StoredConnection};
+use crate::secret::Secret;
+use crate::telemetry;
+
+/// What can go wrong talking to Vault. Messages never carry anything Vault sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VaultError {
+    #[error("Vault did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot connect to Vault at {0}")]
+    Unreachable(String),
+    #[error("Vault refused latchkey's token (permission denied); check VAULT_TOKEN or vault.auth.token_file")]
+    PermissionDenied,
+    #[error("Vault answered with status {0}")]
+    Status(u16),
+    #[error("Vault's answer could not be read ({0})")]
+    Malformed(&'static str),
+    #[error("cannot read the Vault token file {0}")]
+    TokenFile(String),
+    #[error("cannot set up the Vault client: {0}")]
+    Setup(String),
+}
+
+/// The shared Vault client.
+pub struct Vault {
+    client: RwLock<Arc<VaultClient>>,
+    config: VaultConfig,
+    /// The token in use, so that a re-read token file can be told apart from the same token.
+    token: RwLock<Secret>,
+    healthy: AtomicBool,
+}
+
+impl Vault {
+    /// Builds the client. Reads the token (from `VAULT_TOKEN` or its file) but makes no request.
+    pub fn new(config: &VaultConfig) -> Result<Vault, VaultError> {
+        let token = read_token(&config.auth)?;
+        let client = build_client(config, &token)?;
+        Ok(Vault {
+            client: RwLock::new(Arc::new(client)),
+            config: config.clone(),
+            token: RwLock::new(token),
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    /// Whether the last call reached Vault and was accepted.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn address(&self) -> &str {
+        &self.config.address
+    }
+
+    fn client(&self) -> Arc<VaultClient> {
+        match self.client.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn path(&self, id: &ConnectionId) -> String {
+        if self.config.prefix.is_empty() {
+            id.to_string()
+        } else {
+            format!("{}/{}", self.config.prefix, id)
+        }
+    }
+
+    /// Runs one call with the timeout, the metrics and, for a token file, one retry with a
+    /// re-read token after a permission error.
+    async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, VaultError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let mut retried = false;
+        loop {
+            let started = Instant::now();
+            let result = match tokio::time::timeout(self.config.timeout, f(self.client())).await {
+                Err(_) => Err(CallError::Timeout),
+                Ok(Err(e)) => Err(CallError::Client(e)),
+                Ok(Ok(v)) => Ok(v),
+            };
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(CallError::Client(ClientError::APIError { code: 404, .. })) => "not_found",
+                Err(CallError::Timeout) => "timeout",
+                Err(_) => "error",
+            };
+            telemetry::vault_call(op, outcome, started.elapsed());
+            match result {
+                Ok(v) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(CallError::Timeout) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    return Err(VaultError::Timeout(self.config.timeout));
+                }
+                Err(CallError::Client(e)) => {
+                    let err = self.classify(e);
+                    match &err {
+                        VaultError::Status(404) => {
+                            self.healthy.store(true, Ordering::Relaxed);
+                            return Err(err);
+                        }
+                        VaultError::PermissionDenied if !retried => {
+                            retried = true;
+                            if self.reload_token()? {
+                                continue;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.healthy.store(false, Ordering::Relaxed);
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    fn classify(&self, e: ClientError) -> VaultError {
+        match e {
+            ClientError::APIError { code: 403, .. } => VaultError::PermissionDenied,
+            ClientError::APIError { code, .. } => VaultError::Status(code),
+            ClientError::RestClientError { source } => match source {
+                rustify::errors::ClientError::ServerResponseError { code: 403, .. } => {
+                    VaultError::PermissionDenied
+                }
+                rustify::errors::ClientError::ServerResponseError { code, .. } => {
+                    VaultError::Status(code)
+                }
+                rustify::errors::ClientError::RequestError { source, .. } => {
+                    let timeout = std::iter::successors(
+                        Some(&*source as &(dyn std::error::Error + 'static)),
+                        |e| e.source(),
+                    )
+                    .any(|e| {
+                        e.downcast_ref::<reqwest::Error>()
+                            .is_some_and(|r| r.is_timeout())
+                    });
+                    if timeout {
+                        VaultError::Timeout(self.config.timeout)
+                    } else {
+                        VaultError::Unreachable(self.config.address.clone())
+                    }
+                }
+                rustify::errors::ClientError::ResponseParseError { .. }
+                | rustify::errors::ClientError::ResponseConversionError { .. } => {
+                    VaultError::Malformed("not the JSON of the Vault API")
+                }
+                _ => VaultError::Malformed("unexpected client error"),
+            },
+            ClientError::ResponseEmptyError | ClientError::ResponseDataEmptyError => {
+                VaultError::Malformed("empty response")
+            }
+            ClientError::JsonParseError { .. } => VaultError::Malformed("not JSON"),
+            _ => VaultError::Malformed("unexpected client error"),
+        }
+    }
+
+    /// Re-reads a token file; true when it held a new token and the client now uses it.
+    fn reload_token(&self) -> Result<bool, VaultError> {
+        if !matches!(self.config.auth, VaultAuth::TokenFile(_)) {
+            return Ok(false);
+        }
+        let token = read_token(&self.config.auth)?;
+        let same = match self.token.read() {
+            Ok(t) => *t == token,
+            Err(p) => *p.into_inner() == token,
+        };
+        if same {
+            return Ok(false);
+        }
+        let client = build_client(&self.config, &token)?;
+        if let Ok(mut c) = self.client.write() {
+            *c = Arc::new(client);
+        }
+        if let Ok(mut t) = self.token.write() {
+            *t = token;
+        }
+        tracing::info!("re-read the Vault token file after Vault refused the previous token");
+        Ok(true)
+    }
+
+    /// Reads a connection: its fields, version and custom metadata, in one request.
+    /// `Ok(None)` when Vault has no such secret (or its latest version is deleted).
+    pub async fn read(&self, id: &ConnectionId) -> Result<Option<StoredConnection>, VaultError> {
+        let path = self.path(id);
+        let mount = self.config.mount.as_str();
+        let response = self
+            .call("read", |client| {
+                let path = path.clone();
+                async move {
+                    let endpoint = ReadSecretRequest::builder()
+                        .mount(mount)
+                        .path(path)
+                        .build()
+                        .map_err(|_| ClientError::InvalidUpdateParameter)?;
+                    vaultrs::api::exec_with_result(&*client, endpoint).await
+                }
+            })
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(VaultError::Status(404)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if response.metadata.destroyed || !response.metadata.deletion_time.is_empty() {
+            return Ok(None);
+        }
+        let serde_json::Value::Object(map) = response.data else {
+            return Err(VaultError::Malformed("the secret's data is not an object"));
+        };
+        let mut fields = BTreeMap::new();
+        for (name, value) in map {
+            let value = match value {
+                serde_json::Value::String(s) => Secret::from(s),
+                serde_json::Value::Number(n) => Secret::from(n.to_string()),
+                serde_json::Value::Bool(b) => Secret::from(b.to_string()),
+                _ => return Err(VaultError::Malformed("a field is not a string")),
+            };
+            fields.insert(name, value);
+        }
+        Ok(Some(StoredConnection {
+            fields,
+            version: response.metadata.version,
+            custom_metadata: response
+                .metadata
+                .custom_metadata
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+        }))
+    }
+
+    /// Writes a new version of a connection; returns the version number.
+    pub async fn write(
+        &self,
+        id: &ConnectionId,
+        fields: &BTreeMap<String, Secret>,
+    ) -> Result<u64, VaultError> {
+        let path = self.path(id);
+        let data: serde_json::Map<String, serde_json::Value> = fields
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
+            .collect();
+        let data = serde_json::Value::Object(data);
+        let meta = self
+            .call("write", |client| {
+                let (path, data) = (path.clone(), &data);
+                async move { vaultrs::kv2::set(&*client, &self.config.mount, &path, data).await }
+            })
+            .await?;
+        Ok(meta.version)
+    }
+
+    /// Replaces the connection's KV `custom_metadata` (which never creates a version).
+    pub async fn set_custom_metadata(
+        &self,
+        id: &ConnectionId,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), VaultError> {
+        let path = self.path(id);
+        let custom: HashMap<String, String> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.call("write_metadata", |client| {
+            let (path, custom) = (path.clone(), custom.clone());
+            async move {
+                let mut builder = SetSecretMetadataRequest::builder();
+                builder.custom_metadata(custom);
+                vaultrs::kv2::set_metadata(&*client, &self.config.mount, &path, Some(&mut builder))
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// Deletes a connection and all of its versions.
+    pub async fn delete(&self, id: &ConnectionId) -> Result<(), VaultError> {
+        let path = self.path(id);
+        self.call("delete", |client| {
+            let path = path.clone();
+            async move { vaultrs::kv2::delete_metadata(&*client, &self.config.mount, &path).await }
+        })
+        .await
+    }
+
+    /// Lists the connection IDs stored under the prefix (invalid IDs are skipped).
+    pub async fn list(&self) -> Result<Vec<ConnectionId>, VaultError> {
+        let prefix = self.config.prefix.clone();
+        let keys = self
+            .call("list", |client| {
+                let prefix = prefix.clone();
+                async move { vaultrs::kv2::list(&*client, &self.config.mount, &prefix).await }
+            })
+            .await;
+        match keys {
+            Ok(keys) => Ok(keys
+                .into_iter()
+                .filter_map(|k| ConnectionId::parse(&k).ok())
+                .collect()),
+            Err(VaultError::Status(404)) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Looks the token up: Vault is reachable and accepts it. Returns the token's remaining TTL
+    /// when it is renewable.
+    pub async fn check_token(&self) -> Result<Option<Duration>, VaultError> {
+        let info = self
+            .call("lookup_self", |client| async move {
+                vaultrs::token::lookup_self(&*client).await
+            })
+            .await?;
+        Ok((info.renewable && info.ttl > 0).then(|| Duration::from_secs(info.ttl)))
+    }
+
+    /// Keeps a renewable token alive: renews it at half its remaining TTL, until shutdown.
+    pub async fn renew_token_until(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let wait = match self.check_token().await {
+                Ok(Some(ttl)) => ttl / 2,
+                Ok(None) => return,
+                Err(_) => Duration::from_secs(10),
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+            }
+            let renewed = self
+                .call("renew_self", |client| async move {
+                    vaultrs::token::renew_self(&*client, None).await
+                })
+                .await;
+            if let Err(e) = renewed {
+                tracing::warn!(error = %e, "could not renew the Vault token");
+            }
+        }
+    }
+}
+
+enum CallError {
+    Timeout,
+    Client(ClientError),
+}
+
+fn read_token(auth: &VaultAuth) -> Result<Secret, VaultError> {
+    match auth {
+        VaultAuth::TokenEnv => std::env::var("VAULT_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| Secret::from(t.trim().to_string()))
+            .ok_or_else(|| VaultError::Setup("VAULT_TOKEN is not set".into())),
+        VaultAuth::TokenFile(path) => read_token_file(path),
+    }
+}
+
+fn read_token_file(path: &PathBuf) -> Result<Secret, VaultError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| VaultError::TokenFile(format!("{}: {e}", path.display())))?;
+    let text = Secret::from(text);
+    let token = text.expose().trim();
+    if token.is_empty() {
+        return Err(VaultError::TokenFile(format!(
+            "{} is empty",
+            path.display()
+        )));
+    }
+    Ok(Secret::new(token))
+}
+
+fn build_client(config: &VaultConfig, token: &Secret) -> Result<VaultClient, VaultError> {
+    let mut settings = VaultClientSettingsBuilder::default();
+    // The builder's address setter panics on a bad URL; the config checked it, and it is
+    // checked again here so that nothing can reach that panic.
+    reqwest::Url::parse(&config.address)
+        .map_err(|_| VaultError::Setup(format!("{:?} is not a URL", config.address)))?;
+    settings
+        .address(&config.address)
+        .token(token.expose())
+        .timeout(Some(config.timeout))
+        .verify(true)
+        .ca_certs(Vec::new());
+    let settings = settings
+        .build()
+        .map_err(|_| VaultError::Setup("invalid Vault client settings".into()))?;
+    let mut client = VaultClient::new(settings)
+        .map_err(|_| VaultError::Setup("cannot build the Vault client".into()))?;
+
+    let mut http = reqwest::Client::builder()
+        .no_proxy()
+        .use_rustls_tls()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout);
+    if let Some(path) = &config.ca_cert {
+        let pem = std::fs::read(path)
+            .map_err(|e| VaultError::Setup(format!("cannot read {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
+            VaultError::Setup(format!("{} holds no PEM certificate", path.display()))
+        })?;
+        for cert in certs {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    let http = http
+        .build()
+        .map_err(|_| VaultError::Setup("cannot build the Vault HTTP client".into()))?;
+    client.http = rustify::clients::reqwest::Client::new(&config.address, http);
+    Ok(client)
+}
