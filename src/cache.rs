@@ -6,9 +6,11 @@
 //! - Any number of concurrent misses share one load (one Vault read): the first request spawns
 //!   it and stores its shared future in the entry; the others await the same future.
 //! - Unknown (and invalid) connections are remembered for `negative_ttl`.
-//! - When Vault fails, an entry past `ttl` keeps serving, marked stale, until `ttl + max_stale`;
-//!   its re-read runs in the background, so a hung Vault never delays a request on a connection
-//!   that has a usable value.
+//! - An entry past `ttl` is re-read. While Vault is healthy the request waits for that read (at
+//!   most [`EXPIRED_WAIT`]), so a key rotated in Vault is in use after `ttl` even on a connection
+//!   that sat idle. When the read fails, or Vault is already known to be failing, the entry is
+//!   served stale at once, up to `ttl + max_stale`, and the re-read goes on in the background: a
+//!   hung Vault costs a cached connection at most one short wait, and nothing once noticed.
 //! - At most `max_entries` entries; the least recently used of a sample is evicted first.
 //!
 //! No map guard is ever held across an `.await`: every guard lives inside one synchronous block.
@@ -32,6 +34,12 @@ use crate::vault::{Vault, VaultError};
 /// Where connections come from. Vault in production; a seam for unit tests.
 pub trait Source: Send + Sync + 'static {
     fn load(&self, id: ConnectionId) -> BoxFuture<'static, Result<Option<Connection>, CacheError>>;
+
+    /// Whether the last call to the source succeeded; an expired entry waits for its re-read
+    /// only while this holds.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// Loads connections from Vault and checks them against the catalog.
@@ -55,6 +63,10 @@ impl Source for VaultSource {
         }
         .boxed()
     }
+
+    fn healthy(&self) -> bool {
+        self.vault.is_healthy()
+    }
 }
 
 /// Why no connection could be served.
@@ -75,6 +87,10 @@ type Load = Shared<BoxFuture<'static, Outcome>>;
 
 /// Minimum time between two re-reads of one connection triggered by upstream 401s.
 const UNAUTHORIZED_REREAD_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a request on an expired entry waits for its re-read while Vault is healthy, before
+/// it is served the stale value instead. Vault answers reads in milliseconds; this bounds what
+/// a Vault that has just started hanging can cost, once, before it is known to be unhealthy.
+pub const EXPIRED_WAIT: Duration = Duration::from_millis(250);
 /// How many entries an eviction looks at to find the least recently used.
 const EVICTION_SAMPLE: usize = 16;
 
@@ -103,6 +119,14 @@ struct Slot {
     /// Milliseconds since the cache's epoch of the last request that used this entry.
     last_used: AtomicU64,
     last_unauthorized_reread: Option<Instant>,
+}
+
+/// What a lookup found, taken out of the map before anything is awaited.
+enum Found {
+    Fresh(Arc<Connection>, bool),
+    Expired(Arc<Connection>),
+    Negative(CacheError),
+    Nothing,
 }
 
 enum State {
@@ -147,9 +171,19 @@ impl Cache {
         &self,
         id: &ConnectionId,
     ) -> Result<(Arc<Connection>, CacheOutcome), (CacheError, CacheOutcome)> {
+        let answer = self.lookup(id).await;
+        telemetry::cache_lookup(match &answer {
+            Ok((_, o)) | Err((_, o)) => *o,
+        });
+        answer
+    }
+
+    async fn lookup(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<(Arc<Connection>, CacheOutcome), (CacheError, CacheOutcome)> {
         let now = Instant::now();
-        let mut refresh = false;
-        let mut answer = None;
+        let mut found = Found::Nothing;
         if let Some(slot) = self.inner.map.get(id) {
             slot.last_used
                 .store(self.inner.millis(now), Ordering::Relaxed);
@@ -157,52 +191,89 @@ impl Cache {
                 State::Ready { conn, fetched } => {
                     let age = now.saturating_duration_since(*fetched);
                     if age < self.inner.ttl {
-                        refresh = age >= self.inner.refresh_at && slot.inflight.is_none();
-                        answer = Some(Ok((conn.clone(), CacheOutcome::Hit)));
+                        let refresh = age >= self.inner.refresh_at && slot.inflight.is_none();
+                        found = Found::Fresh(conn.clone(), refresh);
                     } else if age < self.inner.ttl + self.inner.max_stale {
-                        refresh = slot.inflight.is_none();
-                        answer = Some(Ok((conn.clone(), CacheOutcome::Stale)));
+                        found = Found::Expired(conn.clone());
                     }
                 }
                 State::Negative { err, until } if now < *until => {
-                    answer = Some(Err((err.clone(), CacheOutcome::Negative)));
+                    found = Found::Negative(err.clone());
                 }
                 _ => {}
             }
         }
-        if let Some(answer) = answer {
-            telemetry::cache_lookup(match &answer {
-                Ok((_, o)) | Err((_, o)) => *o,
-            });
-            if refresh {
-                drop(self.start_load(id));
-            }
-            return answer;
-        }
 
-        telemetry::cache_lookup(CacheOutcome::Miss);
-        if self.inner.map.len() >= self.inner.max_entries && !self.inner.map.contains_key(id) {
-            self.evict_one();
-        }
-        match self.start_load(id).await {
-            Ok(conn) => Ok((conn, CacheOutcome::Miss)),
-            Err(e) => Err((e, CacheOutcome::Miss)),
+        match found {
+            Found::Fresh(conn, refresh) => {
+                if refresh {
+                    drop(self.start_load(id, false));
+                }
+                Ok((conn, CacheOutcome::Hit))
+            }
+            Found::Negative(err) => Err((err, CacheOutcome::Negative)),
+            Found::Expired(stale) => {
+                let load = self.start_load(id, false);
+                // While Vault is known to be failing, never wait for it: serve the stale value
+                // and let the re-read run in the background.
+                if !self.inner.source.healthy() {
+                    return Ok((stale, CacheOutcome::Stale));
+                }
+                match tokio::time::timeout(EXPIRED_WAIT, load).await {
+                    Ok(Ok(conn)) => Ok((conn, CacheOutcome::Miss)),
+                    Ok(Err(e @ (CacheError::NotFound | CacheError::Invalid(_)))) => {
+                        Err((e, CacheOutcome::Miss))
+                    }
+                    Ok(Err(_)) | Err(_) => Ok((stale, CacheOutcome::Stale)),
+                }
+            }
+            Found::Nothing => {
+                if self.inner.map.len() >= self.inner.max_entries
+                    && !self.inner.map.contains_key(id)
+                {
+                    self.evict_one();
+                }
+                match self.start_load(id, true).await {
+                    Ok(conn) => Ok((conn, CacheOutcome::Miss)),
+                    Err(e) => Err((e, CacheOutcome::Miss)),
+                }
+            }
         }
     }
 
-    /// Joins the load in flight for `id`, or spawns one.
-    fn start_load(&self, id: &ConnectionId) -> Load {
+    /// Joins the load in flight for `id`, or spawns one. With `reuse`, a value (or a negative
+    /// answer) that a load finished between the caller's lookup and now is returned as it is,
+    /// so that a burst of misses costs one read however the loads interleave.
+    fn start_load(&self, id: &ConnectionId, reuse: bool) -> Load {
+        let now = Instant::now();
         let mut slot = match self.inner.map.entry(id.clone()) {
             Entry::Occupied(o) => o.into_ref(),
             Entry::Vacant(v) => v.insert(Slot {
                 state: State::Empty,
                 inflight: None,
-                last_used: AtomicU64::new(self.inner.millis(Instant::now())),
+                last_used: AtomicU64::new(self.inner.millis(now)),
                 last_unauthorized_reread: None,
             }),
         };
         if let Some((_, load)) = &slot.inflight {
             return load.clone();
+        }
+        if reuse {
+            match &slot.state {
+                State::Ready { conn, fetched }
+                    if now.saturating_duration_since(*fetched) < self.inner.ttl =>
+                {
+                    return futures_util::future::ready(Ok(conn.clone()))
+                        .boxed()
+                        .shared();
+                }
+                State::Negative { err, until } if now < *until => {
+                    return futures_util::future::ready(Err(err.clone()))
+                        .boxed()
+                        .shared();
+                }
+                _ => {}
+            }
         }
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner.clone();
@@ -257,7 +328,7 @@ impl Cache {
             }
             slot.last_unauthorized_reread = Some(now);
         }
-        drop(self.start_load(id));
+        drop(self.start_load(id, false));
         true
     }
 
@@ -304,7 +375,7 @@ impl Cache {
             inner.map.remove_if(&id, |_, s| s.inflight.is_none());
         }
         for id in refresh {
-            drop(self.start_load(&id));
+            drop(self.start_load(&id, false));
         }
         telemetry::cache_entries(inner.map.len());
     }
@@ -387,7 +458,8 @@ mod tests {
     struct Fake {
         loads: AtomicUsize,
         answer: Mutex<Result<Option<&'static str>, CacheError>>,
-        delay: Duration,
+        delay: Mutex<Duration>,
+        healthy: std::sync::atomic::AtomicBool,
         catalog: Catalog,
     }
 
@@ -396,7 +468,8 @@ mod tests {
             Arc::new(Fake {
                 loads: AtomicUsize::new(0),
                 answer: Mutex::new(Ok(Some("sk_test_one"))),
-                delay,
+                delay: Mutex::new(delay),
+                healthy: std::sync::atomic::AtomicBool::new(true),
                 catalog: Catalog::builtin().unwrap(),
             })
         }
@@ -417,7 +490,12 @@ mod tests {
             async move {
                 me.loads.fetch_add(1, Ordering::SeqCst);
                 let answer = me.answer.lock().unwrap().clone();
-                tokio::time::sleep(me.delay).await;
+                let delay = *me.delay.lock().unwrap();
+                tokio::time::sleep(delay).await;
+                me.healthy.store(
+                    !matches!(answer, Err(CacheError::Unavailable(_))),
+                    Ordering::SeqCst,
+                );
                 match answer {
                     Ok(Some(key)) => Ok(Some(
                         Connection::from_stored(
@@ -439,6 +517,10 @@ mod tests {
                 }
             }
             .boxed()
+        }
+
+        fn healthy(&self) -> bool {
+            self.healthy.load(Ordering::SeqCst)
         }
     }
 
@@ -608,5 +690,52 @@ mod tests {
         );
         stop_tx.send(()).unwrap();
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_entry_past_its_ttl_is_reread_before_it_is_served() {
+        let fake = Fake::new(Duration::from_millis(5));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        cache.get(&id("c1")).await.unwrap();
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (c, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            (key_of(&c).as_str(), o),
+            ("Bearer sk_test_two", CacheOutcome::Miss)
+        );
+        assert_eq!(fake.loads(), 2);
+
+        // Deleted in Vault meanwhile: the stale value is not served.
+        fake.set(Ok(None));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (e, _) = cache.get(&id("c1")).await.unwrap_err();
+        assert_eq!(e, CacheError::NotFound);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_store_costs_one_short_wait_then_none() {
+        let fake = Fake::new(Duration::from_millis(5));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        cache.get(&id("c1")).await.unwrap();
+        // The store starts hanging (each read takes 5s, then fails).
+        fake.set(Err(CacheError::Unavailable(VaultError::Timeout(
+            Duration::from_secs(5),
+        ))));
+        *fake.delay.lock().unwrap() = Duration::from_secs(5);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let (c, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            (key_of(&c).as_str(), o),
+            ("Bearer sk_test_one", CacheOutcome::Stale)
+        );
+        assert_eq!(started.elapsed(), EXPIRED_WAIT);
+        // Once the read has failed, the store is known to be down: no wait at all.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let started = Instant::now();
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

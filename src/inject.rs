@@ -80,7 +80,9 @@ pub fn rewrite(
     target: Target<'_>,
     connection: &Connection,
 ) -> Result<String, RewriteError> {
-    if !path_and_query.is_empty() && !path_and_query.starts_with('/') {
+    // An empty path with a query (`/conn?x=1` in gateway form, `http://host?x=1` in forward
+    // form) is the root path with that query.
+    if !path_and_query.is_empty() && !path_and_query.starts_with(['/', '?']) {
         return Err(RewriteError::Path);
     }
     let headers = &mut parts.headers;
@@ -388,6 +390,24 @@ mod tests {
         assert_eq!(p.uri.path(), "/");
         let mut p = request(&[]);
         assert_eq!(rewrite(&mut p, "x", t, &c), Err(RewriteError::Path));
+        let mut p = request(&[]);
+        rewrite(&mut p, "?a=1", t, &c).unwrap();
+        assert_eq!(
+            p.uri.path_and_query().unwrap().as_str(),
+            "/admin/api/2024-10?a=1"
+        );
+        let mut p = request(&[]);
+        rewrite(
+            &mut p,
+            "?a=1",
+            Target {
+                path_prefix: "",
+                ..t
+            },
+            &c,
+        )
+        .unwrap();
+        assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/?a=1");
     }
 
     #[test]

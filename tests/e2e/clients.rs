@@ -1,1 +1,238 @@
-//! (being written)
+//! Real clients and real third-party upstreams: Python `requests` configured only through
+//! `HTTP_PROXY` (an unmodified client), curl through its `http_proxy` variable, reqwest with a
+//! proxy, against httpbin (gunicorn) and nginx over TLS with h2.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+const TOKEN: &str = "clients-test-token-123456";
+
+fn clients_toml() -> String {
+    format!(
+        "[[clients]]\nname = \"runner\"\ntoken_sha256 = \"{}\"\nconnections = [\"httpbin-*\", \"nginx\"]\n",
+        latchkey::auth::sha256_hex(TOKEN)
+    )
+}
+
+/// httpbin under gunicorn on a free port; killed on drop.
+struct Httpbin {
+    _child: Service,
+    port: u16,
+}
+
+impl Httpbin {
+    async fn start() -> Httpbin {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "gunicorn", "-w", "1", "-b"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("httpbin:app")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gunicorn and httpbin are needed: pip install httpbin gunicorn");
+        let h = Httpbin {
+            _child: Service(child),
+            port,
+        };
+        let client = http();
+        for _ in 0..200 {
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{port}/get"))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return h;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("httpbin did not start");
+    }
+}
+
+#[tokio::test]
+async fn python_requests_through_http_proxy_to_httpbin() {
+    let bao = Bao::start().await;
+    let hb = Httpbin::start().await;
+    let base = format!("http://127.0.0.1:{}", hb.port);
+    bao.put(
+        "httpbin-header",
+        &[
+            ("connector", "generic-header"),
+            ("base_url", &base),
+            ("api_key", "hb_header_key_42"),
+        ],
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback().extra(&clients_toml())).await;
+    lk.forbid(TOKEN);
+
+    // An unmodified client: only HTTP_PROXY says where latchkey is and which connection to use.
+    let proxy = format!("http://httpbin-header:{TOKEN}@{}", lk.proxy);
+    let script = format!(
+        "import requests, json\n\
+         r = requests.get('{base}/headers', headers={{'X-Api-Key': 'client-forged'}})\n\
+         print(json.dumps({{'status': r.status_code, 'headers': r.json()['headers']}}))"
+    );
+    let out = python(&script, &[("HTTP_PROXY", &proxy), ("NO_PROXY", "")]).await;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["headers"]["X-Api-Key"], "hb_header_key_42");
+    assert!(v["headers"].get("Proxy-Authorization").is_none());
+
+    // Gateway form from requests, with the token as a bearer proxy credential.
+    let script = format!(
+        "import requests\n\
+         r = requests.get('http://{}/httpbin-header/anything/x?y=1', headers={{'Proxy-Authorization': 'Bearer {TOKEN}'}})\n\
+         print(r.status_code, r.json()['headers']['X-Api-Key'], r.json()['url'])",
+        lk.proxy
+    );
+    let out = python(&script, &[]).await;
+    assert_eq!(
+        out.trim(),
+        format!(
+            "200 hb_header_key_42 http://127.0.0.1:{}/anything/x?y=1",
+            hb.port
+        )
+    );
+}
+
+#[tokio::test]
+async fn curl_with_http_proxy_variable_and_reqwest_with_a_proxy() {
+    let bao = Bao::start().await;
+    let hb = Httpbin::start().await;
+    let base = format!("http://127.0.0.1:{}", hb.port);
+    bao.put(
+        "httpbin-bearer",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &base),
+            ("api_key", "hb_bearer_key_43"),
+        ],
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback().extra(&clients_toml())).await;
+    lk.forbid(TOKEN);
+
+    let proxy = format!("http://httpbin-bearer:{TOKEN}@{}", lk.proxy);
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", &format!("{base}/bearer")])
+        .env("http_proxy", &proxy)
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["authenticated"], true, "{v}");
+    assert_eq!(v["token"], "hb_bearer_key_43");
+
+    let client = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(lk.url(""))
+                .unwrap()
+                .basic_auth("httpbin-bearer", TOKEN),
+        )
+        .build()
+        .unwrap();
+    let v: serde_json::Value = client
+        .get(format!("{base}/headers"))
+        .header("authorization", "Bearer forged")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["headers"]["Authorization"], "Bearer hb_bearer_key_43");
+}
+
+fn nginx_program() -> std::path::PathBuf {
+    find_program("nginx")
+        .or_else(|| Some("/usr/sbin/nginx".into()).filter(|p: &std::path::PathBuf| p.is_file()))
+        .expect("nginx is needed (Debian package nginx)")
+}
+
+#[tokio::test]
+async fn nginx_over_tls_with_h2_as_the_upstream() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue(&["localhost"]);
+    let cert = write_file(dir.path(), "cert.pem", &cert);
+    let key = write_file(dir.path(), "key.pem", &key);
+    let port = free_port();
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/b;\n  proxy_temp_path {d}/p;\n\
+           fastcgi_temp_path {d}/f;\n  uwsgi_temp_path {d}/u;\n  scgi_temp_path {d}/s;\n\
+           server {{\n    listen 127.0.0.1:{port} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n\
+             location / {{ default_type text/plain; return 200 \"auth=$http_authorization proto=$server_protocol uri=$request_uri\"; }}\n\
+           }}\n}}\n",
+        cert.display(),
+        key.display()
+    );
+    let conf = write_file(dir.path(), "nginx.conf", &conf);
+    let _nginx = Service(
+        Command::new(nginx_program())
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let probe = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..200 {
+        if probe
+            .get(format!("https://localhost:{port}/"))
+            .send()
+            .await
+            .is_ok()
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "nginx did not start");
+
+    bao.put(
+        "nginx",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &format!("https://localhost:{port}/v2")),
+            ("api_key", "nginx_key_44"),
+        ],
+    );
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().root(&ca.pem_path).extra(&clients_toml()),
+    )
+    .await;
+    lk.forbid(TOKEN);
+    let bearer = format!("Bearer {TOKEN}");
+    let r = http()
+        .get(lk.url("/nginx/items?page=2"))
+        .header("proxy-authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert_eq!(
+        text,
+        "auth=Bearer nginx_key_44 proto=HTTP/2.0 uri=/v2/items?page=2"
+    );
+}

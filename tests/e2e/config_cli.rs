@@ -1,1 +1,168 @@
-//! (being written)
+//! The configuration as the binary sees it: `check-config`, refusals at start naming the key,
+//! the environment overrides, and the Vault token file.
+
+use std::process::Command;
+
+use crate::support::*;
+
+fn latchkey() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_latchkey"));
+    c.env_remove("VAULT_ADDR").env("VAULT_TOKEN", "t");
+    c
+}
+
+fn check(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "c.toml", text);
+    let out = latchkey().arg("check-config").arg(&path).output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), all)
+}
+
+#[test]
+fn check_config_accepts_the_shipped_examples() {
+    for file in ["config/example.toml", "config/docker.toml"] {
+        let out = latchkey().arg("check-config").arg(file).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("ok"), "{text}");
+        assert!(text.contains("connectors:"), "{text}");
+    }
+}
+
+#[test]
+fn check_config_refuses_bad_files_naming_the_key() {
+    let hash = latchkey::auth::sha256_hex("t");
+    for (text, key, why) in [
+        ("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "proxy.lisen", "unknown field"),
+        ("[cache]\nttl = \"5 minutes\"\n", "cache.ttl", "not a duration"),
+        ("[proxy]\nallow_private_destinations = [\"10.0.0.0/33\"]\n", "proxy.allow_private_destinations", "not a CIDR"),
+        (
+            &format!("[[clients]]\nname = \"a\"\ntoken_sha256 = \"{hash}\"\nconnections = [\"stripe-[\"]\n"),
+            "clients[0].connections",
+            "not a connection pattern",
+        ),
+        ("[proxy]\nlisten = \"0.0.0.0:8080\"\n", "proxy.listen", "no [[clients]]"),
+        ("[[clients]]\nname = \"a\"\ntoken_sha256 = \"secret\"\nconnections = \"x\"\n", "clients[0].token_sha256", "SHA-256"),
+        (
+            "[connectors.x]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"{token}\" }\n",
+            "connectors.x.inject.value",
+            "not one of the connector's fields",
+        ),
+        ("[vault]\naddress = \"ftp://vault\"\n", "vault.address", "http"),
+        ("[proxy\n", "line 1", "not valid TOML"),
+    ] {
+        let (code, out) = check(text);
+        assert_eq!(code, 64, "expected exit 64 for:\n{text}\ngot: {out}");
+        assert!(out.contains(key), "the error should name {key}: {out}");
+        assert!(out.contains(why), "the error should say {why:?}: {out}");
+    }
+}
+
+#[test]
+fn serve_refuses_a_bad_config_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "c.toml", "[cache]\nttl = \"soon\"\n");
+    let out = latchkey()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache.ttl"), "{err}");
+
+    let out = latchkey()
+        .args(["serve", "--config", "/nonexistent/latchkey.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+
+    // No token at all.
+    let path = write_file(dir.path(), "ok.toml", "");
+    let out = Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .env_remove("VAULT_TOKEN")
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vault.auth"));
+}
+
+#[test]
+fn hash_token_prints_what_token_sha256_wants() {
+    let mut child = latchkey()
+        .arg("hash-token")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+}
+
+#[tokio::test]
+async fn environment_overrides_the_file() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "slow", &format!("http://{}", up.addr()));
+    // The file points at a dead Vault and allows a minute per request; VAULT_ADDR and
+    // LATCHKEY_PROXY_REQUEST_TIMEOUT override both.
+    let mut opts = Opts::loopback()
+        .proxy("request_timeout = \"60s\"")
+        .env("VAULT_ADDR", &bao.addr)
+        .env("LATCHKEY_PROXY_REQUEST_TIMEOUT", "1s");
+    opts.vault_address = Some(format!("http://127.0.0.1:{}", free_port()));
+    let lk = Latchkey::start(&bao, opts).await;
+    let r = gateway_get(&lk, "/slow/delay/3000", &[]).await;
+    assert_eq!(r.status, 504, "{:?}", r.json);
+    assert_eq!(r.latchkey_error.as_deref(), Some("upstream_timeout"));
+    let r = gateway_get(&lk, "/slow/fast", &[]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn vault_token_from_a_file_is_reread_when_refused() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let key = put_bearer(&bao, "tf", &format!("http://{}", up.addr()));
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_file(dir.path(), "token", "not-the-token\n");
+    let opts = Opts::loopback().extra("").env("VAULT_TOKEN", "").env(
+        "LATCHKEY_VAULT_AUTH",
+        &format!(
+            "{{ method = \"token\", token_file = {:?} }}",
+            token_file.display().to_string()
+        ),
+    );
+    let lk = Latchkey::start(&bao, opts).await;
+
+    // The file's token is refused: nothing usable is cached, so 503.
+    let r = gateway_get(&lk, "/tf/x", &[]).await;
+    assert_eq!(r.status, 503, "{:?}", r.json);
+    assert_eq!(
+        r.latchkey_error.as_deref(),
+        Some("secret_store_unavailable")
+    );
+
+    // The operator writes the right token; the next refusal makes latchkey re-read the file.
+    write_file(dir.path(), "token", &format!("{}\n", bao.token));
+    let r = gateway_get(&lk, "/tf/x", &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.header("authorization").unwrap(), format!("Bearer {key}"));
+}

@@ -257,6 +257,24 @@ async fn wait_healthy(child: &mut Child, addr: &str) -> bool {
     false
 }
 
+/// A child process stopped with SIGTERM (so that servers with worker processes, nginx and
+/// gunicorn, take their workers with them), then SIGKILL if it lingers.
+pub struct Service(pub Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        signal(self.0.id(), "TERM");
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -279,6 +297,8 @@ pub struct Opts {
     pub env: Vec<(String, String)>,
     /// PEM files for `tls.extra_roots`.
     pub extra_roots: Vec<PathBuf>,
+    /// `vault.address` in the file, instead of the test's OpenBao.
+    pub vault_address: Option<String>,
 }
 
 impl Opts {
@@ -346,7 +366,7 @@ impl Latchkey {
             allow.join(", "),
             opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
-            bao.addr,
+            opts.vault_address.as_deref().unwrap_or(&bao.addr),
             roots.join(", "),
             opts.extra
         );
