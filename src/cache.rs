@@ -82,8 +82,9 @@ pub enum CacheError {
     Internal,
 }
 
-type Outcome = Result<Arc<Connection>, CacheError>;
-type Load = Shared<BoxFuture<'static, Outcome>>;
+pub type Outcome = Result<Arc<Connection>, CacheError>;
+/// A load of one connection, shared by everyone waiting for it.
+pub type Load = Shared<BoxFuture<'static, Outcome>>;
 
 /// Minimum time between two re-reads of one connection triggered by upstream 401s.
 const UNAUTHORIZED_REREAD_INTERVAL: Duration = Duration::from_secs(5);
@@ -312,24 +313,21 @@ impl Cache {
 
     /// An upstream answered 401 to a request made with this connection's cached key: re-read
     /// it, in case it was rotated elsewhere. At most one re-read at a time per connection, and
-    /// at most one per [`UNAUTHORIZED_REREAD_INTERVAL`]. Returns whether a re-read started.
-    pub fn reread_after_unauthorized(&self, id: &ConnectionId) -> bool {
+    /// at most one per [`UNAUTHORIZED_REREAD_INTERVAL`]. Returns the re-read, if one started.
+    pub fn reread_after_unauthorized(&self, id: &ConnectionId) -> Option<Load> {
         let now = Instant::now();
         {
-            let Some(mut slot) = self.inner.map.get_mut(id) else {
-                return false;
-            };
+            let mut slot = self.inner.map.get_mut(id)?;
             if slot.inflight.is_some()
                 || slot.last_unauthorized_reread.is_some_and(|t| {
                     now.saturating_duration_since(t) < UNAUTHORIZED_REREAD_INTERVAL
                 })
             {
-                return false;
+                return None;
             }
             slot.last_unauthorized_reread = Some(now);
         }
-        drop(self.start_load(id, false));
-        true
+        Some(self.start_load(id, false))
     }
 
     /// Periodic upkeep, until `shutdown`: re-reads connections in use before they expire and
@@ -354,7 +352,11 @@ impl Cache {
         let mut remove = Vec::new();
         for slot in inner.map.iter() {
             match &slot.state {
-                State::Ready { fetched, .. } => {
+                State::Ready { fetched, conn } => {
+                    if let Some(at) = conn.expires_at {
+                        let left = (at - time::OffsetDateTime::now_utc()).whole_seconds();
+                        telemetry::connection_expiry(conn.id.as_str(), left as f64);
+                    }
                     let age = now.saturating_duration_since(*fetched);
                     let used_since_fetch =
                         slot.last_used.load(Ordering::Relaxed) >= inner.millis(*fetched);
@@ -631,15 +633,15 @@ mod tests {
         let cache = Cache::new(&config(60_000, 0), Arc::new(fake.clone()));
         cache.get(&id("c1")).await.unwrap();
         fake.set(Ok(Some("sk_test_two")));
-        assert!(cache.reread_after_unauthorized(&id("c1")));
-        assert!(!cache.reread_after_unauthorized(&id("c1")));
+        assert!(cache.reread_after_unauthorized(&id("c1")).is_some());
+        assert!(cache.reread_after_unauthorized(&id("c1")).is_none());
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!cache.reread_after_unauthorized(&id("c1")));
+        assert!(cache.reread_after_unauthorized(&id("c1")).is_none());
         assert_eq!(fake.loads(), 2);
         let (c, _) = cache.get(&id("c1")).await.unwrap();
         assert_eq!(key_of(&c), "Bearer sk_test_two");
         tokio::time::advance(UNAUTHORIZED_REREAD_INTERVAL).await;
-        assert!(cache.reread_after_unauthorized(&id("c1")));
+        assert!(cache.reread_after_unauthorized(&id("c1")).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,6 +54,8 @@ pub struct Connector {
     pub verify: Option<Verify>,
     /// Environment name and the pattern its keys match, checked on the first secret field.
     pub environments: Vec<(String, Regex)>,
+    /// Environment name and the pattern its base URLs match (a sandbox host, say).
+    pub environment_urls: Vec<(String, Regex)>,
     pub fields: Vec<Field>,
     /// Headers sent when the client sends none of that name (API version pins and the like).
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -213,6 +215,8 @@ pub struct RawConnector {
     verify: Option<RawVerify>,
     #[serde(default)]
     environments: BTreeMap<String, String>,
+    #[serde(default)]
+    environment_urls: BTreeMap<String, String>,
     #[serde(default)]
     fields: Vec<RawField>,
     #[serde(default)]
@@ -531,6 +535,17 @@ impl Connector {
             environments.push((env, re));
         }
 
+        let mut environment_urls = Vec::with_capacity(raw.environment_urls.len());
+        for (env, pattern) in raw.environment_urls {
+            let re = Regex::new(&pattern).map_err(|e| {
+                ConfigError::new(
+                    key(&format!("environment_urls.{env}")),
+                    format!("bad regex: {e}"),
+                )
+            })?;
+            environment_urls.push((env, re));
+        }
+
         let mut headers = Vec::with_capacity(raw.headers.len());
         for (name, value) in raw.headers {
             let hkey = key(&format!("headers.{name}"));
@@ -559,6 +574,7 @@ impl Connector {
             inject,
             verify,
             environments,
+            environment_urls,
             fields,
             headers,
             scopes: raw.scopes,
@@ -581,6 +597,22 @@ impl Connector {
             .iter()
             .find(|(_, re)| re.is_match(key))
             .map(|(env, _)| env.as_str())
+    }
+
+    /// The environment whose base URL pattern a URL matches, if the connector declares any.
+    pub fn environment_of_url(&self, url: &str) -> Option<&str> {
+        self.environment_urls
+            .iter()
+            .find(|(_, re)| re.is_match(url))
+            .map(|(env, _)| env.as_str())
+    }
+
+    /// Whether `env` is one of the environments the connector knows by key or URL.
+    pub fn knows_environment(&self, env: &str) -> bool {
+        self.environments
+            .iter()
+            .chain(&self.environment_urls)
+            .any(|(e, _)| e == env)
     }
 }
 

@@ -60,8 +60,18 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-    /// SHA-256 of the admin token; with none, the `/v1/` API answers 401 to everyone.
-    pub token_sha256: Option<[u8; 32]>,
+    /// Admin tokens by name (`admin.token_sha256` is the one named "admin"); with none, the
+    /// `/v1/` API answers 401 to everyone.
+    pub tokens: Vec<AdminToken>,
+    /// How long before a connection's `expires_at` its status turns to `expiring`.
+    pub expiry_warning: Duration,
+}
+
+/// A named admin token, stored as its hash; the name is what audit lines show.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    pub name: String,
+    pub token_sha256: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +168,10 @@ struct RawAdmin {
     listen: SocketAddr,
     #[serde(default)]
     token_sha256: Option<Sha256Hex>,
+    #[serde(default)]
+    tokens: Vec<RawAdminToken>,
+    #[serde(default = "secs::<1_209_600>")]
+    expiry_warning: Dur,
 }
 
 impl Default for RawAdmin {
@@ -165,8 +179,17 @@ impl Default for RawAdmin {
         RawAdmin {
             listen: default_admin_listen(),
             token_sha256: None,
+            tokens: Vec::new(),
+            expiry_warning: secs::<1_209_600>(),
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminToken {
+    name: String,
+    token_sha256: Sha256Hex,
 }
 
 #[derive(Deserialize)]
@@ -537,9 +560,39 @@ impl Config {
             }
         }
 
+        let mut tokens = Vec::new();
+        if let Some(h) = raw.admin.token_sha256 {
+            tokens.push(AdminToken {
+                name: "admin".into(),
+                token_sha256: h.0,
+            });
+        }
+        for (i, t) in raw.admin.tokens.into_iter().enumerate() {
+            let key = |k: &str| format!("admin.tokens[{i}].{k}");
+            if t.name.trim().is_empty() {
+                return Err(ConfigError::new(key("name"), "must not be empty"));
+            }
+            if tokens.iter().any(|o| o.name == t.name) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("{:?} names two admin tokens", t.name),
+                ));
+            }
+            if tokens.iter().any(|o| o.token_sha256 == t.token_sha256.0) {
+                return Err(ConfigError::new(
+                    key("token_sha256"),
+                    "the same token hash is given twice",
+                ));
+            }
+            tokens.push(AdminToken {
+                name: t.name,
+                token_sha256: t.token_sha256.0,
+            });
+        }
         let admin = AdminConfig {
             listen: raw.admin.listen,
-            token_sha256: raw.admin.token_sha256.map(|h| h.0),
+            tokens,
+            expiry_warning: raw.admin.expiry_warning.0,
         };
 
         let address = env
@@ -794,6 +847,21 @@ mod tests {
         assert_eq!(c.cache.max_entries, 100_000);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
+        assert!(c.admin.tokens.is_empty());
+        assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));
+    }
+
+    #[test]
+    fn admin_tokens_are_named() {
+        let c = Config::parse(
+            &format!("[admin]\ntoken_sha256 = \"{HASH}\"\n[[admin.tokens]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n", "a".repeat(64)),
+            &with_token(),
+        )
+        .unwrap();
+        let names: Vec<_> = c.admin.tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, vec!["admin", "ops"]);
+        let e = err(&format!("[admin]\ntoken_sha256 = \"{HASH}\"\n[[admin.tokens]]\nname = \"x\"\ntoken_sha256 = \"{HASH}\"\n"));
+        assert_eq!(e.key, "admin.tokens[0].token_sha256");
     }
 
     #[test]

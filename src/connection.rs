@@ -309,6 +309,17 @@ pub enum ConnectionError {
         key_env: String,
         connection_env: String,
     },
+    #[error("base_url is a {url_env} URL, but the connection's environment is {connection_env}")]
+    BaseUrlEnvironment {
+        url_env: String,
+        connection_env: String,
+    },
+    #[error("field {field:?} looks like a {key_env} key, but base_url is a {url_env} URL")]
+    KeyUrlMismatch {
+        field: String,
+        key_env: String,
+        url_env: String,
+    },
     #[error("base_url: {0}")]
     BaseUrl(String),
     #[error("field {0:?} is used in the base URL and may only hold letters, digits, '.', '-', '_' and '~'")]
@@ -319,6 +330,65 @@ pub enum ConnectionError {
     ExpiresAt,
     #[error("the credential cannot be sent: {0}")]
     Credential(String),
+}
+
+impl ConnectionError {
+    /// The field the error is about, for answers that name it.
+    pub fn field(&self) -> &str {
+        match self {
+            ConnectionError::MissingConnector | ConnectionError::UnknownConnector(_) => "connector",
+            ConnectionError::UnknownField { field, .. }
+            | ConnectionError::EnvironmentMismatch { field, .. }
+            | ConnectionError::KeyUrlMismatch { field, .. } => field,
+            ConnectionError::MissingField(f)
+            | ConnectionError::ControlCharacters(f)
+            | ConnectionError::InnerWhitespace(f)
+            | ConnectionError::Pattern(f)
+            | ConnectionError::UnsafeUrlValue(f) => f,
+            ConnectionError::BaseUrlEnvironment { .. } | ConnectionError::BaseUrl(_) => "base_url",
+            ConnectionError::AllowedHosts(_) => "allowed_hosts",
+            ConnectionError::ExpiresAt => "expires_at",
+            ConnectionError::Credential(_) => "fields",
+        }
+    }
+}
+
+/// Checks the environment a connection claims against what its key and base URL look like:
+/// a sandbox key on a production connection, or a production key with a sandbox URL, is
+/// refused rather than left to fail with a confusing 401.
+pub fn check_environment(
+    connector: &Connector,
+    environment: Option<&str>,
+    key: Option<(&str, &str)>,
+    base_url: &str,
+) -> Result<(), ConnectionError> {
+    let key_env = key.and_then(|(field, value)| Some((field, connector.environment_of(value)?)));
+    let url_env = connector.environment_of_url(base_url);
+    if let Some(env) = environment.filter(|e| connector.knows_environment(e)) {
+        if let Some((field, key_env)) = key_env.filter(|(_, k)| *k != env) {
+            return Err(ConnectionError::EnvironmentMismatch {
+                field: field.to_string(),
+                key_env: key_env.to_string(),
+                connection_env: env.to_string(),
+            });
+        }
+        if let Some(url_env) = url_env.filter(|u| *u != env) {
+            return Err(ConnectionError::BaseUrlEnvironment {
+                url_env: url_env.to_string(),
+                connection_env: env.to_string(),
+            });
+        }
+    }
+    if let (Some((field, k)), Some(u)) = (key_env, url_env) {
+        if k != u {
+            return Err(ConnectionError::KeyUrlMismatch {
+                field: field.to_string(),
+                key_env: k.to_string(),
+                url_env: u.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Trims what a paste leaves around a value and refuses what must never reach a header.
@@ -412,20 +482,6 @@ impl Connection {
             .get("environment")
             .filter(|s| !s.is_empty())
             .cloned();
-        if let (Some(env), Some(primary)) = (&environment, connector.primary_secret()) {
-            if let Some(key) = secrets.get(&primary.name) {
-                let declared = connector.environments.iter().any(|(e, _)| e == env);
-                if let Some(key_env) = connector.environment_of(key.expose()) {
-                    if declared && key_env != env {
-                        return Err(ConnectionError::EnvironmentMismatch {
-                            field: primary.name.clone(),
-                            key_env: key_env.to_string(),
-                            connection_env: env.clone(),
-                        });
-                    }
-                }
-            }
-        }
 
         let base = match reserved.get("base_url").filter(|s| !s.is_empty()) {
             Some(url) => BaseUrl::parse(url).map_err(ConnectionError::BaseUrl)?,
@@ -452,6 +508,16 @@ impl Connection {
                 BaseUrl::parse(&url).map_err(ConnectionError::BaseUrl)?
             }
         };
+
+        let primary = connector
+            .primary_secret()
+            .and_then(|f| Some((f.name.as_str(), secrets.get(&f.name)?.expose())));
+        check_environment(
+            &connector,
+            environment.as_deref(),
+            primary,
+            &base.to_string(),
+        )?;
 
         let mut hosts = HostAllowList::new(&base.host);
         for h in &connector.allowed_hosts {
@@ -488,6 +554,156 @@ impl Connection {
             connector,
         })
     }
+}
+
+/// A connection as a person submits it (through the admin API), before any check.
+#[derive(Default)]
+pub struct Draft {
+    pub connector: String,
+    pub name: Option<String>,
+    pub environment: Option<String>,
+    pub base_url: Option<String>,
+    pub allowed_hosts: Vec<String>,
+    pub expires_at: Option<String>,
+    /// Connector fields, secret or not, as given.
+    pub fields: BTreeMap<String, Secret>,
+}
+
+/// A field that cannot be saved, and why. The message never quotes the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ConnectionError> for FieldError {
+    fn from(e: ConnectionError) -> Self {
+        FieldError::new(e.field().to_string(), e.to_string())
+    }
+}
+
+/// A draft that passed every check: what to store, what to tell the person, and the connection
+/// it makes.
+pub struct Prepared {
+    pub stored: BTreeMap<String, Secret>,
+    pub notices: Vec<String>,
+    pub connection: Connection,
+}
+
+impl Draft {
+    /// Checks a draft against its connector the way a save must: pasted whitespace is trimmed
+    /// (and reported), control characters and inner whitespace are refused, required fields and
+    /// every field's pattern are checked, and then everything a load checks.
+    pub fn prepare(self, id: &ConnectionId, catalog: &Catalog) -> Result<Prepared, FieldError> {
+        let connector = catalog.get(self.connector.trim()).cloned().ok_or_else(|| {
+            FieldError::new(
+                "connector",
+                format!(
+                    "{:?} is not in the catalog (GET /v1/connectors lists them)",
+                    self.connector
+                ),
+            )
+        })?;
+        let mut notices = Vec::new();
+        let mut stored = BTreeMap::new();
+        stored.insert("connector".to_string(), Secret::new(connector.id.as_str()));
+        let allowed_hosts = self.allowed_hosts.join(",");
+        for (name, value) in [
+            ("name", self.name.as_deref()),
+            ("environment", self.environment.as_deref()),
+            ("base_url", self.base_url.as_deref()),
+            (
+                "allowed_hosts",
+                Some(allowed_hosts.as_str()).filter(|s| !s.is_empty()),
+            ),
+            ("expires_at", self.expires_at.as_deref()),
+        ] {
+            if let Some(value) = value {
+                let (clean, trimmed) = clean_value(name, value, false)?;
+                if trimmed {
+                    notices.push(trim_notice(name, value));
+                }
+                if !clean.is_empty() {
+                    stored.insert(name.to_string(), Secret::new(clean));
+                }
+            }
+        }
+        for (name, value) in &self.fields {
+            if RESERVED_FIELDS.contains(&name.as_str()) {
+                return Err(FieldError::new(
+                    format!("fields.{name}"),
+                    format!("{name} is set at the top level of the request, not among the fields"),
+                ));
+            }
+            let Some(field) = connector.field(name) else {
+                return Err(ConnectionError::UnknownField {
+                    field: name.clone(),
+                    connector: connector.id.clone(),
+                    known: connector
+                        .fields
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+                .into());
+            };
+            let (clean, trimmed) = clean_value(name, value.expose(), field.secret)?;
+            if trimmed {
+                notices.push(trim_notice(name, value.expose()));
+            }
+            if clean.is_empty() {
+                continue;
+            }
+            if let Some(p) = &field.pattern {
+                if !p.is_match(clean) {
+                    return Err(FieldError::new(
+                        name.as_str(),
+                        format!(
+                            "does not look like a {} {} (expected the pattern {})",
+                            connector.name,
+                            field.label,
+                            p.as_str()
+                        ),
+                    ));
+                }
+            }
+            stored.insert(name.clone(), Secret::new(clean));
+        }
+        let connection = Connection::from_stored(
+            id.clone(),
+            StoredConnection {
+                fields: stored.clone(),
+                version: 0,
+                custom_metadata: BTreeMap::new(),
+            },
+            catalog,
+        )?;
+        Ok(Prepared {
+            stored,
+            notices,
+            connection,
+        })
+    }
+}
+
+fn trim_notice(field: &str, raw: &str) -> String {
+    let what = if raw.ends_with('\n') {
+        "a trailing newline"
+    } else {
+        "whitespace"
+    };
+    format!("{field}: removed {what} around the pasted value; it was saved without it")
 }
 
 fn render_credential(

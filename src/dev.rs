@@ -277,7 +277,7 @@ auth = {{ method = "token", token_file = "{token_file}" }}
     .map(|(k, v)| (k.to_string(), crate::secret::Secret::from(v)))
     .collect();
     let id = crate::connection::ConnectionId::parse("demo")?;
-    vault.write(&id, &fields).await?;
+    vault.write(&id, &fields, None).await?;
 
     let server = crate::Server::bind(config).await?;
     let proxy = server

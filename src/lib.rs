@@ -20,8 +20,12 @@
 //! - [`inject`]: the pure request rewrite: strip, then inject.
 //! - [`destination`]: host allow-lists and the check on the dialled address.
 //! - [`proxy`]: the request path as named phases, the upstream client, errors as responses.
-//! - [`admin`]: health, readiness, metrics and the admin API.
+//! - [`lifecycle`]: create, read masked, change, rotate, verify and delete connections, and
+//!   what the request path learns about them (upstream 401s and 403s).
+//! - [`verify`]: the verification call and what its answer means.
+//! - [`admin`]: health, readiness, metrics and the admin API over [`lifecycle`].
 //! - [`telemetry`]: logging, the access log, metric names.
+//! - [`cli`]: `latchkey connections ...`, the lifecycle over the admin API.
 //! - [`dev`]: the demo: a local OpenBao, an echo upstream, and latchkey between them.
 //!
 //! [`Server::bind`] then [`Server::run`] is what `main` and the tests call.
@@ -30,15 +34,18 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod destination;
 pub mod dev;
 pub mod inject;
+pub mod lifecycle;
 pub mod proxy;
 pub mod secret;
 pub mod telemetry;
 pub mod vault;
+pub mod verify;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -58,6 +65,7 @@ use crate::auth::Clients;
 use crate::cache::{Cache, VaultSource};
 use crate::config::Config;
 use crate::destination::AddressPolicy;
+use crate::lifecycle::Lifecycle;
 use crate::proxy::upstream::{self, Dialer};
 use crate::proxy::Proxy;
 use crate::vault::Vault;
@@ -112,16 +120,26 @@ impl Server {
             Arc::new(tls),
             config.proxy.connect_timeout,
         );
+        let upstream = upstream::client(dialer);
+        let lifecycle = Arc::new(Lifecycle::new(
+            vault.clone(),
+            catalog.clone(),
+            cache.clone(),
+            upstream.clone(),
+            config.proxy.request_timeout,
+            config.admin.expiry_warning,
+        ));
         let proxy = Arc::new(Proxy::new(
             cache.clone(),
+            lifecycle.clone(),
             Clients::new(config.clients.clone()),
-            upstream::client(dialer),
+            upstream,
             config.proxy.request_timeout,
         ));
         let admin = Arc::new(Admin::new(
             vault.clone(),
-            catalog,
-            config.admin.token_sha256,
+            lifecycle,
+            config.admin.tokens.clone(),
         ));
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());

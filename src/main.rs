@@ -48,6 +48,8 @@ enum Command {
     },
     /// Print the SHA-256 of a token read from standard input, for `token_sha256` keys.
     HashToken,
+    /// Manage connections through the admin API (add, list, show, rotate, verify, delete).
+    Connections(latchkey::cli::ConnectionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +93,25 @@ fn main() -> ExitCode {
                     .await
                     .map_err(anyhow::Error::from)
             })
+        }
+        Command::Connections(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "latchkey: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(latchkey::cli::run(args)) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Dev { bao, listen, admin } => {
             latchkey::telemetry::init_logging();

@@ -55,6 +55,13 @@ impl fmt::Display for Secret {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Secret {
+    /// Takes the string serde parsed, without copying it.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::from)
+    }
+}
+
 /// The owner behind [`Secret::into_shared_bytes`].
 struct ZeroizingBytes(Zeroizing<Vec<u8>>);
 

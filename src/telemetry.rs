@@ -22,6 +22,8 @@ pub mod names {
     pub const VAULT_DURATION: &str = "latchkey_vault_request_duration_seconds";
     pub const UPSTREAM_ERRORS: &str = "latchkey_upstream_errors_total";
     pub const UPSTREAM_UNAUTHORIZED: &str = "latchkey_upstream_unauthorized_total";
+    pub const UPSTREAM_FORBIDDEN: &str = "latchkey_upstream_forbidden_total";
+    pub const CONNECTION_EXPIRY: &str = "latchkey_connection_expiry_seconds";
 }
 
 /// Sets up logging: JSON lines on standard error, filtered by `RUST_LOG` (default `info`).
@@ -101,6 +103,15 @@ pub fn cache_entries(n: usize) {
 pub fn vault_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
     counter!(names::VAULT_REQUESTS, "op" => op, "outcome" => outcome).increment(1);
     histogram!(names::VAULT_DURATION, "op" => op).record(elapsed.as_secs_f64());
+}
+
+pub fn upstream_forbidden(connection: &str) {
+    counter!(names::UPSTREAM_FORBIDDEN, "connection" => connection.to_string()).increment(1);
+}
+
+/// Seconds until a connection's key expires (negative once it has).
+pub fn connection_expiry(connection: &str, seconds: f64) {
+    gauge!(names::CONNECTION_EXPIRY, "connection" => connection.to_string()).set(seconds);
 }
 
 pub fn upstream_unauthorized(connection: &str) {

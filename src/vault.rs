@@ -38,6 +38,8 @@ pub enum VaultError {
     TokenFile(String),
     #[error("cannot set up the Vault client: {0}")]
     Setup(String),
+    #[error("the connection changed in Vault meanwhile (check-and-set failed)")]
+    CasMismatch,
 }
 
 /// The shared Vault client.
@@ -120,7 +122,7 @@ impl Vault {
                 Err(CallError::Client(e)) => {
                     let err = self.classify(e);
                     match &err {
-                        VaultError::Status(404) => {
+                        VaultError::Status(404 | 400) => {
                             self.healthy.store(true, Ordering::Relaxed);
                             return Err(err);
                         }
@@ -254,11 +256,14 @@ impl Vault {
         }))
     }
 
-    /// Writes a new version of a connection; returns the version number.
+    /// Writes a new version of a connection; returns the version number. With `cas`, the write
+    /// only happens if the current version is that one (0: only if there is none), and
+    /// [`VaultError::CasMismatch`] says it was not.
     pub async fn write(
         &self,
         id: &ConnectionId,
         fields: &BTreeMap<String, Secret>,
+        cas: Option<u64>,
     ) -> Result<u64, VaultError> {
         let path = self.path(id);
         let data: serde_json::Map<String, serde_json::Value> = fields
@@ -266,13 +271,37 @@ impl Vault {
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
             .collect();
         let data = serde_json::Value::Object(data);
+        let cas = match cas.map(u32::try_from) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(_)) => return Err(VaultError::Malformed("version out of range")),
+            None => None,
+        };
         let meta = self
             .call("write", |client| {
                 let (path, data) = (path.clone(), &data);
-                async move { vaultrs::kv2::set(&*client, &self.config.mount, &path, data).await }
+                async move {
+                    match cas {
+                        Some(cas) => {
+                            vaultrs::kv2::set_with_options(
+                                &*client,
+                                &self.config.mount,
+                                &path,
+                                data,
+                                vaultrs::api::kv2::requests::SetSecretRequestOptions { cas },
+                            )
+                            .await
+                        }
+                        None => vaultrs::kv2::set(&*client, &self.config.mount, &path, data).await,
+                    }
+                }
             })
-            .await?;
-        Ok(meta.version)
+            .await;
+        match meta {
+            Ok(meta) => Ok(meta.version),
+            // Vault answers a failed check-and-set with 400.
+            Err(VaultError::Status(400)) if cas.is_some() => Err(VaultError::CasMismatch),
+            Err(e) => Err(e),
+        }
     }
 
     /// Replaces the connection's KV `custom_metadata` (which never creates a version).

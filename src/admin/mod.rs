@@ -1,5 +1,11 @@
 //! The admin listener: health, readiness, Prometheus metrics, and the `/v1/` API behind the
-//! admin token.
+//! admin tokens.
+//!
+//! `connections` holds the connection API; this module routes, authenticates and answers the
+//! rest. Admin errors use the same JSON shape as the proxy's (`{"error":{"code","message"}}`),
+//! with a `field` where one field is at fault.
+
+mod connections;
 
 use std::sync::Arc;
 
@@ -8,9 +14,12 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
-use crate::auth;
-use crate::catalog::{Catalog, Connector, Inject};
+use crate::catalog::{Connector, Inject};
+use crate::config::AdminToken;
+use crate::lifecycle::Lifecycle;
 use crate::proxy::error::error_response;
 use crate::proxy::ProxyBody;
 use crate::vault::Vault;
@@ -18,16 +27,16 @@ use crate::vault::Vault;
 /// The admin listener's service.
 pub struct Admin {
     vault: Arc<Vault>,
-    catalog: Arc<Catalog>,
-    token_sha256: Option<[u8; 32]>,
+    lifecycle: Arc<Lifecycle>,
+    tokens: Vec<AdminToken>,
 }
 
 impl Admin {
-    pub fn new(vault: Arc<Vault>, catalog: Arc<Catalog>, token_sha256: Option<[u8; 32]>) -> Admin {
+    pub fn new(vault: Arc<Vault>, lifecycle: Arc<Lifecycle>, tokens: Vec<AdminToken>) -> Admin {
         Admin {
             vault,
-            catalog,
-            token_sha256,
+            lifecycle,
+            tokens,
         }
     }
 
@@ -46,7 +55,7 @@ impl Admin {
                 r
             }
             (_, p) if p.starts_with("/v1/") || p == "/v1" => {
-                if !self.admin_authorized(&req) {
+                let Some(admin) = self.authenticate(&req) else {
                     let mut r = error_response(
                         StatusCode::UNAUTHORIZED,
                         "unauthorized",
@@ -57,29 +66,34 @@ impl Admin {
                         HeaderValue::from_static("Bearer realm=\"latchkey-admin\""),
                     );
                     return r;
-                }
-                self.api(req).await
+                };
+                let admin = admin.to_string();
+                self.api(&admin, req).await
             }
             _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
         }
     }
 
-    fn admin_authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(hash) = &self.token_sha256 else {
-            return false;
-        };
-        let Some(token) = req
+    /// The name of the admin token the request carries. Every configured hash is compared, in
+    /// constant time.
+    fn authenticate(&self, req: &Request<Incoming>) -> Option<&str> {
+        let value = req
             .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-        else {
-            return false;
-        };
-        auth::token_matches(&crate::secret::Secret::new(token.trim()), hash)
+            .get(http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let (scheme, token) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let digest = Sha256::digest(token.trim().as_bytes());
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(digest.as_slice().ct_eq(&t.token_sha256)) {
+                found = Some(t.name.as_str());
+            }
+        }
+        found
     }
 
     async fn ready(&self) -> Response<ProxyBody> {
@@ -92,15 +106,33 @@ impl Admin {
         }
     }
 
-    async fn api(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/v1/connectors") => {
-                let list: Vec<Value> = self.catalog.iter().map(|c| connector_json(c)).collect();
-                json_response(StatusCode::OK, &json!({ "connectors": list }))
+    async fn api(&self, admin: &str, req: Request<Incoming>) -> Response<ProxyBody> {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        if path == "/v1/connectors" {
+            if req.method() != Method::GET {
+                return method_not_allowed();
             }
-            _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+            let list: Vec<Value> = self
+                .lifecycle
+                .catalog()
+                .iter()
+                .map(|c| connector_json(c))
+                .collect();
+            return json_response(StatusCode::OK, &json!({ "connectors": list }));
         }
+        if let Some(rest) = path.strip_prefix("/v1/connections") {
+            return connections::handle(&self.lifecycle, admin, req, rest).await;
+        }
+        error_response(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
     }
+}
+
+fn method_not_allowed() -> Response<ProxyBody> {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
 }
 
 /// A connector as the API shows it: everything but nothing secret (the catalog holds none).
@@ -132,11 +164,11 @@ pub fn connector_json(c: &Connector) -> Value {
             })
         })
         .collect();
-    let environments: serde_json::Map<String, Value> = c
-        .environments
-        .iter()
-        .map(|(e, re)| (e.clone(), Value::String(re.as_str().to_string())))
-        .collect();
+    let patterns = |list: &[(String, regex::Regex)]| -> serde_json::Map<String, Value> {
+        list.iter()
+            .map(|(e, re)| (e.clone(), Value::String(re.as_str().to_string())))
+            .collect()
+    };
     json!({
         "id": c.id,
         "name": c.name,
@@ -144,7 +176,8 @@ pub fn connector_json(c: &Connector) -> Value {
         "allowed_hosts": c.allowed_hosts,
         "inject": inject,
         "verify": c.verify.as_ref().map(|v| json!({"method": v.method.as_str(), "path": v.path.as_str()})),
-        "environments": environments,
+        "environments": patterns(&c.environments),
+        "environment_urls": patterns(&c.environment_urls),
         "fields": fields,
         "scopes": c.scopes,
         "docs_url": c.docs_url,

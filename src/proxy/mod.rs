@@ -31,6 +31,7 @@ use crate::config::ClientConfig;
 use crate::connection::{self, Connection, ConnectionId, Scheme};
 use crate::destination::normalize_host;
 use crate::inject::{self, Target};
+use crate::lifecycle::Lifecycle;
 use crate::secret::Secret;
 use crate::telemetry::{self, AccessLog};
 
@@ -44,6 +45,7 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The proxy listener's service.
 pub struct Proxy {
     cache: Cache,
+    lifecycle: Arc<Lifecycle>,
     clients: Clients,
     upstream: UpstreamClient,
     request_timeout: Duration,
@@ -85,12 +87,14 @@ struct Requested<'u> {
 impl Proxy {
     pub fn new(
         cache: Cache,
+        lifecycle: Arc<Lifecycle>,
         clients: Clients,
         upstream: UpstreamClient,
         request_timeout: Duration,
     ) -> Proxy {
         Proxy {
             cache,
+            lifecycle,
             clients,
             upstream,
             request_timeout,
@@ -153,28 +157,39 @@ impl Proxy {
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
 
-        let (target, host) = Self::upstream_peer(&route, &conn)?;
+        let ((scheme, authority, path_prefix), host) = Self::upstream_peer(&route, &conn)?;
         log.host = Some(host);
 
         let target = Target {
-            scheme: target.0,
-            authority: &target.1,
-            path_prefix: target.2,
+            scheme,
+            authority: &authority,
+            path_prefix,
         };
         let log_path = inject::rewrite(&mut parts, route.path_and_query, target, &conn)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        log.path = Some(log_path);
+        let method = parts.method.clone();
 
         let body = Counted::new(body, bytes_in.clone())
             .map_err(BoxError::from)
             .boxed_unsync();
         let response = self.forward(Request::from_parts(parts, body), log).await?;
-        if response.status() == http::StatusCode::UNAUTHORIZED {
-            telemetry::upstream_unauthorized(route.id.as_str());
-            if self.cache.reread_after_unauthorized(&route.id) {
-                tracing::info!(connection = %route.id, "upstream answered 401; re-reading the connection");
+        let what = || format!("{method} {authority}{log_path}");
+        match response.status() {
+            http::StatusCode::UNAUTHORIZED => {
+                telemetry::upstream_unauthorized(route.id.as_str());
+                if let Some(reread) = self.cache.reread_after_unauthorized(&route.id) {
+                    tracing::info!(connection = %route.id, "upstream answered 401; re-reading the connection");
+                    self.lifecycle
+                        .upstream_unauthorized(conn.clone(), reread, what());
+                }
             }
+            http::StatusCode::FORBIDDEN => {
+                telemetry::upstream_forbidden(route.id.as_str());
+                self.lifecycle.upstream_forbidden(conn.clone(), what());
+            }
+            _ => {}
         }
+        log.path = Some(log_path);
         Ok(response)
     }
 

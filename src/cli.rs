@@ -1,0 +1,434 @@
+//! `latchkey connections ...`: the connection lifecycle from a terminal, over the admin API.
+//!
+//! Secret values are read from standard input or a hidden prompt, never from the command line,
+//! where they would land in shell history and in every `ps` listing. The admin token comes from
+//! `LATCHKEY_API_TOKEN` or `--token-file`, for the same reason.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::secret::Secret;
+
+#[derive(Args)]
+pub struct ConnectionsArgs {
+    /// The admin listener's URL.
+    #[arg(
+        long,
+        env = "LATCHKEY_API_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub url: String,
+    /// A file holding the admin token (otherwise LATCHKEY_API_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: ConnectionsCommand,
+}
+
+#[derive(Subcommand)]
+pub enum ConnectionsCommand {
+    /// Add a connection. Secret fields are read from standard input or a hidden prompt.
+    Add {
+        id: String,
+        #[arg(long)]
+        connector: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        environment: Option<String>,
+        #[arg(long)]
+        base_url: Option<String>,
+        /// An extra host the credential may reach (repeatable).
+        #[arg(long = "allowed-host")]
+        allowed_hosts: Vec<String>,
+        /// When the key dies (RFC 3339).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// A non-secret field, `name=value` (repeatable).
+        #[arg(long = "field", value_parser = parse_pair)]
+        fields: Vec<(String, String)>,
+        /// Save without the verification call (the connection is `unverified`).
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// List connections.
+    List,
+    /// Show one connection (secret fields show only that they are set).
+    Show { id: String },
+    /// Rotate a connection's key in place; the new key is verified first.
+    Rotate {
+        id: String,
+        /// The secret field to replace (default: every secret field of the connector).
+        #[arg(long = "field")]
+        fields: Vec<String>,
+    },
+    /// Run the verification call again and record the result.
+    Verify { id: String },
+    /// Delete a connection and all its versions.
+    Delete { id: String },
+    /// List the connectors of the catalog.
+    Connectors,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not name=value"))
+}
+
+struct Api {
+    url: String,
+    token: Secret,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url.trim_end_matches('/')))
+            .bearer_auth(self.token.expose());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", self.url))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, value))
+    }
+}
+
+/// Runs one `connections` command; returns the process exit code.
+pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
+    let token = match &args.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Secret::new(text.trim())
+        }
+        None => Secret::from(std::env::var("LATCHKEY_API_TOKEN").map_err(|_| {
+            anyhow!("the admin token is needed: set LATCHKEY_API_TOKEN or pass --token-file")
+        })?),
+    };
+    let api = Api {
+        url: args.url.clone(),
+        token,
+        http: reqwest::Client::builder().no_proxy().build()?,
+    };
+    let json_out = args.json;
+    let (status, value) = match args.command {
+        ConnectionsCommand::Add {
+            id,
+            connector,
+            name,
+            environment,
+            base_url,
+            allowed_hosts,
+            expires_at,
+            fields,
+            no_verify,
+        } => {
+            let catalog = connector_of(&api, &connector).await?;
+            let secret_names: Vec<String> = secret_fields(&catalog);
+            let mut all: BTreeMap<String, Value> = BTreeMap::new();
+            for (k, v) in fields {
+                if secret_names.contains(&k) {
+                    bail!("{k} is secret: it is read from standard input or a prompt, never from the command line");
+                }
+                all.insert(k, Value::String(v));
+            }
+            let secrets = read_secrets(&secret_names, &catalog)?;
+            for (k, v) in &secrets {
+                all.insert(k.clone(), Value::String(v.expose().to_string()));
+            }
+            let body = json!({
+                "id": id, "connector": connector, "name": name, "environment": environment,
+                "base_url": base_url, "allowed_hosts": allowed_hosts, "expires_at": expires_at,
+                "fields": all, "verify": !no_verify,
+            });
+            let r = api
+                .call(reqwest::Method::POST, "/v1/connections", Some(&body))
+                .await;
+            drop(body);
+            r?
+        }
+        ConnectionsCommand::List => {
+            api.call(reqwest::Method::GET, "/v1/connections", None)
+                .await?
+        }
+        ConnectionsCommand::Show { id } => {
+            api.call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
+                .await?
+        }
+        ConnectionsCommand::Rotate { id, fields } => {
+            let (status, current) = api
+                .call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
+                .await?;
+            if status != 200 {
+                (status, current)
+            } else {
+                let connector = current["connection"]["connector"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let catalog = connector_of(&api, &connector).await?;
+                let mut names = secret_fields(&catalog);
+                if !fields.is_empty() {
+                    if let Some(bad) = fields.iter().find(|f| !names.contains(f)) {
+                        bail!(
+                            "{bad} is not a secret field of {connector} (its secret fields: {})",
+                            names.join(", ")
+                        );
+                    }
+                    names = fields;
+                }
+                let secrets = read_secrets(&names, &catalog)?;
+                let map: serde_json::Map<String, Value> = secrets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.expose().to_string())))
+                    .collect();
+                let body = json!({ "fields": map });
+                let r = api
+                    .call(
+                        reqwest::Method::PUT,
+                        &format!("/v1/connections/{id}/secret"),
+                        Some(&body),
+                    )
+                    .await;
+                drop(body);
+                r?
+            }
+        }
+        ConnectionsCommand::Verify { id } => {
+            api.call(
+                reqwest::Method::POST,
+                &format!("/v1/connections/{id}/verify"),
+                None,
+            )
+            .await?
+        }
+        ConnectionsCommand::Delete { id } => {
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/v1/connections/{id}"),
+                None,
+            )
+            .await?
+        }
+        ConnectionsCommand::Connectors => {
+            api.call(reqwest::Method::GET, "/v1/connectors", None)
+                .await?
+        }
+    };
+
+    let mut out = std::io::stdout().lock();
+    if json_out {
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        print_human(&mut out, status, &value)?;
+    }
+    Ok(if (200..300).contains(&status) { 0 } else { 1 })
+}
+
+async fn connector_of(api: &Api, id: &str) -> anyhow::Result<Value> {
+    let (status, v) = api
+        .call(reqwest::Method::GET, "/v1/connectors", None)
+        .await?;
+    if status != 200 {
+        bail!(
+            "the admin API answered {status}: {}",
+            v["error"]["message"].as_str().unwrap_or("")
+        );
+    }
+    v["connectors"]
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["id"] == id).cloned())
+        .ok_or_else(|| {
+            anyhow!(
+                "no connector {id:?} in the catalog (latchkey connections connectors lists them)"
+            )
+        })
+}
+
+fn secret_fields(connector: &Value) -> Vec<String> {
+    connector["fields"]
+        .as_array()
+        .map(|fs| {
+            fs.iter()
+                .filter(|f| f["secret"] == true)
+                .filter_map(|f| f["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Secret values: a hidden prompt per field on a terminal; otherwise standard input, taken
+/// whole for a single field or as `name=value` lines for several.
+fn read_secrets(names: &[String], connector: &Value) -> anyhow::Result<Vec<(String, Secret)>> {
+    let label = |name: &str| {
+        connector["fields"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["name"] == name))
+            .and_then(|f| f["label"].as_str())
+            .unwrap_or(name)
+            .to_string()
+    };
+    if std::io::stdin().is_terminal() {
+        let mut out = Vec::new();
+        for name in names {
+            let value = rpassword::prompt_password(format!("{} ({name}): ", label(name)))
+                .context("reading the secret from the terminal")?;
+            out.push((name.clone(), Secret::from(value)));
+        }
+        return Ok(out);
+    }
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input)?;
+    let input = Secret::from(input);
+    if names.len() == 1 {
+        // Sent as it came: the API trims what a paste leaves around it and says so.
+        return Ok(vec![(names[0].clone(), input)]);
+    }
+    let mut out = Vec::new();
+    for line in input.expose().lines().filter(|l| !l.trim().is_empty()) {
+        let (k, v) = line.split_once('=').ok_or_else(|| {
+            anyhow!(
+                "standard input must hold name=value lines for {}",
+                names.join(", ")
+            )
+        })?;
+        if !names.iter().any(|n| n == k.trim()) {
+            bail!(
+                "{} is not one of the secret fields {}",
+                k.trim(),
+                names.join(", ")
+            );
+        }
+        out.push((k.trim().to_string(), Secret::new(v)));
+    }
+    Ok(out)
+}
+
+fn print_human(out: &mut impl Write, status: u16, v: &Value) -> std::io::Result<()> {
+    if let Some(err) = v.get("error") {
+        writeln!(
+            out,
+            "error ({status}): {}",
+            err["message"].as_str().unwrap_or("")
+        )?;
+        if let Some(f) = err["field"].as_str() {
+            writeln!(out, "  field: {f}")?;
+        }
+        if let Some(ver) = err.get("verification") {
+            print_verification(out, ver)?;
+        }
+        return Ok(());
+    }
+    if status == 204 {
+        return writeln!(out, "deleted");
+    }
+    if let Some(list) = v["connections"].as_array() {
+        writeln!(
+            out,
+            "{:<32} {:<16} {:<12} {:<10} NAME",
+            "ID", "CONNECTOR", "ENVIRONMENT", "STATUS"
+        )?;
+        for c in list {
+            writeln!(
+                out,
+                "{:<32} {:<16} {:<12} {:<10} {}",
+                c["id"].as_str().unwrap_or(""),
+                c["connector"].as_str().unwrap_or(""),
+                c["environment"].as_str().unwrap_or("-"),
+                c["status"].as_str().unwrap_or(""),
+                c["name"].as_str().unwrap_or("")
+            )?;
+        }
+        return Ok(());
+    }
+    if let Some(list) = v["connectors"].as_array() {
+        for c in list {
+            writeln!(
+                out,
+                "{:<20} {}",
+                c["id"].as_str().unwrap_or(""),
+                c["name"].as_str().unwrap_or("")
+            )?;
+        }
+        return Ok(());
+    }
+    if let Some(c) = v.get("connection") {
+        for key in [
+            "id",
+            "connector",
+            "name",
+            "environment",
+            "base_url",
+            "status",
+            "version",
+            "verified_at",
+            "last_error",
+            "expires_at",
+        ] {
+            match &c[key] {
+                Value::Null => {}
+                Value::String(s) => writeln!(out, "{key:<12} {s}")?,
+                other => writeln!(out, "{key:<12} {other}")?,
+            }
+        }
+        if let Some(fields) = c["fields"].as_object() {
+            for (k, f) in fields {
+                let shown = if f.get("set").is_some() {
+                    "(set)".to_string()
+                } else {
+                    f.as_str().unwrap_or("").to_string()
+                };
+                writeln!(out, "field        {k} = {shown}")?;
+            }
+        }
+        for w in c["warnings"].as_array().into_iter().flatten() {
+            writeln!(out, "warning      {}", w.as_str().unwrap_or(""))?;
+        }
+    }
+    for n in v["notices"].as_array().into_iter().flatten() {
+        writeln!(out, "notice       {}", n.as_str().unwrap_or(""))?;
+    }
+    if let Some(ver) = v.get("verification").filter(|x| !x.is_null()) {
+        print_verification(out, ver)?;
+    }
+    Ok(())
+}
+
+fn print_verification(out: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "verification {}: {}",
+        v["outcome"].as_str().unwrap_or(""),
+        v["message"].as_str().unwrap_or("")
+    )?;
+    if let Some(h) = v["hint"].as_str() {
+        writeln!(out, "hint         {h}")?;
+    }
+    Ok(())
+}

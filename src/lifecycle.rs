@@ -1,0 +1,710 @@
+//! The connection lifecycle: create, read (secrets masked), change, rotate, verify and delete,
+//! and what the request path learns about a connection (upstream 401s and 403s).
+//!
+//! Every save goes through [`Draft::prepare`] (trim, refuse, check patterns and environments)
+//! and, for a new key, through the verification call before anything is written. Writes use
+//! KV v2 check-and-set, so a create never overwrites and a rotation never loses a concurrent
+//! change. What latchkey learns (`status`, `verified_at`, `last_error`, `scope_warning`) goes
+//! into the secret's `custom_metadata`, which never creates a version. Each admin action writes
+//! one audit line: who, what, which connection, which version; never a value.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::cache::{Cache, Load};
+use crate::catalog::{Catalog, RESERVED_FIELDS};
+use crate::connection::{Connection, ConnectionId, Draft, FieldError, StoredConnection};
+use crate::proxy::upstream::UpstreamClient;
+use crate::secret::Secret;
+use crate::telemetry;
+use crate::vault::{Vault, VaultError};
+use crate::verify::{self, Verification};
+
+/// How often the request path may record an upstream 403 on one connection.
+const FORBIDDEN_NOTE_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("{0}")]
+    BadId(String),
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("connection {0:?} does not exist")]
+    NotFound(String),
+    #[error("connection {0:?} already exists; rotate its key with PUT /v1/connections/{0}/secret")]
+    Exists(String),
+    #[error("connection {0:?} changed meanwhile; read it again and retry")]
+    Conflict(String),
+    #[error("verification failed: {}", .0.message)]
+    VerificationFailed(Box<Verification>, String),
+    #[error("the secret store failed: {0}")]
+    Vault(VaultError),
+}
+
+impl From<FieldError> for LifecycleError {
+    fn from(e: FieldError) -> Self {
+        LifecycleError::Invalid(e)
+    }
+}
+
+impl From<VaultError> for LifecycleError {
+    fn from(e: VaultError) -> Self {
+        LifecycleError::Vault(e)
+    }
+}
+
+/// `POST /v1/connections`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub id: String,
+    pub connector: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub fields: BTreeMap<String, Secret>,
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+/// `PATCH /v1/connections/{id}`: absent keys stay as they are, `null` removes.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub environment: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub base_url: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub allowed_hosts: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<String>>,
+    /// Non-secret connector fields.
+    #[serde(default)]
+    pub fields: BTreeMap<String, Option<Secret>>,
+    #[serde(default)]
+    pub verify: bool,
+}
+
+/// `PUT /v1/connections/{id}/secret`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    pub fields: BTreeMap<String, Secret>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The answer to a save.
+pub struct Saved {
+    pub connection: Value,
+    pub notices: Vec<String>,
+    pub verification: Option<Verification>,
+}
+
+pub struct Lifecycle {
+    vault: Arc<Vault>,
+    catalog: Arc<Catalog>,
+    cache: Cache,
+    upstream: UpstreamClient,
+    verify_timeout: Duration,
+    expiry_warning: Duration,
+    forbidden_noted: DashMap<ConnectionId, Instant>,
+}
+
+impl Lifecycle {
+    pub fn new(
+        vault: Arc<Vault>,
+        catalog: Arc<Catalog>,
+        cache: Cache,
+        upstream: UpstreamClient,
+        verify_timeout: Duration,
+        expiry_warning: Duration,
+    ) -> Lifecycle {
+        Lifecycle {
+            vault,
+            catalog,
+            cache,
+            upstream,
+            verify_timeout,
+            expiry_warning,
+            forbidden_noted: DashMap::new(),
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn id(s: &str) -> Result<ConnectionId, LifecycleError> {
+        ConnectionId::parse(s).map_err(|e| LifecycleError::BadId(e.to_string()))
+    }
+
+    async fn stored(&self, id: &ConnectionId) -> Result<StoredConnection, LifecycleError> {
+        self.vault
+            .read(id)
+            .await?
+            .ok_or_else(|| LifecycleError::NotFound(id.to_string()))
+    }
+
+    /// Creates a connection: checked, verified (unless asked not to), then written only if no
+    /// connection of that ID exists.
+    pub async fn create(&self, admin: &str, req: CreateRequest) -> Result<Saved, LifecycleError> {
+        let id = Self::id(&req.id)?;
+        if self.vault.read(&id).await?.is_some() {
+            audit(admin, "create", &id, None, "exists");
+            return Err(LifecycleError::Exists(id.to_string()));
+        }
+        let draft = Draft {
+            connector: req.connector,
+            name: req.name,
+            environment: req.environment,
+            base_url: req.base_url,
+            allowed_hosts: req.allowed_hosts,
+            expires_at: req.expires_at,
+            fields: req.fields,
+        };
+        let prepared = draft.prepare(&id, &self.catalog).inspect_err(|_| {
+            audit(admin, "create", &id, None, "invalid");
+        })?;
+        let verification = if req.verify {
+            let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
+            if !v.passed() {
+                audit(admin, "create", &id, None, "verification_failed");
+                let field = primary_field(&prepared.connection);
+                return Err(LifecycleError::VerificationFailed(Box::new(v), field));
+            }
+            Some(v)
+        } else {
+            None
+        };
+        let version = match self.vault.write(&id, &prepared.stored, Some(0)).await {
+            Ok(v) => v,
+            Err(VaultError::CasMismatch) => {
+                audit(admin, "create", &id, None, "exists");
+                return Err(LifecycleError::Exists(id.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut metadata = BTreeMap::new();
+        record_verification(&mut metadata, verification.as_ref());
+        let mut notices = prepared.notices;
+        if let Err(e) = self.vault.set_custom_metadata(&id, &metadata).await {
+            notices.push(format!(
+                "the connection was saved, but its status could not be recorded: {e}"
+            ));
+        }
+        let mut conn = prepared.connection;
+        conn.version = version;
+        conn.custom_metadata = metadata;
+        let view = self.view_of(&conn, None);
+        self.cache.insert(conn);
+        audit(admin, "create", &id, Some(version), "ok");
+        Ok(Saved {
+            connection: view,
+            notices,
+            verification,
+        })
+    }
+
+    /// One connection, secrets masked.
+    pub async fn get(&self, id: &str) -> Result<Value, LifecycleError> {
+        let id = Self::id(id)?;
+        let stored = self.stored(&id).await?;
+        Ok(self.view(&id, stored))
+    }
+
+    /// Every connection under the prefix, secrets masked.
+    pub async fn list(&self) -> Result<Vec<Value>, LifecycleError> {
+        let ids = self.vault.list().await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(8) {
+            let reads = chunk
+                .iter()
+                .map(|id| async move { (id, self.vault.read(id).await) });
+            for (id, read) in futures_util::future::join_all(reads).await {
+                if let Some(stored) = read? {
+                    out.push(self.view(id, stored));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes non-secret fields (a new version); verifies first when asked.
+    pub async fn patch(
+        &self,
+        admin: &str,
+        id: &str,
+        req: PatchRequest,
+    ) -> Result<Saved, LifecycleError> {
+        let id = Self::id(id)?;
+        let stored = self.stored(&id).await?;
+        let mut draft = draft_of(&stored);
+        let connector = self.catalog.get(&draft.connector).cloned();
+        if let Some(v) = req.name {
+            draft.name = v;
+        }
+        if let Some(v) = req.environment {
+            draft.environment = v;
+        }
+        if let Some(v) = req.base_url {
+            draft.base_url = v;
+        }
+        if let Some(v) = req.allowed_hosts {
+            draft.allowed_hosts = v.unwrap_or_default();
+        }
+        if let Some(v) = req.expires_at {
+            draft.expires_at = v;
+        }
+        for (name, value) in req.fields {
+            let secret = connector
+                .as_ref()
+                .and_then(|c| c.field(&name))
+                .is_some_and(|f| f.secret);
+            if secret {
+                audit(admin, "patch", &id, None, "invalid");
+                return Err(FieldError::new(
+                    name,
+                    format!("is secret; rotate it with PUT /v1/connections/{id}/secret"),
+                )
+                .into());
+            }
+            match value {
+                Some(v) => draft.fields.insert(name, v),
+                None => draft.fields.remove(&name),
+            };
+        }
+        let prepared = draft.prepare(&id, &self.catalog).inspect_err(|_| {
+            audit(admin, "patch", &id, None, "invalid");
+        })?;
+        let mut metadata = stored.custom_metadata.clone();
+        let verification = if req.verify {
+            let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
+            if !v.passed() {
+                audit(admin, "patch", &id, None, "verification_failed");
+                let field = primary_field(&prepared.connection);
+                return Err(LifecycleError::VerificationFailed(Box::new(v), field));
+            }
+            record_verification(&mut metadata, Some(&v));
+            Some(v)
+        } else {
+            None
+        };
+        let version = self
+            .write_over(&id, &prepared.stored, stored.version)
+            .await?;
+        if req.verify {
+            self.vault.set_custom_metadata(&id, &metadata).await?;
+        }
+        let mut conn = prepared.connection;
+        conn.version = version;
+        conn.custom_metadata = metadata;
+        let view = self.view_of(&conn, None);
+        self.cache.insert(conn);
+        audit(admin, "patch", &id, Some(version), "ok");
+        Ok(Saved {
+            connection: view,
+            notices: prepared.notices,
+            verification,
+        })
+    }
+
+    /// Rotates secret fields in place: the new key is verified first, and a key that fails
+    /// leaves the old one in force. The next request on this instance uses the new key.
+    pub async fn rotate(
+        &self,
+        admin: &str,
+        id: &str,
+        req: RotateRequest,
+    ) -> Result<Saved, LifecycleError> {
+        let id = Self::id(id)?;
+        let stored = self.stored(&id).await?;
+        let mut draft = draft_of(&stored);
+        let connector = self.catalog.get(&draft.connector).cloned();
+        if req.fields.is_empty() {
+            return Err(FieldError::new(
+                "fields",
+                "give the new value of at least one secret field",
+            )
+            .into());
+        }
+        for (name, value) in req.fields {
+            let secret = connector
+                .as_ref()
+                .and_then(|c| c.field(&name))
+                .is_some_and(|f| f.secret);
+            if !secret {
+                audit(admin, "rotate", &id, None, "invalid");
+                return Err(FieldError::new(
+                    name,
+                    "is not a secret field of the connector; change it with PATCH /v1/connections/{id}",
+                )
+                .into());
+            }
+            draft.fields.insert(name, value);
+        }
+        let prepared = draft.prepare(&id, &self.catalog).inspect_err(|_| {
+            audit(admin, "rotate", &id, None, "invalid");
+        })?;
+        let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
+        if !v.passed() {
+            audit(
+                admin,
+                "rotate",
+                &id,
+                Some(stored.version),
+                "verification_failed",
+            );
+            let field = primary_field(&prepared.connection);
+            return Err(LifecycleError::VerificationFailed(Box::new(v), field));
+        }
+        let version = self
+            .write_over(&id, &prepared.stored, stored.version)
+            .await?;
+        let mut metadata = stored.custom_metadata.clone();
+        record_verification(&mut metadata, Some(&v));
+        metadata.remove("scope_warning");
+        metadata.remove("scope_warning_at");
+        let mut notices = prepared.notices;
+        if let Err(e) = self.vault.set_custom_metadata(&id, &metadata).await {
+            notices.push(format!(
+                "the key was rotated, but its status could not be recorded: {e}"
+            ));
+        }
+        let mut conn = prepared.connection;
+        conn.version = version;
+        conn.custom_metadata = metadata;
+        let view = self.view_of(&conn, None);
+        self.cache.insert(conn);
+        audit(admin, "rotate", &id, Some(version), "ok");
+        Ok(Saved {
+            connection: view,
+            notices,
+            verification: Some(v),
+        })
+    }
+
+    /// Runs the verification call with the stored key and records the result.
+    pub async fn verify(
+        &self,
+        admin: &str,
+        id: &str,
+    ) -> Result<(Value, Verification), LifecycleError> {
+        let id = Self::id(id)?;
+        let stored = self.stored(&id).await?;
+        let mut metadata = stored.custom_metadata.clone();
+        let version = stored.version;
+        let conn = Connection::from_stored(id.clone(), stored, &self.catalog)
+            .map_err(|e| LifecycleError::Invalid(e.into()))?;
+        let v = verify::verify(&conn, &self.upstream, self.verify_timeout).await;
+        record_verification(&mut metadata, Some(&v));
+        self.vault.set_custom_metadata(&id, &metadata).await?;
+        audit(admin, "verify", &id, Some(version), v.outcome.as_str());
+        let view = self.view_of(&conn, Some(&metadata));
+        Ok((view, v))
+    }
+
+    /// Removes the connection and all its versions from Vault, and from the cache at once.
+    pub async fn delete(&self, admin: &str, id: &str) -> Result<(), LifecycleError> {
+        let id = Self::id(id)?;
+        let stored = self.stored(&id).await?;
+        self.vault.delete(&id).await?;
+        self.cache.invalidate(&id);
+        audit(admin, "delete", &id, Some(stored.version), "ok");
+        Ok(())
+    }
+
+    async fn write_over(
+        &self,
+        id: &ConnectionId,
+        fields: &BTreeMap<String, Secret>,
+        version: u64,
+    ) -> Result<u64, LifecycleError> {
+        match self.vault.write(id, fields, Some(version)).await {
+            Ok(v) => Ok(v),
+            Err(VaultError::CasMismatch) => Err(LifecycleError::Conflict(id.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An upstream answered 401 to a request made with `used`. If the re-read the cache started
+    /// finds the same version, the service no longer accepts the key: the connection's status
+    /// becomes `failed`, so a revoked or aged-out key shows without anyone running a verify.
+    pub fn upstream_unauthorized(
+        self: &Arc<Self>,
+        used: Arc<Connection>,
+        reread: Load,
+        what: String,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            match reread.await {
+                Ok(now) if now.version != used.version => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+            let mut metadata = used.custom_metadata.clone();
+            metadata.insert("status".into(), "failed".into());
+            metadata.insert(
+                "last_error".into(),
+                format!("the service answered 401 to {what} with the current key (version {}): it was revoked, has expired, or is wrong", used.version),
+            );
+            metadata.insert("last_error_at".into(), now_rfc3339());
+            match me.vault.set_custom_metadata(&used.id, &metadata).await {
+                Ok(()) => {
+                    tracing::warn!(connection = %used.id, "the service refuses the current key; status set to failed")
+                }
+                Err(e) => {
+                    tracing::warn!(connection = %used.id, error = %e, "could not record a failed key")
+                }
+            }
+        });
+    }
+
+    /// An upstream answered 403: the key works but lacks a permission for that call. Recorded
+    /// (at most once a minute per connection) as a scope warning with the connector's hint.
+    pub fn upstream_forbidden(self: &Arc<Self>, used: Arc<Connection>, what: String) {
+        let now = Instant::now();
+        let recent = self
+            .forbidden_noted
+            .get(&used.id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < FORBIDDEN_NOTE_INTERVAL);
+        if recent {
+            return;
+        }
+        self.forbidden_noted.insert(used.id.clone(), now);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let scopes = used
+                .connector
+                .scopes
+                .clone()
+                .unwrap_or_else(|| "Check the key's scopes or permissions.".into());
+            let mut metadata = used.custom_metadata.clone();
+            metadata.insert(
+                "scope_warning".into(),
+                format!("the service answered 403 to {what}: the key lacks a scope or permission for that call. {scopes}"),
+            );
+            metadata.insert("scope_warning_at".into(), now_rfc3339());
+            if let Err(e) = me.vault.set_custom_metadata(&used.id, &metadata).await {
+                tracing::warn!(connection = %used.id, error = %e, "could not record a scope warning");
+            }
+        });
+    }
+
+    /// The API's view of a stored connection, whether or not it is valid.
+    fn view(&self, id: &ConnectionId, stored: StoredConnection) -> Value {
+        let metadata = stored.custom_metadata.clone();
+        let raw_view = raw_fields(&stored, &self.catalog);
+        match Connection::from_stored(id.clone(), stored, &self.catalog) {
+            Ok(conn) => self.view_of(&conn, Some(&metadata)),
+            Err(e) => {
+                let mut v = raw_view;
+                v["id"] = json!(id.as_str());
+                v["status"] = json!("invalid");
+                v["problem"] = json!({"field": e.field(), "message": e.to_string()});
+                v["metadata"] = json!(metadata);
+                v
+            }
+        }
+    }
+
+    /// The API's view of a valid connection.
+    pub fn view_of(&self, conn: &Connection, metadata: Option<&BTreeMap<String, String>>) -> Value {
+        let metadata = metadata.unwrap_or(&conn.custom_metadata);
+        let mut fields = serde_json::Map::new();
+        for (k, v) in &conn.fields {
+            fields.insert(k.clone(), json!(v));
+        }
+        for k in &conn.secret_fields {
+            fields.insert(k.clone(), json!({"set": true}));
+        }
+        let stored_status = metadata.get("status").map_or("unverified", String::as_str);
+        let now = OffsetDateTime::now_utc();
+        let mut warnings = Vec::new();
+        let mut status = stored_status.to_string();
+        let mut expires_in = None;
+        if let Some(at) = conn.expires_at {
+            let left = (at - now).whole_seconds();
+            expires_in = Some(left);
+            telemetry::connection_expiry(conn.id.as_str(), left as f64);
+            let when = format_time(at);
+            if left <= 0 {
+                warnings.push(format!("the key expired at {when}; rotate it"));
+                if stored_status != "failed" {
+                    status = "expired".into();
+                }
+            } else if left as u64 <= self.expiry_warning.as_secs() {
+                warnings.push(format!(
+                    "the key expires at {when}, in {} days; rotate it before then",
+                    left / 86_400
+                ));
+                if stored_status != "failed" {
+                    status = "expiring".into();
+                }
+            }
+        }
+        if let Some(w) = metadata.get("scope_warning") {
+            warnings.push(w.clone());
+        }
+        let hosts: Vec<&str> = conn.hosts.iter().collect();
+        json!({
+            "id": conn.id.as_str(),
+            "connector": conn.connector.id,
+            "name": conn.name,
+            "environment": conn.environment,
+            "base_url": conn.base.to_string(),
+            "allowed_hosts": hosts,
+            "fields": fields,
+            "status": status,
+            "verified_at": metadata.get("verified_at"),
+            "last_error": metadata.get("last_error"),
+            "last_error_at": metadata.get("last_error_at"),
+            "expires_at": conn.expires_at.map(format_time),
+            "expires_in_seconds": expires_in,
+            "warnings": warnings,
+            "version": conn.version,
+        })
+    }
+}
+
+/// A draft holding what a stored connection holds, to change and check again.
+fn draft_of(stored: &StoredConnection) -> Draft {
+    let get = |k: &str| stored.fields.get(k).map(|s| s.expose().to_string());
+    Draft {
+        connector: get("connector").unwrap_or_default(),
+        name: get("name"),
+        environment: get("environment"),
+        base_url: get("base_url"),
+        allowed_hosts: get("allowed_hosts")
+            .map(|h| {
+                h.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        expires_at: get("expires_at"),
+        fields: stored
+            .fields
+            .iter()
+            .filter(|(k, _)| !RESERVED_FIELDS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// The fields of a stored connection that cannot be loaded: values of fields the connector
+/// says are not secret, `{"set": true}` for everything else.
+fn raw_fields(stored: &StoredConnection, catalog: &Catalog) -> Value {
+    let get = |k: &str| stored.fields.get(k).map(|s| s.expose().to_string());
+    let connector = get("connector").and_then(|c| catalog.get(&c).cloned());
+    let mut fields = serde_json::Map::new();
+    for (k, v) in &stored.fields {
+        if RESERVED_FIELDS.contains(&k.as_str()) {
+            continue;
+        }
+        let plain = connector
+            .as_ref()
+            .and_then(|c| c.field(k))
+            .is_some_and(|f| !f.secret);
+        // A value with control characters is shown as set, never echoed.
+        if plain && !v.expose().chars().any(char::is_control) {
+            fields.insert(k.clone(), json!(v.expose()));
+        } else {
+            fields.insert(k.clone(), json!({"set": true}));
+        }
+    }
+    json!({
+        "connector": get("connector"),
+        "name": get("name"),
+        "environment": get("environment"),
+        "base_url": get("base_url"),
+        "fields": fields,
+        "version": stored.version,
+    })
+}
+
+fn primary_field(conn: &Connection) -> String {
+    conn.connector
+        .primary_secret()
+        .map_or_else(|| "fields".to_string(), |f| f.name.clone())
+}
+
+fn record_verification(metadata: &mut BTreeMap<String, String>, v: Option<&Verification>) {
+    match v {
+        None => {
+            metadata.insert("status".into(), "unverified".into());
+        }
+        Some(v) => {
+            metadata.insert("status".into(), v.status().into());
+            if v.passed() {
+                metadata.remove("last_error");
+                metadata.remove("last_error_at");
+                if v.status() == "active" {
+                    metadata.insert("verified_at".into(), now_rfc3339());
+                }
+            } else {
+                metadata.insert("last_error".into(), v.message.clone());
+                metadata.insert("last_error_at".into(), now_rfc3339());
+            }
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    format_time(OffsetDateTime::now_utc())
+}
+
+fn format_time(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// One audit line per admin action. Never a value.
+fn audit(
+    admin: &str,
+    action: &'static str,
+    id: &ConnectionId,
+    version: Option<u64>,
+    outcome: &str,
+) {
+    let version = version.map_or_else(|| "-".to_string(), |v| v.to_string());
+    tracing::info!(
+        target: "latchkey::audit",
+        admin,
+        action,
+        connection = %id,
+        version = %version,
+        outcome,
+        "admin action"
+    );
+}
