@@ -15,6 +15,7 @@ mod support;
 
 mod admin;
 mod cache_vault;
+mod cli;
 mod clients;
 mod compose;
 mod config_cli;
@@ -22,5 +23,8 @@ mod destination;
 mod errors;
 mod inject;
 mod leaks;
+mod lifecycle;
+mod pitfalls;
+mod service_sim;
 mod smoke;
 mod streaming;
