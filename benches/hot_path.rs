@@ -1,0 +1,240 @@
+//! The hot functions of the request path, one by one.
+//!
+//!     cargo bench --bench hot_path
+//!
+//! Figures from the last run (this machine, 2 cores, release build) are in the README's
+//! performance section; each group's name says what it measures.
+
+// Bench set-up fails loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use futures_util::future::{BoxFuture, FutureExt};
+use latchkey::cache::{Cache, CacheError, Source};
+use latchkey::catalog::Catalog;
+use latchkey::config::CacheConfig;
+use latchkey::connection::{Connection, ConnectionId, StoredConnection};
+use latchkey::destination::{AddressPolicy, HostAllowList};
+use latchkey::inject::{self, Target};
+use latchkey::secret::Secret;
+use latchkey::telemetry::{AccessLog, CacheOutcome};
+
+fn connection(catalog: &Catalog, fields: &[(&str, &str)]) -> Connection {
+    Connection::from_stored(
+        ConnectionId::parse("bench").unwrap(),
+        StoredConnection {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), Secret::new(*v)))
+                .collect::<BTreeMap<_, _>>(),
+            version: 1,
+            custom_metadata: BTreeMap::new(),
+        },
+        catalog,
+    )
+    .unwrap()
+}
+
+/// A request head as a typical client sends it, with a credential header of its own to strip.
+fn client_head() -> http::request::Parts {
+    http::Request::builder()
+        .method("POST")
+        .uri("/bench/v1/charges?limit=3")
+        .header("host", "127.0.0.1:8080")
+        .header("user-agent", "workflow-runner/1.0")
+        .header("accept", "application/json")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer client-supplied")
+        .header("x-request-id", "7d1f6a4e-0c2b-4a8e-9c1d-3f5e6a7b8c9d")
+        .header("connection", "keep-alive")
+        .header("proxy-authorization", "Bearer token")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0
+}
+
+fn rewrite(c: &mut Criterion) {
+    let catalog = Catalog::builtin().unwrap();
+    let cases = [
+        (
+            "bearer",
+            connection(
+                &catalog,
+                &[
+                    ("connector", "stripe"),
+                    ("api_key", "sk_test_0123456789abcdef"),
+                ],
+            ),
+        ),
+        (
+            "header",
+            connection(
+                &catalog,
+                &[
+                    ("connector", "anthropic"),
+                    ("api_key", "sk-ant-0123456789abcdef"),
+                ],
+            ),
+        ),
+        (
+            "basic",
+            connection(
+                &catalog,
+                &[
+                    ("connector", "twilio"),
+                    ("account_sid", "AC0123456789abcdef0123456789abcdef"),
+                    ("auth_token", "0123456789abcdef0123456789abcdef"),
+                ],
+            ),
+        ),
+        (
+            "query",
+            connection(
+                &catalog,
+                &[
+                    ("connector", "google-maps"),
+                    ("api_key", "AIza0123456789abcdef0123456789abcdef012"),
+                ],
+            ),
+        ),
+    ];
+    let mut group = c.benchmark_group("strip_and_inject");
+    for (name, conn) in &cases {
+        let target = Target {
+            scheme: conn.base.scheme,
+            authority: &conn.base.authority,
+            path_prefix: &conn.base.path,
+        };
+        let head = client_head();
+        group.bench_function(*name, |b| {
+            b.iter_batched(
+                || head.clone(),
+                |mut parts| {
+                    let log =
+                        inject::rewrite(&mut parts, "/v1/charges?limit=3&key=x", target, conn)
+                            .unwrap();
+                    black_box((parts, log))
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn destination(c: &mut Criterion) {
+    let policy = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+    let public: IpAddr = "93.184.216.34".parse().unwrap();
+    let mapped: IpAddr = "::ffff:169.254.169.254".parse().unwrap();
+    let mut hosts = HostAllowList::new("api.stripe.com");
+    hosts.push("files.stripe.com").unwrap();
+    hosts.push("*.stripe.com").unwrap();
+    let mut group = c.benchmark_group("destination");
+    group.bench_function("address_public", |b| {
+        b.iter(|| black_box(policy.check(black_box(public))))
+    });
+    group.bench_function("address_mapped_metadata", |b| {
+        b.iter(|| black_box(policy.check(black_box(mapped))))
+    });
+    group.bench_function("host_allow_list", |b| {
+        b.iter(|| black_box(hosts.allows(black_box("uploads.stripe.com"))))
+    });
+    group.finish();
+}
+
+struct Fixed(Arc<Catalog>);
+
+impl Source for Fixed {
+    fn load(&self, id: ConnectionId) -> BoxFuture<'static, Result<Option<Connection>, CacheError>> {
+        let catalog = self.0.clone();
+        async move {
+            Ok(Some(
+                Connection::from_stored(
+                    id,
+                    StoredConnection {
+                        fields: [
+                            ("connector", "stripe"),
+                            ("api_key", "sk_test_0123456789abcdef"),
+                        ]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), Secret::new(v)))
+                        .collect(),
+                        version: 1,
+                        custom_metadata: BTreeMap::new(),
+                    },
+                    &catalog,
+                )
+                .unwrap(),
+            ))
+        }
+        .boxed()
+    }
+}
+
+fn cache_hit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = Cache::new(
+        &CacheConfig {
+            ttl: Duration::from_secs(3600),
+            max_stale: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(10),
+            max_entries: 100_000,
+        },
+        Arc::new(Fixed(Arc::new(Catalog::builtin().unwrap()))),
+    );
+    let ids: Vec<ConnectionId> = (0..1000)
+        .map(|i| ConnectionId::parse(&format!("conn-{i}")).unwrap())
+        .collect();
+    rt.block_on(async {
+        for id in &ids {
+            cache.get(id).await.unwrap();
+        }
+    });
+    let id = ids[500].clone();
+    c.bench_function("cache_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(cache.get(&id).await.is_ok()) })
+    });
+}
+
+fn access_log(c: &mut Criterion) {
+    // The Prometheus recorder (the access log also records the request's metrics), and a JSON
+    // subscriber writing to a sink: the formatting cost without the I/O.
+    latchkey::telemetry::metrics_handle();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(std::io::sink)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let log = AccessLog {
+        form: "gateway",
+        connection: Some("stripe-prod".into()),
+        connection_known: true,
+        client: Some("billing-workflows".into()),
+        method: "POST".into(),
+        host: Some("api.stripe.com".into()),
+        path: Some("/v1/charges?limit=3".into()),
+        status: 200,
+        error: None,
+        cache: Some(CacheOutcome::Hit),
+        upstream_version: Some("h2"),
+        bytes_in: 512,
+        bytes_out: 2048,
+    };
+    c.bench_function("access_log_emit", |b| {
+        b.iter(|| log.emit(black_box(Duration::from_micros(850))))
+    });
+}
+
+criterion_group!(benches, rewrite, destination, cache_hit, access_log);
+criterion_main!(benches);
