@@ -352,11 +352,7 @@ impl Cache {
         let mut remove = Vec::new();
         for slot in inner.map.iter() {
             match &slot.state {
-                State::Ready { fetched, conn } => {
-                    if let Some(at) = conn.expires_at {
-                        let left = (at - time::OffsetDateTime::now_utc()).whole_seconds();
-                        telemetry::connection_expiry(conn.id.as_str(), left as f64);
-                    }
+                State::Ready { fetched, .. } => {
                     let age = now.saturating_duration_since(*fetched);
                     let used_since_fetch =
                         slot.last_used.load(Ordering::Relaxed) >= inner.millis(*fetched);
@@ -441,8 +437,16 @@ impl Inner {
             }
         }
         match &outcome {
-            Ok(_) => tracing::debug!(connection = %id, "connection loaded"),
-            Err(e) => tracing::debug!(connection = %id, error = %e, "connection load failed"),
+            Ok(conn) => {
+                telemetry::connection_expiry(id.as_str(), conn.expires_at);
+                tracing::debug!(connection = %id, "connection loaded")
+            }
+            Err(e) => {
+                if matches!(e, CacheError::NotFound) {
+                    telemetry::connection_expiry(id.as_str(), None);
+                }
+                tracing::debug!(connection = %id, error = %e, "connection load failed")
+            }
         }
         outcome
     }

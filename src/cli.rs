@@ -79,9 +79,10 @@ pub enum ConnectionsCommand {
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
+    // The error does not quote the argument: a secret pasted by mistake stays unrepeated.
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not name=value"))
+        .ok_or_else(|| "expected name=value".to_string())
 }
 
 struct Api {
@@ -248,7 +249,13 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
     } else {
         print_human(&mut out, status, &value)?;
     }
-    Ok(if (200..300).contains(&status) { 0 } else { 1 })
+    // A verification that ran but did not pass is a failure too (`verify x && deploy`).
+    let refused = value["verification"]["passed"] == Value::Bool(false);
+    Ok(if (200..300).contains(&status) && !refused {
+        0
+    } else {
+        1
+    })
 }
 
 async fn connector_of(api: &Api, id: &str) -> anyhow::Result<Value> {

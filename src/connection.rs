@@ -168,25 +168,31 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
+    /// Parses a base URL. Errors never quote it: a key pasted into a URL (as user information
+    /// or a query parameter) must not come back in an answer or a log line.
     pub fn parse(s: &str) -> Result<BaseUrl, String> {
-        let uri: http::Uri = s.parse().map_err(|_| format!("{s:?} is not a URL"))?;
+        let uri: http::Uri = s.parse().map_err(|_| "is not a URL".to_string())?;
         let scheme = match uri.scheme_str() {
             Some("https") => Scheme::Https,
             Some("http") => Scheme::Http,
-            _ => return Err(format!("{s:?} must start with https:// or http://")),
+            _ => return Err("must start with https:// or http://".into()),
         };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{s:?} has no host"))?;
+        let authority = uri.authority().ok_or("has no host")?;
         if authority.as_str().contains('@') {
-            return Err(format!("{s:?} must not carry user information"));
+            return Err(
+                "must not carry user information (a key belongs in the connection's secret field)"
+                    .into(),
+            );
         }
         let host = authority.host().to_ascii_lowercase();
         if host.is_empty() {
-            return Err(format!("{s:?} has no host"));
+            return Err("has no host".into());
         }
         if uri.query().is_some() || s.contains('#') {
-            return Err(format!("{s:?} must not have a query or fragment"));
+            return Err(
+                "must not have a query or fragment (a key belongs in the connection's secret field)"
+                    .into(),
+            );
         }
         let path = uri.path().trim_end_matches('/').to_string();
         let port = authority.port_u16().unwrap_or(scheme.default_port());

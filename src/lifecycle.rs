@@ -48,6 +48,21 @@ pub enum LifecycleError {
     Vault(VaultError),
 }
 
+impl LifecycleError {
+    /// The outcome an audit line records.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            LifecycleError::BadId(_) => "bad_id",
+            LifecycleError::Invalid(_) => "invalid",
+            LifecycleError::NotFound(_) => "not_found",
+            LifecycleError::Exists(_) => "exists",
+            LifecycleError::Conflict(_) => "conflict",
+            LifecycleError::VerificationFailed(..) => "verification_failed",
+            LifecycleError::Vault(_) => "store_error",
+        }
+    }
+}
+
 impl From<FieldError> for LifecycleError {
     fn from(e: FieldError) -> Self {
         LifecycleError::Invalid(e)
@@ -177,9 +192,58 @@ impl Lifecycle {
     /// Creates a connection: checked, verified (unless asked not to), then written only if no
     /// connection of that ID exists.
     pub async fn create(&self, admin: &str, req: CreateRequest) -> Result<Saved, LifecycleError> {
+        let id = req.id.clone();
+        let r = self.create_inner(admin, req).await;
+        audit_failure(admin, "create", &id, &r);
+        r
+    }
+
+    /// Changes non-secret fields (a new version); verifies first when asked.
+    pub async fn patch(
+        &self,
+        admin: &str,
+        id: &str,
+        req: PatchRequest,
+    ) -> Result<Saved, LifecycleError> {
+        let r = self.patch_inner(admin, id, req).await;
+        audit_failure(admin, "patch", id, &r);
+        r
+    }
+
+    /// Rotates secret fields in place: the new key is verified first, and a key that fails
+    /// leaves the old one in force. The next request on this instance uses the new key.
+    pub async fn rotate(
+        &self,
+        admin: &str,
+        id: &str,
+        req: RotateRequest,
+    ) -> Result<Saved, LifecycleError> {
+        let r = self.rotate_inner(admin, id, req).await;
+        audit_failure(admin, "rotate", id, &r);
+        r
+    }
+
+    /// Runs the verification call with the stored key and records the result.
+    pub async fn verify(
+        &self,
+        admin: &str,
+        id: &str,
+    ) -> Result<(Value, Verification), LifecycleError> {
+        let r = self.verify_inner(admin, id).await;
+        audit_failure(admin, "verify", id, &r);
+        r
+    }
+
+    /// Removes the connection and all its versions from Vault, and from the cache at once.
+    pub async fn delete(&self, admin: &str, id: &str) -> Result<(), LifecycleError> {
+        let r = self.delete_inner(admin, id).await;
+        audit_failure(admin, "delete", id, &r);
+        r
+    }
+
+    async fn create_inner(&self, admin: &str, req: CreateRequest) -> Result<Saved, LifecycleError> {
         let id = Self::id(&req.id)?;
         if self.vault.read(&id).await?.is_some() {
-            audit(admin, "create", &id, None, "exists");
             return Err(LifecycleError::Exists(id.to_string()));
         }
         let draft = Draft {
@@ -191,13 +255,10 @@ impl Lifecycle {
             expires_at: req.expires_at,
             fields: req.fields,
         };
-        let prepared = draft.prepare(&id, &self.catalog).inspect_err(|_| {
-            audit(admin, "create", &id, None, "invalid");
-        })?;
+        let prepared = draft.prepare(&id, &self.catalog)?;
         let verification = if req.verify {
             let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
             if !v.passed() {
-                audit(admin, "create", &id, None, "verification_failed");
                 let field = primary_field(&prepared.connection);
                 return Err(LifecycleError::VerificationFailed(Box::new(v), field));
             }
@@ -208,7 +269,6 @@ impl Lifecycle {
         let version = match self.vault.write(&id, &prepared.stored, Some(0)).await {
             Ok(v) => v,
             Err(VaultError::CasMismatch) => {
-                audit(admin, "create", &id, None, "exists");
                 return Err(LifecycleError::Exists(id.to_string()));
             }
             Err(e) => return Err(e.into()),
@@ -226,7 +286,7 @@ impl Lifecycle {
         conn.custom_metadata = metadata;
         let view = self.view_of(&conn, None);
         self.cache.insert(conn);
-        audit(admin, "create", &id, Some(version), "ok");
+        audit(admin, "create", id.as_str(), Some(version), "ok");
         Ok(Saved {
             connection: view,
             notices,
@@ -259,7 +319,7 @@ impl Lifecycle {
     }
 
     /// Changes non-secret fields (a new version); verifies first when asked.
-    pub async fn patch(
+    async fn patch_inner(
         &self,
         admin: &str,
         id: &str,
@@ -290,7 +350,6 @@ impl Lifecycle {
                 .and_then(|c| c.field(&name))
                 .is_some_and(|f| f.secret);
             if secret {
-                audit(admin, "patch", &id, None, "invalid");
                 return Err(FieldError::new(
                     name,
                     format!("is secret; rotate it with PUT /v1/connections/{id}/secret"),
@@ -302,14 +361,11 @@ impl Lifecycle {
                 None => draft.fields.remove(&name),
             };
         }
-        let prepared = draft.prepare(&id, &self.catalog).inspect_err(|_| {
-            audit(admin, "patch", &id, None, "invalid");
-        })?;
+        let prepared = draft.prepare(&id, &self.catalog)?;
         let mut metadata = stored.custom_metadata.clone();
         let verification = if req.verify {
             let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
             if !v.passed() {
-                audit(admin, "patch", &id, None, "verification_failed");
                 let field = primary_field(&prepared.connection);
                 return Err(LifecycleError::VerificationFailed(Box::new(v), field));
             }
@@ -329,7 +385,7 @@ impl Lifecycle {
         conn.custom_metadata = metadata;
         let view = self.view_of(&conn, None);
         self.cache.insert(conn);
-        audit(admin, "patch", &id, Some(version), "ok");
+        audit(admin, "patch", id.as_str(), Some(version), "ok");
         Ok(Saved {
             connection: view,
             notices: prepared.notices,
@@ -339,7 +395,7 @@ impl Lifecycle {
 
     /// Rotates secret fields in place: the new key is verified first, and a key that fails
     /// leaves the old one in force. The next request on this instance uses the new key.
-    pub async fn rotate(
+    async fn rotate_inner(
         &self,
         admin: &str,
         id: &str,
@@ -362,27 +418,17 @@ impl Lifecycle {
                 .and_then(|c| c.field(&name))
                 .is_some_and(|f| f.secret);
             if !secret {
-                audit(admin, "rotate", &id, None, "invalid");
                 return Err(FieldError::new(
                     name,
-                    "is not a secret field of the connector; change it with PATCH /v1/connections/{id}",
+                    format!("is not a secret field of the connector; change it with PATCH /v1/connections/{id}"),
                 )
                 .into());
             }
             draft.fields.insert(name, value);
         }
-        let prepared = draft.prepare(&id, &self.catalog).inspect_err(|_| {
-            audit(admin, "rotate", &id, None, "invalid");
-        })?;
+        let prepared = draft.prepare(&id, &self.catalog)?;
         let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
         if !v.passed() {
-            audit(
-                admin,
-                "rotate",
-                &id,
-                Some(stored.version),
-                "verification_failed",
-            );
             let field = primary_field(&prepared.connection);
             return Err(LifecycleError::VerificationFailed(Box::new(v), field));
         }
@@ -404,7 +450,7 @@ impl Lifecycle {
         conn.custom_metadata = metadata;
         let view = self.view_of(&conn, None);
         self.cache.insert(conn);
-        audit(admin, "rotate", &id, Some(version), "ok");
+        audit(admin, "rotate", id.as_str(), Some(version), "ok");
         Ok(Saved {
             connection: view,
             notices,
@@ -413,7 +459,7 @@ impl Lifecycle {
     }
 
     /// Runs the verification call with the stored key and records the result.
-    pub async fn verify(
+    async fn verify_inner(
         &self,
         admin: &str,
         id: &str,
@@ -427,18 +473,25 @@ impl Lifecycle {
         let v = verify::verify(&conn, &self.upstream, self.verify_timeout).await;
         record_verification(&mut metadata, Some(&v));
         self.vault.set_custom_metadata(&id, &metadata).await?;
-        audit(admin, "verify", &id, Some(version), v.outcome.as_str());
+        audit(
+            admin,
+            "verify",
+            id.as_str(),
+            Some(version),
+            v.outcome.as_str(),
+        );
         let view = self.view_of(&conn, Some(&metadata));
         Ok((view, v))
     }
 
     /// Removes the connection and all its versions from Vault, and from the cache at once.
-    pub async fn delete(&self, admin: &str, id: &str) -> Result<(), LifecycleError> {
+    async fn delete_inner(&self, admin: &str, id: &str) -> Result<(), LifecycleError> {
         let id = Self::id(id)?;
         let stored = self.stored(&id).await?;
         self.vault.delete(&id).await?;
         self.cache.invalidate(&id);
-        audit(admin, "delete", &id, Some(stored.version), "ok");
+        telemetry::connection_expiry(id.as_str(), None);
+        audit(admin, "delete", id.as_str(), Some(stored.version), "ok");
         Ok(())
     }
 
@@ -471,17 +524,22 @@ impl Lifecycle {
                 Ok(_) => {}
                 Err(_) => return,
             }
-            let mut metadata = used.custom_metadata.clone();
-            metadata.insert("status".into(), "failed".into());
-            metadata.insert(
-                "last_error".into(),
-                format!("the service answered 401 to {what} with the current key (version {}): it was revoked, has expired, or is wrong", used.version),
+            let message = format!(
+                "the service answered 401 to {what} with the current key (version {}): it was revoked, has expired, or is wrong",
+                used.version
             );
-            metadata.insert("last_error_at".into(), now_rfc3339());
-            match me.vault.set_custom_metadata(&used.id, &metadata).await {
-                Ok(()) => {
+            let result = me
+                .update_metadata(&used.id, Some(used.version), |m| {
+                    m.insert("status".into(), "failed".into());
+                    m.insert("last_error".into(), message);
+                    m.insert("last_error_at".into(), now_rfc3339());
+                })
+                .await;
+            match result {
+                Ok(true) => {
                     tracing::warn!(connection = %used.id, "the service refuses the current key; status set to failed")
                 }
+                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(connection = %used.id, error = %e, "could not record a failed key")
                 }
@@ -508,16 +566,40 @@ impl Lifecycle {
                 .scopes
                 .clone()
                 .unwrap_or_else(|| "Check the key's scopes or permissions.".into());
-            let mut metadata = used.custom_metadata.clone();
-            metadata.insert(
-                "scope_warning".into(),
-                format!("the service answered 403 to {what}: the key lacks a scope or permission for that call. {scopes}"),
+            let warning = format!(
+                "the service answered 403 to {what}: the key lacks a scope or permission for that call. {scopes}"
             );
-            metadata.insert("scope_warning_at".into(), now_rfc3339());
-            if let Err(e) = me.vault.set_custom_metadata(&used.id, &metadata).await {
+            let result = me
+                .update_metadata(&used.id, Some(used.version), |m| {
+                    m.insert("scope_warning".into(), warning);
+                    m.insert("scope_warning_at".into(), now_rfc3339());
+                })
+                .await;
+            if let Err(e) = result {
                 tracing::warn!(connection = %used.id, error = %e, "could not record a scope warning");
             }
         });
+    }
+
+    /// Changes some keys of the connection's current `custom_metadata`, read just before, so
+    /// that nothing recorded meanwhile is undone. With `version`, only if the connection is
+    /// still at that version (a rotated key is not blamed for the old one's failures).
+    /// Returns whether it wrote.
+    async fn update_metadata(
+        &self,
+        id: &ConnectionId,
+        version: Option<u64>,
+        change: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<bool, VaultError> {
+        let Some((mut metadata, current)) = self.vault.custom_metadata(id).await? else {
+            return Ok(false);
+        };
+        if version.is_some_and(|v| v != current) {
+            return Ok(false);
+        }
+        change(&mut metadata);
+        self.vault.set_custom_metadata(id, &metadata).await?;
+        Ok(true)
     }
 
     /// The API's view of a stored connection, whether or not it is valid.
@@ -552,10 +634,10 @@ impl Lifecycle {
         let mut warnings = Vec::new();
         let mut status = stored_status.to_string();
         let mut expires_in = None;
+        telemetry::connection_expiry(conn.id.as_str(), conn.expires_at);
         if let Some(at) = conn.expires_at {
             let left = (at - now).whole_seconds();
             expires_in = Some(left);
-            telemetry::connection_expiry(conn.id.as_str(), left as f64);
             let when = format_time(at);
             if left <= 0 {
                 warnings.push(format!("the key expired at {when}; rotate it"));
@@ -647,7 +729,11 @@ fn raw_fields(stored: &StoredConnection, catalog: &Catalog) -> Value {
         "connector": get("connector"),
         "name": get("name"),
         "environment": get("environment"),
-        "base_url": get("base_url"),
+        // Shown only as latchkey would use it: a URL carrying user information or a query (a
+        // key pasted in the wrong place) is shown as set, never echoed.
+        "base_url": get("base_url").map(|u| {
+            crate::connection::BaseUrl::parse(&u).map_or(json!({"set": true}), |b| json!(b.to_string()))
+        }),
         "fields": fields,
         "version": stored.version,
     })
@@ -689,20 +775,28 @@ fn format_time(t: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-/// One audit line per admin action. Never a value.
-fn audit(
+/// The audit line of an action that failed, with what went wrong as its outcome. An ID that is
+/// not a valid connection ID is not repeated (it could be anything pasted).
+fn audit_failure<T>(
     admin: &str,
     action: &'static str,
-    id: &ConnectionId,
-    version: Option<u64>,
-    outcome: &str,
+    id: &str,
+    result: &Result<T, LifecycleError>,
 ) {
+    if let Err(e) = result {
+        let connection = if ConnectionId::is_valid(id) { id } else { "-" };
+        audit(admin, action, connection, None, e.outcome());
+    }
+}
+
+/// One audit line per admin action. Never a value.
+fn audit(admin: &str, action: &'static str, connection: &str, version: Option<u64>, outcome: &str) {
     let version = version.map_or_else(|| "-".to_string(), |v| v.to_string());
     tracing::info!(
         target: "latchkey::audit",
         admin,
         action,
-        connection = %id,
+        connection,
         version = %version,
         outcome,
         "admin action"

@@ -109,9 +109,49 @@ pub fn upstream_forbidden(connection: &str) {
     counter!(names::UPSTREAM_FORBIDDEN, "connection" => connection.to_string()).increment(1);
 }
 
-/// Seconds until a connection's key expires (negative once it has).
-pub fn connection_expiry(connection: &str, seconds: f64) {
-    gauge!(names::CONNECTION_EXPIRY, "connection" => connection.to_string()).set(seconds);
+/// When each known connection's key expires. `latchkey_connection_expiry_seconds` is computed
+/// from this at every scrape, so it counts down and disappears with the expiry (a gauge set
+/// once would freeze and outlive a deleted connection).
+fn expiries() -> &'static dashmap::DashMap<String, time::OffsetDateTime> {
+    static EXPIRIES: OnceLock<dashmap::DashMap<String, time::OffsetDateTime>> = OnceLock::new();
+    EXPIRIES.get_or_init(dashmap::DashMap::new)
+}
+
+/// Records (or, with `None`, forgets) when a connection's key expires.
+pub fn connection_expiry(connection: &str, expires_at: Option<time::OffsetDateTime>) {
+    match expires_at {
+        Some(at) => {
+            expiries().insert(connection.to_string(), at);
+        }
+        None => {
+            expiries().remove(connection);
+        }
+    }
+}
+
+/// The Prometheus text of every metric, the expiry gauge included.
+pub fn render_metrics() -> String {
+    let mut text = metrics_handle().render();
+    let now = time::OffsetDateTime::now_utc();
+    let mut lines: Vec<(String, i64)> = expiries()
+        .iter()
+        .map(|e| (e.key().clone(), (*e.value() - now).whole_seconds()))
+        .collect();
+    if !lines.is_empty() {
+        lines.sort();
+        text.push_str(&format!(
+            "# HELP {0} Seconds until the connection's key expires (negative once it has).\n# TYPE {0} gauge\n",
+            names::CONNECTION_EXPIRY
+        ));
+        // Connection IDs are letters, digits, '-' and '_': nothing to escape in a label.
+        for (id, left) in lines {
+            text.push_str(&format!(
+                "{}{{connection=\"{id}\"}} {left}\n",
+                names::CONNECTION_EXPIRY
+            ));
+        }
+    }
+    text
 }
 
 pub fn upstream_unauthorized(connection: &str) {

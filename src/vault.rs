@@ -327,6 +327,29 @@ impl Vault {
         .await
     }
 
+    /// The connection's current `custom_metadata` and version, from the metadata endpoint
+    /// (`None` when there is no such secret). For read-modify-write of single keys.
+    pub async fn custom_metadata(
+        &self,
+        id: &ConnectionId,
+    ) -> Result<Option<(BTreeMap<String, String>, u64)>, VaultError> {
+        let path = self.path(id);
+        let meta = self
+            .call("read_metadata", |client| {
+                let path = path.clone();
+                async move { vaultrs::kv2::read_metadata(&*client, &self.config.mount, &path).await }
+            })
+            .await;
+        match meta {
+            Ok(m) => Ok(Some((
+                m.custom_metadata.unwrap_or_default().into_iter().collect(),
+                m.current_version,
+            ))),
+            Err(VaultError::Status(404)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes a connection and all of its versions.
     pub async fn delete(&self, id: &ConnectionId) -> Result<(), VaultError> {
         let path = self.path(id);

@@ -46,7 +46,7 @@ impl Admin {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => self.ready().await,
             (&Method::GET, "/metrics") => {
-                let text = crate::telemetry::metrics_handle().render();
+                let text = crate::telemetry::render_metrics();
                 let mut r = Response::new(full(Bytes::from(text)));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,

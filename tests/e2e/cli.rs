@@ -1,1 +1,392 @@
-//! (being written)
+//! `latchkey connections add|list|show|rotate|verify|delete`, run as the real binary against a
+//! real latchkey's admin API. Secret values go in on standard input (or a hidden prompt on a
+//! terminal), never on the command line; the address comes from `--url` or `LATCHKEY_API_URL`,
+//! the token from `LATCHKEY_API_TOKEN` or `--token-file`.
+//!
+//! The binary runs under `tokio::process`, so that the simulated service on the test's runtime
+//! keeps answering latchkey's verification calls meanwhile.
+
+use std::process::Stdio;
+
+use reqwest::Method;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::lifecycle::{assert_masked, World};
+use crate::service_sim::KeyState;
+use crate::support::*;
+
+/// What one run of the CLI did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs `latchkey connections {args}` with `stdin` (None: no standard input at all) and the
+/// environment `env` on top of a clean one.
+async fn run(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Run {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
+    cmd.arg("connections")
+        .args(args)
+        .env_remove("LATCHKEY_API_URL")
+        .env_remove("LATCHKEY_API_TOKEN")
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).await.unwrap();
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the CLI did not finish within 60s")
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the CLI against `w`'s admin API, address and token from the environment; checks that
+/// what it printed holds no secret.
+async fn cli(w: &World, args: &[&str], stdin: Option<&str>) -> Run {
+    let url = w.lk.admin_url("");
+    let r = run(
+        args,
+        stdin,
+        &[
+            ("LATCHKEY_API_URL", url.as_str()),
+            ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+        ],
+    )
+    .await;
+    w.assert_clean("the CLI's output", &r.stdout);
+    w.assert_clean("the CLI's errors", &r.stderr);
+    r
+}
+
+#[tokio::test]
+async fn add_reads_the_key_from_standard_input_never_from_the_command_line() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    let base = w.sim.base_url();
+    let add = [
+        "add",
+        "cli-stripe",
+        "--connector",
+        "stripe",
+        "--environment",
+        "sandbox",
+        "--base-url",
+        &base,
+        "--name",
+        "Stripe - CLI",
+    ];
+    // As `pbpaste | latchkey connections add ...` sends it: with a trailing newline.
+    let r = cli(&w, &add, Some(&format!("{key}\n"))).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("api_key = (set)"), "{r:#?}");
+    assert!(r.stdout.contains("active"), "{r:#?}");
+    assert!(r.stdout.contains("trailing newline"), "the notice: {r:#?}");
+    assert!(r.stdout.contains("verification verified"), "{r:#?}");
+    assert_eq!(w.stored("cli-stripe")["api_key"], key.as_str());
+    assert_eq!(w.stored("cli-stripe")["name"], "Stripe - CLI");
+    let a = w.call("cli-stripe", Method::GET, "/v1/charges").await;
+    w.assert_injected(&a, &key);
+
+    // A secret on the command line is refused before anything is sent.
+    let other = w.key(KeyState::ReadWrite);
+    let field = format!("api_key={other}");
+    let mut args = add.to_vec();
+    args[1] = "cli-argv";
+    args.extend(["--field", &field]);
+    let r = run(
+        &args,
+        Some(""),
+        &[
+            ("LATCHKEY_API_URL", w.lk.admin_url("").as_str()),
+            ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("standard input"), "{r:#?}");
+    assert!(!r.stderr.contains(&other) && !r.stdout.contains(&other));
+    assert!(w.bao.get("cli-argv").is_none());
+    assert_eq!(w.sim.uses_of(&other), 0);
+
+    // A key that fails verification: exit 1, what failed and what to check.
+    let bad = w.unknown_key();
+    let mut args = add.to_vec();
+    args[1] = "cli-bad";
+    let r = cli(&w, &args, Some(&bad)).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stdout.contains("error (422)"), "{r:#?}");
+    assert!(r.stdout.contains("key_rejected"), "{r:#?}");
+    assert!(r.stdout.contains("hint"), "{r:#?}");
+    assert!(w.bao.get("cli-bad").is_none());
+
+    // A sandbox key for production: refused, naming the field.
+    let mut args = add.to_vec();
+    args[1] = "cli-prod";
+    args[5] = "production";
+    let r = cli(&w, &args, Some(&w.key(KeyState::ReadWrite))).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stdout.contains("field: api_key"), "{r:#?}");
+    assert!(w.bao.get("cli-prod").is_none());
+}
+
+#[tokio::test]
+async fn list_show_verify_rotate_and_delete_through_the_cli() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("cli-conn", &key).await;
+
+    let r = cli(&w, &["list"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("cli-conn "))
+        .unwrap_or_else(|| panic!("no row: {r:#?}"));
+    for col in ["stripe", "sandbox", "active", "Stripe - cli-conn"] {
+        assert!(row.contains(col), "{col} in {row:?}");
+    }
+    let r = cli(&w, &["--json", "list"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert_masked(&r.json()["connections"][0]);
+
+    let r = cli(&w, &["show", "cli-conn"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("api_key = (set)"), "{r:#?}");
+    assert!(r.stdout.contains("status       active"), "{r:#?}");
+    let r = cli(&w, &["show", "cli-conn", "--json"], None).await;
+    assert_masked(&r.json()["connection"]);
+
+    let r = cli(&w, &["verify", "cli-conn"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("verification verified"), "{r:#?}");
+
+    // Rotation to a key the service rejects: exit 1, the old key stays.
+    let rejected = w.unknown_key();
+    let r = cli(&w, &["rotate", "cli-conn"], Some(&rejected)).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stdout.contains("key_rejected"), "{r:#?}");
+    let a = w.call("cli-conn", Method::GET, "/v1/charges").await;
+    w.assert_injected(&a, &key);
+
+    // Rotation to a good one: used by the next request.
+    let new = w.key(KeyState::ReadWrite);
+    let r = cli(&w, &["rotate", "cli-conn"], Some(&format!("{new}\n"))).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("version      2"), "{r:#?}");
+    let a = w.call("cli-conn", Method::GET, "/v1/charges").await;
+    w.assert_injected(&a, &new);
+    let r = cli(&w, &["rotate", "cli-conn", "--field", "name"], Some(&new)).await;
+    assert_eq!(r.code, 2, "not a secret field: {r:#?}");
+
+    let r = cli(&w, &["delete", "cli-conn"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("deleted"), "{r:#?}");
+    let a = w.call("cli-conn", Method::GET, "/v1/charges").await;
+    a.assert_error(404, "connection_not_found");
+    assert!(w.bao.get("cli-conn").is_none());
+
+    for args in [
+        &["show", "cli-conn"][..],
+        &["delete", "cli-conn"],
+        &["verify", "cli-conn"],
+    ] {
+        let r = cli(&w, args, None).await;
+        assert_eq!(r.code, 1, "{args:?}: {r:#?}");
+        assert!(r.stdout.contains("error (404)"), "{args:?}: {r:#?}");
+    }
+    let r = cli(&w, &["rotate", "cli-conn"], Some(&new)).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+}
+
+#[tokio::test]
+async fn verify_exits_nonzero_when_the_key_is_rejected() {
+    // `latchkey connections verify x && deploy` must not deploy on a dead key.
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("cli-dead", &key).await;
+    w.sim.revoke(&key);
+    let r = cli(&w, &["verify", "cli-dead"], None).await;
+    assert!(r.stdout.contains("key_rejected"), "{r:#?}");
+    assert_eq!(w.show("cli-dead").await["status"], "failed");
+    assert_ne!(r.code, 0, "verify exited 0 on a rejected key: {r:#?}");
+}
+
+#[tokio::test]
+async fn the_address_and_token_come_from_flags_or_the_environment() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("cli-auth", &key).await;
+    let url = w.lk.admin_url("");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = write_file(dir.path(), "token", &format!("{ADMIN_TOKEN}\n"));
+    let token_file = token_file.to_str().unwrap();
+
+    // --url and --token-file, with the environment pointing elsewhere.
+    let r = run(
+        &["--url", &url, "--token-file", token_file, "list"],
+        None,
+        &[("LATCHKEY_API_URL", &dead)],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("cli-auth"), "{r:#?}");
+
+    // The environment alone.
+    let r = run(
+        &["list"],
+        None,
+        &[
+            ("LATCHKEY_API_URL", &url),
+            ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("cli-auth"), "{r:#?}");
+
+    // No token: refused before any call, saying where the token comes from.
+    let r = run(&["list"], None, &[("LATCHKEY_API_URL", &url)]).await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("LATCHKEY_API_TOKEN"), "{r:#?}");
+    // A wrong token: the API's 401.
+    let r = run(
+        &["show", "cli-auth"],
+        None,
+        &[("LATCHKEY_API_URL", &url), ("LATCHKEY_API_TOKEN", "wrong")],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stdout.contains("error (401)"), "{r:#?}");
+    // Nothing listening.
+    let r = run(
+        &["list"],
+        None,
+        &[
+            ("LATCHKEY_API_URL", &dead),
+            ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("cannot reach the admin API"), "{r:#?}");
+    // A wrong token never gets as far as deleting.
+    let r = run(
+        &["delete", "cli-auth"],
+        None,
+        &[("LATCHKEY_API_URL", &url), ("LATCHKEY_API_TOKEN", "wrong")],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(w.bao.get("cli-auth").is_some());
+}
+
+/// Runs the CLI on a pseudo-terminal; types `KEY` once the prompt shows and echo is off.
+/// Prints everything the terminal showed, then `EXIT {code}`.
+const ON_A_TERMINAL: &str = r#"
+import os, pty, select, sys, termios, time
+argv = sys.argv[1:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(argv[0], argv)
+out = b""
+deadline = time.time() + 30
+def pump(until):
+    global out
+    while time.time() < deadline and not until():
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            out += chunk
+    return until()
+if not pump(lambda: b"(api_key): " in out):
+    sys.stdout.write(out.decode(errors="replace") + "\nNO PROMPT\n")
+    sys.exit(3)
+while time.time() < deadline and termios.tcgetattr(fd)[3] & termios.ECHO:
+    time.sleep(0.01)
+os.write(fd, os.environ["KEY"].encode() + b"\n")
+pump(lambda: False)
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+sys.stdout.write("\nEXIT %d\n" % os.waitstatus_to_exitcode(status))
+"#;
+
+#[tokio::test]
+async fn on_a_terminal_the_key_is_read_from_a_hidden_prompt() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    let base = w.sim.base_url();
+    let url = w.lk.admin_url("");
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(ON_A_TERMINAL)
+        .args([
+            env!("CARGO_BIN_EXE_latchkey"),
+            "connections",
+            "add",
+            "cli-tty",
+            "--connector",
+            "stripe",
+            "--environment",
+            "sandbox",
+            "--base-url",
+            &base,
+        ])
+        .env("KEY", &key)
+        .env("LATCHKEY_API_URL", &url)
+        .env("LATCHKEY_API_TOKEN", ADMIN_TOKEN)
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .await
+        .expect("python3 is needed");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.contains("Secret key (api_key): "),
+        "the prompt names the field: {shown}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Hidden: the terminal never showed what was typed.
+    w.assert_clean("the terminal", &shown);
+    assert!(shown.contains("EXIT 0"), "{shown}");
+    assert!(shown.contains("verification verified"), "{shown}");
+    assert_eq!(w.stored("cli-tty")["api_key"], key.as_str());
+    let a = w.call("cli-tty", Method::GET, "/v1/charges").await;
+    w.assert_injected(&a, &key);
+}
