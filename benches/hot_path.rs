@@ -221,9 +221,11 @@ fn access_log(c: &mut Criterion) {
         connection: Some("stripe-prod".into()),
         connection_known: true,
         client: Some("billing-workflows".into()),
-        method: "POST".into(),
+        method: http::Method::POST,
         host: Some("api.stripe.com".into()),
-        path: Some("/v1/charges?limit=3".into()),
+        path: Some(latchkey::inject::LogPath::Masked(
+            "/v1/charges?limit=3".into(),
+        )),
         status: 200,
         error: None,
         cache: Some(CacheOutcome::Hit),

@@ -158,12 +158,12 @@ mod tests {
             *b = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).unwrap();
         }
         let clients = Clients::new(vec![ClientConfig {
-            name: "billing".into(),
+            name: std::sync::Arc::from("billing"),
             token_sha256: bytes,
             connections: vec![Glob::parse("stripe-*").unwrap()],
         }]);
         let c = clients.authenticate(&Secret::new("tok123")).unwrap();
-        assert_eq!(c.name, "billing");
+        assert_eq!(&*c.name, "billing");
         assert!(c.may_use("stripe-prod"));
         assert!(!c.may_use("github-ci"));
         assert!(clients.authenticate(&Secret::new("tok124")).is_none());

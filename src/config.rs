@@ -55,6 +55,8 @@ pub struct ProxyConfig {
     pub allow_private_destinations: Vec<IpNet>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -110,7 +112,8 @@ pub struct TlsConfig {
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub name: String,
+    /// Shared, for the access log and metrics.
+    pub name: std::sync::Arc<str>,
     pub token_sha256: [u8; 32],
     pub connections: Vec<Glob>,
 }
@@ -148,6 +151,8 @@ struct RawProxy {
     connect_timeout: Dur,
     #[serde(default = "secs::<60>")]
     request_timeout: Dur,
+    #[serde(default)]
+    workers: Option<usize>,
 }
 
 impl Default for RawProxy {
@@ -157,6 +162,7 @@ impl Default for RawProxy {
             allow_private_destinations: OneOrMany(Vec::new()),
             connect_timeout: secs::<5>(),
             request_timeout: secs::<60>(),
+            workers: None,
         }
     }
 }
@@ -507,6 +513,16 @@ impl Config {
                 .collect(),
             connect_timeout: positive("proxy.connect_timeout", raw.proxy.connect_timeout)?,
             request_timeout: positive("proxy.request_timeout", raw.proxy.request_timeout)?,
+            workers: match raw.proxy.workers {
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Some(n) if (1..=1024).contains(&n) => n,
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        "proxy.workers",
+                        "must be between 1 and 1024 (default: one per CPU)",
+                    ))
+                }
+            },
         };
         if proxy.listen.is_empty() {
             return Err(ConfigError::new(
@@ -542,7 +558,7 @@ impl Config {
                 ));
             }
             clients.push(ClientConfig {
-                name: c.name,
+                name: std::sync::Arc::from(c.name),
                 token_sha256: c.token_sha256.0,
                 connections: c.connections.0,
             });
@@ -922,7 +938,7 @@ mod tests {
             "[proxy]\nlisten = \"0.0.0.0:8080\"\n[[clients]]\nname = \"a\"\ntoken_sha256 = \"{HASH}\"\nconnections = \"stripe-*\"\n"
         );
         let c = Config::parse(&ok, &with_token()).unwrap();
-        assert_eq!(c.clients[0].name, "a");
+        assert_eq!(&*c.clients[0].name, "a");
         assert!(c.clients[0].connections[0].matches("stripe-prod"));
     }
 

@@ -46,6 +46,11 @@ impl ConnectionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The ID as a shared string (a reference count, no copy).
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 impl Borrow<str> for ConnectionId {
@@ -158,13 +163,13 @@ impl Scheme {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
     pub scheme: Scheme,
-    /// Lower case; IPv6 literals keep their brackets.
-    pub host: String,
+    /// Lower case; IPv6 literals keep their brackets. Shared, for the access log.
+    pub host: Arc<str>,
     pub port: u16,
     pub explicit_port: bool,
     pub path: String,
-    /// `host` or `host:port` when the port is not the scheme's default.
-    pub authority: String,
+    /// `host` or `host:port` when the port is not the scheme's default, parsed once.
+    pub authority: http::uri::Authority,
 }
 
 impl BaseUrl {
@@ -198,8 +203,11 @@ impl BaseUrl {
         let port = authority.port_u16().unwrap_or(scheme.default_port());
         Ok(BaseUrl {
             scheme,
-            authority: self::authority(&host, port, scheme),
-            host,
+            authority: http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                self::authority(&host, port, scheme),
+            ))
+            .map_err(|_| "has no valid host".to_string())?,
+            host: Arc::from(host),
             port,
             explicit_port: authority.port_u16().is_some(),
             path,
@@ -861,11 +869,11 @@ mod tests {
     #[test]
     fn base_urls() {
         let b = BaseUrl::parse("https://API.example.com:8443/v1/").unwrap();
-        assert_eq!(b.host, "api.example.com");
+        assert_eq!(&*b.host, "api.example.com");
         assert_eq!(b.port, 8443);
         assert_eq!(b.path, "/v1");
         assert_eq!(b.to_string(), "https://api.example.com:8443/v1");
-        assert_eq!(BaseUrl::parse("http://[::1]/").unwrap().host, "[::1]");
+        assert_eq!(&*BaseUrl::parse("http://[::1]/").unwrap().host, "[::1]");
         for bad in [
             "ftp://x",
             "https://",

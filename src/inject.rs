@@ -33,8 +33,22 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes hop-by-hop and framing headers, and every header that `Connection` names.
+///
+/// One pass over the names present decides whether anything must go, so that the common
+/// message, which carries none of them, costs no hash lookups.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let mut found = false;
+    let mut connection = false;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found = true;
+            connection |= name == header::CONNECTION;
+        }
+    }
+    if !found {
+        return;
+    }
+    if connection {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -56,7 +70,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Target<'a> {
     pub scheme: Scheme,
     /// `host` or `host:port`.
-    pub authority: &'a str,
+    pub authority: &'a Authority,
     /// Prepended to the client's path (a gateway request's base URL path); empty in forward form.
     pub path_prefix: &'a str,
 }
@@ -79,7 +93,7 @@ pub fn rewrite(
     path_and_query: &str,
     target: Target<'_>,
     connection: &Connection,
-) -> Result<String, RewriteError> {
+) -> Result<LogPath, RewriteError> {
     // An empty path with a query (`/conn?x=1` in gateway form, `http://host?x=1` in forward
     // form) is the root path with that query.
     if !path_and_query.is_empty() && !path_and_query.starts_with(['/', '?']) {
@@ -100,10 +114,13 @@ pub fn rewrite(
         path
     };
 
-    // The path and query as the upstream will see them, and as the log will show them.
-    let mut upstream = Zeroizing::new(String::with_capacity(
-        target.path_prefix.len() + path_and_query.len() + 64,
-    ));
+    // The path and query as the upstream will see them.
+    let extra = match &connection.credential {
+        Credential::Query { pair, .. } => pair.expose().len() + 1,
+        Credential::Header { .. } => 0,
+    };
+    let mut upstream =
+        String::with_capacity(target.path_prefix.len() + path_and_query.len() + extra);
     upstream.push_str(target.path_prefix);
     upstream.push_str(path);
     let query_param = match &connection.credential {
@@ -124,32 +141,39 @@ pub fn rewrite(
             upstream.push_str(pair);
         }
     }
-    let mut log_path = String::with_capacity(upstream.len() + 16);
-    log_path.push_str(&upstream);
 
-    match &connection.credential {
+    let (path_and_query, log_path) = match &connection.credential {
         Credential::Header { name, value } => {
-            headers.remove(name);
+            // `insert` replaces every value the client sent under this name.
             headers.insert(name.clone(), value.clone());
+            // No secret in the path: the log shares it.
+            let pq = PathAndQuery::from_maybe_shared(Bytes::from(upstream))
+                .map_err(|_| RewriteError::Uri)?;
+            (pq.clone(), LogPath::Shared(pq))
         }
         Credential::Query { name, pair } => {
-            upstream.push(if first { '?' } else { '&' });
-            upstream.push_str(pair.expose());
-            log_path.push(if first { '?' } else { '&' });
-            log_path.push_str(name);
-            log_path.push_str("=<redacted>");
+            let mut log = String::with_capacity(upstream.len() + name.len() + 12);
+            log.push_str(&upstream);
+            log.push(if first { '?' } else { '&' });
+            log.push_str(name);
+            log.push_str("=<redacted>");
+            // The capacity was reserved above, so pushing the pair never moves the buffer and
+            // leaves no copy of the secret behind; the buffer is zeroized when dropped.
+            let mut with_key = Zeroizing::new(upstream);
+            with_key.push(if first { '?' } else { '&' });
+            with_key.push_str(pair.expose());
+            let pq = PathAndQuery::from_maybe_shared(Bytes::from_owner(ZeroizingString(with_key)))
+                .map_err(|_| RewriteError::Uri)?;
+            (pq, LogPath::Masked(log))
         }
-    }
+    };
     for (name, value) in &connection.connector.headers {
         if !headers.contains_key(name) {
             headers.insert(name.clone(), value.clone());
         }
     }
 
-    let path_and_query =
-        PathAndQuery::from_maybe_shared(Bytes::from_owner(ZeroizingString(upstream)))
-            .map_err(|_| RewriteError::Uri)?;
-    let authority = Authority::try_from(target.authority).map_err(|_| RewriteError::Uri)?;
+    let authority = target.authority.clone();
     let scheme = match target.scheme {
         Scheme::Http => UriScheme::HTTP,
         Scheme::Https => UriScheme::HTTPS,
@@ -162,6 +186,35 @@ pub fn rewrite(
         .map_err(|_| RewriteError::Uri)?;
     parts.version = http::Version::HTTP_11;
     Ok(log_path)
+}
+
+/// The path the access log shows: the upstream path itself when it carries no secret, or a
+/// copy with the credential's query value masked.
+#[derive(Debug, Clone)]
+pub enum LogPath {
+    Shared(PathAndQuery),
+    Masked(String),
+}
+
+impl LogPath {
+    pub fn as_str(&self) -> &str {
+        match self {
+            LogPath::Shared(p) => p.as_str(),
+            LogPath::Masked(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for LogPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for LogPath {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// Removes hop-by-hop and framing headers from an upstream response.
@@ -270,7 +323,7 @@ mod tests {
     fn target(c: &Connection) -> Target<'_> {
         Target {
             scheme: c.base.scheme,
-            authority: "api.example.com",
+            authority: Box::leak(Box::new(Authority::from_static("api.example.com"))),
             path_prefix: &c.base.path,
         }
     }
@@ -367,7 +420,7 @@ mod tests {
         ]);
         let t = Target {
             scheme: c.base.scheme,
-            authority: "acme.myshopify.com",
+            authority: Box::leak(Box::new(Authority::from_static("acme.myshopify.com"))),
             path_prefix: &c.base.path,
         };
         let mut p = request(&[]);
@@ -389,7 +442,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.uri.path(), "/");
         let mut p = request(&[]);
-        assert_eq!(rewrite(&mut p, "x", t, &c), Err(RewriteError::Path));
+        assert_eq!(rewrite(&mut p, "x", t, &c).err(), Some(RewriteError::Path));
         let mut p = request(&[]);
         rewrite(&mut p, "?a=1", t, &c).unwrap();
         assert_eq!(

@@ -82,19 +82,50 @@ pub enum StartError {
     Vault(#[from] vault::VaultError),
     #[error("tls.extra_roots: {0}")]
     Tls(String),
+    #[error("cannot start a proxy worker: {source}")]
+    Runtime { source: std::io::Error },
 }
 
 /// How long open connections get to finish after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// A latchkey whose listeners are bound and whose parts are built, ready to run.
+///
+/// The proxy listeners are served by `proxy.workers` threads, each with a single-threaded
+/// runtime of its own and its own pool of upstream connections: a request, its upstream
+/// connection and their tasks stay on one thread, with no cross-thread wake-ups on the hot
+/// path (the way nginx's workers run). The cache, the Vault client and the admin listener are
+/// shared, on the runtime that calls [`Server::run`].
 pub struct Server {
-    proxy_listeners: Vec<TcpListener>,
+    proxy_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
-    proxy: Arc<Proxy>,
+    workers: usize,
+    parts: ProxyParts,
     admin: Arc<Admin>,
     cache: Cache,
     vault: Arc<Vault>,
+}
+
+/// What each worker builds its [`Proxy`] from.
+struct ProxyParts {
+    cache: Cache,
+    lifecycle: Arc<Lifecycle>,
+    clients: Clients,
+    dialer: Dialer,
+    request_timeout: Duration,
+}
+
+impl ProxyParts {
+    /// A proxy with a connection pool of its own.
+    fn proxy(&self) -> Proxy {
+        Proxy::new(
+            self.cache.clone(),
+            self.lifecycle.clone(),
+            self.clients.clone(),
+            upstream::client(self.dialer.clone()),
+            self.request_timeout,
+        )
+    }
 }
 
 impl Server {
@@ -120,37 +151,43 @@ impl Server {
             Arc::new(tls),
             config.proxy.connect_timeout,
         );
-        let upstream = upstream::client(dialer);
         let lifecycle = Arc::new(Lifecycle::new(
             vault.clone(),
             catalog.clone(),
             cache.clone(),
-            upstream.clone(),
+            upstream::client(dialer.clone()),
             config.proxy.request_timeout,
             config.admin.expiry_warning,
         ));
-        let proxy = Arc::new(Proxy::new(
-            cache.clone(),
-            lifecycle.clone(),
-            Clients::new(config.clients.clone()),
-            upstream,
-            config.proxy.request_timeout,
-        ));
         let admin = Arc::new(Admin::new(
             vault.clone(),
-            lifecycle,
+            lifecycle.clone(),
             config.admin.tokens.clone(),
         ));
+        let parts = ProxyParts {
+            cache: cache.clone(),
+            lifecycle,
+            clients: Clients::new(config.clients.clone()),
+            dialer,
+            request_timeout: config.proxy.request_timeout,
+        };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
         for addr in &config.proxy.listen {
-            proxy_listeners.push(bind(*addr).await?);
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            proxy_listeners.push(listener);
         }
         let admin_listener = bind(config.admin.listen).await?;
         Ok(Server {
             proxy_listeners,
             admin_listener,
-            proxy,
+            workers: config.proxy.workers,
+            parts,
             admin,
             cache,
             vault,
@@ -173,10 +210,37 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let proxy_addrs: Vec<String> = self.proxy_addrs().iter().map(|a| a.to_string()).collect();
         let admin_addr = self.admin_addr().map(|a| a.to_string()).unwrap_or_default();
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut workers = Vec::with_capacity(self.workers);
+        for n in 0..self.workers {
+            let mut listeners = Vec::with_capacity(self.proxy_listeners.len());
+            for l in &self.proxy_listeners {
+                // Every worker accepts on the same sockets; the kernel hands each connection
+                // to one of them.
+                listeners.push(l.try_clone().map_err(|source| {
+                    StartError::Bind {
+                        addr: l
+                            .local_addr()
+                            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+                        source,
+                    }
+                })?);
+            }
+            workers.push(spawn_worker(
+                n,
+                listeners,
+                self.parts.proxy(),
+                stop_rx.clone(),
+            )?);
+        }
+        drop(self.proxy_listeners);
+
         tracing::info!(
             proxy = %proxy_addrs.join(","),
             admin = %admin_addr,
             vault = %self.vault.address(),
+            workers = self.workers,
             "listening"
         );
         match self.vault.check_token().await {
@@ -186,25 +250,8 @@ impl Server {
             }
         }
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
         let graceful = Arc::new(GracefulShutdown::new());
         let mut tasks = tokio::task::JoinSet::new();
-        for listener in self.proxy_listeners {
-            let proxy = self.proxy.clone();
-            let handler = move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-            };
-            tasks.spawn(accept_loop(
-                listener,
-                handler,
-                graceful.clone(),
-                stopped(stop_rx.clone()),
-            ));
-        }
         {
             let admin = self.admin.clone();
             let handler = move |req| {
@@ -229,16 +276,69 @@ impl Server {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        for done in workers {
+            let _ = done.await;
+        }
         if let Ok(graceful) = Arc::try_unwrap(graceful) {
-            if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-                .await
-                .is_err()
-            {
-                tracing::warn!("connections still open after the grace period were closed");
-            }
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
         }
         Ok(())
     }
+}
+
+/// Completes once the stop signal is given.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Starts one proxy worker thread; the returned receiver completes when it has finished.
+fn spawn_worker(
+    n: usize,
+    listeners: Vec<std::net::TcpListener>,
+    proxy: Proxy,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Runtime { source })?;
+    std::thread::Builder::new()
+        .name(format!("latchkey-proxy-{n}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let proxy = Arc::new(proxy);
+                let graceful = Arc::new(GracefulShutdown::new());
+                let mut loops = tokio::task::JoinSet::new();
+                for listener in listeners {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a proxy worker could not use its listener");
+                            continue;
+                        }
+                    };
+                    let proxy = proxy.clone();
+                    let handler = move |req| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                    };
+                    loops.spawn(accept_loop(listener, handler, graceful.clone(), stopped(stop.clone())));
+                }
+                while loops.join_next().await.is_some() {}
+                if let Ok(graceful) = Arc::try_unwrap(graceful) {
+                    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("connections still open after the grace period were closed");
+                    }
+                }
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|source| StartError::Runtime { source })?;
+    Ok(done_rx)
 }
 
 /// Binds and runs latchkey until `shutdown`.

@@ -14,6 +14,7 @@ pub mod body;
 pub mod error;
 pub mod upstream;
 
+use std::borrow::Cow;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +79,16 @@ struct Route<'u> {
     requested: Option<Requested<'u>>,
 }
 
+/// Where phase 4 sends the request.
+struct Peer<'c> {
+    scheme: Scheme,
+    authority: Cow<'c, Authority>,
+    /// The base URL's path in gateway form; nothing in forward form.
+    path_prefix: &'c str,
+    /// The host, for the log.
+    host: Arc<str>,
+}
+
 struct Requested<'u> {
     scheme: Scheme,
     host: &'u str,
@@ -105,8 +116,7 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let mut log = AccessLog {
-            form: "-",
-            method: req.method().as_str().to_string(),
+            method: req.method().clone(),
             ..AccessLog::default()
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
@@ -146,9 +156,9 @@ impl Proxy {
 
         let route = Self::route(&parts, &uri)?;
         log.form = route.form.as_str();
-        log.connection = Some(route.id.to_string());
+        log.connection = Some(route.id.shared());
         if let Some(r) = &route.requested {
-            log.host = Some(r.host.to_string());
+            log.host = Some(Arc::from(r.host));
         }
 
         let client = self.authorize(&route)?;
@@ -157,13 +167,14 @@ impl Proxy {
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
 
-        let ((scheme, authority, path_prefix), host) = Self::upstream_peer(&route, &conn)?;
-        log.host = Some(host);
+        let peer = Self::upstream_peer(&route, &conn)?;
+        log.host = Some(peer.host.clone());
+        let authority = &*peer.authority;
 
         let target = Target {
-            scheme,
-            authority: &authority,
-            path_prefix,
+            scheme: peer.scheme,
+            authority,
+            path_prefix: peer.path_prefix,
         };
         let log_path = inject::rewrite(&mut parts, route.path_and_query, target, &conn)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
@@ -321,7 +332,7 @@ impl Proxy {
             ))?;
         if !client.may_use(route.id.as_str()) {
             return Err(ProxyError::ConnectionForbidden {
-                client: client.name.clone(),
+                client: client.name.to_string(),
                 connection: route.id.to_string(),
             });
         }
@@ -347,16 +358,15 @@ impl Proxy {
     }
 
     /// Phase 4: the upstream's scheme, authority and path prefix, and the host for the log.
-    fn upstream_peer<'c>(
-        route: &Route<'_>,
-        conn: &'c Connection,
-    ) -> Result<((Scheme, String, &'c str), String), ProxyError> {
+    fn upstream_peer<'c>(route: &Route<'_>, conn: &'c Connection) -> Result<Peer<'c>, ProxyError> {
         let Some(req) = &route.requested else {
             let base = &conn.base;
-            return Ok((
-                (base.scheme, base.authority.clone(), base.path.as_str()),
-                base.host.clone(),
-            ));
+            return Ok(Peer {
+                scheme: base.scheme,
+                authority: Cow::Borrowed(&base.authority),
+                path_prefix: &base.path,
+                host: base.host.clone(),
+            });
         };
         if !conn.hosts.allows(req.host) {
             return Err(ProxyError::HostNotAllowed {
@@ -376,8 +386,16 @@ impl Proxy {
             _ => scheme.default_port(),
         };
         let host = req.host.to_ascii_lowercase();
-        let authority = connection::authority(&host, port, scheme);
-        Ok(((scheme, authority, ""), host))
+        let authority = Authority::from_maybe_shared(bytes::Bytes::from(connection::authority(
+            &host, port, scheme,
+        )))
+        .map_err(|_| ProxyError::BadRequest("the request URL's host is not valid".into()))?;
+        Ok(Peer {
+            scheme,
+            authority: Cow::Owned(authority),
+            path_prefix: "",
+            host: Arc::from(host),
+        })
     }
 
     /// Phase 6: send it on and take the answer's head.

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""A quick A/B of throughput: nginx (the anchor) against one or more latchkey binaries, gateway
+form, on the same loopback upstream, alternating runs. For iterating on performance; the full
+benchmark is ``scripts/bench-load``.
+
+    python3 bench/compare.py --binary target/release/latchkey [--binary /tmp/old-latchkey] \\
+        [--rounds 5] [--duration 5] [--https]
+
+Prints req/s and proxy CPU µs/request per run, then medians.
+"""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--binary", action="append", required=True)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=int, default=5)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--https", action="store_true", help="HTTPS upstream")
+    a = p.parse_args()
+
+    args = load.argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
+                                   https_h2=False)
+    bench = load.Bench(args)
+    bench.setup()
+    conn = "bench-tls" if a.https else "bench"
+    anchor_port = bench.anchor_https if a.https else bench.anchor_http
+    targets = [("nginx", f"http://127.0.0.1:{anchor_port}/", bench.anchor.pids)]
+    for i, binary in enumerate(a.binary):
+        lk = load.Latchkey(str(Path(binary).resolve()), f"b{i}", bench.workdir, bench.bao, bench.ca_pem)
+        targets.append((f"{Path(binary).name}#{i}", f"http://127.0.0.1:{lk.port}/{conn}/", lk.pids))
+    script = load.BENCH / "lua/report.lua"
+    for name, url, _ in targets:  # warm-up
+        load.wrk_run(bench.wrk, url, 1, a.connections, script)
+    results = {name: [] for name, _, _ in targets}
+    for r in range(a.rounds):
+        order = targets[r % len(targets):] + targets[: r % len(targets)]
+        for name, url, pids in order:
+            t0 = load.cpu_ticks(pids())
+            out = load.wrk_run(bench.wrk, url, a.duration, a.connections, script)
+            cpu = (load.cpu_ticks(pids()) - t0) / load.CLK_TCK * 1e6 / max(out["requests"], 1)
+            results[name].append((out["rps"], cpu))
+            print(f"round {r}: {name:<20} {out['rps']:>10,.0f} req/s  {cpu:6.1f} µs/req  errors {out['errors']}", flush=True)
+    print()
+    base = statistics.median(x for x, _ in results["nginx"])
+    for name, rs in results.items():
+        rps = statistics.median(x for x, _ in rs)
+        cpu = statistics.median(c for _, c in rs)
+        print(f"{name:<20} {rps:>10,.0f} req/s  {rps / base:5.2f}× nginx  {cpu:6.1f} µs/req")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        load.PROCS.stop_all() if hasattr(load.PROCS, "stop_all") else None
