@@ -100,8 +100,12 @@ pub struct Cache {
     inner: Arc<Inner>,
 }
 
+/// foldhash: seeded per map (unknown IDs land in the map as negative entries, so the hash
+/// must not be predictable), and a fraction of SipHash's cost on the hit path.
+type Hasher = foldhash::fast::RandomState;
+
 struct Inner {
-    map: DashMap<ConnectionId, Slot>,
+    map: DashMap<ConnectionId, Slot, Hasher>,
     source: Arc<dyn Source>,
     ttl: Duration,
     refresh_at: Duration,
@@ -146,7 +150,7 @@ impl Cache {
     pub fn new(config: &CacheConfig, source: Arc<dyn Source>) -> Cache {
         Cache {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
+                map: DashMap::with_hasher(Hasher::default()),
                 source,
                 ttl: config.ttl,
                 refresh_at: config.ttl.mul_f64(0.8),

@@ -22,7 +22,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 use crate::proxy::upstream::BoxError;
 use crate::proxy::ProxyBody;
@@ -35,7 +34,8 @@ use crate::proxy::ProxyBody;
 pub struct EchoServer {
     addr: SocketAddr,
     requests: Arc<AtomicU64>,
-    _stop: oneshot::Sender<()>,
+    connections: Arc<AtomicU64>,
+    _stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl EchoServer {
@@ -47,34 +47,47 @@ impl EchoServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
-        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let connections = Arc::new(AtomicU64::new(0));
+        // Stopping the server (dropping it) closes its listener and every open connection.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let counter = requests.clone();
+        let accepted = connections.clone();
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let mut accept_stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
-                    _ = &mut stop_rx => return,
+                    _ = accept_stop.changed() => return,
                     r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let counter = counter.clone();
                 let acceptor = acceptor.clone();
+                let mut conn_stop = stop_rx.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         echo(req)
                     });
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    match acceptor {
-                        None => {
-                            let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        }
-                        Some(acceptor) => {
-                            if let Ok(tls) = acceptor.accept(stream).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                    let serve = async {
+                        match acceptor {
+                            None => {
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            }
+                            Some(acceptor) => {
+                                if let Ok(tls) = acceptor.accept(stream).await {
+                                    let _ =
+                                        builder.serve_connection(TokioIo::new(tls), service).await;
+                                }
                             }
                         }
+                    };
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = conn_stop.changed() => {}
                     }
                 });
             }
@@ -82,6 +95,7 @@ impl EchoServer {
         Ok(EchoServer {
             addr,
             requests,
+            connections,
             _stop: stop_tx,
         })
     }
@@ -93,6 +107,11 @@ impl EchoServer {
     /// How many requests have reached this server.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 

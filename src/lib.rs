@@ -66,6 +66,7 @@ use crate::cache::{Cache, VaultSource};
 use crate::config::Config;
 use crate::destination::AddressPolicy;
 use crate::lifecycle::Lifecycle;
+use crate::proxy::pool::Pool;
 use crate::proxy::upstream::{self, Dialer};
 use crate::proxy::Proxy;
 use crate::vault::Vault;
@@ -122,7 +123,7 @@ impl ProxyParts {
             self.cache.clone(),
             self.lifecycle.clone(),
             self.clients.clone(),
-            upstream::client(self.dialer.clone()),
+            Pool::new(self.dialer.clone()),
             self.request_timeout,
         )
     }
@@ -155,7 +156,7 @@ impl Server {
             vault.clone(),
             catalog.clone(),
             cache.clone(),
-            upstream::client(dialer.clone()),
+            Pool::new(dialer.clone()),
             config.proxy.request_timeout,
             config.admin.expiry_warning,
         ));

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::cache::{Cache, Load};
 use crate::catalog::{Catalog, RESERVED_FIELDS};
 use crate::connection::{Connection, ConnectionId, Draft, FieldError, StoredConnection};
-use crate::proxy::upstream::UpstreamClient;
+use crate::proxy::pool::Pool;
 use crate::secret::Secret;
 use crate::telemetry;
 use crate::vault::{Vault, VaultError};
@@ -148,7 +148,7 @@ pub struct Lifecycle {
     vault: Arc<Vault>,
     catalog: Arc<Catalog>,
     cache: Cache,
-    upstream: UpstreamClient,
+    upstream: Arc<Pool>,
     verify_timeout: Duration,
     expiry_warning: Duration,
     forbidden_noted: DashMap<ConnectionId, Instant>,
@@ -159,7 +159,7 @@ impl Lifecycle {
         vault: Arc<Vault>,
         catalog: Arc<Catalog>,
         cache: Cache,
-        upstream: UpstreamClient,
+        upstream: Arc<Pool>,
         verify_timeout: Duration,
         expiry_warning: Duration,
     ) -> Lifecycle {

@@ -297,7 +297,8 @@ const REQUEST_COUNTERS_MAX: usize = 65_536;
 
 thread_local! {
     /// `latchkey_requests_total` handles by label set, per thread (no lock on the hot path).
-    static REQUEST_COUNTERS: RefCell<HashMap<RequestKey, Counter>> = RefCell::new(HashMap::new());
+    static REQUEST_COUNTERS: RefCell<HashMap<RequestKey, Counter, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::with_hasher(foldhash::fast::RandomState::default()));
 }
 
 fn request_counter(

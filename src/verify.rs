@@ -5,6 +5,7 @@
 //! (401), a key that lacks a scope (403), a wrong base URL (404 on the verify path), a service
 //! that cannot be reached or is too slow, and each comes with what to check.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +15,8 @@ use serde_json::{json, Value};
 
 use crate::connection::Connection;
 use crate::inject::{self, Target};
-use crate::proxy::upstream::{self, BoxError, DialError, UpstreamClient};
+use crate::proxy::pool::{Pool, SendError};
+use crate::proxy::upstream::{BoxError, DialError};
 
 /// What a verification found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +92,7 @@ impl Verification {
 const MAX_BODY: usize = 64 * 1024;
 
 /// Runs the connector's verification call for `conn`.
-pub async fn verify(conn: &Connection, client: &UpstreamClient, timeout: Duration) -> Verification {
+pub async fn verify(conn: &Connection, client: &Arc<Pool>, timeout: Duration) -> Verification {
     let connector = &conn.connector;
     let Some(spec) = &connector.verify else {
         return Verification {
@@ -139,7 +141,7 @@ pub async fn verify(conn: &Connection, client: &UpstreamClient, timeout: Duratio
     }
     let request = Request::from_parts(parts, body);
 
-    let response = match tokio::time::timeout(timeout, client.request(request)).await {
+    let response = match tokio::time::timeout(timeout, client.send(request)).await {
         Err(_) => {
             return Verification {
                 outcome: Outcome::Timeout,
@@ -151,7 +153,7 @@ pub async fn verify(conn: &Connection, client: &UpstreamClient, timeout: Duratio
             }
         }
         Ok(Err(e)) => return unreachable(&what, &e),
-        Ok(Ok(r)) => r,
+        Ok(Ok((r, _connection))) => r,
     };
     let status = response.status();
     let scopes = connector.scopes.clone().unwrap_or_else(|| {
@@ -269,8 +271,12 @@ fn unexpected(message: String) -> Verification {
     }
 }
 
-fn unreachable(what: &str, e: &hyper_util::client::legacy::Error) -> Verification {
-    let (message, hint) = match upstream::dial_error(e) {
+fn unreachable(what: &str, e: &SendError) -> Verification {
+    let dial = match e {
+        SendError::Dial(d) => Some(d),
+        _ => None,
+    };
+    let (message, hint) = match dial {
         Some(DialError::Blocked(b)) => (
             format!("{what} cannot be called: {b}"),
             "A base URL on a private address needs proxy.allow_private_destinations.",

@@ -12,6 +12,7 @@
 
 pub mod body;
 pub mod error;
+pub mod pool;
 pub mod upstream;
 
 use std::borrow::Cow;
@@ -38,7 +39,8 @@ use crate::telemetry::{self, AccessLog};
 
 use body::{Counted, Logged, PendingLog};
 pub use error::ProxyError;
-use upstream::{BoxError, DialError, UpstreamClient};
+use pool::{Pool, Pooled, SendError};
+use upstream::{BoxError, DialError};
 
 /// The body type of every response latchkey sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -48,7 +50,7 @@ pub struct Proxy {
     cache: Cache,
     lifecycle: Arc<Lifecycle>,
     clients: Clients,
-    upstream: UpstreamClient,
+    upstream: Arc<Pool>,
     request_timeout: Duration,
 }
 
@@ -100,7 +102,7 @@ impl Proxy {
         cache: Cache,
         lifecycle: Arc<Lifecycle>,
         clients: Clients,
-        upstream: UpstreamClient,
+        upstream: Arc<Pool>,
         request_timeout: Duration,
     ) -> Proxy {
         Proxy {
@@ -121,7 +123,7 @@ impl Proxy {
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
         match self.serve(req, &mut log, &bytes_in).await {
-            Ok(response) => {
+            Ok((response, pooled)) => {
                 log.status = response.status().as_u16();
                 let (parts, body) = response.into_parts();
                 let body = Logged::new(
@@ -131,6 +133,7 @@ impl Proxy {
                         started,
                         bytes_in,
                     },
+                    pooled,
                 );
                 Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
             }
@@ -150,7 +153,7 @@ impl Proxy {
         req: Request<Incoming>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
 
@@ -183,7 +186,7 @@ impl Proxy {
         let body = Counted::new(body, bytes_in.clone())
             .map_err(BoxError::from)
             .boxed_unsync();
-        let response = self.forward(Request::from_parts(parts, body), log).await?;
+        let (response, pooled) = self.forward(Request::from_parts(parts, body), log).await?;
         let what = || format!("{method} {authority}{log_path}");
         match response.status() {
             http::StatusCode::UNAUTHORIZED => {
@@ -201,7 +204,7 @@ impl Proxy {
             _ => {}
         }
         log.path = Some(log_path);
-        Ok(response)
+        Ok((response, pooled))
     }
 
     /// Phase 1: the request's form, connection ID and token.
@@ -403,9 +406,9 @@ impl Proxy {
         &self,
         req: Request<UnsyncBoxBody<Bytes, BoxError>>,
         log: &mut AccessLog,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let response =
-            match tokio::time::timeout(self.request_timeout, self.upstream.request(req)).await {
+    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
+        let (response, pooled) =
+            match tokio::time::timeout(self.request_timeout, self.upstream.send(req)).await {
                 Err(_) => {
                     return Err(ProxyError::UpstreamTimeout(format!(
                         "the upstream did not answer within {:?}",
@@ -422,25 +425,16 @@ impl Proxy {
             _ => "http/1.1",
         });
         inject::strip_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, body))
+        Ok((Response::from_parts(parts, body), pooled))
     }
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
-    match upstream::dial_error(e) {
-        Some(DialError::Blocked(b)) => ProxyError::DestinationBlocked(*b),
-        Some(d @ DialError::Tls { .. }) => ProxyError::UpstreamTls(d.to_string()),
-        Some(d @ DialError::Timeout(_)) => ProxyError::UpstreamTimeout(d.to_string()),
-        Some(d) => ProxyError::UpstreamUnreachable(d.to_string()),
-        None => {
-            let mut message = String::from("the upstream connection failed");
-            let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-            while let Some(inner) = cur {
-                message.push_str(": ");
-                message.push_str(&inner.to_string());
-                cur = inner.source();
-            }
-            ProxyError::UpstreamUnreachable(message)
-        }
+fn upstream_error(e: &SendError) -> ProxyError {
+    match e {
+        SendError::Dial(DialError::Blocked(b)) => ProxyError::DestinationBlocked(*b),
+        SendError::Dial(d @ DialError::Tls { .. }) => ProxyError::UpstreamTls(d.to_string()),
+        SendError::Dial(d @ DialError::Timeout(_)) => ProxyError::UpstreamTimeout(d.to_string()),
+        SendError::Dial(d) => ProxyError::UpstreamUnreachable(d.to_string()),
+        other => ProxyError::UpstreamUnreachable(other.describe()),
     }
 }

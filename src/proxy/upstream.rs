@@ -1,13 +1,12 @@
-//! The upstream side: a pooled hyper client whose connector resolves, checks and dials.
+//! The upstream side's dialer: resolve, check, connect, TLS. (The pool over it is `pool`.)
 //!
-//! The destination check lives here, in the connector, because this is where the socket address
-//! is known: hyper-util's own `HttpConnector` parses literal IP hosts before any resolver runs,
-//! so a check in a resolver would miss them. Every resolved address is judged by the
+//! The destination check lives here, where the socket address is known: hyper-util's own
+//! `HttpConnector` parses literal IP hosts before any resolver runs, so a check in a resolver
+//! would miss them. Every resolved address is judged by the
 //! [`AddressPolicy`]; blocked ones are skipped, and if none is left the dial fails with the
 //! first reason. TLS is rustls with the system roots plus `tls.extra_roots`, offering h2 and
 //! HTTP/1.1 by ALPN.
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -17,11 +16,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Uri;
+use http::uri::Authority;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -31,7 +27,6 @@ use crate::destination::{AddressPolicy, Blocked};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type UpstreamClient = Client<Dialer, UpstreamBody>;
 
 /// Why a connection to an upstream could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -82,16 +77,6 @@ pub fn tls_config(extra_roots: &[PathBuf]) -> Result<rustls::ClientConfig, Strin
     Ok(config)
 }
 
-/// Builds the pooled upstream client.
-pub fn client(dialer: Dialer) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(dialer)
-}
-
 /// The connector: resolve, check every address, connect, then TLS for `https`.
 #[derive(Clone)]
 pub struct Dialer {
@@ -120,26 +105,20 @@ impl Dialer {
     }
 }
 
-impl tower_service::Service<Uri> for Dialer {
-    type Response = TokioIo<MaybeTls>;
-    type Error = DialError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), DialError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.dial(uri).await.map(TokioIo::new) })
+impl Dialer {
+    /// Resolves, checks and connects to `authority`, with TLS when `https`.
+    pub async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
+        self.inner.dial(https, authority).await
     }
 }
 
 impl DialerInner {
-    async fn dial(&self, uri: Uri) -> Result<MaybeTls, DialError> {
-        let host = uri.host().ok_or(DialError::NoHost)?;
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
+        let host = authority.host();
+        if host.is_empty() {
+            return Err(DialError::NoHost);
+        }
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let bare = host.trim_start_matches('[').trim_end_matches(']');
 
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
@@ -215,17 +194,12 @@ pub enum MaybeTls {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Connection for MaybeTls {
-    fn connected(&self) -> Connected {
+impl MaybeTls {
+    /// Whether TLS negotiated h2 by ALPN.
+    pub fn is_h2(&self) -> bool {
         match self {
-            MaybeTls::Plain(_) => Connected::new(),
-            MaybeTls::Tls(tls) => {
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    Connected::new().negotiated_h2()
-                } else {
-                    Connected::new()
-                }
-            }
+            MaybeTls::Plain(_) => false,
+            MaybeTls::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
         }
     }
 }
@@ -286,16 +260,4 @@ impl AsyncWrite for MaybeTls {
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
-}
-
-/// Finds the dial error under a client error, if the failure was in the connector.
-pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
-    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(d) = e.downcast_ref::<DialError>() {
-            return Some(d);
-        }
-        cur = e.source();
-    }
-    None
 }

@@ -25,6 +25,7 @@ mod inject;
 mod leaks;
 mod lifecycle;
 mod pitfalls;
+mod pool;
 mod service_sim;
 mod smoke;
 mod streaming;

@@ -1,0 +1,146 @@
+//! The upstream connection pool: connections are reused once a response has been read to the
+//! end, an unfinished response's connection is not, a connection the upstream closed is
+//! replaced without the request failing, and h2 upstreams share one connection.
+
+use futures_util::StreamExt;
+
+use crate::support::*;
+
+/// Sends `n` gateway requests one after another on one client connection.
+async fn sequential(lk: &Latchkey, path: &str, n: usize) {
+    let client = http();
+    for _ in 0..n {
+        let r = client.get(lk.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn finished_responses_give_their_connection_back() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "reuse", &format!("http://{}", up.addr()));
+    // One worker, so that every request uses the same pool.
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("workers = 1")).await;
+    sequential(&lk, "/reuse/a", 20).await;
+    assert_eq!(up.requests(), 20);
+    assert_eq!(
+        up.connections(),
+        1,
+        "sequential requests should reuse one upstream connection"
+    );
+
+    // Empty bodies (204-like: /bytes/0) end before they start; the connection still returns.
+    sequential(&lk, "/reuse/bytes/0", 5).await;
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn an_unfinished_response_does_not_return_its_connection() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "partial", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("workers = 1")).await;
+
+    // Read a little of a large body, then drop it: that connection holds unread bytes.
+    let r = http()
+        .get(lk.url("/partial/bytes/67108864"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    sequential(&lk, "/partial/after", 3).await;
+    assert_eq!(
+        up.connections(),
+        2,
+        "the next request needs a fresh connection"
+    );
+    let last = lk.access_log();
+    assert!(last
+        .iter()
+        .filter(|l| l["path"] == "/after")
+        .all(|l| l["status"] == 200));
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_upstream_is_replaced() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    // The h1-only TLS upstream is restarted between requests: its pooled connection dies.
+    let up = echo_tls(&ca, &[b"http/1.1"]).await;
+    let port = up.addr().port();
+    bao.put(
+        "restart",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &format!("https://localhost:{port}")),
+            ("api_key", "restart_key_1234"),
+        ],
+    );
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
+    )
+    .await;
+    sequential(&lk, "/restart/one", 2).await;
+    drop(up);
+    // The old listener closes as its task ends; bind again as soon as the port is free.
+    let mut up2 = None;
+    for _ in 0..200 {
+        match EchoServer::start(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Some(ca.server_config(&["localhost", "127.0.0.1"], &[b"http/1.1"])),
+        )
+        .await
+        {
+            Ok(s) => {
+                up2 = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+    let up2 = up2.expect("the port was not freed");
+    sequential(&lk, "/restart/two", 3).await;
+    assert_eq!(up2.requests(), 3);
+}
+
+#[tokio::test]
+async fn h2_upstreams_share_one_connection() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let up = echo_tls(&ca, &[b"h2"]).await;
+    bao.put(
+        "h2-shared",
+        &[
+            ("connector", "generic-bearer"),
+            (
+                "base_url",
+                &format!("https://localhost:{}", up.addr().port()),
+            ),
+            ("api_key", "h2_shared_key_1234"),
+        ],
+    );
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
+    )
+    .await;
+    sequential(&lk, "/h2-shared/x", 1).await;
+    let client = http();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let req = client.get(lk.url(&format!("/h2-shared/c/{i}")));
+        tasks.spawn(async move { read(req.send().await.unwrap()).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json["version"], "HTTP/2.0");
+    }
+    assert_eq!(up.requests(), 21);
+    assert_eq!(up.connections(), 1);
+}
