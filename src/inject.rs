@@ -12,22 +12,11 @@ use zeroize::Zeroizing;
 
 use crate::connection::{Connection, Credential, Scheme};
 
-/// Headers that belong to one hop, never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
-
-/// Framing headers: hyper frames the forwarded message itself from the body it is given, so
-/// that no CL/TE disagreement can pass from one side to the other.
-const FRAMING: [HeaderName; 2] = [header::CONTENT_LENGTH, header::TRANSFER_ENCODING];
-
+/// Headers that belong to one hop (`Connection`, `Keep-Alive`, `Proxy-Authenticate`,
+/// `Proxy-Authorization`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`) and framing headers
+/// (`Content-Length`, `Transfer-Encoding`), never forwarded in either direction: hyper frames
+/// the forwarded message itself from the body it is given, so that no CL/TE disagreement can
+/// pass from one side to the other.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     // One string match (a length switch, then a compare) rather than ten name comparisons:
     // this runs for every header of every message.
@@ -51,30 +40,37 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// One pass over the names present decides whether anything must go, so that the common
 /// message, which carries none of them, costs no hash lookups.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut found = false;
-    let mut connection = false;
+    // The names present, found in one pass; a message usually has none, or only
+    // `Connection: keep-alive`, so only what is there is removed.
+    let mut present: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if is_hop_by_hop(name) {
-            found = true;
-            connection |= name == header::CONNECTION;
+            present.push(name.clone());
         }
     }
-    if !found {
+    if present.is_empty() {
         return;
     }
-    if connection {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    if present.contains(&header::CONNECTION) {
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for name in value.split(',') {
+                let name = name.trim();
+                if name.is_empty()
+                    || name.eq_ignore_ascii_case("keep-alive")
+                    || name.eq_ignore_ascii_case("close")
+                {
+                    // Connection options, not header names (keep-alive is removed anyway).
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    present.push(name);
+                }
+            }
         }
+        present.push(HeaderName::from_static("keep-alive"));
     }
-    for name in HOP_BY_HOP.iter().chain(FRAMING.iter()) {
+    for name in present {
         headers.remove(name);
     }
 }
@@ -115,6 +111,8 @@ pub fn rewrite(
     }
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
+    // The client's `Host` names latchkey (the pool sets the upstream's); `Expect:
+    // 100-continue` was answered by latchkey's own server when it read the body.
     headers.remove(header::HOST);
     headers.remove(header::EXPECT);
 
@@ -475,6 +473,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/?a=1");
+    }
+
+    #[test]
+    fn hop_by_hop_names() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "content-length",
+            "transfer-encoding",
+        ] {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "authorization",
+            "host",
+            "content-type",
+            "x-connection",
+            "trailers",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, close, X-Drop".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-drop", "1".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["x-keep"]
+        );
     }
 
     #[test]

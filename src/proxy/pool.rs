@@ -52,21 +52,27 @@ impl SendError {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// Which upstream: `https` and the authority as written in the request URI (latchkey writes
+/// it in lower case). The maps are looked up by the authority's text: `Authority`'s own `Hash`
+/// and `Eq` fold case byte by byte, which showed in the profile.
+#[derive(Clone)]
 struct Key {
     https: bool,
     authority: Authority,
 }
+
+type ByHost<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
 }
 
+/// Per scheme (index 0: http, 1: https), per authority.
 #[derive(Default)]
 struct State {
-    idle: HashMap<Key, Vec<Idle>, foldhash::fast::RandomState>,
-    h2: HashMap<Key, http2::SendRequest<UpstreamBody>, foldhash::fast::RandomState>,
+    idle: [ByHost<Vec<Idle>>; 2],
+    h2: [ByHost<http2::SendRequest<UpstreamBody>>; 2],
 }
 
 /// The pool. Cheap to share; a worker's requests all use its own.
@@ -126,7 +132,7 @@ impl Pool {
                 Ok(resp) => return Ok((resp, None)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => {
-                        self.state().h2.remove(&key);
+                        self.state().h2[usize::from(key.https)].remove(key.authority.as_str());
                         req = back;
                     }
                     None => return Err(e.into_error().into()),
@@ -135,7 +141,8 @@ impl Pool {
         }
 
         while let Some(mut sender) = self.take_idle(&key) {
-            if sender.ready().await.is_err() {
+            if let Err(e) = sender.ready().await {
+                tracing::debug!(error = %e, "a pooled upstream connection was not usable");
                 continue;
             }
             for_h1(&mut req, &key);
@@ -149,6 +156,7 @@ impl Pool {
             }
         }
 
+        tracing::debug!(authority = %key.authority, "opening an upstream connection");
         let io = self.dialer.dial(key.https, &key.authority).await?;
         if io.is_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -160,7 +168,8 @@ impl Pool {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
                 }
             });
-            self.state().h2.insert(key.clone(), sender.clone());
+            self.state().h2[usize::from(key.https)]
+                .insert(key.authority.as_str().into(), sender.clone());
             let mut sender = sender;
             for_h2(&mut req, &key);
             return Ok((sender.send_request(req).await?, None));
@@ -186,10 +195,14 @@ impl Pool {
 
     fn shared_h2(&self, key: &Key) -> Option<http2::SendRequest<UpstreamBody>> {
         let mut state = self.state();
-        match state.h2.get(key) {
+        let map = &mut state.h2[usize::from(key.https)];
+        if map.is_empty() {
+            return None;
+        }
+        match map.get(key.authority.as_str()) {
             Some(s) if !s.is_closed() => Some(s.clone()),
             Some(_) => {
-                state.h2.remove(key);
+                map.remove(key.authority.as_str());
                 None
             }
             None => None,
@@ -198,7 +211,7 @@ impl Pool {
 
     fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<UpstreamBody>> {
         let mut state = self.state();
-        let list = state.idle.get_mut(key)?;
+        let list = state.idle[usize::from(key.https)].get_mut(key.authority.as_str())?;
         let now = Instant::now();
         while let Some(idle) = list.pop() {
             if !idle.sender.is_closed() && now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
@@ -211,10 +224,15 @@ impl Pool {
 
     fn put(&self, key: Key, sender: http1::SendRequest<UpstreamBody>) {
         if sender.is_closed() {
+            tracing::debug!("an upstream connection closed before it could be reused");
             return;
         }
         let mut state = self.state();
-        let list = state.idle.entry(key).or_default();
+        let map = &mut state.idle[usize::from(key.https)];
+        let list = match map.get_mut(key.authority.as_str()) {
+            Some(list) => list,
+            None => map.entry(key.authority.as_str().into()).or_default(),
+        };
         if list.len() < MAX_IDLE_PER_HOST {
             list.push(Idle {
                 sender,
