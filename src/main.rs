@@ -8,13 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// mimalloc: the request path allocates and frees many small buffers per request, and glibc's
-// malloc showed up at several percent of the profile; mimalloc also returns freed memory.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Exit status for a configuration that cannot be used (EX_USAGE... sysexits' EX_CONFIG is 78,
-/// but 64 is what operators' tooling here expects for "bad input").
+/// Exit status when the configuration is refused (64, sysexits' EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser)]

@@ -24,8 +24,9 @@ use super::upstream::{DialError, Dialer, UpstreamBody};
 
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1.1 connections kept per host.
-const MAX_IDLE_PER_HOST: usize = 256;
+/// Idle HTTP/1.1 connections kept per host, per worker: enough for a worker's share of a few
+/// hundred concurrent requests, few enough that a burst does not leave thousands open.
+const MAX_IDLE_PER_HOST: usize = 64;
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +157,17 @@ impl Pool {
             }
         }
 
+        // Dialing (DNS, TCP, TLS, the HTTP handshake) is the large part of this future and the
+        // rare one: boxed, it is allocated only when it runs, and every proxied request's
+        // future (kept per client connection by hyper) stays small.
+        Box::pin(self.connect_and_send(key, req)).await
+    }
+
+    async fn connect_and_send(
+        self: &Arc<Self>,
+        key: Key,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Option<Pooled>), SendError> {
         tracing::debug!(authority = %key.authority, "opening an upstream connection");
         let io = self.dialer.dial(key.https, &key.authority).await?;
         if io.is_h2() {
