@@ -5,7 +5,8 @@ latchkey binary under `valgrind --tool=callgrind` with one proxy worker, warms i
 up, zeroes the counters, sends a fixed number of keep-alive gateway requests, and reports the
 instructions latchkey executed per request.
 
-    python3 bench/callgrind.py --binary target/release/latchkey [--binary /tmp/other] [--requests 2000]
+    python3 bench/callgrind.py --binary target/release/latchkey [--binary /tmp/other] [--requests 2000] \
+        [--keep DIR]
 """
 
 import argparse
@@ -31,7 +32,7 @@ def requests(port, path, n):
     c.close()
 
 
-def measure(bench, binary, n):
+def measure(bench, binary, n, keep=None):
     name = Path(binary).name
     lk_dir = bench.workdir / f"cg-{name}-{os.getpid()}-{time.monotonic_ns()}"
     lk_dir.mkdir()
@@ -56,6 +57,11 @@ def measure(bench, binary, n):
     load.PROCS.stop(proc, timeout=30)
     # Dump 1 (callgrind.out.1) is the one asked for after zeroing: the requests' instructions,
     # all threads together; the file without a number is the final dump at exit.
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        kept = keep / f"callgrind.{name}.out"
+        kept.write_bytes((lk_dir / "callgrind.out.1").read_bytes())
+        print(f"profile: {kept} (callgrind_annotate --inclusive=yes {kept})", flush=True)
     total = 0
     for line in (lk_dir / "callgrind.out.1").read_text(errors="replace").splitlines():
         if line.startswith("summary:"):
@@ -68,13 +74,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", action="append", required=True)
     p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--keep", type=Path, help="copy each profile into this directory")
     a = p.parse_args()
     args = load.argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
                                    https_h2=False)
     bench = load.Bench(args)
     bench.setup()
     for b in a.binary:
-        per = measure(bench, b, a.requests)
+        per = measure(bench, b, a.requests, a.keep)
         print(f"{b}: {per:,.0f} instructions per request (gateway form, {a.requests} requests)", flush=True)
 
 
