@@ -6,7 +6,7 @@ benchmark is ``scripts/bench-load``.
     python3 bench/compare.py --binary target/release/latchkey [--binary /tmp/old-latchkey] \\
         [--rounds 5] [--duration 5] [--https]
 
-Prints req/s and proxy CPU µs/request per run, then medians.
+Prints req/s and the proxy's CPU µs/request per run (user + kernel), then medians.
 """
 
 import argparse
@@ -44,17 +44,20 @@ def main():
     for r in range(a.rounds):
         order = targets[r % len(targets):] + targets[: r % len(targets)]
         for name, url, pids in order:
-            t0 = load.cpu_ticks(pids())
+            u0, s0 = load.cpu_ticks_split(pids())
             out = load.wrk_run(bench.wrk, url, a.duration, a.connections, script)
-            cpu = (load.cpu_ticks(pids()) - t0) / load.CLK_TCK * 1e6 / max(out["requests"], 1)
-            results[name].append((out["rps"], cpu))
-            print(f"round {r}: {name:<20} {out['rps']:>10,.0f} req/s  {cpu:6.1f} µs/req  errors {out['errors']}", flush=True)
+            u1, s1 = load.cpu_ticks_split(pids())
+            per = load.CLK_TCK / 1e6 * max(out["requests"], 1)
+            user, system = (u1 - u0) / per, (s1 - s0) / per
+            results[name].append((out["rps"], user + system, user, system))
+            print(f"round {r}: {name:<20} {out['rps']:>10,.0f} req/s  {user + system:6.1f} µs/req"
+                  f" ({user:.1f} user + {system:.1f} kernel)  errors {out['errors']}", flush=True)
     print()
-    base = statistics.median(x for x, _ in results["nginx"])
+    base = statistics.median(r[0] for r in results["nginx"])
     for name, rs in results.items():
-        rps = statistics.median(x for x, _ in rs)
-        cpu = statistics.median(c for _, c in rs)
-        print(f"{name:<20} {rps:>10,.0f} req/s  {rps / base:5.2f}× nginx  {cpu:6.1f} µs/req")
+        rps, cpu, user, system = (statistics.median(r[i] for r in rs) for i in range(4))
+        print(f"{name:<20} {rps:>10,.0f} req/s  {rps / base:5.2f}× nginx  {cpu:6.1f} µs/req"
+              f" ({user:.1f} user + {system:.1f} kernel)")
 
 
 if __name__ == "__main__":

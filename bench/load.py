@@ -264,7 +264,13 @@ def proc_tree(pid):
 
 
 def cpu_ticks(pids):
-    total = 0
+    user, system = cpu_ticks_split(pids)
+    return user + system
+
+
+def cpu_ticks_split(pids):
+    """(user, system) clock ticks of the processes: utime and stime, fields 14 and 15."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -272,8 +278,9 @@ def cpu_ticks(pids):
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
 
 
 def status_kib(pid, key):
