@@ -25,6 +25,8 @@ def main():
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--https", action="store_true", help="HTTPS upstream")
+    p.add_argument("--workers", type=int, action="append",
+                   help="proxy.workers for each --binary in turn (default: one per core)")
     a = p.parse_args()
 
     args = load.argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
@@ -34,9 +36,12 @@ def main():
     conn = "bench-tls" if a.https else "bench"
     anchor_port = bench.anchor_https if a.https else bench.anchor_http
     targets = [("nginx", f"http://127.0.0.1:{anchor_port}/", bench.anchor.pids)]
+    workers = a.workers or []
     for i, binary in enumerate(a.binary):
-        lk = load.Latchkey(str(Path(binary).resolve()), f"b{i}", bench.workdir, bench.bao, bench.ca_pem)
-        targets.append((f"{Path(binary).name}#{i}", f"http://127.0.0.1:{lk.port}/{conn}/", lk.pids))
+        w = workers[i] if i < len(workers) else None
+        lk = load.Latchkey(str(Path(binary).resolve()), f"b{i}", bench.workdir, bench.bao, bench.ca_pem,
+                           workers=w)
+        targets.append((f"{Path(binary).name}#{i}" + (f" w{w}" if w else ""), f"http://127.0.0.1:{lk.port}/{conn}/", lk.pids))
     script = load.BENCH / "lua/report.lua"
     for name, url, _ in targets:  # warm-up
         load.wrk_run(bench.wrk, url, 1, a.connections, script)

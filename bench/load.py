@@ -513,14 +513,15 @@ class Nginx:
 
 
 class Latchkey:
-    def __init__(self, binary, name, workdir, bao, ca_pem):
+    def __init__(self, binary, name, workdir, bao, ca_pem, workers=None):
         self.name = name
         self.port, self.admin = free_port(), free_port()
         config = workdir / f"latchkey-{name}.toml"
         config.write_text(
             "[proxy]\n"
             f'listen = "127.0.0.1:{self.port}"\n'
-            'allow_private_destinations = ["127.0.0.0/8"]\n\n'
+            'allow_private_destinations = ["127.0.0.0/8"]\n'
+            + (f"workers = {workers}\n" if workers else "") + "\n"
             "[admin]\n"
             f'listen = "127.0.0.1:{self.admin}"\n\n'
             "[vault]\n"

@@ -50,6 +50,7 @@ pub mod verify;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
 use crate::auth::Clients;
@@ -95,8 +96,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The proxy listeners are served by `proxy.workers` threads, each with a single-threaded
 /// runtime of its own and its own pool of upstream connections: a request, its upstream
 /// connection and their tasks stay on one thread, with no cross-thread wake-ups on the hot
-/// path (the way nginx's workers run). The cache, the Vault client and the admin listener are
-/// shared, on the runtime that calls [`Server::run`].
+/// path (the way nginx's workers run). Connections are accepted on the runtime that calls
+/// [`Server::run`] and each is handed to the worker serving the fewest ([`Balancer`]). The
+/// cache, the Vault client and the admin listener are shared, on that runtime too.
 pub struct Server {
     proxy_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
@@ -214,28 +216,36 @@ impl Server {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut workers = Vec::with_capacity(self.workers);
+        let mut handles = Vec::with_capacity(self.workers);
         for n in 0..self.workers {
-            let mut listeners = Vec::with_capacity(self.proxy_listeners.len());
-            for l in &self.proxy_listeners {
-                // Every worker accepts on the same sockets; the kernel hands each connection
-                // to one of them.
-                listeners.push(l.try_clone().map_err(|source| {
-                    StartError::Bind {
-                        addr: l
-                            .local_addr()
-                            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
-                        source,
-                    }
-                })?);
-            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let open = Arc::new(AtomicUsize::new(0));
             workers.push(spawn_worker(
                 n,
-                listeners,
+                rx,
+                open.clone(),
                 self.parts.proxy(),
                 stop_rx.clone(),
             )?);
+            handles.push(WorkerHandle { tx, open });
         }
-        drop(self.proxy_listeners);
+        let balancer = Arc::new(Balancer {
+            workers: handles,
+            next: AtomicUsize::new(0),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.proxy_listeners {
+            let addr = l
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let listener =
+                TcpListener::from_std(l).map_err(|source| StartError::Bind { addr, source })?;
+            tasks.spawn(dispatch_loop(
+                listener,
+                balancer.clone(),
+                stopped(stop_rx.clone()),
+            ));
+        }
 
         tracing::info!(
             proxy = %proxy_addrs.join(","),
@@ -252,7 +262,6 @@ impl Server {
         }
 
         let graceful = Arc::new(GracefulShutdown::new());
-        let mut tasks = tokio::task::JoinSet::new();
         {
             let admin = self.admin.clone();
             let handler = move |req| {
@@ -292,10 +301,111 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// An accepted proxy connection on its way to a worker.
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// A worker as the acceptor sees it: where to send a connection, and how many it serves.
+struct WorkerHandle {
+    tx: mpsc::UnboundedSender<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Hands each accepted proxy connection to the worker serving the fewest.
+///
+/// Workers accepting on a shared socket themselves left the load to chance: the first to wake
+/// took every connection waiting, so a client that opened its keep-alive connections at once
+/// (a connection pool, a load generator) could have all of them served by one thread while
+/// the others idled. Counting keeps them level; a connection costs one hand-off between
+/// threads when it opens, and nothing per request.
+struct Balancer {
+    workers: Vec<WorkerHandle>,
+    /// Where the search for the least busy worker starts, so that ties take turns.
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    fn dispatch(&self, mut accepted: Accepted) {
+        let n = self.workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // Stable: among equally busy workers, the turn order holds.
+        order.sort_by_key(|&i| self.workers[i].open.load(Ordering::Relaxed));
+        for i in order {
+            let worker = &self.workers[i];
+            worker.open.fetch_add(1, Ordering::Relaxed);
+            match worker.tx.send(accepted) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => {
+                    // That worker has stopped (shutting down); another may take it.
+                    worker.open.fetch_sub(1, Ordering::Relaxed);
+                    accepted = back;
+                }
+            }
+        }
+        tracing::debug!(peer = %accepted.1, "no proxy worker to take a connection; closed");
+    }
+}
+
+/// Counts a connection as open on its worker (for the balancer and in
+/// `latchkey_client_connections`) until dropped. The balancer counted it when it handed it
+/// over; the gauge counts it from here.
+struct OpenConnection {
+    open: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicUsize>, gauge: &metrics::Gauge) -> OpenConnection {
+        gauge.increment(1.0);
+        OpenConnection {
+            open,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Accepts proxy connections and hands them to the workers.
+async fn dispatch_loop(
+    listener: TcpListener,
+    balancer: Arc<Balancer>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        match stream.into_std() {
+            Ok(stream) => balancer.dispatch((stream, peer)),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "an accepted connection could not be handed over")
+            }
+        }
+    }
+}
+
 /// Starts one proxy worker thread; the returned receiver completes when it has finished.
 fn spawn_worker(
     n: usize,
-    listeners: Vec<std::net::TcpListener>,
+    mut accepted: mpsc::UnboundedReceiver<Accepted>,
+    open: Arc<AtomicUsize>,
     proxy: Proxy,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
@@ -309,31 +419,36 @@ fn spawn_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let proxy = Arc::new(proxy);
-                let graceful = Arc::new(GracefulShutdown::new());
-                let mut loops = tokio::task::JoinSet::new();
-                for listener in listeners {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "a proxy worker could not use its listener");
-                            continue;
-                        }
-                    };
+                let handler = move |req| {
                     let proxy = proxy.clone();
-                    let handler = move |req| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                    async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                };
+                let builder = http_builder();
+                let graceful = GracefulShutdown::new();
+                let gauge = telemetry::client_connections(n);
+                gauge.set(0.0);
+                let stop = stopped(stop);
+                tokio::pin!(stop);
+                loop {
+                    let (stream, peer) = tokio::select! {
+                        _ = &mut stop => break,
+                        next = accepted.recv() => match next {
+                            Some(a) => a,
+                            None => break,
+                        },
                     };
-                    loops.spawn(accept_loop(listener, handler, graceful.clone(), stopped(stop.clone())));
-                }
-                while loops.join_next().await.is_some() {}
-                if let Ok(graceful) = Arc::try_unwrap(graceful) {
-                    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!("connections still open after the grace period were closed");
+                    let guard = OpenConnection::new(open.clone(), &gauge);
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => serve(&builder, &graceful, stream, peer, handler.clone(), guard),
+                        Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
+                }
+                drop(accepted);
+                if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("connections still open after the grace period were closed");
                 }
             });
             let _ = done_tx.send(());
@@ -353,6 +468,39 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
+/// The HTTP server settings of both listeners.
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+}
+
+/// Serves one client connection on the current runtime; `guard` lives as long as it does.
+fn serve<H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    guard: impl Send + 'static,
+) where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<http::Response<proxy::ProxyBody>, Infallible>> + Send + 'static,
+{
+    let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler));
+    let conn = graceful.watch(conn.into_owned());
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        drop(guard);
+    });
+}
+
+/// Accepts and serves connections on the current runtime (the admin listener).
 async fn accept_loop<H, F>(
     listener: TcpListener,
     handler: H,
@@ -362,11 +510,7 @@ async fn accept_loop<H, F>(
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<proxy::ProxyBody>, Infallible>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    let builder = http_builder();
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -382,12 +526,72 @@ async fn accept_loop<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        serve(&builder, &graceful, stream, peer, handler.clone(), ());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker() -> (WorkerHandle, mpsc::UnboundedReceiver<Accepted>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        (WorkerHandle { tx, open }, rx)
+    }
+
+    fn accepted(listener: &std::net::TcpListener) -> Accepted {
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = stream.local_addr().unwrap();
+        (stream, peer)
+    }
+
+    fn received(rx: &mut mpsc::UnboundedReceiver<Accepted>) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    fn open(b: &Balancer) -> Vec<usize> {
+        b.workers
+            .iter()
+            .map(|w| w.open.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[test]
+    fn connections_go_to_the_least_busy_worker_and_ties_take_turns() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (handles, mut rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| worker()).unzip();
+        let b = Balancer {
+            workers: handles,
+            next: AtomicUsize::new(0),
+        };
+
+        // Opened at once, as a client's pool opens them: spread evenly.
+        for _ in 0..6 {
+            b.dispatch(accepted(&listener));
+        }
+        assert_eq!(open(&b), [2, 2, 2]);
+        let got: Vec<usize> = rxs.iter_mut().map(received).collect();
+        assert_eq!(got, [2, 2, 2]);
+
+        // Worker 1's connections close: the next two go to it, not by turn.
+        b.workers[1].open.store(0, Ordering::Relaxed);
+        b.dispatch(accepted(&listener));
+        b.dispatch(accepted(&listener));
+        assert_eq!(open(&b), [2, 2, 2]);
+        let got: Vec<usize> = rxs.iter_mut().map(received).collect();
+        assert_eq!(got, [0, 2, 0]);
+
+        // A worker that has stopped is passed over, and its count is left as it was.
+        drop(rxs.remove(0));
+        b.workers[0].open.store(0, Ordering::Relaxed);
+        b.dispatch(accepted(&listener));
+        assert_eq!(open(&b)[0], 0);
+        let got: Vec<usize> = rxs.iter_mut().map(received).collect();
+        assert_eq!(got.iter().sum::<usize>(), 1);
     }
 }

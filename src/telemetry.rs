@@ -26,6 +26,12 @@ pub mod names {
     pub const UPSTREAM_UNAUTHORIZED: &str = "latchkey_upstream_unauthorized_total";
     pub const UPSTREAM_FORBIDDEN: &str = "latchkey_upstream_forbidden_total";
     pub const CONNECTION_EXPIRY: &str = "latchkey_connection_expiry_seconds";
+    pub const CLIENT_CONNECTIONS: &str = "latchkey_client_connections";
+}
+
+/// The gauge of client connections open on proxy worker `worker`.
+pub fn client_connections(worker: usize) -> metrics::Gauge {
+    gauge!(names::CLIENT_CONNECTIONS, "worker" => worker.to_string())
 }
 
 /// Sets up logging: JSON lines on standard error, filtered by `RUST_LOG` (default `info`).

@@ -29,3 +29,4 @@ mod pool;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod workers;

@@ -1,0 +1,52 @@
+//! Client connections are spread over the proxy workers: each new one goes to the worker
+//! serving the fewest, so a client that opens its keep-alive connections at once keeps every
+//! worker busy instead of one. `latchkey_client_connections{worker}` shows the spread.
+
+use std::collections::BTreeMap;
+
+use crate::errors::metrics_text;
+use crate::lifecycle::eventually;
+use crate::support::*;
+
+/// `latchkey_client_connections` by worker.
+async fn per_worker(lk: &Latchkey) -> BTreeMap<String, f64> {
+    metrics_text(lk)
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("latchkey_client_connections{worker=\""))
+        .filter_map(|rest| {
+            let (worker, value) = rest.split_once("\"} ")?;
+            Some((worker.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn connections_are_spread_evenly_over_the_workers_and_counted() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "spread", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("workers = 3")).await;
+
+    let idle: BTreeMap<String, f64> = (0..3).map(|w| (w.to_string(), 0.0)).collect();
+    assert_eq!(per_worker(&lk).await, idle);
+
+    // Six clients, each with its own keep-alive connection, all kept open.
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let client = http();
+        let r = client.get(lk.url("/spread/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        clients.push(client);
+    }
+    let even: BTreeMap<String, f64> = (0..3).map(|w| (w.to_string(), 2.0)).collect();
+    assert_eq!(per_worker(&lk).await, even);
+
+    // Closed, they are no longer counted.
+    drop(clients);
+    eventually("every worker's count back to zero", || async {
+        (per_worker(&lk).await == idle).then_some(())
+    })
+    .await;
+}
