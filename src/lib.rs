@@ -378,20 +378,7 @@ async fn dispatch_loop(
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
         match stream.into_std() {
             Ok(stream) => balancer.dispatch((stream, peer)),
             Err(e) => {
@@ -512,21 +499,32 @@ async fn accept_loop<H, F>(
 {
     let builder = http_builder();
     tokio::pin!(stop);
+    while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
+        serve(&builder, &graceful, stream, peer, handler.clone(), ());
+    }
+}
+
+/// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `stop` has
+/// completed.
+async fn next_connection<S: Future<Output = ()>>(
+    listener: &TcpListener,
+    mut stop: std::pin::Pin<&mut S>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut stop => return,
+        tokio::select! {
+            _ = &mut stop => return None,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
                 Err(e) => {
                     // Out of descriptors and the like: wait a little rather than spin.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
-        let _ = stream.set_nodelay(true);
-        serve(&builder, &graceful, stream, peer, handler.clone(), ());
+        }
     }
 }
 
