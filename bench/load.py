@@ -238,17 +238,29 @@ def median(xs):
 # ---------------------------------------------------------------------------------------------
 # /proc readings.
 
+def stat_fields(pid):
+    """The fields of /proc/PID/stat after the command name (field 3 first), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def all_stats():
+    """(pid, stat fields) for every process on the machine."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            fields = stat_fields(d)
+            if fields is not None:
+                yield int(d), fields
+
+
 def proc_children(pid):
     kids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+    for d, fields in all_stats():
+        ppid = int(fields[1])
         if ppid == pid:
             kids.append(int(d))
     return kids
@@ -272,12 +284,9 @@ def cpu_ticks_split(pids):
     """(user, system) clock ticks of the processes: utime and stime, fields 14 and 15."""
     user = system = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
+        fields = stat_fields(pid)
+        if fields is None:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
         user += int(fields[11])
         system += int(fields[12])
     return user, system
@@ -331,16 +340,8 @@ def socket_count(pid):
 def all_ticks():
     """{pid: (start time, utime+stime, cutime+cstime)} for every process on the machine."""
     out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[int(d)] = (fields[19], int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+    for d, fields in all_stats():
+        out[d] = (fields[19], int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
     return out
 
 

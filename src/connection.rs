@@ -453,16 +453,7 @@ impl Connection {
                 continue;
             }
             let Some(field) = connector.field(name) else {
-                return Err(ConnectionError::UnknownField {
-                    field: name.clone(),
-                    connector: connector.id.clone(),
-                    known: connector
-                        .fields
-                        .iter()
-                        .map(|f| f.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
+                return Err(unknown_field(&connector, name));
             };
             let (v, _) = clean_value(name, value.expose(), field.secret)?;
             if field.secret {
@@ -660,17 +651,7 @@ impl Draft {
                 ));
             }
             let Some(field) = connector.field(name) else {
-                return Err(ConnectionError::UnknownField {
-                    field: name.clone(),
-                    connector: connector.id.clone(),
-                    known: connector
-                        .fields
-                        .iter()
-                        .map(|f| f.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
-                .into());
+                return Err(unknown_field(&connector, name).into());
             };
             let (clean, trimmed) = clean_value(name, value.expose(), field.secret)?;
             if trimmed {
@@ -718,6 +699,20 @@ fn trim_notice(field: &str, raw: &str) -> String {
         "whitespace"
     };
     format!("{field}: removed {what} around the pasted value; it was saved without it")
+}
+
+/// A field the connector does not have, with the ones it does.
+fn unknown_field(connector: &Connector, name: &str) -> ConnectionError {
+    ConnectionError::UnknownField {
+        field: name.to_string(),
+        connector: connector.id.clone(),
+        known: connector
+            .fields
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 fn render_credential(

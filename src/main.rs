@@ -94,15 +94,9 @@ fn main() -> ExitCode {
             })
         }
         Command::Connections(args) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
                 Ok(r) => r,
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "latchkey: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(latchkey::cli::run(args)) {
                 Ok(code) => ExitCode::from(code),
@@ -123,16 +117,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Builds a runtime with I/O and timers, or says why it could not.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        let _ = writeln!(std::io::stderr(), "latchkey: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "latchkey: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
