@@ -6,7 +6,7 @@
 //! reaches the upstream.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
 use zeroize::Zeroizing;
 
@@ -180,9 +180,7 @@ pub fn rewrite(
         }
     };
     for (name, value) in &connection.connector.headers {
-        if !headers.contains_key(name) {
-            headers.insert(name.clone(), value.clone());
-        }
+        headers.entry(name).or_insert_with(|| value.clone());
     }
 
     let authority = target.authority.clone();
@@ -230,8 +228,32 @@ impl PartialEq<&str> for LogPath {
 }
 
 /// Removes hop-by-hop and framing headers from an upstream response.
-pub fn strip_response(headers: &mut HeaderMap) {
+///
+/// The answer to a `HEAD` (`to_head`) keeps its `Content-Length` when that is one plain
+/// number: there it frames nothing and tells the client the size of what a `GET` would return,
+/// which is what it asked. (hyper leaves `Content-Length` out of 304 and 204 answers itself.)
+pub fn strip_response(headers: &mut HeaderMap, to_head: bool) {
+    let length = if to_head {
+        single_content_length(headers)
+    } else {
+        None
+    };
     strip_hop_by_hop(headers);
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, length);
+    }
+}
+
+/// The `Content-Length` value when there is exactly one and it is a plain decimal number.
+fn single_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let digits = value.as_bytes();
+    let plain = !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit);
+    plain.then(|| value.clone())
 }
 
 struct ZeroizingString(Zeroizing<String>);
@@ -473,6 +495,50 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/?a=1");
+    }
+
+    #[test]
+    fn a_head_answer_keeps_one_plain_content_length_and_nothing_else_framing() {
+        let answer = |lengths: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in lengths {
+                h.append(header::CONTENT_LENGTH, v.parse().unwrap());
+            }
+            h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+            h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+            h
+        };
+        let lengths = |h: &HeaderMap| -> Vec<String> {
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect()
+        };
+
+        let mut h = answer(&["5678"]);
+        strip_response(&mut h, true);
+        assert_eq!(lengths(&h), ["5678"]);
+        assert!(!h.contains_key(header::TRANSFER_ENCODING));
+        assert!(!h.contains_key(header::CONNECTION));
+
+        // Not to a HEAD: the body's framing is hyper's to write.
+        let mut h = answer(&["5678"]);
+        strip_response(&mut h, false);
+        assert!(lengths(&h).is_empty());
+
+        // Two values, or one that is not a plain number: dropped.
+        for bad in [
+            &["1", "2"][..],
+            &["12, 12"],
+            &["-1"],
+            &["0x10"],
+            &[""],
+            &["99999999999999999999"],
+        ] {
+            let mut h = answer(bad);
+            strip_response(&mut h, true);
+            assert!(lengths(&h).is_empty(), "{bad:?}");
+        }
     }
 
     #[test]

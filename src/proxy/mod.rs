@@ -181,13 +181,17 @@ impl Proxy {
         };
         let log_path = inject::rewrite(&mut parts, route.path_and_query, target, &conn)
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        let method = parts.method.clone();
+        // Logged from here on, so that an upstream failure's line says what was asked.
+        log.path = Some(log_path);
 
         let body = Counted::new(body, bytes_in.clone())
             .map_err(BoxError::from)
             .boxed_unsync();
         let (response, pooled) = self.forward(Request::from_parts(parts, body), log).await?;
-        let what = || format!("{method} {authority}{log_path}");
+        let what = || {
+            let path = log.path.as_ref().map_or("", |p| p.as_str());
+            format!("{} {authority}{path}", log.method)
+        };
         match response.status() {
             http::StatusCode::UNAUTHORIZED => {
                 telemetry::upstream_unauthorized(route.id.as_str());
@@ -203,7 +207,6 @@ impl Proxy {
             }
             _ => {}
         }
-        log.path = Some(log_path);
         Ok((response, pooled))
     }
 
@@ -407,6 +410,7 @@ impl Proxy {
         req: Request<UnsyncBoxBody<Bytes, BoxError>>,
         log: &mut AccessLog,
     ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
+        let head = req.method() == Method::HEAD;
         let (response, pooled) =
             match tokio::time::timeout(self.request_timeout, self.upstream.send(req)).await {
                 Err(_) => {
@@ -424,7 +428,7 @@ impl Proxy {
             Version::HTTP_10 => "http/1.0",
             _ => "http/1.1",
         });
-        inject::strip_response(&mut parts.headers);
+        inject::strip_response(&mut parts.headers, head);
         Ok((Response::from_parts(parts, body), pooled))
     }
 }

@@ -732,6 +732,16 @@ async fn a_slow_upstream_is_504_upstream_timeout() {
     get(&lk, "/slow/delay/5000")
         .await
         .assert_error(504, "upstream_timeout");
+    // Its access line says what was asked, as a successful request's does.
+    let line = crate::lifecycle::eventually("the timed-out request's access line", || async {
+        lk.access_log()
+            .into_iter()
+            .find(|l| l["error"] == "upstream_timeout")
+    })
+    .await;
+    assert_eq!(line["path"], "/delay/5000");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["status"], 504);
 }
 
 // ---------------------------------------------------------------------------------------------

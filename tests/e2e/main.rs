@@ -21,6 +21,7 @@ mod compose;
 mod config_cli;
 mod destination;
 mod errors;
+mod framing;
 mod inject;
 mod leaks;
 mod lifecycle;
