@@ -220,13 +220,7 @@ impl Server {
         for n in 0..self.workers {
             let (tx, rx) = mpsc::unbounded_channel();
             let open = Arc::new(AtomicUsize::new(0));
-            workers.push(spawn_worker(
-                n,
-                rx,
-                open.clone(),
-                self.parts.proxy(),
-                stop_rx.clone(),
-            )?);
+            workers.push(spawn_worker(n, rx, open.clone(), self.parts.proxy())?);
             handles.push(WorkerHandle { tx, open });
         }
         let balancer = Arc::new(Balancer {
@@ -286,6 +280,9 @@ impl Server {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+        // The acceptors have stopped; with the last sender gone, each worker serves what is
+        // already queued for it, then stops.
+        drop(balancer);
         for done in workers {
             let _ = done.await;
         }
@@ -388,13 +385,13 @@ async fn dispatch_loop(
     }
 }
 
-/// Starts one proxy worker thread; the returned receiver completes when it has finished.
+/// Starts one proxy worker thread, serving the connections that come through `accepted` until
+/// its senders are gone; the returned receiver completes when it has finished.
 fn spawn_worker(
     n: usize,
     mut accepted: mpsc::UnboundedReceiver<Accepted>,
     open: Arc<AtomicUsize>,
     proxy: Proxy,
-    stop: watch::Receiver<bool>,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -414,23 +411,15 @@ fn spawn_worker(
                 let graceful = GracefulShutdown::new();
                 let gauge = telemetry::client_connections(n);
                 gauge.set(0.0);
-                let stop = stopped(stop);
-                tokio::pin!(stop);
-                loop {
-                    let (stream, peer) = tokio::select! {
-                        _ = &mut stop => break,
-                        next = accepted.recv() => match next {
-                            Some(a) => a,
-                            None => break,
-                        },
-                    };
+                // Until the acceptors are gone (shutdown): every connection handed over is
+                // served, none is dropped unanswered.
+                while let Some((stream, peer)) = accepted.recv().await {
                     let guard = OpenConnection::new(open.clone(), &gauge);
                     match tokio::net::TcpStream::from_std(stream) {
                         Ok(stream) => serve(&builder, &graceful, stream, peer, handler.clone(), guard),
                         Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
                 }
-                drop(accepted);
                 if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
                     .await
                     .is_err()

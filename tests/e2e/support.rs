@@ -461,6 +461,25 @@ impl Latchkey {
         self.secrets.add(s);
     }
 
+    /// Asks latchkey to shut down, as a service manager does (SIGTERM).
+    pub fn terminate(&self) {
+        signal(self.child.id(), "TERM");
+    }
+
+    /// Waits up to `limit` for the process to exit; its status if it did.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the process and checks its whole output for every registered secret.
     pub fn stop_and_check(&mut self) -> String {
         let _ = self.child.kill();

@@ -1,6 +1,9 @@
 //! Client connections are spread over the proxy workers: each new one goes to the worker
 //! serving the fewest, so a client that opens its keep-alive connections at once keeps every
-//! worker busy instead of one. `latchkey_client_connections{worker}` shows the spread.
+//! worker busy instead of one. `latchkey_client_connections{worker}` shows the spread. At
+//! shutdown the workers finish what they were given before they stop.
+
+use std::time::Duration;
 
 use std::collections::BTreeMap;
 
@@ -49,4 +52,33 @@ async fn connections_are_spread_evenly_over_the_workers_and_counted() {
         (per_worker(&lk).await == idle).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "slow", &format!("http://{}", up.addr()));
+    let mut lk = Latchkey::start(&bao, Opts::loopback()).await;
+
+    // A request the upstream takes 1.5 s to answer, under way when the signal comes.
+    let url = lk.url("/slow/delay/1500");
+    let in_flight = tokio::spawn(async move { http().get(url).send().await?.text().await });
+    eventually("the upstream to have the request", || async {
+        (up.requests() == 1).then_some(())
+    })
+    .await;
+    lk.terminate();
+
+    let body = in_flight.await.unwrap().unwrap();
+    assert!(body.contains("/delay/1500"), "answer: {body}");
+    let status = lk
+        .exited_within(Duration::from_secs(15))
+        .await
+        .expect("latchkey did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        std::net::TcpStream::connect(lk.proxy).is_err(),
+        "the proxy port still accepts connections after exit"
+    );
 }
