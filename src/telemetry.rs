@@ -233,7 +233,7 @@ impl AccessLog {
             "access"
         );
         let connection = self.connection.as_ref().filter(|_| self.connection_known);
-        request_counter(self.form, connection, self.client.as_ref(), self.status).increment(1);
+        count_request(self.form, connection, self.client.as_ref(), self.status);
         let hot = hot();
         hot.duration(self.form).record(elapsed.as_secs_f64());
         hot.bytes_in.increment(self.bytes_in);
@@ -307,12 +307,12 @@ thread_local! {
         RefCell::new(HashMap::with_hasher(foldhash::fast::RandomState::default()));
 }
 
-fn request_counter(
+fn count_request(
     form: &'static str,
     connection: Option<&Arc<str>>,
     client: Option<&Arc<str>>,
     status: u16,
-) -> Counter {
+) {
     let key = RequestKey {
         form,
         connection: connection.cloned(),
@@ -322,7 +322,8 @@ fn request_counter(
     REQUEST_COUNTERS.with(|map| {
         let mut map = map.borrow_mut();
         if let Some(c) = map.get(&key) {
-            return c.clone();
+            c.increment(1);
+            return;
         }
         if map.len() >= REQUEST_COUNTERS_MAX {
             map.clear();
@@ -334,8 +335,8 @@ fn request_counter(
             "client" => key.client.as_deref().unwrap_or("-").to_string(),
             "status" => status_label(status)
         );
-        map.insert(key, c.clone());
-        c
+        c.increment(1);
+        map.insert(key, c);
     })
 }
 
