@@ -19,6 +19,7 @@ mod cli;
 mod clients;
 mod compose;
 mod config_cli;
+mod demo;
 mod destination;
 mod errors;
 mod framing;
