@@ -58,11 +58,17 @@ async fn an_unfinished_response_does_not_return_its_connection() {
         2,
         "the next request needs a fresh connection"
     );
-    let last = lk.access_log();
-    assert!(last
-        .iter()
-        .filter(|l| l["path"] == "/after")
-        .all(|l| l["status"] == 200));
+    // All three logged, all answered 200.
+    let after = crate::lifecycle::eventually("three access lines for /after", || async {
+        let lines: Vec<_> = lk
+            .access_log()
+            .into_iter()
+            .filter(|l| l["path"] == "/after")
+            .collect();
+        (lines.len() == 3).then_some(lines)
+    })
+    .await;
+    assert!(after.iter().all(|l| l["status"] == 200), "{after:?}");
 }
 
 #[tokio::test]
