@@ -37,11 +37,11 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop and framing headers, and every header that `Connection` names.
 ///
-/// One pass over the names present decides whether anything must go, so that the common
-/// message, which carries none of them, costs no hash lookups.
+/// One pass over the names present decides what must go: a message that carries none of them
+/// (most requests without a body) costs no hash lookup, and one that does (a response's
+/// `Content-Length`, a `Connection: keep-alive`) one removal per name present, not ten.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // The names present, found in one pass; a message usually has none, or only
-    // `Connection: keep-alive`, so only what is there is removed.
+    // The names present, found in one pass; only what is there is removed.
     let mut present: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if is_hop_by_hop(name) {
