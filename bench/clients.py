@@ -92,6 +92,16 @@ def percentiles(values):
     }
 
 
+def print_summary(latencies, statuses, errors, elapsed, rate=False):
+    """One JSON line: counts, statuses, the first error and latency percentiles."""
+    out = {"requests": len(latencies), "elapsed_s": elapsed}
+    if rate:
+        out["rate"] = len(latencies) / elapsed if elapsed else 0
+    out.update(statuses=statuses, errors=len(errors), first_error=errors[0] if errors else None,
+               **percentiles(latencies))
+    print(json.dumps(out))
+
+
 async def cmd_requests(args):
     paths = [line.strip() for line in open(args.paths_file) if line.strip()]
     queue = asyncio.Queue()
@@ -129,15 +139,7 @@ async def cmd_requests(args):
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     elapsed = time.perf_counter() - t0
-    print(json.dumps({
-        "requests": len(latencies),
-        "elapsed_s": elapsed,
-        "rate": len(latencies) / elapsed if elapsed else 0,
-        "statuses": statuses,
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        **percentiles(latencies),
-    }))
+    print_summary(latencies, statuses, errors, elapsed, rate=True)
 
 
 async def cmd_burst(args):
@@ -172,14 +174,7 @@ async def cmd_burst(args):
     go.set()
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({
-        "requests": len(latencies),
-        "elapsed_s": elapsed,
-        "statuses": statuses,
-        "errors": len(errors),
-        "first_error": errors[0] if errors else None,
-        **percentiles(latencies),
-    }))
+    print_summary(latencies, statuses, errors, elapsed)
 
 
 async def cmd_hold(args):

@@ -524,27 +524,19 @@ impl Connector {
             }
         };
 
-        let mut environments = Vec::with_capacity(raw.environments.len());
-        for (env, pattern) in raw.environments {
-            let re = Regex::new(&pattern).map_err(|e| {
-                ConfigError::new(
-                    key(&format!("environments.{env}")),
-                    format!("bad regex: {e}"),
-                )
-            })?;
-            environments.push((env, re));
-        }
-
-        let mut environment_urls = Vec::with_capacity(raw.environment_urls.len());
-        for (env, pattern) in raw.environment_urls {
-            let re = Regex::new(&pattern).map_err(|e| {
-                ConfigError::new(
-                    key(&format!("environment_urls.{env}")),
-                    format!("bad regex: {e}"),
-                )
-            })?;
-            environment_urls.push((env, re));
-        }
+        // Patterns by environment name, each compiled or refused naming its key.
+        let patterns = |table: &str, raw: BTreeMap<String, String>| {
+            raw.into_iter()
+                .map(|(env, pattern)| {
+                    let re = Regex::new(&pattern).map_err(|e| {
+                        ConfigError::new(key(&format!("{table}.{env}")), format!("bad regex: {e}"))
+                    })?;
+                    Ok((env, re))
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()
+        };
+        let environments = patterns("environments", raw.environments)?;
+        let environment_urls = patterns("environment_urls", raw.environment_urls)?;
 
         let mut headers = Vec::with_capacity(raw.headers.len());
         for (name, value) in raw.headers {
