@@ -86,4 +86,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        load.PROCS.stop_all()  # OpenBao and nginx too, not only the profiled latchkey

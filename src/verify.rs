@@ -153,7 +153,7 @@ pub async fn verify(conn: &Connection, client: &Arc<Pool>, timeout: Duration) ->
             }
         }
         Ok(Err(e)) => return unreachable(&what, &e),
-        Ok(Ok((r, _connection))) => r,
+        Ok(Ok(r)) => r,
     };
     let status = response.status();
     let scopes = connector.scopes.clone().unwrap_or_else(|| {

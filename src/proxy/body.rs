@@ -11,7 +11,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use super::pool::Pooled;
 use crate::telemetry::AccessLog;
 
 pin_project_lite::pin_project! {
@@ -72,14 +71,13 @@ impl PendingLog {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that emits the access log once, at its end, and gives its upstream
-    /// connection back to the pool when (and only when) the body was read to the end.
+    /// A response body that emits the access log once: at its end, on its failure, or when it
+    /// is dropped unfinished.
     pub struct Logged<B> {
         #[pin]
         inner: B,
         bytes: u64,
         pending: Option<Box<PendingLog>>,
-        pooled: Option<Pooled>,
     }
 
     impl<B> PinnedDrop for Logged<B> {
@@ -93,18 +91,11 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: Body> Logged<B> {
-    pub fn new(inner: B, pending: PendingLog, mut pooled: Option<Pooled>) -> Self {
-        // An empty body is over before it starts (and a server never polls it).
-        if inner.is_end_stream() {
-            if let Some(p) = pooled.take() {
-                p.release();
-            }
-        }
+    pub fn new(inner: B, pending: PendingLog) -> Self {
         Logged {
             inner,
             bytes: 0,
             pending: Some(Box::new(pending)),
-            pooled,
         }
     }
 }
@@ -117,25 +108,15 @@ impl<B: Body<Data = Bytes>> Body for Logged<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.len() as u64;
                 }
-                // A server stops polling a body that says it has ended, so the end is often
-                // seen here rather than as a last `None`.
-                if this.inner.is_end_stream() {
-                    if let Some(p) = this.pooled.take() {
-                        p.release();
-                    }
-                }
             }
             Poll::Ready(None) => {
-                if let Some(p) = this.pooled.take() {
-                    p.release();
-                }
                 if let Some(p) = this.pending.take() {
                     p.emit(*this.bytes);
                 }

@@ -12,6 +12,7 @@
 
 pub mod body;
 pub mod error;
+pub mod h1;
 pub mod pool;
 pub mod upstream;
 
@@ -39,7 +40,7 @@ use crate::telemetry::{self, AccessLog};
 
 use body::{Counted, Logged, PendingLog};
 pub use error::ProxyError;
-use pool::{Pool, Pooled, SendError};
+use pool::{Pool, ResponseBody, SendError};
 use upstream::{BoxError, DialError};
 
 /// The body type of every response latchkey sends.
@@ -123,7 +124,7 @@ impl Proxy {
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
         match self.serve(req, &mut log, &bytes_in).await {
-            Ok((response, pooled)) => {
+            Ok(response) => {
                 log.status = response.status().as_u16();
                 let (parts, body) = response.into_parts();
                 let body = Logged::new(
@@ -133,9 +134,8 @@ impl Proxy {
                         started,
                         bytes_in,
                     },
-                    pooled,
                 );
-                Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+                Response::from_parts(parts, body.boxed_unsync())
             }
             Err(e) => {
                 log.status = e.status().as_u16();
@@ -153,7 +153,7 @@ impl Proxy {
         req: Request<Incoming>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
-    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
 
@@ -187,7 +187,7 @@ impl Proxy {
         let body = Counted::new(body, bytes_in.clone())
             .map_err(BoxError::from)
             .boxed_unsync();
-        let (response, pooled) = self.forward(Request::from_parts(parts, body), log).await?;
+        let response = self.forward(Request::from_parts(parts, body), log).await?;
         let what = || {
             let path = log.path.as_ref().map_or("", |p| p.as_str());
             format!("{} {authority}{path}", log.method)
@@ -207,7 +207,7 @@ impl Proxy {
             }
             _ => {}
         }
-        Ok((response, pooled))
+        Ok(response)
     }
 
     /// Phase 1: the request's form, connection ID and token.
@@ -409,9 +409,8 @@ impl Proxy {
         &self,
         req: Request<UnsyncBoxBody<Bytes, BoxError>>,
         log: &mut AccessLog,
-    ) -> Result<(Response<Incoming>, Option<Pooled>), ProxyError> {
-        let head = req.method() == Method::HEAD;
-        let (response, pooled) =
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let response =
             match tokio::time::timeout(self.request_timeout, self.upstream.send(req)).await {
                 Err(_) => {
                     return Err(ProxyError::UpstreamTimeout(format!(
@@ -422,14 +421,12 @@ impl Proxy {
                 Ok(Err(e)) => return Err(upstream_error(&e)),
                 Ok(Ok(r)) => r,
             };
-        let (mut parts, body) = response.into_parts();
-        log.upstream_version = Some(match parts.version {
+        log.upstream_version = Some(match response.version() {
             Version::HTTP_2 => "h2",
             Version::HTTP_10 => "http/1.0",
             _ => "http/1.1",
         });
-        inject::strip_response(&mut parts.headers, head);
-        Ok((Response::from_parts(parts, body), pooled))
+        Ok(response)
     }
 }
 

@@ -1,26 +1,33 @@
 //! The upstream connection pool: one per proxy worker, keyed by scheme and authority.
 //!
-//! It replaces hyper-util's general-purpose client on the hot path, which paid three SipHash
-//! lookups, a pool lock and a client clone per request. Here an HTTP/1.1 connection is taken
-//! from its host's idle list (most recently used first), the request is sent with
-//! `try_send_request` (so a request that never left because the upstream had just closed the
-//! connection is sent again on another one, as hyper-util's client does), and the connection
-//! goes back to the list only when its response body has been read to the end ([`Pooled`]).
-//! An h2 connection is shared by every request to its host. Requests to HTTP/1.1 upstreams go
-//! in origin form with a `Host` header; to h2 upstreams, with `:authority` and `:scheme`.
+//! An HTTP/1.1 connection is taken from its host's idle list (most recently used first; one
+//! the upstream closed meanwhile is dropped there), the exchange is latchkey's own client
+//! ([`super::h1`]), and the connection goes back to the list only when its response body has
+//! been read to the end ([`Home`]). A request the upstream closed a reused connection on
+//! without answering is sent again on another one when that is safe (nothing of it was taken,
+//! and the method is idempotent or the head was never written). An h2 connection (ALPN) is
+//! hyper's and is shared by every request to its host. Requests to HTTP/1.1 upstreams go in
+//! origin form with a `Host` header; to h2 upstreams, with `:authority` and `:scheme`.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use super::upstream::{DialError, Dialer, UpstreamBody};
+use super::h1::{self, H1Body, H1Conn, H1Error, Pump, RequestFraming};
+use super::upstream::{BoxError, DialError, Dialer, UpstreamBody};
+use crate::inject;
 
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -34,7 +41,9 @@ pub enum SendError {
     #[error("{0}")]
     Dial(#[from] DialError),
     #[error("{0}")]
-    Http(#[from] hyper::Error),
+    H1(#[from] H1Error),
+    #[error("{0}")]
+    H2(#[from] hyper::Error),
     #[error("the upstream URL has no host")]
     NoAuthority,
 }
@@ -65,7 +74,7 @@ struct Key {
 type ByHost<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 
 struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
+    conn: H1Conn,
     since: Instant,
 }
 
@@ -82,18 +91,57 @@ pub struct Pool {
     state: Mutex<State>,
 }
 
-/// An HTTP/1.1 connection lent to one response; [`Pooled::release`] returns it once the
-/// response body has ended. Dropped instead (an unfinished body), the connection is closed.
-pub struct Pooled {
+/// Where an HTTP/1.1 connection lent to a response goes back to when its body has ended.
+pub struct Home {
     pool: Weak<Pool>,
     key: Key,
-    sender: http1::SendRequest<UpstreamBody>,
 }
 
-impl Pooled {
-    pub fn release(self) {
+impl Home {
+    pub fn put(self, conn: H1Conn) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.key, self.sender);
+            pool.put(self.key, conn);
+        }
+    }
+}
+
+/// A response body from an upstream.
+pub enum ResponseBody {
+    Empty,
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::H1(b) => Pin::new(b).poll_frame(cx),
+            ResponseBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Empty => true,
+            ResponseBody::H1(b) => b.is_end_stream(),
+            ResponseBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Empty => SizeHint::with_exact(0),
+            ResponseBody::H1(b) => b.size_hint(),
+            ResponseBody::H2(b) => b.size_hint(),
         }
     }
 }
@@ -113,11 +161,12 @@ impl Pool {
         }
     }
 
-    /// Sends a request whose URI is absolute (scheme and authority name the upstream).
+    /// Sends a request whose URI is absolute (scheme and authority name the upstream). The
+    /// answer's hop-by-hop and framing headers are already gone.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Option<Pooled>), SendError> {
+    ) -> Result<Response<ResponseBody>, SendError> {
         let key = Key {
             https: req.uri().scheme() == Some(&UriScheme::HTTPS),
             authority: req
@@ -129,8 +178,9 @@ impl Pool {
 
         if let Some(mut sender) = self.shared_h2(&key) {
             for_h2(&mut req, &key);
+            let to_head = req.method() == Method::HEAD;
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, None)),
+                Ok(resp) => return Ok(from_h2(resp, to_head)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => {
                         self.state().h2[usize::from(key.https)].remove(key.authority.as_str());
@@ -141,33 +191,53 @@ impl Pool {
             }
         }
 
-        while let Some(mut sender) = self.take_idle(&key) {
-            if let Err(e) = sender.ready().await {
-                tracing::debug!(error = %e, "a pooled upstream connection was not usable");
-                continue;
-            }
-            for_h1(&mut req, &key);
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Some(self.lend(key, sender)))),
-                // Not sent: the connection had closed. Another one gets it.
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(e.into_error().into()),
-                },
+        let (parts, body) = req.into_parts();
+        let framing = RequestFraming::of(&parts.method, &body);
+        let exchange = Exchange {
+            head: h1::encode_head(&parts, key.authority.as_str(), framing),
+            to_head: parts.method == Method::HEAD,
+            pump: Pump::new(body, framing),
+        };
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        let mut exchange = exchange;
+        while let Some(mut conn) = self.take_idle(&key) {
+            match conn
+                .exchange(
+                    &exchange.head,
+                    &mut exchange.pump,
+                    exchange.to_head,
+                    idempotent,
+                )
+                .await
+            {
+                Ok(head) => return Ok(self.respond(key, conn, head, exchange.pump)),
+                Err(f) if f.retryable => {
+                    tracing::debug!(error = %f.error, "a pooled upstream connection had closed; sending again");
+                }
+                Err(f) => return Err(f.error.into()),
             }
         }
 
         // Dialing (DNS, TCP, TLS, the HTTP handshake) is the large part of this future and the
         // rare one: boxed, it is allocated only when it runs, and every proxied request's
         // future (kept per client connection by hyper) stays small.
-        Box::pin(self.connect_and_send(key, req)).await
+        Box::pin(self.connect_and_send(key, parts, exchange)).await
     }
 
     async fn connect_and_send(
         self: &Arc<Self>,
         key: Key,
-        mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Option<Pooled>), SendError> {
+        parts: http::request::Parts,
+        mut exchange: Exchange,
+    ) -> Result<Response<ResponseBody>, SendError> {
         tracing::debug!(authority = %key.authority, "opening an upstream connection");
         let io = self.dialer.dial(key.https, &key.authority).await?;
         if io.is_h2() {
@@ -183,26 +253,42 @@ impl Pool {
             self.state().h2[usize::from(key.https)]
                 .insert(key.authority.as_str().into(), sender.clone());
             let mut sender = sender;
+            let body = exchange.pump.into_body().unwrap_or_else(|| {
+                Empty::<Bytes>::new()
+                    .map_err(|e| -> BoxError { match e {} })
+                    .boxed_unsync()
+            });
+            let mut req = Request::from_parts(parts, body);
             for_h2(&mut req, &key);
-            return Ok((sender.send_request(req).await?, None));
+            let resp = sender.send_request(req).await?;
+            return Ok(from_h2(resp, exchange.to_head));
         }
-        let (mut sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        for_h1(&mut req, &key);
-        let resp = sender.send_request(req).await?;
-        Ok((resp, Some(self.lend(key, sender))))
+        let mut conn = H1Conn::new(io);
+        match conn
+            .exchange(&exchange.head, &mut exchange.pump, exchange.to_head, false)
+            .await
+        {
+            Ok(head) => Ok(self.respond(key, conn, head, exchange.pump)),
+            Err(f) => Err(f.error.into()),
+        }
     }
 
-    fn lend(self: &Arc<Self>, key: Key, sender: http1::SendRequest<UpstreamBody>) -> Pooled {
-        Pooled {
+    fn respond(
+        self: &Arc<Self>,
+        key: Key,
+        conn: H1Conn,
+        head: h1::Head,
+        pump: Pump,
+    ) -> Response<ResponseBody> {
+        let home = Home {
             pool: Arc::downgrade(self),
             key,
-            sender,
-        }
+        };
+        let body = match H1Body::new(conn, &head, pump, home) {
+            Some(body) => ResponseBody::H1(body),
+            None => ResponseBody::Empty,
+        };
+        head.response.map(|()| body)
     }
 
     fn shared_h2(&self, key: &Key) -> Option<http2::SendRequest<UpstreamBody>> {
@@ -221,24 +307,20 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn take_idle(&self, key: &Key) -> Option<H1Conn> {
         let mut state = self.state();
         let list = state.idle[usize::from(key.https)].get_mut(key.authority.as_str())?;
         let now = Instant::now();
-        while let Some(idle) = list.pop() {
-            if !idle.sender.is_closed() && now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
-            {
-                return Some(idle.sender);
+        while let Some(mut idle) = list.pop() {
+            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT && idle.conn.is_usable() {
+                return Some(idle.conn);
             }
+            tracing::debug!("an idle upstream connection was closed or too old; dropped");
         }
         None
     }
 
-    fn put(&self, key: Key, sender: http1::SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            tracing::debug!("an upstream connection closed before it could be reused");
-            return;
-        }
+    fn put(&self, key: Key, conn: H1Conn) {
         let mut state = self.state();
         let map = &mut state.idle[usize::from(key.https)];
         let list = match map.get_mut(key.authority.as_str()) {
@@ -247,27 +329,25 @@ impl Pool {
         };
         if list.len() < MAX_IDLE_PER_HOST {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 }
 
-/// HTTP/1.1: origin-form target and a `Host` header.
-fn for_h1(req: &mut Request<UpstreamBody>, key: &Key) {
-    if let Ok(host) = HeaderValue::from_str(key.authority.as_str()) {
-        req.headers_mut().insert(http::header::HOST, host);
-    }
-    if req.uri().authority().is_some() {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(pq);
-    }
-    *req.version_mut() = Version::HTTP_11;
+/// An HTTP/1.1 request, encoded, with its body.
+struct Exchange {
+    head: Vec<u8>,
+    to_head: bool,
+    pump: Pump,
+}
+
+/// An h2 answer, with its hop-by-hop headers gone.
+fn from_h2(resp: Response<Incoming>, to_head: bool) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    inject::strip_response(&mut parts.headers, to_head);
+    Response::from_parts(parts, ResponseBody::H2(body))
 }
 
 /// h2: an absolute URI (`:scheme`, `:authority`), no `Host`.

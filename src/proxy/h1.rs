@@ -1,0 +1,899 @@
+//! latchkey's own HTTP/1.1 client for upstream connections.
+//!
+//! hyper's client drives every connection as a task of its own and hands each request and
+//! response across to it over channels, with a timer per connection; in the profile of a proxied
+//! request that machinery was a third of all instructions. A proxy sends one request at a time
+//! per connection, so here the request's own future does the exchange: it writes the request
+//! head on the connection it took from the pool and reads the response head, and the response
+//! body ([`H1Body`]) reads the rest and gives the connection back to the pool when the body has
+//! ended. A request body is sent while the response is read (an upstream may answer before it
+//! has read everything), by [`Pump`], polled by the same future.
+//!
+//! Parsing is httparse's, as in hyper. The response's hop-by-hop and framing headers, and those
+//! its `Connection` header names, are left out as the header map is built; the framing latchkey
+//! sends on is the body's own (RFC 9112 section 6.3 decides how the upstream's body ends).
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+
+use super::pool::Home;
+use super::upstream::{BoxError, MaybeTls, UpstreamBody};
+use crate::inject::is_hop_by_hop;
+
+/// The largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most header lines a response head may have (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// What one read asks for at least.
+const READ_CHUNK: usize = 16 * 1024;
+/// The longest chunk-size line or trailer line of a chunked body.
+const MAX_LINE: usize = 4 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the upstream closed the connection before it answered")]
+    Closed,
+    #[error("the upstream's answer is not valid HTTP/1.1: {0}")]
+    Invalid(&'static str),
+    #[error("the upstream's response head is larger than {} KiB", MAX_HEAD / 1024)]
+    HeadTooLarge,
+    #[error("the upstream switched protocols, which latchkey does not proxy")]
+    Upgrade,
+    #[error("the request body failed: {0}")]
+    RequestBody(BoxError),
+}
+
+/// An HTTP/1.1 connection to an upstream, and what was read on it past the last message.
+pub struct H1Conn {
+    io: MaybeTls,
+    buf: BytesMut,
+    /// Where each header line of the head being parsed is (kept to spare an allocation).
+    spans: Vec<[usize; 4]>,
+}
+
+/// How the request body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body.
+    None,
+    Length(u64),
+    Chunked,
+}
+
+impl RequestFraming {
+    pub fn of(method: &Method, body: &UpstreamBody) -> RequestFraming {
+        if body.is_end_stream() {
+            // Methods whose requests carry content say how long it is, even when it is empty.
+            let no_content = matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::DELETE
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::CONNECT
+            );
+            return if no_content {
+                RequestFraming::None
+            } else {
+                RequestFraming::Length(0)
+            };
+        }
+        match body.size_hint().exact() {
+            Some(n) => RequestFraming::Length(n),
+            None => RequestFraming::Chunked,
+        }
+    }
+}
+
+/// Writes the request head: origin-form target, `Host` first, the headers of `parts` except
+/// `Host` and framing, then the framing latchkey sends the body with.
+pub fn encode_head(
+    parts: &http::request::Parts,
+    authority: &str,
+    framing: RequestFraming,
+) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Vec::with_capacity(128 + parts.headers.len() * 48);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A response head, parsed, with how its body ends.
+pub struct Head {
+    pub response: Response<()>,
+    pub framing: Framing,
+    /// Whether the connection may carry another request once this body has ended.
+    pub reusable: bool,
+}
+
+/// How the response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunk),
+    /// At the connection's end.
+    Close,
+}
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Why an exchange failed, and whether the request may be sent again on another connection.
+pub struct Failure {
+    pub error: H1Error,
+    /// Nothing was answered and no body was sent: the upstream had closed the connection.
+    pub retryable: bool,
+}
+
+impl H1Conn {
+    pub fn new(io: MaybeTls) -> H1Conn {
+        H1Conn {
+            io,
+            buf: BytesMut::new(),
+            spans: Vec::new(),
+        }
+    }
+
+    /// Whether an idle connection can be used: not closed by the upstream, nothing unasked-for
+    /// on it. Costs a read only when the connection's socket was seen readable.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(self.poll_fill(&mut cx), Poll::Pending)
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// Sends `head` and the body (if any), and reads the response head. `idempotent`: whether
+    /// a request the upstream closed on without answering may be sent again.
+    pub async fn exchange(
+        &mut self,
+        head: &[u8],
+        pump: &mut Pump,
+        to_head: bool,
+        idempotent: bool,
+    ) -> Result<Head, Failure> {
+        let mut written = 0;
+        let wrote = poll_fn(|cx| {
+            while written < head.len() {
+                match ready!(Pin::new(&mut self.io).poll_write(cx, &head[written..])) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => written += n,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            Pin::new(&mut self.io).poll_flush(cx)
+        })
+        .await;
+        if let Err(e) = wrote {
+            return Err(Failure {
+                error: e.into(),
+                retryable: written == 0,
+            });
+        }
+        let result = poll_fn(|cx| {
+            if !pump.done {
+                if let Poll::Ready(Err(e)) = pump.poll(&mut self.io, cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            self.poll_head(cx, to_head)
+        })
+        .await;
+        result.map_err(|error| {
+            let nothing_sent = !pump.started;
+            let retryable = idempotent
+                && nothing_sent
+                && self.buf.is_empty()
+                && match &error {
+                    H1Error::Closed => true,
+                    H1Error::Io(e) => matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::BrokenPipe
+                    ),
+                    _ => false,
+                };
+            Failure { error, retryable }
+        })
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>, to_head: bool) -> Poll<Result<Head, H1Error>> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = parse_head(&mut self.buf, &mut self.spans, to_head)? {
+                    return Poll::Ready(Ok(head));
+                }
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) if self.buf.is_empty() => return Poll::Ready(Err(H1Error::Closed)),
+                Ok(0) => return Poll::Ready(Err(H1Error::Invalid("the response head is cut off"))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+}
+
+/// Parses a response head at the start of `buf`; `None` when more must be read. Interim (1xx)
+/// answers are skipped. The head's bytes are taken from `buf`.
+fn parse_head(
+    buf: &mut BytesMut,
+    spans: &mut Vec<[usize; 4]>,
+    to_head: bool,
+) -> Result<Option<Head>, H1Error> {
+    loop {
+        let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let config = httparse::ParserConfig::default();
+        let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut headers) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                return Err(H1Error::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Invalid("more than 100 header lines"))
+            }
+            Err(_) => return Err(H1Error::Invalid("the response head does not parse")),
+        };
+        let code = parsed.code.unwrap_or(0);
+        if code == 101 {
+            return Err(H1Error::Upgrade);
+        }
+        if (100..200).contains(&code) {
+            buf.advance(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let status = StatusCode::from_u16(code).map_err(|_| H1Error::Invalid("the status code"))?;
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+
+        // Where each header's name and value are in `buf`, and what the framing headers say.
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| s.as_ptr() as usize - base;
+        let count = parsed.headers.len();
+        spans.clear();
+        let mut close = version == Version::HTTP_10;
+        let mut named_by_connection = false;
+        let mut chunked = None;
+        let mut length: Option<u64> = None;
+        for h in parsed.headers.iter() {
+            let (name_at, value_at) = (at(h.name.as_bytes()), at(h.value));
+            spans.push([
+                name_at,
+                name_at + h.name.len(),
+                value_at,
+                value_at + h.value.len(),
+            ]);
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        if version == Version::HTTP_10 {
+                            close = false;
+                        }
+                    } else if !token.is_empty() {
+                        named_by_connection = true;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(h.value)
+                    .ok_or(H1Error::Invalid("the Content-Length is not a number"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Invalid("two different Content-Length values"));
+                }
+                length = Some(n);
+            }
+        }
+
+        let no_body =
+            to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let (framing, mut reusable) = match (no_body, chunked, length) {
+            (true, _, _) => (Framing::Empty, true),
+            // Transfer-Encoding wins over Content-Length; a message with both is not trusted
+            // to leave the connection clean.
+            (false, Some(true), l) => (Framing::Chunked(Chunk::Size), l.is_none()),
+            (false, Some(false), _) => (Framing::Close, false),
+            (false, None, Some(0)) => (Framing::Empty, true),
+            (false, None, Some(n)) => (Framing::Length(n), true),
+            (false, None, None) => (Framing::Close, false),
+        };
+        reusable &= !close;
+
+        let head = buf.split_to(len).freeze();
+        let mut map = HeaderMap::with_capacity(count);
+        let connection_values: Vec<Range<usize>> = if named_by_connection {
+            spans
+                .iter()
+                .filter(|s| head[s[0]..s[1]].eq_ignore_ascii_case(b"connection"))
+                .map(|s| s[2]..s[3])
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for span in spans.iter() {
+            let name = HeaderName::from_bytes(&head[span[0]..span[1]])
+                .map_err(|_| H1Error::Invalid("a header name"))?;
+            let keep_length = to_head && name == header::CONTENT_LENGTH && length.is_some();
+            if (is_hop_by_hop(&name) && !keep_length)
+                || (named_by_connection && named(&head, &connection_values, name.as_str()))
+            {
+                continue;
+            }
+            let value = HeaderValue::from_maybe_shared(head.slice(span[2]..span[3]))
+                .map_err(|_| H1Error::Invalid("a header value"))?;
+            map.append(name, value);
+        }
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = map;
+        return Ok(Some(Head {
+            response,
+            framing,
+            reusable,
+        }));
+    }
+}
+
+/// Whether a `Connection` header value names `name`.
+fn named(head: &Bytes, values: &[Range<usize>], name: &str) -> bool {
+    values.iter().any(|v| {
+        head[v.clone()]
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+    })
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Sends a request body, frame by frame, as it arrives from the client.
+pub struct Pump {
+    body: UpstreamBody,
+    chunked: bool,
+    /// What is still to be written of the current frame: size line, data, line end.
+    out: [Bytes; 3],
+    /// Whether the body was polled (and so cannot be sent again).
+    started: bool,
+    /// The last piece is queued; once written and flushed, the body is done.
+    last: bool,
+    pub done: bool,
+}
+
+impl Pump {
+    pub fn new(body: UpstreamBody, framing: RequestFraming) -> Pump {
+        Pump {
+            body,
+            chunked: framing == RequestFraming::Chunked,
+            out: Default::default(),
+            started: false,
+            last: false,
+            done: matches!(framing, RequestFraming::None | RequestFraming::Length(0)),
+        }
+    }
+
+    /// The body, when none of it was taken (to send it on another kind of connection).
+    pub fn into_body(self) -> Option<UpstreamBody> {
+        (!self.started).then_some(self.body)
+    }
+
+    /// Writes what the body has given; `Ready(Ok)` once all of it is written.
+    fn poll(&mut self, io: &mut MaybeTls, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
+        loop {
+            while self.out.iter().any(|b| !b.is_empty()) {
+                let slices = [
+                    IoSlice::new(&self.out[0]),
+                    IoSlice::new(&self.out[1]),
+                    IoSlice::new(&self.out[2]),
+                ];
+                let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+                if n == 0 {
+                    return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
+                }
+                for piece in &mut self.out {
+                    let take = n.min(piece.len());
+                    piece.advance(take);
+                    n -= take;
+                }
+            }
+            ready!(Pin::new(&mut *io).poll_flush(cx))?;
+            if self.last {
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            self.started = true;
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers are not sent on
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if self.chunked {
+                        self.out[0] = Bytes::from(format!("{:x}\r\n", data.len()));
+                        self.out[2] = Bytes::from_static(b"\r\n");
+                    }
+                    self.out[1] = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(H1Error::RequestBody(e))),
+                None => {
+                    if self.chunked {
+                        self.out[0] = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                    self.last = true;
+                }
+            }
+        }
+    }
+}
+
+/// The body of a response on an HTTP/1.1 upstream connection.
+pub struct H1Body {
+    conn: Option<H1Conn>,
+    framing: Framing,
+    reusable: bool,
+    /// A request body still being sent (rare: boxed).
+    pump: Option<Box<Pump>>,
+    home: Option<Home>,
+}
+
+impl H1Body {
+    /// The body of `head`, read from `conn`; `home` takes the connection back when it ends.
+    /// `None` when there is no body (the connection is given back at once).
+    pub fn new(conn: H1Conn, head: &Head, pump: Pump, home: Home) -> Option<H1Body> {
+        let mut body = H1Body {
+            conn: Some(conn),
+            framing: head.framing,
+            reusable: head.reusable,
+            pump: (!pump.done).then(|| Box::new(pump)),
+            home: Some(home),
+        };
+        if head.framing == Framing::Empty {
+            body.end();
+            return None;
+        }
+        Some(body)
+    }
+
+    /// The body has ended: the connection goes home if it is clean and the request was sent.
+    fn end(&mut self) {
+        self.framing = Framing::Empty;
+        let conn = self.conn.take();
+        if let (Some(conn), Some(home), true, None) =
+            (conn, self.home.take(), self.reusable, &self.pump)
+        {
+            if conn.buf.is_empty() {
+                home.put(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.framing = Framing::Empty;
+        self.conn = None;
+        Poll::Ready(Some(Err(e.into())))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if let Some(pump) = this.pump.as_mut() {
+            match pump.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.pump = None,
+                Poll::Ready(Err(e)) => {
+                    // The upstream answered without taking the whole request: read on, but
+                    // the connection cannot be used again.
+                    tracing::debug!(error = %e, "the request body was not sent to its end");
+                    this.pump = None;
+                    this.reusable = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.framing {
+                Framing::Empty => return Poll::Ready(None),
+                Framing::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = conn
+                            .buf
+                            .len()
+                            .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                        let data = conn.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            this.end();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(state) => match decode_chunk(&mut conn.buf, state) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        this.end();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => {}
+                    Err(e) => return this.fail(e),
+                },
+                Framing::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.framing == Framing::Close => {
+                    this.reusable = false;
+                    this.end();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail(H1Error::Invalid(
+                        "the upstream closed the connection before the body ended",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(e.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Empty
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Decoded {
+    Data(Bytes),
+    More,
+    End,
+}
+
+/// Takes what it can of a chunked body from `buf`.
+fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Error> {
+    loop {
+        match state {
+            Chunk::Size => {
+                let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+                    return more(buf);
+                };
+                let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+                let size = chunk_size(line).ok_or(H1Error::Invalid("a chunk size line"))?;
+                buf.advance(end + 1);
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::More);
+                }
+                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let data = buf.split_to(n).freeze();
+                *left -= n as u64;
+                if *left == 0 {
+                    *state = Chunk::DataEnd;
+                }
+                return Ok(Decoded::Data(data));
+            }
+            Chunk::DataEnd => {
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                } else if buf.starts_with(b"\n") {
+                    buf.advance(1);
+                } else if buf.len() >= 2 || (buf.len() == 1 && buf[0] != b'\r') {
+                    return Err(H1Error::Invalid("a chunk does not end with a line end"));
+                } else {
+                    return Ok(Decoded::More);
+                }
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+                    return more(buf);
+                };
+                let blank = end == 0 || (end == 1 && buf[0] == b'\r');
+                buf.advance(end + 1);
+                if blank {
+                    return Ok(Decoded::End);
+                }
+            }
+        }
+    }
+}
+
+fn more(buf: &BytesMut) -> Result<Decoded, H1Error> {
+    if buf.len() > MAX_LINE {
+        return Err(H1Error::Invalid("a chunk line is too long"));
+    }
+    Ok(Decoded::More)
+}
+
+/// The size of a chunk-size line (`1a3f` with optional `;extensions`).
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits_end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(digits_end);
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    let rest = rest.trim_ascii_start();
+    if !(rest.is_empty() || rest.starts_with(b";")) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &[u8], to_head: bool) -> Head {
+        let mut buf = BytesMut::from(raw);
+        parse_head(&mut buf, &mut Vec::new(), to_head)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn response_heads_say_how_their_bodies_end() {
+        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n", false);
+        assert_eq!(h.framing, Framing::Length(3));
+        assert!(h.reusable);
+        assert!(h.response.headers().get("content-length").is_none());
+
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(h.response.headers().is_empty());
+
+        let h = head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.reusable, "both framings: not reused");
+
+        let h = head(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!(h.framing, Framing::Close);
+        assert!(!h.reusable);
+
+        let h = head(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n", false);
+        assert!(!h.reusable, "HTTP/1.0 closes unless it says keep-alive");
+        let h = head(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\ncontent-length: 2\r\n\r\n",
+            false,
+        );
+        assert!(h.reusable);
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\ncontent-length: 2\r\n\r\n",
+            false,
+        );
+        assert!(!h.reusable);
+
+        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", true);
+        assert_eq!(h.framing, Framing::Empty, "an answer to HEAD has no body");
+        assert_eq!(
+            h.response.headers()["content-length"],
+            "7",
+            "but keeps its length"
+        );
+        let h = head(
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 7\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Empty);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_left_out() {
+        let h = head(
+            b"HTTP/1.1 201 Created\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nX-Kept: a\r\nx-kept: b\r\nUpgrade: h2c\r\ncontent-length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.response.status(), 201);
+        let names: Vec<_> = h.response.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!(h.response.headers().get_all("x-kept").iter().count(), 2);
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_bad_heads_refused() {
+        let h = head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.response.status(), 200);
+        let mut partial = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2"[..]);
+        assert!(parse_head(&mut partial, &mut Vec::new(), false)
+            .unwrap()
+            .is_none());
+
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(bad);
+            let parsed = parse_head(&mut buf, &mut Vec::new(), false);
+            assert!(parsed.is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx: "[..]);
+        huge.extend_from_slice(&vec![b'a'; MAX_HEAD]);
+        assert!(matches!(
+            parse_head(&mut huge, &mut Vec::new(), false),
+            Err(H1Error::HeadTooLarge)
+        ));
+    }
+
+    fn decode_all(input: &[u8], split: usize) -> Result<(Vec<u8>, Vec<u8>), H1Error> {
+        let mut buf = BytesMut::new();
+        let mut state = Chunk::Size;
+        let mut out = Vec::new();
+        for piece in input.chunks(split) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decode_chunk(&mut buf, &mut state)? {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::More => break,
+                    Decoded::End => return Ok((out, buf.to_vec())),
+                }
+            }
+        }
+        Err(H1Error::Invalid("no end"))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let body =
+            b"5\r\nhello\r\n1;ext=1\r\n \r\nA\r\n0123456789\r\n0\r\nx-trailer: t\r\n\r\nNEXT";
+        for split in [1, 2, 3, 7, body.len()] {
+            let (data, rest) = decode_all(body, split).unwrap();
+            assert_eq!(data, b"hello 0123456789", "split {split}");
+            if split == body.len() {
+                assert_eq!(rest, b"NEXT");
+            }
+        }
+        for bad in [&b"zz\r\n"[..], b"5\r\nhelloXY", b"10000000000000000\r\n"] {
+            assert!(
+                decode_all(bad, 64).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn request_heads_carry_host_first_and_latchkeys_framing() {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("https://api.example.com/v1/x?y=1")
+            .header("host", "wrong")
+            .header("content-length", "999")
+            .header("authorization", "Bearer k")
+            .header("x-a", "1")
+            .header("x-a", "2")
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let head = encode_head(&parts, "api.example.com", RequestFraming::Length(4));
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "POST /v1/x?y=1 HTTP/1.1\r\nhost: api.example.com\r\nauthorization: Bearer k\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 4\r\n\r\n"
+        );
+        let head = encode_head(&parts, "h", RequestFraming::Chunked);
+        assert!(String::from_utf8(head)
+            .unwrap()
+            .ends_with("transfer-encoding: chunked\r\n\r\n"));
+    }
+}
