@@ -34,8 +34,10 @@ use crate::inject::is_hop_by_hop;
 const MAX_HEAD: usize = 64 * 1024;
 /// The most header lines a response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
-/// What one read asks for at least.
+/// What one read of a response head asks for at least.
 const READ_CHUNK: usize = 16 * 1024;
+/// What one read of a response body asks for at least: large bodies stream in large reads.
+const BODY_CHUNK: usize = 64 * 1024;
 /// The longest chunk-size line or trailer line of a chunked body.
 const MAX_LINE: usize = 4 * 1024;
 
@@ -193,8 +195,12 @@ impl H1Conn {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+        self.poll_fill_by(cx, READ_CHUNK)
+    }
+
+    fn poll_fill_by(&mut self, cx: &mut Context<'_>, chunk: usize) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < chunk / 4 {
+            self.buf.reserve(chunk);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
@@ -226,15 +232,32 @@ impl H1Conn {
                 retryable: written == 0,
             });
         }
+        // A write of the body that fails (the upstream answered early and closed) does not end
+        // the exchange: the answer may be waiting to be read.
+        let mut write_failed = None;
         let result = poll_fn(|cx| {
             if !pump.done {
-                if let Poll::Ready(Err(e)) = pump.poll(&mut self.io, cx) {
-                    return Poll::Ready(Err(e));
+                match pump.poll(&mut self.io, cx) {
+                    Poll::Ready(Err(e @ H1Error::RequestBody(_))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => {
+                        pump.done = true;
+                        write_failed = Some(e);
+                    }
+                    _ => {}
                 }
             }
             self.poll_head(cx, to_head)
         })
         .await;
+        let result = match (result, write_failed) {
+            (Ok(mut head), Some(e)) => {
+                tracing::debug!(error = %e, "the upstream answered before it took the whole request body");
+                head.reusable = false;
+                Ok(head)
+            }
+            (Err(_), Some(e)) => Err(e),
+            (result, None) => result,
+        };
         result.map_err(|error| {
             let nothing_sent = !pump.started;
             let retryable = idempotent
@@ -615,7 +638,7 @@ impl Body for H1Body {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(conn.poll_fill(cx)) {
+            match ready!(conn.poll_fill_by(cx, BODY_CHUNK)) {
                 Ok(0) if this.framing == Framing::Close => {
                     this.reusable = false;
                     this.end();

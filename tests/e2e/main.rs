@@ -31,4 +31,5 @@ mod pool;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod upstream_h1;
 mod workers;
