@@ -836,8 +836,12 @@ class Bench:
     def latchkey_health(self):
         out = {}
         for name, lk in self.lk.items():
+            # Before the scrape: with nothing reading /metrics during the load, this shows
+            # whether what the metrics keep grows with the requests served.
+            rss = rss_kib(lk.pids())
             m = lk.metrics()
             out[name] = {
+                "rss_kib": rss,
                 "errors": {k: v for k, v in m.items() if k.startswith("latchkey_errors_total")},
                 "cache": {k.split("outcome=\"")[1].split("\"")[0]: v for k, v in m.items()
                           if k.startswith("latchkey_cache_lookups_total")},
@@ -1169,12 +1173,13 @@ class Bench:
                 w("![latency against offered rate](latency.png)\n")
         if R.get("latchkey_metrics"):
             w("latchkey's own counters after the load phases (one process per variant):\n")
-            w("| process | cache lookups | Vault reads | latchkey errors |")
-            w("|---|---|---:|---|")
+            w("| process | cache lookups | Vault reads | latchkey errors | RSS at the end (`/metrics` not read before) |")
+            w("|---|---|---:|---|---:|")
             for name, m in R["latchkey_metrics"].items():
                 cache = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(m["cache"].items())) or "-"
                 errs = ", ".join(f"{k.split('code=')[1].rstrip('}')} {v:,.0f}" for k, v in m["errors"].items()) or "none"
-                w(f"| {name} | {cache} | {m['vault_reads']:.0f} | {errs} |")
+                rss = f"{m['rss_kib'] / 1024:.1f} MiB" if m.get("rss_kib") else "-"
+                w(f"| {name} | {cache} | {m['vault_reads']:.0f} | {errs} | {rss} |")
             w("")
         c = R["cold"]
         if c:

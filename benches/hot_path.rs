@@ -25,7 +25,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use bytes::BytesMut;
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 use futures_util::future::{BoxFuture, FutureExt};
 use latchkey::cache::{Cache, CacheError, Source};
 use latchkey::catalog::Catalog;
@@ -33,6 +34,7 @@ use latchkey::config::CacheConfig;
 use latchkey::connection::{Connection, ConnectionId, StoredConnection};
 use latchkey::destination::{AddressPolicy, HostAllowList};
 use latchkey::inject::{self, Target};
+use latchkey::proxy::h1;
 use latchkey::secret::Secret;
 use latchkey::telemetry::{AccessLog, CacheOutcome};
 
@@ -250,5 +252,59 @@ fn access_log(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, rewrite, destination, cache_hit, access_log);
+/// latchkey's HTTP/1.1 client: the request head it writes and the response head it reads.
+fn upstream_h1(c: &mut Criterion) {
+    let mut group = c.benchmark_group("upstream_h1");
+    let catalog = Catalog::builtin().unwrap();
+    let conn = connection(
+        &catalog,
+        &[
+            ("connector", "stripe"),
+            ("api_key", "sk_test_bench_0123456789abcdef"),
+        ],
+    );
+    let mut parts = client_head();
+    let target = Target {
+        scheme: conn.base.scheme,
+        authority: &conn.base.authority,
+        path_prefix: &conn.base.path,
+    };
+    inject::rewrite(&mut parts, "/v1/charges?limit=3", target, &conn).unwrap();
+    group.bench_function("encode_request_head", |b| {
+        b.iter(|| {
+            h1::encode_head(
+                black_box(&parts),
+                "api.stripe.com",
+                h1::RequestFraming::Length(512),
+            )
+        })
+    });
+    const ANSWER: &[u8] =
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 20:00:00 GMT\r\n\
+Content-Type: application/json\r\nContent-Length: 512\r\nConnection: keep-alive\r\n\
+Request-Id: req_0123456789abcdef\r\nStripe-Version: 2024-06-20\r\n\
+Cache-Control: no-cache, no-store\r\nAccess-Control-Allow-Origin: *\r\n\r\n";
+    let mut spans = Vec::new();
+    group.bench_function("parse_response_head", |b| {
+        b.iter_batched(
+            || BytesMut::from(ANSWER),
+            |mut buf| {
+                h1::parse_head(&mut buf, &mut spans, false)
+                    .unwrap()
+                    .unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    rewrite,
+    destination,
+    cache_hit,
+    access_log,
+    upstream_h1
+);
 criterion_main!(benches);

@@ -295,8 +295,8 @@ impl H1Conn {
 }
 
 /// Parses a response head at the start of `buf`; `None` when more must be read. Interim (1xx)
-/// answers are skipped. The head's bytes are taken from `buf`.
-fn parse_head(
+/// answers are skipped. The head's bytes are taken from `buf`; `spans` is scratch space.
+pub fn parse_head(
     buf: &mut BytesMut,
     spans: &mut Vec<[usize; 4]>,
     to_head: bool,
