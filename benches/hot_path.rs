@@ -16,6 +16,8 @@
 //! | `destination/host_allow_list` (a host against a connection's globs) | 49 ns |
 //! | `cache_hit` (a warm connection from the cache) | 93 ns |
 //! | `access_log_emit` (the JSON access line into a sink, and the request's metrics) | 2.69 µs |
+//! | `upstream_h1/encode_request_head` (the head latchkey's client writes, 8 headers) | 108 ns |
+//! | `upstream_h1/parse_response_head` (a 10-header answer into a header map; allocation included) | 926 ns |
 
 // Bench set-up fails loudly.
 #![allow(clippy::unwrap_used)]

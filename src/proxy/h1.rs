@@ -25,6 +25,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
+use zeroize::Zeroizing;
 
 use super::pool::Home;
 use super::upstream::{BoxError, MaybeTls, UpstreamBody};
@@ -102,14 +103,25 @@ impl RequestFraming {
 }
 
 /// Writes the request head: origin-form target, `Host` first, the headers of `parts` except
-/// `Host` and framing, then the framing latchkey sends the body with.
+/// `Host` and framing, then the framing latchkey sends the body with. The head carries the
+/// credential, so it is written into a buffer sized for all of it up front (no reallocation
+/// leaves a copy behind) that is zeroized when dropped.
 pub fn encode_head(
     parts: &http::request::Parts,
     authority: &str,
     framing: RequestFraming,
-) -> Vec<u8> {
+) -> Zeroizing<Vec<u8>> {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = Vec::with_capacity(128 + parts.headers.len() * 48);
+    let size = parts.method.as_str().len()
+        + target.len()
+        + authority.len()
+        + parts
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+        + 80;
+    let mut out = Zeroizing::new(Vec::with_capacity(size));
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -910,12 +922,19 @@ mod tests {
             .unwrap();
         let (parts, ()) = req.into_parts();
         let head = encode_head(&parts, "api.example.com", RequestFraming::Length(4));
+        // Sized up front: a buffer that had to grow would have about twice the room.
+        assert!(
+            head.capacity() - head.len() <= 80,
+            "{} of {}",
+            head.len(),
+            head.capacity()
+        );
         assert_eq!(
-            String::from_utf8(head).unwrap(),
+            String::from_utf8(head.to_vec()).unwrap(),
             "POST /v1/x?y=1 HTTP/1.1\r\nhost: api.example.com\r\nauthorization: Bearer k\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 4\r\n\r\n"
         );
         let head = encode_head(&parts, "h", RequestFraming::Chunked);
-        assert!(String::from_utf8(head)
+        assert!(String::from_utf8(head.to_vec())
             .unwrap()
             .ends_with("transfer-encoding: chunked\r\n\r\n"));
     }

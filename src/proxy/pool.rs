@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use super::h1::{self, H1Body, H1Conn, H1Error, Pump, RequestFraming};
 use super::upstream::{BoxError, DialError, Dialer, UpstreamBody};
 use crate::inject;
+use zeroize::Zeroizing;
 
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -338,7 +339,7 @@ impl Pool {
 
 /// An HTTP/1.1 request, encoded, with its body.
 struct Exchange {
-    head: Vec<u8>,
+    head: Zeroizing<Vec<u8>>,
     to_head: bool,
     pump: Pump,
 }
