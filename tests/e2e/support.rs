@@ -17,6 +17,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -146,7 +147,14 @@ impl Bao {
             ),
         )
         .unwrap();
-        let token = format!("root-{}", free_port());
+        // Unique to this server: `wait_healthy` tells it from another test's OpenBao that
+        // took the same free port first by asking it about this token.
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let token = format!(
+            "root-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        );
         for _attempt in 0..3 {
             let port = free_port();
             let addr = format!("http://127.0.0.1:{port}");
@@ -162,7 +170,7 @@ impl Bao {
                 .stderr(log)
                 .spawn()
                 .unwrap();
-            if wait_healthy(&mut child, &addr).await {
+            if wait_healthy(&mut child, &addr, &token).await {
                 return Bao {
                     addr,
                     token,
@@ -269,14 +277,23 @@ impl Drop for Bao {
     }
 }
 
-async fn wait_healthy(child: &mut Child, addr: &str) -> bool {
+/// Whether the OpenBao at `addr` is `child` and ready for a test: it accepts `token` and has
+/// the `secret/` mount. A dev server answers `sys/health` before it has made the root token of
+/// the given ID and the mount; and a server another test started first on the same port would
+/// not know `token` (while `child`, unable to bind, exits).
+async fn wait_healthy(child: &mut Child, addr: &str, token: &str) -> bool {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     for _ in 0..300 {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        if let Ok(r) = client.get(format!("{addr}/v1/sys/health")).send().await {
-            if r.status().is_success() {
+        let mounts = client
+            .get(format!("{addr}/v1/sys/mounts"))
+            .header("X-Vault-Token", token)
+            .send()
+            .await;
+        if let Ok(r) = mounts {
+            if r.status().is_success() && r.text().await.is_ok_and(|t| t.contains("\"secret/\"")) {
                 return true;
             }
         }
