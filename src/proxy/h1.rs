@@ -908,6 +908,54 @@ mod tests {
         }
     }
 
+    /// A small deterministic generator, so that a failure can be replayed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn mangled_answers_are_refused_or_parsed_never_a_panic() {
+        let valid: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: keep-alive, x-a\r\nx-a: 1\r\n\r\nok\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 204 No Content\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nt: 1\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 00007\r\ncontent-length: 7\r\n\r\n",
+        ];
+        let alphabet = b"\r\n:;, 0123456789abcdefABCDEF\x00\x7f\xffHTP/.-chunked";
+        let mut rng = Rng(0x5eed_1a7c_4e11_0001);
+        for round in 0..20_000 {
+            let mut bytes = valid[round % valid.len()].to_vec();
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(bytes.len() + 1);
+                match rng.below(3) {
+                    0 if at < bytes.len() => bytes[at] = alphabet[rng.below(alphabet.len())],
+                    1 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, alphabet[rng.below(alphabet.len())]),
+                }
+            }
+            let cut = rng.below(bytes.len() + 1);
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            let mut spans = Vec::new();
+            if let Ok(Some(head)) = parse_head(&mut buf, &mut spans, round % 5 == 0) {
+                if let Framing::Chunked(mut state) = head.framing {
+                    while let Ok(Decoded::Data(_)) = decode_chunk(&mut buf, &mut state) {}
+                }
+            }
+        }
+    }
+
     #[test]
     fn request_heads_carry_host_first_and_latchkeys_framing() {
         let req = http::Request::builder()

@@ -194,7 +194,7 @@ impl Pool {
 
         let (parts, body) = req.into_parts();
         let framing = RequestFraming::of(&parts.method, &body);
-        let exchange = Exchange {
+        let mut exchange = Exchange {
             head: h1::encode_head(&parts, key.authority.as_str(), framing),
             to_head: parts.method == Method::HEAD,
             pump: Pump::new(body, framing),
@@ -208,7 +208,6 @@ impl Pool {
                 | Method::PUT
                 | Method::DELETE
         );
-        let mut exchange = exchange;
         while let Some(mut conn) = self.take_idle(&key) {
             match conn
                 .exchange(
