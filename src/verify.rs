@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
 use serde_json::{json, Value};
 
@@ -133,12 +133,6 @@ pub async fn verify(conn: &Connection, client: &Arc<Pool>, timeout: Duration) ->
     let body = Empty::<Bytes>::new()
         .map_err(|e| -> BoxError { match e {} })
         .boxed_unsync();
-    if spec.method == Method::POST || spec.method == Method::PUT {
-        parts.headers.insert(
-            http::header::CONTENT_LENGTH,
-            http::HeaderValue::from_static("0"),
-        );
-    }
     let request = Request::from_parts(parts, body);
 
     let response = match tokio::time::timeout(timeout, client.send(request)).await {
