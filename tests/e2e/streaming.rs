@@ -50,13 +50,11 @@ async fn large_bodies_stream_through_in_both_directions() {
     assert_eq!(r.header("content-length"), None);
 
     // The access log counts what went each way.
-    let log = lk.access_log();
-    let download = log
-        .iter()
-        .find(|l| l["path"] == format!("/bytes/{SIZE}"))
-        .unwrap();
+    let download = lk
+        .access_line(|l| l["path"] == format!("/bytes/{SIZE}"))
+        .await;
     assert_eq!(download["bytes_out"], SIZE);
-    let upload = log.iter().find(|l| l["path"] == "/upload").unwrap();
+    let upload = lk.access_line(|l| l["path"] == "/upload").await;
     assert_eq!(upload["bytes_in"], SIZE);
 }
 

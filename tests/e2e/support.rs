@@ -507,6 +507,26 @@ impl Latchkey {
             .collect()
     }
 
+    /// The first access line that `pred` accepts, waiting (up to 10 s) for it: a line is
+    /// written when the response body has ended, which may be just after the client saw it.
+    pub async fn access_line(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.access_log().into_iter().find(&pred) {
+                return line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such access line:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Registers one more value that must never appear in latchkey's output.
     pub fn forbid(&self, s: &str) {
         self.secrets.add(s);

@@ -144,14 +144,6 @@ async fn get_text(client: &reqwest::Client, url: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-/// The access line of the request latchkey answered with `code`, once it is written.
-async fn access_line_with_error(lk: &Latchkey, code: &str) -> serde_json::Value {
-    crate::lifecycle::eventually(&format!("an access line with error {code}"), || async {
-        lk.access_log().into_iter().find(|l| l["error"] == code)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_body_that_ends_at_the_upstreams_close_arrives_whole_and_its_connection_is_not_reused() {
     let bao = Bao::start().await;
@@ -389,7 +381,9 @@ async fn an_upstream_that_does_not_answer_in_http_is_502_upstream_unreachable() 
     send(http().get(lk.url("/ssh/x")))
         .await
         .assert_error(502, "upstream_unreachable");
-    let line = access_line_with_error(&lk, "upstream_unreachable").await;
+    let line = lk
+        .access_line(|l| l["error"] == "upstream_unreachable")
+        .await;
     assert_eq!(line["status"], 502);
     assert_eq!(line["path"], "/x");
 }
@@ -410,7 +404,9 @@ async fn an_answer_with_two_different_content_lengths_is_502_upstream_unreachabl
     let r = send(http().get(lk.url("/twolengths/x"))).await;
     r.assert_error(502, "upstream_unreachable");
     assert!(!r.body.contains("abc"), "{r:#?}");
-    let line = access_line_with_error(&lk, "upstream_unreachable").await;
+    let line = lk
+        .access_line(|l| l["error"] == "upstream_unreachable")
+        .await;
     assert_eq!(line["status"], 502);
     assert_eq!(line["path"], "/x");
 }
