@@ -19,8 +19,7 @@
 //! | `upstream_h1/encode_request_head` (the head latchkey's client writes, 8 headers) | 108 ns |
 //! | `upstream_h1/parse_response_head` (a 10-header answer into a header map; allocation included) | 926 ns |
 
-// Bench set-up fails loudly.
-#![allow(clippy::unwrap_used)]
+#![expect(clippy::unwrap_used, reason = "bench set-up fails loudly")]
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

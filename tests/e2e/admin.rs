@@ -2,7 +2,7 @@
 //! `/metrics` (Prometheus text, no credential in it) and `/v1/connectors` behind the admin token.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 
@@ -111,7 +111,7 @@ async fn healthz_answers_200() {
 
 #[tokio::test]
 async fn readyz_follows_vault() {
-    let bao = Bao::start().await;
+    let bao = Bao::start_own().await;
     let lk = Latchkey::start(&bao, Opts::loopback()).await;
     let r = admin_get(&lk, "/readyz").await;
     assert_eq!(r.status, 200, "{r:#?}");
@@ -132,15 +132,12 @@ async fn readyz_follows_vault() {
     assert_eq!(alive.status, 200);
 
     // Thawed, ready again.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = admin_get(&lk, "/readyz").await;
-        if r.status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "not ready again: {r:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "/readyz to answer 200 again",
+        Duration::from_secs(30),
+        || async { (admin_get(&lk, "/readyz").await.status == 200).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -183,11 +180,7 @@ async fn metrics_cover_requests_cache_vault_and_errors_and_hold_no_key() {
 
     // Request metrics are recorded when the access line is written (at the body's end); wait
     // for all four lines.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lk.access_log().len() < 4 {
-        assert!(Instant::now() < deadline, "{}", lk.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lk.access_lines(4, |_| true).await;
 
     let resp = http().get(lk.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), 200);

@@ -38,19 +38,16 @@ impl Httpbin {
             port,
         };
         let client = http();
-        for _ in 0..200 {
-            if let Ok(r) = client
+        wait_until("httpbin to answer", Duration::from_secs(30), || async {
+            let r = client
                 .get(format!("http://127.0.0.1:{port}/get"))
                 .send()
                 .await
-            {
-                if r.status().is_success() {
-                    return h;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("httpbin did not start");
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        h
     }
 }
 
@@ -193,20 +190,15 @@ async fn nginx_over_tls_with_h2_as_the_upstream() {
         .danger_accept_invalid_certs(true)
         .build()
         .unwrap();
-    let mut up = false;
-    for _ in 0..200 {
-        if probe
+    wait_until("nginx to answer", Duration::from_secs(30), || async {
+        probe
             .get(format!("https://localhost:{port}/"))
             .send()
             .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "nginx did not start");
+            .ok()
+            .map(drop)
+    })
+    .await;
 
     bao.put(
         "nginx",

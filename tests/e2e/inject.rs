@@ -4,8 +4,6 @@
 //! built-in, generic and operator-defined connectors, over HTTP and HTTPS, in gateway and
 //! forward form.
 
-use std::time::{Duration, Instant};
-
 use base64::Engine as _;
 
 use crate::support::*;
@@ -712,24 +710,10 @@ async fn hop_by_hop_headers_do_not_reach_the_upstream() {
     }
 }
 
-/// Waits (up to 10 s) for the access line of a request to `path` on `connection`.
+/// The access line of a request to `path` on `connection`, once it is written.
 async fn access_line(lk: &Latchkey, connection: &str, path: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(line) = lk
-            .access_log()
-            .into_iter()
-            .find(|l| l["connection"] == connection && l["path"] == path)
-        {
-            return line;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no access line for {connection} {path}:\n{}",
-            lk.output()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lk.access_line(|l| l["connection"] == connection && l["path"] == path)
+        .await
 }
 
 #[tokio::test]

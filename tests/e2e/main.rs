@@ -2,13 +2,11 @@
 //! and real clients. See `support` for the parts. Every test that starts latchkey also checks,
 //! when it ends, that no stored secret appears anywhere in latchkey's `trace` output.
 
-// Test code fails loudly: unwrap, expect and panic are how it reports.
-#![allow(
+#![expect(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
-    clippy::print_stdout,
-    clippy::print_stderr
+    reason = "test code fails loudly: unwrap, expect and panic are how it reports"
 )]
 
 mod support;

@@ -94,22 +94,19 @@ async fn a_connection_closed_by_the_upstream_is_replaced() {
     sequential(&lk, "/restart/one", 2).await;
     drop(up);
     // The old listener closes as its task ends; bind again as soon as the port is free.
-    let mut up2 = None;
-    for _ in 0..200 {
-        match EchoServer::start(
-            format!("127.0.0.1:{port}").parse().unwrap(),
-            Some(ca.server_config(&["localhost", "127.0.0.1"], &[b"http/1.1"])),
-        )
-        .await
-        {
-            Ok(s) => {
-                up2 = Some(s);
-                break;
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
-    let up2 = up2.expect("the port was not freed");
+    let up2 = wait_until(
+        "the old upstream's port to be free again",
+        std::time::Duration::from_secs(30),
+        || async {
+            EchoServer::start(
+                format!("127.0.0.1:{port}").parse().unwrap(),
+                Some(ca.server_config(&["localhost", "127.0.0.1"], &[b"http/1.1"])),
+            )
+            .await
+            .ok()
+        },
+    )
+    .await;
     sequential(&lk, "/restart/two", 3).await;
     assert_eq!(up2.requests(), 3);
 }

@@ -12,7 +12,8 @@
 //!   when the key is refused;
 //! - anything under [`WRONG_PREFIX`]: 404, as a wrong base URL would get;
 //! - anything under [`SLOW_PREFIX`]: the same, after [`SLOW`]; the verification call of a key
-//!   told so ([`ServiceSim::delay_verify`]) after that delay.
+//!   in a gate ([`ServiceSim::gate_verify`]) once the verification calls of all the keys of
+//!   its gate have arrived.
 //!
 //! Every request is recorded with the key it carried ([`ServiceSim::seen`]), so that a test can
 //! tell exactly which key latchkey injected. Answers carry only the SHA-256 of the key, never
@@ -66,7 +67,7 @@ pub struct Seen {
 struct State {
     keys: HashMap<String, KeyState>,
     verify_denied: HashSet<String>,
-    verify_delay: HashMap<String, Duration>,
+    verify_gate: HashMap<String, Arc<tokio::sync::Barrier>>,
     seen: Vec<Seen>,
 }
 
@@ -141,13 +142,14 @@ impl ServiceSim {
             .insert(key.to_string());
     }
 
-    /// The verification call with this key is answered only after `delay`.
-    pub fn delay_verify(&self, key: &str, delay: Duration) {
-        self.state
-            .lock()
-            .unwrap()
-            .verify_delay
-            .insert(key.to_string(), delay);
+    /// The verification calls with these keys are held until all of them have arrived, then
+    /// answered together: whatever the caller did before each call is done for all of them.
+    pub fn gate_verify(&self, keys: &[&str]) {
+        let gate = Arc::new(tokio::sync::Barrier::new(keys.len()));
+        let mut state = self.state.lock().unwrap();
+        for k in keys {
+            state.verify_gate.insert(k.to_string(), gate.clone());
+        }
     }
 
     /// Every request received so far.
@@ -235,11 +237,11 @@ async fn answer(
         ));
     }
 
-    let delay = key
+    let gate = key
         .as_deref()
-        .and_then(|k| state.lock().unwrap().verify_delay.get(k).copied());
-    if let Some(d) = delay.filter(|_| path == "/v1/balance") {
-        tokio::time::sleep(d).await;
+        .and_then(|k| state.lock().unwrap().verify_gate.get(k).cloned());
+    if let Some(gate) = gate.filter(|_| path == "/v1/balance") {
+        gate.wait().await;
     }
     let key_state = key
         .as_deref()

@@ -10,20 +10,25 @@
 //! - [`TestCa`]: a CA and server certificates for the HTTPS upstreams.
 //! - Clients: reqwest, curl and Python `requests`.
 
-#![allow(dead_code)]
+#![expect(
+    dead_code,
+    reason = "the support of every test module; each module uses part of it"
+)]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-pub use latchkey::dev::EchoServer;
+mod echo;
+pub use echo::EchoServer;
 
 /// Fields of a stored connection that are not secret.
 const RESERVED: [&str; 6] = [
@@ -125,20 +130,33 @@ pub fn base64_cores(s: &[u8]) -> Vec<String> {
     out
 }
 
-/// A real OpenBao dev server.
-pub struct Bao {
-    pub addr: String,
-    pub token: String,
+/// A real OpenBao dev server process, with its audit log.
+struct BaoServer {
+    addr: String,
+    token: String,
     child: Child,
-    dir: tempfile::TempDir,
-    pub secrets: Secrets,
+    dir: PathBuf,
 }
 
-impl Bao {
-    pub async fn start() -> Bao {
-        let dir = tempfile::tempdir().unwrap();
-        let audit = dir.path().join("audit.log");
-        let config = dir.path().join("bao.hcl");
+impl BaoServer {
+    /// Starts `bao server -dev` on a free port and waits until it is ready. Blocking, and on a
+    /// runtime of its own (on a thread of its own), so that the server does not depend on the
+    /// runtime of the test that happened to start it: each `#[tokio::test]` has its own.
+    fn launch(dir: PathBuf) -> BaoServer {
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(Self::launch_async(dir))
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("OpenBao did not start"))
+    }
+
+    async fn launch_async(dir: PathBuf) -> BaoServer {
+        let audit = dir.join("audit.log");
+        let config = dir.join("bao.hcl");
         std::fs::write(
             &config,
             format!(
@@ -147,8 +165,8 @@ impl Bao {
             ),
         )
         .unwrap();
-        // Unique to this server: `wait_healthy` tells it from another test's OpenBao that
-        // took the same free port first by asking it about this token.
+        // Unique to this server: `wait_healthy` tells it from another OpenBao that took the
+        // same free port first by asking it about this token.
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let token = format!(
             "root-{}-{}",
@@ -158,7 +176,7 @@ impl Bao {
         for _attempt in 0..3 {
             let port = free_port();
             let addr = format!("http://127.0.0.1:{port}");
-            let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+            let log = std::fs::File::create(dir.join("bao.log")).unwrap();
             let mut child = Command::new(bao_program())
                 .arg("server")
                 .arg("-dev")
@@ -166,17 +184,17 @@ impl Bao {
                 .arg(format!("-dev-root-token-id={token}"))
                 .arg("-dev-no-store-token")
                 .arg(format!("-config={}", config.display()))
+                .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .unwrap();
             if wait_healthy(&mut child, &addr, &token).await {
-                return Bao {
+                return BaoServer {
                     addr,
                     token,
                     child,
                     dir,
-                    secrets: Secrets::default(),
                 };
             }
             let _ = child.kill();
@@ -184,8 +202,108 @@ impl Bao {
         }
         panic!(
             "OpenBao did not start:\n{}",
-            std::fs::read_to_string(dir.path().join("bao.log")).unwrap_or_default()
+            std::fs::read_to_string(dir.join("bao.log")).unwrap_or_default()
         );
+    }
+
+    fn stop(&mut self) {
+        signal(self.child.id(), "CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The OpenBao that every test of this process shares, started by the first test that asks.
+/// Statics are never dropped, so a watchdog beside it stops it (and removes its directory)
+/// once the test process has exited, however it exits.
+fn shared_server() -> &'static BaoServer {
+    static SHARED: OnceLock<BaoServer> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let server = BaoServer::launch(dir.clone());
+        let watchdog = format!(
+            "while kill -0 {test} 2>/dev/null; do sleep 0.5; done; \
+             kill {bao} 2>/dev/null; sleep 2; kill -9 {bao} 2>/dev/null; rm -rf '{dir}'",
+            test = std::process::id(),
+            bao = server.child.id(),
+            dir = dir.display(),
+        );
+        #[expect(
+            clippy::zombie_processes,
+            reason = "the watchdog outlives the test process, which cannot wait for it"
+        )]
+        let _watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(watchdog)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh is needed for the OpenBao watchdog");
+        server
+    })
+}
+
+enum Server {
+    Shared(&'static BaoServer),
+    Own(BaoServer),
+}
+
+/// A test's view of a real OpenBao dev server: its own KV prefix (`t{N}/connections` under the
+/// mount `secret`, unique per handle), so that tests sharing one server stay apart, and its own
+/// set of [`Secrets`].
+pub struct Bao {
+    pub addr: String,
+    pub token: String,
+    /// Where this test's connections live under the mount `secret` (`vault.prefix`).
+    pub prefix: String,
+    server: Server,
+    pub secrets: Secrets,
+}
+
+impl Bao {
+    /// A fresh prefix on the OpenBao this test process shares.
+    pub async fn start() -> Bao {
+        let server = tokio::task::spawn_blocking(shared_server).await.unwrap();
+        Self::with(Server::Shared(server))
+    }
+
+    /// An OpenBao of the test's own, for tests that freeze it (`freeze`/`thaw`) or otherwise
+    /// change the server itself; stopped when the handle is dropped.
+    pub async fn start_own() -> Bao {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let server = tokio::task::spawn_blocking(move || BaoServer::launch(dir))
+            .await
+            .unwrap();
+        Self::with(Server::Own(server))
+    }
+
+    fn with(server: Server) -> Bao {
+        static HANDLES: AtomicUsize = AtomicUsize::new(0);
+        let s = match &server {
+            Server::Shared(s) => *s,
+            Server::Own(s) => s,
+        };
+        Bao {
+            addr: s.addr.clone(),
+            token: s.token.clone(),
+            prefix: format!("t{}/connections", HANDLES.fetch_add(1, Ordering::Relaxed)),
+            server,
+            secrets: Secrets::default(),
+        }
+    }
+
+    fn server(&self) -> &BaoServer {
+        match &self.server {
+            Server::Shared(s) => s,
+            Server::Own(s) => s,
+        }
+    }
+
+    /// The KV path of connection `id` under the mount `secret`.
+    pub fn path(&self, id: &str) -> String {
+        format!("{}/{id}", self.prefix)
     }
 
     fn cli(&self) -> Command {
@@ -199,8 +317,8 @@ impl Bao {
         c
     }
 
-    /// `bao kv put -mount=secret latchkey/connections/{id} k=v ...`; every non-reserved value
-    /// is registered as a secret that no latchkey output may contain.
+    /// `bao kv put -mount=secret {prefix}/{id} k=v ...`; every non-reserved value is registered
+    /// as a secret that no latchkey output may contain.
     pub fn put(&self, id: &str, fields: &[(&str, &str)]) {
         let values: Vec<&str> = fields
             .iter()
@@ -220,7 +338,7 @@ impl Bao {
         let out = self
             .cli()
             .args(["kv", "put", "-mount=secret"])
-            .arg(format!("latchkey/connections/{id}"))
+            .arg(self.path(id))
             .args(fields.iter().map(|(k, v)| format!("{k}={v}")))
             .output()
             .unwrap();
@@ -236,7 +354,7 @@ impl Bao {
         let out = self
             .cli()
             .args(["kv", "get", "-format=json", "-mount=secret"])
-            .arg(format!("latchkey/connections/{id}"))
+            .arg(self.path(id))
             .output()
             .unwrap();
         if !out.status.success() {
@@ -247,9 +365,11 @@ impl Bao {
 
     /// How many times the secret of connection `id` was read, by the audit log.
     pub fn reads_of(&self, id: &str) -> usize {
-        let path = format!("secret/data/latchkey/connections/{id}");
-        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        let path = format!("secret/data/{}", self.path(id));
+        let text = std::fs::read_to_string(self.server().dir.join("audit.log")).unwrap_or_default();
+        // The server's log holds every test's requests: only lines naming the path are parsed.
         text.lines()
+            .filter(|l| l.contains(path.as_str()))
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| {
                 v["type"] == "request"
@@ -260,20 +380,26 @@ impl Bao {
     }
 
     /// Freezes the server (SIGSTOP): connections are accepted by the kernel, never answered.
+    /// Only for a server of the test's own ([`Bao::start_own`]).
     pub fn freeze(&self) {
-        signal(self.child.id(), "STOP");
+        let Server::Own(s) = &self.server else {
+            panic!("freeze needs an OpenBao of the test's own: Bao::start_own");
+        };
+        signal(s.child.id(), "STOP");
     }
 
     pub fn thaw(&self) {
-        signal(self.child.id(), "CONT");
+        if let Server::Own(s) = &self.server {
+            signal(s.child.id(), "CONT");
+        }
     }
 }
 
 impl Drop for Bao {
     fn drop(&mut self) {
-        signal(self.child.id(), "CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Server::Own(s) = &mut self.server {
+            s.stop();
+        }
     }
 }
 
@@ -283,23 +409,65 @@ impl Drop for Bao {
 /// not know `token` (while `child`, unable to bind, exits).
 async fn wait_healthy(child: &mut Child, addr: &str, token: &str) -> bool {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    for _ in 0..300 {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
+    try_wait_until(Duration::from_secs(15), || {
+        let exited = matches!(child.try_wait(), Ok(Some(_)));
         let mounts = client
             .get(format!("{addr}/v1/sys/mounts"))
             .header("X-Vault-Token", token)
-            .send()
-            .await;
-        if let Ok(r) = mounts {
-            if r.status().is_success() && r.text().await.is_ok_and(|t| t.contains("\"secret/\"")) {
-                return true;
+            .send();
+        async move {
+            if exited {
+                return Some(false);
             }
+            let r = mounts.await.ok()?;
+            (r.status().is_success() && r.text().await.is_ok_and(|t| t.contains("\"secret/\"")))
+                .then_some(true)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Polls `f` until it gives a value, or `limit` has passed (`None`): every wait in the tests
+/// is a bounded poll on a condition, through this. The first poll is at once; the pause
+/// between polls grows from 10 ms to 100 ms.
+pub async fn try_wait_until<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
-    false
+}
+
+/// [`try_wait_until`], failing the test (naming `what`) when `limit` passes.
+#[track_caller]
+pub fn wait_until<'a, T, F, Fut>(
+    what: &'a str,
+    limit: Duration,
+    f: F,
+) -> impl Future<Output = T> + 'a
+where
+    T: 'a,
+    F: FnMut() -> Fut + 'a,
+    Fut: Future<Output = Option<T>> + 'a,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        try_wait_until(limit, f)
+            .await
+            .unwrap_or_else(|| panic!("{caller}: gave up waiting for {what} after {limit:?}"))
+    }
 }
 
 /// A child process stopped with SIGTERM (so that servers with worker processes, nginx and
@@ -408,12 +576,13 @@ impl Latchkey {
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\n\
-             [vault]\naddress = \"{}\"\ntimeout = \"2s\"\n\n\
+             [vault]\naddress = \"{}\"\nprefix = \"{}\"\ntimeout = \"2s\"\n\n\
              [tls]\nextra_roots = [{}]\n\n{}",
             allow.join(", "),
             opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
             opts.vault_address.as_deref().unwrap_or(&bao.addr),
+            bao.prefix,
             roots.join(", "),
             opts.extra
         );
@@ -507,24 +676,32 @@ impl Latchkey {
             .collect()
     }
 
-    /// The first access line that `pred` accepts, waiting (up to 10 s) for it: a line is
+    /// The first access line that `pred` accepts, waiting (up to 30 s) for it: a line is
     /// written when the response body has ended, which may be just after the client saw it.
     pub async fn access_line(
         &self,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(line) = self.access_log().into_iter().find(&pred) {
-                return line;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no such access line:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let found = try_wait_until(Duration::from_secs(30), || {
+            std::future::ready(self.access_log().into_iter().find(&pred))
+        })
+        .await;
+        found.unwrap_or_else(|| panic!("no such access line:\n{}", self.output()))
+    }
+
+    /// The access lines that `pred` accepts, once there are at least `n` of them (waiting up
+    /// to 30 s, as [`Latchkey::access_line`] does for one).
+    pub async fn access_lines(
+        &self,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let found = try_wait_until(Duration::from_secs(30), || {
+            let lines: Vec<_> = self.access_log().into_iter().filter(&pred).collect();
+            std::future::ready((lines.len() >= n).then_some(lines))
+        })
+        .await;
+        found.unwrap_or_else(|| panic!("fewer than {n} such access lines:\n{}", self.output()))
     }
 
     /// Registers one more value that must never appear in latchkey's output.
@@ -539,16 +716,11 @@ impl Latchkey {
 
     /// Waits up to `limit` for the process to exit; its status if it did.
     pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = &mut self.child;
+        try_wait_until(limit, || {
+            std::future::ready(child.try_wait().ok().flatten())
+        })
+        .await
     }
 
     /// Stops the process and checks its whole output for every registered secret.
