@@ -236,7 +236,17 @@ async fn a_key_rotated_in_vault_is_in_use_after_the_ttl() {
         let reads = bao.reads_of(&id);
         if loaded.elapsed() < refresh_at {
             assert_eq!(injected(&r), format!("Bearer {old}"));
-            assert_eq!(reads, 1);
+            assert_eq!(
+                reads,
+                1,
+                "{:?} after the load; latchkey's log of {id}:\n{}",
+                loaded.elapsed(),
+                lk.output()
+                    .lines()
+                    .filter(|l| l.contains(id.as_str()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             proven = true;
         } else {
             eprintln!("{id}: took longer than 80% of the TTL, so it proves nothing; again");
