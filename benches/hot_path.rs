@@ -19,7 +19,7 @@
 //! | `upstream_h1/encode_request_head` (the head latchkey's client writes, 8 headers) | 108 ns |
 //! | `upstream_h1/parse_response_head` (a 10-header answer into a header map; allocation included) | 926 ns |
 
-#![expect(clippy::unwrap_used, reason = "bench set-up fails loudly")]
+#![expect(clippy::unwrap_used, reason = "a benchmark's set-up fails loudly")]
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -32,12 +32,14 @@ use futures_util::future::{BoxFuture, FutureExt};
 use latchkey::cache::{Cache, CacheError, Source};
 use latchkey::catalog::Catalog;
 use latchkey::config::CacheConfig;
-use latchkey::connection::{Connection, ConnectionId, StoredConnection};
+use latchkey::connection::Connection;
+use latchkey::connection_id::ConnectionId;
 use latchkey::destination::{AddressPolicy, HostAllowList};
 use latchkey::inject::{self, Target};
-use latchkey::proxy::h1;
+use latchkey::record::StoredConnection;
 use latchkey::secret::Secret;
 use latchkey::telemetry::{AccessLog, CacheOutcome};
+use latchkey::upstream::h1;
 
 fn connection(catalog: &Catalog, fields: &[(&str, &str)]) -> Connection {
     Connection::from_stored(
@@ -131,9 +133,14 @@ fn rewrite(c: &mut Criterion) {
             b.iter_batched(
                 || head.clone(),
                 |mut parts| {
-                    let log =
-                        inject::rewrite(&mut parts, "/v1/charges?limit=3&key=x", target, conn)
-                            .unwrap();
+                    let log = inject::rewrite(
+                        &mut parts,
+                        "/v1/charges?limit=3&key=x",
+                        target,
+                        &conn.credential,
+                        &conn.connector,
+                    )
+                    .unwrap();
                     black_box((parts, log))
                 },
                 criterion::BatchSize::SmallInput,
@@ -238,7 +245,7 @@ fn access_log(c: &mut Criterion) {
         client: Some("billing-workflows".into()),
         method: http::Method::POST,
         host: Some("api.stripe.com".into()),
-        path: Some(latchkey::inject::LogPath::Masked(
+        path: Some(latchkey::telemetry::LogPath::Masked(
             "/v1/charges?limit=3".into(),
         )),
         status: 200,
@@ -270,7 +277,14 @@ fn upstream_h1(c: &mut Criterion) {
         authority: &conn.base.authority,
         path_prefix: &conn.base.path,
     };
-    inject::rewrite(&mut parts, "/v1/charges?limit=3", target, &conn).unwrap();
+    inject::rewrite(
+        &mut parts,
+        "/v1/charges?limit=3",
+        target,
+        &conn.credential,
+        &conn.connector,
+    )
+    .unwrap();
     group.bench_function("encode_request_head", |b| {
         b.iter(|| {
             h1::encode_head(

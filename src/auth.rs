@@ -5,12 +5,14 @@
 //! with every configured hash in constant time; the configuration holds only the hashes. With no
 //! `[[clients]]`, latchkey is open (the configuration allows that only on loopback listeners).
 
+use std::fmt;
+
 use base64::Engine as _;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::ClientConfig;
+use crate::connection_id::ConnectionId;
 use crate::secret::Secret;
 
 /// What a `Proxy-Authorization` header carried.
@@ -66,26 +68,44 @@ pub fn proxy_credentials(headers: &HeaderMap) -> Result<ProxyCredentials, Creden
 
 /// Hex SHA-256, as `token_sha256` values are written.
 pub fn sha256_hex(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Compares a presented token with a stored hash in constant time.
-pub fn token_matches(token: &Secret, hash: &[u8; 32]) -> bool {
-    let digest = Sha256::digest(token.expose().as_bytes());
-    bool::from(digest.as_slice().ct_eq(hash))
+/// The candidate whose stored hash is the SHA-256 of `token`. Every hash is compared, in
+/// constant time, whether one matched already or not, so the time taken says nothing about which
+/// (or whether any) matched. Client tokens and admin tokens are both checked here.
+pub fn find_by_token<'a, T>(
+    token: &str,
+    candidates: impl IntoIterator<Item = (&'a [u8; 32], T)>,
+) -> Option<T> {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut found = None;
+    for (hash, item) in candidates {
+        if bool::from(digest.as_slice().ct_eq(hash)) {
+            found = Some(item);
+        }
+    }
+    found
+}
+
+/// A configured client: its name (for the access log and metrics), the SHA-256 of its token,
+/// and the connections it may use.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Shared, for the access log and metrics.
+    pub name: std::sync::Arc<str>,
+    pub token_sha256: [u8; 32],
+    pub connections: Vec<Glob>,
 }
 
 /// The configured clients.
 #[derive(Debug, Clone, Default)]
 pub struct Clients {
-    clients: Vec<ClientConfig>,
+    clients: Vec<Client>,
 }
 
 impl Clients {
-    pub fn new(clients: Vec<ClientConfig>) -> Self {
+    pub fn new(clients: Vec<Client>) -> Self {
         Clients { clients }
     }
 
@@ -95,29 +115,84 @@ impl Clients {
     }
 
     /// The client whose token this is. Every hash is compared, matched or not.
-    pub fn authenticate(&self, token: &Secret) -> Option<&ClientConfig> {
-        let digest = Sha256::digest(token.expose().as_bytes());
-        let mut found = None;
-        for c in &self.clients {
-            if bool::from(digest.as_slice().ct_eq(&c.token_sha256)) {
-                found = Some(c);
-            }
-        }
-        found
+    pub fn authenticate(&self, token: &Secret) -> Option<&Client> {
+        find_by_token(
+            token.expose(),
+            self.clients.iter().map(|c| (&c.token_sha256, c)),
+        )
     }
 }
 
-impl ClientConfig {
+impl Client {
     /// Whether this client may use the connection.
     pub fn may_use(&self, connection_id: &str) -> bool {
         self.connections.iter().any(|g| g.matches(connection_id))
     }
 }
 
+/// A connection ID pattern of a client's allow-list: an ID, or one with `*` (any run of
+/// characters) and `?` (one character).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn parse(s: &str) -> Result<Glob, String> {
+        let ok = !s.is_empty()
+            && s.len() <= ConnectionId::MAX_LEN
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '*' | '?'));
+        if ok {
+            Ok(Glob(s.to_string()))
+        } else {
+            Err(format!(
+                "{s:?} is not a connection pattern (connection ID characters, '*' and '?')"
+            ))
+        }
+    }
+
+    pub fn matches(&self, id: &str) -> bool {
+        wildcard_match(self.0.as_bytes(), id.as_bytes())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Glob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// `*` and `?` matching without recursion: linear in practice, never exponential.
+fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    while p < pattern.len() && pattern[p] == b'*' {
+        p += 1;
+    }
+    p == pattern.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::Glob;
 
     fn headers(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -154,10 +229,8 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         let mut bytes = [0u8; 32];
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).unwrap();
-        }
-        let clients = Clients::new(vec![ClientConfig {
+        hex::decode_to_slice(&hash, &mut bytes).unwrap();
+        let clients = Clients::new(vec![Client {
             name: std::sync::Arc::from("billing"),
             token_sha256: bytes,
             connections: vec![Glob::parse("stripe-*").unwrap()],
@@ -167,6 +240,26 @@ mod tests {
         assert!(c.may_use("stripe-prod"));
         assert!(!c.may_use("github-ci"));
         assert!(clients.authenticate(&Secret::new("tok124")).is_none());
-        assert!(token_matches(&Secret::new("tok123"), &bytes));
+        let named = [(&bytes, "first"), (&[0u8; 32], "second")];
+        assert_eq!(find_by_token("tok123", named), Some("first"));
+        assert_eq!(find_by_token("tok124", named), None);
+    }
+
+    #[test]
+    fn globs() {
+        let g = Glob::parse("stripe-*").unwrap();
+        assert!(g.matches("stripe-prod"));
+        assert!(g.matches("stripe-"));
+        assert!(!g.matches("stripe"));
+        assert!(!g.matches("xstripe-prod"));
+        assert!(Glob::parse("*").unwrap().matches("anything"));
+        assert!(Glob::parse("a?c").unwrap().matches("abc"));
+        assert!(!Glob::parse("a?c").unwrap().matches("abbc"));
+        assert!(Glob::parse("*-prod-*").unwrap().matches("x-prod-y"));
+        assert!(Glob::parse("a*b*c").unwrap().matches("aXXbYYc"));
+        assert!(!Glob::parse("a*b*c").unwrap().matches("aXXbYY"));
+        for bad in ["", "stripe-[", "a/b", "a b"] {
+            assert!(Glob::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

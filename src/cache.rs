@@ -27,7 +27,8 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use crate::catalog::Catalog;
 use crate::config::CacheConfig;
-use crate::connection::{Connection, ConnectionError, ConnectionId};
+use crate::connection::{Connection, ConnectionError};
+use crate::connection_id::ConnectionId;
 use crate::telemetry::{self, CacheOutcome};
 use crate::vault::{Vault, VaultError};
 
@@ -163,12 +164,9 @@ impl Cache {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.inner.map.is_empty()
     }
 
     /// The connection, and how the cache answered.
@@ -459,7 +457,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::StoredConnection;
+    use crate::record::StoredConnection;
     use crate::secret::Secret;
     use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
@@ -545,10 +543,8 @@ mod tests {
 
     fn key_of(c: &Connection) -> String {
         match &c.credential {
-            crate::connection::Credential::Header { value, .. } => {
-                value.to_str().unwrap().to_string()
-            }
-            crate::connection::Credential::Query { .. } => unreachable!(),
+            crate::inject::Credential::Header { value, .. } => value.to_str().unwrap().to_string(),
+            crate::inject::Credential::Query { .. } => unreachable!(),
         }
     }
 

@@ -15,20 +15,30 @@ use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::connection_id::ConnectionId;
+use crate::destination::{normalize_host_pattern, BaseUrl};
+use crate::hop_by_hop::is_hop_by_hop;
+use crate::record::RESERVED_FIELDS;
+
+/// A connector that cannot be used: the key it concerns (`connectors.{id}.{key}`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct CatalogError {
+    pub key: String,
+    pub message: String,
+}
+
+impl CatalogError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        CatalogError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
 
 /// The built-in catalog, as shipped.
 pub const BUILTIN: &str = include_str!("../config/connectors.toml");
-
-/// Field names with a meaning of their own in a stored connection.
-pub const RESERVED_FIELDS: [&str; 6] = [
-    "connector",
-    "name",
-    "environment",
-    "base_url",
-    "allowed_hosts",
-    "expires_at",
-];
 
 /// All connectors, by ID.
 #[derive(Clone, Default)]
@@ -131,25 +141,26 @@ impl Template {
     pub fn parse(source: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = source;
-        while let Some(open) = rest.find(['{', '}']) {
-            if rest.as_bytes()[open] == b'}' {
+        while let Some((literal, after)) = rest.split_once('{') {
+            if literal.contains('}') {
                 return Err(format!("{source:?} has a '}}' with no '{{'"));
             }
-            if open > 0 {
-                parts.push(Part::Lit(rest[..open].to_string()));
+            if !literal.is_empty() {
+                parts.push(Part::Lit(literal.to_string()));
             }
-            let after = &rest[open + 1..];
-            let close = after
-                .find('}')
+            let (name, tail) = after
+                .split_once('}')
                 .ok_or_else(|| format!("{source:?} has a '{{' with no '}}'"))?;
-            let name = &after[..close];
             if !is_field_name(name) {
                 return Err(format!(
                     "{source:?} has placeholder {{{name}}}; field names are lower-case letters, digits and '_'"
                 ));
             }
             parts.push(Part::Field(name.to_string()));
-            rest = &after[close + 1..];
+            rest = tail;
+        }
+        if rest.contains('}') {
+            return Err(format!("{source:?} has a '}}' with no '{{'"));
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));
@@ -297,7 +308,7 @@ struct RawCatalogFile {
 
 impl Catalog {
     /// The built-in catalog alone.
-    pub fn builtin() -> Result<Catalog, ConfigError> {
+    pub fn builtin() -> Result<Catalog, CatalogError> {
         Catalog::with_overrides(BTreeMap::new())
     }
 
@@ -305,10 +316,10 @@ impl Catalog {
     /// same ID.
     pub fn with_overrides(
         overrides: BTreeMap<String, RawConnector>,
-    ) -> Result<Catalog, ConfigError> {
+    ) -> Result<Catalog, CatalogError> {
         let builtin: RawCatalogFile =
             serde_path_to_error::deserialize(toml::Deserializer::new(BUILTIN)).map_err(|e| {
-                ConfigError::new(
+                CatalogError::new(
                     format!("built-in catalog: {}", e.path()),
                     e.into_inner().message().to_string(),
                 )
@@ -341,222 +352,29 @@ impl Catalog {
 }
 
 impl Connector {
-    fn from_raw(id: &str, raw: RawConnector) -> Result<Connector, ConfigError> {
-        let key = |k: &str| format!("connectors.{id}.{k}");
-        if !crate::connection::ConnectionId::is_valid(id) {
-            return Err(ConfigError::new(
+    fn from_raw(id: &str, raw: RawConnector) -> Result<Connector, CatalogError> {
+        if !ConnectionId::is_valid(id) {
+            return Err(CatalogError::new(
                 format!("connectors.{id}"),
                 "connector IDs are letters, digits, '-' and '_'",
             ));
         }
-        let fields = if raw.fields.is_empty() {
-            vec![Field {
-                name: "api_key".into(),
-                label: "API key".into(),
-                secret: true,
-                required: true,
-                pattern: None,
-                default: None,
-                description: None,
-            }]
-        } else {
-            let mut fields: Vec<Field> = Vec::with_capacity(raw.fields.len());
-            for (i, f) in raw.fields.into_iter().enumerate() {
-                let fkey = |k: &str| key(&format!("fields[{i}].{k}"));
-                if !is_field_name(&f.name) {
-                    return Err(ConfigError::new(
-                        fkey("name"),
-                        format!(
-                            "{:?}: field names are lower-case letters, digits and '_'",
-                            f.name
-                        ),
-                    ));
-                }
-                if RESERVED_FIELDS.contains(&f.name.as_str()) {
-                    return Err(ConfigError::new(
-                        fkey("name"),
-                        format!("{:?} is reserved for the connection itself", f.name),
-                    ));
-                }
-                if fields.iter().any(|g| g.name == f.name) {
-                    return Err(ConfigError::new(
-                        fkey("name"),
-                        format!("{:?} is declared twice", f.name),
-                    ));
-                }
-                let pattern = f
-                    .pattern
-                    .as_deref()
-                    .map(|p| {
-                        Regex::new(p).map_err(|e| {
-                            ConfigError::new(fkey("pattern"), format!("bad regex: {e}"))
-                        })
-                    })
-                    .transpose()?;
-                if let (Some(d), Some(p)) = (&f.default, &pattern) {
-                    if !p.is_match(d) {
-                        return Err(ConfigError::new(
-                            fkey("default"),
-                            "does not match the field's pattern",
-                        ));
-                    }
-                }
-                fields.push(Field {
-                    label: f.label.unwrap_or_else(|| f.name.clone()),
-                    name: f.name,
-                    secret: f.secret,
-                    required: f.required,
-                    pattern,
-                    default: f.default,
-                    description: f.description,
-                });
-            }
-            fields
+        let fields = connector_fields(id, raw.fields)?;
+        let parts = Parts {
+            id,
+            fields: &fields,
         };
-        if !fields.iter().any(|f| f.secret) {
-            return Err(ConfigError::new(
-                key("fields"),
-                "no field is marked secret = true",
-            ));
-        }
-        let declared = |t: &Template, k: &str| -> Result<(), ConfigError> {
-            for f in t.fields() {
-                if !fields.iter().any(|g| g.name == f) {
-                    return Err(ConfigError::new(
-                        key(k),
-                        format!("uses {{{f}}}, which is not one of the connector's fields"),
-                    ));
-                }
-            }
-            Ok(())
-        };
-        let template = |s: &str, k: &str| -> Result<Template, ConfigError> {
-            let t = Template::parse(s).map_err(|e| ConfigError::new(key(k), e))?;
-            declared(&t, k)?;
-            Ok(t)
-        };
-
-        let base_url = match raw.base_url.as_deref() {
-            None => None,
-            Some(s) => {
-                let t = template(s, "base_url")?;
-                for f in t.fields() {
-                    if fields.iter().any(|g| g.name == f && g.secret) {
-                        return Err(ConfigError::new(
-                            key("base_url"),
-                            format!("uses the secret field {{{f}}}; a URL is not a safe place for a secret"),
-                        ));
-                    }
-                }
-                // Check the shape with every placeholder filled by a harmless word.
-                let mut sample = String::new();
-                let _ = t.render(&mut sample, |_| Some("x"));
-                crate::connection::BaseUrl::parse(&sample)
-                    .map_err(|e| ConfigError::new(key("base_url"), e))?;
-                Some(t)
-            }
-        };
-
-        let inject = match raw.inject {
-            RawInject::Bearer { value } => Inject::Bearer {
-                value: template(&value, "inject.value")?,
-            },
-            RawInject::Header { header, value } => {
-                let name = HeaderName::try_from(header.as_str()).map_err(|_| {
-                    ConfigError::new(
-                        key("inject.header"),
-                        format!("{header:?} is not a header name"),
-                    )
-                })?;
-                if crate::inject::is_hop_by_hop(&name) || name == http::header::HOST {
-                    return Err(ConfigError::new(
-                        key("inject.header"),
-                        format!(
-                            "{header:?} is a connection-level header and cannot carry a credential"
-                        ),
-                    ));
-                }
-                Inject::Header {
-                    header: name,
-                    value: template(&value, "inject.value")?,
-                }
-            }
-            RawInject::Basic { username, password } => Inject::Basic {
-                username: template(&username, "inject.username")?,
-                password: template(&password, "inject.password")?,
-            },
-            RawInject::Query { param, value } => {
-                if param.is_empty()
-                    || !param
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                {
-                    return Err(ConfigError::new(
-                        key("inject.param"),
-                        format!("{param:?} is not a plain query parameter name"),
-                    ));
-                }
-                Inject::Query {
-                    param,
-                    value: template(&value, "inject.value")?,
-                }
-            }
-        };
-
-        let verify = match raw.verify {
-            None => None,
-            Some(v) => {
-                let method =
-                    Method::from_bytes(v.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                        ConfigError::new(
-                            key("verify.method"),
-                            format!("{:?} is not a method", v.method),
-                        )
-                    })?;
-                if !v.path.starts_with('/') {
-                    return Err(ConfigError::new(key("verify.path"), "must start with '/'"));
-                }
-                Some(Verify {
-                    method,
-                    path: template(&v.path, "verify.path")?,
-                    json_ok_field: v.json_ok_field,
-                })
-            }
-        };
-
-        // Patterns by environment name, each compiled or refused naming its key.
-        let patterns = |table: &str, raw: BTreeMap<String, String>| {
-            raw.into_iter()
-                .map(|(env, pattern)| {
-                    let re = Regex::new(&pattern).map_err(|e| {
-                        ConfigError::new(key(&format!("{table}.{env}")), format!("bad regex: {e}"))
-                    })?;
-                    Ok((env, re))
-                })
-                .collect::<Result<Vec<_>, ConfigError>>()
-        };
-        let environments = patterns("environments", raw.environments)?;
-        let environment_urls = patterns("environment_urls", raw.environment_urls)?;
-
-        let mut headers = Vec::with_capacity(raw.headers.len());
-        for (name, value) in raw.headers {
-            let hkey = key(&format!("headers.{name}"));
-            let n = HeaderName::try_from(name.as_str())
-                .map_err(|_| ConfigError::new(&hkey, "is not a header name"))?;
-            if crate::inject::is_hop_by_hop(&n) || n == http::header::HOST {
-                return Err(ConfigError::new(&hkey, "is a connection-level header"));
-            }
-            let v = HeaderValue::try_from(value.as_str())
-                .map_err(|_| ConfigError::new(&hkey, "is not a valid header value"))?;
-            headers.push((n, v));
-        }
-
-        let mut allowed_hosts = Vec::with_capacity(raw.allowed_hosts.len());
-        for (i, h) in raw.allowed_hosts.into_iter().enumerate() {
-            let h = crate::destination::normalize_host_pattern(&h)
-                .map_err(|e| ConfigError::new(key(&format!("allowed_hosts[{i}]")), e))?;
-            allowed_hosts.push(h);
-        }
+        let base_url = raw
+            .base_url
+            .as_deref()
+            .map(|s| parts.base_url(s))
+            .transpose()?;
+        let inject = parts.inject(raw.inject)?;
+        let verify = raw.verify.map(|v| parts.verify(v)).transpose()?;
+        let environments = parts.patterns("environments", raw.environments)?;
+        let environment_urls = parts.patterns("environment_urls", raw.environment_urls)?;
+        let headers = parts.default_headers(raw.headers)?;
+        let allowed_hosts = parts.allowed_hosts(raw.allowed_hosts)?;
 
         Ok(Connector {
             id: id.to_string(),
@@ -605,6 +423,264 @@ impl Connector {
             .iter()
             .chain(&self.environment_urls)
             .any(|(e, _)| e == env)
+    }
+}
+
+/// The full key of a connector's setting, as errors name it: `connectors.{id}.{k}`.
+fn connector_key(id: &str, k: &str) -> String {
+    format!("connectors.{id}.{k}")
+}
+
+/// The connector's fields, or the single secret `api_key` when it declares none.
+fn connector_fields(id: &str, raw: Vec<RawField>) -> Result<Vec<Field>, CatalogError> {
+    let fields = if raw.is_empty() {
+        vec![Field {
+            name: "api_key".into(),
+            label: "API key".into(),
+            secret: true,
+            required: true,
+            pattern: None,
+            default: None,
+            description: None,
+        }]
+    } else {
+        let mut fields: Vec<Field> = Vec::with_capacity(raw.len());
+        for (i, f) in raw.into_iter().enumerate() {
+            let field = connector_field(id, i, f, &fields)?;
+            fields.push(field);
+        }
+        fields
+    };
+    if !fields.iter().any(|f| f.secret) {
+        return Err(CatalogError::new(
+            connector_key(id, "fields"),
+            "no field is marked secret = true",
+        ));
+    }
+    Ok(fields)
+}
+
+/// The `i`th declared field, checked against those declared before it.
+fn connector_field(
+    id: &str,
+    i: usize,
+    f: RawField,
+    earlier: &[Field],
+) -> Result<Field, CatalogError> {
+    let fkey = |k: &str| connector_key(id, &format!("fields[{i}].{k}"));
+    if !is_field_name(&f.name) {
+        return Err(CatalogError::new(
+            fkey("name"),
+            format!(
+                "{:?}: field names are lower-case letters, digits and '_'",
+                f.name
+            ),
+        ));
+    }
+    if RESERVED_FIELDS.contains(&f.name.as_str()) {
+        return Err(CatalogError::new(
+            fkey("name"),
+            format!("{:?} is reserved for the connection itself", f.name),
+        ));
+    }
+    if earlier.iter().any(|g| g.name == f.name) {
+        return Err(CatalogError::new(
+            fkey("name"),
+            format!("{:?} is declared twice", f.name),
+        ));
+    }
+    let pattern = f
+        .pattern
+        .as_deref()
+        .map(|p| {
+            Regex::new(p).map_err(|e| CatalogError::new(fkey("pattern"), format!("bad regex: {e}")))
+        })
+        .transpose()?;
+    if let (Some(d), Some(p)) = (&f.default, &pattern) {
+        if !p.is_match(d) {
+            return Err(CatalogError::new(
+                fkey("default"),
+                "does not match the field's pattern",
+            ));
+        }
+    }
+    Ok(Field {
+        label: f.label.unwrap_or_else(|| f.name.clone()),
+        name: f.name,
+        secret: f.secret,
+        required: f.required,
+        pattern,
+        default: f.default,
+        description: f.description,
+    })
+}
+
+/// What the rest of a connector is checked against once its fields are known: its ID, for
+/// error keys, and the fields its templates may name.
+struct Parts<'a> {
+    id: &'a str,
+    fields: &'a [Field],
+}
+
+impl Parts<'_> {
+    fn key(&self, k: &str) -> String {
+        connector_key(self.id, k)
+    }
+
+    /// Parses the template at key `k`, refusing placeholders that are not the connector's fields.
+    fn template(&self, s: &str, k: &str) -> Result<Template, CatalogError> {
+        let t = Template::parse(s).map_err(|e| CatalogError::new(self.key(k), e))?;
+        for f in t.fields() {
+            if !self.fields.iter().any(|g| g.name == f) {
+                return Err(CatalogError::new(
+                    self.key(k),
+                    format!("uses {{{f}}}, which is not one of the connector's fields"),
+                ));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The `base_url` template: no secret in it, and a URL once its placeholders are filled.
+    fn base_url(&self, s: &str) -> Result<Template, CatalogError> {
+        let t = self.template(s, "base_url")?;
+        for f in t.fields() {
+            if self.fields.iter().any(|g| g.name == f && g.secret) {
+                return Err(CatalogError::new(
+                    self.key("base_url"),
+                    format!(
+                        "uses the secret field {{{f}}}; a URL is not a safe place for a secret"
+                    ),
+                ));
+            }
+        }
+        // Check the shape with every placeholder filled by a harmless word.
+        let mut sample = String::new();
+        let _ = t.render(&mut sample, |_| Some("x"));
+        BaseUrl::parse(&sample).map_err(|e| CatalogError::new(self.key("base_url"), e))?;
+        Ok(t)
+    }
+
+    /// The injection scheme, with its header or query parameter name checked.
+    fn inject(&self, raw: RawInject) -> Result<Inject, CatalogError> {
+        Ok(match raw {
+            RawInject::Bearer { value } => Inject::Bearer {
+                value: self.template(&value, "inject.value")?,
+            },
+            RawInject::Header { header, value } => Inject::Header {
+                header: self.inject_header(&header)?,
+                value: self.template(&value, "inject.value")?,
+            },
+            RawInject::Basic { username, password } => Inject::Basic {
+                username: self.template(&username, "inject.username")?,
+                password: self.template(&password, "inject.password")?,
+            },
+            RawInject::Query { param, value } => {
+                if param.is_empty()
+                    || !param
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    return Err(CatalogError::new(
+                        self.key("inject.param"),
+                        format!("{param:?} is not a plain query parameter name"),
+                    ));
+                }
+                Inject::Query {
+                    param,
+                    value: self.template(&value, "inject.value")?,
+                }
+            }
+        })
+    }
+
+    /// The header a `header` scheme sets: a header name, and not a connection-level one.
+    fn inject_header(&self, header: &str) -> Result<HeaderName, CatalogError> {
+        let name = HeaderName::try_from(header).map_err(|_| {
+            CatalogError::new(
+                self.key("inject.header"),
+                format!("{header:?} is not a header name"),
+            )
+        })?;
+        if is_hop_by_hop(&name) || name == http::header::HOST {
+            return Err(CatalogError::new(
+                self.key("inject.header"),
+                format!("{header:?} is a connection-level header and cannot carry a credential"),
+            ));
+        }
+        Ok(name)
+    }
+
+    /// The verification call: a method and a path template starting with '/'.
+    fn verify(&self, v: RawVerify) -> Result<Verify, CatalogError> {
+        let method =
+            Method::from_bytes(v.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                CatalogError::new(
+                    self.key("verify.method"),
+                    format!("{:?} is not a method", v.method),
+                )
+            })?;
+        if !v.path.starts_with('/') {
+            return Err(CatalogError::new(
+                self.key("verify.path"),
+                "must start with '/'",
+            ));
+        }
+        Ok(Verify {
+            method,
+            path: self.template(&v.path, "verify.path")?,
+            json_ok_field: v.json_ok_field,
+        })
+    }
+
+    /// Patterns by environment name, each compiled or refused naming its key (`{table}.{env}`).
+    fn patterns(
+        &self,
+        table: &str,
+        raw: BTreeMap<String, String>,
+    ) -> Result<Vec<(String, Regex)>, CatalogError> {
+        raw.into_iter()
+            .map(|(env, pattern)| {
+                let re = Regex::new(&pattern).map_err(|e| {
+                    CatalogError::new(
+                        self.key(&format!("{table}.{env}")),
+                        format!("bad regex: {e}"),
+                    )
+                })?;
+                Ok((env, re))
+            })
+            .collect()
+    }
+
+    /// The default headers: valid names and values, none of them connection-level.
+    fn default_headers(
+        &self,
+        raw: BTreeMap<String, String>,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, CatalogError> {
+        let mut headers = Vec::with_capacity(raw.len());
+        for (name, value) in raw {
+            let hkey = self.key(&format!("headers.{name}"));
+            let n = HeaderName::try_from(name.as_str())
+                .map_err(|_| CatalogError::new(&hkey, "is not a header name"))?;
+            if is_hop_by_hop(&n) || n == http::header::HOST {
+                return Err(CatalogError::new(&hkey, "is a connection-level header"));
+            }
+            let v = HeaderValue::try_from(value.as_str())
+                .map_err(|_| CatalogError::new(&hkey, "is not a valid header value"))?;
+            headers.push((n, v));
+        }
+        Ok(headers)
+    }
+
+    /// The extra hosts the credential may reach, normalized.
+    fn allowed_hosts(&self, raw: Vec<String>) -> Result<Vec<String>, CatalogError> {
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                normalize_host_pattern(&h)
+                    .map_err(|e| CatalogError::new(self.key(&format!("allowed_hosts[{i}]")), e))
+            })
+            .collect()
     }
 }
 
@@ -686,7 +762,7 @@ mod tests {
         assert!(Template::parse("{Api-Key}").is_err());
     }
 
-    fn override_err(toml_text: &str) -> ConfigError {
+    fn override_err(toml_text: &str) -> CatalogError {
         let raw: BTreeMap<String, RawConnector> = toml::from_str(toml_text).unwrap();
         Catalog::with_overrides(raw).unwrap_err()
     }

@@ -17,8 +17,8 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::catalog::{Catalog, RawConnector};
-use crate::connection::Glob;
+use crate::auth::{Client, Glob};
+use crate::catalog::{Catalog, CatalogError, RawConnector};
 
 /// A configuration error: the key it concerns and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,15 @@ use crate::connection::Glob;
 pub struct ConfigError {
     pub key: String,
     pub message: String,
+}
+
+impl From<CatalogError> for ConfigError {
+    fn from(e: CatalogError) -> Self {
+        ConfigError {
+            key: e.key,
+            message: e.message,
+        }
+    }
 }
 
 impl ConfigError {
@@ -45,7 +54,7 @@ pub struct Config {
     pub vault: VaultConfig,
     pub cache: CacheConfig,
     pub tls: TlsConfig,
-    pub clients: Vec<ClientConfig>,
+    pub clients: Vec<Client>,
     pub catalog: Catalog,
 }
 
@@ -106,16 +115,6 @@ pub struct CacheConfig {
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub extra_roots: Vec<PathBuf>,
-    pub ca_cert: Option<PathBuf>,
-    pub ca_key: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// Shared, for the access log and metrics.
-    pub name: std::sync::Arc<str>,
-    pub token_sha256: [u8; 32],
-    pub connections: Vec<Glob>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,10 +273,6 @@ impl Default for RawCache {
 struct RawTls {
     #[serde(default)]
     extra_roots: OneOrMany<PathBuf>,
-    #[serde(default)]
-    ca_cert: Option<PathBuf>,
-    #[serde(default)]
-    ca_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -319,41 +314,12 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// Parses the duration strings of the configuration file.
+/// Parses the duration strings of the configuration file: `"500ms"`, `"30s"`, `"5m"`, `"1h"`,
+/// `"1d"`, or several run together (`"1m30s"`), as the `humantime` crate reads them.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad =
-        || format!("{text:?} is not a duration (write e.g. \"500ms\", \"30s\", \"5m\", \"1h\")");
-    let s = text.trim();
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            _ => return Err(bad()),
-        };
-        total = total.saturating_add(part);
-    }
-    Ok(total)
+    humantime::parse_duration(text.trim()).map_err(|_| {
+        format!("{text:?} is not a duration (write e.g. \"500ms\", \"30s\", \"5m\", \"1h\")")
+    })
 }
 
 /// A CIDR such as `127.0.0.0/8`; a bare address means just that address.
@@ -395,17 +361,10 @@ impl<'de> Deserialize<'de> for Sha256Hex {
 }
 
 fn parse_sha256_hex(s: &str) -> Result<[u8; 32], String> {
-    let bad = || {
-        "must be the SHA-256 of the token as 64 hex digits (e.g. `printf %s \"$TOKEN\" | sha256sum`), not the token itself".to_string()
-    };
-    let s = s.trim();
-    if s.len() != 64 {
-        return Err(bad());
-    }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| {
+        "must be the SHA-256 of the token as 64 hex digits (e.g. `printf %s \"$TOKEN\" | sha256sum`), not the token itself".to_string()
+    })?;
     Ok(out)
 }
 
@@ -501,19 +460,41 @@ impl Config {
         Config::from_raw(raw, env)
     }
 
+    /// Checks each section in turn; the first error found is the one reported.
     fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+        let proxy = ProxyConfig::from_raw(raw.proxy)?;
+        let clients = clients(raw.clients, &proxy)?;
+        let admin = AdminConfig::from_raw(raw.admin)?;
+        let vault = VaultConfig::from_raw(raw.vault, env)?;
+        let cache = CacheConfig::from_raw(raw.cache)?;
+        let tls = TlsConfig::from_raw(raw.tls)?;
+        let catalog = Catalog::with_overrides(raw.connectors)?;
+        Ok(Config {
+            proxy,
+            admin,
+            vault,
+            cache,
+            tls,
+            clients,
+            catalog,
+        })
+    }
+}
+
+impl ProxyConfig {
+    /// The `[proxy]` table: positive timeouts, a sane worker count, at least one listener.
+    fn from_raw(raw: RawProxy) -> Result<ProxyConfig, ConfigError> {
         let proxy = ProxyConfig {
-            listen: raw.proxy.listen.0,
+            listen: raw.listen.0,
             allow_private_destinations: raw
-                .proxy
                 .allow_private_destinations
                 .0
                 .into_iter()
                 .map(|c| c.0)
                 .collect(),
-            connect_timeout: positive("proxy.connect_timeout", raw.proxy.connect_timeout)?,
-            request_timeout: positive("proxy.request_timeout", raw.proxy.request_timeout)?,
-            workers: match raw.proxy.workers {
+            connect_timeout: positive("proxy.connect_timeout", raw.connect_timeout)?,
+            request_timeout: positive("proxy.request_timeout", raw.request_timeout)?,
+            workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) if (1..=1024).contains(&n) => n,
                 Some(_) => {
@@ -530,190 +511,193 @@ impl Config {
                 "needs at least one address",
             ));
         }
+        Ok(proxy)
+    }
+}
 
-        let mut clients = Vec::with_capacity(raw.clients.len());
-        let mut names = HashSet::new();
-        let mut hashes = HashSet::new();
-        for (i, c) in raw.clients.into_iter().enumerate() {
-            let key = |k: &str| format!("clients[{i}].{k}");
-            if c.name.trim().is_empty() {
-                return Err(ConfigError::new(key("name"), "must not be empty"));
-            }
-            if !names.insert(c.name.clone()) {
-                return Err(ConfigError::new(
-                    key("name"),
-                    format!("{:?} names two clients", c.name),
-                ));
-            }
-            if !hashes.insert(c.token_sha256.0) {
-                return Err(ConfigError::new(
-                    key("token_sha256"),
-                    "the same token hash is given to two clients",
-                ));
-            }
-            if c.connections.0.is_empty() {
-                return Err(ConfigError::new(
-                    key("connections"),
-                    "lists no connections; give IDs or patterns such as \"stripe-*\"",
-                ));
-            }
-            clients.push(ClientConfig {
-                name: std::sync::Arc::from(c.name),
-                token_sha256: c.token_sha256.0,
-                connections: c.connections.0,
-            });
+/// The `[[clients]]`; with none, the proxy may listen only on loopback.
+fn clients(raw: Vec<RawClient>, proxy: &ProxyConfig) -> Result<Vec<Client>, ConfigError> {
+    let mut clients = Vec::with_capacity(raw.len());
+    let mut names = HashSet::new();
+    let mut hashes = HashSet::new();
+    for (i, c) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("clients[{i}].{k}");
+        if c.name.trim().is_empty() {
+            return Err(ConfigError::new(key("name"), "must not be empty"));
         }
-        if clients.is_empty() {
-            if let Some(addr) = proxy.listen.iter().find(|a| !a.ip().is_loopback()) {
-                return Err(ConfigError::new(
-                    "proxy.listen",
-                    format!(
-                        "{addr} is not a loopback address and no [[clients]] are configured: \
-                         latchkey runs without client tokens only on loopback (the sidecar case); \
-                         add [[clients]] entries or listen on 127.0.0.1"
-                    ),
-                ));
-            }
+        if !names.insert(c.name.clone()) {
+            return Err(ConfigError::new(
+                key("name"),
+                format!("{:?} names two clients", c.name),
+            ));
         }
+        if !hashes.insert(c.token_sha256.0) {
+            return Err(ConfigError::new(
+                key("token_sha256"),
+                "the same token hash is given to two clients",
+            ));
+        }
+        if c.connections.0.is_empty() {
+            return Err(ConfigError::new(
+                key("connections"),
+                "lists no connections; give IDs or patterns such as \"stripe-*\"",
+            ));
+        }
+        clients.push(Client {
+            name: std::sync::Arc::from(c.name),
+            token_sha256: c.token_sha256.0,
+            connections: c.connections.0,
+        });
+    }
+    if clients.is_empty() {
+        if let Some(addr) = proxy.listen.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(ConfigError::new(
+                "proxy.listen",
+                format!(
+                    "{addr} is not a loopback address and no [[clients]] are configured: \
+                     latchkey runs without client tokens only on loopback (the sidecar case); \
+                     add [[clients]] entries or listen on 127.0.0.1"
+                ),
+            ));
+        }
+    }
+    Ok(clients)
+}
 
-        let mut tokens = Vec::new();
-        if let Some(h) = raw.admin.token_sha256 {
-            tokens.push(AdminToken {
-                name: "admin".into(),
-                token_sha256: h.0,
-            });
-        }
-        for (i, t) in raw.admin.tokens.into_iter().enumerate() {
-            let key = |k: &str| format!("admin.tokens[{i}].{k}");
-            if t.name.trim().is_empty() {
-                return Err(ConfigError::new(key("name"), "must not be empty"));
-            }
-            if tokens.iter().any(|o| o.name == t.name) {
-                return Err(ConfigError::new(
-                    key("name"),
-                    format!("{:?} names two admin tokens", t.name),
-                ));
-            }
-            if tokens.iter().any(|o| o.token_sha256 == t.token_sha256.0) {
-                return Err(ConfigError::new(
-                    key("token_sha256"),
-                    "the same token hash is given twice",
-                ));
-            }
-            tokens.push(AdminToken {
-                name: t.name,
-                token_sha256: t.token_sha256.0,
-            });
-        }
-        let admin = AdminConfig {
-            listen: raw.admin.listen,
-            tokens,
-            expiry_warning: raw.admin.expiry_warning.0,
-        };
+impl AdminConfig {
+    /// The `[admin]` table.
+    fn from_raw(raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
+        Ok(AdminConfig {
+            listen: raw.listen,
+            tokens: admin_tokens(raw.token_sha256, raw.tokens)?,
+            expiry_warning: raw.expiry_warning.0,
+        })
+    }
+}
 
+/// `admin.token_sha256` as the token named "admin", then `admin.tokens`, each name and hash once.
+fn admin_tokens(
+    token_sha256: Option<Sha256Hex>,
+    raw: Vec<RawAdminToken>,
+) -> Result<Vec<AdminToken>, ConfigError> {
+    let mut tokens = Vec::new();
+    if let Some(h) = token_sha256 {
+        tokens.push(AdminToken {
+            name: "admin".into(),
+            token_sha256: h.0,
+        });
+    }
+    for (i, t) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("admin.tokens[{i}].{k}");
+        if t.name.trim().is_empty() {
+            return Err(ConfigError::new(key("name"), "must not be empty"));
+        }
+        if tokens.iter().any(|o| o.name == t.name) {
+            return Err(ConfigError::new(
+                key("name"),
+                format!("{:?} names two admin tokens", t.name),
+            ));
+        }
+        if tokens.iter().any(|o| o.token_sha256 == t.token_sha256.0) {
+            return Err(ConfigError::new(
+                key("token_sha256"),
+                "the same token hash is given twice",
+            ));
+        }
+        tokens.push(AdminToken {
+            name: t.name,
+            token_sha256: t.token_sha256.0,
+        });
+    }
+    Ok(tokens)
+}
+
+impl VaultConfig {
+    /// The `[vault]` table, with `VAULT_ADDR`, `VAULT_CACERT` and `VAULT_TOKEN` taking precedence.
+    fn from_raw(raw: RawVault, env: &dyn Env) -> Result<VaultConfig, ConfigError> {
         let address = env
             .var("VAULT_ADDR")
-            .or(raw.vault.address)
+            .or(raw.address)
             .unwrap_or_else(|| "http://127.0.0.1:8200".into());
         check_vault_address(&address)?;
-        let mount = raw.vault.mount.trim_matches('/').to_string();
+        let mount = raw.mount.trim_matches('/').to_string();
         if mount.is_empty() || !mount.chars().all(is_path_char) {
             return Err(ConfigError::new(
                 "vault.mount",
                 format!(
                     "{:?} is not a mount path (letters, digits, '-', '_', '/')",
-                    raw.vault.mount
+                    raw.mount
                 ),
             ));
         }
-        let prefix = raw.vault.prefix.trim_matches('/').to_string();
+        let prefix = raw.prefix.trim_matches('/').to_string();
         if !prefix.chars().all(is_path_char) || prefix.contains("//") {
             return Err(ConfigError::new(
                 "vault.prefix",
                 format!(
                     "{:?} is not a path prefix (letters, digits, '-', '_', '/')",
-                    raw.vault.prefix
+                    raw.prefix
                 ),
             ));
         }
-        let auth = match raw.vault.auth.method.as_str() {
-            "token" => match raw.vault.auth.token_file {
-                Some(path) if env.var("VAULT_TOKEN").is_none() => VaultAuth::TokenFile(path),
-                _ if env.var("VAULT_TOKEN").is_some() => VaultAuth::TokenEnv,
-                _ => {
-                    return Err(ConfigError::new(
-                        "vault.auth",
-                        "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
-                    ))
-                }
-            },
-            other => {
-                return Err(ConfigError::new(
-                    "vault.auth.method",
-                    format!("{other:?} is not supported; the supported method is \"token\""),
-                ))
-            }
-        };
-        let ca_cert = env
-            .var("VAULT_CACERT")
-            .map(PathBuf::from)
-            .or(raw.vault.ca_cert);
+        let auth = vault_auth(raw.auth, env)?;
+        let ca_cert = env.var("VAULT_CACERT").map(PathBuf::from).or(raw.ca_cert);
         if let Some(path) = &ca_cert {
             readable("vault.ca_cert", path)?;
         }
-        let vault = VaultConfig {
+        Ok(VaultConfig {
             address,
             mount,
             prefix,
-            timeout: positive("vault.timeout", raw.vault.timeout)?,
+            timeout: positive("vault.timeout", raw.timeout)?,
             ca_cert,
             auth,
-        };
+        })
+    }
+}
 
+/// Where the Vault token comes from: `VAULT_TOKEN` wins over `vault.auth.token_file`.
+fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError> {
+    match raw.method.as_str() {
+        "token" => match raw.token_file {
+            Some(path) if env.var("VAULT_TOKEN").is_none() => Ok(VaultAuth::TokenFile(path)),
+            _ if env.var("VAULT_TOKEN").is_some() => Ok(VaultAuth::TokenEnv),
+            _ => Err(ConfigError::new(
+                "vault.auth",
+                "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
+            )),
+        },
+        other => Err(ConfigError::new(
+            "vault.auth.method",
+            format!("{other:?} is not supported; the supported method is \"token\""),
+        )),
+    }
+}
+
+impl CacheConfig {
+    /// The `[cache]` table: a positive TTL and room for at least one entry.
+    fn from_raw(raw: RawCache) -> Result<CacheConfig, ConfigError> {
         let cache = CacheConfig {
-            ttl: positive("cache.ttl", raw.cache.ttl)?,
-            max_stale: raw.cache.max_stale.0,
-            negative_ttl: raw.cache.negative_ttl.0,
-            max_entries: raw.cache.max_entries,
+            ttl: positive("cache.ttl", raw.ttl)?,
+            max_stale: raw.max_stale.0,
+            negative_ttl: raw.negative_ttl.0,
+            max_entries: raw.max_entries,
         };
         if cache.max_entries == 0 {
             return Err(ConfigError::new("cache.max_entries", "must be at least 1"));
         }
+        Ok(cache)
+    }
+}
 
-        for (i, path) in raw.tls.extra_roots.0.iter().enumerate() {
+impl TlsConfig {
+    /// The `[tls]` table: every extra root readable now, not at the first request.
+    fn from_raw(raw: RawTls) -> Result<TlsConfig, ConfigError> {
+        for (i, path) in raw.extra_roots.0.iter().enumerate() {
             readable(&format!("tls.extra_roots[{i}]"), path)?;
         }
-        match (&raw.tls.ca_cert, &raw.tls.ca_key) {
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    "tls.ca_key",
-                    "is needed when tls.ca_cert is set",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "tls.ca_cert",
-                    "is needed when tls.ca_key is set",
-                ))
-            }
-            _ => {}
-        }
-        let tls = TlsConfig {
-            extra_roots: raw.tls.extra_roots.0,
-            ca_cert: raw.tls.ca_cert,
-            ca_key: raw.tls.ca_key,
-        };
-
-        let catalog = Catalog::with_overrides(raw.connectors)?;
-
-        Ok(Config {
-            proxy,
-            admin,
-            vault,
-            cache,
-            tls,
-            clients,
-            catalog,
+        Ok(TlsConfig {
+            extra_roots: raw.extra_roots.0,
         })
     }
 }
@@ -721,7 +705,12 @@ impl Config {
 impl ConfigError {
     fn with_span(mut self, text: &str, span: Option<std::ops::Range<usize>>) -> Self {
         if let Some(span) = span {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let line = text
+                .bytes()
+                .take(span.start)
+                .filter(|b| *b == b'\n')
+                .count()
+                + 1;
             self.key = format!("line {line}");
         }
         self
@@ -887,7 +876,11 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-        for bad in ["", "5", "s", "5x", "-5s", "5 m", "1.5s"] {
+        // humantime's words and spacing are taken too.
+        assert_eq!(parse_duration("5 minutes"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "5", "s", "5x", "-5s", "5 parsecs", "5m and more"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }
     }
@@ -903,7 +896,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let e = err("[cache]\nttl = \"5 minutes\"\n");
+        let e = err("[cache]\nttl = \"5 parsecs\"\n");
         assert_eq!(e.key, "cache.ttl");
         assert!(e.message.contains("not a duration"), "{e}");
         let e = err("[proxy]\nallow_private_destinations = [\"10.0.0.0/33\"]\n");

@@ -1,5 +1,5 @@
-//! Where a credential may go: the host allow-list of a connection, and the address check made on
-//! the socket address that is actually dialled.
+//! Where a credential may go: a connection's base URL (scheme, host, port, path), the host
+//! allow-list, and the address check made on the socket address that is actually dialled.
 //!
 //! The host check runs on names, before anything is resolved. The address check runs in the
 //! upstream connector on every resolved address just before `connect`, so a literal IP written
@@ -8,8 +8,107 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
+
+/// `http` or `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// A connection's base URL: scheme, host, port and a path prefix without a trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    pub scheme: Scheme,
+    /// Lower case; IPv6 literals keep their brackets. Shared, for the access log.
+    pub host: Arc<str>,
+    pub port: u16,
+    pub explicit_port: bool,
+    pub path: String,
+    /// `host` or `host:port` when the port is not the scheme's default, parsed once.
+    pub authority: http::uri::Authority,
+}
+
+impl BaseUrl {
+    /// Parses a base URL. Errors never quote it: a key pasted into a URL (as user information
+    /// or a query parameter) must not come back in an answer or a log line.
+    pub fn parse(s: &str) -> Result<BaseUrl, String> {
+        let uri: http::Uri = s.parse().map_err(|_| "is not a URL".to_string())?;
+        let scheme = match uri.scheme_str() {
+            Some("https") => Scheme::Https,
+            Some("http") => Scheme::Http,
+            _ => return Err("must start with https:// or http://".into()),
+        };
+        let authority = uri.authority().ok_or("has no host")?;
+        if authority.as_str().contains('@') {
+            return Err(
+                "must not carry user information (a key belongs in the connection's secret field)"
+                    .into(),
+            );
+        }
+        let host = authority.host().to_ascii_lowercase();
+        if host.is_empty() {
+            return Err("has no host".into());
+        }
+        if uri.query().is_some() || s.contains('#') {
+            return Err(
+                "must not have a query or fragment (a key belongs in the connection's secret field)"
+                    .into(),
+            );
+        }
+        let path = uri.path().trim_end_matches('/').to_string();
+        let port = authority.port_u16().unwrap_or(scheme.default_port());
+        Ok(BaseUrl {
+            scheme,
+            authority: http::uri::Authority::from_maybe_shared(bytes::Bytes::from(
+                self::authority(&host, port, scheme),
+            ))
+            .map_err(|_| "has no valid host".to_string())?,
+            host: Arc::from(host),
+            port,
+            explicit_port: authority.port_u16().is_some(),
+            path,
+        })
+    }
+}
+
+pub fn authority(host: &str, port: u16, scheme: Scheme) -> String {
+    if port == scheme.default_port() {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme.as_str(),
+            self.authority,
+            self.path
+        )
+    }
+}
 
 /// The hosts one connection's credential may reach: exact names (or IP literals) and
 /// `*.suffix` patterns, all lower case without a trailing dot.
@@ -308,6 +407,25 @@ mod tests {
         assert!(l.allows("[::1]"));
         for bad in ["", "a b", "*.*.x", "http://x", "x/y", "*.1.2.3.4"] {
             assert!(normalize_host_pattern(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        let b = BaseUrl::parse("https://API.example.com:8443/v1/").unwrap();
+        assert_eq!(&*b.host, "api.example.com");
+        assert_eq!(b.port, 8443);
+        assert_eq!(b.path, "/v1");
+        assert_eq!(b.to_string(), "https://api.example.com:8443/v1");
+        assert_eq!(&*BaseUrl::parse("http://[::1]/").unwrap().host, "[::1]");
+        for bad in [
+            "ftp://x",
+            "https://",
+            "https://u:p@x.com",
+            "https://x.com/?a=1",
+            "x.com",
+        ] {
+            assert!(BaseUrl::parse(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -5,73 +5,124 @@
 //! sent under the credential's name (in any case, repeated) is gone and exactly one credential
 //! reaches the upstream.
 
+use std::fmt;
+
+use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme, Uri};
 use zeroize::Zeroizing;
 
-use crate::connection::{Connection, Credential, Scheme};
+use crate::catalog::{Connector, Inject};
+use crate::destination::Scheme;
+use crate::hop_by_hop::strip_hop_by_hop;
+use crate::secret::Secret;
+use crate::telemetry::LogPath;
 
-/// Headers that belong to one hop (`Connection`, `Keep-Alive`, `Proxy-Authenticate`,
-/// `Proxy-Authorization`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`) and framing headers
-/// (`Content-Length`, `Transfer-Encoding`), never forwarded in either direction: hyper frames
-/// the forwarded message itself from the body it is given, so that no CL/TE disagreement can
-/// pass from one side to the other.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // One string match (a length switch, then a compare) rather than ten name comparisons:
-    // this runs for every header of every message.
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "content-length"
-            | "transfer-encoding"
-    )
+/// The credential, rendered once per connection load and cloned per request.
+#[derive(Clone)]
+pub enum Credential {
+    /// A header, value marked sensitive and backed by a zeroizing buffer.
+    Header {
+        name: HeaderName,
+        value: HeaderValue,
+    },
+    /// A query parameter: `name` and the percent-encoded `name=value` pair.
+    Query { name: String, pair: Secret },
 }
 
-/// Removes hop-by-hop and framing headers, and every header that `Connection` names.
-///
-/// One pass over the names present decides what must go: a message that carries none of them
-/// (most requests without a body) costs no hash lookup, and one that does (a response's
-/// `Content-Length`, a `Connection: keep-alive`) one removal per name present, not ten.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // The names present, found in one pass; only what is there is removed.
-    let mut present: Vec<HeaderName> = Vec::new();
-    for name in headers.keys() {
-        if is_hop_by_hop(name) {
-            present.push(name.clone());
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Header { name, .. } => write!(f, "Header({name}: <redacted>)"),
+            Credential::Query { name, .. } => write!(f, "Query({name}=<redacted>)"),
         }
     }
-    if present.is_empty() {
-        return;
+}
+
+impl Credential {
+    /// Renders the connector's injection template with a connection's field values (`lookup`
+    /// gives a field's value, secret or not). Every intermediate buffer that holds the secret is
+    /// a [`Secret`], zeroized when dropped.
+    pub fn render<'a>(
+        connector: &Connector,
+        lookup: impl Fn(&str) -> Option<&'a str>,
+    ) -> Result<Credential, RenderError> {
+        render(connector, &lookup)
     }
-    if present.contains(&header::CONNECTION) {
-        for value in headers.get_all(header::CONNECTION) {
-            let Ok(value) = value.to_str() else { continue };
-            for name in value.split(',') {
-                let name = name.trim();
-                if name.is_empty()
-                    || name.eq_ignore_ascii_case("keep-alive")
-                    || name.eq_ignore_ascii_case("close")
-                {
-                    // Connection options, not header names (keep-alive is removed anyway).
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    present.push(name);
-                }
+}
+
+/// Why a credential cannot be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("required field {0:?} is missing")]
+    MissingField(String),
+    #[error("the credential cannot be sent: {0}")]
+    Invalid(&'static str),
+}
+
+fn render<'a>(
+    connector: &Connector,
+    lookup: &dyn Fn(&str) -> Option<&'a str>,
+) -> Result<Credential, RenderError> {
+    let missing = RenderError::MissingField;
+    let header = |name: HeaderName, text: Secret| -> Result<Credential, RenderError> {
+        let mut value = HeaderValue::from_maybe_shared(text.into_shared_bytes()).map_err(|_| {
+            RenderError::Invalid("the rendered header value is not a valid header value")
+        })?;
+        value.set_sensitive(true);
+        Ok(Credential::Header { name, value })
+    };
+    match &connector.inject {
+        Inject::Bearer { value } => {
+            let mut out = String::from("Bearer ");
+            let r = value.render(&mut out, lookup);
+            let out = Secret::from(out);
+            r.map_err(missing)?;
+            header(http::header::AUTHORIZATION, out)
+        }
+        Inject::Header {
+            header: name,
+            value,
+        } => {
+            let mut out = String::new();
+            let r = value.render(&mut out, lookup);
+            let out = Secret::from(out);
+            r.map_err(missing)?;
+            header(name.clone(), out)
+        }
+        Inject::Basic { username, password } => {
+            let mut pair = String::new();
+            let r = username.render(&mut pair, lookup);
+            let mut pair = Secret::from(pair);
+            r.map_err(missing)?;
+            if pair.expose().contains(':') {
+                return Err(RenderError::Invalid("a Basic user name cannot contain ':'"));
             }
+            let mut joined = String::with_capacity(pair.expose().len() + 64);
+            joined.push_str(pair.expose());
+            joined.push(':');
+            let r = password.render(&mut joined, lookup);
+            pair = Secret::from(joined);
+            r.map_err(missing)?;
+            let mut out = String::from("Basic ");
+            base64::engine::general_purpose::STANDARD.encode_string(pair.expose(), &mut out);
+            header(http::header::AUTHORIZATION, Secret::from(out))
         }
-        present.push(HeaderName::from_static("keep-alive"));
-    }
-    for name in present {
-        headers.remove(name);
+        Inject::Query { param, value } => {
+            let mut raw = String::new();
+            let r = value.render(&mut raw, lookup);
+            let raw = Secret::from(raw);
+            r.map_err(missing)?;
+            let mut pair = String::with_capacity(param.len() + 1 + raw.expose().len() * 3);
+            pair.push_str(param);
+            pair.push('=');
+            percent_encode_into(raw.expose(), &mut pair);
+            Ok(Credential::Query {
+                name: param.clone(),
+                pair: Secret::from(pair),
+            })
+        }
     }
 }
 
@@ -102,7 +153,8 @@ pub fn rewrite(
     parts: &mut http::request::Parts,
     path_and_query: &str,
     target: Target<'_>,
-    connection: &Connection,
+    credential: &Credential,
+    connector: &Connector,
 ) -> Result<LogPath, RewriteError> {
     // An empty path with a query (`/conn?x=1` in gateway form, `http://host?x=1` in forward
     // form) is the root path with that query.
@@ -116,45 +168,8 @@ pub fn rewrite(
     headers.remove(header::HOST);
     headers.remove(header::EXPECT);
 
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path_and_query, None),
-    };
-    let path = if path.is_empty() && target.path_prefix.is_empty() {
-        "/"
-    } else {
-        path
-    };
-
-    // The path and query as the upstream will see them.
-    let extra = match &connection.credential {
-        Credential::Query { pair, .. } => pair.expose().len() + 1,
-        Credential::Header { .. } => 0,
-    };
-    let mut upstream =
-        String::with_capacity(target.path_prefix.len() + path_and_query.len() + extra);
-    upstream.push_str(target.path_prefix);
-    upstream.push_str(path);
-    let query_param = match &connection.credential {
-        Credential::Query { name, .. } => Some(name.as_str()),
-        Credential::Header { .. } => None,
-    };
-    let mut first = true;
-    if let Some(q) = query {
-        for pair in q.split('&').filter(|p| !p.is_empty()) {
-            if let Some(param) = query_param {
-                let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-                if percent_decoded_eq_ignore_case(name, param) {
-                    continue;
-                }
-            }
-            upstream.push(if first { '?' } else { '&' });
-            first = false;
-            upstream.push_str(pair);
-        }
-    }
-
-    let (path_and_query, log_path) = match &connection.credential {
+    let (upstream, first) = upstream_path(path_and_query, target.path_prefix, credential);
+    let (path_and_query, log_path) = match credential {
         Credential::Header { name, value } => {
             // `insert` replaces every value the client sent under this name.
             headers.insert(name.clone(), value.clone());
@@ -169,8 +184,8 @@ pub fn rewrite(
             log.push(if first { '?' } else { '&' });
             log.push_str(name);
             log.push_str("=<redacted>");
-            // The capacity was reserved above, so pushing the pair never moves the buffer and
-            // leaves no copy of the secret behind; the buffer is zeroized when dropped.
+            // The capacity was reserved by `upstream_path`, so pushing the pair never moves
+            // the buffer and leaves no copy of the secret behind; it is zeroized when dropped.
             let mut with_key = Zeroizing::new(upstream);
             with_key.push(if first { '?' } else { '&' });
             with_key.push_str(pair.expose());
@@ -179,7 +194,7 @@ pub fn rewrite(
             (pq, LogPath::Masked(log))
         }
     };
-    for (name, value) in &connection.connector.headers {
+    for (name, value) in &connector.headers {
         headers.entry(name).or_insert_with(|| value.clone());
     }
 
@@ -198,62 +213,42 @@ pub fn rewrite(
     Ok(log_path)
 }
 
-/// The path the access log shows: the upstream path itself when it carries no secret, or a
-/// copy with the credential's query value masked.
-#[derive(Debug, Clone)]
-pub enum LogPath {
-    Shared(PathAndQuery),
-    Masked(String),
-}
-
-impl LogPath {
-    pub fn as_str(&self) -> &str {
-        match self {
-            LogPath::Shared(p) => p.as_str(),
-            LogPath::Masked(s) => s,
-        }
-    }
-}
-
-impl std::fmt::Display for LogPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq<&str> for LogPath {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-/// Removes hop-by-hop and framing headers from an upstream response.
-///
-/// The answer to a `HEAD` (`to_head`) keeps its `Content-Length` when that is one plain
-/// number: there it frames nothing and tells the client the size of what a `GET` would return,
-/// which is what it asked. (hyper leaves `Content-Length` out of 304 and 204 answers itself.)
-pub fn strip_response(headers: &mut HeaderMap, to_head: bool) {
-    let length = if to_head {
-        single_content_length(headers)
-    } else {
-        None
+/// The path and query as the upstream will see them, before a query credential goes in: the
+/// prefix, the client's path, and its query without any parameter of the credential's name.
+/// Room for the credential is reserved. Also returns whether no query parameter was written.
+fn upstream_path(path_and_query: &str, prefix: &str, credential: &Credential) -> (String, bool) {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
     };
-    strip_hop_by_hop(headers);
-    if let Some(length) = length {
-        headers.insert(header::CONTENT_LENGTH, length);
+    let path = if path.is_empty() && prefix.is_empty() {
+        "/"
+    } else {
+        path
+    };
+    let (query_param, extra) = match credential {
+        Credential::Query { name, pair } => (Some(name.as_str()), pair.expose().len() + 1),
+        Credential::Header { .. } => (None, 0),
+    };
+    let mut upstream = String::with_capacity(prefix.len() + path_and_query.len() + extra);
+    upstream.push_str(prefix);
+    upstream.push_str(path);
+    let mut first = true;
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        if pair.is_empty() {
+            continue;
+        }
+        if let Some(param) = query_param {
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            if percent_decoded_eq_ignore_case(name, param) {
+                continue;
+            }
+        }
+        upstream.push(if first { '?' } else { '&' });
+        first = false;
+        upstream.push_str(pair);
     }
-}
-
-/// The `Content-Length` value when there is exactly one and it is a plain decimal number.
-fn single_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
-    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    let digits = value.as_bytes();
-    let plain = !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit);
-    plain.then(|| value.clone())
+    (upstream, first)
 }
 
 struct ZeroizingString(Zeroizing<String>);
@@ -264,70 +259,47 @@ impl AsRef<[u8]> for ZeroizingString {
     }
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters.
+/// Everything but RFC 3986's unreserved characters is percent-encoded in a query value.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Appends `value` to `out`, percent-encoded for a query value.
 pub fn percent_encode_into(value: &str, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 15)] as char);
-        }
+    for piece in percent_encoding::utf8_percent_encode(value, QUERY_VALUE) {
+        out.push_str(piece);
     }
 }
 
-/// Compares a raw query parameter name, percent- and plus-decoded, with `want`, ignoring ASCII
-/// case, so that `KEY`, `k%65y` and `key` are all the credential's parameter.
+/// Compares a raw query parameter name, percent-decoded, with `want`, ignoring ASCII case, so
+/// that `KEY`, `k%65y` and `key` are all the credential's parameter. (`+` is a space in a form
+/// query; parameter names of connectors hold neither, so it needs no case of its own.)
 fn percent_decoded_eq_ignore_case(raw: &str, want: &str) -> bool {
-    let raw = raw.as_bytes();
-    let want = want.as_bytes();
-    let (mut i, mut j) = (0, 0);
-    while i < raw.len() {
-        let c = match raw[i] {
-            b'%' if i + 2 < raw.len() => match (hex(raw[i + 1]), hex(raw[i + 2])) {
-                (Some(h), Some(l)) => {
-                    i += 3;
-                    h << 4 | l
-                }
-                _ => {
-                    i += 1;
-                    b'%'
-                }
-            },
-            b'+' => {
-                i += 1;
-                b' '
-            }
-            other => {
-                i += 1;
-                other
-            }
-        };
-        if j >= want.len() || !c.eq_ignore_ascii_case(&want[j]) {
-            return false;
-        }
-        j += 1;
-    }
-    j == want.len()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    let mut decoded = percent_encoding::percent_decode_str(raw);
+    want.bytes()
+        .all(|w| decoded.next().is_some_and(|c| c.eq_ignore_ascii_case(&w)))
+        && decoded.next().is_none()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
-    use crate::connection::{ConnectionId, StoredConnection};
-    use crate::secret::Secret;
+    use crate::connection::Connection;
+    use crate::connection_id::ConnectionId;
+    use crate::record::StoredConnection;
+
+    /// The rewrite with a loaded connection's credential and connector.
+    fn rewrite(
+        parts: &mut http::request::Parts,
+        path_and_query: &str,
+        target: Target<'_>,
+        c: &Connection,
+    ) -> Result<LogPath, RewriteError> {
+        super::rewrite(parts, path_and_query, target, &c.credential, &c.connector)
+    }
 
     pub(crate) fn connection(fields: &[(&str, &str)]) -> Connection {
         let catalog = Catalog::builtin().unwrap();
@@ -498,87 +470,6 @@ mod tests {
     }
 
     #[test]
-    fn a_head_answer_keeps_one_plain_content_length_and_nothing_else_framing() {
-        let answer = |lengths: &[&str]| {
-            let mut h = HeaderMap::new();
-            for v in lengths {
-                h.append(header::CONTENT_LENGTH, v.parse().unwrap());
-            }
-            h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-            h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
-            h
-        };
-        let lengths = |h: &HeaderMap| -> Vec<String> {
-            h.get_all(header::CONTENT_LENGTH)
-                .iter()
-                .map(|v| v.to_str().unwrap().to_string())
-                .collect()
-        };
-
-        let mut h = answer(&["5678"]);
-        strip_response(&mut h, true);
-        assert_eq!(lengths(&h), ["5678"]);
-        assert!(!h.contains_key(header::TRANSFER_ENCODING));
-        assert!(!h.contains_key(header::CONNECTION));
-
-        // Not to a HEAD: the body's framing is hyper's to write.
-        let mut h = answer(&["5678"]);
-        strip_response(&mut h, false);
-        assert!(lengths(&h).is_empty());
-
-        // Two values, or one that is not a plain number: dropped.
-        for bad in [
-            &["1", "2"][..],
-            &["12, 12"],
-            &["-1"],
-            &["0x10"],
-            &[""],
-            &["99999999999999999999"],
-        ] {
-            let mut h = answer(bad);
-            strip_response(&mut h, true);
-            assert!(lengths(&h).is_empty(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn hop_by_hop_names() {
-        for name in [
-            "connection",
-            "keep-alive",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "proxy-connection",
-            "te",
-            "trailer",
-            "upgrade",
-            "content-length",
-            "transfer-encoding",
-        ] {
-            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
-        }
-        for name in [
-            "authorization",
-            "host",
-            "content-type",
-            "x-connection",
-            "trailers",
-        ] {
-            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
-        }
-        let mut h = HeaderMap::new();
-        h.insert("connection", "keep-alive, close, X-Drop".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert("x-drop", "1".parse().unwrap());
-        h.insert("x-keep", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(
-            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            vec!["x-keep"]
-        );
-    }
-
-    #[test]
     fn decoded_param_names() {
         assert!(percent_decoded_eq_ignore_case("key", "key"));
         assert!(percent_decoded_eq_ignore_case("KeY", "key"));
@@ -587,6 +478,5 @@ mod tests {
         assert!(!percent_decoded_eq_ignore_case("keys", "key"));
         assert!(!percent_decoded_eq_ignore_case("ke", "key"));
         assert!(!percent_decoded_eq_ignore_case("k%", "key"));
-        assert!(percent_decoded_eq_ignore_case("api+key", "api key"));
     }
 }

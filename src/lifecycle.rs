@@ -19,11 +19,14 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::cache::{Cache, Load};
-use crate::catalog::{Catalog, RESERVED_FIELDS};
-use crate::connection::{Connection, ConnectionId, Draft, FieldError, StoredConnection};
-use crate::proxy::pool::Pool;
+use crate::catalog::Catalog;
+use crate::connection::Connection;
+use crate::connection_id::ConnectionId;
+use crate::draft::{Draft, FieldError, Prepared};
+use crate::record::{StoredConnection, RESERVED_FIELDS};
 use crate::secret::Secret;
 use crate::telemetry;
+use crate::upstream::Pool;
 use crate::vault::{Vault, VaultError};
 use crate::verify::{self, Verification};
 
@@ -135,6 +138,17 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// What a save writes: a checked connection, whether to verify it first, the version it
+/// replaces (`None`: it must not exist yet), and the metadata it keeps.
+struct Save {
+    action: &'static str,
+    id: ConnectionId,
+    prepared: Prepared,
+    verify: bool,
+    replaces: Option<u64>,
+    metadata: BTreeMap<String, String>,
 }
 
 /// The answer to a save.
@@ -256,42 +270,18 @@ impl Lifecycle {
             fields: req.fields,
         };
         let prepared = draft.prepare(&id, &self.catalog)?;
-        let verification = if req.verify {
-            let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
-            if !v.passed() {
-                let field = primary_field(&prepared.connection);
-                return Err(LifecycleError::VerificationFailed(Box::new(v), field));
-            }
-            Some(v)
-        } else {
-            None
-        };
-        let version = match self.vault.write(&id, &prepared.stored, Some(0)).await {
-            Ok(v) => v,
-            Err(VaultError::CasMismatch) => {
-                return Err(LifecycleError::Exists(id.to_string()));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut metadata = BTreeMap::new();
-        record_verification(&mut metadata, verification.as_ref());
-        let mut notices = prepared.notices;
-        if let Err(e) = self.vault.set_custom_metadata(&id, &metadata).await {
-            notices.push(format!(
-                "the connection was saved, but its status could not be recorded: {e}"
-            ));
-        }
-        let mut conn = prepared.connection;
-        conn.version = version;
-        conn.custom_metadata = metadata;
-        let view = self.view_of(&conn, None);
-        self.cache.insert(conn);
-        audit(admin, "create", id.as_str(), Some(version), "ok");
-        Ok(Saved {
-            connection: view,
-            notices,
-            verification,
-        })
+        self.save(
+            admin,
+            Save {
+                action: "create",
+                id,
+                prepared,
+                verify: req.verify,
+                replaces: None,
+                metadata: BTreeMap::new(),
+            },
+        )
+        .await
     }
 
     /// One connection, secrets masked.
@@ -362,35 +352,18 @@ impl Lifecycle {
             };
         }
         let prepared = draft.prepare(&id, &self.catalog)?;
-        let mut metadata = stored.custom_metadata.clone();
-        let verification = if req.verify {
-            let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
-            if !v.passed() {
-                let field = primary_field(&prepared.connection);
-                return Err(LifecycleError::VerificationFailed(Box::new(v), field));
-            }
-            record_verification(&mut metadata, Some(&v));
-            Some(v)
-        } else {
-            None
-        };
-        let version = self
-            .write_over(&id, &prepared.stored, stored.version)
-            .await?;
-        if req.verify {
-            self.vault.set_custom_metadata(&id, &metadata).await?;
-        }
-        let mut conn = prepared.connection;
-        conn.version = version;
-        conn.custom_metadata = metadata;
-        let view = self.view_of(&conn, None);
-        self.cache.insert(conn);
-        audit(admin, "patch", id.as_str(), Some(version), "ok");
-        Ok(Saved {
-            connection: view,
-            notices: prepared.notices,
-            verification,
-        })
+        self.save(
+            admin,
+            Save {
+                action: "patch",
+                id,
+                prepared,
+                verify: req.verify,
+                replaces: Some(stored.version),
+                metadata: stored.custom_metadata,
+            },
+        )
+        .await
     }
 
     /// Rotates secret fields in place: the new key is verified first, and a key that fails
@@ -427,34 +400,80 @@ impl Lifecycle {
             draft.fields.insert(name, value);
         }
         let prepared = draft.prepare(&id, &self.catalog)?;
-        let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
-        if !v.passed() {
-            let field = primary_field(&prepared.connection);
-            return Err(LifecycleError::VerificationFailed(Box::new(v), field));
-        }
-        let version = self
-            .write_over(&id, &prepared.stored, stored.version)
-            .await?;
-        let mut metadata = stored.custom_metadata.clone();
-        record_verification(&mut metadata, Some(&v));
+        // A new key answers for itself: what the old one lacked is no longer known.
+        let mut metadata = stored.custom_metadata;
         metadata.remove("scope_warning");
         metadata.remove("scope_warning_at");
+        self.save(
+            admin,
+            Save {
+                action: "rotate",
+                id,
+                prepared,
+                verify: true,
+                replaces: Some(stored.version),
+                metadata,
+            },
+        )
+        .await
+    }
+
+    /// The save of create, patch and rotate: verify first when asked (a key that fails is never
+    /// written and leaves the old one in force), write with check-and-set on the version it
+    /// replaces, record what the verification found, put the connection in the cache so that
+    /// the next request on this instance uses it, and write the audit line.
+    async fn save(&self, admin: &str, save: Save) -> Result<Saved, LifecycleError> {
+        let Save {
+            action,
+            id,
+            prepared,
+            verify,
+            replaces,
+            mut metadata,
+        } = save;
+        let verification = if verify {
+            let v = verify::verify(&prepared.connection, &self.upstream, self.verify_timeout).await;
+            if !v.passed() {
+                let field = primary_field(&prepared.connection);
+                return Err(LifecycleError::VerificationFailed(Box::new(v), field));
+            }
+            Some(v)
+        } else {
+            None
+        };
+        let version = match self
+            .vault
+            .write(&id, &prepared.stored, Some(replaces.unwrap_or(0)))
+            .await
+        {
+            Ok(v) => v,
+            Err(VaultError::CasMismatch) if replaces.is_none() => {
+                return Err(LifecycleError::Exists(id.to_string()))
+            }
+            Err(VaultError::CasMismatch) => return Err(LifecycleError::Conflict(id.to_string())),
+            Err(e) => return Err(e.into()),
+        };
         let mut notices = prepared.notices;
-        if let Err(e) = self.vault.set_custom_metadata(&id, &metadata).await {
-            notices.push(format!(
-                "the key was rotated, but its status could not be recorded: {e}"
-            ));
+        // A new connection starts `unverified` unless verified; a change without a
+        // verification keeps the status it had.
+        if verification.is_some() || replaces.is_none() {
+            record_verification(&mut metadata, verification.as_ref());
+            if let Err(e) = self.vault.set_custom_metadata(&id, &metadata).await {
+                notices.push(format!(
+                    "the connection was saved, but its status could not be recorded: {e}"
+                ));
+            }
         }
         let mut conn = prepared.connection;
         conn.version = version;
         conn.custom_metadata = metadata;
         let view = self.view_of(&conn, None);
         self.cache.insert(conn);
-        audit(admin, "rotate", id.as_str(), Some(version), "ok");
+        audit(admin, action, id.as_str(), Some(version), "ok");
         Ok(Saved {
             connection: view,
             notices,
-            verification: Some(v),
+            verification,
         })
     }
 
@@ -493,19 +512,6 @@ impl Lifecycle {
         telemetry::connection_expiry(id.as_str(), None);
         audit(admin, "delete", id.as_str(), Some(stored.version), "ok");
         Ok(())
-    }
-
-    async fn write_over(
-        &self,
-        id: &ConnectionId,
-        fields: &BTreeMap<String, Secret>,
-        version: u64,
-    ) -> Result<u64, LifecycleError> {
-        match self.vault.write(id, fields, Some(version)).await {
-            Ok(v) => Ok(v),
-            Err(VaultError::CasMismatch) => Err(LifecycleError::Conflict(id.to_string())),
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// An upstream answered 401 to a request made with `used`. If the re-read the cache started
@@ -732,7 +738,7 @@ fn raw_fields(stored: &StoredConnection, catalog: &Catalog) -> Value {
         // Shown only as latchkey would use it: a URL carrying user information or a query (a
         // key pasted in the wrong place) is shown as set, never echoed.
         "base_url": get("base_url").map(|u| {
-            crate::connection::BaseUrl::parse(&u).map_or(json!({"set": true}), |b| json!(b.to_string()))
+            crate::destination::BaseUrl::parse(&u).map_or(json!({"set": true}), |b| json!(b.to_string()))
         }),
         "fields": fields,
         "version": stored.version,

@@ -1,9 +1,9 @@
 //! The `Secret` type: a credential value that redacts itself and is zeroized on drop.
 //!
 //! Every credential latchkey handles lives in a `Secret` from the moment it leaves the Vault
-//! response until it is written into an upstream request. `Debug` and `Display` print
-//! `<redacted>`, there is no `Serialize`, and the only way to the bytes is the explicit
-//! [`Secret::expose`]. What this type cannot promise is said plainly: buffers owned by other
+//! response until it is written into an upstream request. `Debug` prints `<redacted>`; there is
+//! no `Display` (so `format!("Bearer {s}")` does not compile) and no `Serialize`; the only way to
+//! the bytes is the explicit [`Secret::expose`]. What this type cannot promise is said plainly: buffers owned by other
 //! crates (the HTTP response that carried the value from Vault, hyper's write buffer, the HPACK
 //! encoder of an h2 connection) are outside its reach and are not zeroized.
 
@@ -49,12 +49,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 impl<'de> serde::Deserialize<'de> for Secret {
     /// Takes the string serde parsed, without copying it.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -76,10 +70,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debug_and_display_are_redacted() {
+    fn debug_is_redacted() {
         let s = Secret::new("sk_live_abc123");
         assert_eq!(format!("{s:?}"), "<redacted>");
-        assert_eq!(format!("{s}"), "<redacted>");
         assert_eq!(format!("{:?}", Some(&s)), "Some(<redacted>)");
         assert_eq!(s.expose(), "sk_live_abc123");
     }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -97,6 +98,35 @@ fn spawn_upkeep(handle: PrometheusHandle) {
         });
     if let Err(e) = started {
         tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms grow until /metrics is read");
+    }
+}
+
+/// The path the access log shows: the upstream path itself when it carries no secret, or a
+/// copy with the credential's query value masked.
+#[derive(Debug, Clone)]
+pub enum LogPath {
+    Shared(PathAndQuery),
+    Masked(String),
+}
+
+impl LogPath {
+    pub fn as_str(&self) -> &str {
+        match self {
+            LogPath::Shared(p) => p.as_str(),
+            LogPath::Masked(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for LogPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for LogPath {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 
@@ -203,7 +233,7 @@ pub struct AccessLog {
     pub client: Option<Arc<str>>,
     pub method: http::Method,
     pub host: Option<Arc<str>>,
-    pub path: Option<crate::inject::LogPath>,
+    pub path: Option<LogPath>,
     pub status: u16,
     pub error: Option<&'static str>,
     pub cache: Option<CacheOutcome>,

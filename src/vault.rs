@@ -17,7 +17,8 @@ use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
 use crate::config::{VaultAuth, VaultConfig};
-use crate::connection::{ConnectionId, StoredConnection};
+use crate::connection_id::ConnectionId;
+use crate::record::StoredConnection;
 use crate::secret::Secret;
 use crate::telemetry;
 

@@ -8,15 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty, Limited};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
+use crate::body;
+use crate::catalog::Verify as VerifySpec;
 use crate::connection::Connection;
 use crate::inject::{self, Target};
-use crate::proxy::pool::{Pool, SendError};
-use crate::proxy::upstream::{BoxError, DialError};
+use crate::upstream::{DialError, Pool, ResponseBody, SendError};
 
 /// What a verification found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +113,22 @@ pub async fn verify(conn: &Connection, client: &Arc<Pool>, timeout: Duration) ->
         return unexpected(format!("the verification path needs the field {field}"));
     }
     let what = format!("{} {}{}", spec.method, conn.base, path);
+    let response = match call(conn, spec, &path, &what, client, timeout).await {
+        Ok(r) => r,
+        Err(v) => return v,
+    };
+    judge(conn, spec, &what, response).await
+}
 
+/// Sends the verification request, as the proxy would send a workflow's (strip, then inject).
+async fn call(
+    conn: &Connection,
+    spec: &VerifySpec,
+    path: &str,
+    what: &str,
+    client: &Arc<Pool>,
+    timeout: Duration,
+) -> Result<Response<ResponseBody>, Verification> {
     let (mut parts, ()) = Request::builder()
         .method(spec.method.clone())
         .uri("/")
@@ -127,28 +142,33 @@ pub async fn verify(conn: &Connection, client: &Arc<Pool>, timeout: Duration) ->
         authority: &conn.base.authority,
         path_prefix: &conn.base.path,
     };
-    if inject::rewrite(&mut parts, &path, target, conn).is_err() {
-        return unexpected(format!("the verification URL for {what} is not valid"));
+    if inject::rewrite(&mut parts, path, target, &conn.credential, &conn.connector).is_err() {
+        return Err(unexpected(format!(
+            "the verification URL for {what} is not valid"
+        )));
     }
-    let body = Empty::<Bytes>::new()
-        .map_err(|e| -> BoxError { match e {} })
-        .boxed_unsync();
-    let request = Request::from_parts(parts, body);
+    let request = Request::from_parts(parts, body::empty());
+    match tokio::time::timeout(timeout, client.send(request)).await {
+        Err(_) => Err(Verification {
+            outcome: Outcome::Timeout,
+            http_status: None,
+            message: format!("{what} did not answer within {timeout:?}"),
+            hint: Some("Check the base URL, and retry: the service may be slow or down.".into()),
+        }),
+        Ok(Err(e)) => Err(unreachable(what, &e)),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
 
-    let response = match tokio::time::timeout(timeout, client.send(request)).await {
-        Err(_) => {
-            return Verification {
-                outcome: Outcome::Timeout,
-                http_status: None,
-                message: format!("{what} did not answer within {timeout:?}"),
-                hint: Some(
-                    "Check the base URL, and retry: the service may be slow or down.".into(),
-                ),
-            }
-        }
-        Ok(Err(e)) => return unreachable(&what, &e),
-        Ok(Ok(r)) => r,
-    };
+/// What the service's answer says of the key: accepted, rejected (401), lacking scope (403),
+/// a wrong base URL (404), or something unexpected.
+async fn judge(
+    conn: &Connection,
+    spec: &VerifySpec,
+    what: &str,
+    response: Response<ResponseBody>,
+) -> Verification {
+    let connector = &conn.connector;
     let status = response.status();
     let scopes = connector.scopes.clone().unwrap_or_else(|| {
         "Issue a key with the permissions your workflows need, or widen this one.".into()
@@ -198,7 +218,7 @@ pub async fn verify(conn: &Connection, client: &Arc<Pool>, timeout: Duration) ->
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b.to_bytes()).ok())
                     .unwrap_or(Value::Null);
-                json_verdict(&json, ok_field, &what, connector.name.as_str(), s.as_u16(), env_hint, scopes)
+                json_verdict(&json, ok_field, what, connector.name.as_str(), s.as_u16(), env_hint, scopes)
             }
         },
         s => Verification {

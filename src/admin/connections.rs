@@ -8,9 +8,9 @@ use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use super::{json_response, method_not_allowed};
-use crate::lifecycle::{Lifecycle, LifecycleError, Saved};
-use crate::proxy::ProxyBody;
+use crate::body::BoxBody;
+use crate::lifecycle::{Lifecycle, Saved};
+use crate::response::{json_response, no_content, AdminError};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 1024 * 1024;
@@ -21,7 +21,7 @@ pub async fn handle(
     admin: &str,
     req: Request<Incoming>,
     rest: &str,
-) -> Response<ProxyBody> {
+) -> Response<BoxBody> {
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
     let result = match (segments.as_slice(), &method) {
@@ -34,7 +34,7 @@ pub async fn handle(
                 .create(admin, create)
                 .await
                 .map(|s| (StatusCode::CREATED, saved(s))),
-            Err(e) => return e,
+            Err(e) => return e.into_response(),
         },
         ([id], &Method::GET) => lifecycle
             .get(id)
@@ -45,7 +45,7 @@ pub async fn handle(
                 .patch(admin, id, patch)
                 .await
                 .map(|s| (StatusCode::OK, saved(s))),
-            Err(e) => return e,
+            Err(e) => return e.into_response(),
         },
         ([id], &Method::DELETE) => lifecycle
             .delete(admin, id)
@@ -56,7 +56,7 @@ pub async fn handle(
                 .rotate(admin, id, rotate)
                 .await
                 .map(|s| (StatusCode::OK, saved(s))),
-            Err(e) => return e,
+            Err(e) => return e.into_response(),
         },
         ([id, "verify"], &Method::POST) => lifecycle.verify(admin, id).await.map(|(c, v)| {
             (
@@ -64,28 +64,15 @@ pub async fn handle(
                 json!({ "connection": c, "verification": v.to_json() }),
             )
         }),
-        ([] | [_] | [_, "secret" | "verify"], _) => return method_not_allowed(),
-        _ => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such admin endpoint",
-                None,
-                None,
-            )
+        ([] | [_] | [_, "secret" | "verify"], _) => {
+            return AdminError::method_not_allowed().into_response()
         }
+        _ => return AdminError::not_found().into_response(),
     };
     match result {
-        Ok((StatusCode::NO_CONTENT, _)) => {
-            let mut r = json_response(StatusCode::NO_CONTENT, &Value::Null);
-            *r.body_mut() = http_body_util::Empty::new()
-                .map_err(|e| match e {})
-                .boxed_unsync();
-            r.headers_mut().remove(http::header::CONTENT_TYPE);
-            r
-        }
+        Ok((StatusCode::NO_CONTENT, _)) => no_content(),
         Ok((status, value)) => json_response(status, &value),
-        Err(e) => lifecycle_error(e),
+        Err(e) => AdminError::from(e).into_response(),
     }
 }
 
@@ -99,16 +86,12 @@ fn saved(s: Saved) -> Value {
 
 /// Reads and parses a JSON body. A parse error names where it went wrong and never quotes a
 /// value (a misplaced key would otherwise be echoed back).
-async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<ProxyBody>> {
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, AdminError> {
     let bytes: Bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
+            return Err(AdminError::bad_request(
                 "the request body could not be read (at most 1 MiB of JSON)",
-                None,
-                None,
             ))
         }
     };
@@ -118,17 +101,11 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response
         Ok(v) => match de.end() {
             Ok(()) => return Ok(v),
             Err(e) => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!(
-                        "the request body is not valid JSON (line {}, column {})",
-                        e.line(),
-                        e.column()
-                    ),
-                    None,
-                    None,
-                ))
+                return Err(AdminError::bad_request(format!(
+                    "the request body is not valid JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                )))
             }
         },
         Err(e) => e,
@@ -153,85 +130,6 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response
             inner.column()
         )
     };
-    let field = (path != ".").then_some(path);
-    Err(error(
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-        &message,
-        field.as_deref(),
-        None,
-    ))
-}
-
-fn lifecycle_error(e: LifecycleError) -> Response<ProxyBody> {
-    let message = e.to_string();
-    match e {
-        LifecycleError::BadId(_) => error(
-            StatusCode::BAD_REQUEST,
-            "bad_connection_id",
-            &message,
-            Some("id"),
-            None,
-        ),
-        LifecycleError::Invalid(f) => error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            &f.message,
-            Some(&f.field),
-            None,
-        ),
-        LifecycleError::NotFound(_) => error(
-            StatusCode::NOT_FOUND,
-            "connection_not_found",
-            &message,
-            None,
-            None,
-        ),
-        LifecycleError::Exists(_) => error(
-            StatusCode::CONFLICT,
-            "connection_exists",
-            &message,
-            Some("id"),
-            None,
-        ),
-        LifecycleError::Conflict(_) => {
-            error(StatusCode::CONFLICT, "conflict", &message, None, None)
-        }
-        LifecycleError::VerificationFailed(v, field) => error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "verification_failed",
-            &message,
-            Some(&field),
-            Some(v.to_json()),
-        ),
-        LifecycleError::Vault(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "secret_store_unavailable",
-            &message,
-            None,
-            None,
-        ),
-    }
-}
-
-fn error(
-    status: StatusCode,
-    code: &'static str,
-    message: &str,
-    field: Option<&str>,
-    verification: Option<Value>,
-) -> Response<ProxyBody> {
-    let mut inner = json!({ "code": code, "message": message });
-    if let Some(f) = field {
-        inner["field"] = json!(f);
-    }
-    if let Some(v) = verification {
-        inner["verification"] = v;
-    }
-    let mut r = json_response(status, &json!({ "error": inner }));
-    if let Ok(v) = http::HeaderValue::try_from(code) {
-        r.headers_mut()
-            .insert(crate::proxy::error::LATCHKEY_ERROR, v);
-    }
-    r
+    let e = AdminError::bad_request(message);
+    Err(if path == "." { e } else { e.field(path) })
 }

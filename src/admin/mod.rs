@@ -11,17 +11,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use crate::body::{self, BoxBody};
 use crate::catalog::{Connector, Inject};
 use crate::config::AdminToken;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::error::error_response;
-use crate::proxy::ProxyBody;
+use crate::response::{json_response, AdminError};
 use crate::vault::Vault;
 
 /// The admin listener's service.
@@ -40,14 +37,14 @@ impl Admin {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => self.ready().await,
             (&Method::GET, "/metrics") => {
                 let text = crate::telemetry::render_metrics();
-                let mut r = Response::new(full(Bytes::from(text)));
+                let mut r = Response::new(body::full(Bytes::from(text)));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -56,21 +53,17 @@ impl Admin {
             }
             (_, p) if p.starts_with("/v1/") || p == "/v1" => {
                 let Some(admin) = self.authenticate(&req) else {
-                    let mut r = error_response(
+                    return AdminError::new(
                         StatusCode::UNAUTHORIZED,
                         "unauthorized",
                         "the admin API needs Authorization: Bearer {admin token}",
-                    );
-                    r.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer realm=\"latchkey-admin\""),
-                    );
-                    return r;
+                    )
+                    .into_response();
                 };
                 let admin = admin.to_string();
                 self.api(&admin, req).await
             }
-            _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+            _ => AdminError::not_found().into_response(),
         }
     }
 
@@ -86,17 +79,15 @@ impl Admin {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return None;
         }
-        let digest = Sha256::digest(token.trim().as_bytes());
-        let mut found = None;
-        for t in &self.tokens {
-            if bool::from(digest.as_slice().ct_eq(&t.token_sha256)) {
-                found = Some(t.name.as_str());
-            }
-        }
-        found
+        crate::auth::find_by_token(
+            token.trim(),
+            self.tokens
+                .iter()
+                .map(|t| (&t.token_sha256, t.name.as_str())),
+        )
     }
 
-    async fn ready(&self) -> Response<ProxyBody> {
+    async fn ready(&self) -> Response<BoxBody> {
         match self.vault.check_token().await {
             Ok(_) => json_response(StatusCode::OK, &json!({"status": "ready"})),
             Err(e) => json_response(
@@ -106,11 +97,11 @@ impl Admin {
         }
     }
 
-    async fn api(&self, admin: &str, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn api(&self, admin: &str, req: Request<Incoming>) -> Response<BoxBody> {
         let path = req.uri().path().trim_end_matches('/').to_string();
         if path == "/v1/connectors" {
             if req.method() != Method::GET {
-                return method_not_allowed();
+                return AdminError::method_not_allowed().into_response();
             }
             let list: Vec<Value> = self
                 .lifecycle
@@ -123,16 +114,8 @@ impl Admin {
         if let Some(rest) = path.strip_prefix("/v1/connections") {
             return connections::handle(&self.lifecycle, admin, req, rest).await;
         }
-        error_response(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+        AdminError::not_found().into_response()
     }
-}
-
-fn method_not_allowed() -> Response<ProxyBody> {
-    error_response(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this endpoint does not take that method",
-    )
 }
 
 /// A connector as the API shows it: everything but nothing secret (the catalog holds none).
@@ -182,18 +165,4 @@ pub fn connector_json(c: &Connector) -> Value {
         "scopes": c.scopes,
         "docs_url": c.docs_url,
     })
-}
-
-fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
-}
-
-pub fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
-    let mut r = Response::new(full(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
 }

@@ -118,7 +118,7 @@ async fn readyz_follows_vault() {
 
     // Vault frozen: it accepts connections and never answers; the 2s timeout makes it not
     // ready. Alive all the same.
-    bao.freeze();
+    bao.freeze().await;
     let not_ready = admin_get(&lk, "/readyz").await;
     let alive = admin_get(&lk, "/healthz").await;
     bao.thaw();

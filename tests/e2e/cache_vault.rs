@@ -386,7 +386,7 @@ async fn with_vault_down_a_cached_connection_serves_stale_until_max_stale() {
     let loaded = Instant::now();
     assert_eq!(injected(&r), format!("Bearer {key}"));
     assert_eq!(access_line(&lk, "stale", "/v1/x").await["cache"], "miss");
-    bao.freeze();
+    bao.freeze().await;
 
     // Polled, one request at a time, through the three ages of the entry: what each request
     // must get is asserted only where its timing decides it.

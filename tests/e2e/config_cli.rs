@@ -43,7 +43,7 @@ fn check_config_refuses_bad_files_naming_the_key() {
     let hash = latchkey::auth::sha256_hex("t");
     for (text, key, why) in [
         ("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "proxy.lisen", "unknown field"),
-        ("[cache]\nttl = \"5 minutes\"\n", "cache.ttl", "not a duration"),
+        ("[cache]\nttl = \"5 parsecs\"\n", "cache.ttl", "not a duration"),
         ("[proxy]\nallow_private_destinations = [\"10.0.0.0/33\"]\n", "proxy.allow_private_destinations", "not a CIDR"),
         (
             &format!("[[clients]]\nname = \"a\"\ntoken_sha256 = \"{hash}\"\nconnections = [\"stripe-[\"]\n"),

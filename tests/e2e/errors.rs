@@ -699,7 +699,7 @@ async fn vault_frozen_and_nothing_cached_is_503_secret_store_unavailable() {
         200
     );
 
-    bao.freeze();
+    bao.freeze().await;
     let r = get(&lk, "/cold/v1/x").await;
     bao.thaw();
     r.assert_error(503, "secret_store_unavailable");

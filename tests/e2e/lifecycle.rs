@@ -1271,7 +1271,7 @@ async fn with_vault_unreachable_the_api_answers_503_and_writes_nothing() {
     w.create_ok("kept", &key).await;
     let other = w.key(KeyState::ReadWrite);
 
-    w.bao.freeze();
+    w.bao.freeze().await;
     let calls = [
         w.api(Method::GET, "/v1/connections", None).await,
         w.api(Method::GET, "/v1/connections/kept", None).await,

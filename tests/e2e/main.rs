@@ -8,6 +8,10 @@
     clippy::panic,
     reason = "test code fails loudly: unwrap, expect and panic are how it reports"
 )]
+#![expect(
+    clippy::string_slice,
+    reason = "tests slice texts they wrote themselves (ASCII heads, base64), where a panic is a failure"
+)]
 
 mod support;
 

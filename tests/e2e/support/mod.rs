@@ -381,11 +381,22 @@ impl Bao {
 
     /// Freezes the server (SIGSTOP): connections are accepted by the kernel, never answered.
     /// Only for a server of the test's own ([`Bao::start_own`]).
-    pub fn freeze(&self) {
+    pub async fn freeze(&self) {
         let Server::Own(s) = &self.server else {
             panic!("freeze needs an OpenBao of the test's own: Bao::start_own");
         };
-        signal(s.child.id(), "STOP");
+        let pid = s.child.id();
+        // Until the kernel shows it stopped (state T), asked again each time: a `kill` that
+        // could not be run on a loaded machine must not leave a test talking to a live server.
+        wait_until(
+            "OpenBao to be stopped",
+            Duration::from_secs(10),
+            || async move {
+                signal(pid, "STOP");
+                (process_state(pid) == Some('T')).then_some(())
+            },
+        )
+        .await;
     }
 
     pub fn thaw(&self) {
@@ -486,6 +497,13 @@ impl Drop for Service {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A process's state letter from `/proc/{pid}/stat` (`T` when stopped).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -812,12 +830,11 @@ impl TestCa {
     pub fn server_config(&self, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (cert, key) = self.issue(names);
-        let certs = rustls_pemfile::certs(&mut cert.as_bytes())
+        use rustls::pki_types::pem::PemObject as _;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
-        let key = rustls_pemfile::private_key(&mut key.as_bytes())
-            .unwrap()
-            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
         let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(certs, key)

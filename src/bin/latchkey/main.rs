@@ -8,6 +8,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cli;
+mod dev;
+
 /// Exit status when the configuration is refused (64, sysexits' EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -48,7 +51,7 @@ enum Command {
     /// Print the SHA-256 of a token read from standard input, for `token_sha256` keys.
     HashToken,
     /// Manage connections through the admin API (add, list, show, rotate, verify, delete).
-    Connections(latchkey::cli::ConnectionsArgs),
+    Connections(cli::ConnectionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,7 +101,7 @@ fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(code) => return code,
             };
-            match runtime.block_on(latchkey::cli::run(args)) {
+            match runtime.block_on(cli::run(args)) {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
@@ -108,11 +111,7 @@ fn main() -> ExitCode {
         }
         Command::Dev { bao, listen, admin } => {
             latchkey::telemetry::init_logging();
-            run(latchkey::dev::demo(latchkey::dev::DemoOptions {
-                bao,
-                listen,
-                admin,
-            }))
+            run(dev::demo(dev::DemoOptions { bao, listen, admin }))
         }
     }
 }

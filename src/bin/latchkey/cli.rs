@@ -6,13 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use crate::secret::Secret;
+use latchkey::secret::Secret;
 
 #[derive(Args)]
 pub struct ConnectionsArgs {
@@ -36,29 +36,7 @@ pub struct ConnectionsArgs {
 #[derive(Subcommand)]
 pub enum ConnectionsCommand {
     /// Add a connection. Secret fields are read from standard input or a hidden prompt.
-    Add {
-        id: String,
-        #[arg(long)]
-        connector: String,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        environment: Option<String>,
-        #[arg(long)]
-        base_url: Option<String>,
-        /// An extra host the credential may reach (repeatable).
-        #[arg(long = "allowed-host")]
-        allowed_hosts: Vec<String>,
-        /// When the key dies (RFC 3339).
-        #[arg(long)]
-        expires_at: Option<String>,
-        /// A non-secret field, `name=value` (repeatable).
-        #[arg(long = "field", value_parser = parse_pair)]
-        fields: Vec<(String, String)>,
-        /// Save without the verification call (the connection is `unverified`).
-        #[arg(long)]
-        no_verify: bool,
-    },
+    Add(AddArgs),
     /// List connections.
     List,
     /// Show one connection (secret fields show only that they are set).
@@ -76,6 +54,32 @@ pub enum ConnectionsCommand {
     Delete { id: String },
     /// List the connectors of the catalog.
     Connectors,
+}
+
+// The arguments of `connections add` (no doc comment: the variant's is the command's help).
+#[derive(Args)]
+pub struct AddArgs {
+    id: String,
+    #[arg(long)]
+    connector: String,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    environment: Option<String>,
+    #[arg(long)]
+    base_url: Option<String>,
+    /// An extra host the credential may reach (repeatable).
+    #[arg(long = "allowed-host")]
+    allowed_hosts: Vec<String>,
+    /// When the key dies (RFC 3339).
+    #[arg(long)]
+    expires_at: Option<String>,
+    /// A non-secret field, `name=value` (repeatable).
+    #[arg(long = "field", value_parser = parse_pair)]
+    fields: Vec<(String, String)>,
+    /// Save without the verification call (the connection is `unverified`).
+    #[arg(long)]
+    no_verify: bool,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -122,58 +126,14 @@ impl Api {
 
 /// Runs one `connections` command; returns the process exit code.
 pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
-    let token = match &args.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Secret::new(text.trim())
-        }
-        None => Secret::from(std::env::var("LATCHKEY_API_TOKEN").map_err(|_| {
-            anyhow!("the admin token is needed: set LATCHKEY_API_TOKEN or pass --token-file")
-        })?),
-    };
     let api = Api {
         url: args.url.clone(),
-        token,
+        token: admin_token(args.token_file.as_deref())?,
         http: reqwest::Client::builder().no_proxy().build()?,
     };
     let json_out = args.json;
     let (status, value) = match args.command {
-        ConnectionsCommand::Add {
-            id,
-            connector,
-            name,
-            environment,
-            base_url,
-            allowed_hosts,
-            expires_at,
-            fields,
-            no_verify,
-        } => {
-            let catalog = connector_of(&api, &connector).await?;
-            let secret_names: Vec<String> = secret_fields(&catalog);
-            let mut all: BTreeMap<String, Value> = BTreeMap::new();
-            for (k, v) in fields {
-                if secret_names.contains(&k) {
-                    bail!("{k} is secret: it is read from standard input or a prompt, never from the command line");
-                }
-                all.insert(k, Value::String(v));
-            }
-            let secrets = read_secrets(&secret_names, &catalog)?;
-            for (k, v) in &secrets {
-                all.insert(k.clone(), Value::String(v.expose().to_string()));
-            }
-            let body = json!({
-                "id": id, "connector": connector, "name": name, "environment": environment,
-                "base_url": base_url, "allowed_hosts": allowed_hosts, "expires_at": expires_at,
-                "fields": all, "verify": !no_verify,
-            });
-            let r = api
-                .call(reqwest::Method::POST, "/v1/connections", Some(&body))
-                .await;
-            drop(body);
-            r?
-        }
+        ConnectionsCommand::Add(add_args) => add(&api, add_args).await?,
         ConnectionsCommand::List => {
             api.call(reqwest::Method::GET, "/v1/connections", None)
                 .await?
@@ -182,45 +142,7 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
             api.call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
                 .await?
         }
-        ConnectionsCommand::Rotate { id, fields } => {
-            let (status, current) = api
-                .call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
-                .await?;
-            if status != 200 {
-                (status, current)
-            } else {
-                let connector = current["connection"]["connector"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let catalog = connector_of(&api, &connector).await?;
-                let mut names = secret_fields(&catalog);
-                if !fields.is_empty() {
-                    if let Some(bad) = fields.iter().find(|f| !names.contains(f)) {
-                        bail!(
-                            "{bad} is not a secret field of {connector} (its secret fields: {})",
-                            names.join(", ")
-                        );
-                    }
-                    names = fields;
-                }
-                let secrets = read_secrets(&names, &catalog)?;
-                let map: serde_json::Map<String, Value> = secrets
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::String(v.expose().to_string())))
-                    .collect();
-                let body = json!({ "fields": map });
-                let r = api
-                    .call(
-                        reqwest::Method::PUT,
-                        &format!("/v1/connections/{id}/secret"),
-                        Some(&body),
-                    )
-                    .await;
-                drop(body);
-                r?
-            }
-        }
+        ConnectionsCommand::Rotate { id, fields } => rotate(&api, &id, fields).await?,
         ConnectionsCommand::Verify { id } => {
             api.call(
                 reqwest::Method::POST,
@@ -242,12 +164,110 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
                 .await?
         }
     };
+    report(json_out, status, &value)
+}
 
+/// The admin token, from `--token-file` or else `LATCHKEY_API_TOKEN`.
+fn admin_token(token_file: Option<&Path>) -> anyhow::Result<Secret> {
+    Ok(match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Secret::new(text.trim())
+        }
+        None => Secret::from(std::env::var("LATCHKEY_API_TOKEN").map_err(|_| {
+            anyhow!("the admin token is needed: set LATCHKEY_API_TOKEN or pass --token-file")
+        })?),
+    })
+}
+
+/// `connections add`: non-secret fields from the command line, secret ones read, then POSTed.
+async fn add(api: &Api, args: AddArgs) -> anyhow::Result<(u16, Value)> {
+    let AddArgs {
+        id,
+        connector,
+        name,
+        environment,
+        base_url,
+        allowed_hosts,
+        expires_at,
+        fields,
+        no_verify,
+    } = args;
+    let catalog = connector_of(api, &connector).await?;
+    let secret_names: Vec<String> = secret_fields(&catalog);
+    let mut all: BTreeMap<String, Value> = BTreeMap::new();
+    for (k, v) in fields {
+        if secret_names.contains(&k) {
+            bail!("{k} is secret: it is read from standard input or a prompt, never from the command line");
+        }
+        all.insert(k, Value::String(v));
+    }
+    let secrets = read_secrets(&secret_names, &catalog)?;
+    for (k, v) in &secrets {
+        all.insert(k.clone(), Value::String(v.expose().to_string()));
+    }
+    let body = json!({
+        "id": id, "connector": connector, "name": name, "environment": environment,
+        "base_url": base_url, "allowed_hosts": allowed_hosts, "expires_at": expires_at,
+        "fields": all, "verify": !no_verify,
+    });
+    let r = api
+        .call(reqwest::Method::POST, "/v1/connections", Some(&body))
+        .await;
+    drop(body);
+    r
+}
+
+/// `connections rotate`: the named secret fields (default: all of them) read anew and PUT.
+async fn rotate(api: &Api, id: &str, fields: Vec<String>) -> anyhow::Result<(u16, Value)> {
+    // The connection's connector says which fields are secret; a missing connection is
+    // reported as the API's own answer.
+    let (status, current) = api
+        .call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
+        .await?;
+    if status != 200 {
+        return Ok((status, current));
+    }
+    let connector = current["connection"]["connector"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let catalog = connector_of(api, &connector).await?;
+    let mut names = secret_fields(&catalog);
+    if !fields.is_empty() {
+        if let Some(bad) = fields.iter().find(|f| !names.contains(f)) {
+            bail!(
+                "{bad} is not a secret field of {connector} (its secret fields: {})",
+                names.join(", ")
+            );
+        }
+        names = fields;
+    }
+    let secrets = read_secrets(&names, &catalog)?;
+    let map: serde_json::Map<String, Value> = secrets
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.expose().to_string())))
+        .collect();
+    let body = json!({ "fields": map });
+    let r = api
+        .call(
+            reqwest::Method::PUT,
+            &format!("/v1/connections/{id}/secret"),
+            Some(&body),
+        )
+        .await;
+    drop(body);
+    r
+}
+
+/// Prints the API's answer and turns it into the exit code.
+fn report(json_out: bool, status: u16, value: &Value) -> anyhow::Result<u8> {
     let mut out = std::io::stdout().lock();
     if json_out {
-        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
     } else {
-        print_human(&mut out, status, &value)?;
+        print_human(&mut out, status, value)?;
     }
     // A verification that ran but did not pass is a failure too (`verify x && deploy`).
     let refused = value["verification"]["passed"] == Value::Bool(false);
@@ -337,92 +357,114 @@ fn read_secrets(names: &[String], connector: &Value) -> anyhow::Result<Vec<(Stri
     Ok(out)
 }
 
+/// The API's answer as text: an error, a list, or one connection with what came with it.
 fn print_human(out: &mut impl Write, status: u16, v: &Value) -> std::io::Result<()> {
     if let Some(err) = v.get("error") {
-        writeln!(
-            out,
-            "error ({status}): {}",
-            err["message"].as_str().unwrap_or("")
-        )?;
-        if let Some(f) = err["field"].as_str() {
-            writeln!(out, "  field: {f}")?;
-        }
-        if let Some(ver) = err.get("verification") {
-            print_verification(out, ver)?;
-        }
-        return Ok(());
+        return print_error(out, status, err);
     }
     if status == 204 {
         return writeln!(out, "deleted");
     }
     if let Some(list) = v["connections"].as_array() {
-        writeln!(
-            out,
-            "{:<32} {:<16} {:<12} {:<10} NAME",
-            "ID", "CONNECTOR", "ENVIRONMENT", "STATUS"
-        )?;
-        for c in list {
-            writeln!(
-                out,
-                "{:<32} {:<16} {:<12} {:<10} {}",
-                c["id"].as_str().unwrap_or(""),
-                c["connector"].as_str().unwrap_or(""),
-                c["environment"].as_str().unwrap_or("-"),
-                c["status"].as_str().unwrap_or(""),
-                c["name"].as_str().unwrap_or("")
-            )?;
-        }
-        return Ok(());
+        return print_connection_list(out, list);
     }
     if let Some(list) = v["connectors"].as_array() {
-        for c in list {
-            writeln!(
-                out,
-                "{:<20} {}",
-                c["id"].as_str().unwrap_or(""),
-                c["name"].as_str().unwrap_or("")
-            )?;
-        }
-        return Ok(());
+        return print_connector_list(out, list);
     }
     if let Some(c) = v.get("connection") {
-        for key in [
-            "id",
-            "connector",
-            "name",
-            "environment",
-            "base_url",
-            "status",
-            "version",
-            "verified_at",
-            "last_error",
-            "expires_at",
-        ] {
-            match &c[key] {
-                Value::Null => {}
-                Value::String(s) => writeln!(out, "{key:<12} {s}")?,
-                other => writeln!(out, "{key:<12} {other}")?,
-            }
-        }
-        if let Some(fields) = c["fields"].as_object() {
-            for (k, f) in fields {
-                let shown = if f.get("set").is_some() {
-                    "(set)".to_string()
-                } else {
-                    f.as_str().unwrap_or("").to_string()
-                };
-                writeln!(out, "field        {k} = {shown}")?;
-            }
-        }
-        for w in c["warnings"].as_array().into_iter().flatten() {
-            writeln!(out, "warning      {}", w.as_str().unwrap_or(""))?;
-        }
+        print_connection(out, c)?;
     }
     for n in v["notices"].as_array().into_iter().flatten() {
         writeln!(out, "notice       {}", n.as_str().unwrap_or(""))?;
     }
     if let Some(ver) = v.get("verification").filter(|x| !x.is_null()) {
         print_verification(out, ver)?;
+    }
+    Ok(())
+}
+
+/// An `error` answer, with the field it concerns and the verification that refused the key.
+fn print_error(out: &mut impl Write, status: u16, err: &Value) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "error ({status}): {}",
+        err["message"].as_str().unwrap_or("")
+    )?;
+    if let Some(f) = err["field"].as_str() {
+        writeln!(out, "  field: {f}")?;
+    }
+    if let Some(ver) = err.get("verification") {
+        print_verification(out, ver)?;
+    }
+    Ok(())
+}
+
+/// `connections list`: one row per connection under a header.
+fn print_connection_list(out: &mut impl Write, list: &[Value]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<32} {:<16} {:<12} {:<10} NAME",
+        "ID", "CONNECTOR", "ENVIRONMENT", "STATUS"
+    )?;
+    for c in list {
+        writeln!(
+            out,
+            "{:<32} {:<16} {:<12} {:<10} {}",
+            c["id"].as_str().unwrap_or(""),
+            c["connector"].as_str().unwrap_or(""),
+            c["environment"].as_str().unwrap_or("-"),
+            c["status"].as_str().unwrap_or(""),
+            c["name"].as_str().unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
+
+/// `connections connectors`: ID and name of each.
+fn print_connector_list(out: &mut impl Write, list: &[Value]) -> std::io::Result<()> {
+    for c in list {
+        writeln!(
+            out,
+            "{:<20} {}",
+            c["id"].as_str().unwrap_or(""),
+            c["name"].as_str().unwrap_or("")
+        )?;
+    }
+    Ok(())
+}
+
+/// One connection: its settings, its fields (secret ones only as "(set)") and its warnings.
+fn print_connection(out: &mut impl Write, c: &Value) -> std::io::Result<()> {
+    for key in [
+        "id",
+        "connector",
+        "name",
+        "environment",
+        "base_url",
+        "status",
+        "version",
+        "verified_at",
+        "last_error",
+        "expires_at",
+    ] {
+        match &c[key] {
+            Value::Null => {}
+            Value::String(s) => writeln!(out, "{key:<12} {s}")?,
+            other => writeln!(out, "{key:<12} {other}")?,
+        }
+    }
+    if let Some(fields) = c["fields"].as_object() {
+        for (k, f) in fields {
+            let shown = if f.get("set").is_some() {
+                "(set)".to_string()
+            } else {
+                f.as_str().unwrap_or("").to_string()
+            };
+            writeln!(out, "field        {k} = {shown}")?;
+        }
+    }
+    for w in c["warnings"].as_array().into_iter().flatten() {
+        writeln!(out, "warning      {}", w.as_str().unwrap_or(""))?;
     }
     Ok(())
 }

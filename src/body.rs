@@ -1,6 +1,7 @@
-//! Body wrappers of the request path: a byte counter for what the client sends, and a response
-//! body that writes the access-log line when it ends, fails or is dropped, so the line holds the
-//! true byte count and duration of a streamed answer.
+//! Bodies: the one boxed body type that latchkey sends both ways, and the wrappers of the
+//! request path: a byte counter for what the client sends, and a response body that writes the
+//! access-log line when it ends, fails or is dropped, so the line holds the true byte count and
+//! duration of a streamed answer.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,8 +11,30 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
 
 use crate::telemetry::AccessLog;
+
+/// The error type of every body latchkey handles.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every request latchkey sends upstream and every response it sends a client.
+pub type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of these bytes.
+pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
+    Full::new(bytes.into())
+        .map_err(|e| -> BoxError { match e {} })
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> BoxBody {
+    Empty::<Bytes>::new()
+        .map_err(|e| -> BoxError { match e {} })
+        .boxed_unsync()
+}
 
 pin_project_lite::pin_project! {
     /// Counts the data bytes that pass through.

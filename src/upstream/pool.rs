@@ -19,15 +19,15 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use super::h1::{self, H1Body, H1Conn, H1Error, Pump, RequestFraming};
-use super::upstream::{BoxError, DialError, Dialer, UpstreamBody};
-use crate::inject;
+use super::dial::{DialError, Dialer};
+use super::h1::{self, Checkin, H1Body, H1Conn, H1Error, Pump, RequestFraming};
+use crate::body::{self as body, BoxBody as UpstreamBody, BoxError};
+use crate::hop_by_hop;
 use zeroize::Zeroizing;
 
 /// How long an idle connection is kept.
@@ -98,8 +98,8 @@ pub struct Home {
     key: Key,
 }
 
-impl Home {
-    pub fn put(self, conn: H1Conn) {
+impl Checkin for Home {
+    fn checkin(self, conn: H1Conn) {
         if let Some(pool) = self.pool.upgrade() {
             pool.put(self.key, conn);
         }
@@ -109,7 +109,7 @@ impl Home {
 /// A response body from an upstream.
 pub enum ResponseBody {
     Empty,
-    H1(H1Body),
+    H1(H1Body<Home>),
     H2(Incoming),
 }
 
@@ -253,11 +253,7 @@ impl Pool {
             self.state().h2[usize::from(key.https)]
                 .insert(key.authority.as_str().into(), sender.clone());
             let mut sender = sender;
-            let body = exchange.pump.into_body().unwrap_or_else(|| {
-                Empty::<Bytes>::new()
-                    .map_err(|e| -> BoxError { match e {} })
-                    .boxed_unsync()
-            });
+            let body = exchange.pump.into_body().unwrap_or_else(body::empty);
             let mut req = Request::from_parts(parts, body);
             for_h2(&mut req, &key);
             let resp = sender.send_request(req).await?;
@@ -346,7 +342,7 @@ struct Exchange {
 /// An h2 answer, with its hop-by-hop headers gone.
 fn from_h2(resp: Response<Incoming>, to_head: bool) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
-    inject::strip_response(&mut parts.headers, to_head);
+    hop_by_hop::strip_response(&mut parts.headers, to_head);
     Response::from_parts(parts, ResponseBody::H2(body))
 }
 

@@ -1,4 +1,4 @@
-//! The upstream side's dialer: resolve, check, connect, TLS. (The pool over it is `pool`.)
+//! The dialer: resolve, check every address, connect, TLS. (The pool over it is `pool`.)
 //!
 //! The destination check lives here, where the socket address is known: hyper-util's own
 //! `HttpConnector` parses literal IP hosts before any resolver runs, so a check in a resolver
@@ -15,18 +15,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::Authority;
-use http_body_util::combinators::UnsyncBoxBody;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::destination::{AddressPolicy, Blocked};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Why a connection to an upstream could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +56,7 @@ pub fn tls_config(extra_roots: &[PathBuf]) -> Result<rustls::ClientConfig, Strin
         let pem =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|e| format!("{}: not PEM: {e}", path.display()))?;
             roots
                 .add(cert)

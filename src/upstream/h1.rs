@@ -27,9 +27,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use zeroize::Zeroizing;
 
-use super::pool::Home;
-use super::upstream::{BoxError, MaybeTls, UpstreamBody};
-use crate::inject::is_hop_by_hop;
+use super::dial::MaybeTls;
+use crate::body::{BoxBody as UpstreamBody, BoxError};
+use crate::hop_by_hop::is_hop_by_hop;
 
 /// The largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -349,12 +349,7 @@ pub fn parse_head(
         // Where each header's name and value are in `buf`, and what the framing headers say.
         let base = buf.as_ptr() as usize;
         let at = |s: &[u8]| s.as_ptr() as usize - base;
-        let count = parsed.headers.len();
         spans.clear();
-        let mut close = version == Version::HTTP_10;
-        let mut named_by_connection = false;
-        let mut chunked = None;
-        let mut length: Option<u64> = None;
         for h in parsed.headers.iter() {
             let (name_at, value_at) = (at(h.name.as_bytes()), at(h.value));
             spans.push([
@@ -363,70 +358,20 @@ pub fn parse_head(
                 value_at,
                 value_at + h.value.len(),
             ]);
-            let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"connection") {
-                for token in h.value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        if version == Version::HTTP_10 {
-                            close = false;
-                        }
-                    } else if !token.is_empty() {
-                        named_by_connection = true;
-                    }
-                }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name.eq_ignore_ascii_case(b"content-length") {
-                let n = parse_length(h.value)
-                    .ok_or(H1Error::Invalid("the Content-Length is not a number"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::Invalid("two different Content-Length values"));
-                }
-                length = Some(n);
-            }
         }
-
+        let said = Said::of(parsed.headers, version)?;
         let no_body =
             to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-        let (framing, mut reusable) = match (no_body, chunked, length) {
-            (true, _, _) => (Framing::Empty, true),
-            // Transfer-Encoding wins over Content-Length; a message with both is not trusted
-            // to leave the connection clean.
-            (false, Some(true), l) => (Framing::Chunked(Chunk::Size), l.is_none()),
-            (false, Some(false), _) => (Framing::Close, false),
-            (false, None, Some(0)) => (Framing::Empty, true),
-            (false, None, Some(n)) => (Framing::Length(n), true),
-            (false, None, None) => (Framing::Close, false),
-        };
-        reusable &= !close;
+        let (framing, reusable) = said.framing(no_body);
 
         let head = buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(count);
-        let connection_values: Vec<Range<usize>> = if named_by_connection {
-            spans
-                .iter()
-                .filter(|s| head[s[0]..s[1]].eq_ignore_ascii_case(b"connection"))
-                .map(|s| s[2]..s[3])
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for span in spans.iter() {
-            let name = HeaderName::from_bytes(&head[span[0]..span[1]])
-                .map_err(|_| H1Error::Invalid("a header name"))?;
-            let keep_length = to_head && name == header::CONTENT_LENGTH && length.is_some();
-            if (is_hop_by_hop(&name) && !keep_length)
-                || (named_by_connection && named(&head, &connection_values, name.as_str()))
-            {
-                continue;
+        let mut map = header_map(&head, spans, said.named_by_connection)?;
+        if to_head {
+            // The one length rule of `hop_by_hop::strip_response`: the answer to a HEAD keeps
+            // its Content-Length, once, as the size a GET would have.
+            if let Some(n) = said.length {
+                map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
             }
-            let value = HeaderValue::from_maybe_shared(head.slice(span[2]..span[3]))
-                .map_err(|_| H1Error::Invalid("a header value"))?;
-            map.append(name, value);
         }
         let mut response = Response::new(());
         *response.status_mut() = status;
@@ -438,6 +383,104 @@ pub fn parse_head(
             reusable,
         }));
     }
+}
+
+/// What a response head's connection and framing headers say.
+struct Said {
+    close: bool,
+    /// `Connection` names other headers, to be left out.
+    named_by_connection: bool,
+    /// `Transfer-Encoding` present, and whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    /// `Content-Length`, when every one given agrees.
+    length: Option<u64>,
+}
+
+impl Said {
+    fn of(headers: &[httparse::Header<'_>], version: Version) -> Result<Said, H1Error> {
+        let mut said = Said {
+            close: version == Version::HTTP_10,
+            named_by_connection: false,
+            chunked: None,
+            length: None,
+        };
+        for h in headers {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        said.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        if version == Version::HTTP_10 {
+                            said.close = false;
+                        }
+                    } else if !token.is_empty() {
+                        said.named_by_connection = true;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                said.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(h.value)
+                    .ok_or(H1Error::Invalid("the Content-Length is not a number"))?;
+                if said.length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Invalid("two different Content-Length values"));
+                }
+                said.length = Some(n);
+            }
+        }
+        Ok(said)
+    }
+
+    /// How the body ends (RFC 9112 section 6.3), and whether the connection may carry another
+    /// request after it.
+    fn framing(&self, no_body: bool) -> (Framing, bool) {
+        let (framing, reusable) = match (no_body, self.chunked, self.length) {
+            (true, _, _) => (Framing::Empty, true),
+            // Transfer-Encoding wins over Content-Length; a message with both is not trusted
+            // to leave the connection clean.
+            (false, Some(true), l) => (Framing::Chunked(Chunk::Size), l.is_none()),
+            (false, Some(false), _) => (Framing::Close, false),
+            (false, None, Some(0)) => (Framing::Empty, true),
+            (false, None, Some(n)) => (Framing::Length(n), true),
+            (false, None, None) => (Framing::Close, false),
+        };
+        (framing, reusable && !self.close)
+    }
+}
+
+/// The head's headers as a map, without hop-by-hop and framing headers and those that
+/// `Connection` names; values share the head's bytes.
+fn header_map(
+    head: &Bytes,
+    spans: &[[usize; 4]],
+    named_by_connection: bool,
+) -> Result<HeaderMap, H1Error> {
+    let mut map = HeaderMap::with_capacity(spans.len());
+    let connection_values: Vec<Range<usize>> = if named_by_connection {
+        spans
+            .iter()
+            .filter(|s| head[s[0]..s[1]].eq_ignore_ascii_case(b"connection"))
+            .map(|s| s[2]..s[3])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for span in spans {
+        let name = HeaderName::from_bytes(&head[span[0]..span[1]])
+            .map_err(|_| H1Error::Invalid("a header name"))?;
+        if is_hop_by_hop(&name)
+            || (named_by_connection && named(head, &connection_values, name.as_str()))
+        {
+            continue;
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(span[2]..span[3]))
+            .map_err(|_| H1Error::Invalid("a header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 /// Whether a `Connection` header value names `name`.
@@ -538,20 +581,26 @@ impl Pump {
     }
 }
 
+/// Where a connection goes back to once the response body it carried has ended cleanly (the
+/// pool implements it; this module knows nothing of pools).
+pub trait Checkin {
+    fn checkin(self, conn: H1Conn);
+}
+
 /// The body of a response on an HTTP/1.1 upstream connection.
-pub struct H1Body {
+pub struct H1Body<H> {
     conn: Option<H1Conn>,
     framing: Framing,
     reusable: bool,
     /// A request body still being sent (rare: boxed).
     pump: Option<Box<Pump>>,
-    home: Option<Home>,
+    home: Option<H>,
 }
 
-impl H1Body {
+impl<H: Checkin> H1Body<H> {
     /// The body of `head`, read from `conn`; `home` takes the connection back when it ends.
     /// `None` when there is no body (the connection is given back at once).
-    pub fn new(conn: H1Conn, head: &Head, pump: Pump, home: Home) -> Option<H1Body> {
+    pub fn new(conn: H1Conn, head: &Head, pump: Pump, home: H) -> Option<H1Body<H>> {
         let mut body = H1Body {
             conn: Some(conn),
             framing: head.framing,
@@ -574,7 +623,7 @@ impl H1Body {
             (conn, self.home.take(), self.reusable, &self.pump)
         {
             if conn.buf.is_empty() {
-                home.put(conn);
+                home.checkin(conn);
             }
         }
     }
@@ -586,7 +635,7 @@ impl H1Body {
     }
 }
 
-impl Body for H1Body {
+impl<H: Checkin + Unpin> Body for H1Body<H> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -691,12 +740,12 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Erro
     loop {
         match state {
             Chunk::Size => {
-                let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-                    return more(buf);
+                let (used, size) = match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete(parsed)) => parsed,
+                    Ok(httparse::Status::Partial) => return more(buf),
+                    Err(_) => return Err(H1Error::Invalid("a chunk size line")),
                 };
-                let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
-                let size = chunk_size(line).ok_or(H1Error::Invalid("a chunk size line"))?;
-                buf.advance(end + 1);
+                buf.advance(used);
                 *state = if size == 0 {
                     Chunk::Trailers
                 } else {
@@ -746,23 +795,6 @@ fn more(buf: &BytesMut) -> Result<Decoded, H1Error> {
         return Err(H1Error::Invalid("a chunk line is too long"));
     }
     Ok(Decoded::More)
-}
-
-/// The size of a chunk-size line (`1a3f` with optional `;extensions`).
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits_end = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    let (digits, rest) = line.split_at(digits_end);
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    let rest = rest.trim_ascii_start();
-    if !(rest.is_empty() || rest.starts_with(b";")) {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 
 #[cfg(test)]

@@ -10,41 +10,28 @@
 //!    answer are stripped, and a 401 starts a re-read of the connection.
 //! 7. The access log line and metrics, on success (when the body ends) and on failure alike.
 
-pub mod body;
-pub mod error;
-pub mod h1;
-pub mod pool;
-pub mod upstream;
-
 use std::borrow::Cow;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::uri::Authority;
 use http::{Method, Request, Response, Uri, Version};
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::auth::{self, Clients, CredentialsError};
+use crate::auth::{self, Client, Clients, CredentialsError};
+use crate::body::{BoxBody, BoxError, Counted, Logged, PendingLog};
 use crate::cache::Cache;
-use crate::config::ClientConfig;
-use crate::connection::{self, Connection, ConnectionId, Scheme};
-use crate::destination::normalize_host;
+use crate::connection::Connection;
+use crate::connection_id::ConnectionId;
+use crate::destination::{self, normalize_host, Scheme};
 use crate::inject::{self, Target};
 use crate::lifecycle::Lifecycle;
+use crate::response::ProxyError;
 use crate::secret::Secret;
 use crate::telemetry::{self, AccessLog};
-
-use body::{Counted, Logged, PendingLog};
-pub use error::ProxyError;
-use pool::{Pool, ResponseBody, SendError};
-use upstream::{BoxError, DialError};
-
-/// The body type of every response latchkey sends.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+use crate::upstream::{Pool, ResponseBody};
 
 /// The proxy listener's service.
 pub struct Proxy {
@@ -116,7 +103,7 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (latchkey's own errors become responses).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
         let started = Instant::now();
         let mut log = AccessLog {
             method: req.method().clone(),
@@ -179,8 +166,14 @@ impl Proxy {
             authority,
             path_prefix: peer.path_prefix,
         };
-        let log_path = inject::rewrite(&mut parts, route.path_and_query, target, &conn)
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let log_path = inject::rewrite(
+            &mut parts,
+            route.path_and_query,
+            target,
+            &conn.credential,
+            &conn.connector,
+        )
+        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         // Logged from here on, so that an upstream failure's line says what was asked.
         log.path = Some(log_path);
 
@@ -323,7 +316,7 @@ impl Proxy {
     }
 
     /// Phase 2: the client, and whether it may use the connection.
-    fn authorize(&self, route: &Route<'_>) -> Result<Option<&ClientConfig>, ProxyError> {
+    fn authorize(&self, route: &Route<'_>) -> Result<Option<&Client>, ProxyError> {
         if self.clients.is_open() {
             return Ok(None);
         }
@@ -392,7 +385,7 @@ impl Proxy {
             _ => scheme.default_port(),
         };
         let host = req.host.to_ascii_lowercase();
-        let authority = Authority::from_maybe_shared(bytes::Bytes::from(connection::authority(
+        let authority = Authority::from_maybe_shared(bytes::Bytes::from(destination::authority(
             &host, port, scheme,
         )))
         .map_err(|_| ProxyError::BadRequest("the request URL's host is not valid".into()))?;
@@ -407,7 +400,7 @@ impl Proxy {
     /// Phase 6: send it on and take the answer's head.
     async fn forward(
         &self,
-        req: Request<UnsyncBoxBody<Bytes, BoxError>>,
+        req: Request<BoxBody>,
         log: &mut AccessLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let response =
@@ -418,7 +411,7 @@ impl Proxy {
                         self.request_timeout
                     )))
                 }
-                Ok(Err(e)) => return Err(upstream_error(&e)),
+                Ok(Err(e)) => return Err(ProxyError::from_upstream(&e)),
                 Ok(Ok(r)) => r,
             };
         log.upstream_version = Some(match response.version() {
@@ -427,15 +420,5 @@ impl Proxy {
             _ => "http/1.1",
         });
         Ok(response)
-    }
-}
-
-fn upstream_error(e: &SendError) -> ProxyError {
-    match e {
-        SendError::Dial(DialError::Blocked(b)) => ProxyError::DestinationBlocked(*b),
-        SendError::Dial(d @ DialError::Tls { .. }) => ProxyError::UpstreamTls(d.to_string()),
-        SendError::Dial(d @ DialError::Timeout(_)) => ProxyError::UpstreamTimeout(d.to_string()),
-        SendError::Dial(d) => ProxyError::UpstreamUnreachable(d.to_string()),
-        other => ProxyError::UpstreamUnreachable(other.describe()),
     }
 }

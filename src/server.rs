@@ -1,0 +1,552 @@
+//! The server: the proxy and admin listeners, the worker threads that serve proxy connections,
+//! the balancer that hands each accepted connection to the least busy worker, and shutdown.
+//!
+//! [`Server::bind`] builds every part from a [`Config`] and binds the listeners; [`Server::run`]
+//! serves until its shutdown future completes, then lets open connections finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::Admin;
+use crate::auth::Clients;
+use crate::cache::{Cache, VaultSource};
+use crate::config::Config;
+use crate::destination::AddressPolicy;
+use crate::lifecycle::Lifecycle;
+use crate::proxy::Proxy;
+use crate::telemetry;
+use crate::upstream::{self, Dialer, Pool};
+use crate::vault;
+use crate::vault::Vault;
+
+/// Why latchkey could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("vault: {0}")]
+    Vault(#[from] vault::VaultError),
+    #[error("tls.extra_roots: {0}")]
+    Tls(String),
+    #[error("cannot start a proxy worker: {source}")]
+    Runtime { source: std::io::Error },
+}
+
+/// How long open connections get to finish after shutdown is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A latchkey whose listeners are bound and whose parts are built, ready to run.
+///
+/// The proxy listeners are served by `proxy.workers` threads, each with a single-threaded
+/// runtime of its own and its own pool of upstream connections: a request, its upstream
+/// connection and their tasks stay on one thread, with no cross-thread wake-ups on the hot
+/// path (the way nginx's workers run). Connections are accepted on the runtime that calls
+/// [`Server::run`] and each is handed to the worker serving the fewest ([`Balancer`]). The
+/// cache, the Vault client and the admin listener are shared, on that runtime too.
+pub struct Server {
+    proxy_listeners: Vec<std::net::TcpListener>,
+    admin_listener: TcpListener,
+    workers: usize,
+    parts: ProxyParts,
+    admin: Arc<Admin>,
+    cache: Cache,
+    vault: Arc<Vault>,
+}
+
+/// What each worker builds its [`Proxy`] from.
+struct ProxyParts {
+    cache: Cache,
+    lifecycle: Arc<Lifecycle>,
+    clients: Clients,
+    dialer: Dialer,
+    request_timeout: Duration,
+}
+
+impl ProxyParts {
+    /// A proxy with a connection pool of its own.
+    fn proxy(&self) -> Proxy {
+        Proxy::new(
+            self.cache.clone(),
+            self.lifecycle.clone(),
+            self.clients.clone(),
+            Pool::new(self.dialer.clone()),
+            self.request_timeout,
+        )
+    }
+}
+
+impl Server {
+    /// Builds everything and binds the listeners; makes no request to Vault yet.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        // Both ring (ours) and whatever a dependency enables may be compiled in; one provider
+        // for the whole process. A second call (tests start several servers) changes nothing.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        telemetry::metrics_handle();
+
+        let vault = Arc::new(Vault::new(&config.vault)?);
+        let catalog = Arc::new(config.catalog.clone());
+        let cache = Cache::new(
+            &config.cache,
+            Arc::new(VaultSource {
+                vault: vault.clone(),
+                catalog: catalog.clone(),
+            }),
+        );
+        let tls = upstream::tls_config(&config.tls.extra_roots).map_err(StartError::Tls)?;
+        let dialer = Dialer::new(
+            AddressPolicy::new(config.proxy.allow_private_destinations.clone()),
+            Arc::new(tls),
+            config.proxy.connect_timeout,
+        );
+        let lifecycle = Arc::new(Lifecycle::new(
+            vault.clone(),
+            catalog.clone(),
+            cache.clone(),
+            Pool::new(dialer.clone()),
+            config.proxy.request_timeout,
+            config.admin.expiry_warning,
+        ));
+        let admin = Arc::new(Admin::new(
+            vault.clone(),
+            lifecycle.clone(),
+            config.admin.tokens.clone(),
+        ));
+        let parts = ProxyParts {
+            cache: cache.clone(),
+            lifecycle,
+            clients: Clients::new(config.clients.clone()),
+            dialer,
+            request_timeout: config.proxy.request_timeout,
+        };
+
+        let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
+        for addr in &config.proxy.listen {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            proxy_listeners.push(listener);
+        }
+        let admin_listener = bind(config.admin.listen).await?;
+        Ok(Server {
+            proxy_listeners,
+            admin_listener,
+            workers: config.proxy.workers,
+            parts,
+            admin,
+            cache,
+            vault,
+        })
+    }
+
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.proxy_listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` completes, then lets open connections finish (up to a grace
+    /// period).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let proxy_addrs: Vec<String> = self.proxy_addrs().iter().map(|a| a.to_string()).collect();
+        let admin_addr = self.admin_addr().map(|a| a.to_string()).unwrap_or_default();
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (workers, balancer) = start_workers(self.workers, &self.parts)?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.proxy_listeners {
+            let addr = l
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let listener =
+                TcpListener::from_std(l).map_err(|source| StartError::Bind { addr, source })?;
+            tasks.spawn(dispatch_loop(
+                listener,
+                balancer.clone(),
+                stopped(stop_rx.clone()),
+            ));
+        }
+
+        tracing::info!(
+            proxy = %proxy_addrs.join(","),
+            admin = %admin_addr,
+            vault = %self.vault.address(),
+            workers = self.workers,
+            "listening"
+        );
+        match self.vault.check_token().await {
+            Ok(_) => tracing::info!("vault reachable and token accepted"),
+            Err(e) => {
+                tracing::warn!(error = %e, "vault check failed at start; /readyz will say so")
+            }
+        }
+
+        let graceful = Arc::new(GracefulShutdown::new());
+        {
+            let admin = self.admin.clone();
+            let handler = move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            };
+            tasks.spawn(accept_loop(
+                self.admin_listener,
+                handler,
+                graceful.clone(),
+                stopped(stop_rx.clone()),
+            ));
+        }
+        tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
+        tasks.spawn(
+            self.vault
+                .clone()
+                .renew_token_until(stopped(stop_rx.clone())),
+        );
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        // The acceptors have stopped; with the last sender gone, each worker serves what is
+        // already queued for it, then stops.
+        drop(balancer);
+        for done in workers {
+            let _ = done.await;
+        }
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+        }
+        Ok(())
+    }
+}
+
+/// Starts `n` proxy workers; returns what completes when each has finished, and the balancer
+/// that hands them connections (the workers stop once it is dropped).
+fn start_workers(
+    n: usize,
+    parts: &ProxyParts,
+) -> Result<(Vec<tokio::sync::oneshot::Receiver<()>>, Arc<Balancer>), StartError> {
+    let mut workers = Vec::with_capacity(n);
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        workers.push(spawn_worker(i, rx, open.clone(), parts.proxy())?);
+        handles.push(WorkerHandle { tx, open });
+    }
+    let balancer = Arc::new(Balancer {
+        workers: handles,
+        next: AtomicUsize::new(0),
+    });
+    Ok((workers, balancer))
+}
+
+/// Completes once the stop signal is given.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// An accepted proxy connection on its way to a worker.
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// A worker as the acceptor sees it: where to send a connection, and how many it serves.
+struct WorkerHandle {
+    tx: mpsc::UnboundedSender<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+/// Hands each accepted proxy connection to the worker serving the fewest.
+///
+/// Workers accepting on a shared socket themselves left the load to chance: the first to wake
+/// took every connection waiting, so a client that opened its keep-alive connections at once
+/// (a connection pool, a load generator) could have all of them served by one thread while
+/// the others idled. Counting keeps them level; a connection costs one hand-off between
+/// threads when it opens, and nothing per request.
+struct Balancer {
+    workers: Vec<WorkerHandle>,
+    /// Where the search for the least busy worker starts, so that ties take turns.
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    fn dispatch(&self, mut accepted: Accepted) {
+        let n = self.workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        // Stable: among equally busy workers, the turn order holds.
+        order.sort_by_key(|&i| self.workers[i].open.load(Ordering::Relaxed));
+        for i in order {
+            let worker = &self.workers[i];
+            worker.open.fetch_add(1, Ordering::Relaxed);
+            match worker.tx.send(accepted) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => {
+                    // That worker has stopped (shutting down); another may take it.
+                    worker.open.fetch_sub(1, Ordering::Relaxed);
+                    accepted = back;
+                }
+            }
+        }
+        tracing::debug!(peer = %accepted.1, "no proxy worker to take a connection; closed");
+    }
+}
+
+/// Counts a connection as open on its worker (for the balancer and in
+/// `latchkey_client_connections`) until dropped. The balancer counted it when it handed it
+/// over; the gauge counts it from here.
+struct OpenConnection {
+    open: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl OpenConnection {
+    fn new(open: Arc<AtomicUsize>, gauge: &metrics::Gauge) -> OpenConnection {
+        gauge.increment(1.0);
+        OpenConnection {
+            open,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Accepts proxy connections and hands them to the workers.
+async fn dispatch_loop(
+    listener: TcpListener,
+    balancer: Arc<Balancer>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
+        match stream.into_std() {
+            Ok(stream) => balancer.dispatch((stream, peer)),
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "an accepted connection could not be handed over")
+            }
+        }
+    }
+}
+
+/// Starts one proxy worker thread, serving the connections that come through `accepted` until
+/// its senders are gone; the returned receiver completes when it has finished.
+fn spawn_worker(
+    n: usize,
+    mut accepted: mpsc::UnboundedReceiver<Accepted>,
+    open: Arc<AtomicUsize>,
+    proxy: Proxy,
+) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Runtime { source })?;
+    std::thread::Builder::new()
+        .name(format!("latchkey-proxy-{n}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let proxy = Arc::new(proxy);
+                let handler = move |req| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                };
+                let builder = http_builder();
+                let graceful = GracefulShutdown::new();
+                let gauge = telemetry::client_connections(n);
+                gauge.set(0.0);
+                // Until the acceptors are gone (shutdown): every connection handed over is
+                // served, none is dropped unanswered.
+                while let Some((stream, peer)) = accepted.recv().await {
+                    let guard = OpenConnection::new(open.clone(), &gauge);
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => serve(&builder, &graceful, stream, peer, handler.clone(), guard),
+                        Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
+                    }
+                }
+                if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("connections still open after the grace period were closed");
+                }
+            });
+            let _ = done_tx.send(());
+        })
+        .map_err(|source| StartError::Runtime { source })?;
+    Ok(done_rx)
+}
+
+/// Binds and runs latchkey until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    Server::bind(config).await?.run(shutdown).await
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// The HTTP server settings of both listeners.
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+}
+
+/// Serves one client connection on the current runtime; `guard` lives as long as it does.
+fn serve<H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    guard: impl Send + 'static,
+) where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
+{
+    let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler));
+    let conn = graceful.watch(conn.into_owned());
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+        drop(guard);
+    });
+}
+
+/// Accepts and serves connections on the current runtime (the admin listener).
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    handler: H,
+    graceful: Arc<GracefulShutdown>,
+    stop: impl Future<Output = ()>,
+) where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
+{
+    let builder = http_builder();
+    tokio::pin!(stop);
+    while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
+        serve(&builder, &graceful, stream, peer, handler.clone(), ());
+    }
+}
+
+/// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `stop` has
+/// completed.
+async fn next_connection<S: Future<Output = ()>>(
+    listener: &TcpListener,
+    mut stop: std::pin::Pin<&mut S>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = &mut stop => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker() -> (WorkerHandle, mpsc::UnboundedReceiver<Accepted>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        (WorkerHandle { tx, open }, rx)
+    }
+
+    fn accepted(listener: &std::net::TcpListener) -> Accepted {
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let peer = stream.local_addr().unwrap();
+        (stream, peer)
+    }
+
+    fn received(rx: &mut mpsc::UnboundedReceiver<Accepted>) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    fn open(b: &Balancer) -> Vec<usize> {
+        b.workers
+            .iter()
+            .map(|w| w.open.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[test]
+    fn connections_go_to_the_least_busy_worker_and_ties_take_turns() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (handles, mut rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| worker()).unzip();
+        let b = Balancer {
+            workers: handles,
+            next: AtomicUsize::new(0),
+        };
+
+        // Opened at once, as a client's pool opens them: spread evenly.
+        for _ in 0..6 {
+            b.dispatch(accepted(&listener));
+        }
+        assert_eq!(open(&b), [2, 2, 2]);
+        let got: Vec<usize> = rxs.iter_mut().map(received).collect();
+        assert_eq!(got, [2, 2, 2]);
+
+        // Worker 1's connections close: the next two go to it, not by turn.
+        b.workers[1].open.store(0, Ordering::Relaxed);
+        b.dispatch(accepted(&listener));
+        b.dispatch(accepted(&listener));
+        assert_eq!(open(&b), [2, 2, 2]);
+        let got: Vec<usize> = rxs.iter_mut().map(received).collect();
+        assert_eq!(got, [0, 2, 0]);
+
+        // A worker that has stopped is passed over, and its count is left as it was.
+        drop(rxs.remove(0));
+        b.workers[0].open.store(0, Ordering::Relaxed);
+        b.dispatch(accepted(&listener));
+        assert_eq!(open(&b)[0], 0);
+        let got: Vec<usize> = rxs.iter_mut().map(received).collect();
+        assert_eq!(got.iter().sum::<usize>(), 1);
+    }
+}

@@ -1,0 +1,10 @@
+//! The upstream client: the dialer (resolve, the address check on every dialled address, TCP,
+//! TLS with ALPN), latchkey's own HTTP/1.1 exchange, and the per-worker pool over both (h2
+//! upstreams are hyper's).
+
+pub mod dial;
+pub mod h1;
+pub mod pool;
+
+pub use dial::{tls_config, DialError, Dialer};
+pub use pool::{Pool, ResponseBody, SendError};
