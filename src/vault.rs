@@ -99,7 +99,8 @@ impl Vault {
         let mut retried = false;
         loop {
             let started = Instant::now();
-            let result = match tokio::time::timeout(self.config.timeout, f(self.client())).await {
+            let client = self.client();
+            let result = match tokio::time::timeout(self.config.timeout, f(client.clone())).await {
                 Err(_) => Err(CallError::Timeout),
                 Ok(Err(e)) => Err(CallError::Client(e)),
                 Ok(Ok(v)) => Ok(v),
@@ -129,7 +130,9 @@ impl Vault {
                         }
                         VaultError::PermissionDenied if !retried => {
                             retried = true;
-                            if self.reload_token()? {
+                            // Another call may have re-read the token file since this one took
+                            // its client: then the client to retry with is already there.
+                            if self.reload_token()? || !Arc::ptr_eq(&client, &self.client()) {
                                 continue;
                             }
                         }
