@@ -7,7 +7,7 @@
 //! several keys. Nothing here holds a secret: tokens are stored as SHA-256 hashes, and the Vault
 //! token is read from the environment or its file by the `vault` module when it is needed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +66,8 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
     pub workers: usize,
+    /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
+    pub resolve: HashMap<(String, u16), SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +117,15 @@ pub struct CacheConfig {
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub extra_roots: Vec<PathBuf>,
+    /// The tunnel form's CA: the certificate and key PEM files (`latchkey ca init` makes them).
+    pub ca: Option<CaFiles>,
+}
+
+/// Where latchkey's CA is kept.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -152,6 +163,8 @@ struct RawProxy {
     request_timeout: Dur,
     #[serde(default)]
     workers: Option<usize>,
+    #[serde(default)]
+    resolve: BTreeMap<String, String>,
 }
 
 impl Default for RawProxy {
@@ -162,6 +175,7 @@ impl Default for RawProxy {
             connect_timeout: secs::<5>(),
             request_timeout: secs::<60>(),
             workers: None,
+            resolve: BTreeMap::new(),
         }
     }
 }
@@ -273,6 +287,10 @@ impl Default for RawCache {
 struct RawTls {
     #[serde(default)]
     extra_roots: OneOrMany<PathBuf>,
+    #[serde(default)]
+    ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    ca_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -504,6 +522,7 @@ impl ProxyConfig {
                     ))
                 }
             },
+            resolve: resolve_pins(raw.resolve)?,
         };
         if proxy.listen.is_empty() {
             return Err(ConfigError::new(
@@ -690,14 +709,61 @@ impl CacheConfig {
     }
 }
 
+/// `proxy.resolve`: `"host:port" = "ip:port"` pairs, like curl's `--resolve`.
+fn resolve_pins(
+    raw: BTreeMap<String, String>,
+) -> Result<HashMap<(String, u16), SocketAddr>, ConfigError> {
+    let mut pins = HashMap::with_capacity(raw.len());
+    for (from, to) in raw {
+        let key = format!("proxy.resolve.{from:?}");
+        let authority: http::uri::Authority = from
+            .parse()
+            .map_err(|_| ConfigError::new(&key, "the key must be \"host:port\""))?;
+        let port = authority.port_u16().ok_or_else(|| {
+            ConfigError::new(&key, "the key must be \"host:port\" (with the port)")
+        })?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let addr: SocketAddr = to
+            .parse()
+            .map_err(|_| ConfigError::new(&key, format!("{to:?} is not an address \"ip:port\"")))?;
+        pins.insert((host, port), addr);
+    }
+    Ok(pins)
+}
+
 impl TlsConfig {
     /// The `[tls]` table: every extra root readable now, not at the first request.
     fn from_raw(raw: RawTls) -> Result<TlsConfig, ConfigError> {
         for (i, path) in raw.extra_roots.0.iter().enumerate() {
             readable(&format!("tls.extra_roots[{i}]"), path)?;
         }
+        let ca = match (raw.ca_cert, raw.ca_key) {
+            (Some(cert), Some(key)) => {
+                readable("tls.ca_cert", &cert)?;
+                readable("tls.ca_key", &key)?;
+                Some(CaFiles { cert, key })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "tls.ca_key",
+                    "is needed when tls.ca_cert is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "tls.ca_cert",
+                    "is needed when tls.ca_key is set",
+                ))
+            }
+        };
         Ok(TlsConfig {
             extra_roots: raw.extra_roots.0,
+            ca,
         })
     }
 }
@@ -918,6 +984,28 @@ mod tests {
         assert_eq!(e.key, "vault.auth.method");
         let e = err("[proxy\n");
         assert_eq!(e.key, "line 1", "{e}");
+    }
+
+    #[test]
+    fn resolve_pins_and_the_ca_files_are_checked() {
+        let c = Config::parse(
+            "[proxy]\nresolve = { \"API.Stripe.com:443\" = \"127.0.0.1:9443\" }\n",
+            &with_token(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.resolve.get(&("api.stripe.com".to_string(), 443)),
+            Some(&"127.0.0.1:9443".parse().unwrap())
+        );
+        let e = err("[proxy]\nresolve = { \"api.stripe.com\" = \"127.0.0.1:9443\" }\n");
+        assert!(e.key.starts_with("proxy.resolve"), "{e}");
+        assert!(e.message.contains("port"), "{e}");
+        let e = err("[proxy]\nresolve = { \"api.stripe.com:443\" = \"localhost:9443\" }\n");
+        assert!(e.message.contains("not an address"), "{e}");
+        let e = err("[tls]\nca_cert = \"/nonexistent/ca.pem\"\n");
+        assert_eq!(e.key, "tls.ca_key", "{e}");
+        let e = err("[tls]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\n");
+        assert_eq!(e.key, "tls.ca_cert", "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Connector};
 use crate::connection_id::ConnectionId;
-use crate::destination::{BaseUrl, HostAllowList};
+use crate::destination::{normalize_host, BaseUrl, HostAllowList};
 use crate::inject::{Credential, RenderError};
 use crate::record::{StoredConnection, RESERVED_FIELDS};
 use crate::secret::Secret;
@@ -248,6 +248,19 @@ impl Connection {
             custom_metadata,
             connector,
         })
+    }
+}
+
+impl Connection {
+    /// Whether the credential may go to `host` (allowed already by [`HostAllowList`]) on
+    /// `port`: the base URL's own port on its host, the base URL scheme's default port on every
+    /// other allowed host. Never another port of the same host.
+    pub fn allows_port(&self, host: &str, port: u16) -> bool {
+        if normalize_host(host) == *self.base.host {
+            port == self.base.port
+        } else {
+            port == self.base.scheme.default_port()
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | 0 | connection_id, destination, hop_by_hop, secret, telemetry |
-//! | 1 | auth, body, record, upstream::dial |
+//! | 1 | auth, body, ca, record, upstream::dial |
 //! | 2 | catalog, upstream::h1 |
 //! | 3 | config, inject, upstream::pool |
 //! | 4 | connection, upstream, vault |
@@ -22,7 +22,7 @@
 //! | 6 | lifecycle |
 //! | 7 | response |
 //! | 8 | admin::connections, proxy |
-//! | 9 | admin |
+//! | 9 | admin, tunnel |
 //! | 10 | server |
 //!
 //! From the bottom up:
@@ -33,7 +33,8 @@
 //!   host allow-lists, the check on the dialled address).
 //! - Over them: [`auth`] (client tokens, globs, who may use which connection; constant-time
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
-//!   counter and the access-logging body), [`record`] (a connection as Vault stores it).
+//!   counter and the access-logging body), [`record`] (a connection as Vault stores it),
+//!   [`ca`] (latchkey's CA and the leaf certificates it mints for the tunnel form).
 //! - Policies: [`catalog`] (connectors), [`inject`] (the credential, and the pure request
 //!   rewrite: strip, then inject), [`config`] (the file, every error naming its key).
 //! - The connection: [`connection`] (a stored record checked and its credential rendered),
@@ -45,8 +46,9 @@
 //! - [`response`]: every error latchkey answers with, proxy and admin alike, mapped to a status
 //!   and a `Latchkey-Error` code in one place.
 //! - Services: [`proxy`] (the request path as named phases), [`admin`] (health, readiness,
-//!   metrics, the admin API). At the top, [`server`]: listeners, workers, the balancer,
-//!   shutdown.
+//!   metrics, the admin API), [`tunnel`] (CONNECT: TLS terminated with a minted leaf, every
+//!   request inside through the proxy). At the top, [`server`]: listeners, workers, the
+//!   balancer, shutdown.
 //!
 //! The binary (`src/bin/latchkey/`) is thin: the command line, logging, the configuration, then
 //! [`run`]; the CLI over the admin API and the local demo live there too, outside the library.
@@ -55,6 +57,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod ca;
 pub mod cache;
 pub mod catalog;
 pub mod config;
@@ -71,6 +74,7 @@ pub mod response;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upstream;
 pub mod vault;
 pub mod verify;

@@ -47,6 +47,7 @@ pub struct Proxy {
 pub enum Form {
     Gateway,
     Forward,
+    Tunnel,
 }
 
 impl Form {
@@ -54,7 +55,64 @@ impl Form {
         match self {
             Form::Gateway => "gateway",
             Form::Forward => "forward",
+            Form::Tunnel => "tunnel",
         }
+    }
+}
+
+/// What a CONNECT established: the client, the connection, and the host and port that every
+/// request inside the tunnel is held to.
+#[derive(Clone)]
+pub struct Tunnel {
+    pub id: ConnectionId,
+    pub client: Option<Arc<str>>,
+    /// Normalized (lower case, no trailing dot, IPv6 in brackets).
+    pub host: Arc<str>,
+    pub port: u16,
+    /// TLS inside (latchkey terminates it), or plain HTTP.
+    pub tls: bool,
+    /// The SNI the client sent matched the host (always true without TLS).
+    pub sni_matches: bool,
+}
+
+impl Tunnel {
+    /// An inner request names the CONNECT host and port in its `Host` or `:authority`, and the
+    /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent.
+    fn check_inner(&self, parts: &http::request::Parts, uri: &Uri) -> Result<(), ProxyError> {
+        if !self.sni_matches {
+            return Err(ProxyError::HostMismatch(format!(
+                "the TLS server name is not {}, the CONNECT host",
+                self.host
+            )));
+        }
+        let named = match uri.authority() {
+            Some(a) => Some(a.clone()),
+            None => {
+                let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+                let first = hosts.next();
+                if hosts.next().is_some() {
+                    return Err(ProxyError::BadRequest("more than one Host header".into()));
+                }
+                first.and_then(|v| v.to_str().ok()?.parse::<Authority>().ok())
+            }
+        };
+        let Some(named) = named else {
+            return Err(ProxyError::HostMismatch(
+                "a request inside a tunnel must name its host".into(),
+            ));
+        };
+        let default = if self.tls { 443 } else { 80 };
+        if normalize_host(named.host()) != *self.host
+            || named.port_u16().unwrap_or(default) != self.port
+        {
+            return Err(ProxyError::HostMismatch(format!(
+                "the request names {} but the tunnel goes to {}:{}",
+                named.as_str(),
+                self.host,
+                self.port
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -72,6 +130,7 @@ struct Route<'u> {
 /// Where phase 4 sends the request.
 struct Peer<'c> {
     scheme: Scheme,
+    port: u16,
     authority: Cow<'c, Authority>,
     /// The base URL's path in gateway form; nothing in forward form.
     path_prefix: &'c str,
@@ -104,13 +163,32 @@ impl Proxy {
 
     /// Serves one request; never fails (latchkey's own errors become responses).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        self.logged(req, None).await
+    }
+
+    /// Serves one request that arrived inside `tunnel`.
+    pub async fn handle_tunneled(
+        &self,
+        req: Request<Incoming>,
+        tunnel: &Tunnel,
+    ) -> Response<BoxBody> {
+        self.logged(req, Some(tunnel)).await
+    }
+
+    /// Serves a request and writes its access line, on success (when the body ends) and on
+    /// failure alike.
+    async fn logged(&self, req: Request<Incoming>, tunnel: Option<&Tunnel>) -> Response<BoxBody> {
         let started = Instant::now();
         let mut log = AccessLog {
             method: req.method().clone(),
             ..AccessLog::default()
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
-        match self.serve(req, &mut log, &bytes_in).await {
+        let served = match tunnel {
+            None => self.serve(req, &mut log, &bytes_in).await,
+            Some(t) => self.serve_tunneled(req, t, &mut log, &bytes_in).await,
+        };
+        match served {
             Ok(response) => {
                 log.status = response.status().as_u16();
                 let (parts, body) = response.into_parts();
@@ -153,11 +231,156 @@ impl Proxy {
 
         let client = self.authorize(&route)?;
         log.client = client.map(|c| c.name.clone());
+        self.send_on(parts, body, &route, log, bytes_in).await
+    }
 
+    /// A request inside a tunnel: held to the CONNECT's host and port (SNI and `Host` or
+    /// `:authority` alike), then sent on as a forward-form request on the tunnel's connection.
+    async fn serve_tunneled(
+        &self,
+        req: Request<Incoming>,
+        tunnel: &Tunnel,
+        log: &mut AccessLog,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let uri = std::mem::take(&mut parts.uri);
+        log.form = Form::Tunnel.as_str();
+        log.connection = Some(tunnel.id.shared());
+        log.client = tunnel.client.clone();
+        log.host = Some(tunnel.host.clone());
+        tunnel.check_inner(&parts, &uri)?;
+        let route = Route {
+            form: Form::Tunnel,
+            id: tunnel.id.clone(),
+            token: None,
+            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
+            requested: Some(Requested {
+                scheme: if tunnel.tls {
+                    Scheme::Https
+                } else {
+                    Scheme::Http
+                },
+                host: &tunnel.host,
+                port: Some(tunnel.port),
+            }),
+        };
+        self.send_on(parts, body, &route, log, bytes_in).await
+    }
+
+    /// The CONNECT's phases: its target, the client, the connection and its hosts and ports,
+    /// and the addresses the target resolves to. Writes the CONNECT's access line whatever the
+    /// outcome.
+    pub async fn connect(
+        &self,
+        parts: &http::request::Parts,
+        tls: bool,
+    ) -> Result<Tunnel, ProxyError> {
+        let started = Instant::now();
+        let mut log = AccessLog {
+            method: Method::CONNECT,
+            form: Form::Tunnel.as_str(),
+            ..AccessLog::default()
+        };
+        let opened = self.open_tunnel(parts, tls, &mut log).await;
+        match &opened {
+            Ok(_) => log.status = 200,
+            Err(e) => {
+                log.status = e.status().as_u16();
+                log.error = Some(e.code());
+                tracing::debug!(code = e.code(), message = %e, "CONNECT refused");
+            }
+        }
+        log.emit(started.elapsed());
+        opened
+    }
+
+    async fn open_tunnel(
+        &self,
+        parts: &http::request::Parts,
+        tls: bool,
+        log: &mut AccessLog,
+    ) -> Result<Tunnel, ProxyError> {
+        let authority = parts
+            .uri
+            .authority()
+            .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+        let port = authority
+            .port_u16()
+            .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+        let host = normalize_host(authority.host());
+        log.host = Some(Arc::from(host.as_str()));
+        let creds = auth::proxy_credentials(&parts.headers).map_err(|e| {
+            ProxyError::ProxyAuthRequired(match e {
+                CredentialsError::Missing => {
+                    "CONNECT names its connection in Proxy-Authorization: Basic base64(connection_id:token)"
+                }
+                CredentialsError::Malformed => {
+                    "Proxy-Authorization must be Basic base64(connection_id:token)"
+                }
+            })
+        })?;
+        let user = creds.user.filter(|u| !u.is_empty() && u != "_").ok_or(
+            ProxyError::BadRequest(
+                "name the connection as the proxy user name (HTTPS_PROXY=http://{connection_id}:{token}@host:port)".into(),
+            ),
+        )?;
+        let id =
+            ConnectionId::parse(&user).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+        log.connection = Some(id.shared());
+        let route = Route {
+            form: Form::Tunnel,
+            id,
+            token: Some(creds.token),
+            path_and_query: "/",
+            requested: Some(Requested {
+                scheme: if tls { Scheme::Https } else { Scheme::Http },
+                host: &host,
+                port: Some(port),
+            }),
+        };
+        let client = self.authorize(&route)?;
+        log.client = client.map(|c| c.name.clone());
+        let conn = self.connection(&route.id, log).await?;
+        log.connection_known = true;
+        let peer = Self::upstream_peer(&route, &conn)?;
+        // A tunnel goes to one port of one host: the one the connection names. (The forward
+        // form's requests are not held to ports yet; issue 10.)
+        if !conn.allows_port(&host, peer.port) {
+            return Err(ProxyError::HostNotAllowed {
+                host: format!("{host}:{port}"),
+                connection: conn.id.to_string(),
+                allowed: conn.hosts.iter().collect::<Vec<_>>().join(", "),
+            });
+        }
+        self.upstream
+            .dialer()
+            .check_destination(&host, peer.port)
+            .await
+            .map_err(|e| ProxyError::from_upstream(&e.into()))?;
+        Ok(Tunnel {
+            id: route.id,
+            client: log.client.clone(),
+            host: Arc::from(host),
+            port,
+            tls,
+            sni_matches: true,
+        })
+    }
+
+    /// Phases 3 to 6, once the route and the client are known.
+    async fn send_on(
+        &self,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        route: &Route<'_>,
+        log: &mut AccessLog,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
 
-        let peer = Self::upstream_peer(&route, &conn)?;
+        let peer = Self::upstream_peer(route, &conn)?;
         log.host = Some(peer.host.clone());
         let authority = &*peer.authority;
 
@@ -362,6 +585,7 @@ impl Proxy {
             let base = &conn.base;
             return Ok(Peer {
                 scheme: base.scheme,
+                port: base.port,
                 authority: Cow::Borrowed(&base.authority),
                 path_prefix: &base.path,
                 host: base.host.clone(),
@@ -391,6 +615,7 @@ impl Proxy {
         .map_err(|_| ProxyError::BadRequest("the request URL's host is not valid".into()))?;
         Ok(Peer {
             scheme,
+            port,
             authority: Cow::Owned(authority),
             path_prefix: "",
             host: Arc::from(host),

@@ -38,6 +38,8 @@ pub enum ProxyError {
         connection: String,
         allowed: String,
     },
+    #[error("{0}")]
+    HostMismatch(String),
     #[error("the destination is blocked: {0}")]
     DestinationBlocked(Blocked),
     #[error("connection {0:?} does not exist")]
@@ -55,7 +57,7 @@ pub enum ProxyError {
     UpstreamTls(String),
     #[error("{0}")]
     UpstreamTimeout(String),
-    #[error("CONNECT (the tunnel form) is not supported yet; send absolute-form http:// requests through the proxy, or use the gateway form /{{connection_id}}/path")]
+    #[error("CONNECT (the tunnel form) needs latchkey's CA: set tls.ca_cert and tls.ca_key (make them with `latchkey ca init --cert FILE --key FILE`)")]
     ConnectUnsupported,
     #[error("internal error")]
     Internal,
@@ -69,6 +71,7 @@ impl ProxyError {
             ProxyError::ConnectionForbidden { .. }
             | ProxyError::HostNotAllowed { .. }
             | ProxyError::DestinationBlocked(_) => StatusCode::FORBIDDEN,
+            ProxyError::HostMismatch(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ConnectionNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::ConnectionInvalid { .. } | ProxyError::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -90,6 +93,7 @@ impl ProxyError {
             ProxyError::ConnectionForbidden { .. } => "connection_forbidden",
             ProxyError::HostNotAllowed { .. } => "host_not_allowed",
             ProxyError::DestinationBlocked(_) => "destination_blocked",
+            ProxyError::HostMismatch(_) => "host_mismatch",
             ProxyError::ConnectionNotFound(_) => "connection_not_found",
             ProxyError::ConnectionInvalid { .. } => "connection_invalid",
             ProxyError::SecretStoreUnavailable(_) => "secret_store_unavailable",

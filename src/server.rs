@@ -20,12 +20,15 @@ use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
 use crate::auth::Clients;
+use crate::ca::{Ca, Leaves};
 use crate::cache::{Cache, VaultSource};
-use crate::config::Config;
+use crate::config::{CaFiles, Config};
 use crate::destination::AddressPolicy;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::Proxy;
+use crate::secret::Secret;
 use crate::telemetry;
+use crate::tunnel::Tunnels;
 use crate::upstream::{self, Dialer, Pool};
 use crate::vault;
 use crate::vault::Vault;
@@ -42,9 +45,14 @@ pub enum StartError {
     Vault(#[from] vault::VaultError),
     #[error("tls.extra_roots: {0}")]
     Tls(String),
+    #[error("tls.ca_cert / tls.ca_key: {0}")]
+    Ca(String),
     #[error("cannot start a proxy worker: {source}")]
     Runtime { source: std::io::Error },
 }
+
+/// Hosts whose leaf certificate the tunnel form keeps at once.
+const MAX_LEAVES: usize = 10_000;
 
 /// How long open connections get to finish after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -74,6 +82,8 @@ struct ProxyParts {
     clients: Clients,
     dialer: Dialer,
     request_timeout: Duration,
+    /// The tunnel form's leaf certificates, shared by every worker; `None` without a CA.
+    leaves: Option<Arc<Leaves>>,
 }
 
 impl ProxyParts {
@@ -107,8 +117,10 @@ impl Server {
             }),
         );
         let tls = upstream::tls_config(&config.tls.extra_roots).map_err(StartError::Tls)?;
+        let ca = config.tls.ca.as_ref().map(load_ca).transpose()?;
         let dialer = Dialer::new(
             AddressPolicy::new(config.proxy.allow_private_destinations.clone()),
+            config.proxy.resolve.clone(),
             Arc::new(tls),
             config.proxy.connect_timeout,
         );
@@ -124,6 +136,7 @@ impl Server {
             vault.clone(),
             lifecycle.clone(),
             config.admin.tokens.clone(),
+            ca.as_ref().map(|ca| Arc::from(ca.cert_pem())),
         ));
         let parts = ProxyParts {
             cache: cache.clone(),
@@ -131,6 +144,7 @@ impl Server {
             clients: Clients::new(config.clients.clone()),
             dialer,
             request_timeout: config.proxy.request_timeout,
+            leaves: ca.map(|ca| Arc::new(Leaves::new(Arc::new(ca), MAX_LEAVES))),
         };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
@@ -251,7 +265,13 @@ fn start_workers(
     for i in 0..n {
         let (tx, rx) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicUsize::new(0));
-        workers.push(spawn_worker(i, rx, open.clone(), parts.proxy())?);
+        workers.push(spawn_worker(
+            i,
+            rx,
+            open.clone(),
+            parts.proxy(),
+            parts.leaves.clone(),
+        )?);
         handles.push(WorkerHandle { tx, open });
     }
     let balancer = Arc::new(Balancer {
@@ -259,6 +279,17 @@ fn start_workers(
         next: AtomicUsize::new(0),
     });
     Ok((workers, balancer))
+}
+
+/// Reads latchkey's CA from its files (`tls.ca_cert`, `tls.ca_key`).
+fn load_ca(files: &CaFiles) -> Result<Ca, StartError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| StartError::Ca(format!("cannot read {}: {e}", path.display())))
+    };
+    let cert = read(&files.cert)?;
+    let key = Secret::from(read(&files.key)?);
+    Ca::from_pem(&cert, &key).map_err(|e| StartError::Ca(e.to_string()))
 }
 
 /// Completes once the stop signal is given.
@@ -360,6 +391,7 @@ fn spawn_worker(
     mut accepted: mpsc::UnboundedReceiver<Accepted>,
     open: Arc<AtomicUsize>,
     proxy: Proxy,
+    leaves: Option<Arc<Leaves>>,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -371,9 +403,17 @@ fn spawn_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let proxy = Arc::new(proxy);
-                let handler = move |req| {
+                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves));
+                let handler = move |req: http::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                    let tunnels = tunnels.clone();
+                    async move {
+                        Ok::<_, Infallible>(if req.method() == http::Method::CONNECT {
+                            tunnels.connect(req).await
+                        } else {
+                            proxy.handle(req).await
+                        })
+                    }
                 };
                 let builder = http_builder();
                 let graceful = GracefulShutdown::new();
@@ -434,7 +474,7 @@ fn serve<H, F>(
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
-    let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handler));
     let conn = graceful.watch(conn.into_owned());
     tokio::spawn(async move {
         if let Err(e) = conn.await {

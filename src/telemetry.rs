@@ -28,6 +28,35 @@ pub mod names {
     pub const UPSTREAM_FORBIDDEN: &str = "latchkey_upstream_forbidden_total";
     pub const CONNECTION_EXPIRY: &str = "latchkey_connection_expiry_seconds";
     pub const CLIENT_CONNECTIONS: &str = "latchkey_client_connections";
+    pub const TUNNELS_OPEN: &str = "latchkey_tunnels_open";
+    pub const TUNNEL_LEAVES: &str = "latchkey_tunnel_leaf_certificates_total";
+    pub const TUNNEL_HANDSHAKE_FAILURES: &str = "latchkey_tunnel_handshake_failures_total";
+}
+
+/// Counts a tunnel as open (`latchkey_tunnels_open`) until dropped.
+pub struct TunnelOpen(());
+
+impl TunnelOpen {
+    pub fn open() -> TunnelOpen {
+        gauge!(names::TUNNELS_OPEN).increment(1.0);
+        TunnelOpen(())
+    }
+}
+
+impl Drop for TunnelOpen {
+    fn drop(&mut self) {
+        gauge!(names::TUNNELS_OPEN).decrement(1.0);
+    }
+}
+
+/// A tunnel's leaf certificate: `hit` (cached) or `minted`.
+pub fn tunnel_leaf(outcome: &'static str) {
+    counter!(names::TUNNEL_LEAVES, "outcome" => outcome).increment(1);
+}
+
+/// A client's TLS handshake inside a tunnel failed, by reason (`untrusted_ca`, `alert`, ...).
+pub fn tunnel_handshake_failed(reason: &'static str) {
+    counter!(names::TUNNEL_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }
 
 /// The gauge of client connections open on proxy worker `worker`.

@@ -26,14 +26,22 @@ pub struct Admin {
     vault: Arc<Vault>,
     lifecycle: Arc<Lifecycle>,
     tokens: Vec<AdminToken>,
+    /// latchkey's CA certificate (PEM), when the tunnel form has one.
+    ca_pem: Option<Arc<str>>,
 }
 
 impl Admin {
-    pub fn new(vault: Arc<Vault>, lifecycle: Arc<Lifecycle>, tokens: Vec<AdminToken>) -> Admin {
+    pub fn new(
+        vault: Arc<Vault>,
+        lifecycle: Arc<Lifecycle>,
+        tokens: Vec<AdminToken>,
+        ca_pem: Option<Arc<str>>,
+    ) -> Admin {
         Admin {
             vault,
             lifecycle,
             tokens,
+            ca_pem,
         }
     }
 
@@ -42,6 +50,22 @@ impl Admin {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => self.ready().await,
+            (&Method::GET, "/ca.pem") => match &self.ca_pem {
+                Some(pem) => {
+                    let mut r = Response::new(body::full(Bytes::copy_from_slice(pem.as_bytes())));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-pem-file"),
+                    );
+                    r
+                }
+                None => AdminError::new(
+                    StatusCode::NOT_FOUND,
+                    "no_ca",
+                    "latchkey has no CA: set tls.ca_cert and tls.ca_key (latchkey ca init)",
+                )
+                .into_response(),
+            },
             (&Method::GET, "/metrics") => {
                 let text = crate::telemetry::render_metrics();
                 let mut r = Response::new(body::full(Bytes::from(text)));

@@ -7,6 +7,7 @@
 //! first reason. TLS is rustls with the system roots plus `tls.extra_roots`, offering h2 and
 //! HTTP/1.1 by ALPN.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -82,6 +83,8 @@ pub struct Dialer {
 
 struct DialerInner {
     policy: AddressPolicy,
+    /// `proxy.resolve`: where a host and port are dialled instead of what DNS says.
+    resolve: HashMap<(String, u16), SocketAddr>,
     tls: TlsConnector,
     connect_timeout: Duration,
 }
@@ -89,12 +92,14 @@ struct DialerInner {
 impl Dialer {
     pub fn new(
         policy: AddressPolicy,
+        resolve: HashMap<(String, u16), SocketAddr>,
         tls: Arc<rustls::ClientConfig>,
         connect_timeout: Duration,
     ) -> Dialer {
         Dialer {
             inner: Arc::new(DialerInner {
                 policy,
+                resolve,
                 tls: TlsConnector::from(tls),
                 connect_timeout,
             }),
@@ -107,17 +112,35 @@ impl Dialer {
     pub async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
         self.inner.dial(https, authority).await
     }
+
+    /// Resolves `host` and `port` and checks the addresses as a dial would, without
+    /// connecting: a CONNECT to a blocked destination is refused before the tunnel opens.
+    pub async fn check_destination(&self, host: &str, port: u16) -> Result<(), DialError> {
+        let addrs = self.inner.resolve(host, port).await?;
+        let mut first_block = None;
+        for addr in addrs {
+            match self.inner.policy.check(addr.ip()) {
+                Ok(()) => return Ok(()),
+                Err(blocked) => {
+                    first_block.get_or_insert(blocked);
+                }
+            }
+        }
+        Err(first_block.map_or_else(
+            || DialError::NoAddress(host.to_string()),
+            DialError::Blocked,
+        ))
+    }
 }
 
 impl DialerInner {
-    async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
-        let host = authority.host();
-        if host.is_empty() {
-            return Err(DialError::NoHost);
-        }
-        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    /// The addresses `host` and `port` are dialled at: `proxy.resolve`'s pin, the literal IP,
+    /// or what DNS says.
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DialError> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-
+        if let Some(pinned) = self.resolve.get(&(bare.to_ascii_lowercase(), port)) {
+            return Ok(vec![*pinned]);
+        }
         let addrs: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
             Err(_) => {
@@ -134,6 +157,17 @@ impl DialerInner {
         if addrs.is_empty() {
             return Err(DialError::NoAddress(host.to_string()));
         }
+        Ok(addrs)
+    }
+
+    async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
+        let host = authority.host();
+        if host.is_empty() {
+            return Err(DialError::NoHost);
+        }
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs = self.resolve(host, port).await?;
 
         let mut first_block = None;
         let mut last_error = None;

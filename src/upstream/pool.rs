@@ -155,6 +155,10 @@ impl Pool {
         })
     }
 
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         match self.state.lock() {
             Ok(s) => s,

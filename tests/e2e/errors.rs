@@ -743,7 +743,8 @@ async fn a_slow_upstream_is_504_upstream_timeout() {
 // CONNECT
 
 #[tokio::test]
-async fn connect_is_refused_with_405() {
+/// Without latchkey's CA the tunnel form is off: a CONNECT is refused, naming the settings.
+async fn connect_without_a_ca_is_refused_with_405_naming_the_settings() {
     let bao = Bao::start().await;
     let up = echo().await;
     put_bearer(&bao, "tunnel", &format!("http://{}", up.addr()));
@@ -762,7 +763,11 @@ async fn connect_is_refused_with_405() {
         .header("latchkey-error")
         .unwrap_or_else(|| panic!("405 without Latchkey-Error: {r:#?}"));
     assert_eq!(r.json()["error"]["code"], code, "{r:#?}");
-    assert!(r.json()["error"]["message"].as_str().is_some());
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("tls.ca_cert"), "{message}");
     assert_eq!(up.requests(), 0);
     assert_eq!(bao.reads_of("tunnel"), 0);
 }

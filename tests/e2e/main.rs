@@ -33,5 +33,6 @@ mod pool;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod tunnel;
 mod upstream_h1;
 mod workers;

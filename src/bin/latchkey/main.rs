@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod ca;
 mod cli;
 mod dev;
 
@@ -50,6 +51,8 @@ enum Command {
     },
     /// Print the SHA-256 of a token read from standard input, for `token_sha256` keys.
     HashToken,
+    /// The tunnel form's CA: create it (init) or print its certificate (export).
+    Ca(ca::CaArgs),
     /// Manage connections through the admin API (add, list, show, rotate, verify, delete).
     Connections(cli::ConnectionsArgs),
 }
@@ -65,6 +68,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "{}: {e}", file.display());
                 ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Ca(args) => match ca::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
+                ExitCode::FAILURE
             }
         },
         Command::HashToken => {

@@ -530,6 +530,8 @@ pub struct Opts {
     pub extra_roots: Vec<PathBuf>,
     /// `vault.address` in the file, instead of the test's OpenBao.
     pub vault_address: Option<String>,
+    /// Lines added to the `[tls]` table (`ca_cert = "..."`, `ca_key = "..."`).
+    pub tls: String,
 }
 
 impl Opts {
@@ -555,6 +557,11 @@ impl Opts {
     }
     pub fn root(mut self, pem: &Path) -> Opts {
         self.extra_roots.push(pem.to_path_buf());
+        self
+    }
+    pub fn tls(mut self, line: &str) -> Opts {
+        self.tls.push_str(line);
+        self.tls.push('\n');
         self
     }
 }
@@ -595,13 +602,14 @@ impl Latchkey {
             "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\n\
              [vault]\naddress = \"{}\"\nprefix = \"{}\"\ntimeout = \"2s\"\n\n\
-             [tls]\nextra_roots = [{}]\n\n{}",
+             [tls]\nextra_roots = [{}]\n{}\n{}",
             allow.join(", "),
             opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
             opts.vault_address.as_deref().unwrap_or(&bao.addr),
             bao.prefix,
             roots.join(", "),
+            opts.tls,
             opts.extra
         );
         let config_path = dir.path().join("latchkey.toml");

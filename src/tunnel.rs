@@ -1,0 +1,229 @@
+//! The tunnel form: `CONNECT host:port`, then TLS that latchkey terminates with a certificate for
+//! that host minted by its CA (or plain HTTP inside, which undici sends for `http://` URLs), and
+//! every request inside served by the proxy's pipeline as a forward-form request held to the
+//! CONNECT's host and port (SNI and `Host` alike; 421 otherwise).
+//!
+//! The CONNECT itself is checked by [`Proxy::connect`] (client, connection, host and port, the
+//! address) before it is answered 200; a refusal is answered at once and nothing is dialled.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::body::{self, BoxBody};
+use crate::ca::Leaves;
+use crate::destination::normalize_host;
+use crate::proxy::{Proxy, Tunnel};
+use crate::response::ProxyError;
+use crate::telemetry;
+
+/// How long a client has, once the CONNECT is answered, to send its first byte.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake inside a tunnel may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first byte of a TLS record carrying a handshake (the ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The tunnel form's service: answers CONNECT requests and serves what goes through them.
+pub struct Tunnels {
+    proxy: Arc<Proxy>,
+    /// Leaf certificates minted by latchkey's CA; without a CA, CONNECT is refused.
+    leaves: Option<Arc<Leaves>>,
+}
+
+impl Tunnels {
+    pub fn new(proxy: Arc<Proxy>, leaves: Option<Arc<Leaves>>) -> Tunnels {
+        Tunnels { proxy, leaves }
+    }
+
+    /// Answers a CONNECT: 200, and the tunnel served once hyper hands the connection over; or
+    /// latchkey's refusal, with nothing dialled.
+    pub async fn connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<BoxBody> {
+        let Some(leaves) = self.leaves.clone() else {
+            return ProxyError::ConnectUnsupported.into_response();
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        let (parts, _) = req.into_parts();
+        // TLS inside unless the port is HTTP's; what the client really sends is seen later.
+        let port_says_tls = parts.uri.port_u16() != Some(80);
+        let mut tunnel = match self.proxy.connect(&parts, port_says_tls).await {
+            Ok(t) => t,
+            Err(e) => return e.into_response(),
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let upgraded = match upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a CONNECT was answered but not upgraded");
+                    return;
+                }
+            };
+            let _open = telemetry::TunnelOpen::open();
+            if let Err(e) = me.serve(TokioIo::new(upgraded), &mut tunnel, &leaves).await {
+                tracing::debug!(connection = %tunnel.id, host = %tunnel.host, error = %e, "tunnel ended with an error");
+            }
+        });
+        let mut ok = Response::new(body::empty());
+        *ok.status_mut() = StatusCode::OK;
+        ok
+    }
+
+    /// Serves the tunnel's bytes: TLS or plain HTTP, told by the first byte.
+    async fn serve<T>(&self, mut io: T, tunnel: &mut Tunnel, leaves: &Leaves) -> io::Result<()>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(FIRST_BYTE_TIMEOUT, io.read_exact(&mut first)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no first byte")),
+        }
+        let io = Rewind::new(Bytes::copy_from_slice(&first), io);
+        if first[0] != TLS_HANDSHAKE {
+            tunnel.tls = false;
+            return self.serve_http(io, Arc::new(tunnel.clone())).await;
+        }
+        tunnel.tls = true;
+        let (config, minted) = leaves
+            .server_config(&tunnel.host)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        telemetry::tunnel_leaf(minted.as_str());
+        let accepted = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(config).accept(io),
+        )
+        .await;
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = handshake_failure(&e);
+                telemetry::tunnel_handshake_failed(reason);
+                if reason == "untrusted_ca" {
+                    tracing::info!(connection = %tunnel.id, host = %tunnel.host, "the client does not trust latchkey's CA: install it (GET /ca.pem on the admin listener, or latchkey ca export)");
+                } else {
+                    tracing::debug!(connection = %tunnel.id, host = %tunnel.host, reason, error = %e, "TLS handshake inside a tunnel failed");
+                }
+                return Ok(());
+            }
+            Err(_) => {
+                telemetry::tunnel_handshake_failed("timeout");
+                return Ok(());
+            }
+        };
+        tunnel.sni_matches = match tls.get_ref().1.server_name() {
+            Some(sni) => normalize_host(sni) == *tunnel.host,
+            // Clients send no SNI for an IP address.
+            None => tunnel.host.parse::<std::net::IpAddr>().is_ok() || tunnel.host.starts_with('['),
+        };
+        self.serve_http(tls, Arc::new(tunnel.clone())).await
+    }
+
+    /// HTTP/1.1 or h2 (by ALPN or preface) inside the tunnel, every request through the proxy.
+    async fn serve_http<T>(&self, io: T, tunnel: Arc<Tunnel>) -> io::Result<()>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let tunnel = tunnel.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await) }
+        });
+        auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await
+            .map_err(io::Error::other)
+    }
+}
+
+/// Why a client's TLS handshake failed, as a bounded metric label. A client that does not trust
+/// latchkey's CA says so with an alert (unknown CA, bad or unknown certificate).
+fn handshake_failure(e: &io::Error) -> &'static str {
+    use rustls::AlertDescription as A;
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::AlertReceived(
+            A::UnknownCA | A::BadCertificate | A::CertificateUnknown,
+        )) => "untrusted_ca",
+        Some(rustls::Error::AlertReceived(_)) => "alert",
+        Some(rustls::Error::NoApplicationProtocol) => "alpn",
+        Some(_) => "protocol",
+        None if e.kind() == io::ErrorKind::UnexpectedEof => "closed",
+        None => "io",
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Bytes, inner: T) -> Rewind<T> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

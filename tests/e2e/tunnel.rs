@@ -1,0 +1,785 @@
+//! PRODUCT.md section 1, the tunnel form: `CONNECT api.stripe.com:443` with the connection ID
+//! as the proxy user, then TLS to latchkey (a leaf certificate minted by latchkey's own CA), and
+//! every inner request goes out with the connection's credential in place of the client's.
+//! Also: the CA (`latchkey ca init`, `ca export`, `GET /ca.pem`, its key never shown), each
+//! refusal of a CONNECT (407, 403, 404, 400) and of an inner request whose SNI or `Host` is not
+//! the CONNECT host (421), plain HTTP inside a CONNECT, and the access lines of all of these.
+//!
+//! "api.stripe.com" is an echo upstream on loopback with a certificate for that name from a
+//! test CA, reached through `proxy.resolve`; the real Stripe is never dialled.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+
+use crate::errors::{client_toml, metrics_text, Answer};
+use crate::support::*;
+
+const STRIPE: &str = "api.stripe.com";
+const ID: &str = "stripe-prod";
+const TOKEN: &str = "tunnel-client-token-0123456789";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// latchkey's CA, made with `latchkey ca init` in a directory of its own.
+struct Ca {
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What a run of the latchkey binary printed.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `latchkey {args}` (no config, no Vault needed).
+async fn latchkey_cli(args: &[&str]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(args)
+        .env_remove("VAULT_ADDR")
+        .env_remove("VAULT_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn ca_init(cert: &Path, key: &Path) -> Run {
+    latchkey_cli(&[
+        "ca",
+        "init",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ])
+    .await
+}
+
+impl Ca {
+    async fn init() -> Ca {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("ca.pem");
+        let key = dir.path().join("ca-key.pem");
+        let run = ca_init(&cert, &key).await;
+        assert_eq!(
+            run.code,
+            Some(0),
+            "latchkey ca init failed:\n{}{}",
+            run.stdout,
+            run.stderr
+        );
+        Ca {
+            cert,
+            key,
+            _dir: dir,
+        }
+    }
+
+    fn cert_pem(&self) -> String {
+        std::fs::read_to_string(&self.cert).unwrap()
+    }
+
+    fn key_pem(&self) -> String {
+        std::fs::read_to_string(&self.key).unwrap()
+    }
+
+    /// The forms in which the CA key could leak: the whole PEM text and each line of its
+    /// base64 body (short last lines left out: they could match by chance).
+    fn key_forms(&self) -> Vec<String> {
+        key_forms(&self.key_pem())
+    }
+
+    /// Registers the CA key with latchkey's leak check.
+    fn forbid_key(&self, lk: &Latchkey) {
+        for form in self.key_forms() {
+            lk.forbid(&form);
+        }
+    }
+
+    fn assert_key_absent(&self, text: &str, what: &str) {
+        for form in self.key_forms() {
+            assert!(!text.contains(&form), "{what} holds the CA private key");
+        }
+    }
+}
+
+fn key_forms(pem: &str) -> Vec<String> {
+    let mut forms = vec![pem.trim().to_string()];
+    forms.extend(
+        pem.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+            .map(str::to_string),
+    );
+    forms
+}
+
+/// A Stripe key of the built-in connector's pattern, unique to the test.
+fn stripe_key() -> String {
+    format!("sk_test_{}x{}tunnel", std::process::id(), free_port())
+}
+
+/// An HTTPS echo upstream on 127.0.0.1 with a certificate for `api.stripe.com` from `ca`,
+/// offering h2 and HTTP/1.1.
+async fn stripe_upstream(ca: &TestCa) -> EchoServer {
+    EchoServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(ca.server_config(&[STRIPE], &[b"h2", b"http/1.1"])),
+    )
+    .await
+    .unwrap()
+}
+
+/// `base` with what a tunnel needs: the upstream's CA as a root, `api.stripe.com:443` pinned
+/// to `to`, and latchkey's CA.
+fn tunnel_opts(base: Opts, up_ca: &TestCa, ca: &Ca, to: SocketAddr) -> Opts {
+    base.root(&up_ca.pem_path)
+        .proxy(&format!("resolve = {{ \"{STRIPE}:443\" = \"{to}\" }}"))
+        .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
+        .tls(&format!("ca_key = {:?}", ca.key.display().to_string()))
+}
+
+/// The world of most tests: connection `stripe-prod` (built-in `stripe` connector) in
+/// OpenBao, "api.stripe.com" as an echo upstream, latchkey with its CA and `proxy.resolve`.
+struct Stripe {
+    // Dropped first: its drop checks its output for every secret, the CA key included.
+    lk: Latchkey,
+    up: EchoServer,
+    key: String,
+    ca: Ca,
+    _up_ca: TestCa,
+    _bao: Bao,
+}
+
+impl Stripe {
+    /// Starts it all; `base` is `Opts::loopback()` (the upstream is on loopback) plus whatever
+    /// the test adds (`[[clients]]`).
+    async fn start(base: Opts) -> Stripe {
+        let bao = Bao::start().await;
+        let up_ca = TestCa::new();
+        let up = stripe_upstream(&up_ca).await;
+        let key = stripe_key();
+        bao.put(ID, &[("connector", "stripe"), ("api_key", &key)]);
+        let ca = Ca::init().await;
+        let lk = Latchkey::start(&bao, tunnel_opts(base, &up_ca, &ca, up.addr())).await;
+        ca.forbid_key(&lk);
+        Stripe {
+            lk,
+            up,
+            key,
+            ca,
+            _up_ca: up_ca,
+            _bao: bao,
+        }
+    }
+
+    /// curl through the tunnel to `https://api.stripe.com{path}` with `user` (`id:token`) as
+    /// its proxy credentials and latchkey's CA as its only trust; `extra` goes before the URL.
+    async fn curl(&self, user: &str, extra: &[&str], path: &str) -> (u16, String) {
+        let proxy = format!("http://{}", self.lk.proxy);
+        let cacert = self.ca.cert.display().to_string();
+        let url = format!("https://{STRIPE}{path}");
+        let mut args = vec![
+            "--proxy",
+            proxy.as_str(),
+            "--proxy-user",
+            user,
+            "--cacert",
+            cacert.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        args.push(url.as_str());
+        curl(&args).await
+    }
+
+    /// A raw exchange through latchkey (see [`exchange`]), TLS verified against its CA.
+    async fn exchange(&self, connect: &str, sni: Option<&str>, request: &str) -> Exchange {
+        exchange(
+            &self.lk,
+            connect,
+            sni.map(|s| (self.ca.cert.as_path(), s)),
+            request,
+        )
+        .await
+    }
+}
+
+/// Asserts that the echo upstream saw exactly our credential and none of the client's.
+#[track_caller]
+fn assert_ours(echo: &serde_json::Value, key: &str) {
+    let echoed = Echoed {
+        status: 200,
+        json: echo.clone(),
+        latchkey_error: None,
+    };
+    assert_eq!(
+        echoed.header_values("authorization"),
+        vec![format!("Bearer {key}")],
+        "the upstream's Authorization: {echo}"
+    );
+    assert!(
+        echoed.header_values("proxy-authorization").is_empty(),
+        "Proxy-Authorization reached the upstream: {echo}"
+    );
+}
+
+/// The status line of the last answer in curl -i output (`HTTP/2 200`, `HTTP/1.1 200 OK`).
+fn last_status_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
+        .unwrap_or_default()
+}
+
+/// `Proxy-Authorization: Basic base64(user:password)`.
+fn basic(user: &str, password: &str) -> String {
+    let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {b}")
+}
+
+/// A CONNECT request head to `target`, with Basic proxy credentials if given.
+fn connect_head(target: &str, auth: Option<(&str, &str)>) -> String {
+    let auth = auth.map_or(String::new(), |(u, p)| {
+        format!("Proxy-Authorization: {}\r\n", basic(u, p))
+    });
+    format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n")
+}
+
+/// An inner request (HTTP/1.1, closing) for `path` with the given `Host`.
+fn inner_get(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+}
+
+/// What a raw CONNECT exchange got: latchkey's answer to the CONNECT, and the answer to the
+/// inner request when the CONNECT was accepted.
+#[derive(Debug)]
+struct Exchange {
+    connect: Answer,
+    inner: Option<Answer>,
+}
+
+impl Exchange {
+    /// The CONNECT itself was refused with latchkey's error `status` / `code`.
+    #[track_caller]
+    fn assert_connect_refused(&self, status: u16, code: &str) {
+        assert!(
+            self.inner.is_none(),
+            "the CONNECT was accepted, wanted {status} {code}: {self:#?}"
+        );
+        self.connect.assert_error(status, code);
+    }
+
+    /// The CONNECT was accepted with 200; the inner answer.
+    #[track_caller]
+    fn inner(&self) -> &Answer {
+        assert_eq!(self.connect.status, 200, "{self:#?}");
+        self.inner
+            .as_ref()
+            .unwrap_or_else(|| panic!("no inner answer: {self:#?}"))
+    }
+}
+
+/// Python's `socket` and `ssl`, byte by byte: sends the CONNECT head, reads the answer; if it
+/// is 200, wraps the socket in TLS (when `SNI` is set: latchkey's CA trusted, the name not
+/// checked, so that any SNI can be sent) and sends `REQUEST` as it is. Prints both answers.
+const EXCHANGE_PY: &str = r#"
+import json, os, socket, ssl
+
+def dechunk(raw):
+    out = b''
+    while raw:
+        size, _, rest = raw.partition(b'\r\n')
+        n = int(size.split(b';')[0].strip() or b'0', 16)
+        if n == 0:
+            break
+        out += rest[:n]
+        raw = rest[n + 2:]
+    return out
+
+def read_answer(sock, connect=False):
+    head = b''
+    while b'\r\n\r\n' not in head:
+        c = sock.recv(1)
+        if not c:
+            raise SystemExit('closed before an answer: %r' % head)
+        head += c
+    lines = head.decode('latin-1').split('\r\n')
+    status = int(lines[0].split(' ')[1])
+    headers = [[k.strip(), v.strip()] for k, v in (l.split(':', 1) for l in lines[1:] if ':' in l)]
+    h = {k.lower(): v for k, v in headers}
+    body = b''
+    if connect and status == 200:
+        pass
+    elif 'content-length' in h:
+        n = int(h['content-length'])
+        while len(body) < n:
+            c = sock.recv(n - len(body))
+            if not c:
+                break
+            body += c
+    elif h.get('transfer-encoding', '').lower() == 'chunked':
+        raw = b''
+        while not raw.endswith(b'0\r\n\r\n'):
+            c = sock.recv(65536)
+            if not c:
+                break
+            raw += c
+        body = dechunk(raw)
+    else:
+        while True:
+            try:
+                c = sock.recv(65536)
+            except (ssl.SSLError, OSError):
+                break
+            if not c:
+                break
+            body += c
+    return {'status': status, 'headers': headers, 'body': body.decode('utf-8', 'replace')}
+
+s = socket.create_connection(('127.0.0.1', int(os.environ['LK_PORT'])), timeout=30)
+s.sendall(os.environ['CONNECT'].encode())
+connect = read_answer(s, connect=True)
+inner = None
+if connect['status'] == 200:
+    sock = s
+    if os.environ.get('SNI'):
+        ctx = ssl.create_default_context(cafile=os.environ['CA'])
+        ctx.check_hostname = False
+        sock = ctx.wrap_socket(s, server_hostname=os.environ['SNI'])
+    sock.sendall(os.environ['REQUEST'].encode())
+    inner = read_answer(sock)
+print(json.dumps({'connect': connect, 'inner': inner}))
+"#;
+
+/// Sends `connect` (a CONNECT head) to latchkey's proxy listener; if it is accepted, sends
+/// `request` inside: over TLS with `tls = (latchkey CA, SNI)`, in the clear without.
+async fn exchange(
+    lk: &Latchkey,
+    connect: &str,
+    tls: Option<(&Path, &str)>,
+    request: &str,
+) -> Exchange {
+    let port = lk.proxy.port().to_string();
+    let (ca, sni) = tls.map_or((String::new(), String::new()), |(ca, sni)| {
+        (ca.display().to_string(), sni.to_string())
+    });
+    let out = python(
+        EXCHANGE_PY,
+        &[
+            ("LK_PORT", &port),
+            ("CONNECT", connect),
+            ("REQUEST", request),
+            ("CA", &ca),
+            ("SNI", &sni),
+        ],
+    )
+    .await;
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    Exchange {
+        connect: answer(&v["connect"]),
+        inner: (!v["inner"].is_null()).then(|| answer(&v["inner"])),
+    }
+}
+
+fn answer(v: &serde_json::Value) -> Answer {
+    Answer {
+        status: v["status"].as_u64().unwrap() as u16,
+        headers: v["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h[0].as_str().unwrap().to_string(),
+                    h[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect(),
+        body: v["body"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the tunnel
+
+#[tokio::test]
+async fn curl_through_the_tunnel_gets_the_connection_key_over_h2_and_http1() {
+    let s = Stripe::start(Opts::loopback()).await;
+
+    // No [[clients]], on loopback: open, so the token may be empty or anything.
+    for (user, version, client_line) in [
+        (format!("{ID}:"), "--http2", "HTTP/2 200"),
+        (format!("{ID}:anything"), "--http1.1", "HTTP/1.1 200"),
+    ] {
+        let (status, text) = s.curl(&user, &[version], "/v1/charges?limit=3").await;
+        assert_eq!(status, 200, "{version}: {text}");
+        assert!(
+            last_status_line(&text).starts_with(client_line),
+            "{version}: the client spoke {:?} inside the tunnel: {text}",
+            last_status_line(&text)
+        );
+        let echo = body_json(&text);
+        assert_ours(&echo, &s.key);
+        assert_eq!(echo["uri"], "/v1/charges?limit=3", "{version}: {echo}");
+        if version == "--http2" {
+            assert_eq!(echo["version"], "HTTP/2.0", "{echo}");
+        }
+        // (The echo upstream quotes the key back in its body; keeping an upstream's echo of the
+        // key from the client is response scrubbing, PRODUCT.md section 4 step 7, issue 10.)
+    }
+    assert_eq!(s.up.requests(), 2);
+}
+
+#[tokio::test]
+async fn curl_through_the_tunnel_with_a_configured_client_token() {
+    let clients = client_toml("t", TOKEN, &["stripe-*"]);
+    let s = Stripe::start(Opts::loopback().extra(&clients)).await;
+    s.lk.forbid(TOKEN);
+
+    let (status, text) = s
+        .curl(&format!("{ID}:{TOKEN}"), &[], "/v1/charges?limit=3")
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let echo = body_json(&text);
+    assert_ours(&echo, &s.key);
+    assert_eq!(echo["uri"], "/v1/charges?limit=3", "{echo}");
+    assert!(!text.contains(TOKEN), "the client token came back: {text}");
+    assert_eq!(s.up.requests(), 1);
+}
+
+#[tokio::test]
+async fn python_requests_through_https_proxy_has_its_authorization_replaced() {
+    let s = Stripe::start(Opts::loopback()).await;
+    s.lk.forbid(TOKEN);
+    let proxy = format!("http://{ID}:{TOKEN}@{}", s.lk.proxy);
+    let ca = s.ca.cert.display().to_string();
+    let out = python(
+        "import json, requests\n\
+         r = requests.get('https://api.stripe.com/v1/balance',\n\
+                          headers={'Authorization': 'Bearer sk_test_placeholder_from_client'})\n\
+         print(json.dumps({'status': r.status_code, 'echo': r.json()}))\n",
+        &[
+            ("HTTPS_PROXY", &proxy),
+            ("https_proxy", &proxy),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+            ("REQUESTS_CA_BUNDLE", &ca),
+        ],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["status"], 200, "{v}");
+    assert_ours(&v["echo"], &s.key);
+    assert_eq!(v["echo"]["uri"], "/v1/balance", "{v}");
+    assert!(
+        !v["echo"].to_string().contains("placeholder_from_client"),
+        "the client's Authorization reached the upstream: {v}"
+    );
+    assert_eq!(s.up.requests(), 1);
+}
+
+#[tokio::test]
+async fn plain_http_inside_a_connect_gets_the_connection_key() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let addr = up.addr();
+    let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
+    // The tunnel form needs latchkey's CA configured, even for a tunnel that turns out plain.
+    let ca = Ca::init().await;
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
+            .tls(&format!("ca_key = {:?}", ca.key.display().to_string())),
+    )
+    .await;
+
+    let x = exchange(
+        &lk,
+        &connect_head(&addr.to_string(), Some(("plain", ""))),
+        None,
+        &inner_get("/x", &addr.to_string()),
+    )
+    .await;
+    let inner = x.inner();
+    assert_eq!(inner.status, 200, "{x:#?}");
+    assert_ours(&inner.json(), &key);
+    assert_eq!(inner.json()["uri"], "/x");
+    assert_eq!(up.requests(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CA
+
+#[tokio::test]
+async fn ca_init_export_and_ca_pem_give_the_certificate_never_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("ca.pem");
+    let key = dir.path().join("ca-key.pem");
+
+    // init writes both files.
+    let run = ca_init(&cert, &key).await;
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    let cert_pem = std::fs::read_to_string(&cert).unwrap();
+    let key_pem = std::fs::read_to_string(&key).unwrap();
+    assert!(
+        cert_pem.contains("-----BEGIN CERTIFICATE-----"),
+        "{cert_pem}"
+    );
+    assert!(key_pem.contains("PRIVATE KEY-----"), "not a PEM key");
+    let forms = key_forms(&key_pem);
+    assert!(forms.len() > 1, "a key of no body");
+    for form in &forms {
+        assert!(!run.stdout.contains(form) && !run.stderr.contains(form));
+    }
+
+    // init refuses to overwrite either file, and leaves them as they were.
+    let again = ca_init(&cert, &key).await;
+    assert!(
+        again.code.is_some_and(|c| c != 0),
+        "ca init overwrote an existing CA"
+    );
+    let other_cert = dir.path().join("other.pem");
+    let half = ca_init(&other_cert, &key).await;
+    assert!(
+        half.code.is_some_and(|c| c != 0),
+        "ca init overwrote an existing key"
+    );
+    let other_key = dir.path().join("other-key.pem");
+    let half = ca_init(&cert, &other_key).await;
+    assert!(
+        half.code.is_some_and(|c| c != 0),
+        "ca init overwrote an existing certificate"
+    );
+    assert_eq!(std::fs::read_to_string(&cert).unwrap(), cert_pem);
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), key_pem);
+    for run in [&again, &half] {
+        for form in &forms {
+            assert!(!run.stdout.contains(form) && !run.stderr.contains(form));
+        }
+    }
+
+    // export prints the certificate.
+    let export = latchkey_cli(&["ca", "export", "--cert", cert.to_str().unwrap()]).await;
+    assert_eq!(export.code, Some(0), "{}", export.stderr);
+    assert_eq!(export.stdout.trim(), cert_pem.trim());
+    for form in &forms {
+        assert!(!export.stdout.contains(form) && !export.stderr.contains(form));
+    }
+
+    // The admin listener serves it, without the admin token; the key is nowhere.
+    let s = Stripe::start(Opts::loopback()).await;
+    let r = http().get(s.lk.admin_url("/ca.pem")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string()),
+        Some("application/x-pem-file".to_string())
+    );
+    let served = r.text().await.unwrap();
+    assert_eq!(served.trim(), s.ca.cert_pem().trim());
+    s.ca.assert_key_absent(&served, "GET /ca.pem");
+
+    let (status, text) = s.curl(&format!("{ID}:"), &[], "/v1/charges").await;
+    assert_eq!(status, 200, "{text}");
+    s.ca.assert_key_absent(&text, "a tunnelled answer");
+    s.ca.assert_key_absent(&metrics_text(&s.lk).await, "/metrics");
+    // latchkey's own output is checked for the key when `s` is dropped (forbid_key).
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals
+
+#[tokio::test]
+async fn a_connect_without_a_token_is_407_when_clients_are_configured() {
+    let clients = client_toml("t", TOKEN, &["stripe-*"]);
+    let s = Stripe::start(Opts::loopback().extra(&clients)).await;
+    s.lk.forbid(TOKEN);
+
+    let target = format!("{STRIPE}:443");
+    for auth in [None, Some((ID, "")), Some((ID, "wrong-token-0123456789"))] {
+        let x = s
+            .exchange(
+                &connect_head(&target, auth),
+                Some(STRIPE),
+                &inner_get("/v1/x", STRIPE),
+            )
+            .await;
+        x.assert_connect_refused(407, "proxy_auth_required");
+        assert!(
+            x.connect.header("proxy-authenticate").is_some(),
+            "407 without Proxy-Authenticate: {x:#?}"
+        );
+    }
+    assert_eq!(s.up.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_to_a_host_the_connection_does_not_cover_is_403() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let x = s
+        .exchange(
+            &connect_head("evil.example.com:443", Some((ID, ""))),
+            Some("evil.example.com"),
+            &inner_get("/v1/x", "evil.example.com"),
+        )
+        .await;
+    x.assert_connect_refused(403, "host_not_allowed");
+    assert_eq!(s.up.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_to_another_port_of_the_connection_host_is_403() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:8443"), Some((ID, ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", &format!("{STRIPE}:8443")),
+        )
+        .await;
+    x.assert_connect_refused(403, "host_not_allowed");
+    assert_eq!(s.up.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_to_a_blocked_address_is_403_destination_blocked() {
+    // api.stripe.com pinned to 127.0.0.1, and loopback not allowed.
+    let s = Stripe::start(Opts::default()).await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:443"), Some((ID, ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", STRIPE),
+        )
+        .await;
+    x.assert_connect_refused(403, "destination_blocked");
+    assert_eq!(s.up.requests(), 0);
+    assert_eq!(s.up.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_naming_an_unknown_connection_is_404() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:443"), Some(("stripe-nope", ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", STRIPE),
+        )
+        .await;
+    x.assert_connect_refused(404, "connection_not_found");
+    assert_eq!(s.up.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_naming_a_malformed_connection_id_is_400() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:443"), Some(("bad*id", ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", STRIPE),
+        )
+        .await;
+    x.assert_connect_refused(400, "bad_connection_id");
+    assert_eq!(s.up.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_sni_other_than_the_connect_host_is_421_host_mismatch() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:443"), Some((ID, ""))),
+            Some("evil.example.com"),
+            &inner_get("/v1/x", STRIPE),
+        )
+        .await;
+    x.inner().assert_error(421, "host_mismatch");
+    assert_eq!(s.up.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_inner_host_other_than_the_connect_host_is_421_host_mismatch() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:443"), Some((ID, ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", "evil.example.com"),
+        )
+        .await;
+    x.inner().assert_error(421, "host_mismatch");
+    assert_eq!(s.up.requests(), 0);
+
+    // The same exchange with the right Host goes through: only the Host refused it.
+    let x = s
+        .exchange(
+            &connect_head(&format!("{STRIPE}:443"), Some((ID, ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", STRIPE),
+        )
+        .await;
+    assert_eq!(x.inner().status, 200, "{x:#?}");
+    assert_ours(&x.inner().json(), &s.key);
+    assert_eq!(s.up.requests(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The access log
+
+#[tokio::test]
+async fn connects_and_their_inner_requests_are_logged_as_the_tunnel_form() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let (status, text) = s
+        .curl(&format!("{ID}:"), &["--http1.1"], "/v1/charges?limit=3")
+        .await;
+    assert_eq!(status, 200, "{text}");
+
+    let inner =
+        s.lk.access_line(|l| l["method"] == "GET" && l["form"] == "tunnel")
+            .await;
+    assert_eq!(inner["connection"], ID, "{inner}");
+    assert_eq!(inner["host"], STRIPE, "{inner}");
+    assert_eq!(inner["path"], "/v1/charges?limit=3", "{inner}");
+    assert_eq!(inner["status"], 200, "{inner}");
+    assert_eq!(inner["error"], "-", "{inner}");
+
+    let connect =
+        s.lk.access_line(|l| l["method"] == "CONNECT" && l["error"] == "-")
+            .await;
+    assert_eq!(connect["form"], "tunnel", "{connect}");
+    assert_eq!(connect["connection"], ID, "{connect}");
+    assert_eq!(connect["host"], STRIPE, "{connect}");
+
+    // A refused CONNECT is logged too, with its error code.
+    let x = s
+        .exchange(
+            &connect_head("evil.example.com:443", Some((ID, ""))),
+            Some("evil.example.com"),
+            &inner_get("/v1/x", "evil.example.com"),
+        )
+        .await;
+    x.assert_connect_refused(403, "host_not_allowed");
+    let refused =
+        s.lk.access_line(|l| l["method"] == "CONNECT" && l["error"] == "host_not_allowed")
+            .await;
+    assert_eq!(refused["form"], "tunnel", "{refused}");
+    assert_eq!(refused["status"], 403, "{refused}");
+    assert_eq!(refused["connection"], ID, "{refused}");
+    assert_eq!(refused["host"], "evil.example.com", "{refused}");
+    assert_eq!(s.up.requests(), 1);
+}
