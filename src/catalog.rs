@@ -69,6 +69,9 @@ pub struct Connector {
     pub fields: Vec<Field>,
     /// Headers sent when the client sends none of that name (API version pins and the like).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Client headers removed before the credential goes in: where an SDK sends its own key
+    /// under another name than the service reads (the Anthropic SDK's `Authorization`).
+    pub strip: Vec<HeaderName>,
     /// What scopes or permissions a key needs, in words, for error messages and the API.
     pub scopes: Option<String>,
     pub docs_url: Option<String>,
@@ -233,6 +236,8 @@ pub struct RawConnector {
     #[serde(default)]
     headers: BTreeMap<String, String>,
     #[serde(default)]
+    strip: Vec<String>,
+    #[serde(default)]
     scopes: Option<String>,
     #[serde(default)]
     docs_url: Option<String>,
@@ -374,6 +379,7 @@ impl Connector {
         let environments = parts.patterns("environments", raw.environments)?;
         let environment_urls = parts.patterns("environment_urls", raw.environment_urls)?;
         let headers = parts.default_headers(raw.headers)?;
+        let strip = parts.strip(raw.strip)?;
         let allowed_hosts = parts.allowed_hosts(raw.allowed_hosts)?;
 
         Ok(Connector {
@@ -387,6 +393,7 @@ impl Connector {
             environment_urls,
             fields,
             headers,
+            strip,
             scopes: raw.scopes,
             docs_url: raw.docs_url,
         })
@@ -672,6 +679,21 @@ impl Parts<'_> {
         Ok(headers)
     }
 
+    /// The client headers to remove: valid header names.
+    fn strip(&self, raw: Vec<String>) -> Result<Vec<HeaderName>, CatalogError> {
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, name)| {
+                HeaderName::try_from(name.as_str()).map_err(|_| {
+                    CatalogError::new(
+                        self.key(&format!("strip[{i}]")),
+                        format!("{name:?} is not a header name"),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The extra hosts the credential may reach, normalized.
     fn allowed_hosts(&self, raw: Vec<String>) -> Result<Vec<String>, CatalogError> {
         raw.into_iter()
@@ -783,6 +805,8 @@ mod tests {
         assert_eq!(e.key, "connectors.x.fields[0].pattern");
         let e = override_err("[x]\ninject = { scheme = \"bearer\" }\n[[x.fields]]\nname = \"connector\"\nsecret = true\n");
         assert_eq!(e.key, "connectors.x.fields[0].name");
+        let e = override_err("[x]\ninject = { scheme = \"bearer\" }\nstrip = [\"bad header\"]\n");
+        assert_eq!(e.key, "connectors.x.strip[0]");
     }
 
     #[test]

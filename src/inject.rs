@@ -167,6 +167,11 @@ pub fn rewrite(
     // 100-continue` was answered by latchkey's own server when it read the body.
     headers.remove(header::HOST);
     headers.remove(header::EXPECT);
+    // Where the client's own key sits under another name than the service reads: gone, so
+    // that only latchkey's credential reaches the service.
+    for name in &connector.strip {
+        headers.remove(name);
+    }
 
     let (upstream, first) = upstream_path(path_and_query, target.path_prefix, credential);
     let (path_and_query, log_path) = match credential {
@@ -371,6 +376,30 @@ mod tests {
         let mut p = request(&[("Anthropic-Version", "2099-01-01")]);
         rewrite(&mut p, "/v1/messages", target(&c), &c).unwrap();
         assert_eq!(p.headers["anthropic-version"], "2099-01-01");
+    }
+
+    #[test]
+    fn a_connectors_strip_list_removes_the_sdks_own_key() {
+        // The Anthropic SDK sends its (placeholder) key as Authorization: Bearer as well.
+        let c = connection(&[("connector", "anthropic"), ("api_key", "sk-ant-ours")]);
+        let mut p = request(&[
+            ("Authorization", "Bearer sk-ant-placeholder"),
+            ("authorization", "Bearer again"),
+            ("x-api-key", "sk-ant-placeholder"),
+        ]);
+        rewrite(&mut p, "/v1/messages", target(&c), &c).unwrap();
+        assert!(
+            p.headers.get("authorization").is_none(),
+            "{:?}",
+            p.headers.keys()
+        );
+        let keys: Vec<_> = p.headers.get_all("x-api-key").iter().collect();
+        assert_eq!(keys, vec!["sk-ant-ours"]);
+        // A connector without a strip list leaves other headers alone.
+        let c = connection(&[("connector", "stripe"), ("api_key", "sk_test_ours")]);
+        let mut p = request(&[("x-api-key", "kept")]);
+        rewrite(&mut p, "/v1/charges", target(&c), &c).unwrap();
+        assert_eq!(p.headers["x-api-key"], "kept");
     }
 
     #[test]

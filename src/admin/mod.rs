@@ -188,5 +188,6 @@ pub fn connector_json(c: &Connector) -> Value {
         "fields": fields,
         "scopes": c.scopes,
         "docs_url": c.docs_url,
+        "strip": c.strip.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
     })
 }

@@ -1008,3 +1008,49 @@ async fn forward_form_passes_the_query_through_when_the_url_has_no_path() {
     assert_eq!(r.json()["uri"], "/?x=1");
     assert_eq!(up.requests(), 2);
 }
+
+/// The Anthropic SDK sends its key as `Authorization: Bearer` too, where the service reads
+/// `x-api-key`: the connector's strip list removes it, so only latchkey's credential arrives,
+/// in gateway and in forward form.
+#[tokio::test]
+async fn a_connectors_strip_list_keeps_the_sdks_own_key_from_the_service() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let key = format!("sk-ant-ours{}", free_port());
+    bao.put(
+        "claude",
+        &[
+            ("connector", "anthropic"),
+            ("base_url", &format!("http://{}", up.addr())),
+            ("api_key", &key),
+        ],
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let placeholder = [
+        ("authorization", "Bearer sk-ant-placeholder"),
+        ("x-api-key", "sk-ant-placeholder"),
+    ];
+    let r = gateway_get(&lk, "/claude/v1/messages", &placeholder).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.header("x-api-key"), Some(key.clone()));
+    assert_eq!(r.header("authorization"), None, "{:?}", r.json);
+    assert_eq!(r.header("anthropic-version").as_deref(), Some("2023-06-01"));
+
+    let mut req = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(lk.url(""))
+                .unwrap()
+                .basic_auth("claude", ""),
+        )
+        .build()
+        .unwrap()
+        .get(format!("http://{}/v1/messages", up.addr()));
+    for (k, v) in placeholder {
+        req = req.header(k, v);
+    }
+    let r = read(req.send().await.unwrap()).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.header("x-api-key"), Some(key));
+    assert_eq!(r.header("authorization"), None, "{:?}", r.json);
+    assert_eq!(up.requests(), 2);
+}
