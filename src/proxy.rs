@@ -64,8 +64,12 @@ impl Form {
 /// request inside the tunnel is held to.
 #[derive(Clone)]
 pub struct Tunnel {
-    pub id: ConnectionId,
+    /// The connection named at CONNECT; `None` when each request names its own with a
+    /// `latchkey.{id}` placeholder where the key goes.
+    pub id: Option<ConnectionId>,
     pub client: Option<Arc<str>>,
+    /// The authenticated client, for the connections a request names later.
+    pub grant: Option<Client>,
     /// Normalized (lower case, no trailing dot, IPv6 in brackets).
     pub host: Arc<str>,
     pub port: u16,
@@ -76,6 +80,11 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
+    /// The connection's ID for a log line, or `-` when each request names its own.
+    pub fn connection(&self) -> &str {
+        self.id.as_ref().map_or("-", ConnectionId::as_str)
+    }
+
     /// An inner request names the CONNECT host and port in its `Host` or `:authority`, and the
     /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent.
     fn check_inner(&self, parts: &http::request::Parts, uri: &Uri) -> Result<(), ProxyError> {
@@ -246,13 +255,32 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
         log.form = Form::Tunnel.as_str();
-        log.connection = Some(tunnel.id.shared());
         log.client = tunnel.client.clone();
         log.host = Some(tunnel.host.clone());
         tunnel.check_inner(&parts, &uri)?;
+        let id = match &tunnel.id {
+            Some(id) => id.clone(),
+            None => {
+                let id = placeholder(&parts.headers).ok_or_else(|| {
+                    ProxyError::ConnectionAmbiguous(
+                        "this tunnel names no connection: name it as the proxy user name, or put latchkey.{connection_id} where the API key goes".into(),
+                    )
+                })?;
+                if let Some(client) = &tunnel.grant {
+                    if !client.may_use(id.as_str()) {
+                        return Err(ProxyError::ConnectionForbidden {
+                            client: client.name.to_string(),
+                            connection: id.to_string(),
+                        });
+                    }
+                }
+                id
+            }
+        };
+        log.connection = Some(id.shared());
         let route = Route {
             form: Form::Tunnel,
-            id: tunnel.id.clone(),
+            id,
             token: None,
             path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
             requested: Some(Requested {
@@ -310,28 +338,48 @@ impl Proxy {
             .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
         let host = normalize_host(authority.host());
         log.host = Some(Arc::from(host.as_str()));
-        let creds = auth::proxy_credentials(&parts.headers).map_err(|e| {
-            ProxyError::ProxyAuthRequired(match e {
-                CredentialsError::Missing => {
-                    "CONNECT names its connection in Proxy-Authorization: Basic base64(connection_id:token)"
-                }
-                CredentialsError::Malformed => {
-                    "Proxy-Authorization must be Basic base64(connection_id:token)"
-                }
-            })
-        })?;
-        let user = creds.user.filter(|u| !u.is_empty() && u != "_").ok_or(
-            ProxyError::BadRequest(
-                "name the connection as the proxy user name (HTTPS_PROXY=http://{connection_id}:{token}@host:port)".into(),
-            ),
-        )?;
+        let (user, token) = match auth::proxy_credentials(&parts.headers) {
+            Ok(creds) => (creds.user, Some(creds.token)),
+            // Open (no [[clients]]): a CONNECT may come without any proxy credentials.
+            Err(CredentialsError::Missing) if self.clients.is_open() => (None, None),
+            Err(e) => {
+                return Err(ProxyError::ProxyAuthRequired(match e {
+                    CredentialsError::Missing => {
+                        "CONNECT carries the client token in Proxy-Authorization: Basic base64(connection_id:token)"
+                    }
+                    CredentialsError::Malformed => {
+                        "Proxy-Authorization must be Basic base64(connection_id:token)"
+                    }
+                }))
+            }
+        };
+        let Some(user) = user.filter(|u| !u.is_empty() && u != "_") else {
+            // No connection named: each request inside names its own with a placeholder key,
+            // and is checked against that connection's hosts and ports before anything is sent.
+            let client = self.authenticate(token.as_ref())?;
+            log.client = client.map(|c| c.name.clone());
+            self.upstream
+                .dialer()
+                .check_destination(&host, port)
+                .await
+                .map_err(|e| ProxyError::from_upstream(&e.into()))?;
+            return Ok(Tunnel {
+                id: None,
+                client: log.client.clone(),
+                grant: client.cloned(),
+                host: Arc::from(host),
+                port,
+                tls,
+                sni_matches: true,
+            });
+        };
         let id =
             ConnectionId::parse(&user).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
         log.connection = Some(id.shared());
         let route = Route {
             form: Form::Tunnel,
             id,
-            token: Some(creds.token),
+            token,
             path_and_query: "/",
             requested: Some(Requested {
                 scheme: if tls { Scheme::Https } else { Scheme::Http },
@@ -344,23 +392,15 @@ impl Proxy {
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
         let peer = Self::upstream_peer(&route, &conn)?;
-        // A tunnel goes to one port of one host: the one the connection names. (The forward
-        // form's requests are not held to ports yet; issue 10.)
-        if !conn.allows_port(&host, peer.port) {
-            return Err(ProxyError::HostNotAllowed {
-                host: format!("{host}:{port}"),
-                connection: conn.id.to_string(),
-                allowed: conn.hosts.iter().collect::<Vec<_>>().join(", "),
-            });
-        }
         self.upstream
             .dialer()
             .check_destination(&host, peer.port)
             .await
             .map_err(|e| ProxyError::from_upstream(&e.into()))?;
         Ok(Tunnel {
-            id: route.id,
+            id: Some(route.id),
             client: log.client.clone(),
+            grant: client.cloned(),
             host: Arc::from(host),
             port,
             tls,
@@ -540,18 +580,9 @@ impl Proxy {
 
     /// Phase 2: the client, and whether it may use the connection.
     fn authorize(&self, route: &Route<'_>) -> Result<Option<&Client>, ProxyError> {
-        if self.clients.is_open() {
+        let Some(client) = self.authenticate(route.token.as_ref())? else {
             return Ok(None);
-        }
-        let token = route.token.as_ref().ok_or(ProxyError::ProxyAuthRequired(
-            "a client token is required in Proxy-Authorization",
-        ))?;
-        let client = self
-            .clients
-            .authenticate(token)
-            .ok_or(ProxyError::ProxyAuthRequired(
-                "the client token is not valid",
-            ))?;
+        };
         if !client.may_use(route.id.as_str()) {
             return Err(ProxyError::ConnectionForbidden {
                 client: client.name.to_string(),
@@ -559,6 +590,22 @@ impl Proxy {
             });
         }
         Ok(Some(client))
+    }
+
+    /// The client whose token this is; `None` when latchkey runs open (no `[[clients]]`).
+    fn authenticate(&self, token: Option<&Secret>) -> Result<Option<&Client>, ProxyError> {
+        if self.clients.is_open() {
+            return Ok(None);
+        }
+        let token = token.ok_or(ProxyError::ProxyAuthRequired(
+            "a client token is required in Proxy-Authorization",
+        ))?;
+        self.clients
+            .authenticate(token)
+            .map(Some)
+            .ok_or(ProxyError::ProxyAuthRequired(
+                "the client token is not valid",
+            ))
     }
 
     /// Phase 3: the connection, through the cache.
@@ -613,6 +660,15 @@ impl Proxy {
             &host, port, scheme,
         )))
         .map_err(|_| ProxyError::BadRequest("the request URL's host is not valid".into()))?;
+        // A tunnel goes to one port of one host: the one the connection names. (The forward
+        // form's requests are not held to ports yet; issue 10.)
+        if route.form == Form::Tunnel && !conn.allows_port(&host, port) {
+            return Err(ProxyError::HostNotAllowed {
+                host: format!("{host}:{port}"),
+                connection: conn.id.to_string(),
+                allowed: conn.hosts.iter().collect::<Vec<_>>().join(", "),
+            });
+        }
         Ok(Peer {
             scheme,
             port,
@@ -646,4 +702,20 @@ impl Proxy {
         });
         Ok(response)
     }
+}
+
+/// The connection a `latchkey.{connection_id}` placeholder names in a header value, where an
+/// SDK configured with `api_key = "latchkey.stripe-prod"` puts its key.
+fn placeholder(headers: &http::HeaderMap) -> Option<ConnectionId> {
+    const MARK: &[u8] = b"latchkey.";
+    headers.values().find_map(|value| {
+        let v = value.as_bytes();
+        let at = v.windows(MARK.len()).position(|w| w == MARK)?;
+        let rest = v.get(at + MARK.len()..)?;
+        let end = rest
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
+            .unwrap_or(rest.len());
+        ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
+    })
 }

@@ -40,6 +40,8 @@ pub enum ProxyError {
     },
     #[error("{0}")]
     HostMismatch(String),
+    #[error("{0}")]
+    ConnectionAmbiguous(String),
     #[error("the destination is blocked: {0}")]
     DestinationBlocked(Blocked),
     #[error("connection {0:?} does not exist")]
@@ -72,6 +74,7 @@ impl ProxyError {
             | ProxyError::HostNotAllowed { .. }
             | ProxyError::DestinationBlocked(_) => StatusCode::FORBIDDEN,
             ProxyError::HostMismatch(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::ConnectionAmbiguous(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectionNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::ConnectionInvalid { .. } | ProxyError::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -94,6 +97,7 @@ impl ProxyError {
             ProxyError::HostNotAllowed { .. } => "host_not_allowed",
             ProxyError::DestinationBlocked(_) => "destination_blocked",
             ProxyError::HostMismatch(_) => "host_mismatch",
+            ProxyError::ConnectionAmbiguous(_) => "connection_ambiguous",
             ProxyError::ConnectionNotFound(_) => "connection_not_found",
             ProxyError::ConnectionInvalid { .. } => "connection_invalid",
             ProxyError::SecretStoreUnavailable(_) => "secret_store_unavailable",

@@ -72,7 +72,7 @@ impl Tunnels {
             };
             let _open = telemetry::TunnelOpen::open();
             if let Err(e) = me.serve(TokioIo::new(upgraded), &mut tunnel, &leaves).await {
-                tracing::debug!(connection = %tunnel.id, host = %tunnel.host, error = %e, "tunnel ended with an error");
+                tracing::debug!(connection = tunnel.connection(), host = %tunnel.host, error = %e, "tunnel ended with an error");
             }
         });
         let mut ok = Response::new(body::empty());
@@ -113,9 +113,9 @@ impl Tunnels {
                 let reason = handshake_failure(&e);
                 telemetry::tunnel_handshake_failed(reason);
                 if reason == "untrusted_ca" {
-                    tracing::info!(connection = %tunnel.id, host = %tunnel.host, "the client does not trust latchkey's CA: install it (GET /ca.pem on the admin listener, or latchkey ca export)");
+                    tracing::info!(connection = tunnel.connection(), host = %tunnel.host, "the client does not trust latchkey's CA: install it (GET /ca.pem on the admin listener, or latchkey ca export)");
                 } else {
-                    tracing::debug!(connection = %tunnel.id, host = %tunnel.host, reason, error = %e, "TLS handshake inside a tunnel failed");
+                    tracing::debug!(connection = tunnel.connection(), host = %tunnel.host, reason, error = %e, "TLS handshake inside a tunnel failed");
                 }
                 return Ok(());
             }

@@ -783,3 +783,59 @@ async fn connects_and_their_inner_requests_are_logged_as_the_tunnel_form() {
     assert_eq!(refused["host"], "evil.example.com", "{refused}");
     assert_eq!(s.up.requests(), 1);
 }
+
+/// Python requests through a tunnel that names no connection, in the environment an SDK runs
+/// in: `proxy` as HTTPS_PROXY, an `Authorization` header; returns the status and the echo.
+async fn requests_with(s: &Stripe, proxy: &str, authorization: &str) -> serde_json::Value {
+    let ca = s.ca.cert.display().to_string();
+    let out = python(
+        "import json, os, requests\n\
+         r = requests.get('https://api.stripe.com/v1/balance',\n\
+                          headers={'Authorization': os.environ['AUTHZ']})\n\
+         print(json.dumps({'status': r.status_code, 'body': r.json()}))\n",
+        &[
+            ("HTTPS_PROXY", proxy),
+            ("https_proxy", proxy),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+            ("REQUESTS_CA_BUNDLE", &ca),
+            ("AUTHZ", authorization),
+        ],
+    )
+    .await;
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+#[tokio::test]
+async fn a_latchkey_placeholder_where_the_key_goes_picks_the_connection() {
+    // An SDK configured with api_key = "latchkey.stripe-prod" and a proxy with no user name.
+    let s = Stripe::start(Opts::loopback()).await;
+    let proxy = format!("http://{}", s.lk.proxy);
+    let v = requests_with(&s, &proxy, &format!("Bearer latchkey.{ID}")).await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_ours(&v["body"], &s.key);
+    assert!(!v["body"].to_string().contains("latchkey."), "{v}");
+
+    // Neither a user name nor a placeholder: latchkey cannot tell which connection.
+    let v = requests_with(&s, &proxy, "Bearer sk_test_whatever").await;
+    assert_eq!(v["status"], 400, "{v}");
+    assert_eq!(v["body"]["error"]["code"], "connection_ambiguous", "{v}");
+    assert_eq!(s.up.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_placeholder_is_held_to_what_the_client_may_use() {
+    let clients = client_toml("t", TOKEN, &["stripe-*"]);
+    let s = Stripe::start(Opts::loopback().extra(&clients)).await;
+    s.lk.forbid(TOKEN);
+    let proxy = format!("http://_:{TOKEN}@{}", s.lk.proxy);
+    let v = requests_with(&s, &proxy, &format!("Bearer latchkey.{ID}")).await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_ours(&v["body"], &s.key);
+
+    // A connection outside the client's grant, named by a placeholder, is refused inside.
+    let v = requests_with(&s, &proxy, "Bearer latchkey.github-ci").await;
+    assert_eq!(v["status"], 403, "{v}");
+    assert_eq!(v["body"]["error"]["code"], "connection_forbidden", "{v}");
+    assert_eq!(s.up.requests(), 1);
+}
