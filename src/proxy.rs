@@ -353,52 +353,41 @@ impl Proxy {
                 }))
             }
         };
-        let Some(user) = user.filter(|u| !u.is_empty() && u != "_") else {
+        let (id, client, dialled_port) = match user.filter(|u| !u.is_empty() && u != "_") {
             // No connection named: each request inside names its own with a placeholder key,
             // and is checked against that connection's hosts and ports before anything is sent.
-            let client = self.authenticate(token.as_ref())?;
-            log.client = client.map(|c| c.name.clone());
-            self.upstream
-                .dialer()
-                .check_destination(&host, port)
-                .await
-                .map_err(|e| ProxyError::from_upstream(&e.into()))?;
-            return Ok(Tunnel {
-                id: None,
-                client: log.client.clone(),
-                grant: client.cloned(),
-                host: Arc::from(host),
-                port,
-                tls,
-                sni_matches: true,
-            });
+            None => (None, self.authenticate(token.as_ref())?, port),
+            Some(user) => {
+                let id = ConnectionId::parse(&user)
+                    .map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+                log.connection = Some(id.shared());
+                let route = Route {
+                    form: Form::Tunnel,
+                    id,
+                    token,
+                    path_and_query: "/",
+                    requested: Some(Requested {
+                        scheme: if tls { Scheme::Https } else { Scheme::Http },
+                        host: &host,
+                        port: Some(port),
+                    }),
+                };
+                let client = self.authorize(&route)?;
+                log.client = client.map(|c| c.name.clone());
+                let conn = self.connection(&route.id, log).await?;
+                log.connection_known = true;
+                let peer = Self::upstream_peer(&route, &conn)?;
+                (Some(route.id), client, peer.port)
+            }
         };
-        let id =
-            ConnectionId::parse(&user).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
-        log.connection = Some(id.shared());
-        let route = Route {
-            form: Form::Tunnel,
-            id,
-            token,
-            path_and_query: "/",
-            requested: Some(Requested {
-                scheme: if tls { Scheme::Https } else { Scheme::Http },
-                host: &host,
-                port: Some(port),
-            }),
-        };
-        let client = self.authorize(&route)?;
         log.client = client.map(|c| c.name.clone());
-        let conn = self.connection(&route.id, log).await?;
-        log.connection_known = true;
-        let peer = Self::upstream_peer(&route, &conn)?;
         self.upstream
             .dialer()
-            .check_destination(&host, peer.port)
+            .check_destination(&host, dialled_port)
             .await
             .map_err(|e| ProxyError::from_upstream(&e.into()))?;
         Ok(Tunnel {
-            id: Some(route.id),
+            id,
             client: log.client.clone(),
             grant: client.cloned(),
             host: Arc::from(host),
