@@ -839,3 +839,88 @@ async fn a_placeholder_is_held_to_what_the_client_may_use() {
     assert_eq!(v["body"]["error"]["code"], "connection_forbidden", "{v}");
     assert_eq!(s.up.requests(), 1);
 }
+
+/// `latchkey run` puts an unmodified program behind the tunnel in one line (the CA fetched from
+/// the admin listener, HTTPS_PROXY and the CA variables set); `latchkey env` prints those lines.
+#[tokio::test]
+async fn latchkey_run_and_env_put_a_program_behind_the_tunnel() {
+    let s = Stripe::start(Opts::loopback()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem").display().to_string();
+    let proxy = s.lk.proxy.to_string();
+    let admin = s.lk.admin_url("");
+    let common = [
+        "--connection",
+        ID,
+        "--proxy",
+        &proxy,
+        "--admin",
+        &admin,
+        "--ca-bundle",
+        &bundle,
+    ];
+    let latchkey = || {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
+        for k in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "LATCHKEY_TOKEN",
+        ] {
+            c.env_remove(k);
+        }
+        c.env("NO_PROXY", "").env("no_proxy", "");
+        c
+    };
+
+    let out = latchkey()
+        .arg("run")
+        .args(common)
+        .args(["--", "python3", "-c"])
+        .arg(
+            "import json, requests\n\
+             r = requests.get('https://api.stripe.com/v1/balance')\n\
+             print(json.dumps(r.json()))",
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "latchkey run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echo: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_ours(&echo, &s.key);
+    assert_eq!(echo["uri"], "/v1/balance", "{echo}");
+    // The bundle holds latchkey's CA (after the system's roots).
+    let ca = std::fs::read_to_string(&s.ca.cert).unwrap();
+    assert!(std::fs::read_to_string(&bundle).unwrap().ends_with(&ca));
+
+    let out = latchkey().arg("env").args(common).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("export HTTPS_PROXY='http://{ID}:@{proxy}'")),
+        "{text}"
+    );
+    for var in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+    ] {
+        assert!(
+            text.contains(&format!("export {var}='{bundle}'")),
+            "{var}: {text}"
+        );
+    }
+    assert_eq!(s.up.requests(), 1);
+}

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod ca;
 mod cli;
 mod dev;
+mod env;
 
 /// Exit status when the configuration is refused (64, sysexits' EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -53,6 +54,10 @@ enum Command {
     HashToken,
     /// The tunnel form's CA: create it (init) or print its certificate (export).
     Ca(ca::CaArgs),
+    /// Print the shell lines that put a program behind latchkey (HTTPS_PROXY and the CA).
+    Env(env::EnvArgs),
+    /// Run a command behind latchkey: HTTPS_PROXY and the CA set for every client family.
+    Run(env::RunArgs),
     /// Manage connections through the admin API (add, list, show, rotate, verify, delete).
     Connections(cli::ConnectionsArgs),
 }
@@ -69,6 +74,14 @@ fn main() -> ExitCode {
                 let _ = writeln!(std::io::stderr(), "{}: {e}", file.display());
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
+        },
+        Command::Env(args) => match block_on(env::env(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        },
+        Command::Run(args) => match block_on(env::run(args)) {
+            Ok(code) => code,
+            Err(code) => code,
         },
         Command::Ca(args) => match ca::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -124,6 +137,16 @@ fn main() -> ExitCode {
             run(dev::demo(dev::DemoOptions { bao, listen, admin }))
         }
     }
+}
+
+/// Runs a command's future on a single-threaded runtime; an error is printed and becomes exit
+/// status 1.
+fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> Result<T, ExitCode> {
+    let runtime = runtime(tokio::runtime::Builder::new_current_thread())?;
+    runtime.block_on(fut).map_err(|e| {
+        let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Builds a runtime with I/O and timers, or says why it could not.

@@ -1,0 +1,156 @@
+//! `latchkey env` and `latchkey run`: put a program behind latchkey's tunnel form in one line.
+//!
+//! Both fetch latchkey's CA certificate from the admin listener (`GET /ca.pem`), write a CA
+//! bundle (the system's roots plus latchkey's CA, so that hosts latchkey does not front still
+//! verify), and set `HTTPS_PROXY` with the connection and the client token (from
+//! `LATCHKEY_TOKEN` or a file) and the CA variables every client family reads. `env` prints the
+//! lines for a shell; `run` runs a command with them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use latchkey::secret::Secret;
+
+/// Where the system keeps its CA bundle, on the distributions latchkey runs on.
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+#[derive(Args)]
+pub struct EnvArgs {
+    /// The connection the program's requests use; without it, `_` (each request names its own
+    /// with a `latchkey.{id}` placeholder key).
+    #[arg(long)]
+    connection: Option<String>,
+    /// latchkey's proxy listener.
+    #[arg(long, env = "LATCHKEY_PROXY", default_value = "127.0.0.1:8080")]
+    proxy: String,
+    /// latchkey's admin listener, where the CA certificate is fetched.
+    #[arg(
+        long,
+        env = "LATCHKEY_API_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    admin: String,
+    /// A file holding the client token (otherwise `LATCHKEY_TOKEN`, or none when latchkey runs
+    /// open on loopback).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where to write the CA bundle.
+    #[arg(long, default_value_os_t = default_bundle())]
+    ca_bundle: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    env: EnvArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn default_bundle() -> PathBuf {
+    std::env::temp_dir().join("latchkey-ca-bundle.pem")
+}
+
+/// The variables that put a program behind latchkey.
+async fn variables(args: &EnvArgs) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let token = match (&args.token_file, std::env::var("LATCHKEY_TOKEN")) {
+        (Some(path), _) => Secret::from(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, Ok(t)) => Secret::from(t),
+        (None, Err(_)) => Secret::default(),
+    };
+    if token.expose().contains(['@', '/', ':', '%', '\'']) {
+        bail!("the client token holds a character a proxy URL cannot carry as it is (@ / : % ')");
+    }
+    let ca = fetch_ca(&args.admin).await?;
+    write_bundle(&args.ca_bundle, &ca)?;
+    let user = args.connection.as_deref().unwrap_or("_");
+    let proxy = format!("http://{user}:{}@{}", token.expose(), args.proxy);
+    let bundle = args.ca_bundle.display().to_string();
+    Ok(vec![
+        ("HTTPS_PROXY", proxy.clone()),
+        ("https_proxy", proxy),
+        ("SSL_CERT_FILE", bundle.clone()),
+        ("REQUESTS_CA_BUNDLE", bundle.clone()),
+        ("CURL_CA_BUNDLE", bundle.clone()),
+        ("NODE_EXTRA_CA_CERTS", bundle.clone()),
+        ("GIT_SSL_CAINFO", bundle),
+    ])
+}
+
+async fn fetch_ca(admin: &str) -> anyhow::Result<String> {
+    let url = format!("{}/ca.pem", admin.trim_end_matches('/'));
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach latchkey's admin listener at {admin}"))?;
+    if !response.status().is_success() {
+        bail!(
+            "{url} answered {}: latchkey has no CA (set tls.ca_cert and tls.ca_key)",
+            response.status()
+        );
+    }
+    let pem = response.text().await?;
+    if !pem.contains("BEGIN CERTIFICATE") {
+        bail!("{url} did not answer with a PEM certificate");
+    }
+    Ok(pem)
+}
+
+/// The system's roots followed by latchkey's CA.
+fn write_bundle(path: &Path, ca: &str) -> anyhow::Result<()> {
+    let mut bundle = SYSTEM_BUNDLES
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(ca);
+    std::fs::write(path, bundle).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `latchkey env`: `export` lines for a shell (`eval "$(latchkey env ...)"`).
+pub async fn env(args: EnvArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for (name, value) in variables(&args).await? {
+        writeln!(out, "export {name}='{value}'")?;
+    }
+    Ok(())
+}
+
+/// `latchkey run`: the command, with the variables set; exits as it exits.
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let vars = variables(&args.env).await?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .context("give the command after --")?;
+    let status = tokio::process::Command::new(program)
+        .args(rest)
+        .envs(vars)
+        .status()
+        .await
+        .with_context(|| format!("cannot run {program}"))?;
+    Ok(ExitCode::from(
+        status
+            .code()
+            .and_then(|c| u8::try_from(c).ok())
+            .unwrap_or(1),
+    ))
+}
