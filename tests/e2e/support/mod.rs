@@ -30,15 +30,8 @@ use base64::Engine as _;
 mod echo;
 pub use echo::EchoServer;
 
-/// Fields of a stored connection that are not secret.
-const RESERVED: [&str; 6] = [
-    "connector",
-    "name",
-    "environment",
-    "base_url",
-    "allowed_hosts",
-    "expires_at",
-];
+/// Fields of a stored connection that are not secret: latchkey's own list.
+use latchkey::record::RESERVED_FIELDS as RESERVED;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
