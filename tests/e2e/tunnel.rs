@@ -203,6 +203,17 @@ impl Stripe {
     }
 
     /// A raw exchange through latchkey (see [`exchange`]), TLS verified against its CA.
+    /// `CONNECT target` as `user` (no token); if accepted, TLS naming api.stripe.com and a
+    /// `GET /v1/x` inside.
+    async fn connect_as(&self, target: &str, user: &str) -> Exchange {
+        self.exchange(
+            &connect_head(target, Some((user, ""))),
+            Some(STRIPE),
+            &inner_get("/v1/x", STRIPE),
+        )
+        .await
+    }
+
     async fn exchange(&self, connect: &str, sni: Option<&str>, request: &str) -> Exchange {
         exchange(
             &self.lk,
@@ -658,13 +669,7 @@ async fn a_connect_to_another_port_of_the_connection_host_is_403() {
 async fn a_connect_to_a_blocked_address_is_403_destination_blocked() {
     // api.stripe.com pinned to 127.0.0.1, and loopback not allowed.
     let s = Stripe::start(Opts::default()).await;
-    let x = s
-        .exchange(
-            &connect_head(&format!("{STRIPE}:443"), Some((ID, ""))),
-            Some(STRIPE),
-            &inner_get("/v1/x", STRIPE),
-        )
-        .await;
+    let x = s.connect_as(&format!("{STRIPE}:443"), ID).await;
     x.assert_connect_refused(403, "destination_blocked");
     assert_eq!(s.up.requests(), 0);
     assert_eq!(s.up.connections(), 0);
@@ -673,13 +678,7 @@ async fn a_connect_to_a_blocked_address_is_403_destination_blocked() {
 #[tokio::test]
 async fn a_connect_naming_an_unknown_connection_is_404() {
     let s = Stripe::start(Opts::loopback()).await;
-    let x = s
-        .exchange(
-            &connect_head(&format!("{STRIPE}:443"), Some(("stripe-nope", ""))),
-            Some(STRIPE),
-            &inner_get("/v1/x", STRIPE),
-        )
-        .await;
+    let x = s.connect_as(&format!("{STRIPE}:443"), "stripe-nope").await;
     x.assert_connect_refused(404, "connection_not_found");
     assert_eq!(s.up.requests(), 0);
 }
@@ -687,13 +686,7 @@ async fn a_connect_naming_an_unknown_connection_is_404() {
 #[tokio::test]
 async fn a_connect_naming_a_malformed_connection_id_is_400() {
     let s = Stripe::start(Opts::loopback()).await;
-    let x = s
-        .exchange(
-            &connect_head(&format!("{STRIPE}:443"), Some(("bad*id", ""))),
-            Some(STRIPE),
-            &inner_get("/v1/x", STRIPE),
-        )
-        .await;
+    let x = s.connect_as(&format!("{STRIPE}:443"), "bad*id").await;
     x.assert_connect_refused(400, "bad_connection_id");
     assert_eq!(s.up.requests(), 0);
 }
@@ -726,13 +719,7 @@ async fn an_inner_host_other_than_the_connect_host_is_421_host_mismatch() {
     assert_eq!(s.up.requests(), 0);
 
     // The same exchange with the right Host goes through: only the Host refused it.
-    let x = s
-        .exchange(
-            &connect_head(&format!("{STRIPE}:443"), Some((ID, ""))),
-            Some(STRIPE),
-            &inner_get("/v1/x", STRIPE),
-        )
-        .await;
+    let x = s.connect_as(&format!("{STRIPE}:443"), ID).await;
     assert_eq!(x.inner().status, 200, "{x:#?}");
     assert_ours(&x.inner().json(), &s.key);
     assert_eq!(s.up.requests(), 1);
