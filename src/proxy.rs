@@ -20,9 +20,10 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::auth::{self, Client, Clients, CredentialsError};
+use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
 use crate::body::{BoxBody, BoxError, Counted, Logged, PendingLog};
 use crate::cache::Cache;
+use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
 use crate::destination::{self, normalize_host, Scheme};
@@ -38,6 +39,8 @@ pub struct Proxy {
     cache: Cache,
     lifecycle: Arc<Lifecycle>,
     clients: Clients,
+    /// Where a gateway-form client may put its token instead of `Proxy-Authorization`.
+    token_places: TokenPlaces,
     upstream: Arc<Pool>,
     request_timeout: Duration,
 }
@@ -131,7 +134,7 @@ struct Route<'u> {
     id: ConnectionId,
     token: Option<Secret>,
     /// The path and query to send on (in gateway form, what follows the connection ID).
-    path_and_query: &'u str,
+    path_and_query: Cow<'u, str>,
     /// The destination a forward-form request named.
     requested: Option<Requested<'u>>,
 }
@@ -161,10 +164,12 @@ impl Proxy {
         upstream: Arc<Pool>,
         request_timeout: Duration,
     ) -> Proxy {
+        let token_places = token_places(lifecycle.catalog());
         Proxy {
             cache,
             lifecycle,
             clients,
+            token_places,
             upstream,
             request_timeout,
         }
@@ -231,7 +236,10 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
 
-        let route = Self::route(&parts, &uri)?;
+        let mut route = Self::route(&parts, &uri)?;
+        if route.form == Form::Gateway && route.token.is_none() && !self.clients.is_open() {
+            self.token_where_the_key_goes(&mut parts.headers, &mut route);
+        }
         log.form = route.form.as_str();
         log.connection = Some(route.id.shared());
         if let Some(r) = &route.requested {
@@ -282,7 +290,7 @@ impl Proxy {
             form: Form::Tunnel,
             id,
             token: None,
-            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
+            path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(Requested {
                 scheme: if tunnel.tls {
                     Scheme::Https
@@ -365,7 +373,7 @@ impl Proxy {
                     form: Form::Tunnel,
                     id,
                     token,
-                    path_and_query: "/",
+                    path_and_query: Cow::Borrowed("/"),
                     requested: Some(Requested {
                         scheme: if tls { Scheme::Https } else { Scheme::Http },
                         host: &host,
@@ -420,7 +428,7 @@ impl Proxy {
         };
         let log_path = inject::rewrite(
             &mut parts,
-            route.path_and_query,
+            &route.path_and_query,
             target,
             &conn.credential,
             &conn.connector,
@@ -492,7 +500,7 @@ impl Proxy {
             form: Form::Gateway,
             id,
             token,
-            path_and_query: rest,
+            path_and_query: Cow::Borrowed(rest),
             requested: None,
         })
     }
@@ -562,9 +570,34 @@ impl Proxy {
             form: Form::Forward,
             id,
             token: Some(creds.token),
-            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
+            path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(Requested { scheme, host, port }),
         })
+    }
+
+    /// In gateway form without `Proxy-Authorization`: a client token where the connector's
+    /// credential goes (an SDK's API key set to the token) is the request's token, and is
+    /// removed from there before anything is sent on.
+    fn token_where_the_key_goes(&self, headers: &mut http::HeaderMap, route: &mut Route<'_>) {
+        let query = route.path_and_query.split_once('?').map(|(_, q)| q);
+        let found = self
+            .token_places
+            .candidates(headers, query)
+            .into_iter()
+            .find(|(token, _)| self.clients.authenticate(token).is_some());
+        let Some((token, place)) = found else {
+            return;
+        };
+        match place {
+            Place::Header(name) => {
+                headers.remove(name);
+            }
+            Place::Query(param) => {
+                let rest = auth::without_query_param(&route.path_and_query, &param);
+                route.path_and_query = Cow::Owned(rest);
+            }
+        }
+        route.token = Some(token);
     }
 
     /// Phase 2: the client, and whether it may use the connection.
@@ -587,7 +620,7 @@ impl Proxy {
             return Ok(None);
         }
         let token = token.ok_or(ProxyError::ProxyAuthRequired(
-            "a client token is required in Proxy-Authorization",
+            "a client token is required: in Proxy-Authorization, or in gateway form where the API key goes",
         ))?;
         self.clients
             .authenticate(token)
@@ -691,6 +724,22 @@ impl Proxy {
         });
         Ok(response)
     }
+}
+
+/// The places of the catalog's credentials: each header and query parameter a connector sets
+/// or strips.
+fn token_places(catalog: &Catalog) -> TokenPlaces {
+    let mut headers = Vec::new();
+    let mut query = Vec::new();
+    for connector in catalog.iter() {
+        match &connector.inject {
+            Inject::Header { header, .. } => headers.push(header.clone()),
+            Inject::Query { param, .. } => query.push(param.clone()),
+            Inject::Bearer { .. } | Inject::Basic { .. } => {}
+        }
+        headers.extend(connector.strip.iter().cloned());
+    }
+    TokenPlaces::new(headers, query)
 }
 
 /// The connection a `latchkey.{connection_id}` placeholder names in a header value, where an

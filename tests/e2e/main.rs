@@ -33,6 +33,7 @@ mod pool;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod token_place;
 mod tunnel;
 mod upstream_h1;
 mod workers;
