@@ -307,7 +307,7 @@ impl Proxy {
         let id = match &tunnel.id {
             Some(id) => id.clone(),
             None => choose(
-                &parts.headers,
+                (&parts.headers, uri.query()),
                 tunnel.grant.as_ref(),
                 &tunnel.candidates,
                 &format!("{}:{}", tunnel.host, tunnel.port),
@@ -703,7 +703,8 @@ impl Proxy {
         let what = req
             .port
             .map_or_else(|| req.host.to_string(), |p| format!("{}:{p}", req.host));
-        let candidates = if placeholder(headers).is_some() {
+        let query = unnamed.path_and_query.split_once('?').map(|(_, q)| q);
+        let candidates = if placeholder(headers, query).is_some() {
             Vec::new()
         } else {
             self.coverage
@@ -711,7 +712,7 @@ impl Proxy {
                 .await
                 .map_err(|_| ProxyError::CannotChoose(what.clone()))?
         };
-        let id = choose(headers, client, &candidates, &what)?;
+        let id = choose((headers, query), client, &candidates, &what)?;
         Ok(Route {
             form: unnamed.form,
             id,
@@ -875,12 +876,12 @@ impl Proxy {
 /// candidate (granted and covering the destination `what`); several is
 /// `connection_ambiguous`, none `host_not_allowed`.
 fn choose(
-    headers: &http::HeaderMap,
+    (headers, query): (&http::HeaderMap, Option<&str>),
     grant: Option<&Client>,
     candidates: &[ConnectionId],
     what: &str,
 ) -> Result<ConnectionId, ProxyError> {
-    if let Some(id) = placeholder(headers) {
+    if let Some(id) = placeholder(headers, query) {
         if let Some(client) = grant {
             if !client.may_use(id.as_str()) {
                 return Err(ProxyError::ConnectionForbidden {
@@ -919,18 +920,23 @@ fn token_places(catalog: &Catalog) -> TokenPlaces {
     TokenPlaces::new(headers, query)
 }
 
-/// The connection a `latchkey.{connection_id}` placeholder names in a header value, where an
-/// SDK configured with `api_key = "latchkey.stripe-prod"` puts its key.
-fn placeholder(headers: &http::HeaderMap) -> Option<ConnectionId> {
+/// The connection a `latchkey.{connection_id}` placeholder names where an SDK configured with
+/// `api_key = "latchkey.stripe-prod"` puts its key: a header value, or the query (for
+/// connectors whose key is a query parameter).
+fn placeholder(headers: &http::HeaderMap, query: Option<&str>) -> Option<ConnectionId> {
+    headers
+        .values()
+        .find_map(|value| placeholder_in(value.as_bytes()))
+        .or_else(|| query.and_then(|q| placeholder_in(q.as_bytes())))
+}
+
+fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {
     const MARK: &[u8] = b"latchkey.";
-    headers.values().find_map(|value| {
-        let v = value.as_bytes();
-        let at = v.windows(MARK.len()).position(|w| w == MARK)?;
-        let rest = v.get(at + MARK.len()..)?;
-        let end = rest
-            .iter()
-            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
-            .unwrap_or(rest.len());
-        ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
-    })
+    let at = v.windows(MARK.len()).position(|w| w == MARK)?;
+    let rest = v.get(at + MARK.len()..)?;
+    let end = rest
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
+        .unwrap_or(rest.len());
+    ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
 }

@@ -338,3 +338,84 @@ async fn passthrough_needs_a_client_token_and_the_address_check() {
     x.assert_connect_refused(403, "host_not_allowed");
     assert_eq!(p.pypi.requests(), 0);
 }
+
+/// A CONNECT to an IP literal outside the allowed ranges is refused at CONNECT, whether the
+/// connection is named or chosen, even when a connection names that address as its host.
+#[tokio::test]
+async fn a_connect_to_an_ip_literal_outside_the_allowed_ranges_is_blocked() {
+    let s = Stripe::start(Opts::default().extra(&clients(&["*"]))).await;
+    for (id, target, base) in [
+        ("metadata", "169.254.169.254:443", "https://169.254.169.254"),
+        (
+            "mapped",
+            "[::ffff:127.0.0.1]:443",
+            "https://[::ffff:127.0.0.1]",
+        ),
+    ] {
+        s._bao.put(
+            id,
+            &[
+                ("connector", "generic-bearer"),
+                ("base_url", base),
+                ("api_key", "sk-literal-0123456789"),
+            ],
+        );
+        for user in [id, "_"] {
+            let x = s
+                .exchange(&connect_head(target, Some((user, TOKEN))), None, "")
+                .await;
+            x.assert_connect_refused(403, "destination_blocked");
+        }
+    }
+    assert_eq!(s.up.requests(), 0);
+}
+
+/// For a connector whose key is a query parameter, the placeholder goes in the query.
+#[tokio::test]
+async fn a_placeholder_in_the_query_picks_the_connection() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let base = format!("http://{}", up.addr());
+    for id in ["maps-a", "maps-b"] {
+        bao.put(
+            id,
+            &[
+                ("connector", "google-maps"),
+                ("base_url", &base),
+                ("api_key", &format!("AIza-{id}-key")),
+            ],
+        );
+    }
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let client = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(lk.url(""))
+                .unwrap()
+                .basic_auth("_", ""),
+        )
+        .build()
+        .unwrap();
+    let addr = up.addr();
+    let r = read(
+        client
+            .get(format!("http://{addr}/geocode?key=latchkey.maps-b&q=1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert!(r.uri().contains("key=AIza-maps-b-key"), "{}", r.uri());
+    assert!(!r.uri().contains("latchkey."), "{}", r.uri());
+    let r = read(
+        client
+            .get(format!("http://{addr}/geocode?q=1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json);
+    assert_eq!(r.latchkey_error.as_deref(), Some("connection_ambiguous"));
+    assert_eq!(up.requests(), 1);
+}
