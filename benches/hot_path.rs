@@ -154,7 +154,7 @@ fn destination(c: &mut Criterion) {
     let policy = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
     let public: IpAddr = "93.184.216.34".parse().unwrap();
     let mapped: IpAddr = "::ffff:169.254.169.254".parse().unwrap();
-    let mut hosts = HostAllowList::new("api.stripe.com");
+    let mut hosts = HostAllowList::new("api.stripe.com", 443, 443);
     hosts.push("files.stripe.com").unwrap();
     hosts.push("*.stripe.com").unwrap();
     let mut group = c.benchmark_group("destination");

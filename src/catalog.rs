@@ -16,7 +16,7 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::connection_id::ConnectionId;
-use crate::destination::{normalize_host_pattern, BaseUrl};
+use crate::destination::{BaseUrl, HostAllowList};
 use crate::hop_by_hop::is_hop_by_hop;
 use crate::record::RESERVED_FIELDS;
 
@@ -694,12 +694,14 @@ impl Parts<'_> {
             .collect()
     }
 
-    /// The extra hosts the credential may reach, normalized.
+    /// The extra hosts the credential may reach (`host` or `host:port`), checked.
     fn allowed_hosts(&self, raw: Vec<String>) -> Result<Vec<String>, CatalogError> {
         raw.into_iter()
             .enumerate()
             .map(|(i, h)| {
-                normalize_host_pattern(&h)
+                HostAllowList::default()
+                    .push(&h)
+                    .map(|()| h.trim().to_string())
                     .map_err(|e| CatalogError::new(self.key(&format!("allowed_hosts[{i}]")), e))
             })
             .collect()

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Connector};
 use crate::connection_id::ConnectionId;
-use crate::destination::{normalize_host, BaseUrl, HostAllowList};
+use crate::destination::{BaseUrl, HostAllowList};
 use crate::inject::{Credential, RenderError};
 use crate::record::{StoredConnection, RESERVED_FIELDS};
 use crate::secret::Secret;
@@ -252,11 +252,10 @@ impl Connection {
 }
 
 impl Connection {
-    /// Whether the credential may go to `host` (allowed already by [`HostAllowList`]) on
-    /// `port`: the base URL's own port on its host, the base URL scheme's default port on every
-    /// other allowed host. Never another port of the same host.
+    /// Whether the credential may go to `host` on `port`: the base URL's own port on its host,
+    /// an allowed host's own port or else the base URL scheme's. Never another port.
     pub fn allows_port(&self, host: &str, port: u16) -> bool {
-        port_allowed(&self.base, host, port)
+        self.hosts.allows_at(host, port)
     }
 
     /// Where the credential may go, without the credential: for an index of which connection
@@ -265,7 +264,6 @@ impl Connection {
         Reach {
             id: self.id.clone(),
             hosts: self.hosts.clone(),
-            base: self.base.clone(),
         }
     }
 }
@@ -275,22 +273,16 @@ impl Connection {
 pub struct Reach {
     pub id: ConnectionId,
     hosts: HostAllowList,
-    base: BaseUrl,
 }
 
 impl Reach {
     /// Whether the connection's credential may go to `host` on `port` (on some port of it,
     /// with `None`).
     pub fn covers(&self, host: &str, port: Option<u16>) -> bool {
-        self.hosts.allows(host) && port.is_none_or(|port| port_allowed(&self.base, host, port))
-    }
-}
-
-fn port_allowed(base: &BaseUrl, host: &str, port: u16) -> bool {
-    if normalize_host(host) == *base.host {
-        port == base.port
-    } else {
-        port == base.scheme.default_port()
+        match port {
+            Some(port) => self.hosts.allows_at(host, port),
+            None => self.hosts.allows(host),
+        }
     }
 }
 
@@ -401,9 +393,9 @@ fn allowed_hosts(
     base: &BaseUrl,
     reserved: &BTreeMap<&str, String>,
 ) -> Result<HostAllowList, ConnectionError> {
-    let mut hosts = HostAllowList::new(&base.host);
+    let mut hosts = HostAllowList::new(&base.host, base.port, base.scheme.default_port());
     for h in &connector.allowed_hosts {
-        hosts.push_normalized(h.clone());
+        hosts.push(h).map_err(ConnectionError::AllowedHosts)?;
     }
     if let Some(extra) = reserved.get("allowed_hosts") {
         for h in extra.split(',').map(str::trim).filter(|h| !h.is_empty()) {

@@ -110,49 +110,121 @@ impl fmt::Display for BaseUrl {
     }
 }
 
-/// The hosts one connection's credential may reach: exact names (or IP literals) and
-/// `*.suffix` patterns, all lower case without a trailing dot.
+/// The hosts one connection's credential may reach, each on its port: exact names (or IP
+/// literals) and `*.suffix` patterns, all lower case without a trailing dot. An entry without a
+/// port means the base URL scheme's port; the base URL's own host is on the base URL's port.
 #[derive(Debug, Clone, Default)]
 pub struct HostAllowList {
-    hosts: Vec<String>,
+    entries: Vec<HostEntry>,
+    /// The port of an entry that names none (443 for an https base URL, 80 for http).
+    default_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostEntry {
+    pattern: String,
+    port: Option<u16>,
+    /// `pattern` or `pattern:port`, as shown in messages and the admin API.
+    shown: String,
 }
 
 impl HostAllowList {
-    /// A list holding the base URL's host.
-    pub fn new(base_host: &str) -> Self {
+    /// A list holding the base URL's host on its port; entries added later without a port
+    /// mean `default_port`.
+    pub fn new(base_host: &str, base_port: u16, default_port: u16) -> Self {
+        let pattern = normalize_host(base_host);
+        let shown = if base_port == default_port {
+            pattern.clone()
+        } else {
+            format!("{pattern}:{base_port}")
+        };
         HostAllowList {
-            hosts: vec![normalize_host(base_host)],
+            entries: vec![HostEntry {
+                pattern,
+                port: Some(base_port),
+                shown,
+            }],
+            default_port,
         }
     }
 
-    /// Adds a host or `*.suffix` pattern, checking its shape.
-    pub fn push(&mut self, pattern: &str) -> Result<(), String> {
-        let p = normalize_host_pattern(pattern)?;
-        self.push_normalized(p);
+    /// Adds a host or `*.suffix` pattern, either with `:port`, checking its shape.
+    pub fn push(&mut self, entry: &str) -> Result<(), String> {
+        let (pattern, port) = split_host_port(entry.trim())?;
+        let pattern = normalize_host_pattern(pattern)?;
+        let shown = match port {
+            Some(p) => format!("{pattern}:{p}"),
+            None => pattern.clone(),
+        };
+        let entry = HostEntry {
+            pattern,
+            port,
+            shown,
+        };
+        if !self.entries.contains(&entry) {
+            self.entries.push(entry);
+        }
         Ok(())
     }
 
-    pub(crate) fn push_normalized(&mut self, pattern: String) {
-        if !self.hosts.contains(&pattern) {
-            self.hosts.push(pattern);
-        }
-    }
-
-    /// Whether `host` (as written in a URL, IPv6 in brackets allowed) is on the list.
+    /// Whether `host` (as written in a URL, IPv6 in brackets allowed) is on the list, on some
+    /// port.
     pub fn allows(&self, host: &str) -> bool {
         let host = normalize_host(host);
-        self.hosts.iter().any(|p| match p.strip_prefix("*.") {
-            Some(suffix) => {
-                host.len() > suffix.len() + 1
-                    && host.ends_with(suffix)
-                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
-            }
-            None => *p == host,
+        self.entries
+            .iter()
+            .any(|e| pattern_matches(&e.pattern, &host))
+    }
+
+    /// Whether `host` is on the list on `port`.
+    pub fn allows_at(&self, host: &str, port: u16) -> bool {
+        let host = normalize_host(host);
+        self.entries.iter().any(|e| {
+            e.port.unwrap_or(self.default_port) == port && pattern_matches(&e.pattern, &host)
         })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.hosts.iter().map(String::as_str)
+        self.entries.iter().map(|e| e.shown.as_str())
+    }
+}
+
+fn pattern_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => pattern == host,
+    }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address; the port 1 to 65535.
+fn split_host_port(entry: &str) -> Result<(&str, Option<u16>), String> {
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{entry:?} has a port that is not 1 to 65535"))
+    };
+    if entry.starts_with('[') {
+        let close = entry
+            .find(']')
+            .ok_or_else(|| format!("{entry:?} opens a bracket it does not close"))?;
+        let (host, rest) = entry.split_at(close + 1);
+        return match rest.strip_prefix(':') {
+            Some(p) => Ok((host, Some(port_of(p)?))),
+            None if rest.is_empty() => Ok((host, None)),
+            None => Err(format!("{entry:?} is not a host or host:port")),
+        };
+    }
+    if entry.parse::<Ipv6Addr>().is_ok() {
+        return Ok((entry, None));
+    }
+    match entry.rsplit_once(':') {
+        Some((host, p)) => Ok((host, Some(port_of(p)?))),
+        None => Ok((entry, None)),
     }
 }
 
@@ -205,7 +277,9 @@ pub fn normalize_host(host: &str) -> String {
     }
 }
 
-/// Checks and normalizes an allowed-host entry: a DNS name, an IP literal, or `*.` and a name.
+/// Checks and normalizes an allowed-host entry: a DNS name, an IP literal, or `*.` and a name
+/// under a registrable domain: never `*.` and a public suffix (`*.com`, `*.co.uk`), a single
+/// label, or something that ends like an IP address (`*.0.0.1`).
 pub fn normalize_host_pattern(pattern: &str) -> Result<String, String> {
     let p = pattern.trim();
     let (wild, name) = match p.strip_prefix("*.") {
@@ -226,17 +300,24 @@ pub fn normalize_host_pattern(pattern: &str) -> Result<String, String> {
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             })
     };
-    if ok {
-        Ok(if wild {
-            format!("*.{}", normalize_host(name))
-        } else {
-            normalize_host(name)
-        })
-    } else {
-        Err(format!(
+    if !ok {
+        return Err(format!(
             "{pattern:?} is not a host name, an IP address or a *.domain pattern"
-        ))
+        ));
     }
+    if !wild {
+        return Ok(normalize_host(name));
+    }
+    let name = normalize_host(name);
+    let last = name.rsplit('.').next().unwrap_or_default();
+    let public_suffix = psl::suffix(name.as_bytes())
+        .is_some_and(|s| s.as_bytes().len() == name.len() && s.typ() == Some(psl::Type::Icann));
+    if !name.contains('.') || last.bytes().all(|b| b.is_ascii_digit()) || public_suffix {
+        return Err(format!(
+            "{pattern:?} is too wide: a wildcard must be under a registrable domain (*.example.com), never a public suffix or an address"
+        ));
+    }
+    Ok(format!("*.{name}"))
 }
 
 /// Why an address may not be dialled.
@@ -430,10 +511,12 @@ mod tests {
 
     #[test]
     fn host_lists() {
-        let mut l = HostAllowList::new("API.Stripe.com.");
+        let mut l = HostAllowList::new("API.Stripe.com.", 443, 443);
         l.push("files.stripe.com").unwrap();
         l.push("*.example.com").unwrap();
         l.push("::1").unwrap();
+        l.push("uploads.example.org:8443").unwrap();
+        l.push("[::2]:9000").unwrap();
         assert!(l.allows("api.stripe.com"));
         assert!(l.allows("API.STRIPE.COM."));
         assert!(l.allows("files.stripe.com"));
@@ -444,9 +527,51 @@ mod tests {
         assert!(!l.allows("stripe.com"));
         assert!(!l.allows("api.stripe.com.evil.com"));
         assert!(l.allows("[::1]"));
-        for bad in ["", "a b", "*.*.x", "http://x", "x/y", "*.1.2.3.4"] {
-            assert!(normalize_host_pattern(bad).is_err(), "{bad:?}");
+        assert!(l.allows_at("api.stripe.com", 443));
+        assert!(!l.allows_at("api.stripe.com", 8443));
+        assert!(l.allows_at("a.example.com", 443));
+        assert!(!l.allows_at("a.example.com", 80));
+        assert!(l.allows_at("uploads.example.org", 8443));
+        assert!(!l.allows_at("uploads.example.org", 443));
+        assert!(l.allows_at("[::2]", 9000));
+        assert!(l.allows_at("[::1]", 443));
+        assert_eq!(
+            l.iter().collect::<Vec<_>>(),
+            [
+                "api.stripe.com",
+                "files.stripe.com",
+                "*.example.com",
+                "[::1]",
+                "uploads.example.org:8443",
+                "[::2]:9000"
+            ]
+        );
+        // The base URL's own port, and only it, on its host.
+        let l = HostAllowList::new("127.0.0.1", 18081, 80);
+        assert!(l.allows_at("127.0.0.1", 18081));
+        assert!(!l.allows_at("127.0.0.1", 80));
+        assert_eq!(l.iter().collect::<Vec<_>>(), ["127.0.0.1:18081"]);
+        for bad in [
+            "",
+            "a b",
+            "*.*.x",
+            "http://x",
+            "x/y",
+            "*.1.2.3.4",
+            "*.com",
+            "*.co.uk",
+            "*.0.0.1",
+            "*.internal",
+            "x.com:0",
+            "x.com:99999",
+            "[::1",
+            "[::1]x",
+        ] {
+            let mut l = HostAllowList::default();
+            assert!(l.push(bad).is_err(), "{bad:?}");
         }
+        // A private-section suffix is a registrable domain's place: *.myshopify.com is fine.
+        assert!(normalize_host_pattern("*.myshopify.com").is_ok());
     }
 
     #[test]

@@ -806,13 +806,6 @@ impl Proxy {
                 host: base.host.clone(),
             });
         };
-        if !conn.hosts.allows(req.host) {
-            return Err(ProxyError::HostNotAllowed {
-                host: req.host.to_string(),
-                connection: conn.id.to_string(),
-                allowed: conn.hosts.iter().collect::<Vec<_>>().join(", "),
-            });
-        }
         // A connection whose base URL is https never sends its credential in the clear.
         let scheme = if conn.base.scheme == Scheme::Https {
             Scheme::Https
@@ -824,19 +817,23 @@ impl Proxy {
             _ => scheme.default_port(),
         };
         let host = req.host.to_ascii_lowercase();
-        let authority = Authority::from_maybe_shared(bytes::Bytes::from(destination::authority(
-            &host, port, scheme,
-        )))
-        .map_err(|_| ProxyError::BadRequest("the request URL's host is not valid".into()))?;
-        // A tunnel goes to one port of one host: the one the connection names. (The forward
-        // form's requests are not held to ports yet; issue 10.)
-        if route.form == Form::Tunnel && !conn.allows_port(&host, port) {
+        // The host and the port dialled: the credential goes to a host the connection names,
+        // on its port, never to another port of the same host.
+        if !conn.hosts.allows_at(&host, port) {
             return Err(ProxyError::HostNotAllowed {
-                host: format!("{host}:{port}"),
+                host: if conn.hosts.allows(&host) {
+                    format!("{host}:{port}")
+                } else {
+                    host.clone()
+                },
                 connection: conn.id.to_string(),
                 allowed: conn.hosts.iter().collect::<Vec<_>>().join(", "),
             });
         }
+        let authority = Authority::from_maybe_shared(bytes::Bytes::from(destination::authority(
+            &host, port, scheme,
+        )))
+        .map_err(|_| ProxyError::BadRequest("the request URL's host is not valid".into()))?;
         Ok(Peer {
             scheme,
             authority: Cow::Owned(authority),

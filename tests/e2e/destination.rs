@@ -222,6 +222,90 @@ async fn forward_form_to_a_host_outside_the_connection_is_refused() {
     assert_eq!(up2.requests(), 0);
 }
 
+/// Issue 10: the key went to any port of an allowed host (OpenBao's, latchkey's own admin
+/// port, any service sharing the host). A credential goes to a host and port the connection
+/// names: the base URL's port on its host, an allowed host's own port, else the scheme's.
+#[tokio::test]
+async fn the_key_goes_to_no_other_port_of_an_allowed_host() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let other = echo().await;
+    let up2 = echo_on_127_0_0_2().await;
+    let key = put_bearer(&bao, "ports", &format!("http://{}", up.addr()));
+    bao.put(
+        "ports2",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &format!("http://{}", up.addr())),
+            // No port: the scheme's, 80; so not the echo's.
+            ("allowed_hosts", "127.0.0.2"),
+            ("api_key", "ports2_key_0123"),
+        ],
+    );
+    bao.put(
+        "ports3",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &format!("http://{}", up.addr())),
+            ("allowed_hosts", &format!("127.0.0.2:{}", up2.addr().port())),
+            ("api_key", "ports3_key_0123"),
+        ],
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    for (target, id) in [
+        (other.addr().to_string(), "ports"),
+        (format!("127.0.0.1:{}", lk.admin.port()), "ports"),
+        (format!("127.0.0.1:{}", lk.proxy.port()), "ports"),
+        (up2.addr().to_string(), "ports2"),
+    ] {
+        let r = raw(&lk, &forward_to(&target, "/steal", id)).await;
+        assert_refused_raw(&r, 403, "host_not_allowed", &target);
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&target),
+            "{r:?}"
+        );
+        assert!(!format!("{r:?}").contains(&key));
+    }
+    assert_eq!(other.requests() + up2.requests() + up.requests(), 0);
+
+    // Its own port, and an allowed host on the port its entry names, work.
+    let r = raw(&lk, &forward_to(&up.addr().to_string(), "/ok", "ports")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = raw(&lk, &forward_to(&up2.addr().to_string(), "/ok", "ports3")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(up.requests() + up2.requests(), 2);
+}
+
+/// Issue 10: `allowed_hosts` accepted `*.com` and `*.0.0.1`. A wildcard is under a registrable
+/// domain; a stored connection with a wider one cannot be used.
+#[tokio::test]
+async fn a_wildcard_over_a_public_suffix_or_an_address_is_refused() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    for (i, wide) in ["*.com", "*.co.uk", "*.0.0.1"].iter().enumerate() {
+        bao.put(
+            &format!("wide-{i}"),
+            &[
+                ("connector", "generic-bearer"),
+                ("base_url", &format!("http://{}", up.addr())),
+                ("allowed_hosts", wide),
+                ("api_key", "wide_key_0123"),
+            ],
+        );
+    }
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    for i in 0..3 {
+        let r = gateway_get(&lk, &format!("/wide-{i}/x"), &[]).await;
+        assert_refused(&r, 500, "connection_invalid", &format!("wide-{i}"));
+        let message = r.json["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("allowed_hosts"), "{message}");
+    }
+    assert_eq!(up.requests(), 0);
+}
+
 #[tokio::test]
 async fn absolute_uri_and_host_header_that_disagree_are_refused() {
     let bao = Bao::start().await;
@@ -233,7 +317,7 @@ async fn absolute_uri_and_host_header_that_disagree_are_refused() {
         &[
             ("connector", "generic-bearer"),
             ("base_url", &format!("http://{}", up.addr())),
-            ("allowed_hosts", "127.0.0.2"),
+            ("allowed_hosts", &format!("127.0.0.2:{}", up2.addr().port())),
             ("api_key", "agree_key_0123"),
         ],
     );
@@ -343,7 +427,10 @@ async fn numeric_and_mapped_spellings_of_loopback_are_blocked() {
         &[
             ("connector", "generic-bearer"),
             ("base_url", &format!("http://127.0.0.1:{port}")),
-            ("allowed_hosts", &LOOPBACK_FORMS.join(",")),
+            (
+                "allowed_hosts",
+                &LOOPBACK_FORMS.map(|f| format!("{f}:{port}")).join(","),
+            ),
             ("api_key", "forms_key_0123"),
         ],
     );
@@ -407,7 +494,10 @@ async fn metadata_and_other_special_addresses_are_blocked_even_with_loopback_all
         put_bearer(&bao, &id, &format!("http://{host}:{port}"));
         ids.push(id);
     }
-    let hosts: Vec<&str> = specials.iter().map(|(h, _)| *h).collect();
+    let hosts: Vec<String> = specials
+        .iter()
+        .map(|(h, _)| format!("{h}:{port}"))
+        .collect();
     bao.put(
         "meta-forward",
         &[
@@ -467,7 +557,7 @@ async fn redirects_are_passed_back_to_the_client_never_followed() {
         &[
             ("connector", "generic-bearer"),
             ("base_url", &format!("http://{}", up.addr())),
-            ("allowed_hosts", "127.0.0.2"),
+            ("allowed_hosts", &format!("127.0.0.2:{}", up2.addr().port())),
             ("api_key", "redir_key_0123"),
         ],
     );

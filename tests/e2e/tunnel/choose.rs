@@ -208,7 +208,7 @@ const PYPI: &str = "pypi.org";
 
 /// latchkey with `stripe-prod` and a client granted `stripe-*`, `pypi.org` (an echo upstream
 /// with its own certificate from `pypi_ca`, not latchkey's) as a passthrough host, and
-/// `blocked.example` as one that resolves to an address outside the allowed ranges.
+/// `blocked.example.net` as one that resolves to an address outside the allowed ranges.
 struct Passthrough {
     s: Stripe,
     pypi: EchoServer,
@@ -233,11 +233,11 @@ async fn passthrough() -> Passthrough {
         .extra(&clients(&["stripe-*"]))
         .root(&up_ca.pem_path)
         .proxy(&format!(
-            "resolve = {{ \"{STRIPE}:443\" = \"{}\", \"{PYPI}:443\" = \"{}\", \"blocked.example:443\" = \"10.20.30.40:443\" }}",
+            "resolve = {{ \"{STRIPE}:443\" = \"{}\", \"{PYPI}:443\" = \"{}\", \"blocked.example.net:443\" = \"10.20.30.40:443\" }}",
             up.addr(),
             pypi.addr()
         ))
-        .proxy("passthrough = [\"pypi.org\", \"*.example\"]")
+        .proxy("passthrough = [\"pypi.org\", \"blocked.example.net\"]")
         .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
         .tls(&format!("ca_key = {:?}", ca.key.display().to_string()));
     let lk = Latchkey::start(&bao, opts).await;
@@ -321,7 +321,7 @@ async fn passthrough_needs_a_client_token_and_the_address_check() {
     x.assert_connect_refused(407, "proxy_auth_required");
     let x =
         p.s.exchange(
-            &connect_head("blocked.example:443", Some(("_", TOKEN))),
+            &connect_head("blocked.example.net:443", Some(("_", TOKEN))),
             None,
             "",
         )
