@@ -1,11 +1,11 @@
 //! PRODUCT.md section 1: with `HTTPS_PROXY` set and latchkey's CA trusted, "an official SDK runs
 //! unmodified, with its usual `https://` base URL". Real clients through the tunnel form, each
 //! set up as `latchkey env` prints it and as the README's "Use it from your code" shows: httpx,
-//! aiohttp (`trust_env=True`), undici (`EnvHttpProxyAgent`, `ProxyAgent`), axios (by itself and
-//! with `https-proxy-agent`), and the official openai, anthropic and stripe Python SDKs, each making a
-//! call with a placeholder key `latchkey.{connection_id}`. (curl over HTTP/1.1 and h2, and
-//! requests, are in `tunnel.rs`.) Also: server-sent events arrive event by event, and 100 MiB
-//! goes up and down with latchkey's memory flat.
+//! aiohttp (`trust_env=True`), undici (`EnvHttpProxyAgent`, `ProxyAgent`), axios (by itself
+//! and with `https-proxy-agent`), and the official openai, anthropic and stripe Python SDKs,
+//! each making a call with a placeholder key `latchkey.{connection_id}`. (curl over HTTP/1.1
+//! and h2, and requests, are in `tunnel.rs`.) Also: server-sent events arrive event by event,
+//! and 100 MiB goes up and down with latchkey's memory flat.
 //!
 //! "api.openai.com", "api.anthropic.com" and "api.stripe.com" are one HTTPS upstream on loopback
 //! with a certificate for the three names from a test CA, reached through `proxy.resolve`; the
@@ -578,8 +578,8 @@ async fn aiohttp_with_trust_env_through_the_tunnel_named_by_the_proxy_user() {
         "import asyncio, json, aiohttp\n\
          async def main():\n\
          \x20   async with aiohttp.ClientSession(trust_env=True) as s:\n\
-         \x20       async with s.get('https://api.stripe.com/v1/charges?limit=3',\n\
-         \x20                        headers={'Authorization': 'Bearer sk_test_from_the_workflow'}) as r:\n\
+         \x20       async with s.get('https://api.stripe.com/v1/charges?limit=3', headers={\n\
+         \x20               'Authorization': 'Bearer sk_test_from_the_workflow'}) as r:\n\
          \x20           print(json.dumps({'status': r.status, 'body': await r.json()}))\n\
          asyncio.run(main())\n",
         &env,
@@ -672,7 +672,8 @@ async fn undici_env_http_proxy_agent_through_the_tunnel() {
         "import { EnvHttpProxyAgent, fetch } from 'undici';\n\
          const r = await fetch('https://api.anthropic.com/v1/messages', {\n\
          \x20 method: 'POST', dispatcher: new EnvHttpProxyAgent(),\n\
-         \x20 headers: { 'x-api-key': 'latchkey.anthropic-prod', 'content-type': 'application/json' },\n\
+         \x20 headers: { 'x-api-key': 'latchkey.anthropic-prod',\n\
+         \x20            'content-type': 'application/json' },\n\
          \x20 body: JSON.stringify({ model: 'claude-sonnet-4-5', max_tokens: 16,\n\
          \x20                        messages: [{ role: 'user', content: 'hello' }] }),\n\
          });\n\
