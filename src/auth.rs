@@ -8,7 +8,7 @@
 use std::fmt;
 
 use base64::Engine as _;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -64,6 +64,114 @@ pub fn proxy_credentials(headers: &HeaderMap) -> Result<ProxyCredentials, Creden
     } else {
         Err(CredentialsError::Malformed)
     }
+}
+
+/// Where, in gateway form, a client may put its token instead of `Proxy-Authorization`: the
+/// places where connectors' credentials go (`Authorization`, each connector's header, each query
+/// parameter). So an SDK with no way to add a header sends the client token as its API key.
+#[derive(Debug, Clone, Default)]
+pub struct TokenPlaces {
+    headers: Vec<HeaderName>,
+    query: Vec<String>,
+}
+
+/// Where a client token was found, to be removed before the request goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Header(HeaderName),
+    Query(String),
+}
+
+impl TokenPlaces {
+    /// `Authorization` always; then the given header names and query parameters, each once.
+    pub fn new(
+        headers: impl IntoIterator<Item = HeaderName>,
+        query: impl IntoIterator<Item = String>,
+    ) -> TokenPlaces {
+        let mut places = TokenPlaces {
+            headers: vec![http::header::AUTHORIZATION],
+            query: Vec::new(),
+        };
+        for h in headers {
+            if !places.headers.contains(&h) {
+                places.headers.push(h);
+            }
+        }
+        for q in query {
+            if !places
+                .query
+                .iter()
+                .any(|have| have.eq_ignore_ascii_case(&q))
+            {
+                places.query.push(q);
+            }
+        }
+        places
+    }
+
+    /// Every value in these places that could be a token, with its place: a header's value
+    /// after its scheme word (`Bearer`, `token`, `Token token=`) or the whole value, a Basic password, and a
+    /// query parameter's decoded value.
+    pub fn candidates(&self, headers: &HeaderMap, query: Option<&str>) -> Vec<(Secret, Place)> {
+        let mut out = Vec::new();
+        for name in &self.headers {
+            for value in headers.get_all(name) {
+                let Ok(value) = value.to_str() else { continue };
+                let value = value.trim();
+                if let Some(password) = basic_password(value) {
+                    out.push((password, Place::Header(name.clone())));
+                    continue;
+                }
+                // `Bearer {token}`, `token {token}`, `Token token={token}`, or the bare token.
+                let last = value.rsplit_once(' ').map_or(value, |(_, t)| t.trim());
+                out.push((Secret::new(last), Place::Header(name.clone())));
+                if let Some((_, after)) = last.split_once('=') {
+                    out.push((Secret::new(after), Place::Header(name.clone())));
+                }
+            }
+        }
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let Some(param) = self.query.iter().find(|p| p.eq_ignore_ascii_case(name)) else {
+                continue;
+            };
+            let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            out.push((Secret::new(&*decoded), Place::Query(param.clone())));
+        }
+        out
+    }
+}
+
+/// The password of `Basic base64(user:password)`.
+fn basic_password(value: &str) -> Option<Secret> {
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let decoded = Secret::from(String::from_utf8(decoded).ok()?);
+    let (_, password) = decoded.expose().split_once(':')?;
+    Some(Secret::new(password))
+}
+
+/// `path_and_query` without the query parameters named `param` (compared ignoring ASCII case).
+pub fn without_query_param(path_and_query: &str, param: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_string();
+    };
+    let mut out = String::with_capacity(path_and_query.len());
+    out.push_str(path);
+    for pair in query.split('&') {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        if pair.is_empty() || name.eq_ignore_ascii_case(param) {
+            continue;
+        }
+        out.push(if out.len() == path.len() { '?' } else { '&' });
+        out.push_str(pair);
+    }
+    out
 }
 
 /// Hex SHA-256, as `token_sha256` values are written.
@@ -243,6 +351,39 @@ mod tests {
         let named = [(&bytes, "first"), (&[0u8; 32], "second")];
         assert_eq!(find_by_token("tok123", named), Some("first"));
         assert_eq!(find_by_token("tok124", named), None);
+    }
+
+    #[test]
+    fn token_candidates_come_from_every_credential_place() {
+        let places = TokenPlaces::new([HeaderName::from_static("x-api-key")], ["key".to_string()]);
+        let mut h = HeaderMap::new();
+        h.append("authorization", "Bearer tok-a".parse().unwrap());
+        h.append("x-api-key", "tok-b".parse().unwrap());
+        h.append("x-other", "tok-c".parse().unwrap());
+        let found = places.candidates(&h, Some("a=1&KEY=tok%2Dd&b=2"));
+        let got: Vec<(&str, Place)> = found.iter().map(|(t, p)| (t.expose(), p.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("tok-a", Place::Header(http::header::AUTHORIZATION)),
+                ("tok-b", Place::Header(HeaderName::from_static("x-api-key"))),
+                ("tok-d", Place::Query("key".into())),
+            ]
+        );
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Basic dXNlcjp0b2stZQ==".parse().unwrap());
+        assert_eq!(places.candidates(&h, None)[0].0.expose(), "tok-e");
+        h.insert("authorization", "Token token=tok-f".parse().unwrap());
+        let found = places.candidates(&h, None);
+        assert!(found.iter().any(|(t, _)| t.expose() == "tok-f"));
+    }
+
+    #[test]
+    fn a_query_parameter_is_removed_in_any_case() {
+        assert_eq!(without_query_param("/p?a=1&Key=x&b=2", "key"), "/p?a=1&b=2");
+        assert_eq!(without_query_param("/p?key=x", "key"), "/p");
+        assert_eq!(without_query_param("/p?key=x&a", "key"), "/p?a");
+        assert_eq!(without_query_param("/p", "key"), "/p");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::auth::{Client, Glob};
 use crate::catalog::{Catalog, CatalogError, RawConnector};
+use crate::destination::Passthrough;
 
 /// A configuration error: the key it concerns and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,8 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
     pub resolve: HashMap<(String, u16), SocketAddr>,
+    /// `proxy.passthrough`: CONNECT targets spliced without TLS termination or credential.
+    pub passthrough: Passthrough,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +168,8 @@ struct RawProxy {
     workers: Option<usize>,
     #[serde(default)]
     resolve: BTreeMap<String, String>,
+    #[serde(default)]
+    passthrough: Vec<String>,
 }
 
 impl Default for RawProxy {
@@ -176,6 +181,7 @@ impl Default for RawProxy {
             request_timeout: secs::<60>(),
             workers: None,
             resolve: BTreeMap::new(),
+            passthrough: Vec::new(),
         }
     }
 }
@@ -523,6 +529,7 @@ impl ProxyConfig {
                 }
             },
             resolve: resolve_pins(raw.resolve)?,
+            passthrough: passthrough(raw.passthrough)?,
         };
         if proxy.listen.is_empty() {
             return Err(ConfigError::new(
@@ -707,6 +714,17 @@ impl CacheConfig {
         }
         Ok(cache)
     }
+}
+
+/// `proxy.passthrough`: hosts, `*.suffix` patterns, either with `:port` (443 without).
+fn passthrough(raw: Vec<String>) -> Result<Passthrough, ConfigError> {
+    let mut hosts = Passthrough::default();
+    for (i, entry) in raw.iter().enumerate() {
+        hosts
+            .push(entry)
+            .map_err(|why| ConfigError::new(format!("proxy.passthrough[{i}]"), why))?;
+    }
+    Ok(hosts)
 }
 
 /// `proxy.resolve`: `"host:port" = "ip:port"` pairs, like curl's `--resolve`.
@@ -1006,6 +1024,27 @@ mod tests {
         assert_eq!(e.key, "tls.ca_key", "{e}");
         let e = err("[tls]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\n");
         assert_eq!(e.key, "tls.ca_cert", "{e}");
+    }
+
+    #[test]
+    fn passthrough_hosts_are_checked() {
+        let c = Config::parse(
+            "[proxy]\npassthrough = [\"PyPI.org\", \"*.pythonhosted.org\", \"git.example.com:8443\"]\n",
+            &with_token(),
+        )
+        .unwrap();
+        let p = &c.proxy.passthrough;
+        assert!(p.covers("pypi.org", 443));
+        assert!(!p.covers("pypi.org", 80));
+        assert!(p.covers("files.pythonhosted.org", 443));
+        assert!(!p.covers("pythonhosted.org", 443));
+        assert!(p.covers("git.example.com", 8443));
+        assert!(!p.covers("git.example.com", 443));
+        let e = err("[proxy]\npassthrough = [\"pypi.org\", \"bad host\"]\n");
+        assert_eq!(e.key, "proxy.passthrough[1]", "{e}");
+        let e = err("[proxy]\npassthrough = [\"pypi.org:0\"]\n");
+        assert_eq!(e.key, "proxy.passthrough[0]", "{e}");
+        assert!(e.message.contains("port"), "{e}");
     }
 
     #[test]

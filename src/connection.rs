@@ -256,11 +256,41 @@ impl Connection {
     /// `port`: the base URL's own port on its host, the base URL scheme's default port on every
     /// other allowed host. Never another port of the same host.
     pub fn allows_port(&self, host: &str, port: u16) -> bool {
-        if normalize_host(host) == *self.base.host {
-            port == self.base.port
-        } else {
-            port == self.base.scheme.default_port()
+        port_allowed(&self.base, host, port)
+    }
+
+    /// Where the credential may go, without the credential: for an index of which connection
+    /// covers which host and port.
+    pub fn reach(&self) -> Reach {
+        Reach {
+            id: self.id.clone(),
+            hosts: self.hosts.clone(),
+            base: self.base.clone(),
         }
+    }
+}
+
+/// A connection's hosts and ports, and nothing secret.
+#[derive(Debug, Clone)]
+pub struct Reach {
+    pub id: ConnectionId,
+    hosts: HostAllowList,
+    base: BaseUrl,
+}
+
+impl Reach {
+    /// Whether the connection's credential may go to `host` on `port` (on some port of it,
+    /// with `None`).
+    pub fn covers(&self, host: &str, port: Option<u16>) -> bool {
+        self.hosts.allows(host) && port.is_none_or(|port| port_allowed(&self.base, host, port))
+    }
+}
+
+fn port_allowed(base: &BaseUrl, host: &str, port: u16) -> bool {
+    if normalize_host(host) == *base.host {
+        port == base.port
+    } else {
+        port == base.scheme.default_port()
     }
 }
 

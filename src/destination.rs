@@ -156,6 +156,45 @@ impl HostAllowList {
     }
 }
 
+/// `proxy.passthrough`: hosts (and `*.suffix` patterns) whose CONNECTs are spliced without TLS
+/// termination and without a credential, each on port 443 or on the port its entry names.
+#[derive(Debug, Clone, Default)]
+pub struct Passthrough {
+    entries: Vec<(HostAllowList, u16)>,
+}
+
+impl Passthrough {
+    /// Adds `host`, `*.suffix`, or either with `:port`.
+    pub fn push(&mut self, entry: &str) -> Result<(), String> {
+        let (pattern, port) = match entry.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(':') && !host.is_empty() => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("{entry:?} has a port that is not 1 to 65535"))?;
+                (host, port)
+            }
+            _ => (entry, 443),
+        };
+        let mut hosts = HostAllowList::default();
+        hosts.push(pattern)?;
+        self.entries.push((hosts, port));
+        Ok(())
+    }
+
+    /// Whether a CONNECT to `host` and `port` is spliced.
+    pub fn covers(&self, host: &str, port: u16) -> bool {
+        self.entries
+            .iter()
+            .any(|(hosts, p)| *p == port && hosts.allows(host))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Lower case, no trailing dot, IPv6 literals in brackets.
 pub fn normalize_host(host: &str) -> String {
     let h = host.trim_end_matches('.').to_ascii_lowercase();

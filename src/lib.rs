@@ -19,7 +19,7 @@
 //! | 3 | config, inject, upstream::pool |
 //! | 4 | connection, upstream, vault |
 //! | 5 | cache, draft, verify |
-//! | 6 | lifecycle |
+//! | 6 | coverage, lifecycle |
 //! | 7 | response |
 //! | 8 | admin::connections, proxy |
 //! | 9 | admin, tunnel |
@@ -63,6 +63,7 @@ pub mod catalog;
 pub mod config;
 pub mod connection;
 pub mod connection_id;
+pub mod coverage;
 pub mod destination;
 pub mod draft;
 pub mod hop_by_hop;

@@ -20,26 +20,42 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::auth::{self, Client, Clients, CredentialsError};
+use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
 use crate::body::{BoxBody, BoxError, Counted, Logged, PendingLog};
 use crate::cache::Cache;
+use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
-use crate::destination::{self, normalize_host, Scheme};
+use crate::coverage::Coverage;
+use crate::destination::{self, normalize_host, Passthrough, Scheme};
 use crate::inject::{self, Target};
 use crate::lifecycle::Lifecycle;
 use crate::response::ProxyError;
 use crate::secret::Secret;
 use crate::telemetry::{self, AccessLog};
-use crate::upstream::{Pool, ResponseBody};
+use crate::upstream::{MaybeTls, Pool, ResponseBody};
 
 /// The proxy listener's service.
 pub struct Proxy {
     cache: Cache,
     lifecycle: Arc<Lifecycle>,
     clients: Clients,
+    /// Where a gateway-form client may put its token instead of `Proxy-Authorization`.
+    token_places: TokenPlaces,
+    /// Which connections cover a host, for requests that name none.
+    coverage: Arc<Coverage>,
+    /// CONNECT targets spliced without TLS termination or credential.
+    passthrough: Arc<Passthrough>,
     upstream: Arc<Pool>,
     request_timeout: Duration,
+}
+
+/// What the proxy's side of a CONNECT decided.
+pub enum Opened {
+    /// A tunnel that latchkey terminates, its requests served by the pipeline.
+    Tunnel(Tunnel),
+    /// A passthrough host, already dialled: its bytes are spliced as they are.
+    Splice(MaybeTls),
 }
 
 /// Which of the request forms of PRODUCT.md section 1.
@@ -64,9 +80,12 @@ impl Form {
 /// request inside the tunnel is held to.
 #[derive(Clone)]
 pub struct Tunnel {
-    /// The connection named at CONNECT; `None` when each request names its own with a
-    /// `latchkey.{id}` placeholder where the key goes.
+    /// The connection named at CONNECT; `None` when each request picks its own: a
+    /// `latchkey.{id}` placeholder where the key goes, or the one candidate.
     pub id: Option<ConnectionId>,
+    /// When no connection was named: the granted connections covering the CONNECT host and
+    /// port, found at CONNECT.
+    pub candidates: Arc<[ConnectionId]>,
     pub client: Option<Arc<str>>,
     /// The authenticated client, for the connections a request names later.
     pub grant: Option<Client>,
@@ -131,15 +150,28 @@ struct Route<'u> {
     id: ConnectionId,
     token: Option<Secret>,
     /// The path and query to send on (in gateway form, what follows the connection ID).
-    path_and_query: &'u str,
+    path_and_query: Cow<'u, str>,
     /// The destination a forward-form request named.
     requested: Option<Requested<'u>>,
+}
+
+/// A request's route, or for a forward-form request that names no connection (proxy user `_`,
+/// empty, or none), what it needs to pick one.
+enum Routed<'u> {
+    Named(Route<'u>),
+    Unnamed(Unnamed<'u>),
+}
+
+struct Unnamed<'u> {
+    form: Form,
+    token: Option<Secret>,
+    path_and_query: Cow<'u, str>,
+    requested: Requested<'u>,
 }
 
 /// Where phase 4 sends the request.
 struct Peer<'c> {
     scheme: Scheme,
-    port: u16,
     authority: Cow<'c, Authority>,
     /// The base URL's path in gateway form; nothing in forward form.
     path_prefix: &'c str,
@@ -158,13 +190,18 @@ impl Proxy {
         cache: Cache,
         lifecycle: Arc<Lifecycle>,
         clients: Clients,
+        (coverage, passthrough): (Arc<Coverage>, Arc<Passthrough>),
         upstream: Arc<Pool>,
         request_timeout: Duration,
     ) -> Proxy {
+        let token_places = token_places(lifecycle.catalog());
         Proxy {
             cache,
             lifecycle,
             clients,
+            token_places,
+            coverage,
+            passthrough,
             upstream,
             request_timeout,
         }
@@ -231,7 +268,16 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
 
-        let route = Self::route(&parts, &uri)?;
+        let mut route = match Self::route(&parts, &uri)? {
+            Routed::Named(route) => route,
+            Routed::Unnamed(route) => {
+                log.form = route.form.as_str();
+                self.pick(&parts.headers, route, log).await?
+            }
+        };
+        if route.form == Form::Gateway && route.token.is_none() && !self.clients.is_open() {
+            self.token_where_the_key_goes(&mut parts.headers, &mut route);
+        }
         log.form = route.form.as_str();
         log.connection = Some(route.id.shared());
         if let Some(r) = &route.requested {
@@ -260,29 +306,19 @@ impl Proxy {
         tunnel.check_inner(&parts, &uri)?;
         let id = match &tunnel.id {
             Some(id) => id.clone(),
-            None => {
-                let id = placeholder(&parts.headers).ok_or_else(|| {
-                    ProxyError::ConnectionAmbiguous(
-                        "this tunnel names no connection: name it as the proxy user name, or put latchkey.{connection_id} where the API key goes".into(),
-                    )
-                })?;
-                if let Some(client) = &tunnel.grant {
-                    if !client.may_use(id.as_str()) {
-                        return Err(ProxyError::ConnectionForbidden {
-                            client: client.name.to_string(),
-                            connection: id.to_string(),
-                        });
-                    }
-                }
-                id
-            }
+            None => choose(
+                (&parts.headers, uri.query()),
+                tunnel.grant.as_ref(),
+                &tunnel.candidates,
+                &format!("{}:{}", tunnel.host, tunnel.port),
+            )?,
         };
         log.connection = Some(id.shared());
         let route = Route {
             form: Form::Tunnel,
             id,
             token: None,
-            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
+            path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(Requested {
                 scheme: if tunnel.tls {
                     Scheme::Https
@@ -296,14 +332,15 @@ impl Proxy {
         self.send_on(parts, body, &route, log, bytes_in).await
     }
 
-    /// The CONNECT's phases: its target, the client, the connection and its hosts and ports,
-    /// and the addresses the target resolves to. Writes the CONNECT's access line whatever the
-    /// outcome.
+    /// The CONNECT's phases: its target, the client, the connection and its hosts and ports
+    /// (or, when none is named, the granted connections covering the target, or a passthrough
+    /// host), and the addresses the target resolves to. Writes the CONNECT's access line
+    /// whatever the outcome.
     pub async fn connect(
         &self,
         parts: &http::request::Parts,
         tls: bool,
-    ) -> Result<Tunnel, ProxyError> {
+    ) -> Result<Opened, ProxyError> {
         let started = Instant::now();
         let mut log = AccessLog {
             method: Method::CONNECT,
@@ -328,7 +365,7 @@ impl Proxy {
         parts: &http::request::Parts,
         tls: bool,
         log: &mut AccessLog,
-    ) -> Result<Tunnel, ProxyError> {
+    ) -> Result<Opened, ProxyError> {
         let authority = parts
             .uri
             .authority()
@@ -353,48 +390,127 @@ impl Proxy {
                 }))
             }
         };
-        let (id, client, dialled_port) = match user.filter(|u| !u.is_empty() && u != "_") {
-            // No connection named: each request inside names its own with a placeholder key,
-            // and is checked against that connection's hosts and ports before anything is sent.
-            None => (None, self.authenticate(token.as_ref())?, port),
-            Some(user) => {
-                let id = ConnectionId::parse(&user)
-                    .map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
-                log.connection = Some(id.shared());
-                let route = Route {
-                    form: Form::Tunnel,
-                    id,
-                    token,
-                    path_and_query: "/",
-                    requested: Some(Requested {
-                        scheme: if tls { Scheme::Https } else { Scheme::Http },
-                        host: &host,
-                        port: Some(port),
-                    }),
-                };
-                let client = self.authorize(&route)?;
-                log.client = client.map(|c| c.name.clone());
-                let conn = self.connection(&route.id, log).await?;
-                log.connection_known = true;
-                let peer = Self::upstream_peer(&route, &conn)?;
-                (Some(route.id), client, peer.port)
-            }
-        };
-        log.client = client.map(|c| c.name.clone());
-        self.upstream
-            .dialer()
-            .check_destination(&host, dialled_port)
-            .await
-            .map_err(|e| ProxyError::from_upstream(&e.into()))?;
-        Ok(Tunnel {
-            id,
-            client: log.client.clone(),
-            grant: client.cloned(),
-            host: Arc::from(host),
+        let mut tunnel = Tunnel {
+            id: None,
+            candidates: Arc::from(Vec::new()),
+            client: None,
+            grant: None,
+            host: Arc::from(host.as_str()),
             port,
             tls,
             sni_matches: true,
-        })
+        };
+        let covered = match user.filter(|u| !u.is_empty() && u != "_") {
+            None => {
+                let client = self.authenticate(token.as_ref())?;
+                log.client = client.map(|c| c.name.clone());
+                tunnel.grant = client.cloned();
+                let candidates = self
+                    .coverage
+                    .candidates(client, &host, Some(port))
+                    .await
+                    .map_err(|_| ProxyError::CannotChoose(format!("{host}:{port}")))?;
+                tunnel.candidates = Arc::from(candidates);
+                !tunnel.candidates.is_empty()
+            }
+            Some(user) => self.named_tunnel(&user, token, &mut tunnel, log).await?,
+        };
+        tunnel.client = log.client.clone();
+        if !covered {
+            return self.passthrough(&host, port, &tunnel, log).await;
+        }
+        self.upstream
+            .dialer()
+            .check_destination(&host, port)
+            .await
+            .map_err(|e| ProxyError::from_upstream(&e.into()))?;
+        Ok(Opened::Tunnel(tunnel))
+    }
+
+    /// A CONNECT whose proxy user names the connection: the client may use it, and whether it
+    /// covers the CONNECT host and port.
+    async fn named_tunnel(
+        &self,
+        user: &str,
+        token: Option<Secret>,
+        tunnel: &mut Tunnel,
+        log: &mut AccessLog,
+    ) -> Result<bool, ProxyError> {
+        let id =
+            ConnectionId::parse(user).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+        log.connection = Some(id.shared());
+        let route = Route {
+            form: Form::Tunnel,
+            id,
+            token,
+            path_and_query: Cow::Borrowed("/"),
+            requested: Some(Requested {
+                scheme: if tunnel.tls {
+                    Scheme::Https
+                } else {
+                    Scheme::Http
+                },
+                host: &tunnel.host,
+                port: Some(tunnel.port),
+            }),
+        };
+        let client = self.authorize(&route)?;
+        log.client = client.map(|c| c.name.clone());
+        tunnel.grant = client.cloned();
+        let conn = self.connection(&route.id, log).await?;
+        log.connection_known = true;
+        match Self::upstream_peer(&route, &conn) {
+            Ok(_) => {
+                tunnel.id = Some(route.id);
+                Ok(true)
+            }
+            // Not this connection's host: a passthrough host is spliced, anything else refused.
+            Err(e @ ProxyError::HostNotAllowed { .. }) => {
+                if self.passthrough.covers(&tunnel.host, tunnel.port) {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A CONNECT target no granted connection covers: dialled and spliced when it is a
+    /// passthrough host (after the address check, as every dial), refused otherwise.
+    async fn passthrough(
+        &self,
+        host: &str,
+        port: u16,
+        tunnel: &Tunnel,
+        log: &mut AccessLog,
+    ) -> Result<Opened, ProxyError> {
+        if !self.passthrough.covers(host, port) {
+            return Err(ProxyError::NotCovered(match &tunnel.client {
+                Some(client) => format!(
+                    "no connection that client {client:?} may use covers {host}:{port}, and it is not a proxy.passthrough host"
+                ),
+                None => format!(
+                    "no connection covers {host}:{port}, and it is not a proxy.passthrough host"
+                ),
+            }));
+        }
+        log.form = "passthrough";
+        log.connection = None;
+        log.connection_known = false;
+        let authority = Authority::from_maybe_shared(bytes::Bytes::from(destination::authority(
+            host,
+            port,
+            Scheme::Http,
+        )))
+        .map_err(|_| ProxyError::BadRequest("the CONNECT host is not valid".into()))?;
+        let stream = self
+            .upstream
+            .dialer()
+            .dial(false, &authority)
+            .await
+            .map_err(|e| ProxyError::from_upstream(&e.into()))?;
+        Ok(Opened::Splice(stream))
     }
 
     /// Phases 3 to 6, once the route and the client are known.
@@ -420,7 +536,7 @@ impl Proxy {
         };
         let log_path = inject::rewrite(
             &mut parts,
-            route.path_and_query,
+            &route.path_and_query,
             target,
             &conn.credential,
             &conn.connector,
@@ -456,7 +572,7 @@ impl Proxy {
     }
 
     /// Phase 1: the request's form, connection ID and token.
-    fn route<'u>(parts: &http::request::Parts, uri: &'u Uri) -> Result<Route<'u>, ProxyError> {
+    fn route<'u>(parts: &http::request::Parts, uri: &'u Uri) -> Result<Routed<'u>, ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::ConnectUnsupported);
         }
@@ -488,19 +604,19 @@ impl Proxy {
                 "Proxy-Authorization must be `Bearer {token}` or Basic with the token as password",
             )),
         };
-        Ok(Route {
+        Ok(Routed::Named(Route {
             form: Form::Gateway,
             id,
             token,
-            path_and_query: rest,
+            path_and_query: Cow::Borrowed(rest),
             requested: None,
-        })
+        }))
     }
 
     fn route_forward<'u>(
         parts: &http::request::Parts,
         uri: &'u Uri,
-    ) -> Result<Route<'u>, ProxyError> {
+    ) -> Result<Routed<'u>, ProxyError> {
         let scheme = match uri.scheme_str() {
             Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
             Some(s) if s.eq_ignore_ascii_case("https") => Scheme::Https,
@@ -543,28 +659,92 @@ impl Proxy {
             }
         }
 
-        let creds = auth::proxy_credentials(&parts.headers).map_err(|e| {
-            ProxyError::ProxyAuthRequired(match e {
-                CredentialsError::Missing => {
-                    "forward-form requests name their connection in Proxy-Authorization: Basic base64(connection_id:token)"
-                }
-                CredentialsError::Malformed => {
-                    "Proxy-Authorization must be Basic base64(connection_id:token)"
-                }
-            })
-        })?;
-        let user = creds.user.ok_or(ProxyError::ProxyAuthRequired(
-            "forward-form requests use Basic proxy authentication with the connection ID as the user name",
-        ))?;
-        let id =
-            ConnectionId::parse(&user).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+        let requested = Requested { scheme, host, port };
+        let path_and_query = Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str()));
+        let (user, token) = match auth::proxy_credentials(&parts.headers) {
+            Ok(creds) => (creds.user, Some(creds.token)),
+            Err(CredentialsError::Missing) => (None, None),
+            Err(CredentialsError::Malformed) => return Err(ProxyError::ProxyAuthRequired(
+                "Proxy-Authorization must be Basic base64(connection_id:token) or Bearer {token}",
+            )),
+        };
+        match user.filter(|u| !u.is_empty() && u != "_") {
+            Some(user) => Ok(Routed::Named(Route {
+                form: Form::Forward,
+                id: ConnectionId::parse(&user)
+                    .map_err(|e| ProxyError::BadConnectionId(e.to_string()))?,
+                token,
+                path_and_query,
+                requested: Some(requested),
+            })),
+            None => Ok(Routed::Unnamed(Unnamed {
+                form: Form::Forward,
+                token,
+                path_and_query,
+                requested,
+            })),
+        }
+    }
+
+    /// A forward-form request that names no connection: the client, then its connection by
+    /// placeholder or as the one granted connection that covers the host.
+    async fn pick<'u>(
+        &self,
+        headers: &http::HeaderMap,
+        unnamed: Unnamed<'u>,
+        log: &mut AccessLog,
+    ) -> Result<Route<'u>, ProxyError> {
+        let req = &unnamed.requested;
+        log.host = Some(Arc::from(normalize_host(req.host)));
+        let client = self.authenticate(unnamed.token.as_ref())?;
+        log.client = client.map(|c| c.name.clone());
+        // Forward form is not held to ports (issue 10): an explicit port narrows the choice.
+        let port = req.port.filter(|p| *p != req.scheme.default_port());
+        let what = req
+            .port
+            .map_or_else(|| req.host.to_string(), |p| format!("{}:{p}", req.host));
+        let query = unnamed.path_and_query.split_once('?').map(|(_, q)| q);
+        let candidates = if placeholder(headers, query).is_some() {
+            Vec::new()
+        } else {
+            self.coverage
+                .candidates(client, req.host, port)
+                .await
+                .map_err(|_| ProxyError::CannotChoose(what.clone()))?
+        };
+        let id = choose((headers, query), client, &candidates, &what)?;
         Ok(Route {
-            form: Form::Forward,
+            form: unnamed.form,
             id,
-            token: Some(creds.token),
-            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()),
-            requested: Some(Requested { scheme, host, port }),
+            token: unnamed.token,
+            path_and_query: unnamed.path_and_query,
+            requested: Some(unnamed.requested),
         })
+    }
+
+    /// In gateway form without `Proxy-Authorization`: a client token where the connector's
+    /// credential goes (an SDK's API key set to the token) is the request's token, and is
+    /// removed from there before anything is sent on.
+    fn token_where_the_key_goes(&self, headers: &mut http::HeaderMap, route: &mut Route<'_>) {
+        let query = route.path_and_query.split_once('?').map(|(_, q)| q);
+        let found = self
+            .token_places
+            .candidates(headers, query)
+            .into_iter()
+            .find(|(token, _)| self.clients.authenticate(token).is_some());
+        let Some((token, place)) = found else {
+            return;
+        };
+        match place {
+            Place::Header(name) => {
+                headers.remove(name);
+            }
+            Place::Query(param) => {
+                let rest = auth::without_query_param(&route.path_and_query, &param);
+                route.path_and_query = Cow::Owned(rest);
+            }
+        }
+        route.token = Some(token);
     }
 
     /// Phase 2: the client, and whether it may use the connection.
@@ -587,7 +767,7 @@ impl Proxy {
             return Ok(None);
         }
         let token = token.ok_or(ProxyError::ProxyAuthRequired(
-            "a client token is required in Proxy-Authorization",
+            "a client token is required: in Proxy-Authorization, or in gateway form where the API key goes",
         ))?;
         self.clients
             .authenticate(token)
@@ -621,7 +801,6 @@ impl Proxy {
             let base = &conn.base;
             return Ok(Peer {
                 scheme: base.scheme,
-                port: base.port,
                 authority: Cow::Borrowed(&base.authority),
                 path_prefix: &base.path,
                 host: base.host.clone(),
@@ -660,7 +839,6 @@ impl Proxy {
         }
         Ok(Peer {
             scheme,
-            port,
             authority: Cow::Owned(authority),
             path_prefix: "",
             host: Arc::from(host),
@@ -693,18 +871,72 @@ impl Proxy {
     }
 }
 
-/// The connection a `latchkey.{connection_id}` placeholder names in a header value, where an
-/// SDK configured with `api_key = "latchkey.stripe-prod"` puts its key.
-fn placeholder(headers: &http::HeaderMap) -> Option<ConnectionId> {
+/// Which connection a request that named none uses, in PRODUCT.md's order: a
+/// `latchkey.{id}` placeholder where the key goes (that the client may use), else the one
+/// candidate (granted and covering the destination `what`); several is
+/// `connection_ambiguous`, none `host_not_allowed`.
+fn choose(
+    (headers, query): (&http::HeaderMap, Option<&str>),
+    grant: Option<&Client>,
+    candidates: &[ConnectionId],
+    what: &str,
+) -> Result<ConnectionId, ProxyError> {
+    if let Some(id) = placeholder(headers, query) {
+        if let Some(client) = grant {
+            if !client.may_use(id.as_str()) {
+                return Err(ProxyError::ConnectionForbidden {
+                    client: client.name.to_string(),
+                    connection: id.to_string(),
+                });
+            }
+        }
+        return Ok(id);
+    }
+    match candidates {
+        [one] => Ok(one.clone()),
+        [] => Err(ProxyError::NotCovered(format!(
+            "no connection this client may use covers {what}; name one as the proxy user name, or put latchkey.{{connection_id}} where the API key goes"
+        ))),
+        many => Err(ProxyError::ConnectionAmbiguous(format!(
+            "connections {} all cover {what}: name one as the proxy user name, or put latchkey.{{connection_id}} where the API key goes",
+            many.iter().map(ConnectionId::as_str).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// The places of the catalog's credentials: each header and query parameter a connector sets
+/// or strips.
+fn token_places(catalog: &Catalog) -> TokenPlaces {
+    let mut headers = Vec::new();
+    let mut query = Vec::new();
+    for connector in catalog.iter() {
+        match &connector.inject {
+            Inject::Header { header, .. } => headers.push(header.clone()),
+            Inject::Query { param, .. } => query.push(param.clone()),
+            Inject::Bearer { .. } | Inject::Basic { .. } => {}
+        }
+        headers.extend(connector.strip.iter().cloned());
+    }
+    TokenPlaces::new(headers, query)
+}
+
+/// The connection a `latchkey.{connection_id}` placeholder names where an SDK configured with
+/// `api_key = "latchkey.stripe-prod"` puts its key: a header value, or the query (for
+/// connectors whose key is a query parameter).
+fn placeholder(headers: &http::HeaderMap, query: Option<&str>) -> Option<ConnectionId> {
+    headers
+        .values()
+        .find_map(|value| placeholder_in(value.as_bytes()))
+        .or_else(|| query.and_then(|q| placeholder_in(q.as_bytes())))
+}
+
+fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {
     const MARK: &[u8] = b"latchkey.";
-    headers.values().find_map(|value| {
-        let v = value.as_bytes();
-        let at = v.windows(MARK.len()).position(|w| w == MARK)?;
-        let rest = v.get(at + MARK.len()..)?;
-        let end = rest
-            .iter()
-            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
-            .unwrap_or(rest.len());
-        ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
-    })
+    let at = v.windows(MARK.len()).position(|w| w == MARK)?;
+    let rest = v.get(at + MARK.len()..)?;
+    let end = rest
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
+        .unwrap_or(rest.len());
+    ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
 }

@@ -38,6 +38,10 @@ pub enum ProxyError {
         connection: String,
         allowed: String,
     },
+    /// No connection granted to the client covers a destination that no request named a
+    /// connection for.
+    #[error("{0}")]
+    NotCovered(String),
     #[error("{0}")]
     HostMismatch(String),
     #[error("{0}")]
@@ -53,6 +57,8 @@ pub enum ProxyError {
     },
     #[error("the secret store is unavailable and connection {0:?} is not cached")]
     SecretStoreUnavailable(String),
+    #[error("the secret store is unavailable, so which connection covers {0} is not known")]
+    CannotChoose(String),
     #[error("{0}")]
     UpstreamUnreachable(String),
     #[error("{0}")]
@@ -72,6 +78,7 @@ impl ProxyError {
             ProxyError::ProxyAuthRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::ConnectionForbidden { .. }
             | ProxyError::HostNotAllowed { .. }
+            | ProxyError::NotCovered(_)
             | ProxyError::DestinationBlocked(_) => StatusCode::FORBIDDEN,
             ProxyError::HostMismatch(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ConnectionAmbiguous(_) => StatusCode::BAD_REQUEST,
@@ -79,7 +86,9 @@ impl ProxyError {
             ProxyError::ConnectionInvalid { .. } | ProxyError::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::SecretStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::SecretStoreUnavailable(_) | ProxyError::CannotChoose(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTls(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -94,13 +103,15 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::ProxyAuthRequired(_) => "proxy_auth_required",
             ProxyError::ConnectionForbidden { .. } => "connection_forbidden",
-            ProxyError::HostNotAllowed { .. } => "host_not_allowed",
+            ProxyError::HostNotAllowed { .. } | ProxyError::NotCovered(_) => "host_not_allowed",
             ProxyError::DestinationBlocked(_) => "destination_blocked",
             ProxyError::HostMismatch(_) => "host_mismatch",
             ProxyError::ConnectionAmbiguous(_) => "connection_ambiguous",
             ProxyError::ConnectionNotFound(_) => "connection_not_found",
             ProxyError::ConnectionInvalid { .. } => "connection_invalid",
-            ProxyError::SecretStoreUnavailable(_) => "secret_store_unavailable",
+            ProxyError::SecretStoreUnavailable(_) | ProxyError::CannotChoose(_) => {
+                "secret_store_unavailable"
+            }
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTls(_) => "upstream_tls",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",

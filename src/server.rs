@@ -23,7 +23,9 @@ use crate::auth::Clients;
 use crate::ca::{Ca, Leaves};
 use crate::cache::{Cache, VaultSource};
 use crate::config::{CaFiles, Config};
+use crate::coverage::Coverage;
 use crate::destination::AddressPolicy;
+use crate::destination::Passthrough;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::Proxy;
 use crate::secret::Secret;
@@ -80,6 +82,8 @@ struct ProxyParts {
     cache: Cache,
     lifecycle: Arc<Lifecycle>,
     clients: Clients,
+    coverage: Arc<Coverage>,
+    passthrough: Arc<Passthrough>,
     dialer: Dialer,
     request_timeout: Duration,
     /// The tunnel form's leaf certificates, shared by every worker; `None` without a CA.
@@ -93,6 +97,7 @@ impl ProxyParts {
             self.cache.clone(),
             self.lifecycle.clone(),
             self.clients.clone(),
+            (self.coverage.clone(), self.passthrough.clone()),
             Pool::new(self.dialer.clone()),
             self.request_timeout,
         )
@@ -142,6 +147,12 @@ impl Server {
             cache: cache.clone(),
             lifecycle,
             clients: Clients::new(config.clients.clone()),
+            coverage: Arc::new(Coverage::new(
+                vault.clone(),
+                cache.clone(),
+                config.cache.ttl,
+            )),
+            passthrough: Arc::new(config.proxy.passthrough.clone()),
             dialer,
             request_timeout: config.proxy.request_timeout,
             leaves: ca.map(|ca| Arc::new(Leaves::new(Arc::new(ca), MAX_LEAVES))),

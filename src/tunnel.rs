@@ -24,9 +24,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use crate::body::{self, BoxBody};
 use crate::ca::Leaves;
 use crate::destination::normalize_host;
-use crate::proxy::{Proxy, Tunnel};
+use crate::proxy::{Opened, Proxy, Tunnel};
 use crate::response::ProxyError;
 use crate::telemetry;
+use crate::upstream::MaybeTls;
 
 /// How long a client has, once the CONNECT is answered, to send its first byte.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,7 +59,8 @@ impl Tunnels {
         // TLS inside unless the port is HTTP's; what the client really sends is seen later.
         let port_says_tls = parts.uri.port_u16() != Some(80);
         let mut tunnel = match self.proxy.connect(&parts, port_says_tls).await {
-            Ok(t) => t,
+            Ok(Opened::Tunnel(t)) => t,
+            Ok(Opened::Splice(upstream)) => return splice(upgrade, upstream),
             Err(e) => return e.into_response(),
         };
         let me = self.clone();
@@ -148,6 +150,29 @@ impl Tunnels {
             .await
             .map_err(io::Error::other)
     }
+}
+
+/// Answers 200 and, once hyper hands the client's connection over, copies bytes both ways
+/// between it and the passthrough host until either side closes: no TLS termination, no
+/// credential.
+fn splice(upgrade: hyper::upgrade::OnUpgrade, mut upstream: MaybeTls) -> Response<BoxBody> {
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "a passthrough CONNECT was answered but not upgraded");
+                return;
+            }
+        };
+        let _open = telemetry::TunnelOpen::open();
+        let mut client = TokioIo::new(upgraded);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "a passthrough tunnel ended with an error");
+        }
+    });
+    let mut ok = Response::new(body::empty());
+    *ok.status_mut() = StatusCode::OK;
+    ok
 }
 
 /// Why a client's TLS handshake failed, as a bounded metric label. A client that does not trust

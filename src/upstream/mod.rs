@@ -6,5 +6,5 @@ pub mod dial;
 pub mod h1;
 pub mod pool;
 
-pub use dial::{tls_config, DialError, Dialer};
+pub use dial::{tls_config, DialError, Dialer, MaybeTls};
 pub use pool::{Pool, ResponseBody, SendError};

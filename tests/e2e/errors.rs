@@ -383,11 +383,12 @@ async fn missing_or_wrong_client_token_is_407_and_never_reads_vault() {
                 .header("Proxy-Authorization", "Digest whatever"),
         )
         .await,
-        // The client's own Authorization header is not a client token.
+        // Where the API key goes, a value that is not a client token (gateway form accepts the
+        // client token there; `token_place` shows it).
         send(
             http()
                 .get(lk.url("/stripe-prod/v1/charges"))
-                .header("Authorization", format!("Bearer {token}")),
+                .header("Authorization", "Bearer not-the-token"),
         )
         .await,
         // Forward form: no Proxy-Authorization at all, and a wrong token.
@@ -440,33 +441,34 @@ async fn missing_or_wrong_client_token_is_407_and_never_reads_vault() {
     assert_eq!(bao.reads_of("stripe-prod"), 1);
 }
 
+/// Open (no `[[clients]]`, loopback only): a forward-form request without a connection ID (no
+/// Proxy-Authorization, or Bearer) uses the one connection covering its host; none covering is
+/// 403, before anything is sent.
 #[tokio::test]
-async fn forward_form_without_proxy_authorization_is_407_even_when_open() {
+async fn forward_form_without_a_connection_id_uses_the_one_covering_the_host_when_open() {
     let bao = Bao::start().await;
     let up = echo().await;
-    put_bearer(&bao, "open", &format!("http://{}", up.addr()));
-    // No [[clients]]: open on loopback. Forward form still needs the connection ID from Basic.
+    let key = put_bearer(&bao, "open", &format!("http://{}", up.addr()));
     let lk = Latchkey::start(&bao, Opts::loopback()).await;
     let addr = up.addr();
+    for auth in ["", "Proxy-Authorization: Bearer tok\r\n"] {
+        let r = raw(
+            lk.proxy,
+            &format!(
+                "GET http://{addr}/x HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:#?}");
+        assert!(r.body.contains(&format!("Bearer {key}")), "{r:#?}");
+    }
     let r = raw(
         lk.proxy,
-        &format!("GET http://{addr}/x HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+        "GET http://127.0.0.9:1/x HTTP/1.1\r\nHost: 127.0.0.9:1\r\nConnection: close\r\n\r\n",
     )
     .await;
-    r.assert_error(407, "proxy_auth_required");
-    assert!(r.header("proxy-authenticate").is_some(), "{r:#?}");
-    // Bearer carries no connection ID.
-    let r = raw(
-        lk.proxy,
-        &format!(
-            "GET http://{addr}/x HTTP/1.1\r\nHost: {addr}\r\nProxy-Authorization: Bearer tok\r\nConnection: close\r\n\r\n"
-        ),
-    )
-    .await;
-    r.assert_error(407, "proxy_auth_required");
-    assert!(r.header("proxy-authenticate").is_some(), "{r:#?}");
-    assert_eq!(up.requests(), 0);
-    assert_eq!(bao.reads_of("open"), 0);
+    r.assert_error(403, "host_not_allowed");
+    assert_eq!(up.requests(), 2);
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ mod sdk;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod token_place;
 mod tunnel;
 mod upstream_h1;
 mod workers;

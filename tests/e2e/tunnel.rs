@@ -803,11 +803,12 @@ async fn a_latchkey_placeholder_where_the_key_goes_picks_the_connection() {
     assert_ours(&v["body"], &s.key);
     assert!(!v["body"].to_string().contains("latchkey."), "{v}");
 
-    // Neither a user name nor a placeholder: latchkey cannot tell which connection.
+    // Neither a user name nor a placeholder: the one connection covering the host (the
+    // ambiguous case is in `choose`).
     let v = requests_with(&s, &proxy, "Bearer sk_test_whatever").await;
-    assert_eq!(v["status"], 400, "{v}");
-    assert_eq!(v["body"]["error"]["code"], "connection_ambiguous", "{v}");
-    assert_eq!(s.up.requests(), 1);
+    assert_eq!(v["status"], 200, "{v}");
+    assert_ours(&v["body"], &s.key);
+    assert_eq!(s.up.requests(), 2);
 }
 
 #[tokio::test]
@@ -911,3 +912,5 @@ async fn latchkey_run_and_env_put_a_program_behind_the_tunnel() {
     }
     assert_eq!(s.up.requests(), 1);
 }
+
+mod choose;

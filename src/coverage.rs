@@ -1,0 +1,137 @@
+//! Which connections cover a host and port: how a tunnel or forward-form request that names no
+//! connection finds the one granted connection whose hosts include its destination
+//! (PRODUCT.md section 1, the third rule of "how a request picks its connection").
+//!
+//! The index holds every stored connection's hosts and ports, and nothing secret. It is built
+//! from a Vault LIST and a read of each connection through the cache, and rebuilt when it is
+//! older than the cache's TTL, or when a lookup finds nothing and it is older than
+//! [`MIN_REBUILD_INTERVAL`] (so that a connection just created is found at once, while a client
+//! asking for hosts nobody covers costs at most one rebuild a second). One rebuild runs at a
+//! time; everyone else waits for it. When Vault cannot list, the last index is used.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::auth::Client;
+use crate::cache::Cache;
+use crate::connection::Reach;
+use crate::connection_id::ConnectionId;
+use crate::vault::{Vault, VaultError};
+
+/// The shortest time between two rebuilds of the index caused by a lookup that found nothing.
+pub const MIN_REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+/// How many connections one rebuild reads at once.
+const READS_AT_ONCE: usize = 8;
+
+/// The index of which connection covers which host and port.
+pub struct Coverage {
+    vault: Arc<Vault>,
+    cache: Cache,
+    max_age: Duration,
+    index: RwLock<Option<Arc<Index>>>,
+    rebuilding: tokio::sync::Mutex<()>,
+}
+
+struct Index {
+    built: Instant,
+    reaches: Vec<Reach>,
+}
+
+impl Coverage {
+    pub fn new(vault: Arc<Vault>, cache: Cache, max_age: Duration) -> Coverage {
+        Coverage {
+            vault,
+            cache,
+            max_age,
+            index: RwLock::new(None),
+            rebuilding: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The connections that `client` may use (every one when latchkey is open) and whose
+    /// hosts include `host` on `port` (on any of their ports with `None`), sorted by ID.
+    pub async fn candidates(
+        &self,
+        client: Option<&Client>,
+        host: &str,
+        port: Option<u16>,
+    ) -> Result<Vec<ConnectionId>, VaultError> {
+        let index = self.index_younger_than(self.max_age).await?;
+        let found = matching(&index, client, host, port);
+        if !found.is_empty() || index.built.elapsed() < MIN_REBUILD_INTERVAL {
+            return Ok(found);
+        }
+        let index = self.index_younger_than(MIN_REBUILD_INTERVAL).await?;
+        Ok(matching(&index, client, host, port))
+    }
+
+    /// The current index if it is younger than `age`; otherwise a new one (or, when Vault
+    /// cannot list, the last one there is).
+    async fn index_younger_than(&self, age: Duration) -> Result<Arc<Index>, VaultError> {
+        if let Some(index) = self.current().filter(|i| i.built.elapsed() < age) {
+            return Ok(index);
+        }
+        let _one_at_a_time = self.rebuilding.lock().await;
+        // Someone else may have rebuilt it while this one waited.
+        if let Some(index) = self.current().filter(|i| i.built.elapsed() < age) {
+            return Ok(index);
+        }
+        match self.build().await {
+            Ok(index) => {
+                let index = Arc::new(index);
+                if let Ok(mut slot) = self.index.write() {
+                    *slot = Some(index.clone());
+                }
+                Ok(index)
+            }
+            Err(e) => match self.current() {
+                Some(last) => {
+                    tracing::warn!(error = %e, "cannot list connections; choosing from the last list");
+                    Ok(last)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Index>> {
+        self.index.read().ok().and_then(|slot| slot.clone())
+    }
+
+    /// Lists the stored connections and reads each through the cache. A connection that cannot
+    /// be read or used covers nothing.
+    async fn build(&self) -> Result<Index, VaultError> {
+        let ids = self.vault.list().await?;
+        let mut reaches = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(READS_AT_ONCE) {
+            let reads = chunk.iter().map(|id| self.cache.get(id));
+            let loaded = futures_util::future::join_all(reads).await;
+            reaches.extend(loaded.into_iter().flatten().map(|(conn, _)| conn.reach()));
+        }
+        tracing::debug!(
+            connections = reaches.len(),
+            "rebuilt the index of connection hosts"
+        );
+        Ok(Index {
+            built: Instant::now(),
+            reaches,
+        })
+    }
+}
+
+fn matching(
+    index: &Index,
+    client: Option<&Client>,
+    host: &str,
+    port: Option<u16>,
+) -> Vec<ConnectionId> {
+    let mut found: Vec<ConnectionId> = index
+        .reaches
+        .iter()
+        .filter(|r| client.is_none_or(|c| c.may_use(r.id.as_str())))
+        .filter(|r| r.covers(host, port))
+        .map(|r| r.id.clone())
+        .collect();
+    found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    found
+}
