@@ -4,8 +4,9 @@
 //! aiohttp (`trust_env=True`), undici (`EnvHttpProxyAgent`, `ProxyAgent`), axios (by itself
 //! and with `https-proxy-agent`), and the official openai, anthropic and stripe Python SDKs,
 //! each making a call with a placeholder key `latchkey.{connection_id}`. (curl over HTTP/1.1
-//! and h2, and requests, are in `tunnel.rs`.) Also: server-sent events arrive event by event,
-//! and 100 MiB goes up and down with latchkey's memory flat.
+//! and h2, and requests, are in `tunnel.rs`.) The same three SDKs in gateway form: base URL
+//! `http://latchkey/{connection_id}`, API key = the client token. Also: server-sent events
+//! arrive event by event, and 100 MiB goes up and down with latchkey's memory flat.
 //!
 //! "api.openai.com", "api.anthropic.com" and "api.stripe.com" are one HTTPS upstream on loopback
 //! with a certificate for the three names from a test CA, reached through `proxy.resolve`; the
@@ -745,6 +746,89 @@ async fn axios_through_the_tunnel_by_itself_and_with_https_proxy_agent() {
     assert!(
         connects.iter().all(|l| l["host"] == STRIPE.host),
         "{connects:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway form: base URL `http://latchkey/{connection_id}`, API key = the client token
+
+impl World {
+    /// What an SDK in gateway form is given: no proxy, no CA, the client token as its key and
+    /// latchkey's gateway URL for the connection as its base URL.
+    fn gateway_env(&self, conn: &Conn) -> Vec<(String, String)> {
+        vec![
+            ("TOKEN".to_string(), TOKEN.to_string()),
+            ("BASE".to_string(), self.lk.url(&format!("/{}", conn.id))),
+        ]
+    }
+}
+
+#[tokio::test]
+async fn the_openai_sdk_in_gateway_form_with_the_client_token_as_its_key() {
+    let w = World::start().await;
+    let v = python(
+        "import json, os\n\
+         from openai import OpenAI\n\
+         client = OpenAI(base_url=os.environ['BASE'] + '/v1', api_key=os.environ['TOKEN'])\n\
+         r = client.chat.completions.create(model='gpt-4o-mini',\n\
+         \x20   messages=[{'role': 'user', 'content': 'hello'}])\n\
+         print(json.dumps({'content': r.choices[0].message.content}))\n",
+        &w.gateway_env(&OPENAI),
+    )
+    .await;
+    assert_eq!(v["content"], "hello from the stand-in", "{v}");
+    let seen = w.the_request_to(&OPENAI);
+    assert_eq!(
+        (seen.method.as_str(), seen.uri.as_str()),
+        ("POST", "/v1/chat/completions")
+    );
+}
+
+#[tokio::test]
+async fn the_anthropic_sdk_in_gateway_form_with_the_client_token_as_its_key() {
+    let w = World::start().await;
+    let v = python(
+        "import json, os\n\
+         from anthropic import Anthropic\n\
+         client = Anthropic(base_url=os.environ['BASE'], api_key=os.environ['TOKEN'])\n\
+         m = client.messages.create(model='claude-sonnet-4-5', max_tokens=16,\n\
+         \x20   messages=[{'role': 'user', 'content': 'hello'}])\n\
+         print(json.dumps({'text': m.content[0].text}))\n",
+        &w.gateway_env(&ANTHROPIC),
+    )
+    .await;
+    assert_eq!(v["text"], "hello from the stand-in", "{v}");
+    let seen = w.the_request_to(&ANTHROPIC);
+    assert_eq!(
+        (seen.method.as_str(), seen.uri.as_str()),
+        ("POST", "/v1/messages")
+    );
+}
+
+#[tokio::test]
+async fn the_stripe_sdk_in_gateway_form_with_the_client_token_as_its_key() {
+    let w = World::start().await;
+    let v = python(
+        "import json, os, stripe\n\
+         client = stripe.StripeClient(os.environ['TOKEN'],\n\
+         \x20   base_addresses={'api': os.environ['BASE']})\n\
+         b = client.v1.balance.retrieve()\n\
+         print(json.dumps({'object': b.object, 'amount': b.available[0].amount}))\n",
+        &w.gateway_env(&STRIPE),
+    )
+    .await;
+    assert_eq!(v["object"], "balance", "{v}");
+    assert_eq!(v["amount"], 4242, "{v}");
+    let seen = w.the_request_to(&STRIPE);
+    assert_eq!(
+        (seen.method.as_str(), seen.uri.as_str()),
+        ("GET", "/v1/balance")
+    );
+    // The key the SDK sent was taken as the client's token (latchkey is not open here).
+    let line = w.lk.access_line(|l| l["connection"] == STRIPE.id).await;
+    assert_eq!(
+        (&line["client"], &line["form"]),
+        (&"sdk".into(), &"gateway".into())
     );
 }
 
