@@ -245,9 +245,9 @@ async fn answer(
         .is_ok_and(|v| v["stream"] == serde_json::Value::Bool(true));
     Ok(match path {
         "/v1/chat/completions" if streaming => events(st),
-        "/v1/chat/completions" => json(CHAT.to_string()),
-        "/v1/messages" => json(MESSAGE.to_string()),
-        "/v1/balance" => json(BALANCE.to_string()),
+        "/v1/chat/completions" => canned(CHAT),
+        "/v1/messages" => canned(MESSAGE),
+        "/v1/balance" => canned(BALANCE),
         _ => json(serde_json::json!({ "ok": true, "path": path }).to_string()),
     })
 }
@@ -267,6 +267,15 @@ const BALANCE: &str = r#"{"object":"balance","livemode":false,
 
 /// How many content events a streamed chat completion has (then `[DONE]`).
 const EVENTS: usize = 3;
+
+/// A canned answer, as a service sends it: on one line.
+fn canned(text: &str) -> http::Response<Body> {
+    json(
+        serde_json::from_str::<serde_json::Value>(text)
+            .unwrap()
+            .to_string(),
+    )
+}
 
 fn json(text: String) -> http::Response<Body> {
     let mut r = http::Response::new(Full::new(Bytes::from(text)).boxed_unsync());
@@ -546,6 +555,32 @@ async fn node(script: &str, env: &[(String, String)]) -> serde_json::Value {
     cmd.current_dir(node_dir())
         .args(["--input-type=module", "-e", script]);
     run(cmd).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// curl and requests, with nothing but what `latchkey env` prints (tunnel.rs gives them flags)
+
+#[tokio::test]
+async fn curl_and_requests_with_only_what_latchkey_env_prints() {
+    let w = World::start().await;
+    let env = w.env(None).await;
+    let mut cmd = client("curl", &env);
+    cmd.args(["-sS", "--fail", "--max-time", "30"])
+        .args(["-H", "Authorization: Bearer latchkey.stripe-prod"])
+        .arg("https://api.stripe.com/v1/balance");
+    let v = run(cmd).await;
+    assert_eq!(v["object"], "balance", "{v}");
+    let v = python(
+        "import json, requests\n\
+         r = requests.get('https://api.openai.com/v1/models',\n\
+         \x20                headers={'Authorization': 'Bearer latchkey.openai-prod'})\n\
+         print(json.dumps({'status': r.status_code, 'body': r.json()}))\n",
+        &env,
+    )
+    .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(w.the_request_to(&STRIPE).uri, "/v1/balance");
+    assert_eq!(w.the_request_to(&OPENAI).uri, "/v1/models");
 }
 
 // ---------------------------------------------------------------------------------------------
