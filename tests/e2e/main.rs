@@ -30,6 +30,7 @@ mod leaks;
 mod lifecycle;
 mod pitfalls;
 mod pool;
+mod sdk;
 mod service_sim;
 mod smoke;
 mod streaming;

@@ -24,9 +24,9 @@ const TOKEN: &str = "tunnel-client-token-0123456789";
 // Helpers
 
 /// latchkey's CA, made with `latchkey ca init` in a directory of its own.
-struct Ca {
-    cert: PathBuf,
-    key: PathBuf,
+pub(crate) struct Ca {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -66,7 +66,7 @@ async fn ca_init(cert: &Path, key: &Path) -> Run {
 }
 
 impl Ca {
-    async fn init() -> Ca {
+    pub(crate) async fn init() -> Ca {
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("ca.pem");
         let key = dir.path().join("ca-key.pem");
@@ -100,7 +100,7 @@ impl Ca {
     }
 
     /// Registers the CA key with latchkey's leak check.
-    fn forbid_key(&self, lk: &Latchkey) {
+    pub(crate) fn forbid_key(&self, lk: &Latchkey) {
         for form in self.key_forms() {
             lk.forbid(&form);
         }

@@ -681,6 +681,11 @@ impl Latchkey {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The process ID (for `/proc/{pid}/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything latchkey has printed so far.
     pub fn output(&self) -> String {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
