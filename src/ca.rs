@@ -155,6 +155,12 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The one certificate of a PEM text, as latchkey serves it: refused when the text holds
+    /// anything else (a private key pasted beside it must never be handed out).
+    pub fn certificate_pem(pem: &str) -> Result<String, CaError> {
+        Ok(pem_encode("CERTIFICATE", &single_certificate(pem)?))
+    }
+
     /// The CA certificate in DER.
     pub fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der

@@ -47,6 +47,8 @@ pub enum StartError {
     Tls(String),
     #[error("tls.ca_cert / tls.ca_key: {0}")]
     Ca(String),
+    #[error("latchkey's CA at {path} in Vault is unusable: {reason} (its key is never shown; replace the record with a CA that `latchkey ca init` makes, or delete it to run without the tunnel form)")]
+    VaultCa { path: String, reason: String },
     #[error("cannot start a proxy worker: {source}")]
     Runtime { source: std::io::Error },
 }
@@ -100,7 +102,8 @@ impl ProxyParts {
 }
 
 impl Server {
-    /// Builds everything and binds the listeners; makes no request to Vault yet.
+    /// Builds everything and binds the listeners. Without `tls.ca_cert`, reads latchkey's CA
+    /// from Vault: the one request made to Vault before serving.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         // Both ring (ours) and whatever a dependency enables may be compiled in; one provider
         // for the whole process. A second call (tests start several servers) changes nothing.
@@ -117,7 +120,10 @@ impl Server {
             }),
         );
         let tls = upstream::tls_config(&config.tls.extra_roots).map_err(StartError::Tls)?;
-        let ca = config.tls.ca.as_ref().map(load_ca).transpose()?;
+        let ca = match &config.tls.ca {
+            Some(files) => Some(load_ca(files)?),
+            None => load_vault_ca(&vault).await?,
+        };
         let dialer = Dialer::new(
             AddressPolicy::new(config.proxy.allow_private_destinations.clone()),
             config.proxy.resolve.clone(),
@@ -290,6 +296,32 @@ fn load_ca(files: &CaFiles) -> Result<Ca, StartError> {
     let cert = read(&files.cert)?;
     let key = Secret::from(read(&files.key)?);
     Ca::from_pem(&cert, &key).map_err(|e| StartError::Ca(e.to_string()))
+}
+
+/// Reads latchkey's CA from Vault (`{mount}/latchkey/ca`). None there: the tunnel form is off.
+/// A record that is there but unusable stops the start. Vault unreachable or refusing: the
+/// tunnel form is off until a restart, and the log says so (latchkey serves the other forms,
+/// as it does whenever Vault is down at start).
+async fn load_vault_ca(vault: &Vault) -> Result<Option<Ca>, StartError> {
+    let path = vault.ca_location();
+    match vault.read_ca().await {
+        Ok(Some(record)) => {
+            let ca = record.load().map_err(|reason| StartError::VaultCa {
+                path: path.clone(),
+                reason,
+            })?;
+            tracing::info!(ca = %path, "the tunnel form's CA comes from Vault");
+            Ok(Some(ca))
+        }
+        Ok(None) => {
+            tracing::info!(ca = %path, "no CA in Vault: the tunnel form (CONNECT) is off until `latchkey ca init` makes one and latchkey restarts");
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(ca = %path, error = %e, "cannot read latchkey's CA from Vault: the tunnel form (CONNECT) is off until latchkey restarts");
+            Ok(None)
+        }
+    }
 }
 
 /// Completes once the stop signal is given.

@@ -62,7 +62,7 @@ impl Admin {
                 None => AdminError::new(
                     StatusCode::NOT_FOUND,
                     "no_ca",
-                    "latchkey has no CA: set tls.ca_cert and tls.ca_key (latchkey ca init)",
+                    "latchkey has no CA: make it with `latchkey ca init` (stored in Vault; restart latchkey) or set tls.ca_cert and tls.ca_key",
                 )
                 .into_response(),
             },
