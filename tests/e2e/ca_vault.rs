@@ -467,3 +467,93 @@ async fn the_ca_record_is_never_a_connection() {
     // Still there, untouched.
     assert_eq!(ca_record(&bao).await.unwrap().1, 1);
 }
+
+/// `latchkey {args}` with `env` and nothing else of Vault's or latchkey's from the environment:
+/// exit code, stderr, stdout.
+async fn bare(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(args)
+        .env_remove("VAULT_ADDR")
+        .env_remove("VAULT_TOKEN")
+        .env_remove("LATCHKEY_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn ca_init_and_export_say_what_is_missing_and_follow_the_config() {
+    // No token, no config, no files: each way out is named.
+    let (code, err, _) = bare(&["ca", "init"], &[]).await;
+    assert_ne!(code, Some(0));
+    for named in ["VAULT_TOKEN", "--config", "--cert"] {
+        assert!(err.contains(named), "{named}: {err}");
+    }
+    // Half of the files.
+    let (code, err, _) = bare(&["ca", "init", "--cert", "/tmp/only-a-cert.pem"], &[]).await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--key"), "{err}");
+
+    // Through a configuration file: its [vault] table, the token from VAULT_TOKEN.
+    let bao = Bao::start_own().await;
+    let token = [("VAULT_TOKEN", bao.token.as_str())];
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_file(
+        dir.path(),
+        "latchkey.toml",
+        &format!("[vault]\naddress = \"{}\"\n", bao.addr),
+    );
+    let config = config.to_str().unwrap();
+    let (code, err, _) = bare(&["ca", "export", "--config", config], &token).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("no CA at secret/latchkey/ca") && err.contains("latchkey ca init"),
+        "{err}"
+    );
+    let (code, err, _) = bare(&["ca", "init", "--config", config], &token).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains(&bao.addr), "{err}");
+    let (data, _) = ca_record(&bao).await.unwrap();
+    let (code, err, out) = bare(&["ca", "export", "--config", config], &token).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out.trim(),
+        data["certificate"]
+            .as_str()
+            .unwrap()
+            .replace("\r\n", "\n")
+            .trim()
+    );
+    assert_no_key(
+        &format!("{err}{out}"),
+        data["private_key"].as_str().unwrap(),
+        "ca export",
+    );
+
+    // A configuration that keeps the CA in files: export prints that file, init refuses.
+    let (cert, key) = (dir.path().join("f.pem"), dir.path().join("f-key.pem"));
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (code, err, _) = bare(&["ca", "init", "--cert", cert, "--key", key], &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let files = write_file(
+        dir.path(),
+        "files.toml",
+        &format!(
+            "[vault]\naddress = \"{}\"\n[tls]\nca_cert = {cert:?}\nca_key = {key:?}\n",
+            bao.addr
+        ),
+    );
+    let files = files.to_str().unwrap();
+    let (code, err, out) = bare(&["ca", "export", "--config", files], &token).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, std::fs::read_to_string(cert).unwrap());
+    let (code, err, _) = bare(&["ca", "init", "--config", files], &token).await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("tls.ca_cert"), "{err}");
+}
