@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
 use crate::auth::Clients;
-use crate::ca::{Ca, Leaves};
+use crate::ca::{Ca, Leaves, LeavesSlot};
 use crate::cache::{Cache, VaultSource};
 use crate::config::{CaFiles, Config};
 use crate::destination::AddressPolicy;
@@ -56,6 +56,9 @@ pub enum StartError {
 /// Hosts whose leaf certificate the tunnel form keeps at once.
 const MAX_LEAVES: usize = 10_000;
 
+/// How often latchkey asks Vault again for its CA when Vault did not answer at start.
+const CA_RETRY: Duration = Duration::from_secs(5);
+
 /// How long open connections get to finish after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -75,6 +78,8 @@ pub struct Server {
     admin: Arc<Admin>,
     cache: Cache,
     vault: Arc<Vault>,
+    /// Vault did not answer when asked for the CA at start: ask again until it does.
+    ca_retry: bool,
 }
 
 /// What each worker builds its [`Proxy`] from.
@@ -84,8 +89,8 @@ struct ProxyParts {
     clients: Clients,
     dialer: Dialer,
     request_timeout: Duration,
-    /// The tunnel form's leaf certificates, shared by every worker; `None` without a CA.
-    leaves: Option<Arc<Leaves>>,
+    /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
+    leaves: LeavesSlot,
 }
 
 impl ProxyParts {
@@ -120,10 +125,18 @@ impl Server {
             }),
         );
         let tls = upstream::tls_config(&config.tls.extra_roots).map_err(StartError::Tls)?;
-        let ca = match &config.tls.ca {
-            Some(files) => Some(load_ca(files)?),
-            None => load_vault_ca(&vault).await?,
+        let (ca, ca_retry) = match &config.tls.ca {
+            Some(files) => (Some(load_ca(files)?), false),
+            None => match read_vault_ca(&vault).await? {
+                VaultCa::Loaded(ca) => (Some(*ca), false),
+                VaultCa::Absent => (None, false),
+                VaultCa::Unanswered(e) => {
+                    tracing::warn!(ca = %vault.ca_location(), error = %e, "cannot read latchkey's CA from Vault: the tunnel form (CONNECT) is off until Vault answers; asking again every {}s", CA_RETRY.as_secs());
+                    (None, true)
+                }
+            },
         };
+        let leaves = LeavesSlot::new(ca.map(|ca| Leaves::new(Arc::new(ca), MAX_LEAVES)));
         let dialer = Dialer::new(
             AddressPolicy::new(config.proxy.allow_private_destinations.clone()),
             config.proxy.resolve.clone(),
@@ -142,7 +155,7 @@ impl Server {
             vault.clone(),
             lifecycle.clone(),
             config.admin.tokens.clone(),
-            ca.as_ref().map(|ca| Arc::from(ca.cert_pem())),
+            leaves.clone(),
         ));
         let parts = ProxyParts {
             cache: cache.clone(),
@@ -150,7 +163,7 @@ impl Server {
             clients: Clients::new(config.clients.clone()),
             dialer,
             request_timeout: config.proxy.request_timeout,
-            leaves: ca.map(|ca| Arc::new(Leaves::new(Arc::new(ca), MAX_LEAVES))),
+            leaves,
         };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
@@ -172,6 +185,7 @@ impl Server {
             admin,
             cache,
             vault,
+            ca_retry,
         })
     }
 
@@ -237,6 +251,13 @@ impl Server {
             ));
         }
         tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
+        if self.ca_retry {
+            tasks.spawn(retry_vault_ca(
+                self.vault.clone(),
+                self.parts.leaves.clone(),
+                stopped(stop_rx.clone()),
+            ));
+        }
         tasks.spawn(
             self.vault
                 .clone()
@@ -298,11 +319,17 @@ fn load_ca(files: &CaFiles) -> Result<Ca, StartError> {
     Ca::from_pem(&cert, &key).map_err(|e| StartError::Ca(e.to_string()))
 }
 
-/// Reads latchkey's CA from Vault (`{mount}/latchkey/ca`). None there: the tunnel form is off.
-/// A record that is there but unusable stops the start. Vault unreachable or refusing: the
-/// tunnel form is off until a restart, and the log says so (latchkey serves the other forms,
-/// as it does whenever Vault is down at start).
-async fn load_vault_ca(vault: &Vault) -> Result<Option<Ca>, StartError> {
+/// What Vault said about latchkey's CA.
+enum VaultCa {
+    Loaded(Box<Ca>),
+    Absent,
+    /// Vault did not answer, or refused latchkey's token.
+    Unanswered(vault::VaultError),
+}
+
+/// Reads latchkey's CA from Vault (`{mount}/latchkey/ca`). A record that is there but
+/// unusable is an error, which stops a start.
+async fn read_vault_ca(vault: &Vault) -> Result<VaultCa, StartError> {
     let path = vault.ca_location();
     match vault.read_ca().await {
         Ok(Some(record)) => {
@@ -311,15 +338,39 @@ async fn load_vault_ca(vault: &Vault) -> Result<Option<Ca>, StartError> {
                 reason,
             })?;
             tracing::info!(ca = %path, "the tunnel form's CA comes from Vault");
-            Ok(Some(ca))
+            Ok(VaultCa::Loaded(Box::new(ca)))
         }
         Ok(None) => {
             tracing::info!(ca = %path, "no CA in Vault: the tunnel form (CONNECT) is off until `latchkey ca init` makes one and latchkey restarts");
-            Ok(None)
+            Ok(VaultCa::Absent)
         }
-        Err(e) => {
-            tracing::warn!(ca = %path, error = %e, "cannot read latchkey's CA from Vault: the tunnel form (CONNECT) is off until latchkey restarts");
-            Ok(None)
+        Err(e) => Ok(VaultCa::Unanswered(e)),
+    }
+}
+
+/// Asks Vault for the CA every [`CA_RETRY`] until it answers (or `stop`), and turns the tunnel
+/// form on if the CA is there: a replica that started while Vault was down ends up with the
+/// same CA as the others, without a restart.
+async fn retry_vault_ca(vault: Arc<Vault>, leaves: LeavesSlot, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(CA_RETRY) => {}
+        }
+        match read_vault_ca(&vault).await {
+            Ok(VaultCa::Loaded(ca)) => {
+                leaves.set(Leaves::new(Arc::from(ca), MAX_LEAVES));
+                return;
+            }
+            Ok(VaultCa::Absent) => return,
+            Ok(VaultCa::Unanswered(e)) => {
+                tracing::debug!(ca = %vault.ca_location(), error = %e, "Vault still does not answer for the CA");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the tunnel form (CONNECT) stays off");
+                return;
+            }
         }
     }
 }
@@ -423,7 +474,7 @@ fn spawn_worker(
     mut accepted: mpsc::UnboundedReceiver<Accepted>,
     open: Arc<AtomicUsize>,
     proxy: Proxy,
-    leaves: Option<Arc<Leaves>>,
+    leaves: LeavesSlot,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()

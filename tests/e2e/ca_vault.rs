@@ -8,6 +8,7 @@
 //! other tests must keep seeing no CA there.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::support::*;
 use crate::tunnel::{
@@ -556,4 +557,46 @@ async fn ca_init_and_export_say_what_is_missing_and_follow_the_config() {
     let (code, err, _) = bare(&["ca", "init", "--config", files], &token).await;
     assert_ne!(code, Some(0));
     assert!(err.contains("tls.ca_cert"), "{err}");
+}
+
+#[tokio::test]
+async fn a_latchkey_started_while_vault_was_down_gets_the_ca_once_vault_answers() {
+    let bao = Bao::start_own().await;
+    let up_ca = TestCa::new();
+    let up = stripe_upstream(&up_ca).await;
+    let key = stripe_key();
+    bao.put(ID, &[("connector", "stripe"), ("api_key", &key)]);
+    ca_init(&bao).await;
+    let key_pem = ca_record(&bao).await.unwrap().0["private_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (exported, cert_pem) = export(&bao, dir.path()).await;
+
+    bao.freeze().await;
+    let lk = Latchkey::start(&bao, opts(&up_ca, up.addr())).await;
+    forbid_key(&lk, &key_pem);
+    let r = http().get(lk.admin_url("/ca.pem")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "a CA without Vault?");
+    assert!(
+        lk.output().contains("asking again"),
+        "no warning that the tunnel form waits for Vault:\n{}",
+        lk.output()
+    );
+    bao.thaw();
+
+    let served = wait_until(
+        "latchkey to get its CA",
+        Duration::from_secs(30),
+        || async {
+            let r = http().get(lk.admin_url("/ca.pem")).send().await.ok()?;
+            (r.status() == 200).then_some(r.text().await.ok()?)
+        },
+    )
+    .await;
+    assert_eq!(served.trim(), cert_pem.trim());
+    let (status, body) = curl_via_https_proxy(&lk, &exported).await;
+    assert_eq!(status, 200, "{body}\n{}", lk.output());
+    assert_ours(&serde_json::from_str(&body).unwrap(), &key);
 }
