@@ -344,6 +344,11 @@ async fn read_vault_ca(vault: &Vault) -> Result<VaultCa, StartError> {
             tracing::info!(ca = %path, "no CA in Vault: the tunnel form (CONNECT) is off until `latchkey ca init` makes one and latchkey restarts");
             Ok(VaultCa::Absent)
         }
+        // A record Vault holds but latchkey cannot read (a field not a string) is broken too.
+        Err(vault::VaultError::Malformed(reason)) => Err(StartError::VaultCa {
+            path,
+            reason: reason.to_string(),
+        }),
         Err(e) => Ok(VaultCa::Unanswered(e)),
     }
 }

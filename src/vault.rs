@@ -21,7 +21,7 @@ use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretMetadataRequest};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
-use crate::ca::Ca;
+use crate::ca::{Ca, CaError};
 use crate::config::{VaultAuth, VaultConfig};
 use crate::connection_id::ConnectionId;
 use crate::record::StoredConnection;
@@ -85,7 +85,13 @@ impl CaRecord {
             .get(CA_KEY_FIELD)
             .filter(|k| !k.expose().trim().is_empty())
             .ok_or_else(|| format!("the field `{CA_KEY_FIELD}` is missing or empty"))?;
-        Ca::from_pem(cert, key).map_err(|e| e.to_string())
+        Ca::from_pem(cert, key).map_err(|e| {
+            let field = match e {
+                CaError::BadKey | CaError::KeyMismatch => CA_KEY_FIELD,
+                _ => CA_CERT_FIELD,
+            };
+            format!("`{field}`: {e}")
+        })
     }
 }
 
@@ -632,7 +638,10 @@ mod tests {
             (CA_KEY_FIELD, other.key_pem().expose()),
         ]);
         let err = mismatched.load().unwrap_err();
-        assert!(err.contains("does not belong"), "{err}");
+        assert!(
+            err.contains("`private_key`: ") && err.contains("does not belong"),
+            "{err}"
+        );
         for line in other
             .key_pem()
             .expose()

@@ -366,6 +366,10 @@ async fn a_broken_ca_record_is_a_start_error_naming_the_path_never_the_key() {
             serde_json::json!({ "certificate": "not a certificate", "private_key": key }),
             "certificate",
         ),
+        (
+            serde_json::json!({ "certificate": cert, "private_key": { "pem": key } }),
+            "not a string",
+        ),
     ] {
         kv_put(&bao, "latchkey/ca", fields.clone()).await;
         let out = match Latchkey::try_start(&bao, Opts::loopback()).await {
