@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
@@ -153,6 +153,12 @@ impl Ca {
     /// The CA certificate in PEM, for clients to trust (`GET /ca.pem`, `latchkey ca export`).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The one certificate of a PEM text, as latchkey serves it: refused when the text holds
+    /// anything else (a private key pasted beside it must never be handed out).
+    pub fn certificate_pem(pem: &str) -> Result<String, CaError> {
+        Ok(pem_encode("CERTIFICATE", &single_certificate(pem)?))
     }
 
     /// The CA certificate in DER.
@@ -346,6 +352,43 @@ impl fmt::Debug for Leaves {
             .field("max_entries", &self.max_entries)
             .field("cached", &self.len())
             .finish()
+    }
+}
+
+/// The tunnel form's leaves once latchkey has a CA: set at most once (at start, or later when
+/// Vault first answers), shared by every worker and the admin listener.
+#[derive(Clone, Default)]
+pub struct LeavesSlot(Arc<OnceLock<Arc<Leaves>>>);
+
+impl LeavesSlot {
+    /// A slot holding `leaves`, or an empty one.
+    pub fn new(leaves: Option<Leaves>) -> LeavesSlot {
+        let slot = LeavesSlot::default();
+        if let Some(leaves) = leaves {
+            slot.set(leaves);
+        }
+        slot
+    }
+
+    /// The leaves, when there is a CA.
+    pub fn get(&self) -> Option<&Arc<Leaves>> {
+        self.0.get()
+    }
+
+    /// Puts the leaves in; false if there were some already (those stay).
+    pub fn set(&self, leaves: Leaves) -> bool {
+        self.0.set(Arc::new(leaves)).is_ok()
+    }
+
+    /// The CA certificate (PEM), when there is a CA.
+    pub fn cert_pem(&self) -> Option<&str> {
+        self.get().map(|l| l.ca.cert_pem())
+    }
+}
+
+impl fmt::Debug for LeavesSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LeavesSlot").field(&self.get()).finish()
     }
 }
 

@@ -65,7 +65,7 @@ pub enum ProxyError {
     UpstreamTls(String),
     #[error("{0}")]
     UpstreamTimeout(String),
-    #[error("CONNECT (the tunnel form) needs latchkey's CA: set tls.ca_cert and tls.ca_key (make them with `latchkey ca init --cert FILE --key FILE`)")]
+    #[error("CONNECT (the tunnel form) needs latchkey's CA: make it with `latchkey ca init` (stored in Vault; restart latchkey) or set tls.ca_cert and tls.ca_key to files that `latchkey ca init --cert FILE --key FILE` makes")]
     ConnectUnsupported,
     #[error("internal error")]
     Internal,

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
 use crate::auth::Clients;
-use crate::ca::{Ca, Leaves};
+use crate::ca::{Ca, Leaves, LeavesSlot};
 use crate::cache::{Cache, VaultSource};
 use crate::config::{CaFiles, Config};
 use crate::coverage::Coverage;
@@ -49,12 +49,17 @@ pub enum StartError {
     Tls(String),
     #[error("tls.ca_cert / tls.ca_key: {0}")]
     Ca(String),
+    #[error("latchkey's CA at {path} in Vault is unusable: {reason} (its key is never shown; replace the record with a CA that `latchkey ca init` makes, or delete it to run without the tunnel form)")]
+    VaultCa { path: String, reason: String },
     #[error("cannot start a proxy worker: {source}")]
     Runtime { source: std::io::Error },
 }
 
 /// Hosts whose leaf certificate the tunnel form keeps at once.
 const MAX_LEAVES: usize = 10_000;
+
+/// How often latchkey asks Vault again for its CA when Vault did not answer at start.
+const CA_RETRY: Duration = Duration::from_secs(5);
 
 /// How long open connections get to finish after shutdown is asked for.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -75,6 +80,8 @@ pub struct Server {
     admin: Arc<Admin>,
     cache: Cache,
     vault: Arc<Vault>,
+    /// Vault did not answer when asked for the CA at start: ask again until it does.
+    ca_retry: bool,
 }
 
 /// What each worker builds its [`Proxy`] from.
@@ -86,8 +93,8 @@ struct ProxyParts {
     passthrough: Arc<Passthrough>,
     dialer: Dialer,
     request_timeout: Duration,
-    /// The tunnel form's leaf certificates, shared by every worker; `None` without a CA.
-    leaves: Option<Arc<Leaves>>,
+    /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
+    leaves: LeavesSlot,
 }
 
 impl ProxyParts {
@@ -105,7 +112,8 @@ impl ProxyParts {
 }
 
 impl Server {
-    /// Builds everything and binds the listeners; makes no request to Vault yet.
+    /// Builds everything and binds the listeners. Without `tls.ca_cert`, reads latchkey's CA
+    /// from Vault: the one request made to Vault before serving.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         // Both ring (ours) and whatever a dependency enables may be compiled in; one provider
         // for the whole process. A second call (tests start several servers) changes nothing.
@@ -122,7 +130,18 @@ impl Server {
             }),
         );
         let tls = upstream::tls_config(&config.tls.extra_roots).map_err(StartError::Tls)?;
-        let ca = config.tls.ca.as_ref().map(load_ca).transpose()?;
+        let (ca, ca_retry) = match &config.tls.ca {
+            Some(files) => (Some(load_ca(files)?), false),
+            None => match read_vault_ca(&vault).await? {
+                VaultCa::Loaded(ca) => (Some(*ca), false),
+                VaultCa::Absent => (None, false),
+                VaultCa::Unanswered(e) => {
+                    tracing::warn!(ca = %vault.ca_location(), error = %e, "cannot read latchkey's CA from Vault: the tunnel form (CONNECT) is off until Vault answers; asking again every {}s", CA_RETRY.as_secs());
+                    (None, true)
+                }
+            },
+        };
+        let leaves = LeavesSlot::new(ca.map(|ca| Leaves::new(Arc::new(ca), MAX_LEAVES)));
         let dialer = Dialer::new(
             AddressPolicy::new(config.proxy.allow_private_destinations.clone()),
             config.proxy.resolve.clone(),
@@ -141,7 +160,7 @@ impl Server {
             vault.clone(),
             lifecycle.clone(),
             config.admin.tokens.clone(),
-            ca.as_ref().map(|ca| Arc::from(ca.cert_pem())),
+            leaves.clone(),
         ));
         let parts = ProxyParts {
             cache: cache.clone(),
@@ -155,7 +174,7 @@ impl Server {
             passthrough: Arc::new(config.proxy.passthrough.clone()),
             dialer,
             request_timeout: config.proxy.request_timeout,
-            leaves: ca.map(|ca| Arc::new(Leaves::new(Arc::new(ca), MAX_LEAVES))),
+            leaves,
         };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
@@ -177,6 +196,7 @@ impl Server {
             admin,
             cache,
             vault,
+            ca_retry,
         })
     }
 
@@ -242,6 +262,13 @@ impl Server {
             ));
         }
         tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
+        if self.ca_retry {
+            tasks.spawn(retry_vault_ca(
+                self.vault.clone(),
+                self.parts.leaves.clone(),
+                stopped(stop_rx.clone()),
+            ));
+        }
         tasks.spawn(
             self.vault
                 .clone()
@@ -301,6 +328,67 @@ fn load_ca(files: &CaFiles) -> Result<Ca, StartError> {
     let cert = read(&files.cert)?;
     let key = Secret::from(read(&files.key)?);
     Ca::from_pem(&cert, &key).map_err(|e| StartError::Ca(e.to_string()))
+}
+
+/// What Vault said about latchkey's CA.
+enum VaultCa {
+    Loaded(Box<Ca>),
+    Absent,
+    /// Vault did not answer, or refused latchkey's token.
+    Unanswered(vault::VaultError),
+}
+
+/// Reads latchkey's CA from Vault (`{mount}/latchkey/ca`). A record that is there but
+/// unusable is an error, which stops a start.
+async fn read_vault_ca(vault: &Vault) -> Result<VaultCa, StartError> {
+    let path = vault.ca_location();
+    match vault.read_ca().await {
+        Ok(Some(record)) => {
+            let ca = record.load().map_err(|reason| StartError::VaultCa {
+                path: path.clone(),
+                reason,
+            })?;
+            tracing::info!(ca = %path, "the tunnel form's CA comes from Vault");
+            Ok(VaultCa::Loaded(Box::new(ca)))
+        }
+        Ok(None) => {
+            tracing::info!(ca = %path, "no CA in Vault: the tunnel form (CONNECT) is off until `latchkey ca init` makes one and latchkey restarts");
+            Ok(VaultCa::Absent)
+        }
+        // A record Vault holds but latchkey cannot read (a field not a string) is broken too.
+        Err(vault::VaultError::Malformed(reason)) => Err(StartError::VaultCa {
+            path,
+            reason: reason.to_string(),
+        }),
+        Err(e) => Ok(VaultCa::Unanswered(e)),
+    }
+}
+
+/// Asks Vault for the CA every [`CA_RETRY`] until it answers (or `stop`), and turns the tunnel
+/// form on if the CA is there: a replica that started while Vault was down ends up with the
+/// same CA as the others, without a restart.
+async fn retry_vault_ca(vault: Arc<Vault>, leaves: LeavesSlot, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(CA_RETRY) => {}
+        }
+        match read_vault_ca(&vault).await {
+            Ok(VaultCa::Loaded(ca)) => {
+                leaves.set(Leaves::new(Arc::from(ca), MAX_LEAVES));
+                return;
+            }
+            Ok(VaultCa::Absent) => return,
+            Ok(VaultCa::Unanswered(e)) => {
+                tracing::debug!(ca = %vault.ca_location(), error = %e, "Vault still does not answer for the CA");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the tunnel form (CONNECT) stays off");
+                return;
+            }
+        }
+    }
 }
 
 /// Completes once the stop signal is given.
@@ -402,7 +490,7 @@ fn spawn_worker(
     mut accepted: mpsc::UnboundedReceiver<Accepted>,
     open: Arc<AtomicUsize>,
     proxy: Proxy,
-    leaves: Option<Arc<Leaves>>,
+    leaves: LeavesSlot,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()

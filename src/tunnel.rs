@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::body::{self, BoxBody};
-use crate::ca::Leaves;
+use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
 use crate::proxy::{Opened, Proxy, Tunnel};
 use crate::response::ProxyError;
@@ -40,18 +40,18 @@ const TLS_HANDSHAKE: u8 = 0x16;
 pub struct Tunnels {
     proxy: Arc<Proxy>,
     /// Leaf certificates minted by latchkey's CA; without a CA, CONNECT is refused.
-    leaves: Option<Arc<Leaves>>,
+    leaves: LeavesSlot,
 }
 
 impl Tunnels {
-    pub fn new(proxy: Arc<Proxy>, leaves: Option<Arc<Leaves>>) -> Tunnels {
+    pub fn new(proxy: Arc<Proxy>, leaves: LeavesSlot) -> Tunnels {
         Tunnels { proxy, leaves }
     }
 
     /// Answers a CONNECT: 200, and the tunnel served once hyper hands the connection over; or
     /// latchkey's refusal, with nothing dialled.
     pub async fn connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<BoxBody> {
-        let Some(leaves) = self.leaves.clone() else {
+        let Some(leaves) = self.leaves.get().cloned() else {
             return ProxyError::ConnectUnsupported.into_response();
         };
         let upgrade = hyper::upgrade::on(&mut req);

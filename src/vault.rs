@@ -1,5 +1,10 @@
 //! The Vault (or OpenBao) client: token auth, KV v2 reads and writes in latchkey's layout.
 //!
+//! Beside the connections, under the same mount, lives latchkey's CA: one KV v2 secret at
+//! [`CA_PATH`] with the certificate and the key, both PEM, written once by `latchkey ca init`
+//! with check-and-set 0 so that of two writers racing only one wins. A connection whose path
+//! would be the CA's (a prefix of `latchkey` and the ID `ca`) is never read, listed or written.
+//!
 //! One `vaultrs` client is shared by everything. Its HTTP client is replaced by one built here,
 //! with a timeout and with proxies switched off: in a sidecar `HTTPS_PROXY` points at latchkey
 //! itself, and Vault traffic must go direct. No vaultrs value or error is ever formatted with
@@ -16,6 +21,7 @@ use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretMetadataRequest};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
+use crate::ca::{Ca, CaError};
 use crate::config::{VaultAuth, VaultConfig};
 use crate::connection_id::ConnectionId;
 use crate::record::StoredConnection;
@@ -41,6 +47,52 @@ pub enum VaultError {
     Setup(String),
     #[error("the connection changed in Vault meanwhile (check-and-set failed)")]
     CasMismatch,
+    #[error("{0} holds latchkey's CA, not a connection")]
+    Reserved(String),
+}
+
+/// Where latchkey's CA lives under the mount (`{mount}/latchkey/ca`).
+pub const CA_PATH: &str = "latchkey/ca";
+/// The CA record's field holding the certificate (PEM).
+pub const CA_CERT_FIELD: &str = "certificate";
+/// The CA record's field holding the private key (PKCS#8 PEM).
+pub const CA_KEY_FIELD: &str = "private_key";
+
+/// The CA record as Vault holds it: its fields, the key among them.
+pub struct CaRecord {
+    fields: BTreeMap<String, Secret>,
+}
+
+impl CaRecord {
+    /// The certificate field, or why there is none. Never looks at the key.
+    pub fn cert_pem(&self) -> Result<&str, String> {
+        let cert = self
+            .fields
+            .get(CA_CERT_FIELD)
+            .ok_or_else(|| format!("the field `{CA_CERT_FIELD}` is missing"))?;
+        if cert.expose().trim().is_empty() {
+            return Err(format!("the field `{CA_CERT_FIELD}` is empty"));
+        }
+        Ok(cert.expose())
+    }
+
+    /// The CA, checked as [`Ca::from_pem`] checks it; the reason names the field at fault and
+    /// never quotes the key.
+    pub fn load(&self) -> Result<Ca, String> {
+        let cert = self.cert_pem()?;
+        let key = self
+            .fields
+            .get(CA_KEY_FIELD)
+            .filter(|k| !k.expose().trim().is_empty())
+            .ok_or_else(|| format!("the field `{CA_KEY_FIELD}` is missing or empty"))?;
+        Ca::from_pem(cert, key).map_err(|e| {
+            let field = match e {
+                CaError::BadKey | CaError::KeyMismatch => CA_KEY_FIELD,
+                _ => CA_CERT_FIELD,
+            };
+            format!("`{field}`: {e}")
+        })
+    }
 }
 
 /// The shared Vault client.
@@ -81,12 +133,25 @@ impl Vault {
         }
     }
 
-    fn path(&self, id: &ConnectionId) -> String {
-        if self.config.prefix.is_empty() {
+    /// The connection's path under the mount; `None` when that is the CA's.
+    fn path(&self, id: &ConnectionId) -> Option<String> {
+        let path = if self.config.prefix.is_empty() {
             id.to_string()
         } else {
             format!("{}/{}", self.config.prefix, id)
-        }
+        };
+        (path != CA_PATH).then_some(path)
+    }
+
+    /// The connection's path for a write: refused when that is the CA's.
+    fn write_path(&self, id: &ConnectionId) -> Result<String, VaultError> {
+        self.path(id)
+            .ok_or_else(|| VaultError::Reserved(self.ca_location()))
+    }
+
+    /// Where the CA is, mount included (`secret/latchkey/ca`), for messages.
+    pub fn ca_location(&self) -> String {
+        format!("{}/{CA_PATH}", self.config.mount)
     }
 
     /// Runs one call with the timeout, the metrics and, for a token file, one retry with a
@@ -212,10 +277,39 @@ impl Vault {
     /// Reads a connection: its fields, version and custom metadata, in one request.
     /// `Ok(None)` when Vault has no such secret (or its latest version is deleted).
     pub async fn read(&self, id: &ConnectionId) -> Result<Option<StoredConnection>, VaultError> {
-        let path = self.path(id);
+        match self.path(id) {
+            Some(path) => self.read_at("read", path).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Reads latchkey's CA record (`None` when there is none). Its key is in the record: the
+    /// caller takes out only what it needs.
+    pub async fn read_ca(&self) -> Result<Option<CaRecord>, VaultError> {
+        let stored = self.read_at("read_ca", CA_PATH.to_string()).await?;
+        Ok(stored.map(|s| CaRecord { fields: s.fields }))
+    }
+
+    /// Stores a new CA at [`CA_PATH`], only if there is none (check-and-set 0): of two
+    /// `latchkey ca init` racing, one gets [`VaultError::CasMismatch`].
+    pub async fn create_ca(&self, ca: &Ca) -> Result<(), VaultError> {
+        let fields = BTreeMap::from([
+            (CA_CERT_FIELD.to_string(), Secret::new(ca.cert_pem())),
+            (CA_KEY_FIELD.to_string(), ca.key_pem()),
+        ]);
+        self.write_at("write_ca", CA_PATH.to_string(), &fields, Some(0))
+            .await
+            .map(|_| ())
+    }
+
+    async fn read_at(
+        &self,
+        op: &'static str,
+        path: String,
+    ) -> Result<Option<StoredConnection>, VaultError> {
         let mount = self.config.mount.as_str();
         let response = self
-            .call("read", |client| {
+            .call(op, |client| {
                 let path = path.clone();
                 async move {
                     let endpoint = ReadSecretRequest::builder()
@@ -269,7 +363,17 @@ impl Vault {
         fields: &BTreeMap<String, Secret>,
         cas: Option<u64>,
     ) -> Result<u64, VaultError> {
-        let path = self.path(id);
+        let path = self.write_path(id)?;
+        self.write_at("write", path, fields, cas).await
+    }
+
+    async fn write_at(
+        &self,
+        op: &'static str,
+        path: String,
+        fields: &BTreeMap<String, Secret>,
+        cas: Option<u64>,
+    ) -> Result<u64, VaultError> {
         let data: serde_json::Map<String, serde_json::Value> = fields
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
@@ -281,7 +385,7 @@ impl Vault {
             None => None,
         };
         let meta = self
-            .call("write", |client| {
+            .call(op, |client| {
                 let (path, data) = (path.clone(), &data);
                 async move {
                     match cas {
@@ -314,7 +418,7 @@ impl Vault {
         id: &ConnectionId,
         metadata: &BTreeMap<String, String>,
     ) -> Result<(), VaultError> {
-        let path = self.path(id);
+        let path = self.write_path(id)?;
         let custom: HashMap<String, String> = metadata
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -337,7 +441,9 @@ impl Vault {
         &self,
         id: &ConnectionId,
     ) -> Result<Option<(BTreeMap<String, String>, u64)>, VaultError> {
-        let path = self.path(id);
+        let Some(path) = self.path(id) else {
+            return Ok(None);
+        };
         let meta = self
             .call("read_metadata", |client| {
                 let path = path.clone();
@@ -356,7 +462,7 @@ impl Vault {
 
     /// Deletes a connection and all of its versions.
     pub async fn delete(&self, id: &ConnectionId) -> Result<(), VaultError> {
-        let path = self.path(id);
+        let path = self.write_path(id)?;
         self.call("delete", |client| {
             let path = path.clone();
             async move { vaultrs::kv2::delete_metadata(&*client, &self.config.mount, &path).await }
@@ -364,7 +470,8 @@ impl Vault {
         .await
     }
 
-    /// Lists the connection IDs stored under the prefix (invalid IDs are skipped).
+    /// Lists the connection IDs stored under the prefix (invalid IDs, and the CA record when
+    /// the prefix is `latchkey`, are skipped).
     pub async fn list(&self) -> Result<Vec<ConnectionId>, VaultError> {
         let prefix = self.config.prefix.clone();
         let keys = self
@@ -377,6 +484,7 @@ impl Vault {
             Ok(keys) => Ok(keys
                 .into_iter()
                 .filter_map(|k| ConnectionId::parse(&k).ok())
+                .filter(|id| self.path(id).is_some())
                 .collect()),
             Err(VaultError::Status(404)) => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -490,4 +598,57 @@ fn build_client(config: &VaultConfig, token: &Secret) -> Result<VaultClient, Vau
         .map_err(|_| VaultError::Setup("cannot build the Vault HTTP client".into()))?;
     client.http = rustify::clients::reqwest::Client::new(&config.address, http);
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(fields: &[(&str, &str)]) -> CaRecord {
+        CaRecord {
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), Secret::new(*v)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_ca_record_loads_and_says_which_field_is_wrong_never_quoting_the_key() {
+        let ca = Ca::generate("test CA").unwrap();
+        let key = ca.key_pem();
+        let whole = record(&[(CA_CERT_FIELD, ca.cert_pem()), (CA_KEY_FIELD, key.expose())]);
+        assert_eq!(
+            whole.load().unwrap().cert_pem(),
+            ca.cert_pem().replace("\r\n", "\n")
+        );
+
+        let no_key = record(&[(CA_CERT_FIELD, ca.cert_pem())]);
+        assert!(no_key.load().unwrap_err().contains("`private_key`"));
+        assert_eq!(no_key.cert_pem().unwrap(), ca.cert_pem());
+        let no_cert = record(&[(CA_KEY_FIELD, key.expose())]);
+        let err = no_cert.load().unwrap_err();
+        assert!(err.contains("`certificate`"), "{err}");
+        let empty = record(&[(CA_CERT_FIELD, " "), (CA_KEY_FIELD, key.expose())]);
+        assert!(empty.cert_pem().unwrap_err().contains("empty"));
+
+        let other = Ca::generate("other CA").unwrap();
+        let mismatched = record(&[
+            (CA_CERT_FIELD, ca.cert_pem()),
+            (CA_KEY_FIELD, other.key_pem().expose()),
+        ]);
+        let err = mismatched.load().unwrap_err();
+        assert!(
+            err.contains("`private_key`: ") && err.contains("does not belong"),
+            "{err}"
+        );
+        for line in other
+            .key_pem()
+            .expose()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+        {
+            assert!(!err.contains(line));
+        }
+    }
 }

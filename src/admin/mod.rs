@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::body::{self, BoxBody};
+use crate::ca::LeavesSlot;
 use crate::catalog::{Connector, Inject};
 use crate::config::AdminToken;
 use crate::lifecycle::Lifecycle;
@@ -26,8 +27,8 @@ pub struct Admin {
     vault: Arc<Vault>,
     lifecycle: Arc<Lifecycle>,
     tokens: Vec<AdminToken>,
-    /// latchkey's CA certificate (PEM), when the tunnel form has one.
-    ca_pem: Option<Arc<str>>,
+    /// The tunnel form's leaves, whose CA certificate `/ca.pem` serves once there is one.
+    leaves: LeavesSlot,
 }
 
 impl Admin {
@@ -35,13 +36,13 @@ impl Admin {
         vault: Arc<Vault>,
         lifecycle: Arc<Lifecycle>,
         tokens: Vec<AdminToken>,
-        ca_pem: Option<Arc<str>>,
+        leaves: LeavesSlot,
     ) -> Admin {
         Admin {
             vault,
             lifecycle,
             tokens,
-            ca_pem,
+            leaves,
         }
     }
 
@@ -50,7 +51,7 @@ impl Admin {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => self.ready().await,
-            (&Method::GET, "/ca.pem") => match &self.ca_pem {
+            (&Method::GET, "/ca.pem") => match self.leaves.cert_pem() {
                 Some(pem) => {
                     let mut r = Response::new(body::full(Bytes::copy_from_slice(pem.as_bytes())));
                     r.headers_mut().insert(
@@ -62,7 +63,7 @@ impl Admin {
                 None => AdminError::new(
                     StatusCode::NOT_FOUND,
                     "no_ca",
-                    "latchkey has no CA: set tls.ca_cert and tls.ca_key (latchkey ca init)",
+                    "latchkey has no CA: make it with `latchkey ca init` (stored in Vault; restart latchkey) or set tls.ca_cert and tls.ca_key",
                 )
                 .into_response(),
             },

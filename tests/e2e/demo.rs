@@ -1,7 +1,9 @@
 //! The README's demo: `scripts/demo` runs `latchkey dev`, which starts its own OpenBao, seeds
-//! the `demo` connection, starts an echo upstream and latchkey, and prints curl commands. Each
-//! printed command works through the proxy, the key it injects is in none of the demo's
-//! output, and Ctrl-C stops it all: nothing listens on its ports afterwards.
+//! the `demo` connection, makes latchkey's CA in OpenBao, starts an echo upstream and latchkey,
+//! and prints curl commands, the tunnel form's with the `export` lines it needs. Each printed
+//! command works through the proxy (the tunnel one with just those variables), neither the key
+//! it injects nor the CA key is in any of the demo's output, and Ctrl-C stops it all: nothing
+//! listens on its ports afterwards.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -10,18 +12,24 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::support::*;
 
-/// Runs one `curl -s ...` command line as printed (no shell: the demo's lines need none).
-async fn run_printed(line: &str) -> serde_json::Value {
+/// Runs one `curl -s ...` command line as printed (no shell: the demo's lines need none), with
+/// `env` (the printed `export` lines) as the only proxy and CA settings.
+async fn run_printed(line: &str, env: &[(String, String)]) -> serde_json::Value {
     let args: Vec<&str> = line.split_whitespace().skip(1).collect();
     let out = tokio::process::Command::new("curl")
         .args(["--max-time", "30"])
         .args(&args)
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("CURL_CA_BUNDLE")
         .env_remove("http_proxy")
         .env_remove("HTTP_PROXY")
         .env_remove("https_proxy")
         .env_remove("HTTPS_PROXY")
         .env_remove("all_proxy")
         .env_remove("ALL_PROXY")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .await
         .unwrap();
@@ -92,19 +100,67 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
         .collect();
     assert_eq!(
         commands.len(),
-        2,
-        "gateway and forward commands: {banner:?}"
+        3,
+        "gateway, forward and tunnel commands: {banner:?}"
+    );
+    // The tunnel form's lines, as `latchkey env` prints them: `export NAME='value'`.
+    let exports: Vec<(String, String)> = banner
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .map(|l| {
+            let (name, value) = l.split_once('=').unwrap();
+            (name.to_string(), value.trim_matches('\'').to_string())
+        })
+        .collect();
+    let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
+    for name in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "CURL_CA_BUNDLE",
+        "SSL_CERT_FILE",
+    ] {
+        assert!(names.contains(&name), "no {name} line: {banner:?}");
+    }
+    assert!(
+        commands[2].contains("https://"),
+        "the tunnel command is an https URL: {}",
+        commands[2]
     );
 
     let mut keys = Vec::new();
-    for command in &commands {
-        let echoed = run_printed(command).await;
+    for (i, command) in commands.iter().enumerate() {
+        // The first two need nothing set; the tunnel command needs the printed variables.
+        let env = if i == 2 { exports.as_slice() } else { &[] };
+        let echoed = run_printed(command, env).await;
         assert_eq!(echoed["uri"], "/hello", "{command}");
         let auth = authorization(&echoed);
         assert!(auth.starts_with("Bearer demo_"), "{command}: {auth}");
         keys.push(auth.trim_start_matches("Bearer ").to_string());
     }
-    assert_eq!(keys[0], keys[1], "both forms inject the same key");
+    assert!(
+        keys.iter().all(|k| *k == keys[0]),
+        "every form injects the same key: {keys:?}"
+    );
+    // The tunnel really went through latchkey's CA: without the printed bundle, curl refuses.
+    let without: Vec<_> = exports
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("https_proxy"))
+        .cloned()
+        .collect();
+    let refused = tokio::process::Command::new("curl")
+        .args(["-s", "--max-time", "30", "--cacert", "/dev/null"])
+        .args(commands[2].split_whitespace().skip(2))
+        .envs(without)
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "curl trusted the tunnel's certificate without latchkey's CA"
+    );
+    let ca_key = demo_ca_key(&bao, &banner);
 
     // Ctrl-C stops everything.
     let pid = demo.id().unwrap();
@@ -141,4 +197,43 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
     for form in forms {
         assert!(!out.contains(&form), "the demo's output contains its key");
     }
+    for line in ca_key
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+    {
+        assert!(!out.contains(line), "the demo's output contains the CA key");
+    }
+}
+
+/// The CA key the demo stored in its OpenBao (`secret/latchkey/ca`), read with the `bao` CLI
+/// and the Vault address and token file the banner names.
+fn demo_ca_key(bao: &std::path::Path, banner: &[String]) -> String {
+    let vault_line = banner
+        .iter()
+        .find(|l| l.trim_start().starts_with("vault "))
+        .unwrap_or_else(|| panic!("no vault line: {banner:?}"));
+    let addr = vault_line.split_whitespace().nth(1).unwrap();
+    let token_file = vault_line
+        .split("token in ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')');
+    let token = std::fs::read_to_string(token_file).unwrap();
+    let out = std::process::Command::new(bao)
+        .args(["kv", "get", "-format=json", "-mount=secret", "latchkey/ca"])
+        .env("VAULT_ADDR", addr)
+        .env("VAULT_TOKEN", token.trim())
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "no CA in the demo's OpenBao: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = v["data"]["data"]["private_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(key.contains("PRIVATE KEY"), "not a key: the field is wrong");
+    key
 }

@@ -16,8 +16,8 @@ use base64::Engine as _;
 use crate::errors::{client_toml, metrics_text, Answer};
 use crate::support::*;
 
-const STRIPE: &str = "api.stripe.com";
-const ID: &str = "stripe-prod";
+pub(crate) const STRIPE: &str = "api.stripe.com";
+pub(crate) const ID: &str = "stripe-prod";
 const TOKEN: &str = "tunnel-client-token-0123456789";
 
 // ---------------------------------------------------------------------------------------------
@@ -31,10 +31,10 @@ pub(crate) struct Ca {
 }
 
 /// What a run of the latchkey binary printed.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `latchkey {args}` (no config, no Vault needed).
@@ -113,7 +113,7 @@ impl Ca {
     }
 }
 
-fn key_forms(pem: &str) -> Vec<String> {
+pub(crate) fn key_forms(pem: &str) -> Vec<String> {
     let mut forms = vec![pem.trim().to_string()];
     forms.extend(
         pem.lines()
@@ -125,13 +125,13 @@ fn key_forms(pem: &str) -> Vec<String> {
 }
 
 /// A Stripe key of the built-in connector's pattern, unique to the test.
-fn stripe_key() -> String {
+pub(crate) fn stripe_key() -> String {
     format!("sk_test_{}x{}tunnel", std::process::id(), free_port())
 }
 
 /// An HTTPS echo upstream on 127.0.0.1 with a certificate for `api.stripe.com` from `ca`,
 /// offering h2 and HTTP/1.1.
-async fn stripe_upstream(ca: &TestCa) -> EchoServer {
+pub(crate) async fn stripe_upstream(ca: &TestCa) -> EchoServer {
     EchoServer::start(
         "127.0.0.1:0".parse().unwrap(),
         Some(ca.server_config(&[STRIPE], &[b"h2", b"http/1.1"])),
@@ -227,7 +227,7 @@ impl Stripe {
 
 /// Asserts that the echo upstream saw exactly our credential and none of the client's.
 #[track_caller]
-fn assert_ours(echo: &serde_json::Value, key: &str) {
+pub(crate) fn assert_ours(echo: &serde_json::Value, key: &str) {
     let echoed = Echoed {
         status: 200,
         json: echo.clone(),
@@ -259,7 +259,7 @@ fn basic(user: &str, password: &str) -> String {
 }
 
 /// A CONNECT request head to `target`, with Basic proxy credentials if given.
-fn connect_head(target: &str, auth: Option<(&str, &str)>) -> String {
+pub(crate) fn connect_head(target: &str, auth: Option<(&str, &str)>) -> String {
     let auth = auth.map_or(String::new(), |(u, p)| {
         format!("Proxy-Authorization: {}\r\n", basic(u, p))
     });
@@ -267,22 +267,22 @@ fn connect_head(target: &str, auth: Option<(&str, &str)>) -> String {
 }
 
 /// An inner request (HTTP/1.1, closing) for `path` with the given `Host`.
-fn inner_get(path: &str, host: &str) -> String {
+pub(crate) fn inner_get(path: &str, host: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
 }
 
 /// What a raw CONNECT exchange got: latchkey's answer to the CONNECT, and the answer to the
 /// inner request when the CONNECT was accepted.
 #[derive(Debug)]
-struct Exchange {
-    connect: Answer,
+pub(crate) struct Exchange {
+    pub(crate) connect: Answer,
     inner: Option<Answer>,
 }
 
 impl Exchange {
     /// The CONNECT itself was refused with latchkey's error `status` / `code`.
     #[track_caller]
-    fn assert_connect_refused(&self, status: u16, code: &str) {
+    pub(crate) fn assert_connect_refused(&self, status: u16, code: &str) {
         assert!(
             self.inner.is_none(),
             "the CONNECT was accepted, wanted {status} {code}: {self:#?}"
@@ -292,7 +292,7 @@ impl Exchange {
 
     /// The CONNECT was accepted with 200; the inner answer.
     #[track_caller]
-    fn inner(&self) -> &Answer {
+    pub(crate) fn inner(&self) -> &Answer {
         assert_eq!(self.connect.status, 200, "{self:#?}");
         self.inner
             .as_ref()
@@ -374,7 +374,7 @@ print(json.dumps({'connect': connect, 'inner': inner}))
 
 /// Sends `connect` (a CONNECT head) to latchkey's proxy listener; if it is accepted, sends
 /// `request` inside: over TLS with `tls = (latchkey CA, SNI)`, in the clear without.
-async fn exchange(
+pub(crate) async fn exchange(
     lk: &Latchkey,
     connect: &str,
     tls: Option<(&Path, &str)>,

@@ -1,11 +1,18 @@
 //! `latchkey dev`, the demo: a local OpenBao dev server, a seeded connection, a small upstream
-//! that shows what reached it, and latchkey between them, with a `curl` command that goes
-//! through the proxy.
+//! that shows what reached it, and latchkey between them, with `curl` commands that go through
+//! the proxy in each form.
+//!
+//! The upstream is an HTTPS service as real APIs are: `https://api.demo.test`, a name pinned to
+//! a loopback port with `proxy.resolve`, its certificate from a demo upstream CA that latchkey
+//! trusts through `tls.extra_roots`. For the tunnel form the demo makes latchkey's own CA in its
+//! OpenBao (as `latchkey ca init` does), so the printed `curl https://api.demo.test/hello` is
+//! what a workflow runs: its usual https URL, `HTTPS_PROXY`, and latchkey's CA in its bundle.
 
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +25,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use latchkey::body::{self, BoxBody};
+use latchkey::ca::{Ca, Leaves};
+use latchkey::secret::Secret;
+
+/// The demo's upstream's name, pinned to it with `proxy.resolve` (`.test` is reserved: it can
+/// never be a real host).
+const TLS_HOST: &str = "api.demo.test";
 
 /// The demo's upstream: answers every request with a JSON description of what it received
 /// (method, path and query, headers), so that a person sees which credential reached it.
@@ -26,16 +39,23 @@ struct EchoServer {
 }
 
 impl EchoServer {
-    /// Starts serving on `addr` until the process ends.
-    async fn start(addr: SocketAddr) -> std::io::Result<EchoServer> {
+    /// Starts serving HTTPS with `tls` on `addr` until the process ends.
+    async fn start(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<EchoServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let tls = tokio_rustls::TlsAcceptor::from(tls);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service_fn(echo))
-                        .await;
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service_fn(echo))
+                            .await;
+                    }
                 });
             }
         });
@@ -105,14 +125,34 @@ pub async fn demo(options: DemoOptions) -> anyhow::Result<()> {
     let (mut bao, vault_addr) = start_openbao(&options.bao, &dir, &root_token).await?;
 
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let upstream = EchoServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let upstream_ca = Ca::generate("latchkey demo upstream CA")?;
+    let upstream_roots = dir.join("upstream-ca.pem");
+    std::fs::write(&upstream_roots, upstream_ca.cert_pem())?;
+    let (upstream_tls, _) = Leaves::new(Arc::new(upstream_ca), 1).server_config(TLS_HOST)?;
+    let upstream = EchoServer::start(loopback, upstream_tls).await?;
+
     let admin_token = random_hex(16)?;
-    let config_text = demo_config(&options, &admin_token, &vault_addr, &token_file);
+    let config_text = demo_config(&DemoConfig {
+        options: &options,
+        admin_token: &admin_token,
+        vault_addr: &vault_addr,
+        token_file: &token_file,
+        upstream_roots: &upstream_roots,
+        upstream: upstream.addr(),
+    });
     let config_path = dir.join("latchkey.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = latchkey::config::Config::parse(&config_text, &NoEnv)
         .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
-    seed_connection(&config, upstream.addr()).await?;
+    let vault = latchkey::vault::Vault::new(&config.vault)?;
+    seed_connection(&vault).await?;
+    // latchkey's CA, in OpenBao where `latchkey ca init` puts it; latchkey reads it at start.
+    let ca = Ca::generate("latchkey demo CA")?;
+    vault.create_ca(&ca).await?;
+    let bundle = dir.join("ca-bundle.pem");
+    crate::env::write_bundle(&bundle, ca.cert_pem())?;
+    drop(ca);
 
     let server = latchkey::Server::bind(config).await?;
     Instructions {
@@ -127,6 +167,7 @@ pub async fn demo(options: DemoOptions) -> anyhow::Result<()> {
         token_file: &token_file,
         upstream: upstream.addr(),
         config: &config_path,
+        bundle: &bundle,
     }
     .print()?;
 
@@ -169,17 +210,27 @@ async fn start_openbao(
     Ok((child, vault_addr))
 }
 
-/// The demo's configuration file: private destinations allowed, since the upstream is local.
-fn demo_config(
-    options: &DemoOptions,
-    admin_token: &str,
-    vault_addr: &str,
-    token_file: &Path,
-) -> String {
+/// What the demo's configuration file is made of.
+struct DemoConfig<'a> {
+    options: &'a DemoOptions,
+    admin_token: &'a str,
+    vault_addr: &'a str,
+    token_file: &'a Path,
+    /// The demo upstream CA, which signed the upstream's certificate.
+    upstream_roots: &'a Path,
+    /// Where `api.demo.test:443` is dialled.
+    upstream: SocketAddr,
+}
+
+/// The demo's configuration file: private destinations allowed, since the upstream is local;
+/// `api.demo.test` pinned to it, its CA trusted. No CA files: latchkey reads its CA from
+/// OpenBao.
+fn demo_config(c: &DemoConfig<'_>) -> String {
     format!(
         r#"[proxy]
 listen = "{listen}"
 allow_private_destinations = ["127.0.0.0/8"]
+resolve = {{ "{TLS_HOST}:443" = "{upstream}" }}
 
 [admin]
 listen = "{admin}"
@@ -188,30 +239,32 @@ token_sha256 = "{admin_hash}"
 [vault]
 address = "{vault_addr}"
 auth = {{ method = "token", token_file = "{token_file}" }}
+
+[tls]
+extra_roots = ["{roots}"]
 "#,
-        listen = options.listen,
-        admin = options.admin,
-        admin_hash = latchkey::auth::sha256_hex(admin_token),
-        token_file = token_file.display(),
+        listen = c.options.listen,
+        admin = c.options.admin,
+        upstream = c.upstream,
+        admin_hash = latchkey::auth::sha256_hex(c.admin_token),
+        vault_addr = c.vault_addr,
+        token_file = c.token_file.display(),
+        roots = c.upstream_roots.display(),
     )
 }
 
 /// Writes the connection `demo` to Vault: a random key for the echo upstream.
-async fn seed_connection(
-    config: &latchkey::config::Config,
-    upstream: SocketAddr,
-) -> anyhow::Result<()> {
-    let vault = latchkey::vault::Vault::new(&config.vault)?;
+async fn seed_connection(vault: &latchkey::vault::Vault) -> anyhow::Result<()> {
     let demo_key = format!("demo_{}", random_hex(12)?);
-    let fields: std::collections::BTreeMap<String, latchkey::secret::Secret> = [
+    let fields: std::collections::BTreeMap<String, Secret> = [
         ("connector", "generic-bearer".to_string()),
         ("name", "Demo - echo upstream".to_string()),
         ("environment", "development".to_string()),
-        ("base_url", format!("http://{upstream}")),
+        ("base_url", format!("https://{TLS_HOST}")),
         ("api_key", demo_key),
     ]
     .into_iter()
-    .map(|(k, v)| (k.to_string(), latchkey::secret::Secret::from(v)))
+    .map(|(k, v)| (k.to_string(), Secret::from(v)))
     .collect();
     let id = latchkey::connection_id::ConnectionId::parse("demo")?;
     vault.write(&id, &fields, None).await?;
@@ -227,6 +280,8 @@ struct Instructions<'a> {
     token_file: &'a Path,
     upstream: SocketAddr,
     config: &'a Path,
+    /// The system's roots and latchkey's CA, for the tunnel form's clients.
+    bundle: &'a Path,
 }
 
 impl Instructions<'_> {
@@ -246,16 +301,29 @@ impl Instructions<'_> {
              \x20 proxy     http://{proxy}\n\
              \x20 admin     http://{admin}   (admin token: {admin_token})\n\
              \x20 vault     {vault_addr}   (OpenBao dev server; token in {token_file})\n\
-             \x20 upstream  http://{up}   (echoes each request back as JSON)\n\
+             \x20 upstream  https://{TLS_HOST}   (on {up}, pinned with proxy.resolve; echoes each request\n\
+             \x20           back as JSON; its certificate from a demo CA that latchkey trusts)\n\
              \x20 config    {config}\n\n\
              The connection `demo` holds an API key that the workflow never sees. Try it; the echo\n\
              shows the Authorization header latchkey injected:\n\n\
              \x20 curl -s http://{proxy}/demo/hello\n\n\
              Forward form (what HTTP_PROXY clients send):\n\n\
-             \x20 curl -s -x http://demo:x@{proxy} http://{up}/hello\n\n\
-             Press Ctrl-C to stop.",
+             \x20 curl -s -x http://demo:x@{proxy} http://{TLS_HOST}/hello\n\n\
+             Tunnel form: an unmodified client calls the service's own https URL through\n\
+             HTTPS_PROXY and trusts latchkey's CA (kept in OpenBao at secret/latchkey/ca, as\n\
+             `latchkey ca init` does). The lines a workflow needs, as `latchkey env\n\
+             --connection demo --admin http://{admin}` prints them:\n",
             token_file = self.token_file.display(),
             config = self.config.display(),
+        )?;
+        let proxy = proxy.to_string();
+        for (name, value) in crate::env::lines("demo", &Secret::default(), &proxy, self.bundle) {
+            writeln!(out, "  export {name}='{value}'")?;
+        }
+        writeln!(
+            out,
+            "  curl -s https://{TLS_HOST}/hello\n\n\
+             Press Ctrl-C to stop."
         )
     }
 }

@@ -77,9 +77,20 @@ async fn variables(args: &EnvArgs) -> anyhow::Result<Vec<(&'static str, String)>
     let ca = fetch_ca(&args.admin).await?;
     write_bundle(&args.ca_bundle, &ca)?;
     let user = args.connection.as_deref().unwrap_or("_");
-    let proxy = format!("http://{user}:{}@{}", token.expose(), args.proxy);
-    let bundle = args.ca_bundle.display().to_string();
-    Ok(vec![
+    Ok(lines(user, &token, &args.proxy, &args.ca_bundle))
+}
+
+/// The variables for proxy user `user` (a connection ID or `_`), its token, latchkey's proxy
+/// listener and the CA bundle written there.
+pub fn lines(
+    user: &str,
+    token: &Secret,
+    proxy: &str,
+    bundle: &Path,
+) -> Vec<(&'static str, String)> {
+    let proxy = format!("http://{user}:{}@{proxy}", token.expose());
+    let bundle = bundle.display().to_string();
+    vec![
         ("HTTPS_PROXY", proxy.clone()),
         ("https_proxy", proxy),
         ("SSL_CERT_FILE", bundle.clone()),
@@ -87,7 +98,7 @@ async fn variables(args: &EnvArgs) -> anyhow::Result<Vec<(&'static str, String)>
         ("CURL_CA_BUNDLE", bundle.clone()),
         ("NODE_EXTRA_CA_CERTS", bundle.clone()),
         ("GIT_SSL_CAINFO", bundle),
-    ])
+    ]
 }
 
 async fn fetch_ca(admin: &str) -> anyhow::Result<String> {
@@ -100,7 +111,7 @@ async fn fetch_ca(admin: &str) -> anyhow::Result<String> {
         .with_context(|| format!("cannot reach latchkey's admin listener at {admin}"))?;
     if !response.status().is_success() {
         bail!(
-            "{url} answered {}: latchkey has no CA (set tls.ca_cert and tls.ca_key)",
+            "{url} answered {}: latchkey has no CA (make it with latchkey ca init)",
             response.status()
         );
     }
@@ -112,7 +123,7 @@ async fn fetch_ca(admin: &str) -> anyhow::Result<String> {
 }
 
 /// The system's roots followed by latchkey's CA.
-fn write_bundle(path: &Path, ca: &str) -> anyhow::Result<()> {
+pub fn write_bundle(path: &Path, ca: &str) -> anyhow::Result<()> {
     let mut bundle = SYSTEM_BUNDLES
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())

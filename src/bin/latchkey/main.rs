@@ -83,12 +83,9 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(code) => code,
         },
-        Command::Ca(args) => match ca::run(args) {
+        Command::Ca(args) => match block_on(ca::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(code) => code,
         },
         Command::HashToken => {
             let mut token = String::new();
