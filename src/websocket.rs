@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::body::PendingLog;
 use crate::hop_by_hop;
+use crate::telemetry;
 use crate::upstream::dial::Dialer;
 use crate::upstream::pool::{ResponseBody, SendError};
 
@@ -260,6 +261,7 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<P
     let mut written = 0;
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
+            let _open = telemetry::WebSocketOpen::open();
             let mut client = Counting::new(TokioIo::new(client));
             let mut upstream = TokioIo::new(upstream);
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
@@ -22,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::errors::client_toml;
+use crate::errors::{client_toml, metrics_text};
 use crate::support::*;
 
 const OPENAI: &str = "api.openai.com";
@@ -371,9 +372,20 @@ async fn a_websocket_in_forward_form_gets_the_key_on_its_handshake() {
         "Sec-WebSocket-Accept: {head}"
     );
     let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    let open = |n: u32| {
+        let lk = &w.lk;
+        move || async move {
+            let text = metrics_text(lk).await;
+            text.lines()
+                .any(|l| l == format!("latchkey_websockets_open {n}"))
+                .then_some(())
+        }
+    };
+    wait_until("one WebSocket open", Duration::from_secs(10), open(1)).await;
     echo_four(&mut ws).await;
     w.assert_one_handshake_with_our_key();
     w.assert_access_line("forward", "GET", 101).await;
+    wait_until("no WebSocket open", Duration::from_secs(10), open(0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +440,7 @@ where
     // latchkey's SETTINGS say it takes extended CONNECT (RFC 8441 section 3).
     wait_until(
         "SETTINGS_ENABLE_CONNECT_PROTOCOL from latchkey",
-        std::time::Duration::from_secs(10),
+        Duration::from_secs(10),
         || std::future::ready(client.is_extended_connect_protocol_enabled().then_some(())),
     )
     .await;
@@ -517,11 +529,7 @@ async fn an_upstream_that_refuses_the_handshake_is_answered_as_it_answered() {
     assert!(!lower.contains("upgrade: websocket"), "{head}");
     // The upstream's own body follows, and the key went to it on the handshake.
     let mut body = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tcp.read_to_end(&mut body),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut body)).await;
     assert!(
         String::from_utf8_lossy(&body).contains("no WebSocket here"),
         "{head}{body:?}"
@@ -600,4 +608,62 @@ impl tokio::io::AsyncWrite for H2Stream {
         let _ = self.get_mut().send.send_data(bytes::Bytes::new(), true);
         std::task::Poll::Ready(Ok(()))
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_other_than_a_websocket_get_are_not_honoured() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "plain-up", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let url = lk.url("/plain-up/v1/x");
+    for (how, args) in [
+        // curl asks an http:// URL for h2c with Upgrade, Connection and HTTP2-Settings.
+        ("h2c", vec!["--http2", url.as_str()]),
+        (
+            "a websocket upgrade on a POST",
+            vec![
+                "-d",
+                "x",
+                "-H",
+                "Upgrade: websocket",
+                "-H",
+                "Connection: Upgrade",
+                "-H",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "-H",
+                "Sec-WebSocket-Version: 13",
+                url.as_str(),
+            ],
+        ),
+    ] {
+        let (status, text) = curl(&args).await;
+        assert_eq!(status, 200, "{how}: {text}");
+        assert!(
+            last_status(&text).starts_with("HTTP/1.1 200"),
+            "{how}: {text}"
+        );
+        let r = Echoed {
+            status,
+            json: body_json(&text),
+            latchkey_error: None,
+        };
+        for name in ["upgrade", "connection", "http2-settings"] {
+            assert!(
+                r.header_values(name).is_empty(),
+                "{how}: {name} reached the upstream: {}",
+                r.json
+            );
+        }
+        assert_eq!(r.json["version"], "HTTP/1.1", "{how}");
+    }
+    assert_eq!(up.requests(), 2);
+}
+
+/// The status line of the last answer in curl -i output.
+fn last_status(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
+        .unwrap_or_default()
 }
