@@ -4,7 +4,8 @@
 //! spliced both ways until either side closes.
 //!
 //! - HTTP/1.1 (`GET` with `Upgrade: websocket` and `Connection: upgrade`): the upstream's 101 is
-//!   passed on with its `Upgrade`, `Connection` and `Sec-WebSocket-*` headers.
+//!   passed on with its `Upgrade`, `Connection` and `Sec-WebSocket-Accept`, `-Protocol` and
+//!   `-Extensions` headers, and no other.
 //! - h2 extended CONNECT (RFC 8441, `:protocol websocket`): sent upstream as an HTTP/1.1
 //!   upgrade with a key of latchkey's own; the upstream's `Sec-WebSocket-Accept` is checked and
 //!   the client gets 200, its h2 stream spliced to the upgraded connection.
@@ -204,25 +205,28 @@ pub async fn open(
     }
     let upstream = hyper::upgrade::on(&mut resp);
 
+    // The client gets what the WebSocket needs and nothing else of the 101: its other
+    // headers are the upstream's to a handshake latchkey made with the credential in it.
     let mut answer = Response::new(ResponseBody::Empty);
-    let headers = answer.headers_mut();
-    for (name, value) in resp.headers() {
-        if !hop_by_hop::is_hop_by_hop(name) {
-            headers.append(name, value.clone());
-        }
-    }
-    match client.ask {
+    let kept: &[&str] = match client.ask {
         Ask::Upgrade => {
+            *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = answer.headers_mut();
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            &[
+                "sec-websocket-accept",
+                "sec-websocket-protocol",
+                "sec-websocket-extensions",
+            ]
         }
-        Ask::ExtendedConnect => {
-            // h2 has no Upgrade handshake: the key and accept were latchkey's own.
-            headers.remove("sec-websocket-accept");
+        // h2 has no Upgrade handshake: the key and the accept were latchkey's own.
+        Ask::ExtendedConnect => &["sec-websocket-protocol", "sec-websocket-extensions"],
+    };
+    for name in kept {
+        for value in resp.headers().get_all(*name) {
+            answer.headers_mut().append(*name, value.clone());
         }
-    }
-    if client.ask == Ask::Upgrade {
-        *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     }
     let (log_tx, log_rx) = oneshot::channel();
     answer.extensions_mut().insert(LogAtClose::new(log_tx));
