@@ -86,7 +86,8 @@ pub struct PendingLog {
 }
 
 impl PendingLog {
-    fn emit(mut self, bytes_out: u64) {
+    /// Writes the line, with what came in so far and `bytes_out`.
+    pub fn emit(mut self, bytes_out: u64) {
         self.log.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.log.bytes_out = bytes_out;
         self.log.emit(self.started.elapsed());

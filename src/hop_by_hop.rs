@@ -5,7 +5,8 @@
 //! `Content-Length` and `Transfer-Encoding` belong to one hop and are never forwarded, in either
 //! direction: each side frames the message it sends from the body itself, so that no CL/TE
 //! disagreement can pass from one side to the other. One rule for requests and responses, and
-//! for the HTTP/1.1 client that leaves them out while it parses.
+//! for the HTTP/1.1 client that leaves them out while it parses. (A WebSocket handshake is
+//! stripped too; the websocket module then writes its own `Upgrade` and `Connection`.)
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 

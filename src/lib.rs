@@ -17,7 +17,7 @@
 //! | 1 | auth, body, ca, record, upstream::dial |
 //! | 2 | catalog, upstream::h1 |
 //! | 3 | config, inject, upstream::pool |
-//! | 4 | connection, upstream, vault |
+//! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |
 //! | 6 | coverage, lifecycle |
 //! | 7 | response |
@@ -40,6 +40,7 @@
 //! - The connection: [`connection`] (a stored record checked and its credential rendered),
 //!   [`draft`] (what a person submits, and the checks of a save).
 //! - I/O: [`vault`] (the Vault client), [`upstream`] (dialer, own HTTP/1.1 exchange, pool),
+//!   [`websocket`] (a WebSocket handshake on a connection of its own, then the splice),
 //!   [`cache`] (the read-through secret cache), [`verify`] (the verification call).
 //! - [`lifecycle`]: create, read masked, change, rotate, verify, delete; what the request path
 //!   learns about connections.
@@ -79,5 +80,6 @@ pub mod tunnel;
 pub mod upstream;
 pub mod vault;
 pub mod verify;
+pub mod websocket;
 
 pub use server::{run, Server, StartError};

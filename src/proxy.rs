@@ -7,7 +7,8 @@
 //!    The address check on the dialled address follows in the upstream connector.
 //! 5. [`inject::rewrite`]: strip, then inject.
 //! 6. [`Proxy::forward`]: the pooled client, streaming both ways; hop-by-hop headers of the
-//!    answer are stripped, and a 401 starts a re-read of the connection.
+//!    answer are stripped, and a 401 starts a re-read of the connection. A WebSocket handshake
+//!    goes instead on a connection of its own ([`websocket`]), spliced once upgraded.
 //! 7. The access log line and metrics, on success (when the body ends) and on failure alike.
 
 use std::borrow::Cow;
@@ -34,6 +35,7 @@ use crate::response::ProxyError;
 use crate::secret::Secret;
 use crate::telemetry::{self, AccessLog};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
+use crate::websocket;
 
 /// The proxy listener's service.
 pub struct Proxy {
@@ -235,8 +237,18 @@ impl Proxy {
             Some(t) => self.serve_tunneled(req, t, &mut log, &bytes_in).await,
         };
         match served {
-            Ok(response) => {
+            Ok(mut response) => {
                 log.status = response.status().as_u16();
+                if let Some(at_close) = response.extensions_mut().remove::<websocket::LogAtClose>()
+                {
+                    // An upgraded WebSocket: its line is written when it closes.
+                    at_close.send(PendingLog {
+                        log,
+                        started,
+                        bytes_in,
+                    });
+                    return response.map(|b| b.boxed_unsync());
+                }
                 let (parts, body) = response.into_parts();
                 let body = Logged::new(
                     body,
@@ -528,6 +540,8 @@ impl Proxy {
         let peer = Self::upstream_peer(route, &conn)?;
         log.host = Some(peer.host.clone());
         let authority = &*peer.authority;
+        // Taken before the rewrite strips `Upgrade` and `Connection` as hop-by-hop.
+        let websocket = websocket::ClientSide::take(&mut parts);
 
         let target = Target {
             scheme: peer.scheme,
@@ -545,10 +559,15 @@ impl Proxy {
         // Logged from here on, so that an upstream failure's line says what was asked.
         log.path = Some(log_path);
 
-        let body = Counted::new(body, bytes_in.clone())
-            .map_err(BoxError::from)
-            .boxed_unsync();
-        let response = self.forward(Request::from_parts(parts, body), log).await?;
+        let response = match websocket {
+            Some(client) => self.upgrade(parts, client, log).await?,
+            None => {
+                let body = Counted::new(body, bytes_in.clone())
+                    .map_err(BoxError::from)
+                    .boxed_unsync();
+                self.forward(Request::from_parts(parts, body), log).await?
+            }
+        };
         let what = || {
             let path = log.path.as_ref().map_or("", |p| p.as_str());
             format!("{} {authority}{path}", log.method)
@@ -573,7 +592,9 @@ impl Proxy {
 
     /// Phase 1: the request's form, connection ID and token.
     fn route<'u>(parts: &http::request::Parts, uri: &'u Uri) -> Result<Routed<'u>, ProxyError> {
-        if parts.method == Method::CONNECT {
+        // An h2 extended CONNECT for a WebSocket is a request like any other; a plain CONNECT
+        // is the tunnel's.
+        if parts.method == Method::CONNECT && websocket::asks(parts).is_none() {
             return Err(ProxyError::ConnectUnsupported);
         }
         // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is a
@@ -618,11 +639,16 @@ impl Proxy {
         uri: &'u Uri,
     ) -> Result<Routed<'u>, ProxyError> {
         let scheme = match uri.scheme_str() {
-            Some(s) if s.eq_ignore_ascii_case("http") => Scheme::Http,
-            Some(s) if s.eq_ignore_ascii_case("https") => Scheme::Https,
+            // `ws://` and `wss://`, as some clients name a WebSocket's URL to a proxy.
+            Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("ws") => {
+                Scheme::Http
+            }
+            Some(s) if s.eq_ignore_ascii_case("https") || s.eq_ignore_ascii_case("wss") => {
+                Scheme::Https
+            }
             _ => {
                 return Err(ProxyError::BadRequest(
-                    "only http:// and https:// URLs can be proxied".into(),
+                    "only http:// and https:// (or ws:// and wss://) URLs can be proxied".into(),
                 ))
             }
         };
@@ -840,6 +866,29 @@ impl Proxy {
             path_prefix: "",
             host: Arc::from(host),
         })
+    }
+
+    /// Phase 6 for a WebSocket: the handshake on a connection of its own, then the splice.
+    /// The request timeout bounds the handshake only.
+    async fn upgrade(
+        &self,
+        parts: http::request::Parts,
+        client: websocket::ClientSide,
+        log: &mut AccessLog,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let opened = websocket::open(self.upstream.dialer(), parts, client);
+        let response = match tokio::time::timeout(self.request_timeout, opened).await {
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout(format!(
+                    "the upstream did not answer the WebSocket handshake within {:?}",
+                    self.request_timeout
+                )))
+            }
+            Ok(Err(e)) => return Err(ProxyError::from_upstream(&e)),
+            Ok(Ok(r)) => r,
+        };
+        log.upstream_version = Some("http/1.1");
+        Ok(response)
     }
 
     /// Phase 6: send it on and take the answer's head.

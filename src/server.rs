@@ -507,7 +507,10 @@ fn spawn_worker(
                     let proxy = proxy.clone();
                     let tunnels = tunnels.clone();
                     async move {
-                        Ok::<_, Infallible>(if req.method() == http::Method::CONNECT {
+                        // An h2 extended CONNECT (`:protocol`, a WebSocket) is a request.
+                        let tunnel = req.method() == http::Method::CONNECT
+                            && req.extensions().get::<hyper::ext::Protocol>().is_none();
+                        Ok::<_, Infallible>(if tunnel {
                             tunnels.connect(req).await
                         } else {
                             proxy.handle(req).await
@@ -558,6 +561,8 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
+    // WebSockets over h2 (RFC 8441); HTTP/1.1 upgrades are served by `serve`.
+    builder.http2().enable_connect_protocol();
     builder
 }
 

@@ -31,6 +31,24 @@ pub mod names {
     pub const TUNNELS_OPEN: &str = "latchkey_tunnels_open";
     pub const TUNNEL_LEAVES: &str = "latchkey_tunnel_leaf_certificates_total";
     pub const TUNNEL_HANDSHAKE_FAILURES: &str = "latchkey_tunnel_handshake_failures_total";
+    pub const WEBSOCKETS_OPEN: &str = "latchkey_websockets_open";
+}
+
+/// Counts an upgraded WebSocket as open (`latchkey_websockets_open`) until dropped: once
+/// upgraded, it is no longer one of the server's client connections.
+pub struct WebSocketOpen(());
+
+impl WebSocketOpen {
+    pub fn open() -> WebSocketOpen {
+        gauge!(names::WEBSOCKETS_OPEN).increment(1.0);
+        WebSocketOpen(())
+    }
+}
+
+impl Drop for WebSocketOpen {
+    fn drop(&mut self) {
+        gauge!(names::WEBSOCKETS_OPEN).decrement(1.0);
+    }
 }
 
 /// Counts a tunnel as open (`latchkey_tunnels_open`) until dropped.

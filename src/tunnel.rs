@@ -145,8 +145,11 @@ impl Tunnels {
             let tunnel = tunnel.clone();
             async move { Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await) }
         });
-        auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(io), service)
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
+        builder.http2().enable_connect_protocol();
+        builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .await
             .map_err(io::Error::other)
     }

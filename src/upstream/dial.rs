@@ -86,6 +86,8 @@ struct DialerInner {
     /// `proxy.resolve`: where a host and port are dialled instead of what DNS says.
     resolve: HashMap<(String, u16), SocketAddr>,
     tls: TlsConnector,
+    /// The same trust, offering HTTP/1.1 only: a WebSocket handshake is an HTTP/1.1 upgrade.
+    tls_http1: TlsConnector,
     connect_timeout: Duration,
 }
 
@@ -96,11 +98,14 @@ impl Dialer {
         tls: Arc<rustls::ClientConfig>,
         connect_timeout: Duration,
     ) -> Dialer {
+        let mut http1 = (*tls).clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Dialer {
             inner: Arc::new(DialerInner {
                 policy,
                 resolve,
                 tls: TlsConnector::from(tls),
+                tls_http1: TlsConnector::from(Arc::new(http1)),
                 connect_timeout,
             }),
         }
@@ -110,7 +115,18 @@ impl Dialer {
 impl Dialer {
     /// Resolves, checks and connects to `authority`, with TLS when `https`.
     pub async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
-        self.inner.dial(https, authority).await
+        self.inner.dial(https, authority, &self.inner.tls).await
+    }
+
+    /// [`Dialer::dial`], offering only HTTP/1.1 by ALPN (for a WebSocket's own connection).
+    pub async fn dial_http1(
+        &self,
+        https: bool,
+        authority: &Authority,
+    ) -> Result<MaybeTls, DialError> {
+        self.inner
+            .dial(https, authority, &self.inner.tls_http1)
+            .await
     }
 
     /// Resolves `host` and `port` and checks the addresses as a dial would, without
@@ -160,7 +176,12 @@ impl DialerInner {
         Ok(addrs)
     }
 
-    async fn dial(&self, https: bool, authority: &Authority) -> Result<MaybeTls, DialError> {
+    async fn dial(
+        &self,
+        https: bool,
+        authority: &Authority,
+        tls: &TlsConnector,
+    ) -> Result<MaybeTls, DialError> {
         let host = authority.host();
         if host.is_empty() {
             return Err(DialError::NoHost);
@@ -208,7 +229,7 @@ impl DialerInner {
                     ),
                 }
             })?;
-        let tls = tokio::time::timeout(self.connect_timeout, self.tls.connect(server_name, tcp))
+        let tls = tokio::time::timeout(self.connect_timeout, tls.connect(server_name, tcp))
             .await
             .map_err(|_| DialError::Timeout(format!("TLS handshake with {host}")))?
             .map_err(|source| DialError::Tls {

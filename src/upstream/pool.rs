@@ -47,6 +47,8 @@ pub enum SendError {
     H2(#[from] hyper::Error),
     #[error("the upstream URL has no host")]
     NoAuthority,
+    #[error("{0}")]
+    Upgrade(String),
 }
 
 impl SendError {
@@ -111,6 +113,8 @@ pub enum ResponseBody {
     Empty,
     H1(H1Body<Home>),
     H2(Incoming),
+    /// An answer read by hyper's HTTP/1.1 client (a WebSocket handshake the upstream refused).
+    Http1(Incoming),
 }
 
 impl Body for ResponseBody {
@@ -124,7 +128,7 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::H1(b) => Pin::new(b).poll_frame(cx),
-            ResponseBody::H2(b) => Pin::new(b)
+            ResponseBody::H2(b) | ResponseBody::Http1(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
         }
@@ -134,7 +138,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => true,
             ResponseBody::H1(b) => b.is_end_stream(),
-            ResponseBody::H2(b) => b.is_end_stream(),
+            ResponseBody::H2(b) | ResponseBody::Http1(b) => b.is_end_stream(),
         }
     }
 
@@ -142,7 +146,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
             ResponseBody::H1(b) => b.size_hint(),
-            ResponseBody::H2(b) => b.size_hint(),
+            ResponseBody::H2(b) | ResponseBody::Http1(b) => b.size_hint(),
         }
     }
 }

@@ -38,4 +38,5 @@ mod streaming;
 mod token_place;
 mod tunnel;
 mod upstream_h1;
+mod websocket;
 mod workers;
