@@ -51,6 +51,7 @@ fn connection(catalog: &Catalog, fields: &[(&str, &str)]) -> Connection {
                 .collect::<BTreeMap<_, _>>(),
             version: 1,
             custom_metadata: BTreeMap::new(),
+            not_text: Vec::new(),
         },
         catalog,
     )
@@ -189,6 +190,7 @@ impl Source for Fixed {
                         .collect(),
                         version: 1,
                         custom_metadata: BTreeMap::new(),
+                        not_text: Vec::new(),
                     },
                     &catalog,
                 )

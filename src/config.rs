@@ -1047,6 +1047,18 @@ mod tests {
         assert!(e.message.contains("port"), "{e}");
     }
 
+    /// Issue 10: a 64-byte value that is not ASCII made the check panic.
+    #[test]
+    fn a_token_hash_of_64_non_ascii_bytes_is_an_error_not_a_panic() {
+        let value = "\u{e9}".repeat(32);
+        assert_eq!(value.len(), 64);
+        assert!(parse_sha256_hex(&value).is_err());
+        let e = err(&format!(
+            "[[clients]]\nname = \"x\"\ntoken_sha256 = \"{value}\"\nconnections = [\"*\"]\n"
+        ));
+        assert!(e.key.contains("token_sha256"), "{e}");
+    }
+
     #[test]
     fn public_listener_needs_clients() {
         let e = err("[proxy]\nlisten = \"0.0.0.0:8080\"\n");

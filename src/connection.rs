@@ -99,6 +99,8 @@ pub enum ConnectionError {
     ExpiresAt,
     #[error("{0}")]
     Credential(RenderError),
+    #[error("field {0:?} is stored as a list or an object, not as text; save it again as text")]
+    NotText(String),
 }
 
 impl ConnectionError {
@@ -113,7 +115,8 @@ impl ConnectionError {
             | ConnectionError::ControlCharacters(f)
             | ConnectionError::InnerWhitespace(f)
             | ConnectionError::Pattern(f)
-            | ConnectionError::UnsafeUrlValue(f) => f,
+            | ConnectionError::UnsafeUrlValue(f)
+            | ConnectionError::NotText(f) => f,
             ConnectionError::BaseUrlEnvironment { .. } | ConnectionError::BaseUrl(_) => "base_url",
             ConnectionError::AllowedHosts(_) => "allowed_hosts",
             ConnectionError::ExpiresAt => "expires_at",
@@ -188,7 +191,11 @@ impl Connection {
             fields: raw,
             version,
             custom_metadata,
+            not_text,
         } = stored;
+        if let Some(field) = not_text.into_iter().next() {
+            return Err(ConnectionError::NotText(field));
+        }
         let connector_id = raw
             .get("connector")
             .map(|s| s.expose().trim().to_string())
@@ -443,6 +450,7 @@ mod tests {
                 .collect(),
             version: 1,
             custom_metadata: BTreeMap::new(),
+            not_text: Vec::new(),
         }
     }
 

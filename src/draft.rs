@@ -104,6 +104,7 @@ impl Draft {
                 fields: stored.clone(),
                 version: 0,
                 custom_metadata: BTreeMap::new(),
+                not_text: Vec::new(),
             },
             catalog,
         )?;

@@ -317,6 +317,7 @@ mod tests {
                     .collect(),
                 version: 1,
                 custom_metadata: Default::default(),
+                not_text: Vec::new(),
             },
             &catalog,
         )

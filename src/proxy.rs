@@ -842,7 +842,8 @@ impl Proxy {
             Some(p) if p != req.scheme.default_port() => p,
             _ => scheme.default_port(),
         };
-        let host = req.host.to_ascii_lowercase();
+        // Lower case, no trailing dot (`127.0.0.1.` is 127.0.0.1, and is dialled as such).
+        let host = normalize_host(req.host);
         // The host and the port dialled: the credential goes to a host the connection names,
         // on its port, never to another port of the same host.
         if !conn.hosts.allows_at(&host, port) {

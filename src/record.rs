@@ -23,4 +23,7 @@ pub struct StoredConnection {
     pub fields: BTreeMap<String, Secret>,
     pub version: u64,
     pub custom_metadata: BTreeMap<String, String>,
+    /// Fields whose stored value is not text (a JSON list or object written by another tool):
+    /// the connection cannot be used, and says which field is at fault.
+    pub not_text: Vec<String>,
 }

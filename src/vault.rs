@@ -287,6 +287,9 @@ impl Vault {
     /// caller takes out only what it needs.
     pub async fn read_ca(&self) -> Result<Option<CaRecord>, VaultError> {
         let stored = self.read_at("read_ca", CA_PATH.to_string()).await?;
+        if stored.as_ref().is_some_and(|s| !s.not_text.is_empty()) {
+            return Err(VaultError::Malformed("a field is not a string"));
+        }
         Ok(stored.map(|s| CaRecord { fields: s.fields }))
     }
 
@@ -333,12 +336,17 @@ impl Vault {
             return Err(VaultError::Malformed("the secret's data is not an object"));
         };
         let mut fields = BTreeMap::new();
+        let mut not_text = Vec::new();
         for (name, value) in map {
             let value = match value {
                 serde_json::Value::String(s) => Secret::from(s),
                 serde_json::Value::Number(n) => Secret::from(n.to_string()),
                 serde_json::Value::Bool(b) => Secret::from(b.to_string()),
-                _ => return Err(VaultError::Malformed("a field is not a string")),
+                // One connection's bad field is that connection's problem, not Vault's.
+                _ => {
+                    not_text.push(name);
+                    continue;
+                }
             };
             fields.insert(name, value);
         }
@@ -351,6 +359,7 @@ impl Vault {
                 .unwrap_or_default()
                 .into_iter()
                 .collect(),
+            not_text,
         }))
     }
 

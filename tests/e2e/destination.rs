@@ -279,6 +279,28 @@ async fn the_key_goes_to_no_other_port_of_an_allowed_host() {
     assert_eq!(up.requests() + up2.requests(), 2);
 }
 
+/// Issue 10: a trailing-dot IP (`127.0.0.1.`) passed the host check as 127.0.0.1, then was
+/// looked up in DNS as a name and failed. It is the same host, checked and dialled as such.
+#[tokio::test]
+async fn a_trailing_dot_ip_is_checked_and_dialled_as_that_ip() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let key = put_bearer(&bao, "dot", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let port = up.addr().port();
+    let r = raw(&lk, &forward_to(&format!("127.0.0.1.:{port}"), "/x", "dot")).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains(&format!("Bearer {key}")), "{r:?}");
+    assert_eq!(up.requests(), 1);
+    // And it is held to the port like any spelling of the host.
+    let r = raw(
+        &lk,
+        &forward_to(&format!("127.0.0.1.:{}", lk.admin.port()), "/x", "dot"),
+    )
+    .await;
+    assert_refused_raw(&r, 403, "host_not_allowed", "the admin port");
+}
+
 /// Issue 10: `allowed_hosts` accepted `*.com` and `*.0.0.1`. A wildcard is under a registrable
 /// domain; a stored connection with a wider one cannot be used.
 #[tokio::test]

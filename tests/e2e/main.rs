@@ -26,6 +26,7 @@ mod demo;
 mod destination;
 mod errors;
 mod framing;
+mod hardening;
 mod inject;
 mod leaks;
 mod lifecycle;

@@ -1,0 +1,64 @@
+//! Issue 10's findings that are neither about destinations nor about the tunnel, each a test
+//! named after it: what a stored record, a client or an upstream can do to latchkey.
+
+use crate::support::*;
+
+/// A stored record written by another tool with a field that is a JSON list: that connection
+/// cannot be used (500 `connection_invalid`, naming the field), while every other connection,
+/// the connection list and `/readyz` go on. (It was 503 `secret_store_unavailable` for the
+/// connection and for the whole `GET /v1/connections`, while `/readyz` said ready.)
+#[tokio::test]
+async fn a_field_stored_as_a_json_list_spoils_only_its_own_connection() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let good_key = put_bearer(&bao, "good", &format!("http://{}", up.addr()));
+    let r = http()
+        .post(format!("{}/v1/secret/data/{}", bao.addr, bao.path("listy")))
+        .header("X-Vault-Token", &bao.token)
+        .json(&serde_json::json!({ "data": {
+            "connector": "generic-bearer",
+            "base_url": format!("http://{}", up.addr()),
+            "api_key": ["sk-part-one", "sk-part-two"],
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{r:?}");
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+
+    let r = gateway_get(&lk, "/listy/x", &[]).await;
+    assert_eq!(r.status, 500, "{:?}", r.json);
+    assert_eq!(r.latchkey_error.as_deref(), Some("connection_invalid"));
+    let message = r.json["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("api_key"), "{message}");
+    assert!(!message.contains("sk-part"), "{message}");
+
+    let r = gateway_get(&lk, "/good/x", &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {good_key}"))
+    );
+
+    let list = http()
+        .get(lk.admin_url("/v1/connections"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), 200);
+    let list: serde_json::Value = list.json().await.unwrap();
+    let listy = list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "listy")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(listy["status"], "invalid", "{listy}");
+    assert_eq!(listy["problem"]["field"], "api_key", "{listy}");
+    assert!(!list.to_string().contains("sk-part"), "{list}");
+
+    let ready = http().get(lk.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(up.requests(), 1);
+}
