@@ -16,7 +16,7 @@ use crate::cache::CacheError;
 use crate::connection::ConnectionError;
 use crate::destination::Blocked;
 use crate::lifecycle::LifecycleError;
-use crate::upstream::{DialError, SendError};
+use crate::upstream::{DialError, H1Error, SendError};
 
 pub const LATCHKEY_ERROR: &str = "latchkey-error";
 
@@ -144,6 +144,11 @@ impl ProxyError {
                 ProxyError::UpstreamTimeout(d.to_string())
             }
             SendError::Dial(d) => ProxyError::UpstreamUnreachable(d.to_string()),
+            // The client's own body was not valid HTTP (a chunk size that overflows, a body
+            // cut short): the client's error, said once.
+            SendError::H1(H1Error::RequestBody(e)) => {
+                ProxyError::BadRequest(format!("the request body could not be read: {e}"))
+            }
             other => ProxyError::UpstreamUnreachable(other.describe()),
         }
     }

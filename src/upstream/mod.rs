@@ -7,4 +7,5 @@ pub mod h1;
 pub mod pool;
 
 pub use dial::{tls_config, DialError, Dialer, MaybeTls};
+pub use h1::H1Error;
 pub use pool::{Pool, ResponseBody, SendError};

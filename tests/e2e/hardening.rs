@@ -62,3 +62,35 @@ async fn a_field_stored_as_a_json_list_spoils_only_its_own_connection() {
     assert_eq!(ready.status(), 200);
     assert_eq!(up.requests(), 1);
 }
+
+/// A request body with a chunk size that overflows is the client's error: 400 `bad_request`,
+/// said once. (It was 502 `upstream_unreachable`, with the message twice.) The head has gone
+/// upstream by then: latchkey streams bodies and cannot read one whole before sending.
+#[tokio::test]
+async fn a_malformed_chunked_request_body_is_the_clients_error() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "chunks", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    for size in ["fffffffffffffffffffff", "zz", "-1"] {
+        let r = crate::destination::raw(
+            &lk,
+            &format!(
+                "POST /chunks/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{size}\r\nabc\r\n0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{size}: {r:?}");
+        assert_eq!(r.header("latchkey-error"), Some("bad_request"), "{r:?}");
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.starts_with("the request body could not be read"),
+            "{message}"
+        );
+        let said = message.matches("invalid").count();
+        assert!(said <= 1, "said more than once: {message}");
+    }
+}
