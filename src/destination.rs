@@ -267,6 +267,21 @@ impl Passthrough {
     }
 }
 
+/// Why a gateway path could leave the base URL's path: a `.` or `..` segment, written plainly
+/// or percent-encoded (`%2e%2e`), or an encoded slash or backslash (`%2f`, `%5c`) that an
+/// upstream may decode into a segment boundary. `None` for a path that stays inside.
+pub fn path_escape(path: &str) -> Option<&'static str> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Some("an encoded slash or a backslash");
+    }
+    let dot_segment = lower.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    });
+    dot_segment.then_some("a `.` or `..` segment")
+}
+
 /// Lower case, no trailing dot, IPv6 literals in brackets.
 pub fn normalize_host(host: &str) -> String {
     let h = host.trim_end_matches('.').to_ascii_lowercase();
@@ -572,6 +587,34 @@ mod tests {
         }
         // A private-section suffix is a registrable domain's place: *.myshopify.com is fine.
         assert!(normalize_host_pattern("*.myshopify.com").is_ok());
+    }
+
+    #[test]
+    fn gateway_paths_cannot_climb() {
+        for bad in [
+            "/../x",
+            "/a/..",
+            "/%2e%2e/x",
+            "/.%2E/x",
+            "/%2E./x",
+            "/./x",
+            "/a%2fb",
+            "/a%2F..",
+            "/a%5cb",
+            "/a\\b",
+        ] {
+            assert!(path_escape(bad).is_some(), "{bad:?}");
+        }
+        for good in [
+            "/",
+            "",
+            "/v1/charges",
+            "/a.b/..c/...",
+            "/x/.well-known",
+            "/%2e%2e%2e",
+        ] {
+            assert_eq!(path_escape(good), None, "{good:?}");
+        }
     }
 
     #[test]

@@ -618,6 +618,12 @@ impl Proxy {
             ));
         }
         let id = ConnectionId::parse(id).map_err(|e| ProxyError::BadConnectionId(e.to_string()))?;
+        let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+        if let Some(why) = destination::path_escape(path) {
+            return Err(ProxyError::BadRequest(format!(
+                "the path holds {why}, which could leave the connection's base URL path"
+            )));
+        }
         let token = match auth::proxy_credentials(&parts.headers) {
             Ok(c) => Some(c.token),
             Err(CredentialsError::Missing) => None,

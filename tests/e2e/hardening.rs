@@ -94,3 +94,44 @@ async fn a_malformed_chunked_request_body_is_the_clients_error() {
         assert!(said <= 1, "said more than once: {message}");
     }
 }
+
+/// A gateway path climbed out of the base URL's path: `/conn/../x` reached the upstream as
+/// `/api/../x`. A dot segment, plain or percent-encoded, or an encoded slash is refused, and
+/// nothing is sent (PRODUCT.md 10.1).
+#[tokio::test]
+async fn a_gateway_path_cannot_climb_out_of_the_base_url_path() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "climb", &format!("http://{}/api", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    for path in [
+        "/climb/../admin",
+        "/climb/%2e%2e/admin",
+        "/climb/.%2E/admin",
+        "/climb/v1/%2E%2e",
+        "/climb/./admin",
+        "/climb/..%2fadmin",
+        "/climb/a%2F..%2Fadmin?x=1",
+    ] {
+        let r = crate::destination::raw(
+            &lk,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert_eq!(
+            r.header("latchkey-error"),
+            Some("bad_request"),
+            "{path}: {r:?}"
+        );
+    }
+    // curl sends the path as it is with --path-as-is.
+    let (status, text) = curl(&["--path-as-is", &lk.url("/climb/../admin")]).await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(up.requests(), 0);
+
+    // Names that merely hold dots are paths like any other.
+    let r = gateway_get(&lk, "/climb/v1/a.b/..c/.well-known", &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.uri(), "/api/v1/a.b/..c/.well-known");
+}
