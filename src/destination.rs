@@ -282,6 +282,50 @@ pub fn path_escape(path: &str) -> Option<&'static str> {
     dot_segment.then_some("a `.` or `..` segment")
 }
 
+/// A `Location` answered to a gateway-form request, as the client must see it (PRODUCT.md
+/// section 4, step 7). The client resolves a relative `Location` against the gateway URL, so
+/// `/other-conn/x` from an upstream would send its next request through another connection.
+/// `location` is resolved against the upstream URL that was asked (`request_path`, a path and
+/// query); on the base URL's origin and under its path it becomes `/{id}/...`; on that origin
+/// but outside the path, the upstream's absolute URL (which a client reaches without latchkey,
+/// so without the key). A Location elsewhere is left as it is: `None`.
+pub fn gateway_location(
+    location: &str,
+    base: &BaseUrl,
+    request_path: &str,
+    id: &str,
+) -> Option<String> {
+    let asked = url::Url::parse(&format!(
+        "{}://{}{}",
+        base.scheme.as_str(),
+        base.authority,
+        request_path
+    ))
+    .ok()?;
+    let target = asked.join(location).ok()?;
+    let same_origin = target.scheme() == base.scheme.as_str()
+        && target.host_str().map(normalize_host).as_deref() == Some(&*base.host)
+        && target.port_or_known_default() == Some(base.port);
+    if !same_origin {
+        return None;
+    }
+    let path = target.path();
+    let rest = match path.strip_prefix(base.path.as_str()) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => return Some(target.to_string()),
+    };
+    let mut out = format!("/{id}{rest}");
+    if let Some(q) = target.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    if let Some(f) = target.fragment() {
+        out.push('#');
+        out.push_str(f);
+    }
+    Some(out)
+}
+
 /// Lower case, no trailing dot, IPv6 literals in brackets.
 pub fn normalize_host(host: &str) -> String {
     let h = host.trim_end_matches('.').to_ascii_lowercase();
@@ -615,6 +659,41 @@ mod tests {
         ] {
             assert_eq!(path_escape(good), None, "{good:?}");
         }
+    }
+
+    #[test]
+    fn gateway_locations_stay_on_their_connection() {
+        let api = BaseUrl::parse("http://127.0.0.1:8081/api").unwrap();
+        let at = "/api/a/b?key=x";
+        let cases = [
+            ("/api/v2/x?y=1", Some("/c1/v2/x?y=1")),
+            ("/api", Some("/c1")),
+            ("next", Some("/c1/a/next")),
+            ("?page=2", Some("/c1/a/b?page=2")),
+            ("http://127.0.0.1:8081/api/z#f", Some("/c1/z#f")),
+            ("/other-conn/x", Some("http://127.0.0.1:8081/other-conn/x")),
+            (
+                "../../other-conn/x",
+                Some("http://127.0.0.1:8081/other-conn/x"),
+            ),
+            ("/apix", Some("http://127.0.0.1:8081/apix")),
+            ("//127.0.0.1:8081/api/n", Some("/c1/n")),
+            ("https://127.0.0.1:8081/api/z", None),
+            ("https://elsewhere.example/x", None),
+            ("http://127.0.0.1:9999/api/z", None),
+        ];
+        for (location, want) in cases {
+            assert_eq!(
+                gateway_location(location, &api, at, "c1").as_deref(),
+                want,
+                "{location}"
+            );
+        }
+        let root = BaseUrl::parse("https://api.example.com").unwrap();
+        assert_eq!(
+            gateway_location("/other-conn/x", &root, "/v1", "c1").as_deref(),
+            Some("/c1/other-conn/x")
+        );
     }
 
     #[test]

@@ -559,7 +559,7 @@ impl Proxy {
         // Logged from here on, so that an upstream failure's line says what was asked.
         log.path = Some(log_path);
 
-        let response = match websocket {
+        let mut response = match websocket {
             Some(client) => self.upgrade(parts, client, log).await?,
             None => {
                 let body = Counted::new(body, bytes_in.clone())
@@ -568,6 +568,10 @@ impl Proxy {
                 self.forward(Request::from_parts(parts, body), log).await?
             }
         };
+        if route.form == Form::Gateway {
+            let asked = log.path.as_ref().map_or("/", |p| p.as_str());
+            gateway_location(response.headers_mut(), &conn, asked);
+        }
         let what = || {
             let path = log.path.as_ref().map_or("", |p| p.as_str());
             format!("{} {authority}{path}", log.method)
@@ -921,6 +925,25 @@ impl Proxy {
             _ => "http/1.1",
         });
         Ok(response)
+    }
+}
+
+/// A `Location` on the connection's own base URL, in the gateway's `/{connection_id}/...` form,
+/// so that a relative redirect never turns into a request through another connection.
+fn gateway_location(headers: &mut http::HeaderMap, conn: &Connection, asked: &str) {
+    let Some(location) = headers
+        .get(http::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    let Some(rewritten) =
+        destination::gateway_location(location, &conn.base, asked, conn.id.as_str())
+    else {
+        return;
+    };
+    if let Ok(value) = http::HeaderValue::try_from(rewritten) {
+        headers.insert(http::header::LOCATION, value);
     }
 }
 

@@ -135,3 +135,71 @@ async fn a_gateway_path_cannot_climb_out_of_the_base_url_path() {
     assert_eq!(r.status, 200, "{:?}", r.json);
     assert_eq!(r.uri(), "/api/v1/a.b/..c/.well-known");
 }
+
+/// Gateway form: an upstream answering `302 Location: /other-conn/...` made a client that
+/// follows redirects send its next request through another connection, with that connection's
+/// key. A `Location` is resolved against the upstream URL asked: on the base URL and under its
+/// path it becomes `/{connection_id}/...`; on that origin but outside the path, the upstream's
+/// absolute URL (reached without latchkey, so without any key); elsewhere, as it was.
+#[tokio::test]
+async fn a_relative_redirect_never_switches_connections() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let origin = format!("http://{}", up.addr());
+    put_bearer(&bao, "redir-api", &format!("{origin}/api"));
+    put_bearer(&bao, "redir-root", &origin);
+    let other_key = put_bearer(&bao, "other-conn", &origin);
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let no_follow = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let location = |id: &'static str, to: &'static str| {
+        let no_follow = no_follow.clone();
+        let url = lk.url(&format!("/{id}/a/redirect?to={to}"));
+        async move {
+            let r = no_follow.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 302, "{id} {to}");
+            r.headers()["location"].to_str().unwrap().to_string()
+        }
+    };
+    // The echo answers /redirect wherever it is asked: /api/a/redirect here.
+    assert_eq!(
+        location("redir-root", "/other-conn/x").await,
+        "/redir-root/other-conn/x"
+    );
+    assert_eq!(location("redir-api", "/api/v2/x").await, "/redir-api/v2/x");
+    assert_eq!(location("redir-api", "next").await, "/redir-api/a/next");
+    assert_eq!(
+        location("redir-api", "/other-conn/x").await,
+        format!("{origin}/other-conn/x")
+    );
+    assert_eq!(
+        location("redir-api", "../../other-conn/x").await,
+        format!("{origin}/other-conn/x")
+    );
+    assert_eq!(
+        location("redir-api", "https://elsewhere.example/x").await,
+        "https://elsewhere.example/x"
+    );
+
+    // httpx follows redirects keeping Proxy-Authorization on the same origin: it stays on the
+    // connection it named, and never gets the other connection's key.
+    let out = python(
+        "import os, httpx\n\
+         c = httpx.Client(trust_env=False, follow_redirects=True)\n\
+         r = c.get(os.environ['URL'])\n\
+         print(r.json()['uri'])\n\
+         print(r.text)\n",
+        &[("URL", &lk.url("/redir-root/redirect?to=/other-conn/secret"))],
+    )
+    .await;
+    let (uri, body) = out.split_once('\n').unwrap();
+    assert_eq!(uri, "/other-conn/secret", "{out}");
+    assert!(!body.contains(&other_key), "{body}");
+    let lines = lk
+        .access_lines(1, |l| l["path"] == "/other-conn/secret")
+        .await;
+    assert_eq!(lines[0]["connection"], "redir-root", "{lines:?}");
+}

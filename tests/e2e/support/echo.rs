@@ -23,7 +23,7 @@ type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An upstream that describes each request it receives as JSON.
 ///
-/// Paths with a meaning: `/status/{code}` answers with that status, `/redirect?to={url}` with
+/// Paths with a meaning: `/status/{code}` answers with that status, `.../redirect?to={url}` with
 /// a 302 to it, `/delay/{ms}` after that many milliseconds, `/bytes/{n}` with `n` bytes
 /// streamed in 64 KiB chunks. Everything else answers 200.
 pub struct EchoServer {
@@ -129,7 +129,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let n = n.parse::<u64>().unwrap_or(0);
         return Ok(stream_bytes(n));
     }
-    if path == "/redirect" {
+    if path.ends_with("/redirect") {
         let to = req
             .uri()
             .query()
