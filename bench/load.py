@@ -31,7 +31,15 @@ latchkey-forward    forward form: absolute-form ``GET http://upstream/`` with
                     ``Proxy-Authorization: Basic base64(bench:x)`` (wrk via bench/lua/forward.lua)
 latchkey-https      gateway form, HTTPS upstream (HTTP/1.1 unless ``--https-h2``)
 nginx-https         the anchor, same HTTPS upstream
+latchkey-tunnel     tunnel form: ``CONNECT api.bench.test:443`` (pinned to the HTTPS upstream
+                    by ``proxy.resolve``), TLS to latchkey with its leaf, keep-alive GETs inside
+nginx-tls           the anchor terminating TLS (a certificate for api.bench.test), same upstream
+latchkey-tunnel-new every request a new tunnel: CONNECT and a full TLS handshake, leaf cached
+nginx-tls-new       every request a new TLS connection to the anchor, no session resumption
 ==================  ========================================================================
+
+The four TLS variants are driven by ``examples/tunnel_load.rs`` (built with latchkey), the same
+client on both sides; the others by wrk (throughput) and oha (latency).
 
 Measurements:
 
@@ -46,6 +54,8 @@ Measurements:
 3. Cold path (a fresh latchkey): requests on many distinct connections, each one a cache miss
    and a Vault read, then the same again warm; then a burst of concurrent requests on one new
    connection; Vault reads counted in the audit log.
+   The TLS variants run in the same rotated rounds, with the tunnel_load client; its
+   latencies are those of the closed loop (every connection busy: queueing included).
 4. Memory (a fresh latchkey, and the anchor for comparison): RSS idle, with 1,000 and 10,000
    idle keep-alive client connections, and while streaming a 1 GiB body through in each
    direction (download from the upstream, upload to a sink that discards it), sampled every
@@ -83,6 +93,14 @@ CORES = os.cpu_count() or 1
 GiB = 1 << 30
 
 VARIANTS = ["direct", "nginx", "latchkey", "latchkey-forward", "latchkey-https", "nginx-https"]
+# Driven by examples/tunnel_load.rs (both sides), in the same rounds as VARIANTS.
+TLS_VARIANTS = ["latchkey-tunnel", "nginx-tls", "latchkey-tunnel-new", "nginx-tls-new"]
+# latchkey's against nginx's, for the ratios.
+TLS_PAIRS = [("latchkey-tunnel", "nginx-tls"), ("latchkey-tunnel-new", "nginx-tls-new")]
+# The service's name in the tunnel variants: pinned to the HTTPS upstream by proxy.resolve, and
+# in the upstream's (and the anchor's TLS port's) certificate.
+TUNNEL_HOST = "api.bench.test"
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
 DESCRIPTIONS = {
     "direct": "client → upstream, no proxy",
     "nginx": "nginx reverse proxy, static Authorization header (the anchor)",
@@ -90,6 +108,13 @@ DESCRIPTIONS = {
     "latchkey-forward": "latchkey forward form (absolute-form + Proxy-Authorization)",
     "latchkey-https": "latchkey gateway form → HTTPS upstream",
     "nginx-https": "nginx reverse proxy → same HTTPS upstream",
+    "latchkey-tunnel": "latchkey tunnel form: one CONNECT and TLS handshake per client connection "
+                       "(leaf cached), keep-alive requests inside → HTTPS upstream",
+    "nginx-tls": "nginx terminating TLS (no session resumption), keep-alive → same HTTPS upstream",
+    "latchkey-tunnel-new": "latchkey tunnel form, every request a new TCP connection, CONNECT and "
+                           "full TLS handshake (leaf cached) → HTTPS upstream",
+    "nginx-tls-new": "nginx terminating TLS, every request a new TCP connection and full TLS "
+                     "handshake → same HTTPS upstream",
 }
 
 
@@ -468,7 +493,8 @@ class Bao:
 
 
 def make_certs(d):
-    """A CA and a server certificate (localhost, 127.0.0.1), EC P-256, with openssl."""
+    """A CA and a server certificate (localhost, api.bench.test, 127.0.0.1), EC P-256, with
+    openssl."""
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     run(["openssl", "req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.pem",
          "-days", "2", "-subj", "/CN=latchkey bench CA",
@@ -478,7 +504,7 @@ def make_certs(d):
          "-subj", "/CN=localhost"])
     (d / "server.ext").write_text(
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        f"extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,DNS:{TUNNEL_HOST},IP:127.0.0.1\n")
     run(["openssl", "x509", "-req", "-in", d / "server.csr", "-CA", d / "ca.pem",
          "-CAkey", d / "ca.key", "-set_serial", "2", "-days", "2",
          "-extfile", d / "server.ext", "-out", d / "server.pem"])
@@ -514,7 +540,7 @@ class Nginx:
 
 
 class Latchkey:
-    def __init__(self, binary, name, workdir, bao, ca_pem, workers=None):
+    def __init__(self, binary, name, workdir, bao, ca_pem, workers=None, proxy_extra="", tls_extra=""):
         self.name = name
         self.port, self.admin = free_port(), free_port()
         config = workdir / f"latchkey-{name}.toml"
@@ -522,14 +548,14 @@ class Latchkey:
             "[proxy]\n"
             f'listen = "127.0.0.1:{self.port}"\n'
             'allow_private_destinations = ["127.0.0.0/8"]\n'
-            + (f"workers = {workers}\n" if workers else "") + "\n"
+            + (f"workers = {workers}\n" if workers else "") + proxy_extra + "\n"
             "[admin]\n"
             f'listen = "127.0.0.1:{self.admin}"\n\n'
             "[vault]\n"
             f'address = "{bao.addr}"\n'
             'auth = { method = "token" }\n\n'
             "[tls]\n"
-            f'extra_roots = ["{ca_pem}"]\n')
+            f'extra_roots = ["{ca_pem}"]\n' + tls_extra)
         self.config = config
         env = clean_env(VAULT_TOKEN=bao.token, RUST_LOG="warn")
         self.log_path = workdir / f"latchkey-{name}.log"
@@ -551,7 +577,8 @@ class Latchkey:
         out = {}
         for line in body.decode().splitlines():
             if line.startswith(("latchkey_errors_total", "latchkey_cache_lookups_total",
-                                "latchkey_vault_requests_total", "latchkey_requests_total")):
+                                "latchkey_vault_requests_total", "latchkey_requests_total",
+                                "latchkey_tunnel_leaf_certificates_total")):
                 k, _, v = line.rpartition(" ")
                 try:
                     out[k] = float(v)
@@ -621,13 +648,36 @@ def oha_run(oha, url, seconds, rate, conns, proxy=None, proxy_headers=()):
     }
 
 
+def merge_counts(dicts):
+    out = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def tls_run(tool, seconds, conns, args):
+    """examples/tunnel_load.rs: closed loop over TLS (through a tunnel or straight), one JSON
+    object out."""
+    argv = [tool, "--duration", str(seconds), "--connections", str(conns), "--threads", "2", *args]
+    c0 = children_cpu()
+    r = subprocess.run(argv, capture_output=True, text=True, env=clean_env())
+    client_cpu = children_cpu() - c0
+    if r.returncode != 0:
+        raise BenchError(f"tunnel_load failed ({r.returncode}): {r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    out = json.loads(r.stdout)
+    out["errors"] += out["non200"]
+    out["client_cpu_us"] = client_cpu * 1e6 / max(out["requests"], 1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark.
 
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.results = {"variants": {}, "latency": {}, "cold": {}, "memory": {}, "notes": []}
+        self.results = {"variants": {}, "tls": {}, "latency": {}, "cold": {}, "memory": {}, "notes": []}
         self.workdir = Path(tempfile.mkdtemp(prefix="latchkey-bench-"))
         os.chmod(self.workdir, 0o755)
 
@@ -653,12 +703,27 @@ class Bench:
 
         if not a.no_build:
             log("cargo build --release (a cargo lock wait is normal when others build)")
-            subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-        self.latchkey_bin = str(ROOT / "target/release/latchkey")
+            # Two builds: with the example in the same one, the dev-dependencies' features
+            # (tokio's test-util...) would be compiled into the latchkey that is measured.
+            subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "latchkey"], cwd=ROOT, check=True)
+            subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "tunnel_load"],
+                           cwd=ROOT, check=True)
+        self.latchkey_bin = str(TARGET / "release/latchkey")
+        self.tls_tool = str(TARGET / "release/examples/tunnel_load")
+        for path in (self.latchkey_bin, self.tls_tool):
+            if not os.access(path, os.X_OK):
+                raise BenchError(f"{path} is missing: cargo build --release --bin latchkey, "
+                                 "cargo build --release --example tunnel_load")
 
         d = self.workdir
         log(f"work directory {d}")
         make_certs(d)
+        # latchkey's own CA, for the tunnel's leaves; the load client trusts it and the
+        # benchmark's CA (nginx's certificate), the same file on both sides.
+        self.lk_ca, self.lk_ca_key = d / "latchkey-ca.pem", d / "latchkey-ca-key.pem"
+        run([self.latchkey_bin, "ca", "init", "--cert", self.lk_ca, "--key", self.lk_ca_key], env=clean_env())
+        self.trust = d / "trust.pem"
+        self.trust.write_text(self.lk_ca.read_text() + (d / "ca.pem").read_text())
         with open(d / "big.bin", "wb") as f:
             f.truncate(a.stream_bytes)  # sparse: no disk space, nginx sends zeros
         os.chmod(d / "big.bin", 0o644)
@@ -673,10 +738,10 @@ class Bench:
         self.upstream.wait(self.up_http)
         wait_until("upstream HTTPS", lambda: self._https_ok(self.up_https), proc=self.upstream.proc)
 
-        self.anchor_http, self.anchor_https = free_port(), free_port()
+        self.anchor_http, self.anchor_https, self.anchor_tls = free_port(), free_port(), free_port()
         self.anchor = Nginx(self.nginx_bin, "anchor", "anchor.conf.tmpl", d, {
             "WORKERS": CORES, "HTTP_PORT": self.anchor_http, "HTTPS_PORT": self.anchor_https,
-            "UP_HTTP_PORT": self.up_http, "UP_HTTPS_PORT": self.up_https})
+            "TLS_PORT": self.anchor_tls, "UP_HTTP_PORT": self.up_http, "UP_HTTPS_PORT": self.up_https})
         self.anchor.wait(self.anchor_http)
         wait_until("anchor → HTTPS upstream", lambda: http_get(self.anchor_https, "/")[0] == 200,
                    proc=self.anchor.proc)
@@ -692,6 +757,8 @@ class Bench:
                         base_url=f"http://127.0.0.1:{self.up_http}", api_key=self.api_key)
         self.bao.kv_put("bench-tls", connector="generic-bearer", name="bench (HTTPS upstream)",
                         base_url=f"https://127.0.0.1:{self.up_https}", api_key=self.api_key)
+        self.bao.kv_put("bench-tunnel", connector="generic-bearer", name="bench (tunnel, HTTPS upstream)",
+                        base_url=f"https://{TUNNEL_HOST}", api_key=self.api_key)
         self.bao.kv_put("sink", connector="generic-bearer", name="bench (upload sink)",
                         base_url=f"http://127.0.0.1:{self.sink_port}", api_key=self.api_key)
         self.ca_pem = d / "ca.pem"
@@ -701,14 +768,19 @@ class Bench:
                             str(self.workdir / "ca.pem"), f"https://127.0.0.1:{port}/"])
         return r.returncode == 0
 
-    def start_latchkey(self, name):
-        lk = Latchkey(self.latchkey_bin, name, self.workdir, self.bao, self.ca_pem)
+    def start_latchkey(self, name, tunnel=False):
+        extra = {}
+        if tunnel:  # latchkey's CA, and the service's name pinned to the HTTPS upstream
+            extra = dict(proxy_extra=f'resolve = {{ "{TUNNEL_HOST}:443" = "127.0.0.1:{self.up_https}" }}\n',
+                         tls_extra=f'ca_cert = "{self.lk_ca}"\nca_key = "{self.lk_ca_key}"\n')
+        lk = Latchkey(self.latchkey_bin, name, self.workdir, self.bao, self.ca_pem, **extra)
         return lk
 
     # -- variants -----------------------------------------------------------------------------
 
     def build_variants(self):
         self.lk = {n: self.start_latchkey(n) for n in ("gateway", "forward", "https")}
+        self.lk.update({n: self.start_latchkey(n, tunnel=True) for n in ("tunnel", "tunnel-new")})
         fwd_auth = base64.b64encode(b"bench:x").decode()
         up = f"127.0.0.1:{self.up_http}"
         report = BENCH / "lua/report.lua"
@@ -740,25 +812,63 @@ class Bench:
                 status = http_get(port, "/" + v["url"].split("/", 3)[3])[0]
             if status != 200:
                 raise BenchError(f"{name}: {v['url']} answered {status}, not 200")
+        # The TLS variants: the same client (examples/tunnel_load.rs) and the same trust on both
+        # sides; latchkey's through a tunnel to api.bench.test:443, nginx's straight to its TLS port.
+        tunnel_auth = "Basic " + base64.b64encode(b"bench-tunnel:x").decode()
+        common = ["--host", TUNNEL_HOST, "--cacert", str(self.trust)]
+
+        def via(lk):
+            return ["--connect", f"127.0.0.1:{lk.port}", "--tunnel-port", "443",
+                    "--proxy-authorization", tunnel_auth, *common]
+        nginx_tls = ["--connect", f"127.0.0.1:{self.anchor_tls}", *common]
+        self.tls_variants = {
+            "latchkey-tunnel": dict(args=via(self.lk["tunnel"]), proxy=self.lk["tunnel"]),
+            "nginx-tls": dict(args=nginx_tls, proxy=self.anchor),
+            "latchkey-tunnel-new": dict(args=via(self.lk["tunnel-new"]) + ["--new-connections"],
+                                        proxy=self.lk["tunnel-new"]),
+            "nginx-tls-new": dict(args=nginx_tls + ["--new-connections"], proxy=self.anchor),
+        }
+        # Each answers 200 to curl first (an independent client), which also mints each tunnel
+        # latchkey's leaf, so that the load finds it cached.
+        for name, lk in (("latchkey-tunnel", self.lk["tunnel"]), ("latchkey-tunnel-new", self.lk["tunnel-new"])):
+            self._curl_200(name, ["-x", f"http://127.0.0.1:{lk.port}", "--proxy-user", "bench-tunnel:x",
+                                  "--cacert", str(self.lk_ca), f"https://{TUNNEL_HOST}/"])
+        self._curl_200("nginx-tls", ["--resolve", f"{TUNNEL_HOST}:{self.anchor_tls}:127.0.0.1",
+                                     "--cacert", str(self.workdir / "ca.pem"),
+                                     f"https://{TUNNEL_HOST}:{self.anchor_tls}/"])
+
+    def _curl_200(self, name, args):
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *args],
+                           capture_output=True, text=True, env=clean_env())
+        if r.stdout.strip() != "200":
+            raise BenchError(f"{name}: curl {' '.join(args)} answered {r.stdout.strip() or '-'} "
+                             f"(exit {r.returncode}): {r.stderr.strip()}")
 
     def throughput(self):
         a = self.args
-        log(f"throughput: wrk, {a.connections} connections, {a.duration}s per run, "
-            f"{a.rounds} rounds, variants alternated")
-        for name in VARIANTS:  # warm-up: pools, caches, JIT-free but page-cache and TLS sessions
+        log(f"throughput: wrk (tunnel_load for the TLS variants), {a.connections} connections, "
+            f"{a.duration}s per run, {a.rounds} rounds, variants alternated")
+        everything = VARIANTS + TLS_VARIANTS
+
+        def load(name, seconds):
+            if name in self.tls_variants:
+                return tls_run(self.tls_tool, seconds, a.connections, self.tls_variants[name]["args"])
             v = self.variants[name]
-            wrk_run(self.wrk, v["url"], a.warmup, a.connections, v["script"], v.get("env"))
-        runs = {n: [] for n in VARIANTS}
+            return wrk_run(self.wrk, v["url"], seconds, a.connections, v["script"], v.get("env"))
+
+        for name in everything:  # warm-up: pools, caches, JIT-free but page-cache and TLS sessions
+            load(name, a.warmup)
+        runs = {n: [] for n in everything}
         for rnd in range(a.rounds):
-            order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
+            order = everything[rnd % len(everything):] + everything[:rnd % len(everything)]
             for name in order:
-                v = self.variants[name]
+                v = self.tls_variants.get(name) or self.variants[name]
                 ppids = v["proxy"].pids() if v["proxy"] else []
                 upids = self.upstream.pids()
                 hwm_reset = reset_hwm(ppids) if ppids else True
                 p0, u0, m0 = cpu_ticks(ppids), cpu_ticks(upids), machine_ticks()
                 foreign = Foreign()
-                r = wrk_run(self.wrk, v["url"], a.duration, a.connections, v["script"], v.get("env"))
+                r = load(name, a.duration)
                 r["foreign"] = foreign.share()
                 p1, u1, m1 = cpu_ticks(ppids), cpu_ticks(upids), machine_ticks()
                 n = max(r["requests"], 1)
@@ -769,13 +879,14 @@ class Bench:
                 r["proxy_peak_rss_kib"] = hwm_kib(ppids) if ppids else None
                 r["hwm_reset"] = hwm_reset
                 runs[name].append(r)
-                log(f"  round {rnd + 1} {name:17s} {r['rps']:9.0f} req/s  errors {r['errors']}"
+                log(f"  round {rnd + 1} {name:19s} {r['rps']:9.0f} req/s  errors {r['errors']}"
                     + (f"  proxy {r['proxy_cpu_us']:.1f} µs/req" if ppids else "")
+                    + (f"  p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms" if "p50_ms" in r else "")
                     + (f"  (other processes used {r['foreign'] * 100:.0f}% of the machine)"
                        if r["foreign"] > 0.02 else ""))
-        for name in VARIANTS:
+        for name in everything:
             rs = runs[name]
-            self.results["variants"][name] = {
+            self.results["tls" if name in TLS_VARIANTS else "variants"][name] = {
                 "runs": rs,
                 "rps": median([r["rps"] for r in rs]),
                 "rps_min": min(r["rps"] for r in rs),
@@ -788,6 +899,11 @@ class Bench:
                 "proxy_peak_rss_kib": max((r["proxy_peak_rss_kib"] or 0) for r in rs) or None,
                 "hwm_reset": all(r["hwm_reset"] for r in rs),
                 "errors": sum(r["errors"] for r in rs),
+                **({k: median([r[k] for r in rs]) for k in ("p50_ms", "p99_ms", "p999_ms")}
+                   if name in TLS_VARIANTS else {}),
+                **({"connections_opened": sum(r["connections_opened"] for r in rs),
+                    "error_kinds": merge_counts(r["error_kinds"] for r in rs)}
+                   if name in TLS_VARIANTS else {}),
             }
 
     def latency(self):
@@ -847,6 +963,8 @@ class Bench:
                           if k.startswith("latchkey_cache_lookups_total")},
                 "vault_reads": sum(v for k, v in m.items()
                                    if k.startswith("latchkey_vault_requests_total") and 'op="read"' in k),
+                "leaves": {k.split("outcome=\"")[1].split("\"")[0]: v for k, v in m.items()
+                           if k.startswith("latchkey_tunnel_leaf_certificates_total")},
             }
         self.results["latchkey_metrics"] = out
         for lk in self.lk.values():
@@ -1143,6 +1261,8 @@ class Bench:
             for name in VARIANTS:
                 w(f"- `{name}`: {DESCRIPTIONS[name]}")
             w("")
+        if R.get("tls"):
+            self.tls_markdown(w)
         if R["latency"]:
             lr = R["latency_rates"]
             w("## Latency at fixed offered rates (open loop, oha with latency correction)\n")
@@ -1173,13 +1293,14 @@ class Bench:
                 w("![latency against offered rate](latency.png)\n")
         if R.get("latchkey_metrics"):
             w("latchkey's own counters after the load phases (one process per variant):\n")
-            w("| process | cache lookups | Vault reads | latchkey errors | RSS at the end (`/metrics` not read before) |")
-            w("|---|---|---:|---|---:|")
+            w("| process | cache lookups | Vault reads | tunnel leaves | latchkey errors | RSS at the end (`/metrics` not read before) |")
+            w("|---|---|---:|---|---|---:|")
             for name, m in R["latchkey_metrics"].items():
                 cache = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(m["cache"].items())) or "-"
                 errs = ", ".join(f"{k.split('code=')[1].rstrip('}')} {v:,.0f}" for k, v in m["errors"].items()) or "none"
                 rss = f"{m['rss_kib'] / 1024:.1f} MiB" if m.get("rss_kib") else "-"
-                w(f"| {name} | {cache} | {m['vault_reads']:.0f} | {errs} | {rss} |")
+                leaves = ", ".join(f"{k} {v:,.0f}" for k, v in sorted(m.get("leaves", {}).items())) or "-"
+                w(f"| {name} | {cache} | {m['vault_reads']:.0f} | {leaves} | {errs} | {rss} |")
             w("")
         c = R["cold"]
         if c:
@@ -1235,6 +1356,53 @@ class Bench:
         w("")
         return "\n".join(L)
 
+    def tls_markdown(self, w):
+        R, a = self.results, self.args
+        T = R["tls"]
+        w("## Tunnel form against nginx terminating TLS (closed loop, examples/tunnel_load.rs)\n")
+        w(f"The same client on both sides (`examples/tunnel_load.rs`: tokio, rustls with ring, HTTP/1.1, "
+          f"{a.connections} connections, 2 threads, no TLS session resumption), the same trust (latchkey's "
+          f"CA and the benchmark's CA in one file), the same HTTPS upstream behind both (the upstream "
+          f"nginx, TLS 1.3, pooled keep-alive connections from latchkey and from the anchor). latchkey: "
+          f"`CONNECT {TUNNEL_HOST}:443` with `Proxy-Authorization: Basic base64(bench-tunnel:x)`, the host "
+          f"pinned to the HTTPS upstream by `proxy.resolve`, then TLS with a leaf minted by latchkey's CA "
+          f"(`latchkey ca init`; minted once before the load, cached after), and `GET /` inside; latchkey "
+          f"injects the connection's bearer key. nginx: the anchor's TLS port, a P-256 certificate for "
+          f"{TUNNEL_HOST} from the benchmark's CA, `ssl_session_cache off`, `ssl_session_tickets off`, "
+          f"`proxy_set_header Authorization`. These run in the same rotated rounds as the wrk variants "
+          f"({a.duration} s per run, {a.rounds} round(s), medians, min–max in brackets). Latencies are "
+          f"the closed loop's: every connection always busy, so they include queueing; a `-new` "
+          f"variant's latency includes the TCP connection, the CONNECT and the full handshake.\n")
+        w("| variant | req/s | latchkey/nginx | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | "
+          "upstream CPU µs/req | client CPU µs/req | machine busy | others' CPU (max) | proxy peak RSS | "
+          "connections opened | errors |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        pair = {lk: ng for lk, ng in TLS_PAIRS}
+        for name in TLS_VARIANTS:
+            v = T[name]
+            ratio = f"{v['rps'] / T[pair[name]]['rps']:.2f}×" if name in pair else ""
+            w(f"| {name} | {v['rps']:,.0f} ({v['rps_min']:,.0f}–{v['rps_max']:,.0f}) | {ratio} | "
+              f"{v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['p999_ms']:.3f} | {fmt(v['proxy_cpu_us'], '.1f')} | "
+              f"{v['upstream_cpu_us']:.1f} | {v['client_cpu_us']:.1f} | {v['machine_busy'] * 100:.0f}% | "
+              f"{v['foreign_max'] * 100:.0f}% | {fmt_kib(v['proxy_peak_rss_kib'])} | "
+              f"{v['connections_opened']:,} | {v['errors']} |")
+        w("\nRatios, latchkey over nginx (median of each):\n")
+        w("| | req/s | p50 | p99 | proxy CPU µs/req |")
+        w("|---|---:|---:|---:|---:|")
+        for lk, ng in TLS_PAIRS:
+            L, N = T[lk], T[ng]
+            cpu = (f"{L['proxy_cpu_us'] / N['proxy_cpu_us']:.2f}×"
+                   if L["proxy_cpu_us"] and N["proxy_cpu_us"] else "-")
+            w(f"| {lk} / {ng} | {L['rps'] / N['rps']:.2f}× | {L['p50_ms'] / N['p50_ms']:.2f}× | "
+              f"{L['p99_ms'] / N['p99_ms']:.2f}× | {cpu} |")
+        w("")
+        for name in TLS_VARIANTS:
+            w(f"- `{name}`: {DESCRIPTIONS[name]}")
+        kinds = {n: T[n].get("error_kinds") for n in TLS_VARIANTS if T[n].get("error_kinds")}
+        for n, k in kinds.items():
+            w(f"- errors of `{n}`: " + "; ".join(f"{e} ×{c}" for e, c in k.items()))
+        w("")
+
     def targets(self):
         R = self.results
         out = []
@@ -1251,6 +1419,12 @@ class Bench:
             ok = all(R["latency"]["latchkey"][r]["p99_ms"] <= R["latency"]["nginx"][r]["p99_ms"]
                      for r in R["latency_rates"]["rates"])
             out.append(f"gateway p99 no worse than nginx's: {'; '.join(worse)}: **{'met' if ok else 'not met'}**")
+        if R.get("tls"):
+            T = R["tls"]
+            parts = [f"{lk} {T[lk]['rps']:,.0f} vs {ng} {T[ng]['rps']:,.0f} req/s ({T[lk]['rps'] / T[ng]['rps']:.2f}×), "
+                     f"p99 {T[lk]['p99_ms']:.2f} vs {T[ng]['p99_ms']:.2f} ms" for lk, ng in TLS_PAIRS]
+            out.append("tunnel form, TLS to the client with a cached leaf, against nginx terminating TLS "
+                       "(no target figure in PRODUCT.md: measured): " + "; ".join(parts))
         c = R["cold"]
         if c:
             b = c["burst"]["vault_reads"]
@@ -1344,8 +1518,8 @@ def main():
         if getattr(a, k) is None:
             setattr(a, k, quick if q else full)
 
-    n = len(VARIANTS)
-    est = (n * a.warmup + n * a.rounds * (a.duration + 0.3)
+    n, t = len(VARIANTS), len(VARIANTS) + len(TLS_VARIANTS)
+    est = (t * a.warmup + t * a.rounds * (a.duration + 0.3)
            + 3 * n * a.latency_rounds * (a.latency_duration + 0.3)) if not a.skip_load else 0
     log(f"load phases take about {est / 60:.1f} min, plus setup, cold path and memory (a minute or two)")
     log(f"{CORES} cores shared by the load generator, the proxies and the upstream (nothing pinned)")
