@@ -759,6 +759,15 @@ mod tests {
             c.get("google-maps").unwrap().inject,
             Inject::Query { .. }
         ));
+        // Slack's Socket Mode: an app-level token, and its WebSocket hosts.
+        let slack = c.get("slack").unwrap();
+        let token = slack.field("api_key").unwrap().pattern.as_ref().unwrap();
+        assert!(token.is_match("xapp-1-A0123-4567-abcdef"));
+        assert!(token.is_match("xoxb-123-456-abc"));
+        assert!(slack
+            .allowed_hosts
+            .iter()
+            .any(|h| h == "wss-primary.slack.com"));
         let notion = c.get("notion").unwrap();
         assert!(notion.headers.iter().any(|(n, _)| n == "notion-version"));
         for generic in [
