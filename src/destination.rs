@@ -268,18 +268,21 @@ impl Passthrough {
 }
 
 /// Why a gateway path could leave the base URL's path: a `.` or `..` segment, written plainly
-/// or percent-encoded (`%2e%2e`), or an encoded slash or backslash (`%2f`, `%5c`) that an
-/// upstream may decode into a segment boundary. `None` for a path that stays inside.
+/// or percent-encoded (`%2e%2e`), counting an encoded slash or backslash (`%2f`, `%5c`) and a
+/// backslash as segment boundaries, as an upstream may decode them (`..%2fadmin`). An encoded
+/// slash inside a segment name (`group%2Fproject`, as GitLab's API takes) is fine. `None` for
+/// a path that stays inside.
 pub fn path_escape(path: &str) -> Option<&'static str> {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
-        return Some("an encoded slash or a backslash");
-    }
-    let dot_segment = lower.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    });
-    dot_segment.then_some("a `.` or `..` segment")
+    let decoded = path
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    decoded
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+        .then_some("a `.` or `..` segment")
 }
 
 /// A `Location` answered to a gateway-form request, as the client must see it (PRODUCT.md
@@ -642,10 +645,10 @@ mod tests {
             "/.%2E/x",
             "/%2E./x",
             "/./x",
-            "/a%2fb",
             "/a%2F..",
-            "/a%5cb",
-            "/a\\b",
+            "/..%2fx",
+            "/a%5c..%5cb",
+            "/a\\..\\b",
         ] {
             assert!(path_escape(bad).is_some(), "{bad:?}");
         }
@@ -656,6 +659,8 @@ mod tests {
             "/a.b/..c/...",
             "/x/.well-known",
             "/%2e%2e%2e",
+            "/projects/group%2Fproject",
+            "/a%5cb",
         ] {
             assert_eq!(path_escape(good), None, "{good:?}");
         }

@@ -134,6 +134,10 @@ async fn a_gateway_path_cannot_climb_out_of_the_base_url_path() {
     let r = gateway_get(&lk, "/climb/v1/a.b/..c/.well-known", &[]).await;
     assert_eq!(r.status, 200, "{:?}", r.json);
     assert_eq!(r.uri(), "/api/v1/a.b/..c/.well-known");
+    // An encoded slash inside a name (GitLab's `group%2Fproject`) is a name.
+    let r = gateway_get(&lk, "/climb/projects/group%2Fproject", &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.uri(), "/api/projects/group%2Fproject");
 }
 
 /// Gateway form: an upstream answering `302 Location: /other-conn/...` made a client that
