@@ -65,6 +65,8 @@ pub struct ProxyConfig {
     pub allow_private_destinations: Vec<IpNet>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// A client connection with no request in flight and no byte moving is closed after this.
+    pub idle_timeout: Duration,
     /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
     pub workers: usize,
     /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
@@ -164,6 +166,8 @@ struct RawProxy {
     connect_timeout: Dur,
     #[serde(default = "secs::<60>")]
     request_timeout: Dur,
+    #[serde(default = "secs::<60>")]
+    idle_timeout: Dur,
     #[serde(default)]
     workers: Option<usize>,
     #[serde(default)]
@@ -179,6 +183,7 @@ impl Default for RawProxy {
             allow_private_destinations: OneOrMany(Vec::new()),
             connect_timeout: secs::<5>(),
             request_timeout: secs::<60>(),
+            idle_timeout: secs::<60>(),
             workers: None,
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
@@ -518,6 +523,7 @@ impl ProxyConfig {
                 .collect(),
             connect_timeout: positive("proxy.connect_timeout", raw.connect_timeout)?,
             request_timeout: positive("proxy.request_timeout", raw.request_timeout)?,
+            idle_timeout: positive("proxy.idle_timeout", raw.idle_timeout)?,
             workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) if (1..=1024).contains(&n) => n,

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | 0 | connection_id, destination, hop_by_hop, secret, telemetry |
 //! | 1 | auth, body, ca, record, upstream::dial |
-//! | 2 | catalog, upstream::h1 |
+//! | 2 | catalog, idle, upstream::h1 |
 //! | 3 | config, inject, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |
@@ -68,6 +68,7 @@ pub mod coverage;
 pub mod destination;
 pub mod draft;
 pub mod hop_by_hop;
+pub mod idle;
 pub mod inject;
 pub mod lifecycle;
 pub mod proxy;

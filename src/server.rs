@@ -26,6 +26,7 @@ use crate::config::{CaFiles, Config};
 use crate::coverage::Coverage;
 use crate::destination::AddressPolicy;
 use crate::destination::Passthrough;
+use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
 use crate::proxy::Proxy;
 use crate::secret::Secret;
@@ -93,6 +94,8 @@ struct ProxyParts {
     passthrough: Arc<Passthrough>,
     dialer: Dialer,
     request_timeout: Duration,
+    /// `proxy.idle_timeout`: a client connection idle this long is closed.
+    idle_timeout: Duration,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
 }
@@ -174,6 +177,7 @@ impl Server {
             passthrough: Arc::new(config.proxy.passthrough.clone()),
             dialer,
             request_timeout: config.proxy.request_timeout,
+            idle_timeout: config.proxy.idle_timeout,
             leaves,
         };
 
@@ -259,6 +263,7 @@ impl Server {
                 handler,
                 graceful.clone(),
                 stopped(stop_rx.clone()),
+                self.parts.idle_timeout,
             ));
         }
         tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
@@ -309,6 +314,7 @@ fn start_workers(
             open.clone(),
             parts.proxy(),
             parts.leaves.clone(),
+            parts.idle_timeout,
         )?);
         handles.push(WorkerHandle { tx, open });
     }
@@ -491,6 +497,7 @@ fn spawn_worker(
     open: Arc<AtomicUsize>,
     proxy: Proxy,
     leaves: LeavesSlot,
+    idle: Duration,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -502,7 +509,7 @@ fn spawn_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let proxy = Arc::new(proxy);
-                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves));
+                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, idle));
                 let handler = move |req: http::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
                     let tunnels = tunnels.clone();
@@ -526,7 +533,7 @@ fn spawn_worker(
                 while let Some((stream, peer)) = accepted.recv().await {
                     let guard = OpenConnection::new(open.clone(), &gauge);
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => serve(&builder, &graceful, stream, peer, handler.clone(), guard),
+                        Ok(stream) => serve(&builder, &graceful, stream, (peer, idle), handler.clone(), guard),
                         Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
                 }
@@ -566,23 +573,32 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves one client connection on the current runtime; `guard` lives as long as it does.
+/// Serves one client connection on the current runtime; `guard` lives as long as it does. A
+/// connection with no request in flight and no byte moving for `idle` is closed ([`idle`]).
 fn serve<H, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     stream: tokio::net::TcpStream,
-    peer: SocketAddr,
+    (peer, idle): (SocketAddr, Duration),
     handler: H,
     guard: impl Send + 'static,
 ) where
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service_fn(handler));
+    let activity = Activity::new();
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| idle::track(&activity, handler(req)))
+    };
+    let conn = builder.serve_connection_with_upgrades(io, service);
     let conn = graceful.watch(conn.into_owned());
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        match idle::or_idle(conn, &activity, idle).await {
+            Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+            Some(Ok(())) => {}
+            None => tracing::debug!(%peer, ?idle, "closed an idle client connection"),
         }
         drop(guard);
     });
@@ -594,6 +610,7 @@ async fn accept_loop<H, F>(
     handler: H,
     graceful: Arc<GracefulShutdown>,
     stop: impl Future<Output = ()>,
+    idle: Duration,
 ) where
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
@@ -601,7 +618,14 @@ async fn accept_loop<H, F>(
     let builder = http_builder();
     tokio::pin!(stop);
     while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
-        serve(&builder, &graceful, stream, peer, handler.clone(), ());
+        serve(
+            &builder,
+            &graceful,
+            stream,
+            (peer, idle),
+            handler.clone(),
+            (),
+        );
     }
 }
 

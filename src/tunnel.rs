@@ -17,13 +17,14 @@ use bytes::{Buf, Bytes};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::body::{self, BoxBody};
 use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
+use crate::idle::{self, Activity, Watched};
 use crate::proxy::{Opened, Proxy, Tunnel};
 use crate::response::ProxyError;
 use crate::telemetry;
@@ -33,6 +34,8 @@ use crate::upstream::MaybeTls;
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake inside a tunnel may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has to send a whole request head inside a tunnel.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first byte of a TLS record carrying a handshake (the ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -41,11 +44,17 @@ pub struct Tunnels {
     proxy: Arc<Proxy>,
     /// Leaf certificates minted by latchkey's CA; without a CA, CONNECT is refused.
     leaves: LeavesSlot,
+    /// `proxy.idle_timeout`, for the connections inside tunnels too.
+    idle: Duration,
 }
 
 impl Tunnels {
-    pub fn new(proxy: Arc<Proxy>, leaves: LeavesSlot) -> Tunnels {
-        Tunnels { proxy, leaves }
+    pub fn new(proxy: Arc<Proxy>, leaves: LeavesSlot, idle: Duration) -> Tunnels {
+        Tunnels {
+            proxy,
+            leaves,
+            idle,
+        }
     }
 
     /// Answers a CONNECT: 200, and the tunnel served once hyper hands the connection over; or
@@ -60,7 +69,7 @@ impl Tunnels {
         let port_says_tls = parts.uri.port_u16() != Some(80);
         let mut tunnel = match self.proxy.connect(&parts, port_says_tls).await {
             Ok(Opened::Tunnel(t)) => t,
-            Ok(Opened::Splice(upstream)) => return splice(upgrade, upstream),
+            Ok(Opened::Splice(upstream)) => return splice(upgrade, upstream, self.idle),
             Err(e) => return e.into_response(),
         };
         let me = self.clone();
@@ -140,25 +149,44 @@ impl Tunnels {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let proxy = self.proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let tunnel = tunnel.clone();
-            async move { Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await) }
-        });
+        let activity = Activity::new();
+        let io = Watched::new(io, activity.clone());
+        let service = {
+            let activity = activity.clone();
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                let tunnel = tunnel.clone();
+                idle::track(&activity, async move {
+                    Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await)
+                })
+            })
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
         // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
         builder.http2().enable_connect_protocol();
-        builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .await
-            .map_err(io::Error::other)
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        match idle::or_idle(conn, &activity, self.idle).await {
+            Some(served) => served.map_err(io::Error::other),
+            None => {
+                tracing::debug!(idle = ?self.idle, "closed an idle connection inside a tunnel");
+                Ok(())
+            }
+        }
     }
 }
 
 /// Answers 200 and, once hyper hands the client's connection over, copies bytes both ways
-/// between it and the passthrough host until either side closes: no TLS termination, no
-/// credential.
-fn splice(upgrade: hyper::upgrade::OnUpgrade, mut upstream: MaybeTls) -> Response<BoxBody> {
+/// between it and the passthrough host until either side closes or no byte has moved for
+/// `idle`: no TLS termination, no credential.
+fn splice(
+    upgrade: hyper::upgrade::OnUpgrade,
+    mut upstream: MaybeTls,
+    idle: Duration,
+) -> Response<BoxBody> {
     tokio::spawn(async move {
         let upgraded = match upgrade.await {
             Ok(u) => u,
@@ -168,9 +196,13 @@ fn splice(upgrade: hyper::upgrade::OnUpgrade, mut upstream: MaybeTls) -> Respons
             }
         };
         let _open = telemetry::TunnelOpen::open();
-        let mut client = TokioIo::new(upgraded);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(error = %e, "a passthrough tunnel ended with an error");
+        let activity = Activity::new();
+        let mut client = Watched::new(TokioIo::new(upgraded), activity.clone());
+        let spliced = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        match idle::or_idle(spliced, &activity, idle).await {
+            Some(Err(e)) => tracing::debug!(error = %e, "a passthrough tunnel ended with an error"),
+            Some(Ok(_)) => {}
+            None => tracing::debug!(?idle, "closed an idle passthrough tunnel"),
         }
     });
     let mut ok = Response::new(body::empty());

@@ -1,6 +1,8 @@
 //! Issue 10's findings that are neither about destinations nor about the tunnel, each a test
 //! named after it: what a stored record, a client or an upstream can do to latchkey.
 
+use std::time::Duration;
+
 use crate::support::*;
 
 /// A stored record written by another tool with a field that is a JSON list: that connection
@@ -206,4 +208,77 @@ async fn a_relative_redirect_never_switches_connections() {
         .access_lines(1, |l| l["path"] == "/other-conn/secret")
         .await;
     assert_eq!(lines[0]["connection"], "redir-root", "{lines:?}");
+}
+
+/// The open client connections latchkey counts, over all workers.
+async fn client_connections(lk: &Latchkey) -> u64 {
+    crate::errors::metrics_text(lk)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("latchkey_client_connections{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 10: 4,000 connections that never sent a byte, without a token, held 4,000
+/// descriptors for as long as they liked. A client connection with no request in flight and
+/// no byte moving for `proxy.idle_timeout` is closed: silent ones, one that stopped half-way
+/// through a head, and an idle keep-alive one; a normal request is served meanwhile, and a
+/// request in flight longer than the timeout (a slow upstream) is never cut.
+#[tokio::test]
+async fn silent_sockets_are_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SILENT: usize = 4_000;
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "idle", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("idle_timeout = \"2s\"")).await;
+
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT {
+        silent.push(tokio::net::TcpStream::connect(lk.proxy).await.unwrap());
+    }
+    let mut half = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    half.write_all(b"GET /idle/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut kept = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    kept.write_all(b"GET /idle/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 4096];
+    let n = kept.read(&mut answer).await.unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    let connected = client_connections(&lk).await;
+
+    // Meanwhile: a normal request, and one in flight for longer than the timeout.
+    let r = gateway_get(&lk, "/idle/x", &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    let r = gateway_get(&lk, "/idle/delay/3500", &[]).await;
+    assert_eq!(r.status, 200, "a request in flight was cut: {:?}", r.json);
+
+    // Every one of them is closed by latchkey: EOF (or a reset), no answer.
+    for (i, s) in silent.iter_mut().chain([&mut half, &mut kept]).enumerate() {
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read(&mut answer)).await;
+        match read {
+            Ok(Ok(0)) => {}
+            Ok(Err(e)) => panic!("socket {i} was reset, not closed: {e}"),
+            Ok(Ok(n)) => panic!(
+                "socket {i} got an answer: {:?}",
+                String::from_utf8_lossy(&answer[..n])
+            ),
+            Err(_) => panic!("socket {i} is still open 30 s on"),
+        }
+    }
+    wait_until(
+        "latchkey counts them closed",
+        Duration::from_secs(30),
+        || async { (client_connections(&lk).await == 0).then_some(()) },
+    )
+    .await;
+    eprintln!("client connections counted while the silent sockets were open: {connected}");
 }
