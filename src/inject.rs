@@ -176,7 +176,9 @@ pub fn rewrite(
     let (upstream, first) = upstream_path(path_and_query, target.path_prefix, credential);
     let (path_and_query, log_path) = match credential {
         Credential::Header { name, value } => {
-            // `insert` replaces every value the client sent under this name.
+            // `insert` replaces every value the client sent under this name; look-alikes that
+            // servers read as the same name go too.
+            strip_look_alikes(headers, name);
             headers.insert(name.clone(), value.clone());
             // No secret in the path: the log shares it.
             let pq = PathAndQuery::from_maybe_shared(Bytes::from(upstream))
@@ -243,11 +245,8 @@ fn upstream_path(path_and_query: &str, prefix: &str, credential: &Credential) ->
         if pair.is_empty() {
             continue;
         }
-        if let Some(param) = query_param {
-            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-            if percent_decoded_eq_ignore_case(name, param) {
-                continue;
-            }
+        if query_param.is_some_and(|param| names_param(pair, param)) {
+            continue;
         }
         upstream.push(if first { '?' } else { '&' });
         first = false;
@@ -276,6 +275,49 @@ pub fn percent_encode_into(value: &str, out: &mut String) {
     for piece in percent_encoding::utf8_percent_encode(value, QUERY_VALUE) {
         out.push_str(piece);
     }
+}
+
+/// Removes headers that servers read as `name`: the same name with `_` for `-` (CGI, WSGI and
+/// Rack turn both `X-Api-Key` and `X_Api_Key` into `HTTP_X_API_KEY`).
+fn strip_look_alikes(headers: &mut http::HeaderMap, name: &HeaderName) {
+    let want = name.as_str().as_bytes();
+    if !want.contains(&b'-') {
+        return;
+    }
+    let look_alikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str().as_bytes();
+            k.len() == want.len()
+                && k.contains(&b'_')
+                && k.iter()
+                    .zip(want)
+                    .all(|(a, b)| a == b || (*a == b'_' && *b == b'-'))
+        })
+        .cloned()
+        .collect();
+    for k in look_alikes {
+        headers.remove(k);
+    }
+}
+
+/// Whether a query pair is, for some server, the credential's parameter `param`: its name
+/// percent-decoded and compared ignoring case, as itself, as an array (`key[]`, `key[0]`, as
+/// PHP and Rails read them), or as any piece of the pair split at `;` (a separator to some).
+fn names_param(pair: &str, param: &str) -> bool {
+    pair.split(';').any(|piece| {
+        let raw = piece.split_once('=').map_or(piece, |(n, _)| n);
+        if percent_decoded_eq_ignore_case(raw, param) {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        decoded
+            .get(..param.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(param))
+            && decoded
+                .get(param.len()..)
+                .is_some_and(|rest| rest.starts_with('['))
+    })
 }
 
 /// Compares a raw query parameter name, percent-decoded, with `want`, ignoring ASCII case, so
@@ -362,6 +404,40 @@ mod tests {
             "https://api.example.com/v1/charges?limit=3"
         );
         assert_eq!(log, "/v1/charges?limit=3");
+    }
+
+    /// Issue 10: look-alike names passed next to ours, and a server may read them as ours.
+    #[test]
+    fn look_alike_credential_names_are_removed() {
+        let c = connection(&[("connector", "anthropic"), ("api_key", "sk-ant-ours")]);
+        let mut p = request(&[
+            ("X_Api_Key", "theirs"),
+            ("x-api_key", "theirs"),
+            ("X-Api-Key", "theirs"),
+            ("x_other", "kept"),
+        ]);
+        rewrite(&mut p, "/v1/messages", target(&c), &c).unwrap();
+        let names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        assert!(!names.contains(&"x_api_key"), "{names:?}");
+        assert!(!names.contains(&"x-api_key"), "{names:?}");
+        assert_eq!(p.headers.get_all("x-api-key").iter().count(), 1);
+        assert_eq!(p.headers["x-api-key"], "sk-ant-ours");
+        assert_eq!(p.headers["x_other"], "kept");
+
+        let c = connection(&[("connector", "google-maps"), ("api_key", "AIzaOurs")]);
+        let mut p = request(&[]);
+        let q =
+            "/geo?a=1&api_key=x&key[]=t1&KEY%5B0%5D=t2&x=1;key=t3&key;y=t4&keys=kept&keyx[]=kept";
+        rewrite(&mut p, q, target(&c), &c).unwrap();
+        let uri = p.uri.to_string();
+        for theirs in ["t1", "t2", "t3", "t4"] {
+            assert!(!uri.contains(theirs), "{theirs} in {uri}");
+        }
+        assert!(
+            uri.contains("keys=kept") && uri.contains("keyx[]=kept"),
+            "{uri}"
+        );
+        assert_eq!(uri.matches("key=AIzaOurs").count(), 1, "{uri}");
     }
 
     #[test]

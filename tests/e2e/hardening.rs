@@ -282,3 +282,53 @@ async fn silent_sockets_are_closed_after_the_idle_timeout() {
     .await;
     eprintln!("client connections counted while the silent sockets were open: {connected}");
 }
+
+/// Look-alike credential names (`X_Api_Key`, `key[]=`, `key;x=`) passed next to ours, and
+/// servers that map `_` to `-` (CGI, WSGI, Rack) or read arrays and `;` read them as ours.
+#[tokio::test]
+async fn look_alike_credential_names_do_not_pass_next_to_ours() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let base = format!("http://{}", up.addr());
+    bao.put(
+        "looks",
+        &[
+            ("connector", "anthropic"),
+            ("base_url", &base),
+            ("api_key", "sk-ant-looks-ours"),
+        ],
+    );
+    bao.put(
+        "looks-q",
+        &[
+            ("connector", "google-maps"),
+            ("base_url", &base),
+            ("api_key", "AIzaLooksOurs"),
+        ],
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let (status, text) = curl(&[
+        "-H",
+        "X_Api_Key: theirs-underscore",
+        "-H",
+        "x-api_key: theirs-mixed",
+        &lk.url("/looks/v1/messages"),
+    ])
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(!text.contains("theirs-"), "{text}");
+    let r = gateway_get(
+        &lk,
+        "/looks-q/geo?key[]=theirs1&key%5B0%5D=theirs2&key;x=theirs3&q=1",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert!(!r.uri().contains("theirs"), "{}", r.uri());
+    assert_eq!(
+        r.uri().matches("key=AIzaLooksOurs").count(),
+        1,
+        "{}",
+        r.uri()
+    );
+}
