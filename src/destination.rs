@@ -273,6 +273,10 @@ impl Passthrough {
 /// slash inside a segment name (`group%2Fproject`, as GitLab's API takes) is fine. `None` for
 /// a path that stays inside.
 pub fn path_escape(path: &str) -> Option<&'static str> {
+    // Most paths hold neither a dot nor an escape: nothing to look at.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return None;
+    }
     let decoded = path
         .to_ascii_lowercase()
         .replace("%2e", ".")

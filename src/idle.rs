@@ -7,11 +7,12 @@
 //!
 //! [`Watched`] notes every byte read or written; [`Activity::request`] marks a request in
 //! flight until the guard (kept in the response body, [`Tracked`]) is dropped;
-//! [`Activity::idle_for`] completes once the connection has been idle that long.
+//! [`Activity::idle_for`] completes once the connection has been idle that long (checked four
+//! times per timeout, so between the timeout and a quarter more).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,34 +20,32 @@ use std::time::Duration;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
 
 use crate::body::BoxBody;
 
-/// What one client connection has been doing.
+/// What one client connection has been doing. Moving a byte only sets a flag (no clock is read
+/// on the hot path); the watchdog looks at it a few times per timeout.
 #[derive(Debug)]
 pub struct Activity {
-    epoch: Instant,
-    /// Milliseconds since `epoch` of the last byte read or written, or request finished.
-    last: AtomicU64,
+    /// Set by every byte read or written and every request finished; cleared by the watchdog.
+    moved: AtomicBool,
     in_flight: AtomicUsize,
 }
+
+/// How many looks the watchdog takes per timeout: a connection is closed after being idle
+/// between the timeout and a quarter more.
+const LOOKS: u32 = 4;
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
-            epoch: Instant::now(),
-            last: AtomicU64::new(0),
+            moved: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
         })
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     fn touch(&self) {
-        self.last.store(self.now_ms(), Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
     /// A request in flight until the returned guard is dropped.
@@ -55,22 +54,22 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// Completes once no request is in flight and no byte has moved for `timeout`.
+    /// Completes once no request has been in flight and no byte has moved for `timeout` (give
+    /// or take a quarter of it).
     pub async fn idle_for(&self, timeout: Duration) {
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let look = timeout / LOOKS;
+        let mut quiet = 0;
         loop {
-            let quiet = self
-                .now_ms()
-                .saturating_sub(self.last.load(Ordering::Relaxed));
-            if self.in_flight.load(Ordering::Relaxed) == 0 && quiet >= timeout_ms {
+            tokio::time::sleep(look).await;
+            let moved = self.moved.swap(false, Ordering::Relaxed);
+            if moved || self.in_flight.load(Ordering::Relaxed) > 0 {
+                quiet = 0;
+                continue;
+            }
+            quiet += 1;
+            if quiet >= LOOKS {
                 return;
             }
-            let left = if self.in_flight.load(Ordering::Relaxed) > 0 {
-                timeout_ms
-            } else {
-                timeout_ms - quiet
-            };
-            tokio::time::sleep(Duration::from_millis(left.max(1))).await;
         }
     }
 }
