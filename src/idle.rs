@@ -85,20 +85,35 @@ impl Drop for InFlight {
     }
 }
 
-/// A client connection's stream, noting every byte that moves either way.
-pub struct Watched<T> {
-    inner: T,
-    activity: Arc<Activity>,
+/// What a [`Watched`] stream tells of the bytes it moves.
+pub trait Watch {
+    /// `read` bytes were read, `written` written (one of them is 0).
+    fn moved(&mut self, read: usize, written: usize);
 }
 
-impl<T> Watched<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Watched<T> {
-        activity.touch();
-        Watched { inner, activity }
+/// Any byte moved is activity.
+impl Watch for Arc<Activity> {
+    fn moved(&mut self, read: usize, written: usize) {
+        if read + written > 0 {
+            self.touch();
+        }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+/// A stream that tells `watch` of every byte it moves either way: a client connection's, for
+/// its [`Activity`] (or, in `websocket`, for the bytes an upgraded connection carried).
+pub struct Watched<T, W = Arc<Activity>> {
+    inner: T,
+    pub watch: W,
+}
+
+impl<T, W> Watched<T, W> {
+    pub fn new(inner: T, watch: W) -> Watched<T, W> {
+        Watched { inner, watch }
+    }
+}
+
+impl<T: AsyncRead + Unpin, W: Watch + Unpin> AsyncRead for Watched<T, W> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -107,14 +122,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.touch();
-        }
+        this.watch.moved(buf.filled().len() - before, 0);
         polled
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+impl<T: AsyncWrite + Unpin, W: Watch + Unpin> AsyncWrite for Watched<T, W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -122,8 +135,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            this.watch.moved(0, n);
         }
         polled
     }
@@ -135,8 +148,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            this.watch.moved(0, n);
         }
         polled
     }

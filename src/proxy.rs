@@ -106,6 +106,20 @@ impl Tunnel {
         self.id.as_ref().map_or("-", ConnectionId::as_str)
     }
 
+    /// Where every request inside goes: the CONNECT host and port, over TLS when the tunnel
+    /// carries TLS.
+    fn requested(&self) -> Requested<'_> {
+        Requested {
+            scheme: if self.tls {
+                Scheme::Https
+            } else {
+                Scheme::Http
+            },
+            host: &self.host,
+            port: Some(self.port),
+        }
+    }
+
     /// An inner request names the CONNECT host and port in its `Host` or `:authority`, and the
     /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent.
     fn check_inner(&self, parts: &http::request::Parts, uri: &Uri) -> Result<(), ProxyError> {
@@ -331,15 +345,7 @@ impl Proxy {
             id,
             token: None,
             path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
-            requested: Some(Requested {
-                scheme: if tunnel.tls {
-                    Scheme::Https
-                } else {
-                    Scheme::Http
-                },
-                host: &tunnel.host,
-                port: Some(tunnel.port),
-            }),
+            requested: Some(tunnel.requested()),
         };
         self.send_on(parts, body, &route, log, bytes_in).await
     }
@@ -456,36 +462,29 @@ impl Proxy {
             id,
             token,
             path_and_query: Cow::Borrowed("/"),
-            requested: Some(Requested {
-                scheme: if tunnel.tls {
-                    Scheme::Https
-                } else {
-                    Scheme::Http
-                },
-                host: &tunnel.host,
-                port: Some(tunnel.port),
-            }),
+            requested: Some(tunnel.requested()),
         };
         let client = self.authorize(&route)?;
         log.client = client.map(|c| c.name.clone());
-        tunnel.grant = client.cloned();
+        let grant = client.cloned();
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
-        match Self::upstream_peer(&route, &conn) {
-            Ok(_) => {
-                tunnel.id = Some(route.id);
-                Ok(true)
-            }
+        let covered = match Self::upstream_peer(&route, &conn) {
+            Ok(_) => true,
             // Not this connection's host: a passthrough host is spliced, anything else refused.
-            Err(e @ ProxyError::HostNotAllowed { .. }) => {
-                if self.passthrough.covers(&tunnel.host, tunnel.port) {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
+            Err(ProxyError::HostNotAllowed { .. })
+                if self.passthrough.covers(&tunnel.host, tunnel.port) =>
+            {
+                false
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
+        };
+        let id = route.id;
+        tunnel.grant = grant;
+        if covered {
+            tunnel.id = Some(id);
         }
+        Ok(covered)
     }
 
     /// A CONNECT target no granted connection covers: dialled and spliced when it is a

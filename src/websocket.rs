@@ -15,10 +15,7 @@
 //! this WebSocket. Any answer but 101 goes back as an ordinary response. The request timeout
 //! bounds the handshake, not the WebSocket: an open one lasts until a side closes it.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -27,11 +24,11 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Empty;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
 use crate::body::PendingLog;
 use crate::hop_by_hop;
+use crate::idle::{Watch, Watched};
 use crate::telemetry;
 use crate::upstream::dial::Dialer;
 use crate::upstream::pool::{ResponseBody, SendError};
@@ -266,13 +263,13 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<P
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let _open = telemetry::WebSocketOpen::open();
-            let mut client = Counting::new(TokioIo::new(client));
+            let mut client = Watched::new(TokioIo::new(client), Counts::default());
             let mut upstream = TokioIo::new(upstream);
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                 tracing::debug!(error = %e, "a WebSocket ended with an error");
             }
-            read = client.read;
-            written = client.written;
+            read = client.watch.read;
+            written = client.watch.written;
         }
         Err(e) => {
             tracing::debug!(error = %e, "a WebSocket handshake was answered but not upgraded")
@@ -286,57 +283,17 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<P
     }
 }
 
-/// The client's stream, counting the bytes read from it and written to it.
-struct Counting<T> {
-    inner: T,
+/// The bytes an upgraded client connection carried each way.
+#[derive(Default)]
+struct Counts {
     read: u64,
     written: u64,
 }
 
-impl<T> Counting<T> {
-    fn new(inner: T) -> Counting<T> {
-        Counting {
-            inner,
-            read: 0,
-            written: 0,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counting<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        this.read += (buf.filled().len() - before) as u64;
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counting<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &polled {
-            this.written += *n as u64;
-        }
-        polled
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+impl Watch for Counts {
+    fn moved(&mut self, read: usize, written: usize) {
+        self.read += read as u64;
+        self.written += written as u64;
     }
 }
 
