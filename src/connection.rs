@@ -17,6 +17,7 @@ use crate::connection_id::ConnectionId;
 use crate::destination::{BaseUrl, HostAllowList};
 use crate::inject::{Credential, RenderError};
 use crate::record::{StoredConnection, RESERVED_FIELDS};
+use crate::scrub::Scrubber;
 use crate::secret::Secret;
 
 /// A usable connection.
@@ -34,6 +35,9 @@ pub struct Connection {
     /// Names of the secret fields that are set.
     pub secret_fields: Vec<String>,
     pub credential: Credential,
+    /// The forms of the credential that must not come back to the client (None when the
+    /// connection has no secret).
+    pub scrubber: Option<Arc<Scrubber>>,
     pub custom_metadata: BTreeMap<String, String>,
 }
 
@@ -240,6 +244,11 @@ impl Connection {
                 .or_else(|| plain.get(f).map(String::as_str))
         };
         let credential = Credential::render(&connector, lookup)?;
+        let scrubber = Scrubber::new(
+            secrets.values().map(|s| s.expose().as_bytes()),
+            credential.sent_form(),
+            id.as_str(),
+        );
 
         Ok(Connection {
             id,
@@ -252,6 +261,7 @@ impl Connection {
             secret_fields: secrets.keys().cloned().collect(),
             fields: plain,
             credential,
+            scrubber,
             custom_metadata,
             connector,
         })

@@ -50,6 +50,15 @@ impl Credential {
     ) -> Result<Credential, RenderError> {
         render(connector, &lookup)
     }
+
+    /// The credential as it goes out, where that is a form of its own rather than the secret
+    /// with something around it: a Basic pair's base64.
+    pub fn sent_form(&self) -> Option<&[u8]> {
+        match self {
+            Credential::Header { value, .. } => value.as_bytes().strip_prefix(b"Basic "),
+            Credential::Query { .. } => None,
+        }
+    }
 }
 
 /// Why a credential cannot be rendered.
@@ -167,6 +176,12 @@ pub fn rewrite(
     // 100-continue` was answered by latchkey's own server when it read the body.
     headers.remove(header::HOST);
     headers.remove(header::EXPECT);
+    // An answer is scanned for the credential on its way back: asked for as it is, not
+    // compressed (one compressed anyway is decoded to be scanned).
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     // Where the client's own key sits under another name than the service reads: gone, so
     // that only latchkey's credential reaches the service.
     for name in &connector.strip {
@@ -520,7 +535,8 @@ mod tests {
         ]);
         rewrite(&mut p, "/", target(&c), &c).unwrap();
         let names: Vec<_> = p.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["authorization"]);
+        assert_eq!(names, vec!["accept-encoding", "authorization"]);
+        assert_eq!(p.headers["accept-encoding"], "identity");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | 0 | connection_id, destination, hop_by_hop, secret, telemetry |
 //! | 1 | auth, body, ca, record, upstream::dial |
-//! | 2 | catalog, idle, upstream::h1 |
+//! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
 //! | 3 | config, inject, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |
@@ -35,6 +35,8 @@
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
 //!   counter and the access-logging body), [`record`] (a connection as Vault stores it),
 //!   [`ca`] (latchkey's CA and the leaf certificates it mints for the tunnel form).
+//! - Answers: [`scrub`] (the credential's forms replaced by the placeholder in headers and
+//!   streamed bodies), [`encoding`] (content codings decoded so that they can be scrubbed).
 //! - Policies: [`catalog`] (connectors), [`inject`] (the credential, and the pure request
 //!   rewrite: strip, then inject), [`config`] (the file, every error naming its key).
 //! - The connection: [`connection`] (a stored record checked and its credential rendered),
@@ -67,6 +69,7 @@ pub mod connection_id;
 pub mod coverage;
 pub mod destination;
 pub mod draft;
+pub mod encoding;
 pub mod hop_by_hop;
 pub mod idle;
 pub mod inject;
@@ -74,6 +77,7 @@ pub mod lifecycle;
 pub mod proxy;
 pub mod record;
 pub mod response;
+pub mod scrub;
 pub mod secret;
 pub mod server;
 pub mod telemetry;

@@ -16,8 +16,10 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use http::uri::Authority;
 use http::{Method, Request, Response, Uri, Version};
+use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -29,9 +31,11 @@ use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
 use crate::coverage::Coverage;
 use crate::destination::{self, normalize_host, Passthrough, Scheme};
+use crate::encoding;
 use crate::inject::{self, Target};
 use crate::lifecycle::Lifecycle;
 use crate::response::ProxyError;
+use crate::scrub::{Answer, Scrubbed, Scrubber};
 use crate::secret::Secret;
 use crate::telemetry::{self, AccessLog};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
@@ -290,7 +294,7 @@ impl Proxy {
         req: Request<Incoming>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
 
@@ -323,7 +327,7 @@ impl Proxy {
         tunnel: &Tunnel,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
         log.form = Form::Tunnel.as_str();
@@ -532,7 +536,7 @@ impl Proxy {
         route: &Route<'_>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
 
@@ -541,6 +545,7 @@ impl Proxy {
         let authority = &*peer.authority;
         // Taken before the rewrite strips `Upgrade` and `Connection` as hop-by-hop.
         let websocket = websocket::ClientSide::take(&mut parts);
+        let bodiless = parts.method == Method::HEAD;
 
         let target = Target {
             scheme: peer.scheme,
@@ -559,12 +564,16 @@ impl Proxy {
         log.path = Some(log_path);
 
         let mut response = match websocket {
-            Some(client) => self.upgrade(parts, client, log).await?,
+            Some(client) => self.upgrade(parts, client, log).await?.map(Answer::pass),
             None => {
                 let body = Counted::new(body, bytes_in.clone())
                     .map_err(BoxError::from)
                     .boxed_unsync();
-                self.forward(Request::from_parts(parts, body), log).await?
+                let response = self.forward(Request::from_parts(parts, body), log).await?;
+                match &conn.scrubber {
+                    Some(scrubber) => Self::scrub(response, scrubber, bodiless)?,
+                    None => response.map(Answer::pass),
+                }
             }
         };
         if route.form == Form::Gateway {
@@ -901,6 +910,82 @@ impl Proxy {
         Ok(response)
     }
 
+    /// Phase 7: the credential does not come back. Header values are scrubbed, and the body,
+    /// decoded first if the upstream compressed it although asked not to.
+    fn scrub(
+        response: Response<ResponseBody>,
+        scrubber: &Arc<Scrubber>,
+        bodiless: bool,
+    ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
+        use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+        use http::StatusCode;
+        let (mut parts, body) = response.into_parts();
+        scrubber.headers(&mut parts.headers);
+        let status = parts.status;
+        if bodiless
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Response::from_parts(parts, Answer::pass(body)));
+        }
+        let codings = encoding::codings(&parts.headers).map_err(|name| {
+            ProxyError::UpstreamUnreachable(format!(
+                "the upstream answered in the content coding {name:?}, which latchkey cannot \
+                 decode to keep the credential out of the answer (it asked for identity)"
+            ))
+        })?;
+        // The framing of what goes back is the body's own (its size hint).
+        parts.headers.remove(CONTENT_LENGTH);
+        if !codings.is_empty() {
+            parts.headers.remove(CONTENT_ENCODING);
+            // Another representation now: a strong validator would be a lie.
+            weaken_etag(&mut parts.headers);
+            let decoded = encoding::decoded(body.boxed_unsync(), &codings);
+            let body = Answer::Decoded {
+                inner: Scrubbed::new(decoded, None, scrubber),
+            };
+            return Ok(Response::from_parts(parts, body));
+        }
+        // A body that came whole with its head (most small answers) is scrubbed whole and keeps
+        // a length; any other streams as it comes, scrubbed and re-framed. Nothing waits here:
+        // the first frame is taken only if it is already read.
+        let mut body = body;
+        let length = http_body::Body::size_hint(&body).exact();
+        let first = match length {
+            Some(0) => return Ok(Response::from_parts(parts, Answer::pass(body))),
+            Some(_) => body.frame().now_or_never().flatten(),
+            None => None,
+        };
+        let body = match first {
+            Some(Err(e)) => {
+                return Err(ProxyError::UpstreamUnreachable(format!(
+                    "the upstream's answer's body failed: {e}"
+                )))
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data)
+                    if Some(data.len() as u64) == length
+                        && http_body::Body::is_end_stream(&body) =>
+                {
+                    Answer::Whole {
+                        data: Some(scrubber.whole(data).0),
+                    }
+                }
+                Ok(data) => Answer::Stream {
+                    inner: Scrubbed::new(body, Some(Frame::data(data)), scrubber),
+                },
+                Err(frame) => Answer::Stream {
+                    inner: Scrubbed::new(body, Some(frame), scrubber),
+                },
+            },
+            None => Answer::Stream {
+                inner: Scrubbed::new(body, None, scrubber),
+            },
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
     /// Phase 6: send it on and take the answer's head.
     async fn forward(
         &self,
@@ -925,6 +1010,22 @@ impl Proxy {
         });
         Ok(response)
     }
+}
+
+/// A strong `ETag` made weak: the body it was given for has been decoded.
+fn weaken_etag(headers: &mut http::HeaderMap) {
+    let Some(tag) = headers.get(http::header::ETAG) else {
+        return;
+    };
+    if tag.as_bytes().starts_with(b"W/") {
+        return;
+    }
+    let mut weak = b"W/".to_vec();
+    weak.extend_from_slice(tag.as_bytes());
+    match http::HeaderValue::from_bytes(&weak) {
+        Ok(v) => headers.insert(http::header::ETAG, v),
+        Err(_) => headers.remove(http::header::ETAG),
+    };
 }
 
 /// A `Location` on the connection's own base URL, in the gateway's `/{connection_id}/...` form,

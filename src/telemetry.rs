@@ -26,6 +26,7 @@ pub mod names {
     pub const UPSTREAM_ERRORS: &str = "latchkey_upstream_errors_total";
     pub const UPSTREAM_UNAUTHORIZED: &str = "latchkey_upstream_unauthorized_total";
     pub const UPSTREAM_FORBIDDEN: &str = "latchkey_upstream_forbidden_total";
+    pub const RESPONSE_SCRUBBED: &str = "latchkey_response_scrubbed_total";
     pub const CONNECTION_EXPIRY: &str = "latchkey_connection_expiry_seconds";
     pub const CLIENT_CONNECTIONS: &str = "latchkey_client_connections";
     pub const TUNNELS_OPEN: &str = "latchkey_tunnels_open";
@@ -263,6 +264,11 @@ pub fn render_metrics() -> String {
         }
     }
     text
+}
+
+/// `n` forms of a connection's credential replaced in an upstream's answer.
+pub fn response_scrubbed(connection: &str, n: u64) {
+    counter!(names::RESPONSE_SCRUBBED, "connection" => connection.to_string()).increment(n);
 }
 
 pub fn upstream_unauthorized(connection: &str) {

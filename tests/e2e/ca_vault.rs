@@ -119,7 +119,7 @@ async fn curl_via_https_proxy(lk: &Latchkey, ca: &Path) -> (u16, String) {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    (code.trim().parse().unwrap_or(0), echo_text(body))
 }
 
 /// `latchkey ca export` into a file of `dir`; its path and text.

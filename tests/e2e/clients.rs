@@ -17,13 +17,13 @@ fn clients_toml() -> String {
 }
 
 /// httpbin under gunicorn on a free port; killed on drop.
-struct Httpbin {
+pub(crate) struct Httpbin {
     _child: Service,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Httpbin {
-    async fn start() -> Httpbin {
+    pub(crate) async fn start() -> Httpbin {
         let port = free_port();
         let child = Command::new("python3")
             .args(["-m", "gunicorn", "-w", "1", "-b"])
@@ -77,7 +77,10 @@ async fn python_requests_through_http_proxy_to_httpbin() {
     let out = python(&script, &[("HTTP_PROXY", &proxy), ("NO_PROXY", "")]).await;
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["status"], 200);
-    assert_eq!(v["headers"]["X-Api-Key"], "hb_header_key_42");
+    // httpbin echoes what it received; the key comes back as the connection's placeholder
+    // (PRODUCT.md section 4, step 7), which only our key would have become: the client's
+    // `client-forged` did not reach httpbin, the key did.
+    assert_eq!(v["headers"]["X-Api-Key"], "latchkey.httpbin-header");
     assert!(v["headers"].get("Proxy-Authorization").is_none());
 
     // Gateway form from requests, with the token as a bearer proxy credential.
@@ -91,7 +94,7 @@ async fn python_requests_through_http_proxy_to_httpbin() {
     assert_eq!(
         out.trim(),
         format!(
-            "200 hb_header_key_42 http://127.0.0.1:{}/anything/x?y=1",
+            "200 latchkey.httpbin-header http://127.0.0.1:{}/anything/x?y=1",
             hb.port
         )
     );
@@ -124,7 +127,7 @@ async fn curl_with_http_proxy_variable_and_reqwest_with_a_proxy() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["authenticated"], true, "{v}");
-    assert_eq!(v["token"], "hb_bearer_key_43");
+    assert_eq!(v["token"], "latchkey.httpbin-bearer");
 
     let client = reqwest::Client::builder()
         .proxy(
@@ -143,7 +146,10 @@ async fn curl_with_http_proxy_variable_and_reqwest_with_a_proxy() {
         .json()
         .await
         .unwrap();
-    assert_eq!(v["headers"]["Authorization"], "Bearer hb_bearer_key_43");
+    assert_eq!(
+        v["headers"]["Authorization"],
+        "Bearer latchkey.httpbin-bearer"
+    );
 }
 
 fn nginx_program() -> std::path::PathBuf {
@@ -225,6 +231,6 @@ async fn nginx_over_tls_with_h2_as_the_upstream() {
     let text = r.text().await.unwrap();
     assert_eq!(
         text,
-        "auth=Bearer nginx_key_44 proto=HTTP/2.0 uri=/v2/items?page=2"
+        "auth=Bearer latchkey.nginx proto=HTTP/2.0 uri=/v2/items?page=2"
     );
 }

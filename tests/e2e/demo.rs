@@ -133,9 +133,16 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
         let env = if i == 2 { exports.as_slice() } else { &[] };
         let echoed = run_printed(command, env).await;
         assert_eq!(echoed["uri"], "/hello", "{command}");
+        // The upstream got the key and echoed it; latchkey replaced it on the way back.
         let auth = authorization(&echoed);
-        assert!(auth.starts_with("Bearer demo_"), "{command}: {auth}");
-        keys.push(auth.trim_start_matches("Bearer ").to_string());
+        assert_eq!(auth, "Bearer latchkey.demo", "{command}");
+        let got = echoed["authorization_sha256"].as_str().unwrap().to_string();
+        assert_ne!(
+            got,
+            latchkey::auth::sha256_hex(&auth),
+            "{command}: the upstream received the placeholder, not the key"
+        );
+        keys.push(got);
     }
     assert!(
         keys.iter().all(|k| *k == keys[0]),

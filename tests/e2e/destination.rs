@@ -28,7 +28,7 @@ impl Raw {
     }
 
     pub(crate) fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+        serde_json::from_str(&echo_text(&self.body)).unwrap_or(serde_json::Value::Null)
     }
 }
 
@@ -60,11 +60,11 @@ pub(crate) async fn raw(lk: &Latchkey, request: &str) -> Raw {
     let chunked = headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
-    let body = if chunked {
+    let body = echo_text(&if chunked {
         dechunk(body)
     } else {
         body.to_string()
-    };
+    });
     Raw {
         status,
         headers,

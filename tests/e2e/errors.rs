@@ -28,7 +28,7 @@ impl Answer {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+        serde_json::from_str(&echo_text(&self.body)).unwrap_or(serde_json::Value::Null)
     }
 
     /// Asserts that this is latchkey's own error answer with `status` and `code`.
@@ -72,7 +72,7 @@ pub async fn send(req: reqwest::RequestBuilder) -> Answer {
             )
         })
         .collect();
-    let body = resp.text().await.unwrap();
+    let body = echo_text(&resp.text().await.unwrap());
     Answer {
         status,
         headers,
@@ -132,7 +132,7 @@ pub async fn raw(addr: SocketAddr, request: &str) -> Answer {
         Answer {
             status,
             headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
+            body: echo_text(&String::from_utf8_lossy(&body)),
         }
     })
     .await

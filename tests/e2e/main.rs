@@ -32,6 +32,7 @@ mod leaks;
 mod lifecycle;
 mod pitfalls;
 mod pool;
+mod scrub;
 mod sdk;
 mod service_sim;
 mod smoke;

@@ -188,20 +188,22 @@ async fn bodies_flow_before_they_end_in_both_directions() {
     let lk = Latchkey::start(&bao, Opts::loopback()).await;
     let wait = std::time::Duration::from_secs(20);
 
-    // Download: the first half reaches the client while the upstream still holds the second.
+    // Download: the first half reaches the client while the upstream still holds the second;
+    // all of it but a tail that could begin a form of the key (held back by the scrubber until
+    // the next bytes show whether it does; PRODUCT.md section 4, step 7).
     let resp = http().get(lk.url("/flow/file")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut got = 0usize;
     tokio::time::timeout(wait, async {
-        while got < HALF {
+        while got < HALF - 256 {
             got += stream.next().await.unwrap().unwrap().len();
         }
     })
     .await
     .expect("the first half of the answer did not arrive while the upstream held the rest");
-    assert_eq!(
-        got, HALF,
+    assert!(
+        got <= HALF,
         "more than the first half arrived before it was released"
     );
     up.release.notify_one();

@@ -70,7 +70,7 @@ async fn shutdown_lets_requests_in_flight_finish() {
     .await;
     lk.terminate();
 
-    let body = in_flight.await.unwrap().unwrap();
+    let body = echo_text(&in_flight.await.unwrap().unwrap());
     assert!(body.contains("/delay/1500"), "answer: {body}");
     let status = lk
         .exited_within(Duration::from_secs(15))

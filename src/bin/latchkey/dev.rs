@@ -80,10 +80,17 @@ async fn echo(req: Request<Incoming>) -> Result<Response<BoxBody>, Infallible> {
             )
         })
         .collect();
+    // What arrived, as a hash: the key itself comes back as `latchkey.demo`, replaced by
+    // latchkey on its way to the client.
+    let authorization_sha256 = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .map(|v| latchkey::auth::sha256_hex(&String::from_utf8_lossy(v.as_bytes())));
     let description = serde_json::json!({
         "method": parts.method.as_str(),
         "uri": parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         "headers": headers,
+        "authorization_sha256": authorization_sha256,
     });
     let mut r = Response::new(body::full(description.to_string()));
     r.headers_mut().insert(
@@ -305,7 +312,9 @@ impl Instructions<'_> {
              \x20           back as JSON; its certificate from a demo CA that latchkey trusts)\n\
              \x20 config    {config}\n\n\
              The connection `demo` holds an API key that the workflow never sees. Try it; the echo\n\
-             shows the Authorization header latchkey injected:\n\n\
+             shows the Authorization header latchkey injected as `Bearer latchkey.demo`: the\n\
+             upstream echoed the key and latchkey replaced it on the way back (the echo's\n\
+             authorization_sha256 is the upstream's hash of what it really received):\n\n\
              \x20 curl -s http://{proxy}/demo/hello\n\n\
              Forward form (what HTTP_PROXY clients send):\n\n\
              \x20 curl -s -x http://demo:x@{proxy} http://{TLS_HOST}/hello\n\n\

@@ -1,6 +1,12 @@
 //! The echo upstream the tests own: a real HTTP/1.1 and h2 server (plain or TLS) that answers
 //! every request with a JSON description of what it received, so that a test can see exactly
 //! which headers and query parameters reached the upstream.
+//!
+//! latchkey scrubs its credential out of answers (PRODUCT.md section 4, step 7), so the
+//! description is sent hex-encoded, a form latchkey does not look for, and the tests decode it
+//! ([`super::read`], [`super::echo_text`]): they see what reached the upstream. A request with
+//! `echo=plain` in its query gets the description as plain JSON, as an echoing service would
+//! send it; the scrubbing tests use that.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -169,11 +175,20 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         "headers": headers,
         "body_bytes": body_bytes,
     });
-    let mut r = Response::new(full(Bytes::from(description.to_string())));
+    let plain = parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "echo=plain"));
+    let (text, content_type) = if plain {
+        (description.to_string(), "application/json")
+    } else {
+        (hex::encode(description.to_string()), super::ECHO_HEX)
+    };
+    let mut r = Response::new(full(Bytes::from(text)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_static(content_type),
     );
     Ok(r)
 }

@@ -913,13 +913,27 @@ impl Echoed {
     }
 }
 
+/// The content type of the echo upstream's hex-encoded description.
+pub const ECHO_HEX: &str = "application/x-echo-hex";
+
+/// An answer's text with the echo upstream's hex description decoded; any other text as it is.
+pub fn echo_text(text: &str) -> String {
+    let t = text.trim();
+    if t.len() > 2 && t.len() % 2 == 0 && t.starts_with("7b") {
+        if let Some(s) = hex::decode(t).ok().and_then(|b| String::from_utf8(b).ok()) {
+            return s;
+        }
+    }
+    text.to_string()
+}
+
 pub async fn read(resp: reqwest::Response) -> Echoed {
     let status = resp.status().as_u16();
     let latchkey_error = resp
         .headers()
         .get("latchkey-error")
         .map(|v| v.to_str().unwrap().to_string());
-    let text = resp.text().await.unwrap();
+    let text = echo_text(&resp.text().await.unwrap());
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     Echoed {
         status,
@@ -963,14 +977,46 @@ pub async fn curl(args: &[&str]) -> (u16, String) {
 
 /// The JSON body of a curl -i answer (after the last blank line of headers).
 pub fn body_json(text: &str) -> serde_json::Value {
-    let body = text.rsplit("\r\n\r\n").next().unwrap_or_default();
-    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    let body = echo_text(text.rsplit("\r\n\r\n").next().unwrap_or_default());
+    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
 }
 
 /// Runs a Python script with `requests`; returns its standard output.
+/// Run before every test script: `requests` and `httpx` answers from the echo upstream decode
+/// its hex description in `.json()` and `.text`, as [`read`] does for the Rust tests.
+const PYTHON_PRELUDE: &str = r#"
+def _latchkey_echo_patch():
+    import json
+    def unhex(t):
+        try:
+            return bytes.fromhex(t).decode() if t[:2] == "7b" else t
+        except ValueError:
+            return t
+    def patch(cls):
+        text = cls.text
+        def decoded_text(self):
+            t = text.fget(self)
+            if "x-echo-hex" in self.headers.get("content-type", ""):
+                return unhex(t)
+            return t
+        cls.text = property(decoded_text)
+        cls.json = lambda self, **k: json.loads(self.text, **k)
+    try:
+        import requests.models
+        patch(requests.models.Response)
+    except ImportError:
+        pass
+    try:
+        import httpx
+        patch(httpx.Response)
+    except ImportError:
+        pass
+_latchkey_echo_patch()
+"#;
+
 pub async fn python(script: &str, env: &[(&str, &str)]) -> String {
     let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg("-c").arg(script);
+    cmd.arg("-c").arg(format!("{PYTHON_PRELUDE}\n{script}"));
     for (k, v) in env {
         cmd.env(k, v);
     }
