@@ -97,7 +97,10 @@ impl Tunnels {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut first = [0u8; 1];
-        match tokio::time::timeout(FIRST_BYTE_TIMEOUT, io.read_exact(&mut first)).await {
+        // Silence before the first byte is idleness: `proxy.idle_timeout` holds, when shorter.
+        match tokio::time::timeout(FIRST_BYTE_TIMEOUT.min(self.idle), io.read_exact(&mut first))
+            .await
+        {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(e),
@@ -114,7 +117,7 @@ impl Tunnels {
             .map_err(|e| io::Error::other(e.to_string()))?;
         telemetry::tunnel_leaf(minted.as_str());
         let accepted = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
+            HANDSHAKE_TIMEOUT.min(self.idle),
             tokio_rustls::TlsAcceptor::from(config).accept(io),
         )
         .await;

@@ -16,6 +16,7 @@
 mod support;
 
 mod admin;
+mod attacks;
 mod ca_vault;
 mod cache_vault;
 mod cli;

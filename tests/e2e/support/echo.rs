@@ -1,6 +1,6 @@
 //! The echo upstream the tests own: a real HTTP/1.1 and h2 server (plain or TLS) that answers
 //! every request with a JSON description of what it received, so that a test can see exactly
-//! which headers and query parameters reached the upstream.
+//! which headers, query parameters and trailers reached the upstream.
 //!
 //! latchkey scrubs its credential out of answers (PRODUCT.md section 4, step 7), so the
 //! description is sent hex-encoded, a form latchkey does not look for, and the tests decode it
@@ -152,9 +152,18 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 
     let (parts, mut body) = req.into_parts();
     let mut body_bytes: u64 = 0;
+    let mut trailers: Vec<(String, String)> = Vec::new();
     while let Some(frame) = body.frame().await {
         match frame {
-            Ok(f) => body_bytes += f.data_ref().map_or(0, |d| d.len() as u64),
+            Ok(f) => {
+                body_bytes += f.data_ref().map_or(0, |d| d.len() as u64);
+                for (k, v) in f.trailers_ref().into_iter().flatten() {
+                    trailers.push((
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    ));
+                }
+            }
             Err(_) => break,
         }
     }
@@ -174,6 +183,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "body_bytes": body_bytes,
+        "trailers": trailers,
     });
     let plain = parts
         .uri

@@ -372,6 +372,19 @@ impl Bao {
             .count()
     }
 
+    /// The path of every request the server's audit log holds under this handle's prefix
+    /// (reads, writes, metadata and deletes alike), in the order they were made.
+    pub fn audited_paths(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.server().dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains(self.prefix.as_str()))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["type"] == "request")
+            .filter_map(|v| v["request"]["path"].as_str().map(str::to_string))
+            .filter(|p| p.contains(self.prefix.as_str()))
+            .collect()
+    }
+
     /// Freezes the server (SIGSTOP): connections are accepted by the kernel, never answered.
     /// Only for a server of the test's own ([`Bao::start_own`]).
     pub async fn freeze(&self) {
