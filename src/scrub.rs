@@ -71,8 +71,11 @@ impl Scrubber {
                 continue;
             }
             add(Zeroizing::new(s.to_vec()));
-            add(percent_encoded(s, b"0123456789ABCDEF"));
-            add(percent_encoded(s, b"0123456789abcdef"));
+            for hex in [b"0123456789ABCDEF", b"0123456789abcdef"] {
+                add(percent_encoded(s, hex, b"-._~"));
+                // Encoders that leave only letters and digits alone.
+                add(percent_encoded(s, hex, b""));
+            }
             add(json_escaped(s));
             for form in base64_forms(s) {
                 add(form);
@@ -278,11 +281,11 @@ impl Stream {
     }
 }
 
-/// `s` with every byte outside RFC 3986's unreserved set as `%XX`, in the given hex digits.
-fn percent_encoded(s: &[u8], hex: &[u8; 16]) -> Zeroizing<Vec<u8>> {
+/// `s` with every byte other than letters, digits and `keep` as `%XX`, in the given hex digits.
+fn percent_encoded(s: &[u8], hex: &[u8; 16], keep: &[u8]) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity(s.len() * 3));
     for &b in s {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
             out.push(b);
         } else {
             out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
@@ -469,7 +472,7 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Answer<B> {
 mod tests {
     use super::*;
 
-    const KEY: &[u8] = b"sk-live-4f9a/b+c=d";
+    const KEY: &[u8] = b"sk-live_4f9a/b+c=d";
 
     fn scrubber() -> Arc<Scrubber> {
         Scrubber::new([KEY], [], "acme").unwrap()
@@ -491,8 +494,9 @@ mod tests {
             key.to_vec(),
             STANDARD.encode(key).into_bytes(),
             URL_SAFE_NO_PAD.encode(key).into_bytes(),
-            percent_encoded(key, b"0123456789ABCDEF").to_vec(),
-            percent_encoded(key, b"0123456789abcdef").to_vec(),
+            percent_encoded(key, b"0123456789ABCDEF", b"-._~").to_vec(),
+            percent_encoded(key, b"0123456789abcdef", b"-._~").to_vec(),
+            percent_encoded(key, b"0123456789ABCDEF", b"").to_vec(),
             json_escaped(key).to_vec(),
         ]
     }
@@ -578,14 +582,14 @@ mod tests {
     #[test]
     fn header_values_and_sent_forms() {
         use base64::engine::general_purpose::STANDARD;
-        let pair = STANDARD.encode(b"user:sk-live-4f9a/b+c=d");
+        let pair = STANDARD.encode(b"user:sk-live_4f9a/b+c=d");
         let s = Scrubber::new([KEY], [pair.as_bytes()], "acme").unwrap();
         let v = HeaderValue::from_str(&format!("Basic {pair}")).unwrap();
         let (out, n) = s.header(&v).unwrap();
         assert_eq!(out, "Basic latchkey.acme");
         assert_eq!(n, 1);
         let loc =
-            HeaderValue::from_static("https://x.test/cb?api_key=sk-live-4f9a%2Fb%2Bc%3Dd&a=1");
+            HeaderValue::from_static("https://x.test/cb?api_key=sk%2Dlive%5F4f9a%2Fb%2Bc%3Dd&a=1");
         assert_eq!(
             s.header(&loc).unwrap().0,
             "https://x.test/cb?api_key=latchkey.acme&a=1"
