@@ -34,6 +34,9 @@ pub enum Coding {
 /// left out); the name of the first one latchkey cannot decode as the error.
 pub fn codings(headers: &HeaderMap) -> Result<Vec<Coding>, String> {
     let mut out = Vec::new();
+    if !headers.contains_key(CONTENT_ENCODING) {
+        return Ok(out);
+    }
     for value in headers.get_all(CONTENT_ENCODING) {
         let text = value.to_str().map_err(|_| String::from("(not text)"))?;
         for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {

@@ -935,8 +935,11 @@ impl Proxy {
                  decode to keep the credential out of the answer (it asked for identity)"
             ))
         })?;
-        // The framing of what goes back is the body's own (its size hint).
-        parts.headers.remove(CONTENT_LENGTH);
+        // The framing of what goes back is the body's own (its size hint); latchkey's HTTP/1.1
+        // client left framing headers out already.
+        if parts.version == http::Version::HTTP_2 {
+            parts.headers.remove(CONTENT_LENGTH);
+        }
         if !codings.is_empty() {
             parts.headers.remove(CONTENT_ENCODING);
             // Another representation now: a strong validator would be a lie.

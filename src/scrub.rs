@@ -40,6 +40,8 @@ pub struct Scrubber {
     /// Which bytes begin some form: a tail is held back only from such a byte.
     starts: [bool; 256],
     longest: usize,
+    /// A value shorter than this holds no form (most header values: no search).
+    shortest: usize,
     placeholder: Bytes,
     /// The connection's ID, to label the count.
     id: Arc<str>,
@@ -96,11 +98,13 @@ impl Scrubber {
             starts[usize::from(f[0])] = true;
         }
         let longest = forms.iter().map(|f| f.len()).max().unwrap_or(0);
+        let shortest = forms.iter().map(|f| f.len()).min().unwrap_or(0);
         Some(Arc::new(Scrubber {
             finder,
             forms,
             starts,
             longest,
+            shortest,
             placeholder: Bytes::from(format!("latchkey.{id}")),
             id: Arc::from(id),
         }))
@@ -115,7 +119,7 @@ impl Scrubber {
     /// there were none.
     pub fn header(&self, value: &HeaderValue) -> Option<(HeaderValue, u64)> {
         let bytes = value.as_bytes();
-        if !self.finder.is_match(bytes) {
+        if bytes.len() < self.shortest || !self.finder.is_match(bytes) {
             return None;
         }
         let mut out = BytesMut::with_capacity(bytes.len() + self.placeholder.len());
