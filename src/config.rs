@@ -440,6 +440,12 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
     fn vars(&self) -> Vec<(String, String)>;
+
+    /// Whether a variable is set and not empty, for a secret one (`VAULT_TOKEN`) without
+    /// keeping a copy of its value.
+    fn is_set(&self, name: &str) -> bool {
+        self.var(name).is_some()
+    }
 }
 
 /// The real process environment.
@@ -449,8 +455,27 @@ impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
+
+    /// Only `LATCHKEY_*` variables: the others (`VAULT_TOKEN` among them) are copied out of the
+    /// environment by the standard library's iterator, so each copy is zeroized at once.
     fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars().collect()
+        std::env::vars_os()
+            .filter_map(|(name, value)| {
+                let name = name.into_string().ok()?;
+                let value = zeroize::Zeroizing::new(value.into_encoded_bytes());
+                if !name.starts_with("LATCHKEY_") {
+                    return None;
+                }
+                Some((name, String::from_utf8(value.to_vec()).ok()?))
+            })
+            .collect()
+    }
+
+    fn is_set(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some_and(|v| {
+            let v = zeroize::Zeroizing::new(v.into_encoded_bytes());
+            !v.is_empty()
+        })
     }
 }
 
@@ -692,8 +717,8 @@ impl VaultConfig {
 fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError> {
     match raw.method.as_str() {
         "token" => match raw.token_file {
-            Some(path) if env.var("VAULT_TOKEN").is_none() => Ok(VaultAuth::TokenFile(path)),
-            _ if env.var("VAULT_TOKEN").is_some() => Ok(VaultAuth::TokenEnv),
+            Some(path) if !env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenFile(path)),
+            _ if env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenEnv),
             _ => Err(ConfigError::new(
                 "vault.auth",
                 "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
