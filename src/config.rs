@@ -117,6 +117,10 @@ pub struct CacheConfig {
     pub max_stale: Duration,
     pub negative_ttl: Duration,
     pub max_entries: usize,
+    /// Per client: Vault reads that find no connection, per second on average.
+    pub miss_rate: f64,
+    /// Per client: how many such reads may come at once.
+    pub miss_burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +284,18 @@ struct RawCache {
     negative_ttl: Dur,
     #[serde(default = "default_max_entries")]
     max_entries: usize,
+    #[serde(default = "default_miss_rate")]
+    miss_rate: f64,
+    #[serde(default = "default_miss_burst")]
+    miss_burst: u32,
+}
+
+fn default_miss_rate() -> f64 {
+    10.0
+}
+
+fn default_miss_burst() -> u32 {
+    20
 }
 
 impl Default for RawCache {
@@ -289,6 +305,8 @@ impl Default for RawCache {
             max_stale: secs::<3600>(),
             negative_ttl: secs::<10>(),
             max_entries: default_max_entries(),
+            miss_rate: default_miss_rate(),
+            miss_burst: default_miss_burst(),
         }
     }
 }
@@ -739,9 +757,20 @@ impl CacheConfig {
             max_stale: raw.max_stale.0,
             negative_ttl: raw.negative_ttl.0,
             max_entries: raw.max_entries,
+            miss_rate: raw.miss_rate,
+            miss_burst: raw.miss_burst,
         };
         if cache.max_entries == 0 {
             return Err(ConfigError::new("cache.max_entries", "must be at least 1"));
+        }
+        if !(cache.miss_rate.is_finite() && cache.miss_rate > 0.0) {
+            return Err(ConfigError::new(
+                "cache.miss_rate",
+                "must be a number of reads per second greater than zero",
+            ));
+        }
+        if cache.miss_burst == 0 {
+            return Err(ConfigError::new("cache.miss_burst", "must be at least 1"));
         }
         Ok(cache)
     }
@@ -965,6 +994,8 @@ mod tests {
         assert_eq!(c.cache.max_stale, Duration::from_secs(3600));
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(10));
         assert_eq!(c.cache.max_entries, 100_000);
+        assert_eq!(c.cache.miss_rate, 10.0);
+        assert_eq!(c.cache.miss_burst, 20);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());

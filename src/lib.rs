@@ -13,7 +13,7 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | 0 | connection_id, destination, hop_by_hop, secret, telemetry |
+//! | 0 | connection_id, destination, hop_by_hop, misses, secret, telemetry |
 //! | 1 | auth, body, ca, record, upstream::dial |
 //! | 2 | catalog, idle, upstream::h1 |
 //! | 3 | config, inject, upstream::pool |
@@ -30,7 +30,8 @@
 //! - Leaf types: [`secret`] (the redacted, zeroized secret), [`connection_id`] (the strict
 //!   connection ID), [`hop_by_hop`] (hop-by-hop and framing headers, one rule both ways),
 //!   [`telemetry`] (logging, the access log, every metric name), [`destination`] (base URLs,
-//!   host allow-lists, the check on the dialled address).
+//!   host allow-lists, the check on the dialled address), [`misses`] (per client, how often
+//!   Vault may be read for connections that do not exist).
 //! - Over them: [`auth`] (client tokens, globs, who may use which connection; constant-time
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
 //!   counter and the access-logging body), [`record`] (a connection as Vault stores it),
@@ -71,6 +72,7 @@ pub mod hop_by_hop;
 pub mod idle;
 pub mod inject;
 pub mod lifecycle;
+pub mod misses;
 pub mod proxy;
 pub mod record;
 pub mod response;

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
 use crate::body::{BoxBody, BoxError, Counted, Logged, PendingLog};
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheError};
 use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
@@ -31,9 +31,10 @@ use crate::coverage::Coverage;
 use crate::destination::{self, normalize_host, Passthrough, Scheme};
 use crate::inject::{self, Target};
 use crate::lifecycle::Lifecycle;
+use crate::misses::MissLimit;
 use crate::response::ProxyError;
 use crate::secret::Secret;
-use crate::telemetry::{self, AccessLog};
+use crate::telemetry::{self, AccessLog, CacheOutcome};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
 use crate::websocket;
 
@@ -50,6 +51,8 @@ pub struct Proxy {
     passthrough: Arc<Passthrough>,
     upstream: Arc<Pool>,
     request_timeout: Duration,
+    /// Per client: Vault reads that found nothing.
+    misses: Arc<MissLimit>,
 }
 
 /// What the proxy's side of a CONNECT decided.
@@ -208,7 +211,7 @@ impl Proxy {
         clients: Clients,
         (coverage, passthrough): (Arc<Coverage>, Arc<Passthrough>),
         upstream: Arc<Pool>,
-        request_timeout: Duration,
+        (request_timeout, misses): (Duration, Arc<MissLimit>),
     ) -> Proxy {
         let token_places = token_places(lifecycle.catalog());
         Proxy {
@@ -220,6 +223,7 @@ impl Proxy {
             passthrough,
             upstream,
             request_timeout,
+            misses,
         }
     }
 
@@ -812,18 +816,32 @@ impl Proxy {
             ))
     }
 
-    /// Phase 3: the connection, through the cache.
+    /// Phase 3: the connection, through the cache. A client (the one authenticated, as the log
+    /// names it; everyone alike when latchkey runs open) whose Vault reads keep finding nothing
+    /// is served only from the cache until its miss limit refills ([`MissLimit`]).
     async fn connection(
         &self,
         id: &ConnectionId,
         log: &mut AccessLog,
     ) -> Result<Arc<Connection>, ProxyError> {
+        let client = log.client.as_deref().unwrap_or("");
+        if !self.cache.holds(id) {
+            if let Err(wait) = self.misses.check(client) {
+                return Err(ProxyError::TooManyMisses {
+                    client: client.to_string(),
+                    retry_after: wait.as_secs().max(1),
+                });
+            }
+        }
         match self.cache.get(id).await {
             Ok((conn, outcome)) => {
                 log.cache = Some(outcome);
                 Ok(conn)
             }
             Err((e, outcome)) => {
+                if e == CacheError::NotFound && outcome == CacheOutcome::Miss {
+                    self.misses.spend(client);
+                }
                 log.cache = Some(outcome);
                 Err(ProxyError::from_cache(id.as_str(), e))
             }

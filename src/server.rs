@@ -28,6 +28,7 @@ use crate::destination::AddressPolicy;
 use crate::destination::Passthrough;
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
+use crate::misses::MissLimit;
 use crate::proxy::Proxy;
 use crate::secret::Secret;
 use crate::telemetry;
@@ -98,6 +99,8 @@ struct ProxyParts {
     idle_timeout: Duration,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
+    /// Per client: Vault reads that found nothing, shared by every worker.
+    misses: Arc<MissLimit>,
 }
 
 impl ProxyParts {
@@ -109,7 +112,7 @@ impl ProxyParts {
             self.clients.clone(),
             (self.coverage.clone(), self.passthrough.clone()),
             Pool::new(self.dialer.clone()),
-            self.request_timeout,
+            (self.request_timeout, self.misses.clone()),
         )
     }
 }
@@ -179,6 +182,10 @@ impl Server {
             request_timeout: config.proxy.request_timeout,
             idle_timeout: config.proxy.idle_timeout,
             leaves,
+            misses: Arc::new(MissLimit::new(
+                config.cache.miss_rate,
+                config.cache.miss_burst,
+            )),
         };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());

@@ -332,3 +332,93 @@ async fn look_alike_credential_names_do_not_pass_next_to_ours() {
         r.uri()
     );
 }
+
+/// Issue 10: a client granted `acme-*` could make latchkey read Vault once for every ID it
+/// invented (the negative cache helps only with IDs asked before). Vault reads that find
+/// nothing are limited per client (`cache.miss_rate`, `cache.miss_burst`): past the burst the
+/// client gets `429 too_many_misses` and Vault is not read, while a connection the cache holds
+/// keeps working for it, and another client is not limited.
+#[tokio::test]
+async fn a_client_inventing_connection_ids_cannot_make_latchkey_read_vault_without_bound() {
+    const BURST: usize = 5;
+    const INVENTED: usize = 40;
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "acme-known", &format!("http://{}", up.addr()));
+    let (mallory, alice) = ("mallory-token-0123456789", "alice-token-0123456789");
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().extra(&format!(
+            // One miss per 1,000 s after the burst: no refill within the test.
+            "[cache]\nmiss_rate = 0.001\nmiss_burst = {BURST}\n\n\
+             [[clients]]\nname = \"mallory\"\ntoken_sha256 = \"{}\"\nconnections = [\"acme-*\"]\n\n\
+             [[clients]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nconnections = [\"acme-*\"]\n",
+            latchkey::auth::sha256_hex(mallory),
+            latchkey::auth::sha256_hex(alice),
+        )),
+    )
+    .await;
+    let as_client = |token: &'static str, path: String| {
+        let url = lk.url(&path);
+        async move {
+            read(
+                http()
+                    .get(url)
+                    .header("Proxy-Authorization", format!("Bearer {token}"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+
+    // The known connection, read once and cached.
+    let r = as_client(mallory, "/acme-known/x".into()).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(bao.reads_of("acme-known"), 1);
+
+    let mut not_found = 0;
+    let mut limited = 0;
+    for i in 0..INVENTED {
+        let id = format!("acme-invented-{i}");
+        let r = as_client(mallory, format!("/{id}/x")).await;
+        match r.status {
+            404 => {
+                not_found += 1;
+                assert_eq!(bao.reads_of(&id), 1, "{id}");
+            }
+            429 => {
+                limited += 1;
+                assert_eq!(r.latchkey_error.as_deref(), Some("too_many_misses"));
+                assert_eq!(r.error_code(), Some("too_many_misses"));
+                assert_eq!(bao.reads_of(&id), 0, "{id} was read from Vault after a 429");
+            }
+            other => panic!("{id}: {other} {:?}", r.json),
+        }
+        if i % 10 == 0 {
+            // The connection the cache holds keeps working for the same client meanwhile.
+            let r = as_client(mallory, "/acme-known/x".into()).await;
+            assert_eq!(r.status, 200, "{:?}", r.json);
+        }
+    }
+    assert_eq!(
+        not_found, BURST,
+        "Vault reads for invented IDs did not stop"
+    );
+    assert_eq!(limited, INVENTED - BURST);
+    let reads: usize = (0..INVENTED)
+        .map(|i| bao.reads_of(&format!("acme-invented-{i}")))
+        .sum();
+    assert_eq!(reads, BURST);
+    assert_eq!(bao.reads_of("acme-known"), 1);
+
+    // Another client is not limited: its unknown ID is read, and is a 404.
+    let r = as_client(alice, "/acme-alices-own/x".into()).await;
+    assert_eq!(r.status, 404, "{:?}", r.json);
+    assert_eq!(bao.reads_of("acme-alices-own"), 1);
+
+    let line = lk.access_line(|l| l["error"] == "too_many_misses").await;
+    assert_eq!(line["client"], "mallory", "{line}");
+    assert_eq!(line["status"], 429, "{line}");
+}
