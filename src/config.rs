@@ -67,6 +67,8 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// A client connection with no request in flight and no byte moving is closed after this.
     pub idle_timeout: Duration,
+    /// A client has this long to send a whole request head, from its first byte.
+    pub header_read_timeout: Duration,
     /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
     pub workers: usize,
     /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
@@ -172,6 +174,8 @@ struct RawProxy {
     request_timeout: Dur,
     #[serde(default = "secs::<60>")]
     idle_timeout: Dur,
+    #[serde(default = "secs::<10>")]
+    header_read_timeout: Dur,
     #[serde(default)]
     workers: Option<usize>,
     #[serde(default)]
@@ -188,6 +192,7 @@ impl Default for RawProxy {
             connect_timeout: secs::<5>(),
             request_timeout: secs::<60>(),
             idle_timeout: secs::<60>(),
+            header_read_timeout: secs::<10>(),
             workers: None,
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
@@ -567,6 +572,7 @@ impl ProxyConfig {
             connect_timeout: positive("proxy.connect_timeout", raw.connect_timeout)?,
             request_timeout: positive("proxy.request_timeout", raw.request_timeout)?,
             idle_timeout: positive("proxy.idle_timeout", raw.idle_timeout)?,
+            header_read_timeout: positive("proxy.header_read_timeout", raw.header_read_timeout)?,
             workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) if (1..=1024).contains(&n) => n,
@@ -997,6 +1003,7 @@ mod tests {
         assert_eq!(c.cache.miss_rate, 10.0);
         assert_eq!(c.cache.miss_burst, 20);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());
         assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));

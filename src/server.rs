@@ -97,6 +97,8 @@ struct ProxyParts {
     request_timeout: Duration,
     /// `proxy.idle_timeout`: a client connection idle this long is closed.
     idle_timeout: Duration,
+    /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
+    header_read_timeout: Duration,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
     /// Per client: Vault reads that found nothing, shared by every worker.
@@ -181,6 +183,7 @@ impl Server {
             dialer,
             request_timeout: config.proxy.request_timeout,
             idle_timeout: config.proxy.idle_timeout,
+            header_read_timeout: config.proxy.header_read_timeout,
             leaves,
             misses: Arc::new(MissLimit::new(
                 config.cache.miss_rate,
@@ -270,7 +273,7 @@ impl Server {
                 handler,
                 graceful.clone(),
                 stopped(stop_rx.clone()),
-                self.parts.idle_timeout,
+                (self.parts.idle_timeout, self.parts.header_read_timeout),
             ));
         }
         tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
@@ -321,7 +324,7 @@ fn start_workers(
             open.clone(),
             parts.proxy(),
             parts.leaves.clone(),
-            parts.idle_timeout,
+            (parts.idle_timeout, parts.header_read_timeout),
         )?);
         handles.push(WorkerHandle { tx, open });
     }
@@ -504,7 +507,7 @@ fn spawn_worker(
     open: Arc<AtomicUsize>,
     proxy: Proxy,
     leaves: LeavesSlot,
-    idle: Duration,
+    (idle, header_read): (Duration, Duration),
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -516,7 +519,7 @@ fn spawn_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let proxy = Arc::new(proxy);
-                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, idle));
+                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, (idle, header_read)));
                 let handler = move |req: http::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
                     let tunnels = tunnels.clone();
@@ -531,7 +534,7 @@ fn spawn_worker(
                         })
                     }
                 };
-                let builder = http_builder();
+                let builder = http_builder(header_read);
                 let graceful = GracefulShutdown::new();
                 let gauge = telemetry::client_connections(n);
                 gauge.set(0.0);
@@ -568,13 +571,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// The HTTP server settings of both listeners.
-fn http_builder() -> auto::Builder<TokioExecutor> {
+/// The HTTP server settings of both listeners: a client has `header_read` to send a whole
+/// request head (slowloris), counted by hyper from the moment it waits for one.
+fn http_builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(header_read);
     // WebSockets over h2 (RFC 8441); HTTP/1.1 upgrades are served by `serve`.
     builder.http2().enable_connect_protocol();
     builder
@@ -617,12 +621,12 @@ async fn accept_loop<H, F>(
     handler: H,
     graceful: Arc<GracefulShutdown>,
     stop: impl Future<Output = ()>,
-    idle: Duration,
+    (idle, header_read): (Duration, Duration),
 ) where
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
-    let builder = http_builder();
+    let builder = http_builder(header_read);
     tokio::pin!(stop);
     while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
         serve(

@@ -34,8 +34,6 @@ use crate::upstream::MaybeTls;
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake inside a tunnel may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client has to send a whole request head inside a tunnel.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first byte of a TLS record carrying a handshake (the ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -46,14 +44,21 @@ pub struct Tunnels {
     leaves: LeavesSlot,
     /// `proxy.idle_timeout`, for the connections inside tunnels too.
     idle: Duration,
+    /// `proxy.header_read_timeout`, for the request heads inside tunnels too.
+    header_read: Duration,
 }
 
 impl Tunnels {
-    pub fn new(proxy: Arc<Proxy>, leaves: LeavesSlot, idle: Duration) -> Tunnels {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        leaves: LeavesSlot,
+        (idle, header_read): (Duration, Duration),
+    ) -> Tunnels {
         Tunnels {
             proxy,
             leaves,
             idle,
+            header_read,
         }
     }
 
@@ -165,7 +170,7 @@ impl Tunnels {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(self.header_read);
         // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
         builder.http2().enable_connect_protocol();
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

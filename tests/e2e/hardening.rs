@@ -422,3 +422,55 @@ async fn a_client_inventing_connection_ids_cannot_make_latchkey_read_vault_witho
     assert_eq!(line["client"], "mallory", "{line}");
     assert_eq!(line["status"], 429, "{line}");
 }
+
+/// Issue 10: a client sending its request head one byte at a time (slowloris) moves bytes, so
+/// the idle timeout never closes it; `proxy.header_read_timeout` (default 10 s; it was a fixed
+/// 30 s) bounds the whole head. The connection is closed long before the head would be done,
+/// and a normal request is served meanwhile.
+#[tokio::test]
+async fn a_slowloris_head_is_cut_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // At one byte per 200 ms, the head takes 20 s: within the old fixed 30 s, it was read to
+    // its end and answered.
+    const SLOW_BYTES: usize = 100;
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "slow", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("header_read_timeout = \"1s\"")).await;
+
+    let mut slow = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    slow.write_all(b"GET /slow/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1024];
+    let mut sent = 0;
+    let cut = loop {
+        if sent == SLOW_BYTES {
+            break false;
+        }
+        // The read's time limit paces the bytes; it is not what the test asserts.
+        match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut answer)).await {
+            Err(_) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => panic!(
+                "the slow head got an answer: {:?}",
+                String::from_utf8_lossy(&answer[..n])
+            ),
+        }
+        if slow.write_all(b"a").await.is_err() {
+            break true;
+        }
+        sent += 1;
+        if sent == 2 {
+            // Meanwhile a normal request is served.
+            let r = gateway_get(&lk, "/slow/x", &[]).await;
+            assert_eq!(r.status, 200, "{:?}", r.json);
+        }
+    };
+    assert!(
+        cut,
+        "latchkey read a {SLOW_BYTES}-byte slow header to its end"
+    );
+    assert!(sent < SLOW_BYTES);
+    assert_eq!(up.requests(), 1, "the slow request reached the upstream");
+}
