@@ -34,6 +34,7 @@ use crate::lifecycle::Lifecycle;
 use crate::misses::MissLimit;
 use crate::response::ProxyError;
 use crate::secret::Secret;
+use crate::strict::{self, Link};
 use crate::telemetry::{self, AccessLog, CacheOutcome};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
 use crate::websocket;
@@ -943,6 +944,54 @@ impl Proxy {
         });
         Ok(response)
     }
+}
+
+/// Serves one request of a client connection whose reads [`strict`] checks. The stand-in of a
+/// refused head is answered `400 bad_request` (and the connection then closes); the answer to a
+/// request that asks for an upgrade is told to the reader, which holds back what follows until
+/// it knows whether the connection still carries HTTP/1.
+pub async fn checked<F, E>(
+    link: Arc<Link>,
+    req: Request<Incoming>,
+    serve: impl FnOnce(Request<Incoming>) -> F,
+) -> Result<Response<BoxBody>, E>
+where
+    F: std::future::Future<Output = Result<Response<BoxBody>, E>>,
+{
+    if let Some(reason) = link.refused(req.uri().path()) {
+        return Ok(not_strict(reason));
+    }
+    let asks = strict::asks_upgrade(&req);
+    let connect = req.method() == Method::CONNECT;
+    let answer = serve(req).await;
+    if asks {
+        let switched = answer.as_ref().is_ok_and(|r| {
+            r.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                || (connect && r.status().is_success())
+        });
+        link.answered(switched);
+    }
+    answer
+}
+
+/// latchkey's `400` for a request that [`strict`] refused, with its access line.
+fn not_strict(reason: &str) -> Response<BoxBody> {
+    let log = AccessLog {
+        method: Method::from_bytes(b"-").unwrap_or_default(),
+        status: 400,
+        error: Some("bad_request"),
+        ..AccessLog::default()
+    };
+    tracing::debug!(reason, "request refused: not strict HTTP/1.1");
+    log.emit(Duration::ZERO);
+    let mut response =
+        ProxyError::BadRequest(format!("the request is not strict HTTP/1.1: {reason}"))
+            .into_response();
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// A `Location` on the connection's own base URL, in the gateway's `/{connection_id}/...` form,

@@ -29,8 +29,9 @@ use crate::destination::Passthrough;
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
 use crate::misses::MissLimit;
-use crate::proxy::Proxy;
+use crate::proxy::{self, Proxy};
 use crate::secret::Secret;
+use crate::strict::{Link, Strict};
 use crate::telemetry;
 use crate::tunnel::Tunnels;
 use crate::upstream::{self, Dialer, Pool};
@@ -534,7 +535,9 @@ fn spawn_worker(
                         })
                     }
                 };
-                let builder = http_builder(header_read);
+                // Request heads are timed by `Strict`, from their first byte; an idle
+                // keep-alive connection is `idle`'s.
+                let builder = http_builder(None);
                 let graceful = GracefulShutdown::new();
                 let gauge = telemetry::client_connections(n);
                 gauge.set(0.0);
@@ -543,7 +546,7 @@ fn spawn_worker(
                 while let Some((stream, peer)) = accepted.recv().await {
                     let guard = OpenConnection::new(open.clone(), &gauge);
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => serve(&builder, &graceful, stream, (peer, idle), handler.clone(), guard),
+                        Ok(stream) => serve(&builder, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard),
                         Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
                 }
@@ -571,9 +574,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// The HTTP server settings of both listeners: a client has `header_read` to send a whole
-/// request head (slowloris), counted by hyper from the moment it waits for one.
-fn http_builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
+/// The HTTP server settings of both listeners; with `header_read`, hyper gives a client that
+/// long to send a whole request head (slowloris), from the moment it waits for one.
+fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -586,11 +589,13 @@ fn http_builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
 
 /// Serves one client connection on the current runtime; `guard` lives as long as it does. A
 /// connection with no request in flight and no byte moving for `idle` is closed ([`idle`]).
+/// With `strict` (the proxy listener), what the client sends is held to strict HTTP/1.1
+/// framing ([`strict`]) and each request head must be whole within that long.
 fn serve<H, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     stream: tokio::net::TcpStream,
-    (peer, idle): (SocketAddr, Duration),
+    (peer, idle, strict): (SocketAddr, Duration, Option<Duration>),
     handler: H,
     guard: impl Send + 'static,
 ) where
@@ -598,10 +603,20 @@ fn serve<H, F>(
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let link = Link::new();
+    let watched = Watched::new(stream, activity.clone());
+    let io = TokioIo::new(match strict {
+        Some(header_read) => Strict::new(watched, link.clone(), header_read),
+        None => Strict::unchecked(watched),
+    });
     let service = {
         let activity = activity.clone();
-        service_fn(move |req| idle::track(&activity, handler(req)))
+        service_fn(move |req| {
+            idle::track(
+                &activity,
+                proxy::checked(link.clone(), req, handler.clone()),
+            )
+        })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     let conn = graceful.watch(conn.into_owned());
@@ -626,14 +641,14 @@ async fn accept_loop<H, F>(
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
-    let builder = http_builder(header_read);
+    let builder = http_builder(Some(header_read));
     tokio::pin!(stop);
     while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
         serve(
             &builder,
             &graceful,
             stream,
-            (peer, idle),
+            (peer, idle, None),
             handler.clone(),
             (),
         );

@@ -27,6 +27,7 @@ use crate::destination::normalize_host;
 use crate::idle::{self, Activity, Watched};
 use crate::proxy::{Opened, Proxy, Tunnel};
 use crate::response::ProxyError;
+use crate::strict::{Link, Strict};
 use crate::telemetry;
 use crate::upstream::MaybeTls;
 
@@ -155,22 +156,29 @@ impl Tunnels {
     {
         let proxy = self.proxy.clone();
         let activity = Activity::new();
-        let io = Watched::new(io, activity.clone());
+        let link = Link::new();
+        // Strict HTTP/1.1 inside too, each head whole within `header_read` of its first byte.
+        let io = Strict::new(
+            Watched::new(io, activity.clone()),
+            link.clone(),
+            self.header_read,
+        );
         let service = {
             let activity = activity.clone();
             service_fn(move |req| {
                 let proxy = proxy.clone();
                 let tunnel = tunnel.clone();
-                idle::track(&activity, async move {
+                let serve = |req| async move {
                     Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await)
-                })
+                };
+                idle::track(&activity, crate::proxy::checked(link.clone(), req, serve))
             })
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read);
+            .header_read_timeout(None);
         // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
         builder.http2().enable_connect_protocol();
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

@@ -36,6 +36,7 @@ mod sdk;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod strict;
 mod token_place;
 mod tunnel;
 mod upstream_h1;
