@@ -212,6 +212,8 @@ fn cache_hit(c: &mut Criterion) {
             max_stale: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(10),
             max_entries: 100_000,
+            miss_rate: 10.0,
+            miss_burst: 20,
         },
         Arc::new(Fixed(Arc::new(Catalog::builtin().unwrap()))),
     );

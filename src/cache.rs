@@ -289,6 +289,21 @@ impl Cache {
         load
     }
 
+    /// Whether a lookup of `id` can be answered without a new Vault read for an unknown ID: the
+    /// cache holds the connection (fresh or not), a negative answer still valid, or a load in
+    /// flight that the lookup would join.
+    pub fn holds(&self, id: &ConnectionId) -> bool {
+        let now = Instant::now();
+        self.inner.map.get(id).is_some_and(|slot| {
+            slot.inflight.is_some()
+                || match &slot.state {
+                    State::Ready { .. } => true,
+                    State::Negative { until, .. } => now < *until,
+                    State::Empty => false,
+                }
+        })
+    }
+
     /// Drops a connection from the cache at once (after a rotation or delete).
     pub fn invalidate(&self, id: &ConnectionId) {
         self.inner.map.remove(id);
@@ -539,6 +554,8 @@ mod tests {
             max_stale: Duration::from_millis(stale_ms),
             negative_ttl: Duration::from_millis(ttl_ms),
             max_entries: 1000,
+            miss_rate: 10.0,
+            miss_burst: 20,
         }
     }
 

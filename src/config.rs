@@ -67,6 +67,8 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// A client connection with no request in flight and no byte moving is closed after this.
     pub idle_timeout: Duration,
+    /// A client has this long to send a whole request head, from its first byte.
+    pub header_read_timeout: Duration,
     /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
     pub workers: usize,
     /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
@@ -117,6 +119,10 @@ pub struct CacheConfig {
     pub max_stale: Duration,
     pub negative_ttl: Duration,
     pub max_entries: usize,
+    /// Per client: Vault reads that find no connection, per second on average.
+    pub miss_rate: f64,
+    /// Per client: how many such reads may come at once.
+    pub miss_burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +174,8 @@ struct RawProxy {
     request_timeout: Dur,
     #[serde(default = "secs::<60>")]
     idle_timeout: Dur,
+    #[serde(default = "secs::<10>")]
+    header_read_timeout: Dur,
     #[serde(default)]
     workers: Option<usize>,
     #[serde(default)]
@@ -184,6 +192,7 @@ impl Default for RawProxy {
             connect_timeout: secs::<5>(),
             request_timeout: secs::<60>(),
             idle_timeout: secs::<60>(),
+            header_read_timeout: secs::<10>(),
             workers: None,
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
@@ -280,6 +289,18 @@ struct RawCache {
     negative_ttl: Dur,
     #[serde(default = "default_max_entries")]
     max_entries: usize,
+    #[serde(default = "default_miss_rate")]
+    miss_rate: f64,
+    #[serde(default = "default_miss_burst")]
+    miss_burst: u32,
+}
+
+fn default_miss_rate() -> f64 {
+    10.0
+}
+
+fn default_miss_burst() -> u32 {
+    20
 }
 
 impl Default for RawCache {
@@ -289,6 +310,8 @@ impl Default for RawCache {
             max_stale: secs::<3600>(),
             negative_ttl: secs::<10>(),
             max_entries: default_max_entries(),
+            miss_rate: default_miss_rate(),
+            miss_burst: default_miss_burst(),
         }
     }
 }
@@ -440,6 +463,12 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
     fn vars(&self) -> Vec<(String, String)>;
+
+    /// Whether a variable is set and not empty, for a secret one (`VAULT_TOKEN`) without
+    /// keeping a copy of its value.
+    fn is_set(&self, name: &str) -> bool {
+        self.var(name).is_some()
+    }
 }
 
 /// The real process environment.
@@ -449,8 +478,27 @@ impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
+
+    /// Only `LATCHKEY_*` variables: the others (`VAULT_TOKEN` among them) are copied out of the
+    /// environment by the standard library's iterator, so each copy is zeroized at once.
     fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars().collect()
+        std::env::vars_os()
+            .filter_map(|(name, value)| {
+                let name = name.into_string().ok()?;
+                let value = zeroize::Zeroizing::new(value.into_encoded_bytes());
+                if !name.starts_with("LATCHKEY_") {
+                    return None;
+                }
+                Some((name, String::from_utf8(value.to_vec()).ok()?))
+            })
+            .collect()
+    }
+
+    fn is_set(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some_and(|v| {
+            let v = zeroize::Zeroizing::new(v.into_encoded_bytes());
+            !v.is_empty()
+        })
     }
 }
 
@@ -524,6 +572,7 @@ impl ProxyConfig {
             connect_timeout: positive("proxy.connect_timeout", raw.connect_timeout)?,
             request_timeout: positive("proxy.request_timeout", raw.request_timeout)?,
             idle_timeout: positive("proxy.idle_timeout", raw.idle_timeout)?,
+            header_read_timeout: positive("proxy.header_read_timeout", raw.header_read_timeout)?,
             workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) if (1..=1024).contains(&n) => n,
@@ -692,8 +741,8 @@ impl VaultConfig {
 fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError> {
     match raw.method.as_str() {
         "token" => match raw.token_file {
-            Some(path) if env.var("VAULT_TOKEN").is_none() => Ok(VaultAuth::TokenFile(path)),
-            _ if env.var("VAULT_TOKEN").is_some() => Ok(VaultAuth::TokenEnv),
+            Some(path) if !env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenFile(path)),
+            _ if env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenEnv),
             _ => Err(ConfigError::new(
                 "vault.auth",
                 "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
@@ -714,9 +763,20 @@ impl CacheConfig {
             max_stale: raw.max_stale.0,
             negative_ttl: raw.negative_ttl.0,
             max_entries: raw.max_entries,
+            miss_rate: raw.miss_rate,
+            miss_burst: raw.miss_burst,
         };
         if cache.max_entries == 0 {
             return Err(ConfigError::new("cache.max_entries", "must be at least 1"));
+        }
+        if !(cache.miss_rate.is_finite() && cache.miss_rate > 0.0) {
+            return Err(ConfigError::new(
+                "cache.miss_rate",
+                "must be a number of reads per second greater than zero",
+            ));
+        }
+        if cache.miss_burst == 0 {
+            return Err(ConfigError::new("cache.miss_burst", "must be at least 1"));
         }
         Ok(cache)
     }
@@ -940,7 +1000,10 @@ mod tests {
         assert_eq!(c.cache.max_stale, Duration::from_secs(3600));
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(10));
         assert_eq!(c.cache.max_entries, 100_000);
+        assert_eq!(c.cache.miss_rate, 10.0);
+        assert_eq!(c.cache.miss_burst, 20);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());
         assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));

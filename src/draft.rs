@@ -11,8 +11,9 @@ use crate::connection_id::ConnectionId;
 use crate::record::{StoredConnection, RESERVED_FIELDS};
 use crate::secret::Secret;
 
-/// A connection as a person submits it (through the admin API), before any check.
-#[derive(Default)]
+/// A connection as a person submits it (through the admin API), before any check. `Debug`
+/// prints secret values as `<redacted>`.
+#[derive(Debug, Default)]
 pub struct Draft {
     pub connector: String,
     pub name: Option<String>,

@@ -13,7 +13,7 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | 0 | connection_id, destination, hop_by_hop, secret, telemetry |
+//! | 0 | connection_id, destination, hop_by_hop, misses, secret, strict, telemetry |
 //! | 1 | auth, body, ca, record, upstream::dial |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
 //! | 3 | config, inject, upstream::pool |
@@ -30,7 +30,9 @@
 //! - Leaf types: [`secret`] (the redacted, zeroized secret), [`connection_id`] (the strict
 //!   connection ID), [`hop_by_hop`] (hop-by-hop and framing headers, one rule both ways),
 //!   [`telemetry`] (logging, the access log, every metric name), [`destination`] (base URLs,
-//!   host allow-lists, the check on the dialled address).
+//!   host allow-lists, the check on the dialled address), [`misses`] (per client, how often
+//!   Vault may be read for connections that do not exist), [`strict`] (strict HTTP/1.1 framing
+//!   of what clients send, checked before hyper reads it).
 //! - Over them: [`auth`] (client tokens, globs, who may use which connection; constant-time
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
 //!   counter and the access-logging body), [`record`] (a connection as Vault stores it),
@@ -74,12 +76,14 @@ pub mod hop_by_hop;
 pub mod idle;
 pub mod inject;
 pub mod lifecycle;
+pub mod misses;
 pub mod proxy;
 pub mod record;
 pub mod response;
 pub mod scrub;
 pub mod secret;
 pub mod server;
+pub mod strict;
 pub mod telemetry;
 pub mod tunnel;
 pub mod upstream;

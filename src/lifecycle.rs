@@ -78,8 +78,8 @@ impl From<VaultError> for LifecycleError {
     }
 }
 
-/// `POST /v1/connections`.
-#[derive(Deserialize)]
+/// `POST /v1/connections`. `Debug` shows field names; secret values print `<redacted>`.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     pub id: String,
@@ -101,7 +101,7 @@ pub struct CreateRequest {
 }
 
 /// `PATCH /v1/connections/{id}`: absent keys stay as they are, `null` removes.
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PatchRequest {
     #[serde(default, deserialize_with = "present")]
@@ -122,7 +122,7 @@ pub struct PatchRequest {
 }
 
 /// `PUT /v1/connections/{id}/secret`.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     pub fields: BTreeMap<String, Secret>,
@@ -807,4 +807,37 @@ fn audit(admin: &str, action: &'static str, connection: &str, version: Option<u6
         outcome,
         "admin action"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the admin API receives holding a new key: parsed into `Secret`s, and `Debug` (of
+    /// the requests and of the draft made from them) never shows the key.
+    #[test]
+    fn the_requests_that_carry_a_key_hold_it_as_a_secret() {
+        let create: CreateRequest = serde_json::from_str(
+            r#"{"id":"c","connector":"generic-bearer","fields":{"api_key":"sk-create-\u0041bc123"}}"#,
+        )
+        .unwrap();
+        assert_eq!(create.fields["api_key"].expose(), "sk-create-Abc123");
+        let rotate: RotateRequest =
+            serde_json::from_str(r#"{"fields":{"api_key":"sk-rotate-xyz789"}}"#).unwrap();
+        let patch: PatchRequest =
+            serde_json::from_str(r#"{"fields":{"region":"sk-patch-qrs456"}}"#).unwrap();
+        let draft = Draft {
+            fields: rotate.fields.clone(),
+            ..Draft::default()
+        };
+        for (debug, secret) in [
+            (format!("{create:?}"), "sk-create"),
+            (format!("{rotate:?}"), "sk-rotate"),
+            (format!("{patch:?}"), "sk-patch"),
+            (format!("{draft:?}"), "sk-rotate"),
+        ] {
+            assert!(!debug.contains(secret), "{debug}");
+            assert!(debug.contains("<redacted>"), "{debug}");
+        }
+    }
 }

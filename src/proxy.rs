@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 
 use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
 use crate::body::{BoxBody, BoxError, Counted, Logged, PendingLog};
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheError};
 use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
@@ -34,10 +34,12 @@ use crate::destination::{self, normalize_host, Passthrough, Scheme};
 use crate::encoding;
 use crate::inject::{self, Target};
 use crate::lifecycle::Lifecycle;
+use crate::misses::MissLimit;
 use crate::response::ProxyError;
 use crate::scrub::{Answer, Scrubbed, Scrubber};
 use crate::secret::Secret;
-use crate::telemetry::{self, AccessLog};
+use crate::strict::{self, Link};
+use crate::telemetry::{self, AccessLog, CacheOutcome};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
 use crate::websocket;
 
@@ -54,6 +56,8 @@ pub struct Proxy {
     passthrough: Arc<Passthrough>,
     upstream: Arc<Pool>,
     request_timeout: Duration,
+    /// Per client: Vault reads that found nothing.
+    misses: Arc<MissLimit>,
 }
 
 /// What the proxy's side of a CONNECT decided.
@@ -212,7 +216,7 @@ impl Proxy {
         clients: Clients,
         (coverage, passthrough): (Arc<Coverage>, Arc<Passthrough>),
         upstream: Arc<Pool>,
-        request_timeout: Duration,
+        (request_timeout, misses): (Duration, Arc<MissLimit>),
     ) -> Proxy {
         let token_places = token_places(lifecycle.catalog());
         Proxy {
@@ -224,6 +228,7 @@ impl Proxy {
             passthrough,
             upstream,
             request_timeout,
+            misses,
         }
     }
 
@@ -821,18 +826,32 @@ impl Proxy {
             ))
     }
 
-    /// Phase 3: the connection, through the cache.
+    /// Phase 3: the connection, through the cache. A client (the one authenticated, as the log
+    /// names it; everyone alike when latchkey runs open) whose Vault reads keep finding nothing
+    /// is served only from the cache until its miss limit refills ([`MissLimit`]).
     async fn connection(
         &self,
         id: &ConnectionId,
         log: &mut AccessLog,
     ) -> Result<Arc<Connection>, ProxyError> {
+        let client = log.client.as_deref().unwrap_or("");
+        if !self.cache.holds(id) {
+            if let Err(wait) = self.misses.check(client) {
+                return Err(ProxyError::TooManyMisses {
+                    client: client.to_string(),
+                    retry_after: wait.as_secs().max(1),
+                });
+            }
+        }
         match self.cache.get(id).await {
             Ok((conn, outcome)) => {
                 log.cache = Some(outcome);
                 Ok(conn)
             }
             Err((e, outcome)) => {
+                if e == CacheError::NotFound && outcome == CacheOutcome::Miss {
+                    self.misses.spend(client);
+                }
                 log.cache = Some(outcome);
                 Err(ProxyError::from_cache(id.as_str(), e))
             }
@@ -1029,6 +1048,54 @@ fn weaken_etag(headers: &mut http::HeaderMap) {
         Ok(v) => headers.insert(http::header::ETAG, v),
         Err(_) => headers.remove(http::header::ETAG),
     };
+}
+
+/// Serves one request of a client connection whose reads [`strict`] checks. The stand-in of a
+/// refused head is answered `400 bad_request` (and the connection then closes); the answer to a
+/// request that asks for an upgrade is told to the reader, which holds back what follows until
+/// it knows whether the connection still carries HTTP/1.
+pub async fn checked<F, E>(
+    link: Arc<Link>,
+    req: Request<Incoming>,
+    serve: impl FnOnce(Request<Incoming>) -> F,
+) -> Result<Response<BoxBody>, E>
+where
+    F: std::future::Future<Output = Result<Response<BoxBody>, E>>,
+{
+    if let Some(reason) = link.refused(req.uri().path()) {
+        return Ok(not_strict(reason));
+    }
+    let asks = strict::asks_upgrade(&req);
+    let connect = req.method() == Method::CONNECT;
+    let answer = serve(req).await;
+    if asks {
+        let switched = answer.as_ref().is_ok_and(|r| {
+            r.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                || (connect && r.status().is_success())
+        });
+        link.answered(switched);
+    }
+    answer
+}
+
+/// latchkey's `400` for a request that [`strict`] refused, with its access line.
+fn not_strict(reason: &str) -> Response<BoxBody> {
+    let log = AccessLog {
+        method: Method::from_bytes(b"-").unwrap_or_default(),
+        status: 400,
+        error: Some("bad_request"),
+        ..AccessLog::default()
+    };
+    tracing::debug!(reason, "request refused: not strict HTTP/1.1");
+    log.emit(Duration::ZERO);
+    let mut response =
+        ProxyError::BadRequest(format!("the request is not strict HTTP/1.1: {reason}"))
+            .into_response();
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// A `Location` on the connection's own base URL, in the gateway's `/{connection_id}/...` form,

@@ -55,6 +55,8 @@ pub enum ProxyError {
         connection: String,
         error: ConnectionError,
     },
+    #[error("client {client:?} asked for too many connections that do not exist; until its limit (cache.miss_rate) refills, only connections latchkey has cached are served")]
+    TooManyMisses { client: String, retry_after: u64 },
     #[error("the secret store is unavailable and connection {0:?} is not cached")]
     SecretStoreUnavailable(String),
     #[error("the secret store is unavailable, so which connection covers {0} is not known")]
@@ -83,6 +85,7 @@ impl ProxyError {
             ProxyError::HostMismatch(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ConnectionAmbiguous(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectionNotFound(_) => StatusCode::NOT_FOUND,
+            ProxyError::TooManyMisses { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ConnectionInvalid { .. } | ProxyError::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -108,6 +111,7 @@ impl ProxyError {
             ProxyError::HostMismatch(_) => "host_mismatch",
             ProxyError::ConnectionAmbiguous(_) => "connection_ambiguous",
             ProxyError::ConnectionNotFound(_) => "connection_not_found",
+            ProxyError::TooManyMisses { .. } => "too_many_misses",
             ProxyError::ConnectionInvalid { .. } => "connection_invalid",
             ProxyError::SecretStoreUnavailable(_) | ProxyError::CannotChoose(_) => {
                 "secret_store_unavailable"
@@ -154,7 +158,13 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<BoxBody> {
-        error_response(self.status(), self.code(), &self.to_string())
+        let mut response = error_response(self.status(), self.code(), &self.to_string());
+        if let ProxyError::TooManyMisses { retry_after, .. } = self {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        response
     }
 }
 

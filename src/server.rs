@@ -28,8 +28,10 @@ use crate::destination::AddressPolicy;
 use crate::destination::Passthrough;
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
-use crate::proxy::Proxy;
+use crate::misses::MissLimit;
+use crate::proxy::{self, Proxy};
 use crate::secret::Secret;
+use crate::strict::{Link, Strict};
 use crate::telemetry;
 use crate::tunnel::Tunnels;
 use crate::upstream::{self, Dialer, Pool};
@@ -96,8 +98,12 @@ struct ProxyParts {
     request_timeout: Duration,
     /// `proxy.idle_timeout`: a client connection idle this long is closed.
     idle_timeout: Duration,
+    /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
+    header_read_timeout: Duration,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
+    /// Per client: Vault reads that found nothing, shared by every worker.
+    misses: Arc<MissLimit>,
 }
 
 impl ProxyParts {
@@ -109,7 +115,7 @@ impl ProxyParts {
             self.clients.clone(),
             (self.coverage.clone(), self.passthrough.clone()),
             Pool::new(self.dialer.clone()),
-            self.request_timeout,
+            (self.request_timeout, self.misses.clone()),
         )
     }
 }
@@ -178,7 +184,12 @@ impl Server {
             dialer,
             request_timeout: config.proxy.request_timeout,
             idle_timeout: config.proxy.idle_timeout,
+            header_read_timeout: config.proxy.header_read_timeout,
             leaves,
+            misses: Arc::new(MissLimit::new(
+                config.cache.miss_rate,
+                config.cache.miss_burst,
+            )),
         };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
@@ -263,7 +274,7 @@ impl Server {
                 handler,
                 graceful.clone(),
                 stopped(stop_rx.clone()),
-                self.parts.idle_timeout,
+                (self.parts.idle_timeout, self.parts.header_read_timeout),
             ));
         }
         tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
@@ -314,7 +325,7 @@ fn start_workers(
             open.clone(),
             parts.proxy(),
             parts.leaves.clone(),
-            parts.idle_timeout,
+            (parts.idle_timeout, parts.header_read_timeout),
         )?);
         handles.push(WorkerHandle { tx, open });
     }
@@ -497,7 +508,7 @@ fn spawn_worker(
     open: Arc<AtomicUsize>,
     proxy: Proxy,
     leaves: LeavesSlot,
-    idle: Duration,
+    (idle, header_read): (Duration, Duration),
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -509,7 +520,7 @@ fn spawn_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let proxy = Arc::new(proxy);
-                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, idle));
+                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, (idle, header_read)));
                 let handler = move |req: http::Request<hyper::body::Incoming>| {
                     let proxy = proxy.clone();
                     let tunnels = tunnels.clone();
@@ -524,7 +535,9 @@ fn spawn_worker(
                         })
                     }
                 };
-                let builder = http_builder();
+                // Request heads are timed by `Strict`, from their first byte; an idle
+                // keep-alive connection is `idle`'s.
+                let builder = http_builder(None);
                 let graceful = GracefulShutdown::new();
                 let gauge = telemetry::client_connections(n);
                 gauge.set(0.0);
@@ -533,7 +546,7 @@ fn spawn_worker(
                 while let Some((stream, peer)) = accepted.recv().await {
                     let guard = OpenConnection::new(open.clone(), &gauge);
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => serve(&builder, &graceful, stream, (peer, idle), handler.clone(), guard),
+                        Ok(stream) => serve(&builder, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard),
                         Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
                 }
@@ -561,13 +574,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// The HTTP server settings of both listeners.
-fn http_builder() -> auto::Builder<TokioExecutor> {
+/// The HTTP server settings of both listeners; with `header_read`, hyper gives a client that
+/// long to send a whole request head (slowloris), from the moment it waits for one.
+fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(header_read);
     // WebSockets over h2 (RFC 8441); HTTP/1.1 upgrades are served by `serve`.
     builder.http2().enable_connect_protocol();
     builder
@@ -575,11 +589,13 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 
 /// Serves one client connection on the current runtime; `guard` lives as long as it does. A
 /// connection with no request in flight and no byte moving for `idle` is closed ([`idle`]).
+/// With `strict` (the proxy listener), what the client sends is held to strict HTTP/1.1
+/// framing ([`strict`]) and each request head must be whole within that long.
 fn serve<H, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     stream: tokio::net::TcpStream,
-    (peer, idle): (SocketAddr, Duration),
+    (peer, idle, strict): (SocketAddr, Duration, Option<Duration>),
     handler: H,
     guard: impl Send + 'static,
 ) where
@@ -587,10 +603,20 @@ fn serve<H, F>(
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let link = Link::new();
+    let watched = Watched::new(stream, activity.clone());
+    let io = TokioIo::new(match strict {
+        Some(header_read) => Strict::new(watched, link.clone(), header_read),
+        None => Strict::unchecked(watched),
+    });
     let service = {
         let activity = activity.clone();
-        service_fn(move |req| idle::track(&activity, handler(req)))
+        service_fn(move |req| {
+            idle::track(
+                &activity,
+                proxy::checked(link.clone(), req, handler.clone()),
+            )
+        })
     };
     let conn = builder.serve_connection_with_upgrades(io, service);
     let conn = graceful.watch(conn.into_owned());
@@ -610,19 +636,19 @@ async fn accept_loop<H, F>(
     handler: H,
     graceful: Arc<GracefulShutdown>,
     stop: impl Future<Output = ()>,
-    idle: Duration,
+    (idle, header_read): (Duration, Duration),
 ) where
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
-    let builder = http_builder();
+    let builder = http_builder(Some(header_read));
     tokio::pin!(stop);
     while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
         serve(
             &builder,
             &graceful,
             stream,
-            (peer, idle),
+            (peer, idle, None),
             handler.clone(),
             (),
         );

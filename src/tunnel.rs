@@ -27,6 +27,7 @@ use crate::destination::normalize_host;
 use crate::idle::{self, Activity, Watched};
 use crate::proxy::{Opened, Proxy, Tunnel};
 use crate::response::ProxyError;
+use crate::strict::{Link, Strict};
 use crate::telemetry;
 use crate::upstream::MaybeTls;
 
@@ -34,8 +35,6 @@ use crate::upstream::MaybeTls;
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake inside a tunnel may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client has to send a whole request head inside a tunnel.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first byte of a TLS record carrying a handshake (the ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -46,14 +45,21 @@ pub struct Tunnels {
     leaves: LeavesSlot,
     /// `proxy.idle_timeout`, for the connections inside tunnels too.
     idle: Duration,
+    /// `proxy.header_read_timeout`, for the request heads inside tunnels too.
+    header_read: Duration,
 }
 
 impl Tunnels {
-    pub fn new(proxy: Arc<Proxy>, leaves: LeavesSlot, idle: Duration) -> Tunnels {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        leaves: LeavesSlot,
+        (idle, header_read): (Duration, Duration),
+    ) -> Tunnels {
         Tunnels {
             proxy,
             leaves,
             idle,
+            header_read,
         }
     }
 
@@ -153,22 +159,29 @@ impl Tunnels {
     {
         let proxy = self.proxy.clone();
         let activity = Activity::new();
-        let io = Watched::new(io, activity.clone());
+        let link = Link::new();
+        // Strict HTTP/1.1 inside too, each head whole within `header_read` of its first byte.
+        let io = Strict::new(
+            Watched::new(io, activity.clone()),
+            link.clone(),
+            self.header_read,
+        );
         let service = {
             let activity = activity.clone();
             service_fn(move |req| {
                 let proxy = proxy.clone();
                 let tunnel = tunnel.clone();
-                idle::track(&activity, async move {
+                let serve = |req| async move {
                     Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await)
-                })
+                };
+                idle::track(&activity, crate::proxy::checked(link.clone(), req, serve))
             })
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(None);
         // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
         builder.http2().enable_connect_protocol();
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

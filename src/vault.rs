@@ -383,11 +383,7 @@ impl Vault {
         fields: &BTreeMap<String, Secret>,
         cas: Option<u64>,
     ) -> Result<u64, VaultError> {
-        let data: serde_json::Map<String, serde_json::Value> = fields
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.expose().to_string())))
-            .collect();
-        let data = serde_json::Value::Object(data);
+        let data = WriteData(fields);
         let cas = match cas.map(u32::try_from) {
             Some(Ok(c)) => Some(c),
             Some(Err(_)) => return Err(VaultError::Malformed("version out of range")),
@@ -544,12 +540,42 @@ enum CallError {
     Client(ClientError),
 }
 
+/// The fields of a write as vaultrs takes them: serialized straight from the [`Secret`]s, so
+/// latchkey makes no plain copy of its own. vaultrs makes two that latchkey cannot reach: it
+/// turns the data into a `serde_json::Value` and then into the request body; both live only
+/// until the call returns (each retry makes them anew), and are not zeroized. `Debug` shows the
+/// field names only.
+struct WriteData<'a>(&'a BTreeMap<String, Secret>);
+
+impl serde::Serialize for WriteData<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (name, value) in self.0 {
+            map.serialize_entry(name, value.expose())?;
+        }
+        map.end()
+    }
+}
+
+impl std::fmt::Debug for WriteData<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
 fn read_token(auth: &VaultAuth) -> Result<Secret, VaultError> {
     match auth {
+        // The standard library hands out a copy of the variable: it is zeroized once trimmed
+        // into the token. (The process's own environment block keeps the original, as it
+        // does for every variable; latchkey does not rewrite it.)
         VaultAuth::TokenEnv => std::env::var("VAULT_TOKEN")
             .ok()
+            .map(zeroize::Zeroizing::new)
             .filter(|t| !t.trim().is_empty())
-            .map(|t| Secret::from(t.trim().to_string()))
+            .map(|t| Secret::new(t.trim()))
             .ok_or_else(|| VaultError::Setup("VAULT_TOKEN is not set".into())),
         VaultAuth::TokenFile(path) => read_token_file(path),
     }
@@ -612,6 +638,23 @@ fn build_client(config: &VaultConfig, token: &Secret) -> Result<VaultClient, Vau
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_data_of_a_write_is_serialized_from_the_secrets_and_debug_hides_it() {
+        let fields = BTreeMap::from([
+            ("api_key".to_string(), Secret::new("sk-write-path-1234")),
+            ("connector".to_string(), Secret::new("generic-bearer")),
+        ]);
+        let data = WriteData(&fields);
+        let value = serde_json::to_value(&data).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"api_key": "sk-write-path-1234", "connector": "generic-bearer"})
+        );
+        let debug = format!("{data:?}");
+        assert!(!debug.contains("sk-write-path"), "{debug}");
+        assert!(debug.contains("api_key"), "{debug}");
+    }
 
     fn record(fields: &[(&str, &str)]) -> CaRecord {
         CaRecord {

@@ -1,12 +1,13 @@
 //! `/v1/connections`: the HTTP side of the connection lifecycle. Parses JSON (never echoing a
 //! value in an error), calls [`Lifecycle`], and maps its errors to statuses.
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use crate::body::BoxBody;
 use crate::lifecycle::{Lifecycle, Saved};
@@ -84,16 +85,45 @@ fn saved(s: Saved) -> Value {
     })
 }
 
-/// Reads and parses a JSON body. A parse error names where it went wrong and never quotes a
-/// value (a misplaced key would otherwise be echoed back).
-async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, AdminError> {
-    let bytes: Bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return Err(AdminError::bad_request(
-                "the request body could not be read (at most 1 MiB of JSON)",
-            ))
+/// Reads a request body into one buffer that is zeroized when dropped (it holds the keys of a
+/// create or a rotation), growing it without leaving a plain copy behind; `None` when it cannot
+/// be read or is larger than `limit`. The frames hyper hands over live in hyper's buffers,
+/// which latchkey cannot reach.
+async fn read_body(mut body: Incoming, limit: usize) -> Option<Zeroizing<Vec<u8>>> {
+    let hint = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
+    let mut buf = Zeroizing::new(Vec::with_capacity(hint.min(limit)));
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.ok()?.into_data() else {
+            continue;
+        };
+        let needed = buf.len() + data.len();
+        if needed > limit {
+            return None;
         }
+        if needed > buf.capacity() {
+            // A `Vec` that grows leaves its old allocation unzeroized: move to a new buffer by
+            // hand, and let the old one be zeroized as it drops.
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                needed.max(buf.capacity() * 2).min(limit),
+            ));
+            bigger.extend_from_slice(&buf);
+            buf = bigger;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Some(buf)
+}
+
+/// Reads and parses a JSON body. A parse error names where it went wrong and never quotes a
+/// value (a misplaced key would otherwise be echoed back). The body is read into a zeroizing
+/// buffer, and each secret field is parsed into a [`Secret`](crate::secret::Secret); a value
+/// written with JSON escapes passes through serde_json's scratch buffer, which is freed when
+/// parsing ends but not zeroized.
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, AdminError> {
+    let Some(bytes) = read_body(req.into_body(), MAX_BODY).await else {
+        return Err(AdminError::bad_request(
+            "the request body could not be read (at most 1 MiB of JSON)",
+        ));
     };
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);

@@ -38,6 +38,7 @@ mod sdk;
 mod service_sim;
 mod smoke;
 mod streaming;
+mod strict;
 mod token_place;
 mod tunnel;
 mod upstream_h1;
