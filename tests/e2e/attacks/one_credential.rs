@@ -124,7 +124,7 @@ async fn client_credentials_inside_a_tunnel_in_any_case_or_repeated_are_replaced
         assert_eq!(got.status, 200, "{got:?}");
         let e = Echoed {
             status: 200,
-            json: serde_json::from_str(&got.body).unwrap(),
+            json: serde_json::from_str(&echo_text(&got.body)).unwrap(),
             latchkey_error: None,
         };
         assert_only_ours(&e, id, &format!("h2 tunnel {id}"));
@@ -149,7 +149,7 @@ async fn client_credentials_repeated_over_h2_to_the_gateway_are_replaced() {
         assert_eq!(got.status, 200, "{got:?}");
         let e = Echoed {
             status: 200,
-            json: serde_json::from_str(&got.body).unwrap(),
+            json: serde_json::from_str(&echo_text(&got.body)).unwrap(),
             latchkey_error: None,
         };
         assert_only_ours(&e, id, &format!("h2 gateway {id}"));
