@@ -16,13 +16,13 @@
 //! | 0 | connection_id, destination, hop_by_hop, misses, secret, strict, telemetry |
 //! | 1 | auth, body, ca, record, upstream::dial |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
-//! | 3 | config, inject, upstream::pool |
+//! | 3 | config, inject, upstream::h1::fuzzing, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |
 //! | 6 | coverage, lifecycle |
 //! | 7 | response |
 //! | 8 | admin::connections, proxy |
-//! | 9 | admin, tunnel |
+//! | 9 | admin, proxy::fuzzing, tunnel |
 //! | 10 | server |
 //!
 //! From the bottom up:

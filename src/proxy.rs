@@ -1186,3 +1186,7 @@ fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {
         .unwrap_or(rest.len());
     ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
 }
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;

@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretMetadataRequest};
+use vaultrs::api::kv2::responses::ReadSecretResponse;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 
@@ -329,38 +330,7 @@ impl Vault {
             Err(VaultError::Status(404)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        if response.metadata.destroyed || !response.metadata.deletion_time.is_empty() {
-            return Ok(None);
-        }
-        let serde_json::Value::Object(map) = response.data else {
-            return Err(VaultError::Malformed("the secret's data is not an object"));
-        };
-        let mut fields = BTreeMap::new();
-        let mut not_text = Vec::new();
-        for (name, value) in map {
-            let value = match value {
-                serde_json::Value::String(s) => Secret::from(s),
-                serde_json::Value::Number(n) => Secret::from(n.to_string()),
-                serde_json::Value::Bool(b) => Secret::from(b.to_string()),
-                // One connection's bad field is that connection's problem, not Vault's.
-                _ => {
-                    not_text.push(name);
-                    continue;
-                }
-            };
-            fields.insert(name, value);
-        }
-        Ok(Some(StoredConnection {
-            fields,
-            version: response.metadata.version,
-            custom_metadata: response
-                .metadata
-                .custom_metadata
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
-            not_text,
-        }))
+        stored_connection(response)
     }
 
     /// Writes a new version of a connection; returns the version number. With `cas`, the write
@@ -564,6 +534,56 @@ impl std::fmt::Debug for WriteData<'_> {
             .entries(self.0.keys().map(|k| (k, "<redacted>")))
             .finish()
     }
+}
+
+/// A KV v2 read's answer as latchkey keeps it: `None` for a deleted or destroyed version, the
+/// fields that are text (strings, numbers, booleans), and the names of those that are not.
+fn stored_connection(response: ReadSecretResponse) -> Result<Option<StoredConnection>, VaultError> {
+    if response.metadata.destroyed || !response.metadata.deletion_time.is_empty() {
+        return Ok(None);
+    }
+    let serde_json::Value::Object(map) = response.data else {
+        return Err(VaultError::Malformed("the secret's data is not an object"));
+    };
+    let mut fields = BTreeMap::new();
+    let mut not_text = Vec::new();
+    for (name, value) in map {
+        let value = match value {
+            serde_json::Value::String(s) => Secret::from(s),
+            serde_json::Value::Number(n) => Secret::from(n.to_string()),
+            serde_json::Value::Bool(b) => Secret::from(b.to_string()),
+            // One connection's bad field is that connection's problem, not Vault's.
+            _ => {
+                not_text.push(name);
+                continue;
+            }
+        };
+        fields.insert(name, value);
+    }
+    Ok(Some(StoredConnection {
+        fields,
+        version: response.metadata.version,
+        custom_metadata: response
+            .metadata
+            .custom_metadata
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        not_text,
+    }))
+}
+
+/// The body of a KV v2 read as Vault sends it, parsed as [`Vault::read`] parses it, for the fuzz
+/// targets in `fuzz/` (cargo feature `fuzzing`; not part of latchkey's API).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn parse_read_body(body: &[u8]) -> Result<Option<StoredConnection>, VaultError> {
+    let result: vaultrs::api::EndpointResult<ReadSecretResponse> = serde_json::from_slice(body)
+        .map_err(|_| VaultError::Malformed("the answer is not a KV v2 read"))?;
+    let response = result
+        .data
+        .ok_or(VaultError::Malformed("the answer has no data"))?;
+    stored_connection(response)
 }
 
 fn read_token(auth: &VaultAuth) -> Result<Secret, VaultError> {

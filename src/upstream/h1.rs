@@ -797,6 +797,10 @@ fn more(buf: &BytesMut) -> Result<Decoded, H1Error> {
     Ok(Decoded::More)
 }
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests {
     use super::*;
