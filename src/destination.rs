@@ -6,6 +6,7 @@
 //! in any form (`2130706433`, `[::ffff:127.0.0.1]`) and a name that resolves somewhere private
 //! are judged by where the socket would really go.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -267,26 +268,76 @@ impl Passthrough {
     }
 }
 
-/// Why a gateway path could leave the base URL's path: a `.` or `..` segment, written plainly
-/// or percent-encoded (`%2e%2e`), counting an encoded slash or backslash (`%2f`, `%5c`) and a
-/// backslash as segment boundaries, as an upstream may decode them (`..%2fadmin`). An encoded
-/// slash inside a segment name (`group%2Fproject`, as GitLab's API takes) is fine. `None` for
-/// a path that stays inside.
+/// How many times [`path_escape`] percent-decodes a path looking for a dot segment. A server
+/// or a proxy behind the upstream that decodes once more than it should climbs on `%252e%252e`;
+/// one that decodes over and over is not worth following further: a path still encoded after
+/// this many rounds is refused.
+const MAX_DECODES: usize = 4;
+
+/// Why a gateway path could leave the base URL's path, `None` for a path that stays inside.
+///
+/// A `.` or `..` segment is looked for as every server on the way might read the path: as
+/// written, then percent-decoded again and again (`%2e%2e`, `%252e%252e`), up to
+/// [`MAX_DECODES`] times; with an encoded slash or backslash (`%2f`, `%5c`) and a backslash as
+/// segment boundaries (`..%2fadmin`); with the path parameters Tomcat and Spring drop from a
+/// segment before resolving it (`..;x=1`, `%2e%2e%3b`). The escapes some servers read as a dot
+/// or a slash although no standard does, overlong UTF-8 (`%c0%ae`) and IIS's `%u002e`, are
+/// refused wherever they appear. An encoded slash inside a segment name (`group%2Fproject`, as
+/// GitLab's API takes) is fine.
 pub fn path_escape(path: &str) -> Option<&'static str> {
-    // Most paths hold neither a dot nor an escape: nothing to look at.
+    // Most paths hold neither a dot nor an escape: nothing to look at. A `;` alone cannot
+    // make a dot segment: with no dot and no escape there is no dot to hide behind it.
     if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return None;
     }
-    let decoded = path
-        .to_ascii_lowercase()
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
-    decoded
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
-        .then_some("a `.` or `..` segment")
+    let mut current: Cow<'_, [u8]> = Cow::Borrowed(path.as_bytes());
+    for _ in 0..=MAX_DECODES {
+        if has_dot_segment(&current) {
+            return Some("a `.` or `..` segment");
+        }
+        if has_overlong_utf8(&current) {
+            return Some("an overlong UTF-8 sequence");
+        }
+        if has_iis_unicode_escape(&current) {
+            return Some("a `%u` escape");
+        }
+        let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode(&current).into();
+        if *decoded == *current {
+            return None;
+        }
+        current = Cow::Owned(decoded.into_owned());
+    }
+    Some("percent-encoding nested too deep")
+}
+
+/// Whether a segment of `path` (split at `/` and `\`) is `.` or `..` once what follows a `;`
+/// (path parameters) or a NUL is dropped.
+fn has_dot_segment(path: &[u8]) -> bool {
+    path.split(|&b| b == b'/' || b == b'\\').any(|segment| {
+        let name = segment
+            .split(|&b| b == b';' || b == 0)
+            .next()
+            .unwrap_or_default();
+        name == b"." || name == b".."
+    })
+}
+
+/// Whether `bytes` hold a UTF-8 lead byte that can only start an overlong form: `C0` and `C1`
+/// (two bytes for an ASCII character), `E0` then `80`-`9F`, `F0` then `80`-`8F`.
+fn has_overlong_utf8(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().any(|(i, &b)| {
+        let next = bytes.get(i + 1).copied().unwrap_or(0);
+        matches!(b, 0xC0 | 0xC1)
+            || (b == 0xE0 && (0x80..=0x9F).contains(&next))
+            || (b == 0xF0 && (0x80..=0x8F).contains(&next))
+    })
+}
+
+/// Whether `bytes` hold `%u` and four hex digits, IIS's escape for a UTF-16 code unit.
+fn has_iis_unicode_escape(bytes: &[u8]) -> bool {
+    bytes.windows(6).any(|w| {
+        w[0] == b'%' && w[1].eq_ignore_ascii_case(&b'u') && w[2..].iter().all(u8::is_ascii_hexdigit)
+    })
 }
 
 /// A `Location` answered to a gateway-form request, as the client must see it (PRODUCT.md
@@ -653,6 +704,33 @@ mod tests {
             "/..%2fx",
             "/a%5c..%5cb",
             "/a\\..\\b",
+            // Decoded twice or more by someone behind the upstream.
+            "/%252e%252e/admin",
+            "/..%252fadmin",
+            "/.%252E/x",
+            "/%25252e%25252e/admin",
+            "/..%255cadmin",
+            "/%%32%65%%32%65/admin",
+            // Path parameters dropped before the segment is resolved.
+            "/..;/admin",
+            "/..;x=1/admin",
+            "/.;/x",
+            "/%2e%2e;/admin",
+            "/..%3b/admin",
+            "/..%253bx/admin",
+            "/a/..;",
+            "/..%00/admin",
+            // Overlong UTF-8 and IIS `%u`, anywhere.
+            "/%c0%ae%c0%ae/admin",
+            "/%C0%AE%C0%AE/admin",
+            "/%e0%80%ae%e0%80%ae/admin",
+            "/..%c0%afadmin",
+            "/%f0%80%80%ae",
+            "/%u002e%u002e/admin",
+            "/..%U2215admin",
+            "/%25u002e",
+            // Nested deeper than anyone should decode.
+            "/%2525252525252e",
         ] {
             assert!(path_escape(bad).is_some(), "{bad:?}");
         }
@@ -665,6 +743,13 @@ mod tests {
             "/%2e%2e%2e",
             "/projects/group%2Fproject",
             "/a%5cb",
+            "/files/100%25",
+            "/search/a%2520b",
+            "/a;b/c;v=1",
+            "/..a;/b",
+            "/%e2%82%ac",
+            "/%c3%a9t%c3%a9",
+            "/%uzzzz",
         ] {
             assert_eq!(path_escape(good), None, "{good:?}");
         }
