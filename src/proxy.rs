@@ -125,7 +125,9 @@ impl Tunnel {
     }
 
     /// An inner request names the CONNECT host and port in its `Host` or `:authority`, and the
-    /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent.
+    /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent. A request that
+    /// names its host twice, in an absolute URI (or h2's `:authority`) and in a `Host` header,
+    /// names the CONNECT host in both: an upstream may route on either.
     fn check_inner(&self, parts: &http::request::Parts, uri: &Uri) -> Result<(), ProxyError> {
         if !self.sni_matches {
             return Err(ProxyError::HostMismatch(format!(
@@ -133,32 +135,39 @@ impl Tunnel {
                 self.host
             )));
         }
-        let named = match uri.authority() {
-            Some(a) => Some(a.clone()),
-            None => {
-                let mut hosts = parts.headers.get_all(http::header::HOST).iter();
-                let first = hosts.next();
-                if hosts.next().is_some() {
-                    return Err(ProxyError::BadRequest("more than one Host header".into()));
-                }
-                first.and_then(|v| v.to_str().ok()?.parse::<Authority>().ok())
-            }
+        let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header".into()));
+        }
+        let host = match host {
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<Authority>().ok())
+                    .ok_or_else(|| {
+                        ProxyError::HostMismatch("the Host header is not a host and port".into())
+                    })?,
+            ),
+            None => None,
         };
-        let Some(named) = named else {
+        if uri.authority().is_none() && host.is_none() {
             return Err(ProxyError::HostMismatch(
                 "a request inside a tunnel must name its host".into(),
             ));
-        };
+        }
         let default = if self.tls { 443 } else { 80 };
-        if normalize_host(named.host()) != *self.host
-            || named.port_u16().unwrap_or(default) != self.port
-        {
-            return Err(ProxyError::HostMismatch(format!(
-                "the request names {} but the tunnel goes to {}:{}",
-                named.as_str(),
-                self.host,
-                self.port
-            )));
+        for named in uri.authority().into_iter().chain(host.as_ref()) {
+            if normalize_host(named.host()) != *self.host
+                || named.port_u16().unwrap_or(default) != self.port
+            {
+                return Err(ProxyError::HostMismatch(format!(
+                    "the request names {} but the tunnel goes to {}:{}",
+                    named.as_str(),
+                    self.host,
+                    self.port
+                )));
+            }
         }
         Ok(())
     }
