@@ -347,11 +347,19 @@ fn has_iis_unicode_escape(bytes: &[u8]) -> bool {
 /// query); on the base URL's origin and under its path it becomes `/{id}/...`; on that origin
 /// but outside the path, the upstream's absolute URL (which a client reaches without latchkey,
 /// so without the key). A Location elsewhere is left as it is: `None`.
+///
+/// `reached_as` is the authority the client used to reach latchkey (its `Host` or
+/// `:authority`). A Location on that authority, or on a loopback or unspecified address at
+/// its port (`localhost:8080` when the client came to `127.0.0.1:8080`), would take a
+/// following client to latchkey itself, through whichever connection its path names: it is
+/// read as the path, query and fragment it carries, as though the upstream had sent them
+/// alone, and so it too ends under `/{id}/...` or on the upstream's origin, never `None`.
 pub fn gateway_location(
     location: &str,
     base: &BaseUrl,
     request_path: &str,
     id: &str,
+    reached_as: Option<&str>,
 ) -> Option<String> {
     let asked = url::Url::parse(&format!(
         "{}://{}{}",
@@ -360,7 +368,16 @@ pub fn gateway_location(
         request_path
     ))
     .ok()?;
-    let target = asked.join(location).ok()?;
+    let mut target = asked.join(location).ok()?;
+    let gateway = reached_as.and_then(|a| url::Url::parse(&format!("http://{a}/")).ok());
+    if gateway.is_some_and(|g| names_gateway(&target, &g)) {
+        // Set part by part, not joined: a path such as `//elsewhere/x` must stay a path.
+        let mut carried = asked.clone();
+        carried.set_path(target.path());
+        carried.set_query(target.query());
+        carried.set_fragment(target.fragment());
+        target = carried;
+    }
     let same_origin = target.scheme() == base.scheme.as_str()
         && target.host_str().map(normalize_host).as_deref() == Some(&*base.host)
         && target.port_or_known_default() == Some(base.port);
@@ -382,6 +399,33 @@ pub fn gateway_location(
         out.push_str(f);
     }
     Some(out)
+}
+
+/// Whether a client following `target` reaches the gateway it reached as `gateway`: the same
+/// port, and the same host or one that is the client's own machine (loopback, or `0.0.0.0`
+/// and `::`, which connect to it).
+fn names_gateway(target: &url::Url, gateway: &url::Url) -> bool {
+    if target.port_or_known_default() != gateway.port_or_known_default() {
+        return false;
+    }
+    let own_machine = match target.host() {
+        Some(url::Host::Domain(d)) => {
+            let d = normalize_host(d);
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_unspecified())
+        }
+        None => false,
+    };
+    own_machine
+        || (target.host_str().is_some()
+            && target.host_str().map(normalize_host) == gateway.host_str().map(normalize_host))
 }
 
 /// Lower case, no trailing dot, IPv6 literals in brackets.
@@ -778,15 +822,114 @@ mod tests {
         ];
         for (location, want) in cases {
             assert_eq!(
-                gateway_location(location, &api, at, "c1").as_deref(),
+                gateway_location(location, &api, at, "c1", Some("127.0.0.1:3128")).as_deref(),
                 want,
                 "{location}"
             );
         }
         let root = BaseUrl::parse("https://api.example.com").unwrap();
         assert_eq!(
-            gateway_location("/other-conn/x", &root, "/v1", "c1").as_deref(),
+            gateway_location("/other-conn/x", &root, "/v1", "c1", None).as_deref(),
             Some("/c1/other-conn/x")
+        );
+    }
+
+    #[test]
+    fn gateway_locations_naming_latchkey_stay_on_their_connection() {
+        let root = BaseUrl::parse("https://api.example.com").unwrap();
+        let api = BaseUrl::parse("https://api.example.com/api").unwrap();
+        let at = "/api/a/b";
+        for reached in ["127.0.0.1:3128", "LatchKey.Internal:3128"] {
+            for (location, want_root, want_api) in [
+                (
+                    "http://{me}/other-conn/x",
+                    "/c1/other-conn/x",
+                    "https://api.example.com/other-conn/x",
+                ),
+                (
+                    "//{me}/other-conn/x?q=1#f",
+                    "/c1/other-conn/x?q=1#f",
+                    "https://api.example.com/other-conn/x?q=1#f",
+                ),
+                (
+                    "/\\{me}/other-conn/x",
+                    "/c1/other-conn/x",
+                    "https://api.example.com/other-conn/x",
+                ),
+                ("http://{me}/api/n", "/c1/api/n", "/c1/n"),
+                (
+                    "http://localhost:3128/other-conn/x",
+                    "/c1/other-conn/x",
+                    "https://api.example.com/other-conn/x",
+                ),
+                (
+                    "http://127.0.0.2:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                (
+                    "http://2130706433:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                (
+                    "http://0.0.0.0:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                ("http://[::1]:3128/o", "/c1/o", "https://api.example.com/o"),
+                (
+                    "http://[::ffff:127.0.0.1]:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                (
+                    "http://{me}//evil.example/x",
+                    "/c1//evil.example/x",
+                    "https://api.example.com//evil.example/x",
+                ),
+                (
+                    "http://{me}/api/%2e%2e/other-conn",
+                    "/c1/other-conn",
+                    "https://api.example.com/other-conn",
+                ),
+            ] {
+                let location = location.replace("{me}", reached);
+                assert_eq!(
+                    gateway_location(&location, &root, "/v1", "c1", Some(reached)).as_deref(),
+                    Some(want_root),
+                    "{reached} {location}"
+                );
+                assert_eq!(
+                    gateway_location(&location, &api, at, "c1", Some(reached)).as_deref(),
+                    Some(want_api),
+                    "{reached} {location} under /api"
+                );
+            }
+        }
+        // Another port, or another host that is not the client's own machine: not latchkey.
+        for location in [
+            "http://127.0.0.1:9999/x",
+            "https://127.0.0.1/x",
+            "http://elsewhere.example:3128/x",
+        ] {
+            assert_eq!(
+                gateway_location(location, &root, "/v1", "c1", Some("127.0.0.1:3128")),
+                None,
+                "{location}"
+            );
+        }
+        // A Host without a port is port 80, the gateway listener speaking plain HTTP.
+        assert_eq!(
+            gateway_location(
+                "http://latchkey/other/x",
+                &root,
+                "/v1",
+                "c1",
+                Some("latchkey")
+            )
+            .as_deref(),
+            Some("/c1/other/x")
         );
     }
 

@@ -325,7 +325,16 @@ impl Proxy {
 
         let client = self.authorize(&route)?;
         log.client = client.map(|c| c.name.clone());
-        self.send_on(parts, body, &route, log, bytes_in).await
+        // How the client reached latchkey, for a `Location` that names latchkey itself.
+        let reached_as = match route.form {
+            Form::Gateway => uri.authority().cloned().or_else(|| {
+                let host = parts.headers.get(http::header::HOST)?;
+                Authority::try_from(host.as_bytes()).ok()
+            }),
+            _ => None,
+        };
+        self.send_on(parts, body, &route, reached_as.as_ref(), log, bytes_in)
+            .await
     }
 
     /// A request inside a tunnel: held to the CONNECT's host and port (SNI and `Host` or
@@ -360,7 +369,7 @@ impl Proxy {
             path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(tunnel.requested()),
         };
-        self.send_on(parts, body, &route, log, bytes_in).await
+        self.send_on(parts, body, &route, None, log, bytes_in).await
     }
 
     /// The CONNECT's phases: its target, the client, the connection and its hosts and ports
@@ -537,12 +546,14 @@ impl Proxy {
         Ok(Opened::Splice(stream))
     }
 
-    /// Phases 3 to 6, once the route and the client are known.
+    /// Phases 3 to 6, once the route and the client are known. `reached_as`: in gateway
+    /// form, the authority the client used to reach latchkey.
     async fn send_on(
         &self,
         mut parts: http::request::Parts,
         body: Incoming,
         route: &Route<'_>,
+        reached_as: Option<&Authority>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
@@ -587,7 +598,7 @@ impl Proxy {
         };
         if route.form == Form::Gateway {
             let asked = log.path.as_ref().map_or("/", |p| p.as_str());
-            gateway_location(response.headers_mut(), &conn, asked);
+            gateway_location(response.headers_mut(), &conn, asked, reached_as);
         }
         let what = || {
             let path = log.path.as_ref().map_or("", |p| p.as_str());
@@ -1037,22 +1048,39 @@ fn weaken_etag(headers: &mut http::HeaderMap) {
     };
 }
 
-/// A `Location` on the connection's own base URL, in the gateway's `/{connection_id}/...` form,
-/// so that a relative redirect never turns into a request through another connection.
-fn gateway_location(headers: &mut http::HeaderMap, conn: &Connection, asked: &str) {
-    let Some(location) = headers
-        .get(http::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+/// A `Location` on the connection's own base URL, or on latchkey itself as the client reached
+/// it (`reached_as`), in the gateway's `/{connection_id}/...` form, so that a redirect never
+/// turns into a request through another connection.
+fn gateway_location(
+    headers: &mut http::HeaderMap,
+    conn: &Connection,
+    asked: &str,
+    reached_as: Option<&Authority>,
+) {
+    let Some(location) = headers.get(http::header::LOCATION) else {
         return;
     };
-    let Some(rewritten) =
-        destination::gateway_location(location, &conn.base, asked, conn.id.as_str())
-    else {
+    // Bytes past ASCII are read as UTF-8 (lossily) rather than skipped: a client may follow
+    // such a Location too.
+    let location = String::from_utf8_lossy(location.as_bytes()).into_owned();
+    let Some(rewritten) = destination::gateway_location(
+        &location,
+        &conn.base,
+        asked,
+        conn.id.as_str(),
+        reached_as.map(Authority::as_str),
+    ) else {
         return;
     };
-    if let Ok(value) = http::HeaderValue::try_from(rewritten) {
-        headers.insert(http::header::LOCATION, value);
+    match http::HeaderValue::try_from(rewritten) {
+        Ok(value) => {
+            headers.insert(http::header::LOCATION, value);
+        }
+        // Not expected (the rewrite comes from a parsed URL), but a Location that could not be
+        // rewritten is not passed on as it was: it may name another connection.
+        Err(_) => {
+            headers.remove(http::header::LOCATION);
+        }
     }
 }
 
