@@ -586,7 +586,7 @@ impl Proxy {
         let mut response = match websocket {
             Some(client) => self.upgrade(parts, client, log).await?.map(Answer::pass),
             None => {
-                let body = Counted::new(body, bytes_in.clone())
+                let body = NoTrailers::new(Counted::new(body, bytes_in.clone()))
                     .map_err(BoxError::from)
                     .boxed_unsync();
                 let response = self.forward(Request::from_parts(parts, body), log).await?;
@@ -1152,4 +1152,47 @@ fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {
         .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
         .unwrap_or(rest.len());
     ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body without its trailers. They are never sent on: a trailer could
+    /// carry a credential of the client's own (`Authorization`, the connector's header) past
+    /// the strip, which sees only the head, and no client needs them (gRPC clients send none;
+    /// the HTTP/1.1 exchange upstream never sent them on either).
+    struct NoTrailers<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> NoTrailers<B> {
+    fn new(inner: B) -> Self {
+        NoTrailers { inner }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for NoTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => continue,
+                other => return std::task::Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
