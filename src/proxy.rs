@@ -788,24 +788,33 @@ impl Proxy {
 
     /// In gateway form without `Proxy-Authorization`: a client token where the connector's
     /// credential goes (an SDK's API key set to the token) is the request's token, and is
-    /// removed from there before anything is sent on.
+    /// removed before anything is sent on: from every place a client token is in, not only the
+    /// first (a client that sets it as a bearer and as `x-api-key` would otherwise send it on
+    /// in the one the connection does not overwrite).
     fn token_where_the_key_goes(&self, headers: &mut http::HeaderMap, route: &mut Route<'_>) {
         let query = route.path_and_query.split_once('?').map(|(_, q)| q);
-        let found = self
-            .token_places
-            .candidates(headers, query)
-            .into_iter()
-            .find(|(token, _)| self.clients.authenticate(token).is_some());
-        let Some((token, place)) = found else {
+        let mut token = None;
+        let mut places: Vec<Place> = Vec::new();
+        for (candidate, place) in self.token_places.candidates(headers, query) {
+            if self.clients.authenticate(&candidate).is_some() {
+                token.get_or_insert(candidate);
+                if !places.contains(&place) {
+                    places.push(place);
+                }
+            }
+        }
+        let Some(token) = token else {
             return;
         };
-        match place {
-            Place::Header(name) => {
-                headers.remove(name);
-            }
-            Place::Query(param) => {
-                let rest = auth::without_query_param(&route.path_and_query, &param);
-                route.path_and_query = Cow::Owned(rest);
+        for place in places {
+            match place {
+                Place::Header(name) => {
+                    headers.remove(name);
+                }
+                Place::Query(param) => {
+                    let rest = auth::without_query_param(&route.path_and_query, &param);
+                    route.path_and_query = Cow::Owned(rest);
+                }
             }
         }
         route.token = Some(token);
