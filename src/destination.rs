@@ -6,6 +6,7 @@
 //! in any form (`2130706433`, `[::ffff:127.0.0.1]`) and a name that resolves somewhere private
 //! are judged by where the socket would really go.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -267,26 +268,76 @@ impl Passthrough {
     }
 }
 
-/// Why a gateway path could leave the base URL's path: a `.` or `..` segment, written plainly
-/// or percent-encoded (`%2e%2e`), counting an encoded slash or backslash (`%2f`, `%5c`) and a
-/// backslash as segment boundaries, as an upstream may decode them (`..%2fadmin`). An encoded
-/// slash inside a segment name (`group%2Fproject`, as GitLab's API takes) is fine. `None` for
-/// a path that stays inside.
+/// How many times [`path_escape`] percent-decodes a path looking for a dot segment. A server
+/// or a proxy behind the upstream that decodes once more than it should climbs on `%252e%252e`;
+/// one that decodes over and over is not worth following further: a path still encoded after
+/// this many rounds is refused.
+const MAX_DECODES: usize = 4;
+
+/// Why a gateway path could leave the base URL's path, `None` for a path that stays inside.
+///
+/// A `.` or `..` segment is looked for as every server on the way might read the path: as
+/// written, then percent-decoded again and again (`%2e%2e`, `%252e%252e`), up to
+/// [`MAX_DECODES`] times; with an encoded slash or backslash (`%2f`, `%5c`) and a backslash as
+/// segment boundaries (`..%2fadmin`); with the path parameters Tomcat and Spring drop from a
+/// segment before resolving it (`..;x=1`, `%2e%2e%3b`). The escapes some servers read as a dot
+/// or a slash although no standard does, overlong UTF-8 (`%c0%ae`) and IIS's `%u002e`, are
+/// refused wherever they appear. An encoded slash inside a segment name (`group%2Fproject`, as
+/// GitLab's API takes) is fine.
 pub fn path_escape(path: &str) -> Option<&'static str> {
-    // Most paths hold neither a dot nor an escape: nothing to look at.
+    // Most paths hold neither a dot nor an escape: nothing to look at. A `;` alone cannot
+    // make a dot segment: with no dot and no escape there is no dot to hide behind it.
     if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return None;
     }
-    let decoded = path
-        .to_ascii_lowercase()
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
-    decoded
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
-        .then_some("a `.` or `..` segment")
+    let mut current: Cow<'_, [u8]> = Cow::Borrowed(path.as_bytes());
+    for _ in 0..=MAX_DECODES {
+        if has_dot_segment(&current) {
+            return Some("a `.` or `..` segment");
+        }
+        if has_overlong_utf8(&current) {
+            return Some("an overlong UTF-8 sequence");
+        }
+        if has_iis_unicode_escape(&current) {
+            return Some("a `%u` escape");
+        }
+        let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode(&current).into();
+        if *decoded == *current {
+            return None;
+        }
+        current = Cow::Owned(decoded.into_owned());
+    }
+    Some("percent-encoding nested too deep")
+}
+
+/// Whether a segment of `path` (split at `/` and `\`) is `.` or `..` once what follows a `;`
+/// (path parameters) or a NUL is dropped.
+fn has_dot_segment(path: &[u8]) -> bool {
+    path.split(|&b| b == b'/' || b == b'\\').any(|segment| {
+        let name = segment
+            .split(|&b| b == b';' || b == 0)
+            .next()
+            .unwrap_or_default();
+        name == b"." || name == b".."
+    })
+}
+
+/// Whether `bytes` hold a UTF-8 lead byte that can only start an overlong form: `C0` and `C1`
+/// (two bytes for an ASCII character), `E0` then `80`-`9F`, `F0` then `80`-`8F`.
+fn has_overlong_utf8(bytes: &[u8]) -> bool {
+    bytes.iter().enumerate().any(|(i, &b)| {
+        let next = bytes.get(i + 1).copied().unwrap_or(0);
+        matches!(b, 0xC0 | 0xC1)
+            || (b == 0xE0 && (0x80..=0x9F).contains(&next))
+            || (b == 0xF0 && (0x80..=0x8F).contains(&next))
+    })
+}
+
+/// Whether `bytes` hold `%u` and four hex digits, IIS's escape for a UTF-16 code unit.
+fn has_iis_unicode_escape(bytes: &[u8]) -> bool {
+    bytes.windows(6).any(|w| {
+        w[0] == b'%' && w[1].eq_ignore_ascii_case(&b'u') && w[2..].iter().all(u8::is_ascii_hexdigit)
+    })
 }
 
 /// A `Location` answered to a gateway-form request, as the client must see it (PRODUCT.md
@@ -296,11 +347,19 @@ pub fn path_escape(path: &str) -> Option<&'static str> {
 /// query); on the base URL's origin and under its path it becomes `/{id}/...`; on that origin
 /// but outside the path, the upstream's absolute URL (which a client reaches without latchkey,
 /// so without the key). A Location elsewhere is left as it is: `None`.
+///
+/// `reached_as` is the authority the client used to reach latchkey (its `Host` or
+/// `:authority`). A Location on that authority, or on a loopback or unspecified address at
+/// its port (`localhost:8080` when the client came to `127.0.0.1:8080`), would take a
+/// following client to latchkey itself, through whichever connection its path names: it is
+/// read as the path, query and fragment it carries, as though the upstream had sent them
+/// alone, and so it too ends under `/{id}/...` or on the upstream's origin, never `None`.
 pub fn gateway_location(
     location: &str,
     base: &BaseUrl,
     request_path: &str,
     id: &str,
+    reached_as: Option<&str>,
 ) -> Option<String> {
     let asked = url::Url::parse(&format!(
         "{}://{}{}",
@@ -309,7 +368,16 @@ pub fn gateway_location(
         request_path
     ))
     .ok()?;
-    let target = asked.join(location).ok()?;
+    let mut target = asked.join(location).ok()?;
+    let gateway = reached_as.and_then(|a| url::Url::parse(&format!("http://{a}/")).ok());
+    if gateway.is_some_and(|g| names_gateway(&target, &g)) {
+        // Set part by part, not joined: a path such as `//elsewhere/x` must stay a path.
+        let mut carried = asked.clone();
+        carried.set_path(target.path());
+        carried.set_query(target.query());
+        carried.set_fragment(target.fragment());
+        target = carried;
+    }
     let same_origin = target.scheme() == base.scheme.as_str()
         && target.host_str().map(normalize_host).as_deref() == Some(&*base.host)
         && target.port_or_known_default() == Some(base.port);
@@ -331,6 +399,33 @@ pub fn gateway_location(
         out.push_str(f);
     }
     Some(out)
+}
+
+/// Whether a client following `target` reaches the gateway it reached as `gateway`: the same
+/// port, and the same host or one that is the client's own machine (loopback, or `0.0.0.0`
+/// and `::`, which connect to it).
+fn names_gateway(target: &url::Url, gateway: &url::Url) -> bool {
+    if target.port_or_known_default() != gateway.port_or_known_default() {
+        return false;
+    }
+    let own_machine = match target.host() {
+        Some(url::Host::Domain(d)) => {
+            let d = normalize_host(d);
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || ip.is_unspecified(),
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_unspecified())
+        }
+        None => false,
+    };
+    own_machine
+        || (target.host_str().is_some()
+            && target.host_str().map(normalize_host) == gateway.host_str().map(normalize_host))
 }
 
 /// Lower case, no trailing dot, IPv6 literals in brackets.
@@ -653,6 +748,33 @@ mod tests {
             "/..%2fx",
             "/a%5c..%5cb",
             "/a\\..\\b",
+            // Decoded twice or more by someone behind the upstream.
+            "/%252e%252e/admin",
+            "/..%252fadmin",
+            "/.%252E/x",
+            "/%25252e%25252e/admin",
+            "/..%255cadmin",
+            "/%%32%65%%32%65/admin",
+            // Path parameters dropped before the segment is resolved.
+            "/..;/admin",
+            "/..;x=1/admin",
+            "/.;/x",
+            "/%2e%2e;/admin",
+            "/..%3b/admin",
+            "/..%253bx/admin",
+            "/a/..;",
+            "/..%00/admin",
+            // Overlong UTF-8 and IIS `%u`, anywhere.
+            "/%c0%ae%c0%ae/admin",
+            "/%C0%AE%C0%AE/admin",
+            "/%e0%80%ae%e0%80%ae/admin",
+            "/..%c0%afadmin",
+            "/%f0%80%80%ae",
+            "/%u002e%u002e/admin",
+            "/..%U2215admin",
+            "/%25u002e",
+            // Nested deeper than anyone should decode.
+            "/%2525252525252e",
         ] {
             assert!(path_escape(bad).is_some(), "{bad:?}");
         }
@@ -665,6 +787,13 @@ mod tests {
             "/%2e%2e%2e",
             "/projects/group%2Fproject",
             "/a%5cb",
+            "/files/100%25",
+            "/search/a%2520b",
+            "/a;b/c;v=1",
+            "/..a;/b",
+            "/%e2%82%ac",
+            "/%c3%a9t%c3%a9",
+            "/%uzzzz",
         ] {
             assert_eq!(path_escape(good), None, "{good:?}");
         }
@@ -693,15 +822,114 @@ mod tests {
         ];
         for (location, want) in cases {
             assert_eq!(
-                gateway_location(location, &api, at, "c1").as_deref(),
+                gateway_location(location, &api, at, "c1", Some("127.0.0.1:3128")).as_deref(),
                 want,
                 "{location}"
             );
         }
         let root = BaseUrl::parse("https://api.example.com").unwrap();
         assert_eq!(
-            gateway_location("/other-conn/x", &root, "/v1", "c1").as_deref(),
+            gateway_location("/other-conn/x", &root, "/v1", "c1", None).as_deref(),
             Some("/c1/other-conn/x")
+        );
+    }
+
+    #[test]
+    fn gateway_locations_naming_latchkey_stay_on_their_connection() {
+        let root = BaseUrl::parse("https://api.example.com").unwrap();
+        let api = BaseUrl::parse("https://api.example.com/api").unwrap();
+        let at = "/api/a/b";
+        for reached in ["127.0.0.1:3128", "LatchKey.Internal:3128"] {
+            for (location, want_root, want_api) in [
+                (
+                    "http://{me}/other-conn/x",
+                    "/c1/other-conn/x",
+                    "https://api.example.com/other-conn/x",
+                ),
+                (
+                    "//{me}/other-conn/x?q=1#f",
+                    "/c1/other-conn/x?q=1#f",
+                    "https://api.example.com/other-conn/x?q=1#f",
+                ),
+                (
+                    "/\\{me}/other-conn/x",
+                    "/c1/other-conn/x",
+                    "https://api.example.com/other-conn/x",
+                ),
+                ("http://{me}/api/n", "/c1/api/n", "/c1/n"),
+                (
+                    "http://localhost:3128/other-conn/x",
+                    "/c1/other-conn/x",
+                    "https://api.example.com/other-conn/x",
+                ),
+                (
+                    "http://127.0.0.2:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                (
+                    "http://2130706433:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                (
+                    "http://0.0.0.0:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                ("http://[::1]:3128/o", "/c1/o", "https://api.example.com/o"),
+                (
+                    "http://[::ffff:127.0.0.1]:3128/o",
+                    "/c1/o",
+                    "https://api.example.com/o",
+                ),
+                (
+                    "http://{me}//evil.example/x",
+                    "/c1//evil.example/x",
+                    "https://api.example.com//evil.example/x",
+                ),
+                (
+                    "http://{me}/api/%2e%2e/other-conn",
+                    "/c1/other-conn",
+                    "https://api.example.com/other-conn",
+                ),
+            ] {
+                let location = location.replace("{me}", reached);
+                assert_eq!(
+                    gateway_location(&location, &root, "/v1", "c1", Some(reached)).as_deref(),
+                    Some(want_root),
+                    "{reached} {location}"
+                );
+                assert_eq!(
+                    gateway_location(&location, &api, at, "c1", Some(reached)).as_deref(),
+                    Some(want_api),
+                    "{reached} {location} under /api"
+                );
+            }
+        }
+        // Another port, or another host that is not the client's own machine: not latchkey.
+        for location in [
+            "http://127.0.0.1:9999/x",
+            "https://127.0.0.1/x",
+            "http://elsewhere.example:3128/x",
+        ] {
+            assert_eq!(
+                gateway_location(location, &root, "/v1", "c1", Some("127.0.0.1:3128")),
+                None,
+                "{location}"
+            );
+        }
+        // A Host without a port is port 80, the gateway listener speaking plain HTTP.
+        assert_eq!(
+            gateway_location(
+                "http://latchkey/other/x",
+                &root,
+                "/v1",
+                "c1",
+                Some("latchkey")
+            )
+            .as_deref(),
+            Some("/c1/other/x")
         );
     }
 

@@ -5,6 +5,7 @@
 //! sent under the credential's name (in any case, repeated) is gone and exactly one credential
 //! reaches the upstream.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use base64::Engine as _;
@@ -322,32 +323,40 @@ fn strip_look_alikes(headers: &mut http::HeaderMap, name: &HeaderName) {
 }
 
 /// Whether a query pair is, for some server, the credential's parameter `param`: its name
-/// percent-decoded and compared ignoring case, as itself, as an array (`key[]`, `key[0]`, as
-/// PHP and Rails read them), or as any piece of the pair split at `;` (a separator to some).
+/// read as a form decoder reads it (`+` a space, then percent-decoded) and compared ignoring
+/// case, as itself, as an array (`key[]`, `key[0]`, as PHP and Rails read them), or as any
+/// piece of the pair split at `;` (a separator to some). PHP also drops leading spaces from a
+/// name and reads `.`, ` ` and an unclosed `[` in it as `_`: where `param` has a `_`, any of
+/// those matches it (`api.key`, `api+key`, `api[key` are `api_key` to PHP).
 fn names_param(pair: &str, param: &str) -> bool {
+    let param = param.as_bytes();
     pair.split(';').any(|piece| {
         let raw = piece.split_once('=').map_or(piece, |(n, _)| n);
-        if percent_decoded_eq_ignore_case(raw, param) {
-            return true;
-        }
-        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-        decoded
-            .get(..param.len())
-            .is_some_and(|head| head.eq_ignore_ascii_case(param))
-            && decoded
-                .get(param.len()..)
-                .is_some_and(|rest| rest.starts_with('['))
+        let name = form_decoded(raw);
+        let name = name.trim_ascii_start();
+        php_name_eq(name, param)
+            || (name.len() > param.len()
+                && php_name_eq(&name[..param.len()], param)
+                && name[param.len()] == b'[')
     })
 }
 
-/// Compares a raw query parameter name, percent-decoded, with `want`, ignoring ASCII case, so
-/// that `KEY`, `k%65y` and `key` are all the credential's parameter. (`+` is a space in a form
-/// query; parameter names of connectors hold neither, so it needs no case of its own.)
-fn percent_decoded_eq_ignore_case(raw: &str, want: &str) -> bool {
-    let mut decoded = percent_encoding::percent_decode_str(raw);
-    want.bytes()
-        .all(|w| decoded.next().is_some_and(|c| c.eq_ignore_ascii_case(&w)))
-        && decoded.next().is_none()
+/// A query parameter name as a form decoder reads it: `+` is a space, then `%XX` a byte.
+fn form_decoded(raw: &str) -> Cow<'_, [u8]> {
+    if !raw.contains('+') {
+        return percent_encoding::percent_decode_str(raw).into();
+    }
+    let spaced = raw.replace('+', " ");
+    Cow::Owned(percent_encoding::percent_decode_str(&spaced).collect())
+}
+
+/// Whether the decoded name `name` is `want`, ignoring ASCII case, with `.`, ` ` or `[` read
+/// as `_` where `want` has one.
+fn php_name_eq(name: &[u8], want: &[u8]) -> bool {
+    name.len() == want.len()
+        && name.iter().zip(want).all(|(&n, &w)| {
+            n.eq_ignore_ascii_case(&w) || (w == b'_' && matches!(n, b'.' | b' ' | b'['))
+        })
 }
 
 #[cfg(test)]
@@ -600,12 +609,40 @@ mod tests {
 
     #[test]
     fn decoded_param_names() {
-        assert!(percent_decoded_eq_ignore_case("key", "key"));
-        assert!(percent_decoded_eq_ignore_case("KeY", "key"));
-        assert!(percent_decoded_eq_ignore_case("%6bey", "key"));
-        assert!(percent_decoded_eq_ignore_case("%4B%45%59", "key"));
-        assert!(!percent_decoded_eq_ignore_case("keys", "key"));
-        assert!(!percent_decoded_eq_ignore_case("ke", "key"));
-        assert!(!percent_decoded_eq_ignore_case("k%", "key"));
+        for (pair, param) in [
+            ("key", "key"),
+            ("KeY=x", "key"),
+            ("%6bey=x", "key"),
+            ("%4B%45%59=x", "key"),
+            ("key[]=x", "key"),
+            ("KEY[0]=x", "key"),
+            ("a=1;key=x", "key"),
+            // PHP's reading of names: `.`, ` ` (or `+`), an unclosed `[` are `_`; leading
+            // spaces go.
+            ("api.key=x", "api_key"),
+            ("api+key=x", "api_key"),
+            ("api%20key=x", "api_key"),
+            ("api[key=x", "api_key"),
+            ("api%2ekey=x", "api_key"),
+            ("API%5BKEY=x", "api_key"),
+            ("+api_key=x", "api_key"),
+            ("%20api_key=x", "api_key"),
+            ("api.key[]=x", "api_key"),
+        ] {
+            assert!(names_param(pair, param), "{pair} is {param}");
+        }
+        for (pair, param) in [
+            ("keys=x", "key"),
+            ("ke=x", "key"),
+            ("k%=x", "key"),
+            ("k.y=x", "key"),
+            ("api[key]=x", "api_key"),
+            ("api_key=x", "api.key"),
+            ("api%2bkey=x", "api_key"),
+            ("apixkey=x", "api_key"),
+            ("a=key", "key"),
+        ] {
+            assert!(!names_param(pair, param), "{pair} is not {param}");
+        }
     }
 }

@@ -129,7 +129,9 @@ impl Tunnel {
     }
 
     /// An inner request names the CONNECT host and port in its `Host` or `:authority`, and the
-    /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent.
+    /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent. A request that
+    /// names its host twice, in an absolute URI (or h2's `:authority`) and in a `Host` header,
+    /// names the CONNECT host in both: an upstream may route on either.
     fn check_inner(&self, parts: &http::request::Parts, uri: &Uri) -> Result<(), ProxyError> {
         if !self.sni_matches {
             return Err(ProxyError::HostMismatch(format!(
@@ -137,32 +139,39 @@ impl Tunnel {
                 self.host
             )));
         }
-        let named = match uri.authority() {
-            Some(a) => Some(a.clone()),
-            None => {
-                let mut hosts = parts.headers.get_all(http::header::HOST).iter();
-                let first = hosts.next();
-                if hosts.next().is_some() {
-                    return Err(ProxyError::BadRequest("more than one Host header".into()));
-                }
-                first.and_then(|v| v.to_str().ok()?.parse::<Authority>().ok())
-            }
+        let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+        let host = hosts.next();
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest("more than one Host header".into()));
+        }
+        let host = match host {
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<Authority>().ok())
+                    .ok_or_else(|| {
+                        ProxyError::HostMismatch("the Host header is not a host and port".into())
+                    })?,
+            ),
+            None => None,
         };
-        let Some(named) = named else {
+        if uri.authority().is_none() && host.is_none() {
             return Err(ProxyError::HostMismatch(
                 "a request inside a tunnel must name its host".into(),
             ));
-        };
+        }
         let default = if self.tls { 443 } else { 80 };
-        if normalize_host(named.host()) != *self.host
-            || named.port_u16().unwrap_or(default) != self.port
-        {
-            return Err(ProxyError::HostMismatch(format!(
-                "the request names {} but the tunnel goes to {}:{}",
-                named.as_str(),
-                self.host,
-                self.port
-            )));
+        for named in uri.authority().into_iter().chain(host.as_ref()) {
+            if normalize_host(named.host()) != *self.host
+                || named.port_u16().unwrap_or(default) != self.port
+            {
+                return Err(ProxyError::HostMismatch(format!(
+                    "the request names {} but the tunnel goes to {}:{}",
+                    named.as_str(),
+                    self.host,
+                    self.port
+                )));
+            }
         }
         Ok(())
     }
@@ -321,7 +330,16 @@ impl Proxy {
 
         let client = self.authorize(&route)?;
         log.client = client.map(|c| c.name.clone());
-        self.send_on(parts, body, &route, log, bytes_in).await
+        // How the client reached latchkey, for a `Location` that names latchkey itself.
+        let reached_as = match route.form {
+            Form::Gateway => uri.authority().cloned().or_else(|| {
+                let host = parts.headers.get(http::header::HOST)?;
+                Authority::try_from(host.as_bytes()).ok()
+            }),
+            _ => None,
+        };
+        self.send_on(parts, body, &route, reached_as.as_ref(), log, bytes_in)
+            .await
     }
 
     /// A request inside a tunnel: held to the CONNECT's host and port (SNI and `Host` or
@@ -356,7 +374,7 @@ impl Proxy {
             path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(tunnel.requested()),
         };
-        self.send_on(parts, body, &route, log, bytes_in).await
+        self.send_on(parts, body, &route, None, log, bytes_in).await
     }
 
     /// The CONNECT's phases: its target, the client, the connection and its hosts and ports
@@ -533,12 +551,14 @@ impl Proxy {
         Ok(Opened::Splice(stream))
     }
 
-    /// Phases 3 to 6, once the route and the client are known.
+    /// Phases 3 to 6, once the route and the client are known. `reached_as`: in gateway
+    /// form, the authority the client used to reach latchkey.
     async fn send_on(
         &self,
         mut parts: http::request::Parts,
         body: Incoming,
         route: &Route<'_>,
+        reached_as: Option<&Authority>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
@@ -571,7 +591,7 @@ impl Proxy {
         let mut response = match websocket {
             Some(client) => self.upgrade(parts, client, log).await?.map(Answer::pass),
             None => {
-                let body = Counted::new(body, bytes_in.clone())
+                let body = NoTrailers::new(Counted::new(body, bytes_in.clone()))
                     .map_err(BoxError::from)
                     .boxed_unsync();
                 let response = self.forward(Request::from_parts(parts, body), log).await?;
@@ -583,7 +603,7 @@ impl Proxy {
         };
         if route.form == Form::Gateway {
             let asked = log.path.as_ref().map_or("/", |p| p.as_str());
-            gateway_location(response.headers_mut(), &conn, asked);
+            gateway_location(response.headers_mut(), &conn, asked, reached_as);
         }
         let what = || {
             let path = log.path.as_ref().map_or("", |p| p.as_str());
@@ -773,24 +793,33 @@ impl Proxy {
 
     /// In gateway form without `Proxy-Authorization`: a client token where the connector's
     /// credential goes (an SDK's API key set to the token) is the request's token, and is
-    /// removed from there before anything is sent on.
+    /// removed before anything is sent on: from every place a client token is in, not only the
+    /// first (a client that sets it as a bearer and as `x-api-key` would otherwise send it on
+    /// in the one the connection does not overwrite).
     fn token_where_the_key_goes(&self, headers: &mut http::HeaderMap, route: &mut Route<'_>) {
         let query = route.path_and_query.split_once('?').map(|(_, q)| q);
-        let found = self
-            .token_places
-            .candidates(headers, query)
-            .into_iter()
-            .find(|(token, _)| self.clients.authenticate(token).is_some());
-        let Some((token, place)) = found else {
+        let mut token = None;
+        let mut places: Vec<Place> = Vec::new();
+        for (candidate, place) in self.token_places.candidates(headers, query) {
+            if self.clients.authenticate(&candidate).is_some() {
+                token.get_or_insert(candidate);
+                if !places.contains(&place) {
+                    places.push(place);
+                }
+            }
+        }
+        let Some(token) = token else {
             return;
         };
-        match place {
-            Place::Header(name) => {
-                headers.remove(name);
-            }
-            Place::Query(param) => {
-                let rest = auth::without_query_param(&route.path_and_query, &param);
-                route.path_and_query = Cow::Owned(rest);
+        for place in places {
+            match place {
+                Place::Header(name) => {
+                    headers.remove(name);
+                }
+                Place::Query(param) => {
+                    let rest = auth::without_query_param(&route.path_and_query, &param);
+                    route.path_and_query = Cow::Owned(rest);
+                }
             }
         }
         route.token = Some(token);
@@ -1098,22 +1127,39 @@ fn not_strict(reason: &str) -> Response<BoxBody> {
     response
 }
 
-/// A `Location` on the connection's own base URL, in the gateway's `/{connection_id}/...` form,
-/// so that a relative redirect never turns into a request through another connection.
-fn gateway_location(headers: &mut http::HeaderMap, conn: &Connection, asked: &str) {
-    let Some(location) = headers
-        .get(http::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+/// A `Location` on the connection's own base URL, or on latchkey itself as the client reached
+/// it (`reached_as`), in the gateway's `/{connection_id}/...` form, so that a redirect never
+/// turns into a request through another connection.
+fn gateway_location(
+    headers: &mut http::HeaderMap,
+    conn: &Connection,
+    asked: &str,
+    reached_as: Option<&Authority>,
+) {
+    let Some(location) = headers.get(http::header::LOCATION) else {
         return;
     };
-    let Some(rewritten) =
-        destination::gateway_location(location, &conn.base, asked, conn.id.as_str())
-    else {
+    // Bytes past ASCII are read as UTF-8 (lossily) rather than skipped: a client may follow
+    // such a Location too.
+    let location = String::from_utf8_lossy(location.as_bytes()).into_owned();
+    let Some(rewritten) = destination::gateway_location(
+        &location,
+        &conn.base,
+        asked,
+        conn.id.as_str(),
+        reached_as.map(Authority::as_str),
+    ) else {
         return;
     };
-    if let Ok(value) = http::HeaderValue::try_from(rewritten) {
-        headers.insert(http::header::LOCATION, value);
+    match http::HeaderValue::try_from(rewritten) {
+        Ok(value) => {
+            headers.insert(http::header::LOCATION, value);
+        }
+        // Not expected (the rewrite comes from a parsed URL), but a Location that could not be
+        // rewritten is not passed on as it was: it may name another connection.
+        Err(_) => {
+            headers.remove(http::header::LOCATION);
+        }
     }
 }
 
@@ -1190,3 +1236,46 @@ fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+
+pin_project_lite::pin_project! {
+    /// A client's request body without its trailers. They are never sent on: a trailer could
+    /// carry a credential of the client's own (`Authorization`, the connector's header) past
+    /// the strip, which sees only the head, and no client needs them (gRPC clients send none;
+    /// the HTTP/1.1 exchange upstream never sent them on either).
+    struct NoTrailers<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> NoTrailers<B> {
+    fn new(inner: B) -> Self {
+        NoTrailers { inner }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for NoTrailers<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let mut this = self.project();
+        loop {
+            match std::task::ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => continue,
+                other => return std::task::Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -15,6 +15,7 @@
 //! The matcher keeps its own copy of the forms, which is not zeroized when it is dropped (the
 //! same is true of the `HeaderValue` the credential is sent in); the copies here are.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -167,6 +168,30 @@ impl Scrubber {
         let n = self.replace(&body, body.len(), &mut out).1;
         self.count(n);
         (out.freeze(), n)
+    }
+
+    /// `text` with every form replaced (`text` itself when there was none). Not counted: for
+    /// latchkey's own messages (the admin API's), not for answers to workflows.
+    pub fn text<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        if !self.finder.is_match(text) {
+            return Cow::Borrowed(text);
+        }
+        let mut out = BytesMut::with_capacity(text.len() + self.placeholder.len());
+        self.replace(text.as_bytes(), text.len(), &mut out);
+        // Forms and the placeholder are whole strings cut out of and put into a string, so
+        // the result is UTF-8; were it not, nothing of it is kept.
+        Cow::Owned(String::from_utf8(out.to_vec()).unwrap_or_default())
+    }
+
+    /// Whether `text` holds a form, or is itself a piece of one at least [`MIN_BASE64`] bytes
+    /// long (a service that quotes the first half of the key).
+    pub fn quotes(&self, text: &[u8]) -> bool {
+        self.finder.is_match(text)
+            || (text.len() >= MIN_BASE64
+                && self
+                    .forms
+                    .iter()
+                    .any(|f| f.windows(text.len()).any(|w| w == text)))
     }
 
     /// A body's scrubbing state, fed chunk by chunk.
@@ -480,6 +505,23 @@ mod tests {
 
     fn scrubber() -> Arc<Scrubber> {
         Scrubber::new([KEY], [], "acme").unwrap()
+    }
+
+    #[test]
+    fn text_and_quotes() {
+        let s = scrubber();
+        assert!(matches!(
+            s.text("nothing here"),
+            Cow::Borrowed("nothing here")
+        ));
+        let key = std::str::from_utf8(KEY).unwrap();
+        assert_eq!(s.text(&format!("é {key} é")), "é latchkey.acme é");
+        assert!(s.quotes(KEY));
+        assert!(s.quotes(format!("error: {key}").as_bytes()));
+        assert!(s.quotes(&KEY[..8]));
+        assert!(s.quotes(&KEY[3..14]));
+        assert!(!s.quotes(&KEY[..7]));
+        assert!(!s.quotes(b"invalid_auth"));
     }
 
     fn streamed(s: &Arc<Scrubber>, chunks: &[&[u8]]) -> (Vec<u8>, u64) {

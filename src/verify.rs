@@ -218,7 +218,7 @@ async fn judge(
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b.to_bytes()).ok())
                     .unwrap_or(Value::Null);
-                json_verdict(&json, ok_field, what, connector.name.as_str(), s.as_u16(), env_hint, scopes)
+                json_verdict(&json, ok_field, what, conn, s.as_u16(), env_hint, scopes)
             }
         },
         s => Verification {
@@ -237,11 +237,12 @@ fn json_verdict(
     json: &Value,
     ok_field: &str,
     what: &str,
-    service: &str,
+    conn: &Connection,
     status: u16,
     env_hint: String,
     scopes: String,
 ) -> Verification {
+    let service = conn.connector.name.as_str();
     if json[ok_field] == Value::Bool(true) {
         return Verification {
             outcome: Outcome::Verified,
@@ -251,10 +252,17 @@ fn json_verdict(
         };
     }
     // The service's error code is a short identifier of its own API (Slack's `invalid_auth`),
-    // never an echo of the key; anything longer is left out.
+    // quoted in the admin API's answer. A service may put anything there, the key it was sent
+    // included (which can look like a code): what holds or is a piece of any secret of the
+    // connection is left out, and so is what does not look like a code.
     let code = json["error"]
         .as_str()
-        .filter(|c| c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .filter(|c| looks_like_error_code(c))
+        .filter(|c| {
+            conn.scrubber
+                .as_ref()
+                .is_none_or(|s| !s.quotes(c.as_bytes()))
+        })
         .unwrap_or("unknown");
     let (outcome, hint) = match code {
         "invalid_auth" | "not_authed" | "token_revoked" | "token_expired" | "account_inactive" => {
@@ -268,12 +276,27 @@ fn json_verdict(
             "See the service's documentation for this error.".to_string(),
         ),
     };
+    let message = format!("{service} refused the key at {what}: {code}");
     Verification {
         outcome,
         http_status: Some(status),
-        message: format!("{service} refused the key at {what}: {code}"),
+        // Nothing else in it comes from the service; scrubbed all the same.
+        message: match &conn.scrubber {
+            Some(s) => s.text(&message).into_owned(),
+            None => message,
+        },
         hint: Some(hint),
     }
+}
+
+/// An error code as services write them: a letter, then letters, digits and `_`, in one case
+/// (`invalid_auth`, `INVALID_API_KEY`), at most 64 bytes. A mixed-case run, as keys are, is not.
+fn looks_like_error_code(c: &str) -> bool {
+    let b = c.as_bytes();
+    b.len() <= 64
+        && b.first().is_some_and(u8::is_ascii_alphabetic)
+        && b.iter().all(|&x| x.is_ascii_alphanumeric() || x == b'_')
+        && !(b.iter().any(u8::is_ascii_lowercase) && b.iter().any(u8::is_ascii_uppercase))
 }
 
 fn unexpected(message: String) -> Verification {
@@ -323,5 +346,28 @@ fn unreachable(what: &str, e: &SendError) -> Verification {
         http_status: None,
         message,
         hint: Some(hint.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_told_from_keys() {
+        for code in ["invalid_auth", "ratelimited", "INVALID_API_KEY", "err_403"] {
+            assert!(looks_like_error_code(code), "{code}");
+        }
+        for key in [
+            "",
+            "0123456789abcdef0123456789abcdef",
+            "_leading",
+            "xoxbAbCdEf0123",
+            "sk-live-1234",
+            "invalid auth",
+            &"a".repeat(65),
+        ] {
+            assert!(!looks_like_error_code(key), "{key}");
+        }
     }
 }
