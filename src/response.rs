@@ -149,6 +149,7 @@ impl ProxyError {
             SendError::H1(H1Error::RequestBody(e)) => {
                 ProxyError::BadRequest(format!("the request body could not be read: {e}"))
             }
+            SendError::H1(e @ H1Error::RequestLength(_)) => ProxyError::BadRequest(e.to_string()),
             other => ProxyError::UpstreamUnreachable(other.describe()),
         }
     }

@@ -39,5 +39,6 @@ mod streaming;
 mod token_place;
 mod tunnel;
 mod upstream_h1;
+mod upstream_strict;
 mod websocket;
 mod workers;
