@@ -67,6 +67,8 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// A client connection with no request in flight and no byte moving is closed after this.
     pub idle_timeout: Duration,
+    /// A request or response body with no byte moving either way for this long is cut.
+    pub body_timeout: Duration,
     /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
     pub workers: usize,
     /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
@@ -168,6 +170,8 @@ struct RawProxy {
     request_timeout: Dur,
     #[serde(default = "secs::<60>")]
     idle_timeout: Dur,
+    #[serde(default = "secs::<60>")]
+    body_timeout: Dur,
     #[serde(default)]
     workers: Option<usize>,
     #[serde(default)]
@@ -184,6 +188,7 @@ impl Default for RawProxy {
             connect_timeout: secs::<5>(),
             request_timeout: secs::<60>(),
             idle_timeout: secs::<60>(),
+            body_timeout: secs::<60>(),
             workers: None,
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
@@ -524,6 +529,7 @@ impl ProxyConfig {
             connect_timeout: positive("proxy.connect_timeout", raw.connect_timeout)?,
             request_timeout: positive("proxy.request_timeout", raw.request_timeout)?,
             idle_timeout: positive("proxy.idle_timeout", raw.idle_timeout)?,
+            body_timeout: positive("proxy.body_timeout", raw.body_timeout)?,
             workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) if (1..=1024).contains(&n) => n,
@@ -941,6 +947,7 @@ mod tests {
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(10));
         assert_eq!(c.cache.max_entries, 100_000);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.body_timeout, Duration::from_secs(60));
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());
         assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));
@@ -996,6 +1003,8 @@ mod tests {
         assert_eq!(e.key, "proxy.listen", "{e}");
         let e = err("[cache]\nttl = \"0s\"\n");
         assert_eq!(e.key, "cache.ttl");
+        let e = err("[proxy]\nbody_timeout = \"0s\"\n");
+        assert_eq!(e.key, "proxy.body_timeout");
         let e = err("[[clients]]\nname = \"a\"\ntoken_sha256 = \"abc\"\nconnections = [\"x\"]\n");
         assert_eq!(e.key, "clients[0].token_sha256", "{e}");
         let e = err(&format!(

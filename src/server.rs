@@ -32,7 +32,7 @@ use crate::proxy::Proxy;
 use crate::secret::Secret;
 use crate::telemetry;
 use crate::tunnel::Tunnels;
-use crate::upstream::{self, Dialer, Pool};
+use crate::upstream::{self, Dialer, Pool, PoolLimits};
 use crate::vault;
 use crate::vault::Vault;
 
@@ -96,6 +96,8 @@ struct ProxyParts {
     request_timeout: Duration,
     /// `proxy.idle_timeout`: a client connection idle this long is closed.
     idle_timeout: Duration,
+    /// `proxy.body_timeout`, for each worker's pool.
+    pool_limits: PoolLimits,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
 }
@@ -108,7 +110,7 @@ impl ProxyParts {
             self.lifecycle.clone(),
             self.clients.clone(),
             (self.coverage.clone(), self.passthrough.clone()),
-            Pool::new(self.dialer.clone()),
+            Pool::new(self.dialer.clone(), self.pool_limits),
             self.request_timeout,
         )
     }
@@ -151,11 +153,14 @@ impl Server {
             Arc::new(tls),
             config.proxy.connect_timeout,
         );
+        let pool_limits = PoolLimits {
+            body: config.proxy.body_timeout,
+        };
         let lifecycle = Arc::new(Lifecycle::new(
             vault.clone(),
             catalog.clone(),
             cache.clone(),
-            Pool::new(dialer.clone()),
+            Pool::new(dialer.clone(), pool_limits),
             config.proxy.request_timeout,
             config.admin.expiry_warning,
         ));
@@ -178,6 +183,7 @@ impl Server {
             dialer,
             request_timeout: config.proxy.request_timeout,
             idle_timeout: config.proxy.idle_timeout,
+            pool_limits,
             leaves,
         };
 

@@ -18,20 +18,23 @@
 //! a chunked body ends in CRLF, chunk extensions and trailers hold no control characters, a
 //! chunk size that does not fit in 64 bits is refused, and any answer that leaves doubt about
 //! where it ended (a request body that did not match its length, bytes past the end, a
-//! `Transfer-Encoding` on HTTP/1.0) leaves its connection unused.
+//! `Transfer-Encoding` on HTTP/1.0) leaves its connection unused. A body that moves no byte
+//! either way for the body timeout is cut.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
+use std::mem::{self, MaybeUninit};
 use std::ops::Range;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
 use zeroize::Zeroizing;
 
 use super::dial::MaybeTls;
@@ -48,6 +51,10 @@ const READ_CHUNK: usize = 16 * 1024;
 const BODY_CHUNK: usize = 64 * 1024;
 /// The longest chunk-size line or trailer line of a chunked body.
 const MAX_LINE: usize = 4 * 1024;
+/// The longest body timeout taken (a longer one is this): a deadline past the clock's range
+/// would panic.
+const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum H1Error {
@@ -66,12 +73,21 @@ pub enum H1Error {
     /// The request body did not match the length its head declared.
     #[error("the request body {0}")]
     RequestLength(&'static str),
+    /// The client sent nothing of its request body for the body timeout.
+    #[error("the client sent no byte of its request body for {0:?}")]
+    ClientStalled(Duration),
+    /// The upstream took or sent nothing of a body for the body timeout.
+    #[error("the upstream moved no byte of the body for {0:?}")]
+    UpstreamStalled(Duration),
 }
 
 impl H1Error {
     /// Whether the client, not the upstream, is at fault.
     fn is_clients(&self) -> bool {
-        matches!(self, H1Error::RequestBody(_) | H1Error::RequestLength(_))
+        matches!(
+            self,
+            H1Error::RequestBody(_) | H1Error::RequestLength(_) | H1Error::ClientStalled(_)
+        )
     }
 }
 
@@ -81,6 +97,21 @@ pub struct H1Conn {
     buf: BytesMut,
     /// Where each header line of the head being parsed is (kept to spare an allocation).
     spans: Vec<[usize; 4]>,
+    /// The body timeout.
+    stall: Pin<Box<Stall>>,
+}
+
+pin_project_lite::pin_project! {
+    /// How long a body may go with no byte moving either way, and its timer: made with the
+    /// connection (one allocation per connection, none per request), registered only when a
+    /// body first waits, and set again only when bytes have moved since.
+    struct Stall {
+        #[pin]
+        timer: Sleep,
+        timeout: Duration,
+        // Bytes were read since the timer was last set.
+        moved: bool,
+    }
 }
 
 /// How the request body is sent.
@@ -204,12 +235,24 @@ pub struct Failure {
 }
 
 impl H1Conn {
-    pub fn new(io: MaybeTls) -> H1Conn {
+    /// A connection whose bodies may go `body_timeout` with no byte moving. Inside a runtime
+    /// with a timer (the body timeout's is made here).
+    pub fn new(io: MaybeTls, body_timeout: Duration) -> H1Conn {
+        let body_timeout = body_timeout.min(MAX_BODY_TIMEOUT);
         H1Conn {
             io,
             buf: BytesMut::new(),
             spans: Vec::new(),
+            stall: Box::pin(Stall {
+                timer: tokio::time::sleep(body_timeout),
+                timeout: body_timeout,
+                moved: true,
+            }),
         }
+    }
+
+    fn body_timeout(&self) -> Duration {
+        self.stall.timeout
     }
 
     /// Whether an idle connection can be used: not closed by the upstream, nothing unasked-for
@@ -230,7 +273,22 @@ impl H1Conn {
         if self.buf.capacity() - self.buf.len() < chunk / 4 {
             self.buf.reserve(chunk);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf);
+        if let Poll::Ready(Ok(1..)) = read {
+            *self.stall.as_mut().project().moved = true;
+        }
+        read
+    }
+
+    /// For a body that is waiting: `Ready` once no byte has moved for the body timeout. The
+    /// clock is read only when bytes moved since the last wait (`moved`: those the caller saw).
+    fn poll_stall(&mut self, cx: &mut Context<'_>, moved: bool) -> Poll<()> {
+        let mut stall = self.stall.as_mut().project();
+        if mem::take(stall.moved) | moved {
+            let deadline = Instant::now() + *stall.timeout;
+            stall.timer.as_mut().reset(deadline);
+        }
+        stall.timer.poll(cx)
     }
 
     /// Sends `head` and the body (if any), and reads the response head. `idempotent`: whether
@@ -263,6 +321,8 @@ impl H1Conn {
         // A write of the body that fails (the upstream answered early and closed) does not end
         // the exchange: the answer may be waiting to be read.
         let mut write_failed = None;
+        // The timer starts at the first wait of this exchange, not at the last of the one before.
+        *self.stall.as_mut().project().moved = true;
         let result = poll_fn(|cx| {
             if !pump.done {
                 match pump.poll(&mut self.io, cx) {
@@ -274,7 +334,16 @@ impl H1Conn {
                     _ => {}
                 }
             }
-            self.poll_head(cx, to_head)
+            let head = self.poll_head(cx, to_head);
+            // While the request body is being sent, the body timeout applies; once it is all
+            // sent, the wait for the answer is the request timeout's.
+            if head.is_pending() && !pump.done {
+                let moved = mem::take(&mut pump.moved);
+                if self.poll_stall(cx, moved).is_ready() {
+                    return Poll::Ready(Err(pump.stalled(self.body_timeout())));
+                }
+            }
+            head
         })
         .await;
         let result = match (result, write_failed) {
@@ -557,6 +626,10 @@ pub struct Pump {
     /// The last piece is queued; once written and flushed, the body is done.
     last: bool,
     pub done: bool,
+    /// Bytes were taken from the client or written upstream since the timer was last set.
+    moved: bool,
+    /// Waiting for the client's body, not for the upstream to take what was written.
+    client_turn: bool,
 }
 
 impl Pump {
@@ -572,12 +645,24 @@ impl Pump {
             started: false,
             last: false,
             done: matches!(framing, RequestFraming::None | RequestFraming::Length(0)),
+            moved: false,
+            client_turn: false,
         }
     }
 
     /// The body, when none of it was taken (to send it on another kind of connection).
     pub fn into_body(self) -> Option<UpstreamBody> {
         (!self.started).then_some(self.body)
+    }
+
+    /// The error of a body that moved no byte for `timeout`: the client's, when the pump was
+    /// waiting for it; the upstream's, when it was waiting for the upstream to take bytes.
+    fn stalled(&self, timeout: Duration) -> H1Error {
+        if self.client_turn {
+            H1Error::ClientStalled(timeout)
+        } else {
+            H1Error::UpstreamStalled(timeout)
+        }
     }
 
     /// Writes what the body has given; `Ready(Ok)` once all of it is written.
@@ -593,6 +678,7 @@ impl Pump {
                 if n == 0 {
                     return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
                 }
+                self.moved = true;
                 for piece in &mut self.out {
                     let take = n.min(piece.len());
                     piece.advance(take);
@@ -605,7 +691,11 @@ impl Pump {
                 return Poll::Ready(Ok(()));
             }
             self.started = true;
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            self.client_turn = true;
+            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            self.client_turn = false;
+            self.moved = true;
+            match frame {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
                         continue; // trailers are not sent on
@@ -690,7 +780,12 @@ impl<H: Checkin> H1Body<H> {
     fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.framing = Framing::Empty;
         self.conn = None;
-        Poll::Ready(Some(Err(e.into())))
+        let e: BoxError = match e {
+            // Said as a timeout, which the access log tells apart from other body failures.
+            e @ H1Error::UpstreamStalled(_) => Box::new(io::Error::new(io::ErrorKind::TimedOut, e)),
+            e => e.into(),
+        };
+        Poll::Ready(Some(Err(e)))
     }
 }
 
@@ -758,7 +853,22 @@ impl<H: Checkin + Unpin> Body for H1Body<H> {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(conn.poll_fill_by(cx, BODY_CHUNK)) {
+            let filled = match conn.poll_fill_by(cx, BODY_CHUNK) {
+                Poll::Ready(filled) => filled,
+                Poll::Pending => {
+                    let moved = this.pump.as_mut().is_some_and(|p| mem::take(&mut p.moved));
+                    if conn.poll_stall(cx, moved).is_ready() {
+                        let timeout = conn.body_timeout();
+                        let e = match &this.pump {
+                            Some(pump) => pump.stalled(timeout),
+                            None => H1Error::UpstreamStalled(timeout),
+                        };
+                        return this.fail(e);
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) if this.framing == Framing::Close => {
                     this.reusable = false;
                     this.end();
@@ -1282,7 +1392,7 @@ mod tests {
             got.len() - end
         });
         let io = MaybeTls::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
-        let mut conn = H1Conn::new(io);
+        let mut conn = H1Conn::new(io, Duration::from_secs(60));
         let body = http_body_util::BodyExt::boxed_unsync(Lying {
             data: Some(Bytes::from_static(data)),
             claims,

@@ -88,9 +88,17 @@ struct State {
     h2: [ByHost<http2::SendRequest<UpstreamBody>>; 2],
 }
 
+/// The pool's limits (`proxy.body_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long a body may go with no byte moving either way.
+    pub body: Duration,
+}
+
 /// The pool. Cheap to share; a worker's requests all use its own.
 pub struct Pool {
     dialer: Dialer,
+    limits: Limits,
     state: Mutex<State>,
 }
 
@@ -152,9 +160,10 @@ impl Body for ResponseBody {
 }
 
 impl Pool {
-    pub fn new(dialer: Dialer) -> Arc<Pool> {
+    pub fn new(dialer: Dialer, limits: Limits) -> Arc<Pool> {
         Arc::new(Pool {
             dialer,
+            limits,
             state: Mutex::new(State::default()),
         })
     }
@@ -267,7 +276,7 @@ impl Pool {
             let resp = sender.send_request(req).await?;
             return Ok(from_h2(resp, exchange.to_head));
         }
-        let mut conn = H1Conn::new(io);
+        let mut conn = H1Conn::new(io, self.limits.body);
         match conn
             .exchange(&exchange.head, &mut exchange.pump, exchange.to_head, false)
             .await

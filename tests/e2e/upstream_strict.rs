@@ -1,7 +1,8 @@
 //! Issue 10, latchkey's own upstream HTTP/1.1 client: framing is read at least as strictly as
-//! hyper reads it, and a connection whose framing left any doubt never goes back to the pool
-//! (the pool is shared by every tenant of a host: a desynchronised connection would hand one
-//! tenant's answer to another).
+//! hyper reads it, a connection whose framing left any doubt never goes back to the pool (the
+//! pool is shared by every tenant of a host: a desynchronised connection would hand one
+//! tenant's answer to another), and a body that stalls either way is cut after
+//! `proxy.body_timeout`.
 //!
 //! The upstreams are raw TCP listeners that write exact bytes ([`Upstream`]); every test runs
 //! one proxy worker, so that every request uses the one pool a kept connection would be in.
@@ -10,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::errors::send;
+use crate::errors::{raw, send};
 use crate::support::*;
 use crate::upstream_h1::{get_text, Upstream, OK};
 
@@ -283,4 +285,133 @@ async fn bytes_past_the_declared_end_of_a_response_are_not_reused() {
             "after {path}: the connection was reused"
         );
     }
+}
+
+#[tokio::test]
+async fn stalled_upstream_body_is_cut_after_body_timeout() {
+    let bao = Bao::start().await;
+    // One chunk, then nothing (the upstream reads on, to see when latchkey lets go).
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counted = closed.clone();
+    let up = Upstream::start(move |mut c| {
+        let closed = counted.clone();
+        async move {
+            if c.head().await.is_some() {
+                c.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                    .await;
+                c.drain().await;
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    })
+    .await;
+    let lk = latchkey(
+        &bao,
+        "stalled",
+        &up,
+        "body_timeout = \"1s\"\nrequest_timeout = \"10m\"\nidle_timeout = \"10m\"",
+    )
+    .await;
+    let r = http().get(lk.url("/stalled/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    assert_eq!(&body.next().await.unwrap().unwrap()[..], b"first");
+    // The body ends abnormally: no terminating chunk reaches the client.
+    let rest = tokio::time::timeout(BOUND, body.next())
+        .await
+        .expect("the stalled body was not cut");
+    assert!(matches!(rest, Some(Err(_))), "{rest:?}");
+    wait_until("latchkey to close the upstream connection", BOUND, || {
+        std::future::ready((closed.load(Ordering::SeqCst) == 1).then_some(()))
+    })
+    .await;
+    let line = lk
+        .access_line(|l| l["path"] == "/x" && l["error"] == "upstream_timeout")
+        .await;
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes_out"], 5);
+}
+
+#[tokio::test]
+async fn stalled_upload_is_cut_after_body_timeout() {
+    let bao = Bao::start().await;
+    // The upstream reads the head and whatever comes, and answers nothing.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counted = closed.clone();
+    let up = Upstream::start(move |mut c| {
+        let closed = counted.clone();
+        async move {
+            while c.fill().await > 0 {}
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let lk = latchkey(
+        &bao,
+        "upload",
+        &up,
+        "body_timeout = \"1s\"\nrequest_timeout = \"10m\"\nidle_timeout = \"10m\"",
+    )
+    .await;
+    // A hundred bytes declared, ten sent, and the client's side kept open: the client is the
+    // one that stalled, and is told so (408), not the upstream blamed (504).
+    let answer = raw(
+        lk.proxy,
+        "POST /upload/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nten bytes.",
+    )
+    .await;
+    answer.assert_error(408, "request_timeout");
+    wait_until("latchkey to close the upstream connection", BOUND, || {
+        std::future::ready((closed.load(Ordering::SeqCst) == 1).then_some(()))
+    })
+    .await;
+    let line = lk.access_line(|l| l["path"] == "/x").await;
+    assert_eq!(line["status"], 408);
+    assert_eq!(line["error"], "request_timeout");
+}
+
+#[tokio::test]
+async fn upload_the_upstream_stops_taking_is_cut_after_body_timeout() {
+    let bao = Bao::start().await;
+    // The upstream reads the head, then nothing until the test has its answer; then it reads
+    // to the end, to see latchkey close the connection.
+    let answered = Arc::new(Notify::new());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (go, counted) = (answered.clone(), closed.clone());
+    let up = Upstream::start(move |mut c| {
+        let (go, closed) = (go.clone(), counted.clone());
+        async move {
+            c.head().await;
+            go.notified().await;
+            while c.fill().await > 0 {}
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let lk = latchkey(
+        &bao,
+        "notaking",
+        &up,
+        "body_timeout = \"1s\"\nrequest_timeout = \"10m\"\nidle_timeout = \"10m\"",
+    )
+    .await;
+    // Far more than the socket buffers on the way hold, made as it is sent.
+    let frames = futures_util::stream::iter(0..256)
+        .map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'u'; 1 << 20])));
+    let answer = tokio::time::timeout(
+        BOUND,
+        send(
+            http()
+                .post(lk.url("/notaking/x"))
+                .body(reqwest::Body::wrap_stream(frames)),
+        ),
+    )
+    .await
+    .expect("the stalled upload was not cut");
+    answer.assert_error(504, "upstream_timeout");
+    answered.notify_one();
+    wait_until("latchkey to close the upstream connection", BOUND, || {
+        std::future::ready((closed.load(Ordering::SeqCst) == 1).then_some(()))
+    })
+    .await;
 }
