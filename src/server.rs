@@ -96,7 +96,7 @@ struct ProxyParts {
     request_timeout: Duration,
     /// `proxy.idle_timeout`: a client connection idle this long is closed.
     idle_timeout: Duration,
-    /// `proxy.body_timeout`, for each worker's pool.
+    /// `proxy.pool_idle_timeout` and `proxy.body_timeout`, for each worker's pool.
     pool_limits: PoolLimits,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
@@ -154,6 +154,7 @@ impl Server {
             config.proxy.connect_timeout,
         );
         let pool_limits = PoolLimits {
+            idle: config.proxy.pool_idle_timeout,
             body: config.proxy.body_timeout,
         };
         let lifecycle = Arc::new(Lifecycle::new(

@@ -1,8 +1,9 @@
 //! Issue 10, latchkey's own upstream HTTP/1.1 client: framing is read at least as strictly as
 //! hyper reads it, a connection whose framing left any doubt never goes back to the pool (the
 //! pool is shared by every tenant of a host: a desynchronised connection would hand one
-//! tenant's answer to another), and a body that stalls either way is cut after
-//! `proxy.body_timeout`.
+//! tenant's answer to another), a body that stalls either way is cut after
+//! `proxy.body_timeout`, and idle pooled connections are closed after
+//! `proxy.pool_idle_timeout` without a request to find them.
 //!
 //! The upstreams are raw TCP listeners that write exact bytes ([`Upstream`]); every test runs
 //! one proxy worker, so that every request uses the one pool a kept connection would be in.
@@ -413,5 +414,36 @@ async fn upload_the_upstream_stops_taking_is_cut_after_body_timeout() {
     wait_until("latchkey to close the upstream connection", BOUND, || {
         std::future::ready((closed.load(Ordering::SeqCst) == 1).then_some(()))
     })
+    .await;
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_are_reaped() {
+    let bao = Bao::start().await;
+    let (up, closed) = scripted(&[]).await;
+    let lk = latchkey(&bao, "reaped", &up, "pool_idle_timeout = \"1s\"").await;
+    let client = http();
+    assert_eq!(
+        get_text(&client, &lk.url("/reaped/x")).await,
+        (200, "ok".to_string())
+    );
+    // No request comes to find the idle connection: it is closed all the same.
+    wait_until(
+        "latchkey to close the idle upstream connection",
+        BOUND,
+        || std::future::ready((closed.load(Ordering::SeqCst) == 1).then_some(())),
+    )
+    .await;
+    // And the pool carries on with a new one, then reaps that too.
+    assert_eq!(
+        get_text(&client, &lk.url("/reaped/y")).await,
+        (200, "ok".to_string())
+    );
+    assert_eq!(up.connections(), 2);
+    wait_until(
+        "latchkey to close the second idle connection",
+        BOUND,
+        || std::future::ready((closed.load(Ordering::SeqCst) == 2).then_some(())),
+    )
     .await;
 }
