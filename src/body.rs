@@ -124,9 +124,19 @@ impl<B: Body> Logged<B> {
     }
 }
 
-impl<B: Body<Data = Bytes>> Body for Logged<B> {
+/// What the access log calls a response body's failure: `upstream_timeout` for a body cut
+/// because nothing moved for the body timeout (the upstream client says so with an I/O error of
+/// kind `TimedOut`), `upstream_body` for any other.
+fn failure_code(e: &BoxError) -> &'static str {
+    match e.downcast_ref::<std::io::Error>() {
+        Some(e) if e.kind() == std::io::ErrorKind::TimedOut => "upstream_timeout",
+        _ => "upstream_body",
+    }
+}
+
+impl<B: Body<Data = Bytes, Error = BoxError>> Body for Logged<B> {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -145,9 +155,9 @@ impl<B: Body<Data = Bytes>> Body for Logged<B> {
                     p.emit(*this.bytes);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(e))) => {
                 if let Some(mut p) = this.pending.take() {
-                    p.log.error = Some("upstream_body");
+                    p.log.error = Some(failure_code(e));
                     p.emit(*this.bytes);
                 }
             }

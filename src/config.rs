@@ -69,6 +69,10 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// A client has this long to send a whole request head, from its first byte.
     pub header_read_timeout: Duration,
+    /// A request or response body with no byte moving either way for this long is cut.
+    pub body_timeout: Duration,
+    /// An idle pooled upstream connection is closed after this.
+    pub pool_idle_timeout: Duration,
     /// Threads serving the proxy listeners, each with its own runtime and upstream pool.
     pub workers: usize,
     /// `proxy.resolve`: where a lower-case host and a port are dialled, instead of DNS.
@@ -176,6 +180,10 @@ struct RawProxy {
     idle_timeout: Dur,
     #[serde(default = "secs::<10>")]
     header_read_timeout: Dur,
+    #[serde(default = "secs::<60>")]
+    body_timeout: Dur,
+    #[serde(default = "secs::<90>")]
+    pool_idle_timeout: Dur,
     #[serde(default)]
     workers: Option<usize>,
     #[serde(default)]
@@ -193,6 +201,8 @@ impl Default for RawProxy {
             request_timeout: secs::<60>(),
             idle_timeout: secs::<60>(),
             header_read_timeout: secs::<10>(),
+            body_timeout: secs::<60>(),
+            pool_idle_timeout: secs::<90>(),
             workers: None,
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
@@ -573,6 +583,8 @@ impl ProxyConfig {
             request_timeout: positive("proxy.request_timeout", raw.request_timeout)?,
             idle_timeout: positive("proxy.idle_timeout", raw.idle_timeout)?,
             header_read_timeout: positive("proxy.header_read_timeout", raw.header_read_timeout)?,
+            body_timeout: positive("proxy.body_timeout", raw.body_timeout)?,
+            pool_idle_timeout: positive("proxy.pool_idle_timeout", raw.pool_idle_timeout)?,
             workers: match raw.workers {
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 Some(n) if (1..=1024).contains(&n) => n,
@@ -1004,6 +1016,8 @@ mod tests {
         assert_eq!(c.cache.miss_burst, 20);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.proxy.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.proxy.pool_idle_timeout, Duration::from_secs(90));
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());
         assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));
@@ -1059,6 +1073,10 @@ mod tests {
         assert_eq!(e.key, "proxy.listen", "{e}");
         let e = err("[cache]\nttl = \"0s\"\n");
         assert_eq!(e.key, "cache.ttl");
+        let e = err("[proxy]\nbody_timeout = \"0s\"\n");
+        assert_eq!(e.key, "proxy.body_timeout");
+        let e = err("[proxy]\npool_idle_timeout = \"soon\"\n");
+        assert_eq!(e.key, "proxy.pool_idle_timeout");
         let e = err("[[clients]]\nname = \"a\"\ntoken_sha256 = \"abc\"\nconnections = [\"x\"]\n");
         assert_eq!(e.key, "clients[0].token_sha256", "{e}");
         let e = err(&format!(

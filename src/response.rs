@@ -67,6 +67,9 @@ pub enum ProxyError {
     UpstreamTls(String),
     #[error("{0}")]
     UpstreamTimeout(String),
+    /// The client stopped sending its request body part-way.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("CONNECT (the tunnel form) needs latchkey's CA: make it with `latchkey ca init` (stored in Vault; restart latchkey) or set tls.ca_cert and tls.ca_key to files that `latchkey ca init --cert FILE --key FILE` makes")]
     ConnectUnsupported,
     #[error("internal error")]
@@ -96,6 +99,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -119,6 +123,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTls(_) => "upstream_tls",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::ConnectUnsupported => "method_not_allowed",
             ProxyError::Internal => "internal",
         }
@@ -152,6 +157,15 @@ impl ProxyError {
             // cut short): the client's error, said once.
             SendError::H1(H1Error::RequestBody(e)) => {
                 ProxyError::BadRequest(format!("the request body could not be read: {e}"))
+            }
+            SendError::H1(e @ H1Error::RequestLength(_)) => ProxyError::BadRequest(e.to_string()),
+            // A request body the client stopped sending: the client's delay, not the
+            // upstream's (RFC 9110 section 15.5.9).
+            SendError::H1(e @ H1Error::ClientStalled(_)) => {
+                ProxyError::RequestTimeout(e.to_string())
+            }
+            SendError::H1(e @ H1Error::UpstreamStalled(_)) => {
+                ProxyError::UpstreamTimeout(e.to_string())
             }
             other => ProxyError::UpstreamUnreachable(other.describe()),
         }

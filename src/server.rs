@@ -34,7 +34,7 @@ use crate::secret::Secret;
 use crate::strict::{Link, Strict};
 use crate::telemetry;
 use crate::tunnel::Tunnels;
-use crate::upstream::{self, Dialer, Pool};
+use crate::upstream::{self, Dialer, Pool, PoolLimits};
 use crate::vault;
 use crate::vault::Vault;
 
@@ -100,6 +100,8 @@ struct ProxyParts {
     idle_timeout: Duration,
     /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
     header_read_timeout: Duration,
+    /// `proxy.pool_idle_timeout` and `proxy.body_timeout`, for each worker's pool.
+    pool_limits: PoolLimits,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
     leaves: LeavesSlot,
     /// Per client: Vault reads that found nothing, shared by every worker.
@@ -114,7 +116,7 @@ impl ProxyParts {
             self.lifecycle.clone(),
             self.clients.clone(),
             (self.coverage.clone(), self.passthrough.clone()),
-            Pool::new(self.dialer.clone()),
+            Pool::new(self.dialer.clone(), self.pool_limits),
             (self.request_timeout, self.misses.clone()),
         )
     }
@@ -157,11 +159,15 @@ impl Server {
             Arc::new(tls),
             config.proxy.connect_timeout,
         );
+        let pool_limits = PoolLimits {
+            idle: config.proxy.pool_idle_timeout,
+            body: config.proxy.body_timeout,
+        };
         let lifecycle = Arc::new(Lifecycle::new(
             vault.clone(),
             catalog.clone(),
             cache.clone(),
-            Pool::new(dialer.clone()),
+            Pool::new(dialer.clone(), pool_limits),
             config.proxy.request_timeout,
             config.admin.expiry_warning,
         ));
@@ -185,6 +191,7 @@ impl Server {
             request_timeout: config.proxy.request_timeout,
             idle_timeout: config.proxy.idle_timeout,
             header_read_timeout: config.proxy.header_read_timeout,
+            pool_limits,
             leaves,
             misses: Arc::new(MissLimit::new(
                 config.cache.miss_rate,

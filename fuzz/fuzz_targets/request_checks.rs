@@ -242,15 +242,17 @@ fn allow_list(lines: &[&str], options: u8) {
     let _ = passthrough.covers(query, port);
 }
 
-/// Fields: a base URL, the `Location`, the path asked, the connection ID.
+/// Fields: a base URL, the `Location`, the path asked, the connection ID, and (optional) the
+/// authority the client reached latchkey as.
 fn location(lines: &[&str]) {
-    let [base, location, asked, id, ..] = lines else {
+    let [base, location, asked, id, rest @ ..] = lines else {
         return;
     };
     let (Ok(base), true) = (BaseUrl::parse(base), ConnectionId::is_valid(id)) else {
         return;
     };
-    let Some(out) = gateway_location(location, &base, asked, id) else {
+    let reached_as = rest.first().copied().filter(|a| !a.is_empty());
+    let Some(out) = gateway_location(location, &base, asked, id, reached_as) else {
         return;
     };
     if let Some(rest) = out.strip_prefix('/') {

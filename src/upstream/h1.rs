@@ -12,19 +12,29 @@
 //! Parsing is httparse's, as in hyper. The response's hop-by-hop and framing headers, and those
 //! its `Connection` header names, are left out as the header map is built; the framing latchkey
 //! sends on is the body's own (RFC 9112 section 6.3 decides how the upstream's body ends).
+//!
+//! Framing is read at least as strictly as hyper reads it, since a connection read loosely can
+//! be desynchronised and then hand one tenant's answer to another: every line of a head and of
+//! a chunked body ends in CRLF, chunk extensions and trailers hold no control characters, a
+//! chunk size that does not fit in 64 bits is refused, and any answer that leaves doubt about
+//! where it ended (a request body that did not match its length, bytes past the end, a
+//! `Transfer-Encoding` on HTTP/1.0) leaves its connection unused. A body that moves no byte
+//! either way for the body timeout is cut.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
+use std::mem::{self, MaybeUninit};
 use std::ops::Range;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
 use zeroize::Zeroizing;
 
 use super::dial::MaybeTls;
@@ -41,6 +51,9 @@ const READ_CHUNK: usize = 16 * 1024;
 const BODY_CHUNK: usize = 64 * 1024;
 /// The longest chunk-size line or trailer line of a chunked body.
 const MAX_LINE: usize = 4 * 1024;
+/// The longest body timeout taken (a longer one is this): a deadline past the clock's range
+/// would panic.
+const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +70,25 @@ pub enum H1Error {
     Upgrade,
     #[error("the request body failed: {0}")]
     RequestBody(BoxError),
+    /// The request body did not match the length its head declared.
+    #[error("the request body {0}")]
+    RequestLength(&'static str),
+    /// The client sent nothing of its request body for the body timeout.
+    #[error("the client sent no byte of its request body for {0:?}")]
+    ClientStalled(Duration),
+    /// The upstream took or sent nothing of a body for the body timeout.
+    #[error("the upstream moved no byte of the body for {0:?}")]
+    UpstreamStalled(Duration),
+}
+
+impl H1Error {
+    /// Whether the client, not the upstream, is at fault.
+    fn is_clients(&self) -> bool {
+        matches!(
+            self,
+            H1Error::RequestBody(_) | H1Error::RequestLength(_) | H1Error::ClientStalled(_)
+        )
+    }
 }
 
 /// An HTTP/1.1 connection to an upstream, and what was read on it past the last message.
@@ -65,6 +97,21 @@ pub struct H1Conn {
     buf: BytesMut,
     /// Where each header line of the head being parsed is (kept to spare an allocation).
     spans: Vec<[usize; 4]>,
+    /// The body timeout.
+    stall: Pin<Box<Stall>>,
+}
+
+pin_project_lite::pin_project! {
+    /// How long a body may go with no byte moving either way, and its timer: made with the
+    /// connection (one allocation per connection, none per request), registered only when a
+    /// body first waits, and set again only when bytes have moved since.
+    struct Stall {
+        #[pin]
+        timer: Sleep,
+        timeout: Duration,
+        // Bytes were read since the timer was last set.
+        moved: bool,
+    }
 }
 
 /// How the request body is sent.
@@ -188,12 +235,24 @@ pub struct Failure {
 }
 
 impl H1Conn {
-    pub fn new(io: MaybeTls) -> H1Conn {
+    /// A connection whose bodies may go `body_timeout` with no byte moving. Inside a runtime
+    /// with a timer (the body timeout's is made here).
+    pub fn new(io: MaybeTls, body_timeout: Duration) -> H1Conn {
+        let body_timeout = body_timeout.min(MAX_BODY_TIMEOUT);
         H1Conn {
             io,
             buf: BytesMut::new(),
             spans: Vec::new(),
+            stall: Box::pin(Stall {
+                timer: tokio::time::sleep(body_timeout),
+                timeout: body_timeout,
+                moved: true,
+            }),
         }
+    }
+
+    fn body_timeout(&self) -> Duration {
+        self.stall.timeout
     }
 
     /// Whether an idle connection can be used: not closed by the upstream, nothing unasked-for
@@ -214,7 +273,22 @@ impl H1Conn {
         if self.buf.capacity() - self.buf.len() < chunk / 4 {
             self.buf.reserve(chunk);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf);
+        if let Poll::Ready(Ok(1..)) = read {
+            *self.stall.as_mut().project().moved = true;
+        }
+        read
+    }
+
+    /// For a body that is waiting: `Ready` once no byte has moved for the body timeout. The
+    /// clock is read only when bytes moved since the last wait (`moved`: those the caller saw).
+    fn poll_stall(&mut self, cx: &mut Context<'_>, moved: bool) -> Poll<()> {
+        let mut stall = self.stall.as_mut().project();
+        if mem::take(stall.moved) | moved {
+            let deadline = Instant::now() + *stall.timeout;
+            stall.timer.as_mut().reset(deadline);
+        }
+        stall.timer.poll(cx)
     }
 
     /// Sends `head` and the body (if any), and reads the response head. `idempotent`: whether
@@ -247,10 +321,12 @@ impl H1Conn {
         // A write of the body that fails (the upstream answered early and closed) does not end
         // the exchange: the answer may be waiting to be read.
         let mut write_failed = None;
+        // The timer starts at the first wait of this exchange, not at the last of the one before.
+        *self.stall.as_mut().project().moved = true;
         let result = poll_fn(|cx| {
             if !pump.done {
                 match pump.poll(&mut self.io, cx) {
-                    Poll::Ready(Err(e @ H1Error::RequestBody(_))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) if e.is_clients() => return Poll::Ready(Err(e)),
                     Poll::Ready(Err(e)) => {
                         pump.done = true;
                         write_failed = Some(e);
@@ -258,7 +334,16 @@ impl H1Conn {
                     _ => {}
                 }
             }
-            self.poll_head(cx, to_head)
+            let head = self.poll_head(cx, to_head);
+            // While the request body is being sent, the body timeout applies; once it is all
+            // sent, the wait for the answer is the request timeout's.
+            if head.is_pending() && !pump.done {
+                let moved = mem::take(&mut pump.moved);
+                if self.poll_stall(cx, moved).is_ready() {
+                    return Poll::Ready(Err(pump.stalled(self.body_timeout())));
+                }
+            }
+            head
         })
         .await;
         let result = match (result, write_failed) {
@@ -326,8 +411,14 @@ pub fn parse_head(
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(H1Error::Invalid("more than 100 header lines"))
             }
+            // Obsolete line folding is among what httparse refuses by default, as hyper does.
             Err(_) => return Err(H1Error::Invalid("the response head does not parse")),
         };
+        if !lines_end_in_crlf(&buf[..len], parsed.headers) {
+            return Err(H1Error::Invalid(
+                "a line of the response head does not end in CRLF",
+            ));
+        }
         let code = parsed.code.unwrap_or(0);
         if code == 101 {
             return Err(H1Error::Upgrade);
@@ -385,6 +476,21 @@ pub fn parse_head(
     }
 }
 
+/// Whether every line of a head that httparse accepted (`headers` is its parse) ends in CRLF:
+/// httparse, and so hyper, also take a bare LF, and empty lines before the status line. A line
+/// ends either right before a header name or at the end of the head, so those are the places
+/// to look, not every byte: before a name is the LF that ended the line before, and before that
+/// LF must be a CR (httparse takes a CR only right before an LF).
+fn lines_end_in_crlf(head: &[u8], headers: &[httparse::Header<'_>]) -> bool {
+    let base = head.as_ptr() as usize;
+    head.starts_with(b"HTTP/")
+        && head.ends_with(b"\r\n\r\n")
+        && headers.iter().all(|h| {
+            let at = (h.name.as_ptr() as usize).wrapping_sub(base);
+            head.get(at.wrapping_sub(2)) == Some(&b'\r')
+        })
+}
+
 /// What a response head's connection and framing headers say.
 struct Said {
     close: bool,
@@ -430,6 +536,11 @@ impl Said {
                 }
                 said.length = Some(n);
             }
+        }
+        // RFC 9112 section 6.1: a Transfer-Encoding on HTTP/1.0 is faulty framing, whatever
+        // else the head says; the connection closes after this message.
+        if version == Version::HTTP_10 && said.chunked.is_some() {
+            said.close = true;
         }
         Ok(said)
     }
@@ -500,10 +611,14 @@ fn parse_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-/// Sends a request body, frame by frame, as it arrives from the client.
+/// Sends a request body, frame by frame, as it arrives from the client, and checks it against
+/// the length the head declared: a body that ends short or runs long fails (what is past the
+/// length is never written), so the connection is not used again.
 pub struct Pump {
     body: UpstreamBody,
     chunked: bool,
+    /// With a declared length: what is still to come of it.
+    left: u64,
     /// What is still to be written of the current frame: size line, data, line end.
     out: [Bytes; 3],
     /// Whether the body was polled (and so cannot be sent again).
@@ -511,6 +626,10 @@ pub struct Pump {
     /// The last piece is queued; once written and flushed, the body is done.
     last: bool,
     pub done: bool,
+    /// Bytes were taken from the client or written upstream since the timer was last set.
+    moved: bool,
+    /// Waiting for the client's body, not for the upstream to take what was written.
+    client_turn: bool,
 }
 
 impl Pump {
@@ -518,16 +637,32 @@ impl Pump {
         Pump {
             body,
             chunked: framing == RequestFraming::Chunked,
+            left: match framing {
+                RequestFraming::Length(n) => n,
+                _ => 0,
+            },
             out: Default::default(),
             started: false,
             last: false,
             done: matches!(framing, RequestFraming::None | RequestFraming::Length(0)),
+            moved: false,
+            client_turn: false,
         }
     }
 
     /// The body, when none of it was taken (to send it on another kind of connection).
     pub fn into_body(self) -> Option<UpstreamBody> {
         (!self.started).then_some(self.body)
+    }
+
+    /// The error of a body that moved no byte for `timeout`: the client's, when the pump was
+    /// waiting for it; the upstream's, when it was waiting for the upstream to take bytes.
+    fn stalled(&self, timeout: Duration) -> H1Error {
+        if self.client_turn {
+            H1Error::ClientStalled(timeout)
+        } else {
+            H1Error::UpstreamStalled(timeout)
+        }
     }
 
     /// Writes what the body has given; `Ready(Ok)` once all of it is written.
@@ -543,6 +678,7 @@ impl Pump {
                 if n == 0 {
                     return Poll::Ready(Err(H1Error::Io(io::ErrorKind::WriteZero.into())));
                 }
+                self.moved = true;
                 for piece in &mut self.out {
                     let take = n.min(piece.len());
                     piece.advance(take);
@@ -555,7 +691,11 @@ impl Pump {
                 return Poll::Ready(Ok(()));
             }
             self.started = true;
-            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+            self.client_turn = true;
+            let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+            self.client_turn = false;
+            self.moved = true;
+            match frame {
                 Some(Ok(frame)) => {
                     let Ok(data) = frame.into_data() else {
                         continue; // trailers are not sent on
@@ -566,6 +706,11 @@ impl Pump {
                     if self.chunked {
                         self.out[0] = Bytes::from(format!("{:x}\r\n", data.len()));
                         self.out[2] = Bytes::from_static(b"\r\n");
+                    } else {
+                        self.left = self
+                            .left
+                            .checked_sub(data.len() as u64)
+                            .ok_or(H1Error::RequestLength("is longer than its Content-Length"))?;
                     }
                     self.out[1] = data;
                 }
@@ -573,6 +718,10 @@ impl Pump {
                 None => {
                     if self.chunked {
                         self.out[0] = Bytes::from_static(b"0\r\n\r\n");
+                    } else if self.left > 0 {
+                        return Poll::Ready(Err(H1Error::RequestLength(
+                            "ended before its Content-Length",
+                        )));
                     }
                     self.last = true;
                 }
@@ -631,7 +780,12 @@ impl<H: Checkin> H1Body<H> {
     fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.framing = Framing::Empty;
         self.conn = None;
-        Poll::Ready(Some(Err(e.into())))
+        let e: BoxError = match e {
+            // Said as a timeout, which the access log tells apart from other body failures.
+            e @ H1Error::UpstreamStalled(_) => Box::new(io::Error::new(io::ErrorKind::TimedOut, e)),
+            e => e.into(),
+        };
+        Poll::Ready(Some(Err(e)))
     }
 }
 
@@ -699,7 +853,22 @@ impl<H: Checkin + Unpin> Body for H1Body<H> {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(conn.poll_fill_by(cx, BODY_CHUNK)) {
+            let filled = match conn.poll_fill_by(cx, BODY_CHUNK) {
+                Poll::Ready(filled) => filled,
+                Poll::Pending => {
+                    let moved = this.pump.as_mut().is_some_and(|p| mem::take(&mut p.moved));
+                    if conn.poll_stall(cx, moved).is_ready() {
+                        let timeout = conn.body_timeout();
+                        let e = match &this.pump {
+                            Some(pump) => pump.stalled(timeout),
+                            None => H1Error::UpstreamStalled(timeout),
+                        };
+                        return this.fail(e);
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) if this.framing == Framing::Close => {
                     this.reusable = false;
                     this.end();
@@ -735,15 +904,15 @@ enum Decoded {
     End,
 }
 
-/// Takes what it can of a chunked body from `buf`.
+/// Takes what it can of a chunked body from `buf` (RFC 9112 section 7.1), as strictly as hyper
+/// or more: every line ends in CRLF, a chunk size fits in 64 bits, extensions and trailers hold
+/// no control character but HTAB, trailers are `name: value` lines without obsolete folding.
 fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Error> {
     loop {
         match state {
             Chunk::Size => {
-                let (used, size) = match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete(parsed)) => parsed,
-                    Ok(httparse::Status::Partial) => return more(buf),
-                    Err(_) => return Err(H1Error::Invalid("a chunk size line")),
+                let Some((used, size)) = chunk_size_line(buf)? else {
+                    return more(buf);
                 };
                 buf.advance(used);
                 *state = if size == 0 {
@@ -765,14 +934,10 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Erro
                 return Ok(Decoded::Data(data));
             }
             Chunk::DataEnd => {
-                if buf.starts_with(b"\r\n") {
-                    buf.advance(2);
-                } else if buf.starts_with(b"\n") {
-                    buf.advance(1);
-                } else if buf.len() >= 2 || (buf.len() == 1 && buf[0] != b'\r') {
-                    return Err(H1Error::Invalid("a chunk does not end with a line end"));
-                } else {
-                    return Ok(Decoded::More);
+                match buf.get(..2) {
+                    Some(b"\r\n") => buf.advance(2),
+                    None if buf.first().is_none_or(|b| *b == b'\r') => return Ok(Decoded::More),
+                    _ => return Err(H1Error::Invalid("a chunk's data does not end in CRLF")),
                 }
                 *state = Chunk::Size;
             }
@@ -780,7 +945,14 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Erro
                 let Some(end) = buf.iter().position(|b| *b == b'\n') else {
                     return more(buf);
                 };
-                let blank = end == 0 || (end == 1 && buf[0] == b'\r');
+                let line = match end.checked_sub(1).map(|cr| (buf.get(cr), buf.get(..cr))) {
+                    Some((Some(b'\r'), Some(line))) => line,
+                    _ => return Err(H1Error::Invalid("a trailer line ends in LF without CR")),
+                };
+                if !line.is_empty() {
+                    trailer_line(line)?;
+                }
+                let blank = line.is_empty();
                 buf.advance(end + 1);
                 if blank {
                     return Ok(Decoded::End);
@@ -788,6 +960,75 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Erro
             }
         }
     }
+}
+
+/// Parses the chunk-size line at the start of `buf`: hex digits (leading zeros allowed, a size
+/// past 64 bits refused), optional whitespace, extensions (ignored, but without a bare CR or LF
+/// or any other control character but HTAB), CRLF. `None` while the line is not all there.
+fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
+    let mut size: u64 = 0;
+    let mut at = 0;
+    while let Some(digit) = buf.get(at).and_then(|b| char::from(*b).to_digit(16)) {
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(digit)))
+            .ok_or(H1Error::Invalid("a chunk size does not fit in 64 bits"))?;
+        at += 1;
+    }
+    if at == 0 && !buf.is_empty() {
+        return Err(H1Error::Invalid(
+            "a chunk size line does not start with a size",
+        ));
+    }
+    let mut in_extension = false;
+    while let Some(b) = buf.get(at) {
+        match *b {
+            b'\r' => {
+                return match buf.get(at + 1) {
+                    None => Ok(None),
+                    Some(b'\n') => Ok(Some((at + 2, size))),
+                    Some(_) => Err(H1Error::Invalid("a chunk size line has a CR without LF")),
+                }
+            }
+            b'\n' => return Err(H1Error::Invalid("a chunk size line ends in LF without CR")),
+            b';' => in_extension = true,
+            b' ' | b'\t' => {}
+            b if is_control(b) => {
+                return Err(H1Error::Invalid(
+                    "a chunk extension holds a control character",
+                ))
+            }
+            _ if in_extension => {}
+            _ => return Err(H1Error::Invalid("a chunk size line")),
+        }
+        at += 1;
+    }
+    Ok(None)
+}
+
+/// Checks one trailer line (without its CRLF): a field name, a colon, a value; no control
+/// character but HTAB, no obsolete folding (a line that starts with whitespace).
+fn trailer_line(line: &[u8]) -> Result<(), H1Error> {
+    let name_end = line.iter().position(|b| *b == b':').unwrap_or(0);
+    let name = line.get(..name_end).unwrap_or_default();
+    let value = line.get(name_end..).unwrap_or_default();
+    if name.is_empty() || !name.iter().all(|b| is_token(*b)) {
+        return Err(H1Error::Invalid("a trailer line is not a header field"));
+    }
+    if value.iter().any(|b| *b != b'\t' && is_control(*b)) {
+        return Err(H1Error::Invalid("a trailer holds a control character"));
+    }
+    Ok(())
+}
+
+/// A `tchar` of RFC 9110 section 5.6.2, what field names are made of.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A control character (HTAB among them; callers allow it where the grammar does).
+fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
 }
 
 fn more(buf: &BytesMut) -> Result<Decoded, H1Error> {
@@ -803,6 +1044,9 @@ pub mod fuzzing;
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
 
     fn head(raw: &[u8], to_head: bool) -> Head {
@@ -944,6 +1188,261 @@ mod tests {
         }
     }
 
+    /// Whether `input` is refused as a chunked body, however it is split (and not just left
+    /// unfinished).
+    fn refused(input: &[u8]) -> bool {
+        [1, 3, input.len()].into_iter().all(
+            |split| matches!(decode_all(input, split), Err(H1Error::Invalid(m)) if m != "no end"),
+        )
+    }
+
+    fn accepted(input: &[u8]) -> Vec<u8> {
+        decode_all(input, input.len()).unwrap().0
+    }
+
+    #[test]
+    fn chunk_size_line_with_bare_lf_is_refused() {
+        for bad in [
+            // httparse's chunk-size parser took an LF inside an extension as part of it: here
+            // "3;a\nxyz" was one line and "abc" the data.
+            &b"3;a\nxyz\r\nabc\r\n0\r\n\r\n"[..],
+            b"3\nabc\r\n0\r\n\r\n",
+            b"3 \nabc\r\n0\r\n\r\n",
+            b"3\r\nabc\r\n0\n\r\n",
+        ] {
+            assert!(refused(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn chunk_data_ending_in_bare_lf_is_refused() {
+        assert!(refused(b"3\r\nabc\n0\r\n\r\n"));
+        assert!(refused(b"3\r\nabcX\r\n0\r\n\r\n"));
+        assert_eq!(accepted(b"3\r\nabc\r\n0\r\n\r\n"), b"abc");
+    }
+
+    #[test]
+    fn trailer_with_bare_lf_is_refused() {
+        for bad in [
+            &b"3\r\nabc\r\n0\r\nx-t: 1\n\r\n"[..],
+            b"3\r\nabc\r\n0\r\n\n",
+            b"3\r\nabc\r\n0\r\nx-t: 1\r\n\n",
+            // Nor a CR or another control character inside, obsolete folding, or a line that is
+            // not a field.
+            b"3\r\nabc\r\n0\r\nx-t: 1\r2\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nx-t: \x001\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nx-t: 1\r\n 2\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nnot a field\r\n\r\n",
+            b"3\r\nabc\r\n0\r\n: 1\r\n\r\n",
+        ] {
+            assert!(refused(bad), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            accepted(b"3\r\nabc\r\n0\r\nX-T: 1\t2 \x80\r\nx-u:\r\n\r\n"),
+            b"abc"
+        );
+    }
+
+    #[test]
+    fn chunk_extensions_with_a_bare_cr_or_control_characters_are_refused() {
+        for bad in [
+            &b"3;a\rb\r\nabc\r\n0\r\n\r\n"[..],
+            b"3;a=\x00\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\x1b[2J\r\nabc\r\n0\r\n\r\n",
+            b"3;a=\x7f\r\nabc\r\n0\r\n\r\n",
+            b"3\r\nabc\r\n0;a\x0bb\r\n\r\n",
+            b"3 4\r\nabc\r\n0\r\n\r\n",
+            b";a\r\nabc\r\n0\r\n\r\n",
+        ] {
+            assert!(refused(bad), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            accepted(b"3 \t;a=\"q; \t\x80\" ;b\r\nabc\r\n0\r\n\r\n"),
+            b"abc"
+        );
+    }
+
+    #[test]
+    fn chunk_size_overflow_is_refused() {
+        assert!(refused(b"10000000000000000\r\n"));
+        assert!(refused(b"fffffffffffffffff\r\n"));
+        // Sixteen digits fit; leading zeros are no overflow.
+        let mut buf = BytesMut::from(&b"ffffffffffffffff\r\nab"[..]);
+        let mut state = Chunk::Size;
+        assert!(matches!(
+            decode_chunk(&mut buf, &mut state),
+            Ok(Decoded::Data(_))
+        ));
+        assert_eq!(state, Chunk::Data(u64::MAX - 2));
+        assert_eq!(
+            accepted(b"000000000000000000000003\r\nabc\r\n0\r\n\r\n"),
+            b"abc"
+        );
+    }
+
+    #[test]
+    fn response_head_with_bare_lf_is_refused() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\ncontent-length: 0\n\n"[..],
+            b"HTTP/1.1 200 OK\r\nx-a: 1\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\n",
+            b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(bad);
+            assert!(
+                matches!(
+                    parse_head(&mut buf, &mut Vec::new(), false),
+                    Err(H1Error::Invalid(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // A CR elsewhere than before an LF is httparse's to refuse.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-a: 1\r2\r\n\r\n"[..]);
+        assert!(parse_head(&mut buf, &mut Vec::new(), false).is_err());
+    }
+
+    #[test]
+    fn response_head_with_obs_fold_is_refused() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nx-a: 1\r\n 2\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nx-a: 1\r\n\t2\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n x-a: 1\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(bad);
+            assert!(
+                parse_head(&mut buf, &mut Vec::new(), false).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn transfer_encoding_on_http10_is_not_reused() {
+        let h = head(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
+        assert!(!h.reusable);
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert!(h.reusable, "on HTTP/1.1 it is");
+    }
+
+    /// A request body that says it has `claims` bytes and has `data`.
+    struct Lying {
+        data: Option<Bytes>,
+        claims: u64,
+    }
+
+    impl Body for Lying {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.claims)
+        }
+    }
+
+    /// Where a connection would go back to: counts the times it did.
+    struct Back(Arc<AtomicUsize>);
+
+    impl Checkin for Back {
+        fn checkin(self, _: H1Conn) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// POSTs a body of `data` that claims `claims` bytes to an upstream that answers as soon as
+    /// it has the head; what the exchange gave, and how many bytes the upstream got after the
+    /// head before latchkey let go of the connection.
+    async fn post_lying(data: &'static [u8], claims: u64) -> (Result<(), H1Error>, usize, usize) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1024];
+            let mut answered = false;
+            loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                if !answered && got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    answered = true;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                }
+            }
+            let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            got.len() - end
+        });
+        let io = MaybeTls::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let mut conn = H1Conn::new(io, Duration::from_secs(60));
+        let body = http_body_util::BodyExt::boxed_unsync(Lying {
+            data: Some(Bytes::from_static(data)),
+            claims,
+        });
+        let req = http::Request::post("http://up/x").body(()).unwrap();
+        let framing = RequestFraming::of(req.method(), &body);
+        assert_eq!(framing, RequestFraming::Length(claims));
+        let head = encode_head(&req.into_parts().0, "up", framing);
+        let mut pump = Pump::new(body, framing);
+        let back = Arc::new(AtomicUsize::new(0));
+        let exchanged = conn.exchange(&head, &mut pump, false, false).await;
+        let result = match exchanged {
+            Ok(head) => {
+                drop(H1Body::new(conn, &head, pump, Back(back.clone())));
+                Ok(())
+            }
+            Err(f) => {
+                drop(conn);
+                Err(f.error)
+            }
+        };
+        (result, back.load(Ordering::SeqCst), upstream.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn request_body_shorter_than_content_length_fails_and_is_not_reused() {
+        let (result, reused, sent) = post_lying(b"four", 10).await;
+        assert!(
+            matches!(result, Err(H1Error::RequestLength(_))),
+            "{result:?}"
+        );
+        assert_eq!(reused, 0, "the connection went back to the pool");
+        assert_eq!(sent, 4);
+    }
+
+    #[tokio::test]
+    async fn request_body_longer_than_content_length_fails_and_is_not_reused() {
+        let (result, reused, sent) = post_lying(b"four plus six", 4).await;
+        assert!(
+            matches!(result, Err(H1Error::RequestLength(_))),
+            "{result:?}"
+        );
+        assert_eq!(reused, 0, "the connection went back to the pool");
+        assert_eq!(sent, 0, "bytes past the length reached the upstream");
+    }
+
     /// A small deterministic generator, so that a failure can be replayed.
     struct Rng(u64);
 
@@ -985,6 +1484,15 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..cut]);
             let mut spans = Vec::new();
             if let Ok(Some(head)) = parse_head(&mut buf, &mut spans, round % 5 == 0) {
+                // What was taken as heads has no line end but CRLF.
+                let taken = &bytes[..cut - buf.len()];
+                for (i, b) in taken.iter().enumerate() {
+                    assert!(
+                        *b != b'\n' || (i > 0 && taken[i - 1] == b'\r'),
+                        "{}",
+                        String::from_utf8_lossy(taken)
+                    );
+                }
                 if let Framing::Chunked(mut state) = head.framing {
                     while let Ok(Decoded::Data(_)) = decode_chunk(&mut buf, &mut state) {}
                 }

@@ -8,4 +8,4 @@ pub mod pool;
 
 pub use dial::{tls_config, DialError, Dialer, MaybeTls};
 pub use h1::H1Error;
-pub use pool::{Pool, ResponseBody, SendError};
+pub use pool::{Limits as PoolLimits, Pool, ResponseBody, SendError};

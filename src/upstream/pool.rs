@@ -8,6 +8,11 @@
 //! and the method is idempotent or the head was never written). An h2 connection (ALPN) is
 //! hyper's and is shared by every request to its host. Requests to HTTP/1.1 upstreams go in
 //! origin form with a `Host` header; to h2 upstreams, with `:authority` and `:scheme`.
+//!
+//! An idle connection older than the pool's idle limit is dropped when it would be taken, and
+//! by a reaper task that runs while the pool has idle connections (so that an upstream is not
+//! held open by a pool nobody sends through); the task holds the pool only weakly and ends
+//! with it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -30,8 +35,9 @@ use crate::body::{self as body, BoxBody as UpstreamBody, BoxError};
 use crate::hop_by_hop;
 use zeroize::Zeroizing;
 
-/// How long an idle connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often, per idle limit, the reaper looks: a connection is closed between the limit and a
+/// quarter more after its last use.
+const REAPS: u32 = 4;
 /// Idle HTTP/1.1 connections kept per host, per worker: enough for a worker's share of a few
 /// hundred concurrent requests, few enough that a burst does not leave thousands open.
 const MAX_IDLE_PER_HOST: usize = 64;
@@ -86,11 +92,23 @@ struct Idle {
 struct State {
     idle: [ByHost<Vec<Idle>>; 2],
     h2: [ByHost<http2::SendRequest<UpstreamBody>>; 2],
+    /// A reaper task is running.
+    reaping: bool,
+}
+
+/// The pool's limits (`proxy.pool_idle_timeout`, `proxy.body_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long an idle HTTP/1.1 connection is kept.
+    pub idle: Duration,
+    /// How long a body may go with no byte moving either way.
+    pub body: Duration,
 }
 
 /// The pool. Cheap to share; a worker's requests all use its own.
 pub struct Pool {
     dialer: Dialer,
+    limits: Limits,
     state: Mutex<State>,
 }
 
@@ -152,9 +170,10 @@ impl Body for ResponseBody {
 }
 
 impl Pool {
-    pub fn new(dialer: Dialer) -> Arc<Pool> {
+    pub fn new(dialer: Dialer, limits: Limits) -> Arc<Pool> {
         Arc::new(Pool {
             dialer,
+            limits,
             state: Mutex::new(State::default()),
         })
     }
@@ -267,7 +286,7 @@ impl Pool {
             let resp = sender.send_request(req).await?;
             return Ok(from_h2(resp, exchange.to_head));
         }
-        let mut conn = H1Conn::new(io);
+        let mut conn = H1Conn::new(io, self.limits.body);
         match conn
             .exchange(&exchange.head, &mut exchange.pump, exchange.to_head, false)
             .await
@@ -316,7 +335,8 @@ impl Pool {
         let list = state.idle[usize::from(key.https)].get_mut(key.authority.as_str())?;
         let now = Instant::now();
         while let Some(mut idle) = list.pop() {
-            if now.saturating_duration_since(idle.since) < IDLE_TIMEOUT && idle.conn.is_usable() {
+            if now.saturating_duration_since(idle.since) < self.limits.idle && idle.conn.is_usable()
+            {
                 return Some(idle.conn);
             }
             tracing::debug!("an idle upstream connection was closed or too old; dropped");
@@ -324,18 +344,76 @@ impl Pool {
         None
     }
 
-    fn put(&self, key: Key, conn: H1Conn) {
+    fn put(self: &Arc<Self>, key: Key, conn: H1Conn) {
         let mut state = self.state();
         let map = &mut state.idle[usize::from(key.https)];
         let list = match map.get_mut(key.authority.as_str()) {
             Some(list) => list,
             None => map.entry(key.authority.as_str().into()).or_default(),
         };
-        if list.len() < MAX_IDLE_PER_HOST {
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
+        if list.len() >= MAX_IDLE_PER_HOST {
+            return;
+        }
+        list.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        if state.reaping {
+            return;
+        }
+        // The first idle connection since the reaper last stopped: start it (outside a runtime
+        // there is none to run it on; the next connection put back tries again).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            state.reaping = true;
+            drop(state);
+            let every = (self.limits.idle / REAPS).max(Duration::from_millis(10));
+            runtime.spawn(reap(Arc::downgrade(self), every));
+        }
+    }
+
+    /// Drops the idle connections older than the idle limit, and those the upstream closed.
+    /// Whether any is left (when none is, the reaper stops).
+    fn reap_idle(&self) -> bool {
+        let mut reaped = Vec::new();
+        let mut state = self.state();
+        let now = Instant::now();
+        for map in &mut state.idle {
+            map.retain(|_, list| {
+                let mut i = 0;
+                while i < list.len() {
+                    let idle = &mut list[i];
+                    if now.saturating_duration_since(idle.since) < self.limits.idle
+                        && idle.conn.is_usable()
+                    {
+                        i += 1;
+                    } else {
+                        reaped.push(list.remove(i));
+                    }
+                }
+                !list.is_empty()
             });
+        }
+        let left = state.idle.iter().any(|map| !map.is_empty());
+        state.reaping = left;
+        drop(state);
+        if !reaped.is_empty() {
+            tracing::debug!(
+                closed = reaped.len(),
+                "idle upstream connections past the pool's idle limit or closed by the upstream"
+            );
+        }
+        left
+    }
+}
+
+/// The reaper: every `every`, the pool's idle connections past their limit are closed; it ends
+/// when the pool is gone or has no idle connection left.
+async fn reap(pool: Weak<Pool>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match pool.upgrade() {
+            Some(pool) if pool.reap_idle() => {}
+            _ => return,
         }
     }
 }
@@ -378,4 +456,90 @@ fn for_h2(req: &mut Request<UpstreamBody>, key: &Key) {
         }
     }
     *req.version_mut() = Version::HTTP_2;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::destination::AddressPolicy;
+    use crate::upstream::dial::{tls_config, MaybeTls};
+
+    fn pool(idle: Duration) -> Arc<Pool> {
+        let dialer = Dialer::new(
+            AddressPolicy::new(Vec::new()),
+            HashMap::new(),
+            Arc::new(tls_config(&[]).unwrap()),
+            Duration::from_secs(5),
+        );
+        let body = Duration::from_secs(60);
+        Pool::new(dialer, Limits { idle, body })
+    }
+
+    /// A connection on loopback, as the pool holds it, and the upstream's end of it.
+    async fn connection() -> (H1Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        let conn = H1Conn::new(MaybeTls::Plain(ours), Duration::from_secs(60));
+        (conn, theirs)
+    }
+
+    fn key() -> Key {
+        Key {
+            https: false,
+            authority: Authority::from_static("upstream.test:80"),
+        }
+    }
+
+    /// Whether, within `looks` looks of the reaper (`every` apart, on the paused clock), no
+    /// task but the test's own is alive.
+    async fn reaper_gone(every: Duration, looks: usize) -> bool {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        for _ in 0..looks {
+            if metrics.num_alive_tasks() == 0 {
+                return true;
+            }
+            tokio::time::sleep(every).await;
+        }
+        metrics.num_alive_tasks() == 0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reaper_runs_while_connections_are_idle_and_ends_with_the_pool() {
+        let idle = Duration::from_secs(3600);
+        let every = idle / REAPS;
+        let pool = pool(idle);
+        let alive = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+
+        // An idle connection starts the reaper, which closes it once it is past the limit
+        // (the upstream reads the end of the connection), then stops, with nothing to do.
+        let (conn, mut upstream) = connection().await;
+        pool.put(key(), conn);
+        assert_eq!(alive(), 1);
+        assert_eq!(upstream.read(&mut [0u8; 1]).await.unwrap(), 0);
+        assert!(pool.state().idle[0].is_empty());
+        assert!(
+            reaper_gone(every, 1).await,
+            "the reaper runs on, with nothing to do"
+        );
+
+        // The next one starts it again; dropping the pool ends it at its next look (it holds
+        // the pool weakly), long before the connection would have been past the limit.
+        let (conn, _upstream) = connection().await;
+        pool.put(key(), conn);
+        assert_eq!(alive(), 1);
+        drop(pool);
+        assert!(reaper_gone(every, 2).await, "the reaper outlived its pool");
+    }
 }

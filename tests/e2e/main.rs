@@ -42,5 +42,6 @@ mod strict;
 mod token_place;
 mod tunnel;
 mod upstream_h1;
+mod upstream_strict;
 mod websocket;
 mod workers;

@@ -21,19 +21,19 @@ use crate::errors::send;
 use crate::support::*;
 
 #[derive(Default)]
-struct Counts {
+pub struct Counts {
     connections: AtomicUsize,
     requests: AtomicUsize,
 }
 
 /// A raw upstream: `serve` is run for every connection it accepts.
-struct Upstream {
-    addr: SocketAddr,
+pub struct Upstream {
+    pub addr: SocketAddr,
     counts: Arc<Counts>,
 }
 
 impl Upstream {
-    async fn start<F, Fut>(serve: F) -> Upstream
+    pub async fn start<F, Fut>(serve: F) -> Upstream
     where
         F: Fn(Conn) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -57,31 +57,31 @@ impl Upstream {
         Upstream { addr, counts }
     }
 
-    fn base_url(&self) -> String {
+    pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Connections accepted so far.
-    fn connections(&self) -> usize {
+    pub fn connections(&self) -> usize {
         self.counts.connections.load(Ordering::SeqCst)
     }
 
     /// Request heads read so far, on all connections.
-    fn requests(&self) -> usize {
+    pub fn requests(&self) -> usize {
         self.counts.requests.load(Ordering::SeqCst)
     }
 }
 
 /// One connection accepted by an [`Upstream`], with what was read on it past the last head.
-struct Conn {
-    stream: TcpStream,
+pub struct Conn {
+    pub stream: TcpStream,
     buf: Vec<u8>,
     counts: Arc<Counts>,
 }
 
 impl Conn {
     /// Reads one request head; `None` when the connection ends first.
-    async fn head(&mut self) -> Option<String> {
+    pub async fn head(&mut self) -> Option<String> {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
@@ -96,7 +96,7 @@ impl Conn {
     }
 
     /// Reads the body of the request whose head is `head` (by its Content-Length); its size.
-    async fn body(&mut self, head: &str) -> usize {
+    pub async fn body(&mut self, head: &str) -> usize {
         let length = head
             .lines()
             .filter_map(|l| l.split_once(':'))
@@ -113,7 +113,7 @@ impl Conn {
     }
 
     /// Reads once; how much was read (0 at the end or on an error).
-    async fn fill(&mut self) -> usize {
+    pub async fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 16 * 1024];
         match self.stream.read(&mut chunk).await {
             Ok(n) => {
@@ -125,21 +125,21 @@ impl Conn {
     }
 
     /// Writes `bytes`; false when the connection is gone.
-    async fn write(&mut self, bytes: &[u8]) -> bool {
+    pub async fn write(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).await.is_ok()
     }
 
     /// Reads and counts request heads until the peer closes (what arrives after this side has
     /// said all it will).
-    async fn drain(&mut self) {
+    pub async fn drain(&mut self) {
         while self.head().await.is_some() {}
     }
 }
 
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+pub const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
 /// GET through the gateway: the status and the body.
-async fn get_text(client: &reqwest::Client, url: &str) -> (u16, String) {
+pub async fn get_text(client: &reqwest::Client, url: &str) -> (u16, String) {
     let r = client.get(url).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
