@@ -316,12 +316,21 @@ async fn stalled_upstream_body_is_cut_after_body_timeout() {
     let r = http().get(lk.url("/stalled/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
-    assert_eq!(&body.next().await.unwrap().unwrap()[..], b"first");
-    // The body ends abnormally: no terminating chunk reaches the client.
-    let rest = tokio::time::timeout(BOUND, body.next())
-        .await
-        .expect("the stalled body was not cut");
+    // The body ends abnormally: no terminating chunk reaches the client. What came before is
+    // the chunk sent (less a tail the scrubber may hold back, in case it began the key).
+    let mut got = Vec::new();
+    let rest = tokio::time::timeout(BOUND, async {
+        loop {
+            match body.next().await {
+                Some(Ok(b)) => got.extend_from_slice(&b),
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stalled body was not cut");
     assert!(matches!(rest, Some(Err(_))), "{rest:?}");
+    assert!(b"first".starts_with(&got), "{got:?}");
     wait_until("latchkey to close the upstream connection", BOUND, || {
         std::future::ready((closed.load(Ordering::SeqCst) == 1).then_some(()))
     })
@@ -330,7 +339,7 @@ async fn stalled_upstream_body_is_cut_after_body_timeout() {
         .access_line(|l| l["path"] == "/x" && l["error"] == "upstream_timeout")
         .await;
     assert_eq!(line["status"], 200);
-    assert_eq!(line["bytes_out"], 5);
+    assert_eq!(line["bytes_out"], got.len() as u64);
 }
 
 #[tokio::test]
