@@ -16,6 +16,8 @@
 //!   - a bare LF as a line end (in the head, a chunk-size line, after chunk data, in trailers);
 //!   - a control character (other than HTAB) in a chunk extension;
 //!   - obs-fold: a header line continued on a line that starts with a space or a tab;
+//!   - empty lines before a status line, the first or the one after a `1xx` (RFC 9112 section
+//!     2.2 lets a client skip them; latchkey's refuses, hyper's skips);
 //!   - a `101 Switching Protocols` answer: latchkey switches protocols only for a WebSocket,
 //!     on a connection of its own, and refuses one on its HTTP/1.1 client (hyper hands it back
 //!     as an answer with an empty body).
@@ -201,7 +203,9 @@ fn stricter_by_design(input: &[u8]) -> bool {
                 .any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f)
         })
     });
-    bare_lf || obs_fold || control_in_extension
+    let leading_empty_line = input.first().is_some_and(|b| *b == b'\r' || *b == b'\n')
+        || input.windows(6).any(|w| w == b"\r\n\r\n\r\n");
+    bare_lf || obs_fold || control_in_extension || leading_empty_line
 }
 
 /// An error and its sources, one after the other.
