@@ -945,6 +945,10 @@ fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Erro
                 let Some(end) = buf.iter().position(|b| *b == b'\n') else {
                     return more(buf);
                 };
+                // A line that arrived whole is held to the bound a line arriving in pieces is.
+                if end > MAX_LINE {
+                    return Err(H1Error::Invalid("a chunk line is too long"));
+                }
                 let line = match end.checked_sub(1).map(|cr| (buf.get(cr), buf.get(..cr))) {
                     Some((Some(b'\r'), Some(line))) => line,
                     _ => return Err(H1Error::Invalid("a trailer line ends in LF without CR")),
@@ -986,9 +990,14 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
             b'\r' => {
                 return match buf.get(at + 1) {
                     None => Ok(None),
+                    // A line that arrived whole is held to the bound a line arriving in pieces
+                    // is ([`more`]).
+                    Some(b'\n') if at + 1 > MAX_LINE => {
+                        Err(H1Error::Invalid("a chunk line is too long"))
+                    }
                     Some(b'\n') => Ok(Some((at + 2, size))),
                     Some(_) => Err(H1Error::Invalid("a chunk size line has a CR without LF")),
-                }
+                };
             }
             b'\n' => return Err(H1Error::Invalid("a chunk size line ends in LF without CR")),
             b';' => in_extension = true,
@@ -1219,6 +1228,25 @@ mod tests {
         assert!(refused(b"3\r\nabc\n0\r\n\r\n"));
         assert!(refused(b"3\r\nabcX\r\n0\r\n\r\n"));
         assert_eq!(accepted(b"3\r\nabc\r\n0\r\n\r\n"), b"abc");
+    }
+
+    #[test]
+    fn a_long_chunk_line_is_refused_whether_it_arrives_whole_or_in_pieces() {
+        for line in [
+            format!("0\r\nX-T: {}\r\n\r\n", "e".repeat(MAX_LINE)),
+            format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(MAX_LINE)),
+        ] {
+            let mut whole = BytesMut::from(line.as_bytes());
+            let mut state = Chunk::Size;
+            let refused = loop {
+                match decode_chunk(&mut whole, &mut state) {
+                    Ok(Decoded::Data(_)) => continue,
+                    Ok(_) => break false,
+                    Err(_) => break true,
+                }
+            };
+            assert!(refused, "{} bytes in one read", line.len());
+        }
     }
 
     #[test]
