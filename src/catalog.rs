@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
@@ -311,6 +311,33 @@ struct RawCatalogFile {
     connectors: BTreeMap<String, RawConnector>,
 }
 
+/// The built-in connectors, built once per process: every configuration load (start, each
+/// `SIGHUP`, `check-config`) shares them rather than parsing and checking 49 connectors again.
+fn builtin_connectors() -> Result<&'static BTreeMap<String, Arc<Connector>>, CatalogError> {
+    static BUILT: OnceLock<Result<BTreeMap<String, Arc<Connector>>, CatalogError>> =
+        OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let file: RawCatalogFile = serde_path_to_error::deserialize(toml::Deserializer::new(
+                BUILTIN,
+            ))
+            .map_err(|e| {
+                CatalogError::new(
+                    format!("built-in catalog: {}", e.path()),
+                    e.into_inner().message().to_string(),
+                )
+            })?;
+            let mut connectors = BTreeMap::new();
+            for (id, rc) in file.connectors {
+                let connector = Connector::from_raw(&id, rc)?;
+                connectors.insert(id, Arc::new(connector));
+            }
+            Ok(connectors)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 impl Catalog {
     /// The built-in catalog alone.
     pub fn builtin() -> Result<Catalog, CatalogError> {
@@ -322,17 +349,8 @@ impl Catalog {
     pub fn with_overrides(
         overrides: BTreeMap<String, RawConnector>,
     ) -> Result<Catalog, CatalogError> {
-        let builtin: RawCatalogFile =
-            serde_path_to_error::deserialize(toml::Deserializer::new(BUILTIN)).map_err(|e| {
-                CatalogError::new(
-                    format!("built-in catalog: {}", e.path()),
-                    e.into_inner().message().to_string(),
-                )
-            })?;
-        let mut raw = builtin.connectors;
-        raw.extend(overrides);
-        let mut connectors = BTreeMap::new();
-        for (id, rc) in raw {
+        let mut connectors = builtin_connectors()?.clone();
+        for (id, rc) in overrides {
             let connector = Connector::from_raw(&id, rc)?;
             connectors.insert(id, Arc::new(connector));
         }
