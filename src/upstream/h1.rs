@@ -53,7 +53,7 @@ const BODY_CHUNK: usize = 64 * 1024;
 const MAX_LINE: usize = 4 * 1024;
 /// The longest body timeout taken (a longer one is this): a deadline past the clock's range
 /// would panic.
-const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const MAX_BODY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]

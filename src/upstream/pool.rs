@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme as UriScheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -130,7 +132,8 @@ impl Checkin for Home {
 pub enum ResponseBody {
     Empty,
     H1(H1Body<Home>),
-    H2(Incoming),
+    /// An h2 answer; its stream fails after `proxy.body_timeout` without a frame.
+    H2(Stall<Incoming>),
     /// An answer read by hyper's HTTP/1.1 client (a WebSocket handshake the upstream refused).
     Http1(Incoming),
 }
@@ -146,7 +149,8 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::H1(b) => Pin::new(b).poll_frame(cx),
-            ResponseBody::H2(b) | ResponseBody::Http1(b) => Pin::new(b)
+            ResponseBody::H2(b) => Pin::new(b).poll_frame(cx),
+            ResponseBody::Http1(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
         }
@@ -156,7 +160,8 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => true,
             ResponseBody::H1(b) => b.is_end_stream(),
-            ResponseBody::H2(b) | ResponseBody::Http1(b) => b.is_end_stream(),
+            ResponseBody::H2(b) => b.is_end_stream(),
+            ResponseBody::Http1(b) => b.is_end_stream(),
         }
     }
 
@@ -164,8 +169,98 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Empty => SizeHint::with_exact(0),
             ResponseBody::H1(b) => b.size_hint(),
-            ResponseBody::H2(b) | ResponseBody::Http1(b) => b.size_hint(),
+            ResponseBody::H2(b) => b.size_hint(),
+            ResponseBody::Http1(b) => b.size_hint(),
         }
+    }
+}
+
+/// An h2 body that fails once it has been waited on for `timeout` with no frame coming: what
+/// `proxy.body_timeout` is for an HTTP/1.1 body, on one h2 stream (h2's pings see a connection
+/// alive while one of its streams stalls). Only waiting counts: time the reader takes between
+/// frames (a slow client) does not.
+pub struct Stall<B> {
+    inner: B,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    /// Whether the last poll found nothing, so the timer runs.
+    waiting: bool,
+    /// The error when it fires: which side stalled.
+    stalled: fn(Duration) -> BoxError,
+    /// Set when it fired (hyper reports an upload's error as a reset stream, not as this).
+    fired: Arc<AtomicBool>,
+}
+
+impl<B> Stall<B> {
+    fn new(inner: B, timeout: Duration, stalled: fn(Duration) -> BoxError) -> Stall<B> {
+        let timeout = timeout.min(h1::MAX_BODY_TIMEOUT);
+        Stall {
+            inner,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            waiting: false,
+            stalled,
+            fired: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// An upstream's answer: a stall is the upstream's (504 `upstream_timeout` when nothing
+    /// went back yet; in the access log, a timeout either way).
+    fn answer(inner: B, timeout: Duration) -> Stall<B> {
+        Stall::new(inner, timeout, |t| {
+            Box::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                H1Error::UpstreamStalled(t),
+            ))
+        })
+    }
+
+    /// A client's upload: a stall is the client's (408 `request_timeout`).
+    fn upload(inner: B, timeout: Duration) -> Stall<B> {
+        Stall::new(inner, timeout, |t| Box::new(H1Error::ClientStalled(t)))
+    }
+}
+
+impl<B> Body for Stall<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    this.timer.as_mut().reset(Instant::now() + this.timeout);
+                }
+                match std::future::Future::poll(this.timer.as_mut(), cx) {
+                    Poll::Ready(()) => {
+                        this.fired.store(true, Ordering::Relaxed);
+                        Poll::Ready(Some(Err((this.stalled)(this.timeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -205,16 +300,16 @@ impl Pool {
         };
 
         if let Some(mut sender) = self.shared_h2(&key) {
-            for_h2(&mut req, &key);
+            let stalled = for_h2(&mut req, &key, self.limits.body);
             let to_head = req.method() == Method::HEAD;
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(from_h2(resp, to_head)),
+                Ok(resp) => return Ok(from_h2(resp, to_head, self.limits.body)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => {
                         self.state().h2[usize::from(key.https)].remove(key.authority.as_str());
                         req = back;
                     }
-                    None => return Err(e.into_error().into()),
+                    None => return Err(h2_error(e.into_error(), &stalled, self.limits.body)),
                 },
             }
         }
@@ -282,9 +377,12 @@ impl Pool {
             let mut sender = sender;
             let body = exchange.pump.into_body().unwrap_or_else(body::empty);
             let mut req = Request::from_parts(parts, body);
-            for_h2(&mut req, &key);
-            let resp = sender.send_request(req).await?;
-            return Ok(from_h2(resp, exchange.to_head));
+            let stalled = for_h2(&mut req, &key, self.limits.body);
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| h2_error(e, &stalled, self.limits.body))?;
+            return Ok(from_h2(resp, exchange.to_head, self.limits.body));
         }
         let mut conn = H1Conn::new(io, self.limits.body);
         match conn
@@ -425,15 +523,38 @@ struct Exchange {
     pump: Pump,
 }
 
-/// An h2 answer, with its hop-by-hop headers gone.
-fn from_h2(resp: Response<Incoming>, to_head: bool) -> Response<ResponseBody> {
+/// An h2 answer, with its hop-by-hop headers gone and its body bounded by `body_timeout`.
+fn from_h2(
+    resp: Response<Incoming>,
+    to_head: bool,
+    body_timeout: Duration,
+) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     hop_by_hop::strip_response(&mut parts.headers, to_head);
-    Response::from_parts(parts, ResponseBody::H2(body))
+    Response::from_parts(parts, ResponseBody::H2(Stall::answer(body, body_timeout)))
 }
 
-/// h2: an absolute URI (`:scheme`, `:authority`), no `Host`.
-fn for_h2(req: &mut Request<UpstreamBody>, key: &Key) {
+/// An h2 exchange's failure: the client's, when its upload stalled (hyper says only that the
+/// stream was reset).
+fn h2_error(e: hyper::Error, stalled: &AtomicBool, body_timeout: Duration) -> SendError {
+    if stalled.load(Ordering::Relaxed) {
+        SendError::H1(H1Error::ClientStalled(
+            body_timeout.min(h1::MAX_BODY_TIMEOUT),
+        ))
+    } else {
+        SendError::H2(e)
+    }
+}
+
+/// h2: an absolute URI (`:scheme`, `:authority`), no `Host`; the upload bounded by
+/// `body_timeout`. Returns what says whether the upload stalled.
+fn for_h2(req: &mut Request<UpstreamBody>, key: &Key, body_timeout: Duration) -> Arc<AtomicBool> {
+    let upload = Stall::upload(
+        std::mem::replace(req.body_mut(), body::empty()),
+        body_timeout,
+    );
+    let stalled = upload.fired.clone();
+    *req.body_mut() = BodyExt::boxed_unsync(upload);
     req.headers_mut().remove(http::header::HOST);
     if req.uri().authority().is_none() {
         let pq = req
@@ -456,6 +577,7 @@ fn for_h2(req: &mut Request<UpstreamBody>, key: &Key) {
         }
     }
     *req.version_mut() = Version::HTTP_2;
+    stalled
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! hyper reads it, a connection whose framing left any doubt never goes back to the pool (the
 //! pool is shared by every tenant of a host: a desynchronised connection would hand one
 //! tenant's answer to another), a body that stalls either way is cut after
-//! `proxy.body_timeout`, and idle pooled connections are closed after
+//! `proxy.body_timeout` (on h2 upstreams too, per stream), and idle pooled connections are closed after
 //! `proxy.pool_idle_timeout` without a request to find them.
 //!
 //! The upstreams are raw TCP listeners that write exact bytes ([`Upstream`]); every test runs
@@ -455,4 +455,70 @@ async fn idle_pooled_connections_are_reaped() {
         || std::future::ready((closed.load(Ordering::SeqCst) == 2).then_some(())),
     )
     .await;
+}
+
+/// An h2 upstream (TLS, ALPN `h2`) on a connection of its own, and latchkey with a 1 s
+/// `body_timeout`.
+async fn h2_upstream(bao: &Bao, id: &str) -> (EchoServer, Latchkey) {
+    let ca = TestCa::new();
+    let up = echo_tls(&ca, &[b"h2"]).await;
+    put_bearer(bao, id, &format!("https://localhost:{}", up.addr().port()));
+    let lk = Latchkey::start(
+        bao,
+        Opts::loopback()
+            .root(&ca.pem_path)
+            .proxy("workers = 1")
+            .proxy("body_timeout = \"1s\"\nrequest_timeout = \"10m\"\nidle_timeout = \"10m\""),
+    )
+    .await;
+    (up, lk)
+}
+
+#[tokio::test]
+async fn stalled_h2_upstream_body_is_cut_after_body_timeout() {
+    let bao = Bao::start().await;
+    let (_up, lk) = h2_upstream(&bao, "h2stall").await;
+    let r = http().get(lk.url("/h2stall/x/stall")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut got = Vec::new();
+    let rest = tokio::time::timeout(BOUND, async {
+        loop {
+            match body.next().await {
+                Some(Ok(b)) => got.extend_from_slice(&b),
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stalled h2 body was not cut");
+    assert!(matches!(rest, Some(Err(_))), "{rest:?}");
+    assert!(b"first".starts_with(&got), "{got:?}");
+    let line = lk
+        .access_line(|l| l["path"] == "/x/stall" && l["error"] == "upstream_timeout")
+        .await;
+    assert_eq!(line["upstream_version"], "h2");
+    // The connection itself is fine: the next request on it is answered.
+    let next = gateway_get(&lk, "/h2stall/after", &[]).await;
+    assert_eq!(next.status, 200);
+}
+
+#[tokio::test]
+async fn stalled_upload_to_an_h2_upstream_is_cut_after_body_timeout() {
+    let bao = Bao::start().await;
+    let (up, lk) = h2_upstream(&bao, "h2upload").await;
+    // A hundred bytes declared, ten sent, and the client's side kept open: the client stalled,
+    // and is told so (408).
+    let answer = raw(
+        lk.proxy,
+        "POST /h2upload/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nten bytes.",
+    )
+    .await;
+    answer.assert_error(408, "request_timeout");
+    let line = lk.access_line(|l| l["path"] == "/x").await;
+    assert_eq!(line["status"], 408);
+    // The upstream got the request and its stream was reset; the connection serves on.
+    let next = gateway_get(&lk, "/h2upload/after", &[]).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(up.connections(), 1);
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -31,7 +32,8 @@ type Body = UnsyncBoxBody<Bytes, BoxError>;
 ///
 /// Paths with a meaning: `/status/{code}` answers with that status, `.../redirect?to={url}` with
 /// a 302 to it, `/delay/{ms}` after that many milliseconds, `/bytes/{n}` with `n` bytes
-/// streamed in 64 KiB chunks. Everything else answers 200.
+/// streamed in 64 KiB chunks, `.../stall` with a body of five bytes that never ends.
+/// Everything else answers 200.
 pub struct EchoServer {
     addr: SocketAddr,
     requests: Arc<AtomicU64>,
@@ -134,6 +136,14 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     if let Some(n) = path.strip_prefix("/bytes/") {
         let n = n.parse::<u64>().unwrap_or(0);
         return Ok(stream_bytes(n));
+    }
+    if path.ends_with("/stall") {
+        // Five bytes of body, then nothing, for as long as the connection lives.
+        let frames = futures_util::stream::once(async {
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"first")))
+        })
+        .chain(futures_util::stream::pending());
+        return Ok(Response::new(StreamBody::new(frames).boxed_unsync()));
     }
     if path.ends_with("/redirect") {
         let to = req
