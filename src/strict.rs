@@ -179,6 +179,8 @@ enum ChunkPhase {
 struct TrailerLine {
     phase: TrailerPhase,
     len: usize,
+    /// Fields begun so far: no more than a head may have.
+    fields: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -563,6 +565,7 @@ impl TrailerLine {
         TrailerLine {
             phase: TrailerPhase::LineStart,
             len: 0,
+            fields: 0,
         }
     }
 
@@ -583,7 +586,14 @@ impl TrailerLine {
             (TrailerPhase::LineStart, b' ' | b'\t') => {
                 return Err("a chunked body's trailer is folded (obs-fold)")
             }
-            (TrailerPhase::LineStart | TrailerPhase::Name, _) if is_tchar(b) => TrailerPhase::Name,
+            (TrailerPhase::LineStart, _) if is_tchar(b) => {
+                self.fields += 1;
+                if self.fields > MAX_HEADERS {
+                    return Err("a chunked body's trailers have more than 100 fields");
+                }
+                TrailerPhase::Name
+            }
+            (TrailerPhase::Name, _) if is_tchar(b) => TrailerPhase::Name,
             (TrailerPhase::Name, b':') => TrailerPhase::Value,
             (TrailerPhase::LineStart | TrailerPhase::Name, _) => {
                 return Err("a chunked body's trailer name is not a token")
@@ -1083,6 +1093,24 @@ mod tests {
         }
         fields.extend_from_slice(b"\r\n");
         assert!(refused(&fields).contains("100 fields"));
+    }
+
+    /// Found by the strict_request fuzz target: trailers are held to a head's field count too
+    /// (hyper reads no request past it).
+    #[test]
+    fn trailers_are_held_to_100_fields() {
+        let chunked = |n: usize| {
+            let mut r =
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+            for i in 0..n {
+                r.extend_from_slice(format!("T-{i}: a\r\n").as_bytes());
+            }
+            r.extend_from_slice(b"\r\n");
+            r
+        };
+        let ok = chunked(MAX_HEADERS);
+        assert_eq!(check(&ok).passed, ok.len());
+        assert!(refused(&chunked(MAX_HEADERS + 1)).contains("more than 100 fields"));
     }
 
     /// Every prefix and every byte value at every position of a chunked request: no panic, and

@@ -32,15 +32,25 @@ impl Read {
     }
 
     /// The connection ends after this request's answer (`Connection: close`, or HTTP/1.0
-    /// without `keep-alive`).
+    /// without `keep-alive`), as hyper's server decides it: header by header, each value
+    /// either ending a kept connection (`close`) or keeping an ending one (`keep-alive`), and a
+    /// value that is not visible ASCII (`HeaderValue::to_str` fails) naming neither.
     pub fn last(&self) -> bool {
-        let has = |token: &str| {
-            self.header("connection").any(|v| {
-                v.split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-            })
-        };
-        has("close") || (self.version == Some(0) && !has("keep-alive"))
+        let mut keep = self.version != Some(0);
+        for v in self.header("connection") {
+            let visible = v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+            let has = |token: &str| {
+                visible
+                    && v.split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+            };
+            keep = if keep {
+                !has("close")
+            } else {
+                has("keep-alive")
+            };
+        }
+        !keep
     }
 }
 
