@@ -108,14 +108,56 @@ pub struct VaultConfig {
     pub auth: VaultAuth,
 }
 
-/// Where the Vault token comes from. The token itself is never part of the configuration.
+/// How latchkey gets its Vault token (`vault.auth`). No secret is part of the configuration:
+/// the token, the secret ID and the JWT are read from the environment or their files by the
+/// `vault` module when it needs them, and files are re-read at each login.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VaultAuth {
     /// `VAULT_TOKEN`, read once at start.
     TokenEnv,
     /// A file holding the token, re-read whenever Vault refuses the current one.
     TokenFile(PathBuf),
+    /// AppRole: the role ID, and a file holding the secret ID, or with `wrapped` a
+    /// response-wrapping token that unwraps to one.
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id_file: PathBuf,
+        wrapped: bool,
+    },
+    /// JWT: a JWT from a file, for a role (the mount's `default_role` without one).
+    Jwt {
+        mount: String,
+        role: Option<String>,
+        jwt_file: PathBuf,
+    },
+    /// Kubernetes: the pod's service-account token, for a role.
+    Kubernetes {
+        mount: String,
+        role: String,
+        jwt_file: PathBuf,
+    },
 }
+
+impl VaultAuth {
+    /// The method's name, as `vault.auth.method` spells it.
+    pub fn method(&self) -> &'static str {
+        match self {
+            VaultAuth::TokenEnv | VaultAuth::TokenFile(_) => "token",
+            VaultAuth::AppRole { .. } => "approle",
+            VaultAuth::Jwt { .. } => "jwt",
+            VaultAuth::Kubernetes { .. } => "kubernetes",
+        }
+    }
+
+    /// Whether latchkey logs in to get its token (every method but `token`).
+    pub fn logs_in(&self) -> bool {
+        !matches!(self, VaultAuth::TokenEnv | VaultAuth::TokenFile(_))
+    }
+}
+
+/// Where a pod's service-account token is, for `method = "kubernetes"` without `jwt_file`.
+pub const KUBERNETES_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -277,6 +319,18 @@ struct RawVaultAuth {
     method: String,
     #[serde(default)]
     token_file: Option<PathBuf>,
+    #[serde(default)]
+    mount: Option<String>,
+    #[serde(default)]
+    role_id: Option<String>,
+    #[serde(default)]
+    secret_id_file: Option<PathBuf>,
+    #[serde(default)]
+    secret_id_wrapped: Option<bool>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    jwt_file: Option<PathBuf>,
 }
 
 impl Default for RawVaultAuth {
@@ -284,7 +338,31 @@ impl Default for RawVaultAuth {
         RawVaultAuth {
             method: "token".into(),
             token_file: None,
+            mount: None,
+            role_id: None,
+            secret_id_file: None,
+            secret_id_wrapped: None,
+            role: None,
+            jwt_file: None,
         }
+    }
+}
+
+impl RawVaultAuth {
+    /// The keys set besides `method`, by name.
+    fn keys_set(&self) -> Vec<&'static str> {
+        [
+            ("token_file", self.token_file.is_some()),
+            ("mount", self.mount.is_some()),
+            ("role_id", self.role_id.is_some()),
+            ("secret_id_file", self.secret_id_file.is_some()),
+            ("secret_id_wrapped", self.secret_id_wrapped.is_some()),
+            ("role", self.role.is_some()),
+            ("jwt_file", self.jwt_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
     }
 }
 
@@ -749,10 +827,65 @@ impl VaultConfig {
     }
 }
 
-/// Where the Vault token comes from: `VAULT_TOKEN` wins over `vault.auth.token_file`.
+/// The `vault.auth` table: the method and the keys it takes. With `method = "token"`,
+/// `VAULT_TOKEN` wins over `vault.auth.token_file`; the other methods do not read `VAULT_TOKEN`.
 fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError> {
-    match raw.method.as_str() {
-        "token" => match raw.token_file {
+    let method = raw.method.clone();
+    let keys: &[&str] = match method.as_str() {
+        "token" => &["token_file"],
+        "approle" => &["mount", "role_id", "secret_id_file", "secret_id_wrapped"],
+        "jwt" | "kubernetes" => &["mount", "role", "jwt_file"],
+        other => {
+            return Err(ConfigError::new(
+                "vault.auth.method",
+                format!(
+                    "{other:?} is not supported; the methods are \"token\", \"approle\", \"jwt\" and \"kubernetes\""
+                ),
+            ))
+        }
+    };
+    if let Some(key) = raw.keys_set().into_iter().find(|k| !keys.contains(k)) {
+        return Err(ConfigError::new(
+            format!("vault.auth.{key}"),
+            format!(
+                "is not a key of method {method:?} (its keys: {})",
+                keys.join(", ")
+            ),
+        ));
+    }
+    let mount = |default: &str| auth_mount(raw.mount.as_deref().unwrap_or(default));
+    match method.as_str() {
+        "approle" => Ok(VaultAuth::AppRole {
+            mount: mount("approle")?,
+            role_id: required("role_id", raw.role_id, "the AppRole's role ID")?,
+            secret_id_file: required_file(
+                "secret_id_file",
+                raw.secret_id_file,
+                "a file holding the secret ID (or, with secret_id_wrapped = true, a wrapping token for it)",
+            )?,
+            wrapped: raw.secret_id_wrapped.unwrap_or(false),
+        }),
+        "jwt" => Ok(VaultAuth::Jwt {
+            mount: mount("jwt")?,
+            role: match raw.role {
+                Some(role) => Some(required("role", Some(role), "a role name")?),
+                None => None,
+            },
+            jwt_file: required_file("jwt_file", raw.jwt_file, "a file holding the JWT")?,
+        }),
+        "kubernetes" => Ok(VaultAuth::Kubernetes {
+            mount: mount("kubernetes")?,
+            role: required("role", raw.role, "the role bound to the pod's service account")?,
+            jwt_file: required_file(
+                "jwt_file",
+                Some(
+                    raw.jwt_file
+                        .unwrap_or_else(|| PathBuf::from(KUBERNETES_TOKEN_FILE)),
+                ),
+                "the service-account token file",
+            )?,
+        }),
+        _ => match raw.token_file {
             Some(path) if !env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenFile(path)),
             _ if env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenEnv),
             _ => Err(ConfigError::new(
@@ -760,11 +893,52 @@ fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError
                 "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
             )),
         },
-        other => Err(ConfigError::new(
-            "vault.auth.method",
-            format!("{other:?} is not supported; the supported method is \"token\""),
+    }
+}
+
+/// A `vault.auth` string that the method needs: present and not blank.
+fn required(key: &str, value: Option<String>, what: &str) -> Result<String, ConfigError> {
+    match value.map(|v| v.trim().to_string()) {
+        Some(v) if !v.is_empty() => Ok(v),
+        Some(_) => Err(ConfigError::new(
+            format!("vault.auth.{key}"),
+            format!("is empty; it must name {what}"),
+        )),
+        None => Err(ConfigError::new(
+            format!("vault.auth.{key}"),
+            format!("is missing; this method needs {what}"),
         )),
     }
+}
+
+/// A `vault.auth` file path that the method needs. The file itself is read at each login, not
+/// here: it may be written (or rotated) after latchkey starts, and `check-config` reads no
+/// secret.
+fn required_file(key: &str, value: Option<PathBuf>, what: &str) -> Result<PathBuf, ConfigError> {
+    match value {
+        Some(p) if !p.as_os_str().is_empty() => Ok(p),
+        Some(_) => Err(ConfigError::new(
+            format!("vault.auth.{key}"),
+            format!("is empty; it must name {what}"),
+        )),
+        None => Err(ConfigError::new(
+            format!("vault.auth.{key}"),
+            format!("is missing; this method needs {what}"),
+        )),
+    }
+}
+
+/// `vault.auth.mount`: where the auth method is mounted (`auth/{mount}/login`).
+fn auth_mount(raw: &str) -> Result<String, ConfigError> {
+    let mount = raw.trim_matches('/').to_string();
+    let dots = mount.split('/').any(|s| s == "." || s == "..");
+    if mount.is_empty() || !mount.chars().all(is_path_char) || mount.contains("//") || dots {
+        return Err(ConfigError::new(
+            "vault.auth.mount",
+            format!("{raw:?} is not a mount path (letters, digits, '-', '_', '.', '/'; no '..')"),
+        ));
+    }
+    Ok(mount)
 }
 
 impl CacheConfig {
@@ -1196,5 +1370,156 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.vault.auth, VaultAuth::TokenFile("/tmp/t".into()));
+    }
+
+    fn auth(table: &str) -> Result<VaultAuth, ConfigError> {
+        Config::parse(&format!("[vault]\nauth = {table}\n"), &FakeEnv(vec![])).map(|c| c.vault.auth)
+    }
+
+    #[test]
+    fn login_methods_take_their_keys_with_default_mounts() {
+        assert_eq!(
+            auth(r#"{ method = "approle", role_id = "r-1", secret_id_file = "/run/s" }"#).unwrap(),
+            VaultAuth::AppRole {
+                mount: "approle".into(),
+                role_id: "r-1".into(),
+                secret_id_file: "/run/s".into(),
+                wrapped: false,
+            }
+        );
+        assert_eq!(
+            auth(r#"{ method = "approle", mount = "/ar/", role_id = "r", secret_id_file = "/w", secret_id_wrapped = true }"#)
+                .unwrap(),
+            VaultAuth::AppRole {
+                mount: "ar".into(),
+                role_id: "r".into(),
+                secret_id_file: "/w".into(),
+                wrapped: true,
+            }
+        );
+        assert_eq!(
+            auth(r#"{ method = "jwt", role = "lk", jwt_file = "/run/jwt" }"#).unwrap(),
+            VaultAuth::Jwt {
+                mount: "jwt".into(),
+                role: Some("lk".into()),
+                jwt_file: "/run/jwt".into(),
+            }
+        );
+        // Without a role, the mount's default_role applies.
+        assert_eq!(
+            auth(r#"{ method = "jwt", jwt_file = "/j", mount = "ci" }"#).unwrap(),
+            VaultAuth::Jwt {
+                mount: "ci".into(),
+                role: None,
+                jwt_file: "/j".into(),
+            }
+        );
+        assert_eq!(
+            auth(r#"{ method = "kubernetes", role = "lk" }"#).unwrap(),
+            VaultAuth::Kubernetes {
+                mount: "kubernetes".into(),
+                role: "lk".into(),
+                jwt_file: KUBERNETES_TOKEN_FILE.into(),
+            }
+        );
+        let k =
+            auth(r#"{ method = "kubernetes", role = "lk", jwt_file = "/t", mount = "k8s-east" }"#)
+                .unwrap();
+        assert_eq!(k.method(), "kubernetes");
+        assert!(k.logs_in());
+    }
+
+    #[test]
+    fn login_methods_do_not_need_vault_token_and_ignore_it() {
+        let with_token = Config::parse(
+            "[vault]\nauth = { method = \"kubernetes\", role = \"lk\" }\n",
+            &with_token(),
+        )
+        .unwrap();
+        assert_eq!(with_token.vault.auth.method(), "kubernetes");
+        assert!(!VaultAuth::TokenEnv.logs_in());
+    }
+
+    #[test]
+    fn login_method_errors_name_the_key_and_why() {
+        let cases = [
+            (
+                r#"{ method = "approle", secret_id_file = "/s" }"#,
+                "vault.auth.role_id",
+                "missing",
+            ),
+            (
+                r#"{ method = "approle", role_id = " ", secret_id_file = "/s" }"#,
+                "vault.auth.role_id",
+                "empty",
+            ),
+            (
+                r#"{ method = "approle", role_id = "r" }"#,
+                "vault.auth.secret_id_file",
+                "secret ID",
+            ),
+            (
+                r#"{ method = "approle", role_id = "r", secret_id_file = "" }"#,
+                "vault.auth.secret_id_file",
+                "empty",
+            ),
+            (
+                r#"{ method = "approle", role_id = "r", secret_id_file = "/s", role = "x" }"#,
+                "vault.auth.role",
+                "not a key of method \"approle\"",
+            ),
+            (
+                r#"{ method = "approle", role_id = "r", secret_id_file = "/s", secret_id_wrapped = "yes" }"#,
+                "vault.auth.secret_id_wrapped",
+                "invalid type",
+            ),
+            (
+                r#"{ method = "jwt", role = "lk" }"#,
+                "vault.auth.jwt_file",
+                "missing",
+            ),
+            (
+                r#"{ method = "jwt", role = "", jwt_file = "/j" }"#,
+                "vault.auth.role",
+                "empty",
+            ),
+            (
+                r#"{ method = "jwt", jwt_file = "/j", mount = "../sys" }"#,
+                "vault.auth.mount",
+                "not a mount path",
+            ),
+            (
+                r#"{ method = "jwt", jwt_file = "/j", mount = "" }"#,
+                "vault.auth.mount",
+                "not a mount path",
+            ),
+            (
+                r#"{ method = "jwt", jwt_file = "/j", token_file = "/t" }"#,
+                "vault.auth.token_file",
+                "not a key of method \"jwt\"",
+            ),
+            (r#"{ method = "kubernetes" }"#, "vault.auth.role", "missing"),
+            (
+                r#"{ method = "kubernetes", role = "lk", role_id = "r" }"#,
+                "vault.auth.role_id",
+                "not a key",
+            ),
+            (
+                r#"{ method = "token", role = "lk" }"#,
+                "vault.auth.role",
+                "not a key of method \"token\"",
+            ),
+            (
+                r#"{ method = "approle", role_id = "r", secret_id_file = "/s", secret_id = "s" }"#,
+                "vault.auth.secret_id",
+                "unknown field",
+            ),
+            (r#"{ method = "ldap" }"#, "vault.auth.method", "\"approle\""),
+        ];
+        for (table, key, why) in cases {
+            let e = auth(table).expect_err(table);
+            assert_eq!(e.key, key, "{table}: {e}");
+            assert!(e.message.contains(why), "{table}: {e}");
+        }
     }
 }

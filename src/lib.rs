@@ -14,7 +14,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | 0 | connection_id, destination, hop_by_hop, misses, secret, strict, telemetry |
-//! | 1 | auth, body, ca, record, upstream::dial |
+//! | 1 | auth, body, ca, record, upstream::dial, vault::login |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
 //! | 3 | config, inject, upstream::h1::fuzzing, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
@@ -36,7 +36,8 @@
 //! - Over them: [`auth`] (client tokens, globs, who may use which connection; constant-time
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
 //!   counter and the access-logging body), [`record`] (a connection as Vault stores it),
-//!   [`ca`] (latchkey's CA and the leaf certificates it mints for the tunnel form).
+//!   [`ca`] (latchkey's CA and the leaf certificates it mints for the tunnel form),
+//!   [`vault::login`] (the Vault login calls, and when a token is renewed or logged in again).
 //! - Answers: [`scrub`] (the credential's forms replaced by the placeholder in headers and
 //!   streamed bodies), [`encoding`] (content codings decoded so that they can be scrubbed).
 //! - Policies: [`catalog`] (connectors), [`inject`] (the credential, and the pure request

@@ -23,6 +23,7 @@ pub mod names {
     pub const CACHE_ENTRIES: &str = "latchkey_cache_entries";
     pub const VAULT_REQUESTS: &str = "latchkey_vault_requests_total";
     pub const VAULT_DURATION: &str = "latchkey_vault_request_duration_seconds";
+    pub const VAULT_AUTH: &str = "latchkey_vault_auth_total";
     pub const UPSTREAM_ERRORS: &str = "latchkey_upstream_errors_total";
     pub const UPSTREAM_UNAUTHORIZED: &str = "latchkey_upstream_unauthorized_total";
     pub const UPSTREAM_FORBIDDEN: &str = "latchkey_upstream_forbidden_total";
@@ -215,6 +216,12 @@ pub fn cache_entries(n: usize) {
 pub fn vault_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
     counter!(names::VAULT_REQUESTS, "op" => op, "outcome" => outcome).increment(1);
     histogram!(names::VAULT_DURATION, "op" => op).record(elapsed.as_secs_f64());
+}
+
+/// A login to Vault (`op` `login`) or a renewal of latchkey's token (`renew`), by outcome: `ok`,
+/// `refused` (Vault answered no) or `error` (no answer, or one that could not be read).
+pub fn vault_auth(op: &'static str, outcome: &'static str) {
+    counter!(names::VAULT_AUTH, "op" => op, "outcome" => outcome).increment(1);
 }
 
 pub fn upstream_forbidden(connection: &str) {

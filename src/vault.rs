@@ -1,4 +1,10 @@
-//! The Vault (or OpenBao) client: token auth, KV v2 reads and writes in latchkey's layout.
+//! The Vault (or OpenBao) client: its token, KV v2 reads and writes in latchkey's layout.
+//!
+//! The token comes from `VAULT_TOKEN`, a token file, or a login (AppRole, JWT, Kubernetes: see
+//! [`login`]). A login method logs in at the first call; [`Vault::renew_token_until`] then
+//! keeps the token alive, renewing it and logging in again as its lease says, and a call that
+//! Vault refuses with permission denied logs in again once (one login serves every call that
+//! was refused) and is retried, so that no request fails because a token ran out.
 //!
 //! Beside the connections, under the same mount, lives latchkey's CA: one KV v2 secret at
 //! [`CA_PATH`] with the certificate and the key, both PEM, written once by `latchkey ca init`
@@ -12,9 +18,8 @@
 //! whose messages hold no data from Vault.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use vaultrs::api::kv2::requests::{ReadSecretRequest, SetSecretMetadataRequest};
@@ -29,6 +34,10 @@ use crate::record::StoredConnection;
 use crate::secret::Secret;
 use crate::telemetry;
 
+pub mod login;
+
+use login::{Backoff, Lease, Reason, Step};
+
 /// What can go wrong talking to Vault. Messages never carry anything Vault sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VaultError {
@@ -36,8 +45,18 @@ pub enum VaultError {
     Timeout(Duration),
     #[error("cannot connect to Vault at {0}")]
     Unreachable(String),
-    #[error("Vault refused latchkey's token (permission denied); check VAULT_TOKEN or vault.auth.token_file")]
+    #[error("Vault refused latchkey's token (permission denied); check vault.auth (or VAULT_TOKEN) and the token's policies")]
     PermissionDenied,
+    #[error("Vault refused the {method} login (status {status}); check {hint}")]
+    LoginRefused {
+        method: &'static str,
+        status: u16,
+        hint: &'static str,
+    },
+    #[error("Vault refused to unwrap the wrapping token in {0} (vault.auth.secret_id_file): a wrapping token unwraps once only, and expires; put a new one there")]
+    UnwrapRefused(String),
+    #[error("cannot read {key}: {reason}")]
+    CredentialFile { key: &'static str, reason: String },
     #[error("Vault answered with status {0}")]
     Status(u16),
     #[error("Vault's answer could not be read ({0})")]
@@ -99,22 +118,62 @@ impl CaRecord {
 /// The shared Vault client.
 pub struct Vault {
     client: RwLock<Arc<VaultClient>>,
-    config: VaultConfig,
+    config: Box<VaultConfig>,
     /// The token in use, so that a re-read token file can be told apart from the same token.
+    /// Empty for a login method until the first login.
     token: RwLock<Secret>,
     healthy: AtomicBool,
+    /// The token's life: lease, logins, changes (boxed, as the configuration is, to keep a
+    /// `Vault` value small: the CLI holds one in an enum beside much smaller variants).
+    auth: Box<AuthState>,
 }
 
+struct AuthState {
+    /// The token's lease and the last login's failure.
+    session: Mutex<Session>,
+    /// One login at a time. Holds the secret ID unwrapped from the last wrapping token.
+    login: tokio::sync::Mutex<Unwrapped>,
+    /// Counts the tokens put in place, so that the renewal task reschedules for a new one.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// What is known of the token in use.
+#[derive(Default)]
+struct Session {
+    /// When the lease was granted (or renewed), and the lease; `None` until known.
+    lease: Option<(Instant, Lease)>,
+    /// The last login, when it failed: no other is tried before `retry_at`.
+    failure: Option<Failure>,
+}
+
+struct Failure {
+    error: VaultError,
+    reason: Reason,
+    retry_at: Instant,
+    backoff: Backoff,
+}
+
+/// The wrapping token last unwrapped and the secret ID it held: a wrapping token unwraps only
+/// once, so a login again with the same file uses the secret ID kept here.
+#[derive(Default)]
+struct Unwrapped(Option<(Secret, Secret)>);
+
 impl Vault {
-    /// Builds the client. Reads the token (from `VAULT_TOKEN` or its file) but makes no request.
+    /// Builds the client. Reads the token (from `VAULT_TOKEN` or its file) but makes no request;
+    /// a login method logs in at the first call.
     pub fn new(config: &VaultConfig) -> Result<Vault, VaultError> {
         let token = read_token(&config.auth)?;
         let client = build_client(config, &token)?;
         Ok(Vault {
             client: RwLock::new(Arc::new(client)),
-            config: config.clone(),
+            config: Box::new(config.clone()),
             token: RwLock::new(token),
             healthy: AtomicBool::new(true),
+            auth: Box::new(AuthState {
+                session: Mutex::new(Session::default()),
+                login: tokio::sync::Mutex::new(Unwrapped::default()),
+                changed: tokio::sync::watch::Sender::new(0),
+            }),
         })
     }
 
@@ -166,6 +225,10 @@ impl Vault {
         loop {
             let started = Instant::now();
             let client = self.client();
+            if self.config.auth.logs_in() && !self.has_token() {
+                self.login(&client, Reason::Start).await?;
+                continue;
+            }
             let result = match tokio::time::timeout(self.config.timeout, f(client.clone())).await {
                 Err(_) => Err(CallError::Timeout),
                 Ok(Err(e)) => Err(CallError::Client(e)),
@@ -196,9 +259,7 @@ impl Vault {
                         }
                         VaultError::PermissionDenied if !retried => {
                             retried = true;
-                            // Another call may have re-read the token file since this one took
-                            // its client: then the client to retry with is already there.
-                            if self.reload_token()? || !Arc::ptr_eq(&client, &self.client()) {
+                            if self.replace_token(&client).await? {
                                 continue;
                             }
                         }
@@ -251,6 +312,20 @@ impl Vault {
         }
     }
 
+    /// After Vault refused the token `stale` carries: whether there is another token to retry
+    /// with now. Another call may have put one in place meanwhile; otherwise a token file is
+    /// re-read, and a login method logs in again.
+    async fn replace_token(&self, stale: &Arc<VaultClient>) -> Result<bool, VaultError> {
+        if !Arc::ptr_eq(stale, &self.client()) {
+            return Ok(true);
+        }
+        match &self.config.auth {
+            VaultAuth::TokenEnv => Ok(false),
+            VaultAuth::TokenFile(_) => self.reload_token(),
+            _ => self.login(stale, Reason::Denied).await.map(|()| true),
+        }
+    }
+
     /// Re-reads a token file; true when it held a new token and the client now uses it.
     fn reload_token(&self) -> Result<bool, VaultError> {
         if !matches!(self.config.auth, VaultAuth::TokenFile(_)) {
@@ -271,8 +346,232 @@ impl Vault {
         if let Ok(mut t) = self.token.write() {
             *t = token;
         }
+        self.session().lease = None;
+        self.auth.changed.send_modify(|n| *n += 1);
         tracing::info!("re-read the Vault token file after Vault refused the previous token");
         Ok(true)
+    }
+
+    fn session(&self) -> MutexGuard<'_, Session> {
+        match self.auth.session.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn has_token(&self) -> bool {
+        match self.token.read() {
+            Ok(t) => !t.is_empty(),
+            Err(p) => !p.into_inner().is_empty(),
+        }
+    }
+
+    /// Logs in with the configured method and puts the new token in place, unless the token
+    /// `stale` carries was replaced while this caller waited for its turn (one login serves
+    /// every caller that saw the same token refused), or the last login failed and its backoff
+    /// has not passed (then that login's error, without asking Vault again).
+    async fn login(&self, stale: &Arc<VaultClient>, reason: Reason) -> Result<(), VaultError> {
+        let mut unwrapped = self.auth.login.lock().await;
+        if !Arc::ptr_eq(stale, &self.client()) {
+            return Ok(());
+        }
+        if let Some(f) = &self.session().failure {
+            if Instant::now() < f.retry_at {
+                return Err(f.error.clone());
+            }
+        }
+        let method = self.config.auth.method();
+        let logged_in = match self.log_in(&mut unwrapped).await {
+            Ok((token, lease)) => build_client(&self.config, &token).map(|c| (c, token, lease)),
+            Err(e) => Err(e),
+        };
+        match logged_in {
+            Ok((client, token, lease)) => {
+                if let Ok(mut c) = self.client.write() {
+                    *c = Arc::new(client);
+                }
+                if let Ok(mut t) = self.token.write() {
+                    *t = token;
+                }
+                {
+                    let mut session = self.session();
+                    session.lease = Some((Instant::now(), lease));
+                    session.failure = None;
+                }
+                self.auth.changed.send_modify(|n| *n += 1);
+                self.healthy.store(true, Ordering::Relaxed);
+                telemetry::vault_auth("login", "ok");
+                tracing::info!(
+                    method,
+                    reason = reason.as_str(),
+                    ttl_s = lease.ttl.as_secs(),
+                    renewable = lease.renewable,
+                    "logged in to Vault"
+                );
+                Ok(())
+            }
+            Err(error) => {
+                let wait = {
+                    let mut session = self.session();
+                    let mut backoff = session
+                        .failure
+                        .take()
+                        .map(|f| f.backoff)
+                        .unwrap_or_default();
+                    let wait = backoff.next(login::unit());
+                    session.failure = Some(Failure {
+                        error: error.clone(),
+                        reason,
+                        retry_at: Instant::now() + wait,
+                        backoff,
+                    });
+                    wait
+                };
+                self.healthy.store(false, Ordering::Relaxed);
+                telemetry::vault_auth("login", auth_outcome(&error));
+                tracing::warn!(
+                    method,
+                    reason = reason.as_str(),
+                    error = %error,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "could not log in to Vault"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// One login with the configured method: reads the credential's file (and unwraps a
+    /// wrapped secret ID), then asks Vault, on a client with no token.
+    async fn log_in(&self, unwrapped: &mut Unwrapped) -> Result<(Secret, Lease), VaultError> {
+        let anonymous = build_client(&self.config, &Secret::default())?;
+        let (info, hint) = match &self.config.auth {
+            VaultAuth::AppRole {
+                mount,
+                role_id,
+                secret_id_file,
+                wrapped,
+            } => {
+                let secret_id = if *wrapped {
+                    self.unwrap_secret_id(secret_id_file, unwrapped).await?
+                } else {
+                    read_credential("vault.auth.secret_id_file", secret_id_file)?
+                };
+                let info = self
+                    .timed(
+                        "login",
+                        login::approle(&anonymous, mount, role_id, &secret_id),
+                    )
+                    .await;
+                (
+                    info,
+                    "vault.auth.mount, vault.auth.role_id and the secret ID in vault.auth.secret_id_file",
+                )
+            }
+            VaultAuth::Jwt {
+                mount,
+                role,
+                jwt_file,
+            } => {
+                let jwt = read_credential("vault.auth.jwt_file", jwt_file)?;
+                let info = self
+                    .timed(
+                        "login",
+                        login::jwt(&anonymous, mount, role.as_deref(), &jwt),
+                    )
+                    .await;
+                (
+                    info,
+                    "vault.auth.mount, vault.auth.role and the JWT in vault.auth.jwt_file",
+                )
+            }
+            VaultAuth::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => {
+                let jwt = read_credential("vault.auth.jwt_file", jwt_file)?;
+                let info = self
+                    .timed("login", login::kubernetes(&anonymous, mount, role, &jwt))
+                    .await;
+                (
+                    info,
+                    "vault.auth.mount, vault.auth.role and the service-account token in vault.auth.jwt_file",
+                )
+            }
+            VaultAuth::TokenEnv | VaultAuth::TokenFile(_) => {
+                return Err(VaultError::Setup("the token method does not log in".into()))
+            }
+        };
+        match info {
+            Ok(info) => Ok(login::granted(info)),
+            Err(VaultError::PermissionDenied) => Err(self.refused(403, hint)),
+            Err(VaultError::Status(status @ 400..=499)) => Err(self.refused(status, hint)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn refused(&self, status: u16, hint: &'static str) -> VaultError {
+        VaultError::LoginRefused {
+            method: self.config.auth.method(),
+            status,
+            hint,
+        }
+    }
+
+    /// The secret ID wrapped by the token in `path`: unwrapped once per wrapping token, and
+    /// kept for the logins after (Vault unwraps a token only once).
+    async fn unwrap_secret_id(
+        &self,
+        path: &std::path::Path,
+        unwrapped: &mut Unwrapped,
+    ) -> Result<Secret, VaultError> {
+        let wrapping = read_credential("vault.auth.secret_id_file", path)?;
+        if let Some((token, secret_id)) = &unwrapped.0 {
+            if *token == wrapping {
+                return Ok(secret_id.clone());
+            }
+        }
+        let client = build_client(&self.config, &wrapping)?;
+        match self.timed("unwrap", login::unwrap_secret_id(&client)).await {
+            Ok(Some(secret_id)) => {
+                unwrapped.0 = Some((wrapping, secret_id.clone()));
+                tracing::info!(file = %path.display(), "unwrapped the AppRole secret ID");
+                Ok(secret_id)
+            }
+            Ok(None) => Err(VaultError::CredentialFile {
+                key: "vault.auth.secret_id_file",
+                reason: format!(
+                    "the wrapping token in {} unwrapped to no secret_id",
+                    path.display()
+                ),
+            }),
+            Err(VaultError::PermissionDenied | VaultError::Status(400..=499)) => {
+                Err(VaultError::UnwrapRefused(path.display().to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One request outside [`Vault::call`] (a login, an unwrap): the timeout and the metrics.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        request: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, VaultError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.config.timeout, request).await;
+        let outcome = match &result {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        telemetry::vault_call(op, outcome, started.elapsed());
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.classify(e)),
+            Err(_) => Err(VaultError::Timeout(self.config.timeout)),
+        }
     }
 
     /// Reads a connection: its fields, version and custom metadata, in one request.
@@ -477,32 +776,192 @@ impl Vault {
         Ok((info.renewable && info.ttl > 0).then(|| Duration::from_secs(info.ttl)))
     }
 
-    /// Keeps a renewable token alive: renews it at half its remaining TTL, until shutdown.
+    /// Keeps latchkey's token alive until shutdown. A login method logs in (if no call has
+    /// yet), renews its token at about two thirds of the TTL (with jitter), and logs in again
+    /// when a renewal fails, when renewals no longer give a full TTL (the max TTL nears) or
+    /// when the token is not renewable; failed logins are retried with backoff. A static token
+    /// is looked up, then renewed the same way while it is renewable; a renewal that fails is
+    /// retried with backoff.
     pub async fn renew_token_until(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let mut changed = self.auth.changed.subscribe();
+        let logs_in = self.config.auth.logs_in();
+        let mut backoff = Backoff::default();
+        let mut warned_capped = false;
         loop {
-            let wait = match self.check_token().await {
-                Ok(Some(ttl)) => ttl / 2,
-                Ok(None) => return,
-                Err(_) => Duration::from_secs(10),
+            changed.borrow_and_update();
+            let (lease, failure) = {
+                let session = self.session();
+                let failure = session.failure.as_ref().map(|f| (f.retry_at, f.reason));
+                (session.lease, failure)
+            };
+            // A login method without a token, or whose last login failed: log in, once the
+            // backoff has passed.
+            if logs_in && (failure.is_some() || !self.has_token()) {
+                let (retry_at, reason) = failure.unwrap_or((Instant::now(), Reason::Start));
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep_until(retry_at.into()) => {}
+                }
+                let _ = self.login(&self.client(), reason).await;
+                continue;
+            }
+            let (granted, lease) = match lease {
+                Some(known) => known,
+                // A login always leaves a lease: wait for the next token.
+                None if logs_in => {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = changed.changed() => continue,
+                    }
+                }
+                None => match self.look_up_lease().await {
+                    Ok(Some(known)) => {
+                        backoff = Backoff::default();
+                        known
+                    }
+                    // Not renewable, or never expires: nothing to do until another token.
+                    Ok(None) => {
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = changed.changed() => continue,
+                        }
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(backoff.next(login::unit())) => continue,
+                        }
+                    }
+                },
+            };
+            let Some(after) = login::wait_before_step(&lease, logs_in, login::unit()) else {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = changed.changed() => continue,
+                }
             };
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+                _ = changed.changed() => continue,
+                _ = tokio::time::sleep_until((granted + after).into()) => {}
             }
-            let renewed = self
-                .call("renew_self", |client| async move {
-                    vaultrs::token::renew_self(&*client, None).await
-                })
-                .await;
-            if let Err(e) = renewed {
-                tracing::warn!(error = %e, "could not renew the Vault token");
+            match login::step(&lease, logs_in) {
+                Step::Renew => match self.renew().await {
+                    Ok(()) => backoff = Backoff::default(),
+                    Err(_) if logs_in => {
+                        let _ = self.login(&self.client(), Reason::RenewalFailed).await;
+                    }
+                    Err(_) => {
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = changed.changed() => {}
+                            _ = tokio::time::sleep(backoff.next(login::unit())) => {}
+                        }
+                    }
+                },
+                Step::Login(reason) => {
+                    let _ = self.login(&self.client(), reason).await;
+                }
+                Step::Wait => {
+                    if !warned_capped {
+                        warned_capped = true;
+                        tracing::warn!(
+                            ttl_s = lease.ttl.as_secs(),
+                            "the Vault token cannot be renewed past its max TTL; it expires then (a token file is re-read when Vault refuses the token)"
+                        );
+                    }
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = changed.changed() => {}
+                    }
+                }
             }
         }
     }
+
+    /// Renews the token in use and records the lease the renewal gave (unless the token was
+    /// replaced meanwhile: then the new token's lease stands).
+    async fn renew(&self) -> Result<(), VaultError> {
+        let before = *self.auth.changed.borrow();
+        let renewed = self
+            .call("renew_self", |client| async move {
+                vaultrs::token::renew_self(&*client, None).await
+            })
+            .await;
+        match renewed {
+            Ok(info) => {
+                telemetry::vault_auth("renew", "ok");
+                let mut session = self.session();
+                let current = session
+                    .lease
+                    .filter(|_| *self.auth.changed.borrow() == before);
+                match current {
+                    Some((_, lease)) => {
+                        let lease = login::renewed(lease, info);
+                        session.lease = Some((Instant::now(), lease));
+                        tracing::debug!(
+                            ttl_s = lease.ttl.as_secs(),
+                            max_ttl_near = lease.capped,
+                            "renewed the Vault token"
+                        );
+                    }
+                    None => drop(login::granted(info)),
+                }
+                Ok(())
+            }
+            Err(e) => {
+                telemetry::vault_auth("renew", auth_outcome(&e));
+                tracing::warn!(error = %e, "could not renew the Vault token");
+                Err(e)
+            }
+        }
+    }
+
+    /// A static token's lease, by looking it up: `None` when it cannot be renewed or never
+    /// expires.
+    async fn look_up_lease(&self) -> Result<Option<(Instant, Lease)>, VaultError> {
+        let before = *self.auth.changed.borrow();
+        let info = self
+            .call("lookup_self", |client| async move {
+                vaultrs::token::lookup_self(&*client).await
+            })
+            .await?;
+        if !info.renewable || info.ttl == 0 {
+            return Ok(None);
+        }
+        let ttl = Duration::from_secs(info.ttl);
+        let lease = Lease {
+            ttl,
+            full_ttl: Duration::from_secs(info.creation_ttl).max(ttl),
+            renewable: true,
+            capped: false,
+        };
+        let known = (Instant::now(), lease);
+        if *self.auth.changed.borrow() == before {
+            self.session().lease = Some(known);
+        }
+        Ok(Some(known))
+    }
+}
+
+/// A login's or renewal's outcome, as counted: `refused` when Vault said no.
+fn auth_outcome(e: &VaultError) -> &'static str {
+    match e {
+        VaultError::PermissionDenied
+        | VaultError::LoginRefused { .. }
+        | VaultError::UnwrapRefused(_)
+        | VaultError::Status(400..=499) => "refused",
+        _ => "error",
+    }
+}
+
+/// Reads a credential file (a secret ID, a JWT); the error names the key and the file.
+fn read_credential(key: &'static str, path: &std::path::Path) -> Result<Secret, VaultError> {
+    login::read_secret_file(path).map_err(|reason| VaultError::CredentialFile { key, reason })
 }
 
 enum CallError {
@@ -586,6 +1045,7 @@ pub fn parse_read_body(body: &[u8]) -> Result<Option<StoredConnection>, VaultErr
     stored_connection(response)
 }
 
+/// The token of the `token` method; empty for a login method, which has none until it logs in.
 fn read_token(auth: &VaultAuth) -> Result<Secret, VaultError> {
     match auth {
         // The standard library hands out a copy of the variable: it is zeroized once trimmed
@@ -597,22 +1057,11 @@ fn read_token(auth: &VaultAuth) -> Result<Secret, VaultError> {
             .filter(|t| !t.trim().is_empty())
             .map(|t| Secret::new(t.trim()))
             .ok_or_else(|| VaultError::Setup("VAULT_TOKEN is not set".into())),
-        VaultAuth::TokenFile(path) => read_token_file(path),
+        VaultAuth::TokenFile(path) => login::read_secret_file(path).map_err(VaultError::TokenFile),
+        VaultAuth::AppRole { .. } | VaultAuth::Jwt { .. } | VaultAuth::Kubernetes { .. } => {
+            Ok(Secret::default())
+        }
     }
-}
-
-fn read_token_file(path: &PathBuf) -> Result<Secret, VaultError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| VaultError::TokenFile(format!("{}: {e}", path.display())))?;
-    let text = Secret::from(text);
-    let token = text.expose().trim();
-    if token.is_empty() {
-        return Err(VaultError::TokenFile(format!(
-            "{} is empty",
-            path.display()
-        )));
-    }
-    Ok(Secret::new(token))
 }
 
 fn build_client(config: &VaultConfig, token: &Secret) -> Result<VaultClient, VaultError> {
