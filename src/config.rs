@@ -749,21 +749,33 @@ impl VaultConfig {
     }
 }
 
-/// Where the Vault token comes from: `VAULT_TOKEN` wins over `vault.auth.token_file`.
+/// Where the Vault token comes from: `VAULT_TOKEN` wins over `vault.auth.token_file`. Whether
+/// there is a token at all is `serve`'s question ([`VaultConfig::check_credentials`]): a file
+/// is checked, and reloaded, without one.
 fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError> {
     match raw.method.as_str() {
         "token" => match raw.token_file {
             Some(path) if !env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenFile(path)),
-            _ if env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenEnv),
-            _ => Err(ConfigError::new(
-                "vault.auth",
-                "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
-            )),
+            _ => Ok(VaultAuth::TokenEnv),
         },
         other => Err(ConfigError::new(
             "vault.auth.method",
             format!("{other:?} is not supported; the supported method is \"token\""),
         )),
+    }
+}
+
+impl VaultConfig {
+    /// What `serve` needs besides a file that checks: the means to log in to Vault (for token
+    /// auth, `VAULT_TOKEN` set). `check-config` and a reload do not ask.
+    pub fn check_credentials(&self, env: &dyn Env) -> Result<(), ConfigError> {
+        match &self.auth {
+            VaultAuth::TokenEnv if !env.is_set("VAULT_TOKEN") => Err(ConfigError::new(
+                "vault.auth",
+                "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1188,8 +1200,11 @@ mod tests {
 
     #[test]
     fn token_source() {
-        let e = Config::parse("", &FakeEnv(vec![])).unwrap_err();
+        // A file checks without a token; serving needs one.
+        let c = Config::parse("", &FakeEnv(vec![])).unwrap();
+        let e = c.vault.check_credentials(&FakeEnv(vec![])).unwrap_err();
         assert_eq!(e.key, "vault.auth");
+        assert!(c.vault.check_credentials(&with_token()).is_ok());
         let c = Config::parse(
             "[vault]\nauth = { method = \"token\", token_file = \"/tmp/t\" }\n",
             &FakeEnv(vec![]),

@@ -35,7 +35,8 @@ enum Command {
         #[arg(long, short, env = "LATCHKEY_CONFIG")]
         config: PathBuf,
     },
-    /// Check a configuration file without serving; exits 64 if it is refused.
+    /// Check a configuration file without serving, and without Vault or a token; exits 64 if it
+    /// is refused.
     CheckConfig {
         /// The configuration file.
         file: PathBuf,
@@ -102,7 +103,12 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => {
             latchkey::telemetry::init_logging();
-            let config = match latchkey::config::Config::load(&config) {
+            let loaded = latchkey::config::Config::load(&config).and_then(|c| {
+                c.vault
+                    .check_credentials(&latchkey::config::ProcessEnv)
+                    .map(|()| c)
+            });
+            let config = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "configuration refused");
