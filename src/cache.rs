@@ -9,13 +9,17 @@
 //! - An entry past `ttl` is re-read. While Vault is healthy the request waits for that read (at
 //!   most [`EXPIRED_WAIT`]), so a key rotated in Vault is in use after `ttl` even on a connection
 //!   that sat idle. When the read fails, or Vault is already known to be failing, the entry is
-//!   served stale at once, up to `ttl + max_stale`, and the re-read goes on in the background: a
-//!   hung Vault costs a cached connection at most one short wait, and nothing once noticed.
+//!   served stale at once, up to `ttl + max_stale`, and the re-read goes on in the background.
+//! - A hung Vault is noticed once: the first re-read that keeps a request waiting the whole
+//!   [`EXPIRED_WAIT`] marks the store as stalled (logged once), and from then on every expired
+//!   entry is served stale at once, without waiting, whatever Vault's own timeout is. The mark
+//!   goes when a load is answered within [`EXPIRED_WAIT`] again (the re-reads that expired
+//!   entries and the maintenance task start keep asking).
 //! - At most `max_entries` entries; the least recently used of a sample is evicted first.
 //!
 //! No map guard is ever held across an `.await`: every guard lives inside one synchronous block.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,7 +95,8 @@ pub type Load = Shared<BoxFuture<'static, Outcome>>;
 const UNAUTHORIZED_REREAD_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a request on an expired entry waits for its re-read while Vault is healthy, before
 /// it is served the stale value instead. Vault answers reads in milliseconds; this bounds what
-/// a Vault that has just started hanging can cost, once, before it is known to be unhealthy.
+/// a Vault that has just started hanging costs the requests waiting when it starts, and marks
+/// the store as stalled for every request after them.
 pub const EXPIRED_WAIT: Duration = Duration::from_millis(250);
 /// How many entries an eviction looks at to find the least recently used.
 const EVICTION_SAMPLE: usize = 16;
@@ -115,6 +120,9 @@ struct Inner {
     max_entries: usize,
     epoch: Instant,
     next_generation: AtomicU64,
+    /// A re-read kept a request waiting [`EXPIRED_WAIT`] and no load has been answered promptly
+    /// since: expired entries are served stale without waiting.
+    stalled: AtomicBool,
 }
 
 struct Slot {
@@ -160,6 +168,7 @@ impl Cache {
                 max_entries: config.max_entries,
                 epoch: Instant::now(),
                 next_generation: AtomicU64::new(1),
+                stalled: AtomicBool::new(false),
             }),
         }
     }
@@ -217,9 +226,9 @@ impl Cache {
             Found::Negative(err) => Err((err, CacheOutcome::Negative)),
             Found::Expired(stale) => {
                 let load = self.start_load(id, false);
-                // While Vault is known to be failing, never wait for it: serve the stale value
-                // and let the re-read run in the background.
-                if !self.inner.source.healthy() {
+                // While Vault is known to be failing or hanging, never wait for it: serve the
+                // stale value and let the re-read run in the background.
+                if !self.inner.source.healthy() || self.inner.stalled.load(Ordering::Relaxed) {
                     return Ok((stale, CacheOutcome::Stale));
                 }
                 match tokio::time::timeout(EXPIRED_WAIT, load).await {
@@ -227,7 +236,11 @@ impl Cache {
                     Ok(Err(e @ (CacheError::NotFound | CacheError::Invalid(_)))) => {
                         Err((e, CacheOutcome::Miss))
                     }
-                    Ok(Err(_)) | Err(_) => Ok((stale, CacheOutcome::Stale)),
+                    Ok(Err(_)) => Ok((stale, CacheOutcome::Stale)),
+                    Err(_) => {
+                        self.inner.stall(id);
+                        Ok((stale, CacheOutcome::Stale))
+                    }
                 }
             }
             Found::Nothing => {
@@ -415,9 +428,30 @@ impl Inner {
         u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// A request waited [`EXPIRED_WAIT`] for `id`'s re-read in vain: the store is stalled.
+    fn stall(&self, id: &ConnectionId) {
+        tracing::debug!(connection = %id, "no answer to an expired connection's re-read within {}ms; served stale", EXPIRED_WAIT.as_millis());
+        if !self.stalled.swap(true, Ordering::Relaxed) {
+            telemetry::vault_stalled();
+            tracing::warn!(connection = %id, "Vault hung: a re-read got no answer within {}ms; serving expired connections stale without waiting until Vault answers again", EXPIRED_WAIT.as_millis());
+        }
+    }
+
     async fn load(self: Arc<Self>, id: ConnectionId, generation: u64) -> Outcome {
+        let started = Instant::now();
         let result = self.source.load(id.clone()).await;
         let now = Instant::now();
+        // Answered (whatever the answer) and promptly: Vault no longer hangs.
+        let answered = !matches!(
+            result,
+            Err(CacheError::Unavailable(_) | CacheError::Internal)
+        );
+        if answered
+            && now.saturating_duration_since(started) < EXPIRED_WAIT
+            && self.stalled.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("Vault answers again: expired connections wait for their re-read again");
+        }
         let outcome: Outcome = match result {
             Ok(Some(conn)) => Ok(Arc::new(conn)),
             Ok(None) => Err(CacheError::NotFound),
@@ -735,6 +769,60 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         let (e, _) = cache.get(&id("c1")).await.unwrap_err();
         assert_eq!(e, CacheError::NotFound);
+    }
+
+    /// Issue 12: while a hung store's read had not yet timed out (Vault's own timeout, seconds),
+    /// every request on an expired entry waited [`EXPIRED_WAIT`] for it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_hang_is_noticed_once_then_nobody_waits_until_the_store_answers_promptly() {
+        let fake = Fake::new(Duration::from_millis(5));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        cache.get(&id("c1")).await.unwrap();
+        cache.get(&id("c2")).await.unwrap();
+        // The store hangs: reads take a minute (and would then succeed: it is not known to be
+        // down at any point).
+        *fake.delay.lock().unwrap() = Duration::from_secs(60);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+        assert_eq!(started.elapsed(), EXPIRED_WAIT);
+        // Noticed: another expired entry, and the same one again, are served stale at once,
+        // while both reads are still hanging.
+        for c in ["c2", "c1", "c2"] {
+            let started = Instant::now();
+            let (conn, o) = cache.get(&id(c)).await.unwrap();
+            assert_eq!(
+                (key_of(&conn).as_str(), o),
+                ("Bearer sk_test_one", CacheOutcome::Stale)
+            );
+            assert_eq!(started.elapsed(), Duration::ZERO, "{c}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            fake.loads(),
+            4,
+            "one read per entry, each joined while it hangs"
+        );
+        // The hung reads are answered at last, late: that is no recovery yet.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        // The store answers promptly again: a load answered within EXPIRED_WAIT clears the mark
+        // and an expired entry waits for its re-read again, picking up a rotation.
+        *fake.delay.lock().unwrap() = Duration::from_millis(5);
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            o,
+            CacheOutcome::Stale,
+            "the first re-read still runs unwaited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (conn, o) = cache.get(&id("c2")).await.unwrap();
+        assert_eq!(
+            (key_of(&conn).as_str(), o),
+            ("Bearer sk_test_two", CacheOutcome::Miss)
+        );
     }
 
     #[tokio::test(start_paused = true)]

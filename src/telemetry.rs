@@ -33,6 +33,7 @@ pub mod names {
     pub const TUNNEL_LEAVES: &str = "latchkey_tunnel_leaf_certificates_total";
     pub const TUNNEL_HANDSHAKE_FAILURES: &str = "latchkey_tunnel_handshake_failures_total";
     pub const WEBSOCKETS_OPEN: &str = "latchkey_websockets_open";
+    pub const VAULT_STALLS: &str = "latchkey_vault_stalls_total";
 }
 
 /// Counts an upgraded WebSocket as open (`latchkey_websockets_open`) until dropped: once
@@ -215,6 +216,11 @@ pub fn cache_entries(n: usize) {
 pub fn vault_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
     counter!(names::VAULT_REQUESTS, "op" => op, "outcome" => outcome).increment(1);
     histogram!(names::VAULT_DURATION, "op" => op).record(elapsed.as_secs_f64());
+}
+
+/// Vault was noticed hanging: expired connections are served stale without waiting from now on.
+pub fn vault_stalled() {
+    counter!(names::VAULT_STALLS).increment(1);
 }
 
 pub fn upstream_forbidden(connection: &str) {

@@ -29,6 +29,8 @@ use base64::Engine as _;
 
 mod echo;
 pub use echo::EchoServer;
+mod load;
+pub use load::SteadyLoad;
 
 /// Fields of a stored connection that are not secret: latchkey's own list.
 use latchkey::record::RESERVED_FIELDS as RESERVED;
