@@ -16,6 +16,9 @@
 //!   goes when a load is answered within [`EXPIRED_WAIT`] again (the re-reads that expired
 //!   entries and the maintenance task start keep asking).
 //! - At most `max_entries` entries; the least recently used of a sample is evicted first.
+//! - A reload changes the settings in place ([`Cache::reconfigure`]): an entry's age is weighed
+//!   against the new `ttl` at its next lookup. Entries whose connector a reload changed are
+//!   dropped ([`Cache::forget_connectors`]), to be read again and checked against the new one.
 //!
 //! No map guard is ever held across an `.await`: every guard lives inside one synchronous block.
 
@@ -29,7 +32,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
-use crate::catalog::Catalog;
+use crate::catalog::CatalogSlot;
 use crate::config::CacheConfig;
 use crate::connection::{Connection, ConnectionError};
 use crate::connection_id::ConnectionId;
@@ -47,10 +50,11 @@ pub trait Source: Send + Sync + 'static {
     }
 }
 
-/// Loads connections from Vault and checks them against the catalog.
+/// Loads connections from Vault and checks them against the catalog in force when Vault has
+/// answered (so a load in flight across a reload is checked against the new one).
 pub struct VaultSource {
     pub vault: Arc<Vault>,
-    pub catalog: Arc<Catalog>,
+    pub catalog: CatalogSlot,
 }
 
 impl Source for VaultSource {
@@ -60,7 +64,7 @@ impl Source for VaultSource {
         async move {
             match vault.read(&id).await {
                 Ok(None) => Ok(None),
-                Ok(Some(stored)) => Connection::from_stored(id, stored, &catalog)
+                Ok(Some(stored)) => Connection::from_stored(id, stored, &catalog.load())
                     .map(Some)
                     .map_err(CacheError::Invalid),
                 Err(e) => Err(CacheError::Unavailable(e)),
@@ -113,16 +117,33 @@ type Hasher = foldhash::fast::RandomState;
 struct Inner {
     map: DashMap<ConnectionId, Slot, Hasher>,
     source: Arc<dyn Source>,
-    ttl: Duration,
-    refresh_at: Duration,
-    max_stale: Duration,
-    negative_ttl: Duration,
-    max_entries: usize,
+    settings: arc_swap::ArcSwap<Settings>,
     epoch: Instant,
     next_generation: AtomicU64,
     /// A re-read kept a request waiting [`EXPIRED_WAIT`] and no load has been answered promptly
     /// since: expired entries are served stale without waiting.
     stalled: AtomicBool,
+}
+
+/// The `[cache]` settings the cache runs with; a reload swaps them whole.
+struct Settings {
+    ttl: Duration,
+    refresh_at: Duration,
+    max_stale: Duration,
+    negative_ttl: Duration,
+    max_entries: usize,
+}
+
+impl Settings {
+    fn new(config: &CacheConfig) -> Settings {
+        Settings {
+            ttl: config.ttl,
+            refresh_at: config.ttl.mul_f64(0.8),
+            max_stale: config.max_stale,
+            negative_ttl: config.negative_ttl,
+            max_entries: config.max_entries,
+        }
+    }
 }
 
 struct Slot {
@@ -161,11 +182,7 @@ impl Cache {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher(Hasher::default()),
                 source,
-                ttl: config.ttl,
-                refresh_at: config.ttl.mul_f64(0.8),
-                max_stale: config.max_stale,
-                negative_ttl: config.negative_ttl,
-                max_entries: config.max_entries,
+                settings: arc_swap::ArcSwap::from_pointee(Settings::new(config)),
                 epoch: Instant::now(),
                 next_generation: AtomicU64::new(1),
                 stalled: AtomicBool::new(false),
@@ -195,6 +212,7 @@ impl Cache {
         id: &ConnectionId,
     ) -> Result<(Arc<Connection>, CacheOutcome), (CacheError, CacheOutcome)> {
         let now = Instant::now();
+        let settings = self.inner.settings.load();
         let mut found = Found::Nothing;
         if let Some(slot) = self.inner.map.get(id) {
             slot.last_used
@@ -202,10 +220,10 @@ impl Cache {
             match &slot.state {
                 State::Ready { conn, fetched } => {
                     let age = now.saturating_duration_since(*fetched);
-                    if age < self.inner.ttl {
-                        let refresh = age >= self.inner.refresh_at && slot.inflight.is_none();
+                    if age < settings.ttl {
+                        let refresh = age >= settings.refresh_at && slot.inflight.is_none();
                         found = Found::Fresh(conn.clone(), refresh);
-                    } else if age < self.inner.ttl + self.inner.max_stale {
+                    } else if age < settings.ttl + settings.max_stale {
                         found = Found::Expired(conn.clone());
                     }
                 }
@@ -244,8 +262,7 @@ impl Cache {
                 }
             }
             Found::Nothing => {
-                if self.inner.map.len() >= self.inner.max_entries
-                    && !self.inner.map.contains_key(id)
+                if self.inner.map.len() >= settings.max_entries && !self.inner.map.contains_key(id)
                 {
                     self.evict_one();
                 }
@@ -277,7 +294,7 @@ impl Cache {
         if reuse {
             match &slot.state {
                 State::Ready { conn, fetched }
-                    if now.saturating_duration_since(*fetched) < self.inner.ttl =>
+                    if now.saturating_duration_since(*fetched) < self.inner.settings.load().ttl =>
                 {
                     return futures_util::future::ready(Ok(conn.clone()))
                         .boxed()
@@ -315,6 +332,26 @@ impl Cache {
                     State::Empty => false,
                 }
         })
+    }
+
+    /// Runs with the settings of a reloaded `[cache]` table from now on. `max_entries` lowered
+    /// is reached by eviction as new entries come, not all at once.
+    pub fn reconfigure(&self, config: &CacheConfig) {
+        self.inner.settings.store(Arc::new(Settings::new(config)));
+    }
+
+    /// Drops the entries of connections whose connector is one of `connectors` (a reload
+    /// changed, added or removed them), and every negative answer (a connection refused for an
+    /// unknown connector may be usable now): each is read again at its next use, and checked
+    /// against the catalog then in force. Dropped, not marked expired: a connection must never
+    /// be served with a connector that is no longer the configured one, even stale.
+    pub fn forget_connectors(&self, connectors: &[String]) {
+        self.inner.map.retain(|_, slot| match &slot.state {
+            State::Ready { conn, .. } => !connectors.iter().any(|c| *c == conn.connector.id),
+            State::Negative { .. } => false,
+            State::Empty => true,
+        });
+        telemetry::cache_entries(self.inner.map.len());
     }
 
     /// Drops a connection from the cache at once (after a rotation or delete).
@@ -363,14 +400,14 @@ impl Cache {
     /// Periodic upkeep, until `shutdown`: re-reads connections in use before they expire and
     /// removes entries that can no longer be served.
     pub async fn maintain(self, shutdown: impl std::future::Future<Output = ()>) {
-        let tick = (self.inner.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
+            // Read each time: a reload may have changed the TTL.
+            let ttl = self.inner.settings.load().ttl;
+            let tick = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = interval.tick() => self.sweep(),
+                _ = tokio::time::sleep(tick) => self.sweep(),
             }
         }
     }
@@ -378,6 +415,7 @@ impl Cache {
     fn sweep(&self) {
         let now = Instant::now();
         let inner = &self.inner;
+        let settings = inner.settings.load();
         let mut refresh = Vec::new();
         let mut remove = Vec::new();
         for slot in inner.map.iter() {
@@ -386,9 +424,11 @@ impl Cache {
                     let age = now.saturating_duration_since(*fetched);
                     let used_since_fetch =
                         slot.last_used.load(Ordering::Relaxed) >= inner.millis(*fetched);
-                    if age >= inner.ttl + inner.max_stale && slot.inflight.is_none() {
+                    if age >= settings.ttl + settings.max_stale && slot.inflight.is_none() {
                         remove.push(slot.key().clone());
-                    } else if age >= inner.refresh_at && slot.inflight.is_none() && used_since_fetch
+                    } else if age >= settings.refresh_at
+                        && slot.inflight.is_none()
+                        && used_since_fetch
                     {
                         refresh.push(slot.key().clone());
                     }
@@ -479,7 +519,7 @@ impl Inner {
                     Err(e @ (CacheError::NotFound | CacheError::Invalid(_))) => {
                         slot.state = State::Negative {
                             err: e.clone(),
-                            until: now + self.negative_ttl,
+                            until: now + self.settings.load().negative_ttl,
                         }
                     }
                     // An outage keeps whatever the slot had, to serve it stale.
@@ -506,6 +546,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Catalog;
     use crate::record::StoredConnection;
     use crate::secret::Secret;
     use std::sync::atomic::AtomicUsize;

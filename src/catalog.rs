@@ -40,6 +40,10 @@ impl CatalogError {
 /// The built-in catalog, as shipped.
 pub const BUILTIN: &str = include_str!("../config/connectors.toml");
 
+/// The catalog in force, shared by everything that reads connectors (the cache's loads, the
+/// lifecycle, the proxy): a reload swaps it whole, and a reader keeps the one it loaded.
+pub type CatalogSlot = Arc<arc_swap::ArcSwap<Catalog>>;
+
 /// All connectors, by ID.
 #[derive(Clone, Default)]
 pub struct Catalog {
@@ -341,6 +345,26 @@ impl Catalog {
 
     pub fn get(&self, id: &str) -> Option<&Arc<Connector>> {
         self.connectors.get(id)
+    }
+
+    /// The IDs of the connectors added, removed or changed since `old` (a reload's catalog
+    /// against the running one). Two connectors are the same when their `Debug` forms are:
+    /// every part of a connector derives it, patterns as their source, and none is secret.
+    pub fn changed_since(&self, old: &Catalog) -> Vec<String> {
+        let same = |a: &Connector, b: &Connector| format!("{a:?}") == format!("{b:?}");
+        let mut changed: Vec<String> = self
+            .connectors
+            .iter()
+            .filter(|(id, c)| !old.get(id).is_some_and(|o| same(o, c)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        changed.extend(
+            old.connectors
+                .keys()
+                .filter(|id| !self.connectors.contains_key(*id))
+                .cloned(),
+        );
+        changed
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Connector>> {

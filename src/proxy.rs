@@ -43,6 +43,10 @@ use crate::telemetry::{self, AccessLog, CacheOutcome};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
 use crate::websocket;
 
+/// A worker's proxy as requests find it: each request loads the one in force and keeps it to
+/// its end; a reload stores a new one, built from the new configuration.
+pub type ProxySlot = Arc<arc_swap::ArcSwap<Proxy>>;
+
 /// The proxy listener's service.
 pub struct Proxy {
     cache: Cache,
@@ -227,7 +231,7 @@ impl Proxy {
         upstream: Arc<Pool>,
         (request_timeout, misses): (Duration, Arc<MissLimit>),
     ) -> Proxy {
-        let token_places = token_places(lifecycle.catalog());
+        let token_places = token_places(&lifecycle.catalog());
         Proxy {
             cache,
             lifecycle,
@@ -943,7 +947,8 @@ impl Proxy {
         client: websocket::ClientSide,
         log: &mut AccessLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let opened = websocket::open(self.upstream.dialer(), parts, client);
+        let dialer = self.upstream.dialer();
+        let opened = websocket::open(&dialer, parts, client);
         let response = match tokio::time::timeout(self.request_timeout, opened).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout(format!(

@@ -34,6 +34,7 @@ pub mod names {
     pub const TUNNEL_HANDSHAKE_FAILURES: &str = "latchkey_tunnel_handshake_failures_total";
     pub const WEBSOCKETS_OPEN: &str = "latchkey_websockets_open";
     pub const VAULT_STALLS: &str = "latchkey_vault_stalls_total";
+    pub const CONFIG_RELOADS: &str = "latchkey_config_reloads_total";
 }
 
 /// Counts an upgraded WebSocket as open (`latchkey_websockets_open`) until dropped: once
@@ -216,6 +217,11 @@ pub fn cache_entries(n: usize) {
 pub fn vault_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
     counter!(names::VAULT_REQUESTS, "op" => op, "outcome" => outcome).increment(1);
     histogram!(names::VAULT_DURATION, "op" => op).record(elapsed.as_secs_f64());
+}
+
+/// A configuration reload (SIGHUP): `ok` or `failed` (the file was refused).
+pub fn config_reload(outcome: &'static str) {
+    counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(1);
 }
 
 /// Vault was noticed hanging: expired connections are served stale without waiting from now on.

@@ -33,6 +33,7 @@ mod leaks;
 mod lifecycle;
 mod pitfalls;
 mod pool;
+mod reload;
 mod scrub;
 mod sdk;
 mod service_sim;
