@@ -255,15 +255,18 @@ impl Server {
                 timeouts,
             ));
         }
-        tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
+        // Upkeep, which holds nothing a client waits for: ended at once at shutdown, even in the
+        // middle of a call to a Vault that hangs.
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
         if self.ca_retry {
-            tasks.spawn(retry_vault_ca(
+            background.spawn(retry_vault_ca(
                 self.vault.clone(),
                 self.leaves.clone(),
                 stopped(stop_rx.clone()),
             ));
         }
-        tasks.spawn(
+        background.spawn(
             self.vault
                 .clone()
                 .renew_token_until(stopped(stop_rx.clone())),
@@ -271,17 +274,29 @@ impl Server {
 
         shutdown.await;
         tracing::info!("shutting down");
+        // One grace period for everything: the proxy workers and the admin listener finish
+        // their requests in flight side by side, not one after the other.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         let _ = stop_tx.send(true);
+        background.abort_all();
         while tasks.join_next().await.is_some() {}
         // The acceptors have stopped; with the last sender gone, each worker serves what is
-        // already queued for it, then stops.
+        // already queued for it, closes its idle connections, lets requests in flight finish
+        // (for at most SHUTDOWN_GRACE), then stops.
         drop(balancer);
-        for done in workers {
-            let _ = done.await;
-        }
-        if let Ok(graceful) = Arc::try_unwrap(graceful) {
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
-        }
+        let workers = async {
+            for done in workers {
+                let _ = done.await;
+            }
+        };
+        let admin = async {
+            if let Ok(graceful) = Arc::try_unwrap(graceful) {
+                let _ = tokio::time::timeout_at(deadline, graceful.shutdown()).await;
+            }
+        };
+        tokio::join!(workers, admin);
+        while background.join_next().await.is_some() {}
+        tracing::info!("stopped");
         Ok(())
     }
 }

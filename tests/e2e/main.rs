@@ -37,6 +37,7 @@ mod reload;
 mod scrub;
 mod sdk;
 mod service_sim;
+mod shutdown;
 mod smoke;
 mod streaming;
 mod strict;

@@ -13,6 +13,8 @@ pub struct SteadyLoad {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
     failed: Arc<Mutex<Vec<String>>>,
+    /// The failures that were answers (a status other than 200), not transport errors.
+    answered: Arc<Mutex<Vec<String>>>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -28,10 +30,16 @@ impl SteadyLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(Mutex::new(Vec::new()));
+        let answered = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..clients {
-            let (request, stop, ok, failed) =
-                (request.clone(), stop.clone(), ok.clone(), failed.clone());
+            let (request, stop, ok, failed, answered) = (
+                request.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                answered.clone(),
+            );
             tasks.spawn(async move {
                 // One connection per client, kept alive between its requests.
                 let client = reqwest::Client::builder()
@@ -47,10 +55,10 @@ impl SteadyLoad {
                             if r.status == 200 {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             } else {
-                                failed.lock().unwrap().push(format!(
-                                    "client {c} request {n}: {} {:?}",
-                                    r.status, r.json
-                                ));
+                                let what =
+                                    format!("client {c} request {n}: {} {:?}", r.status, r.json);
+                                answered.lock().unwrap().push(what.clone());
+                                failed.lock().unwrap().push(what);
                             }
                         }
                         Err(e) => failed
@@ -66,6 +74,7 @@ impl SteadyLoad {
             stop,
             ok,
             failed,
+            answered,
             tasks,
         }
     }
@@ -78,6 +87,11 @@ impl SteadyLoad {
     /// The failures so far.
     pub fn failures(&self) -> Vec<String> {
         self.failed.lock().unwrap().clone()
+    }
+
+    /// The failures that were answers other than 200 (no transport errors among them).
+    pub fn answered_failures(&self) -> Vec<String> {
+        self.answered.lock().unwrap().clone()
     }
 
     /// Waits until `n` more requests than now have succeeded (failing the test after a minute).
