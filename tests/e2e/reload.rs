@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use crate::errors::{client_toml, metrics_text};
 use crate::support::*;
 
@@ -242,4 +245,83 @@ async fn sighup_changing_cache_ttl_takes_effect_and_a_new_listen_address_waits_f
     .await;
     // Still where it started, and not at the new address.
     assert!(std::net::TcpStream::connect(("127.0.0.1", elsewhere)).is_err());
+}
+
+/// A plain-HTTP tunnel through latchkey to `target`, opened as `connection` with `token`.
+async fn open_tunnel(
+    lk: &Latchkey,
+    target: &str,
+    connection: &str,
+    token: &str,
+) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    let creds = base64::engine::general_purpose::STANDARD.encode(format!("{connection}:{token}"));
+    stream
+        .write_all(
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {creds}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "closed during the CONNECT"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream
+}
+
+/// A client removed by a reload can no longer use a tunnel it opened before: every request
+/// inside a tunnel is held to the clients in force, not to those of its CONNECT.
+#[tokio::test]
+async fn a_client_removed_by_a_reload_can_no_longer_use_the_tunnel_it_opened_before() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let target = up.addr().to_string();
+    put_bearer(&bao, "plain", &format!("http://{target}"));
+    // The tunnel form needs latchkey's CA configured, even for a tunnel that turns out plain.
+    let ca = crate::tunnel::Ca::init().await;
+    let (kept, removed) = ("kept-token-0123456789", "removed-token-0123456789");
+    bao.secrets.add(kept);
+    bao.secrets.add(removed);
+    let removed_client = client_toml("removed", removed, &["plain"]);
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
+            .tls(&format!("ca_key = {:?}", ca.key.display().to_string()))
+            .extra(&client_toml("kept", kept, &["plain"]))
+            .extra(&removed_client),
+    )
+    .await;
+
+    let mut tunnel = open_tunnel(&lk, &target, "plain", removed).await;
+    assert_eq!(
+        crate::shutdown::exchange(&mut tunnel, &target, "/before").await,
+        200
+    );
+
+    let text = lk.config().replace(&removed_client, "");
+    assert!(!text.contains("removed"));
+    lk.write_config(&text);
+    let line = hangup(&lk).await;
+    assert_eq!(line["message"], "configuration reloaded", "{line}");
+
+    assert_eq!(
+        crate::shutdown::exchange(&mut tunnel, &target, "/after").await,
+        407
+    );
+    let mut other = open_tunnel(&lk, &target, "plain", kept).await;
+    assert_eq!(
+        crate::shutdown::exchange(&mut other, &target, "/kept").await,
+        200
+    );
+    assert_eq!(up.requests(), 2, "/after never reached the upstream");
 }

@@ -8,11 +8,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-/// Sends one request on `stream` and reads its answer whole (by `Content-Length`), leaving the
-/// connection idle and open; the status.
-async fn exchange(stream: &mut tokio::net::TcpStream, path: &str) -> u16 {
+/// Sends one GET for `path` naming `host` on `stream` and reads its answer whole (by
+/// `Content-Length`), leaving the connection idle and open; the status.
+pub(crate) async fn exchange(stream: &mut tokio::net::TcpStream, host: &str, path: &str) -> u16 {
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: latchkey\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -49,7 +49,7 @@ async fn sigterm_under_load_finishes_requests_in_flight_refuses_new_ones_and_exi
 
     // An idle keep-alive connection, open before the signal.
     let mut idle = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
-    assert_eq!(exchange(&mut idle, "/fast/idle").await, 200);
+    assert_eq!(exchange(&mut idle, "latchkey", "/fast/idle").await, 200);
 
     let url = lk.url("/fast/load");
     let load = SteadyLoad::start(4, move |client, c, n| client.get(format!("{url}/{c}/{n}")));
