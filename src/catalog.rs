@@ -819,6 +819,37 @@ mod tests {
         assert!(Template::parse("{Api-Key}").is_err());
     }
 
+    fn with(toml_text: &str) -> Catalog {
+        let raw: BTreeMap<String, RawConnector> = toml::from_str(toml_text).unwrap();
+        Catalog::with_overrides(raw).unwrap()
+    }
+
+    #[test]
+    fn a_reload_names_the_connectors_added_removed_or_changed() {
+        let a = with(concat!(
+            "[same]\ninject = { scheme = \"bearer\" }\n",
+            "[changed]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"{api_key}\" }\n",
+            "[gone]\ninject = { scheme = \"bearer\" }\n",
+        ));
+        let b = with(concat!(
+            "[same]\ninject = { scheme = \"bearer\" }\n",
+            "[changed]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"v2 {api_key}\" }\n",
+            "[new]\ninject = { scheme = \"bearer\" }\n",
+            // A built-in connector overridden counts as changed.
+            "[stripe]\ninject = { scheme = \"bearer\" }\n",
+        ));
+        let mut changed = b.changed_since(&a);
+        changed.sort();
+        assert_eq!(changed, ["changed", "gone", "new", "stripe"]);
+        assert!(b.changed_since(&b.clone()).is_empty());
+        assert!(a.changed_since(&with(concat!(
+            "[same]\ninject = { scheme = \"bearer\" }\n",
+            "[changed]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"{api_key}\" }\n",
+            "[gone]\ninject = { scheme = \"bearer\" }\n",
+        )))
+        .is_empty());
+    }
+
     fn override_err(toml_text: &str) -> CatalogError {
         let raw: BTreeMap<String, RawConnector> = toml::from_str(toml_text).unwrap();
         Catalog::with_overrides(raw).unwrap_err()
