@@ -222,6 +222,12 @@ impl Clients {
         self.clients.is_empty()
     }
 
+    /// The client with this token hash, as configured now (a tunnel's client, authenticated at
+    /// its CONNECT, looked up again after a reload).
+    pub fn by_token_hash(&self, hash: &[u8; 32]) -> Option<&Client> {
+        self.clients.iter().find(|c| c.token_sha256 == *hash)
+    }
+
     /// The client whose token this is. Every hash is compared, matched or not.
     pub fn authenticate(&self, token: &Secret) -> Option<&Client> {
         find_by_token(

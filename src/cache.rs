@@ -9,13 +9,20 @@
 //! - An entry past `ttl` is re-read. While Vault is healthy the request waits for that read (at
 //!   most [`EXPIRED_WAIT`]), so a key rotated in Vault is in use after `ttl` even on a connection
 //!   that sat idle. When the read fails, or Vault is already known to be failing, the entry is
-//!   served stale at once, up to `ttl + max_stale`, and the re-read goes on in the background: a
-//!   hung Vault costs a cached connection at most one short wait, and nothing once noticed.
+//!   served stale at once, up to `ttl + max_stale`, and the re-read goes on in the background.
+//! - A hung Vault is noticed once: the first re-read that keeps a request waiting the whole
+//!   [`EXPIRED_WAIT`] marks the store as stalled (logged once), and from then on every expired
+//!   entry is served stale at once, without waiting, whatever Vault's own timeout is. The mark
+//!   goes when a load is answered within [`EXPIRED_WAIT`] again (the re-reads that expired
+//!   entries and the maintenance task start keep asking).
 //! - At most `max_entries` entries; the least recently used of a sample is evicted first.
+//! - A reload changes the settings in place ([`Cache::reconfigure`]): an entry's age is weighed
+//!   against the new `ttl` at its next lookup. Entries whose connector a reload changed are
+//!   dropped ([`Cache::forget_connectors`]), to be read again and checked against the new one.
 //!
 //! No map guard is ever held across an `.await`: every guard lives inside one synchronous block.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +32,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
-use crate::catalog::Catalog;
+use crate::catalog::CatalogSlot;
 use crate::config::CacheConfig;
 use crate::connection::{Connection, ConnectionError};
 use crate::connection_id::ConnectionId;
@@ -43,10 +50,11 @@ pub trait Source: Send + Sync + 'static {
     }
 }
 
-/// Loads connections from Vault and checks them against the catalog.
+/// Loads connections from Vault and checks them against the catalog in force when Vault has
+/// answered (so a load in flight across a reload is checked against the new one).
 pub struct VaultSource {
     pub vault: Arc<Vault>,
-    pub catalog: Arc<Catalog>,
+    pub catalog: CatalogSlot,
 }
 
 impl Source for VaultSource {
@@ -56,7 +64,7 @@ impl Source for VaultSource {
         async move {
             match vault.read(&id).await {
                 Ok(None) => Ok(None),
-                Ok(Some(stored)) => Connection::from_stored(id, stored, &catalog)
+                Ok(Some(stored)) => Connection::from_stored(id, stored, &catalog.load())
                     .map(Some)
                     .map_err(CacheError::Invalid),
                 Err(e) => Err(CacheError::Unavailable(e)),
@@ -91,7 +99,8 @@ pub type Load = Shared<BoxFuture<'static, Outcome>>;
 const UNAUTHORIZED_REREAD_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a request on an expired entry waits for its re-read while Vault is healthy, before
 /// it is served the stale value instead. Vault answers reads in milliseconds; this bounds what
-/// a Vault that has just started hanging can cost, once, before it is known to be unhealthy.
+/// a Vault that has just started hanging costs the requests waiting when it starts, and marks
+/// the store as stalled for every request after them.
 pub const EXPIRED_WAIT: Duration = Duration::from_millis(250);
 /// How many entries an eviction looks at to find the least recently used.
 const EVICTION_SAMPLE: usize = 16;
@@ -108,13 +117,33 @@ type Hasher = foldhash::fast::RandomState;
 struct Inner {
     map: DashMap<ConnectionId, Slot, Hasher>,
     source: Arc<dyn Source>,
+    settings: arc_swap::ArcSwap<Settings>,
+    epoch: Instant,
+    next_generation: AtomicU64,
+    /// A re-read kept a request waiting [`EXPIRED_WAIT`] and no load has been answered promptly
+    /// since: expired entries are served stale without waiting.
+    stalled: AtomicBool,
+}
+
+/// The `[cache]` settings the cache runs with; a reload swaps them whole.
+struct Settings {
     ttl: Duration,
     refresh_at: Duration,
     max_stale: Duration,
     negative_ttl: Duration,
     max_entries: usize,
-    epoch: Instant,
-    next_generation: AtomicU64,
+}
+
+impl Settings {
+    fn new(config: &CacheConfig) -> Settings {
+        Settings {
+            ttl: config.ttl,
+            refresh_at: config.ttl.mul_f64(0.8),
+            max_stale: config.max_stale,
+            negative_ttl: config.negative_ttl,
+            max_entries: config.max_entries,
+        }
+    }
 }
 
 struct Slot {
@@ -153,13 +182,10 @@ impl Cache {
             inner: Arc::new(Inner {
                 map: DashMap::with_hasher(Hasher::default()),
                 source,
-                ttl: config.ttl,
-                refresh_at: config.ttl.mul_f64(0.8),
-                max_stale: config.max_stale,
-                negative_ttl: config.negative_ttl,
-                max_entries: config.max_entries,
+                settings: arc_swap::ArcSwap::from_pointee(Settings::new(config)),
                 epoch: Instant::now(),
                 next_generation: AtomicU64::new(1),
+                stalled: AtomicBool::new(false),
             }),
         }
     }
@@ -186,6 +212,7 @@ impl Cache {
         id: &ConnectionId,
     ) -> Result<(Arc<Connection>, CacheOutcome), (CacheError, CacheOutcome)> {
         let now = Instant::now();
+        let settings = self.inner.settings.load();
         let mut found = Found::Nothing;
         if let Some(slot) = self.inner.map.get(id) {
             slot.last_used
@@ -193,10 +220,10 @@ impl Cache {
             match &slot.state {
                 State::Ready { conn, fetched } => {
                     let age = now.saturating_duration_since(*fetched);
-                    if age < self.inner.ttl {
-                        let refresh = age >= self.inner.refresh_at && slot.inflight.is_none();
+                    if age < settings.ttl {
+                        let refresh = age >= settings.refresh_at && slot.inflight.is_none();
                         found = Found::Fresh(conn.clone(), refresh);
-                    } else if age < self.inner.ttl + self.inner.max_stale {
+                    } else if age < settings.ttl + settings.max_stale {
                         found = Found::Expired(conn.clone());
                     }
                 }
@@ -217,9 +244,9 @@ impl Cache {
             Found::Negative(err) => Err((err, CacheOutcome::Negative)),
             Found::Expired(stale) => {
                 let load = self.start_load(id, false);
-                // While Vault is known to be failing, never wait for it: serve the stale value
-                // and let the re-read run in the background.
-                if !self.inner.source.healthy() {
+                // While Vault is known to be failing or hanging, never wait for it: serve the
+                // stale value and let the re-read run in the background.
+                if !self.inner.source.healthy() || self.inner.stalled.load(Ordering::Relaxed) {
                     return Ok((stale, CacheOutcome::Stale));
                 }
                 match tokio::time::timeout(EXPIRED_WAIT, load).await {
@@ -227,12 +254,15 @@ impl Cache {
                     Ok(Err(e @ (CacheError::NotFound | CacheError::Invalid(_)))) => {
                         Err((e, CacheOutcome::Miss))
                     }
-                    Ok(Err(_)) | Err(_) => Ok((stale, CacheOutcome::Stale)),
+                    Ok(Err(_)) => Ok((stale, CacheOutcome::Stale)),
+                    Err(_) => {
+                        self.inner.stall(id);
+                        Ok((stale, CacheOutcome::Stale))
+                    }
                 }
             }
             Found::Nothing => {
-                if self.inner.map.len() >= self.inner.max_entries
-                    && !self.inner.map.contains_key(id)
+                if self.inner.map.len() >= settings.max_entries && !self.inner.map.contains_key(id)
                 {
                     self.evict_one();
                 }
@@ -264,7 +294,7 @@ impl Cache {
         if reuse {
             match &slot.state {
                 State::Ready { conn, fetched }
-                    if now.saturating_duration_since(*fetched) < self.inner.ttl =>
+                    if now.saturating_duration_since(*fetched) < self.inner.settings.load().ttl =>
                 {
                     return futures_util::future::ready(Ok(conn.clone()))
                         .boxed()
@@ -302,6 +332,26 @@ impl Cache {
                     State::Empty => false,
                 }
         })
+    }
+
+    /// Runs with the settings of a reloaded `[cache]` table from now on. `max_entries` lowered
+    /// is reached by eviction as new entries come, not all at once.
+    pub fn reconfigure(&self, config: &CacheConfig) {
+        self.inner.settings.store(Arc::new(Settings::new(config)));
+    }
+
+    /// Drops the entries of connections whose connector is one of `connectors` (a reload
+    /// changed, added or removed them), and every negative answer (a connection refused for an
+    /// unknown connector may be usable now): each is read again at its next use, and checked
+    /// against the catalog then in force. Dropped, not marked expired: a connection must never
+    /// be served with a connector that is no longer the configured one, even stale.
+    pub fn forget_connectors(&self, connectors: &[String]) {
+        self.inner.map.retain(|_, slot| match &slot.state {
+            State::Ready { conn, .. } => !connectors.iter().any(|c| *c == conn.connector.id),
+            State::Negative { .. } => false,
+            State::Empty => true,
+        });
+        telemetry::cache_entries(self.inner.map.len());
     }
 
     /// Drops a connection from the cache at once (after a rotation or delete).
@@ -350,14 +400,14 @@ impl Cache {
     /// Periodic upkeep, until `shutdown`: re-reads connections in use before they expire and
     /// removes entries that can no longer be served.
     pub async fn maintain(self, shutdown: impl std::future::Future<Output = ()>) {
-        let tick = (self.inner.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        let mut interval = tokio::time::interval(tick);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
+            // Read each time: a reload may have changed the TTL.
+            let ttl = self.inner.settings.load().ttl;
+            let tick = (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = interval.tick() => self.sweep(),
+                _ = tokio::time::sleep(tick) => self.sweep(),
             }
         }
     }
@@ -365,6 +415,7 @@ impl Cache {
     fn sweep(&self) {
         let now = Instant::now();
         let inner = &self.inner;
+        let settings = inner.settings.load();
         let mut refresh = Vec::new();
         let mut remove = Vec::new();
         for slot in inner.map.iter() {
@@ -373,9 +424,11 @@ impl Cache {
                     let age = now.saturating_duration_since(*fetched);
                     let used_since_fetch =
                         slot.last_used.load(Ordering::Relaxed) >= inner.millis(*fetched);
-                    if age >= inner.ttl + inner.max_stale && slot.inflight.is_none() {
+                    if age >= settings.ttl + settings.max_stale && slot.inflight.is_none() {
                         remove.push(slot.key().clone());
-                    } else if age >= inner.refresh_at && slot.inflight.is_none() && used_since_fetch
+                    } else if age >= settings.refresh_at
+                        && slot.inflight.is_none()
+                        && used_since_fetch
                     {
                         refresh.push(slot.key().clone());
                     }
@@ -415,9 +468,30 @@ impl Inner {
         u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// A request waited [`EXPIRED_WAIT`] for `id`'s re-read in vain: the store is stalled.
+    fn stall(&self, id: &ConnectionId) {
+        tracing::debug!(connection = %id, "no answer to an expired connection's re-read within {}ms; served stale", EXPIRED_WAIT.as_millis());
+        if !self.stalled.swap(true, Ordering::Relaxed) {
+            telemetry::vault_stalled();
+            tracing::warn!(connection = %id, "Vault hung: a re-read got no answer within {}ms; serving expired connections stale without waiting until Vault answers again", EXPIRED_WAIT.as_millis());
+        }
+    }
+
     async fn load(self: Arc<Self>, id: ConnectionId, generation: u64) -> Outcome {
+        let started = Instant::now();
         let result = self.source.load(id.clone()).await;
         let now = Instant::now();
+        // Answered (whatever the answer) and promptly: Vault no longer hangs.
+        let answered = !matches!(
+            result,
+            Err(CacheError::Unavailable(_) | CacheError::Internal)
+        );
+        if answered
+            && now.saturating_duration_since(started) < EXPIRED_WAIT
+            && self.stalled.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("Vault answers again: expired connections wait for their re-read again");
+        }
         let outcome: Outcome = match result {
             Ok(Some(conn)) => Ok(Arc::new(conn)),
             Ok(None) => Err(CacheError::NotFound),
@@ -445,7 +519,7 @@ impl Inner {
                     Err(e @ (CacheError::NotFound | CacheError::Invalid(_))) => {
                         slot.state = State::Negative {
                             err: e.clone(),
-                            until: now + self.negative_ttl,
+                            until: now + self.settings.load().negative_ttl,
                         }
                     }
                     // An outage keeps whatever the slot had, to serve it stale.
@@ -472,6 +546,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Catalog;
     use crate::record::StoredConnection;
     use crate::secret::Secret;
     use std::sync::atomic::AtomicUsize;
@@ -735,6 +810,60 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         let (e, _) = cache.get(&id("c1")).await.unwrap_err();
         assert_eq!(e, CacheError::NotFound);
+    }
+
+    /// Issue 12: while a hung store's read had not yet timed out (Vault's own timeout, seconds),
+    /// every request on an expired entry waited [`EXPIRED_WAIT`] for it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_hang_is_noticed_once_then_nobody_waits_until_the_store_answers_promptly() {
+        let fake = Fake::new(Duration::from_millis(5));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        cache.get(&id("c1")).await.unwrap();
+        cache.get(&id("c2")).await.unwrap();
+        // The store hangs: reads take a minute (and would then succeed: it is not known to be
+        // down at any point).
+        *fake.delay.lock().unwrap() = Duration::from_secs(60);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+        assert_eq!(started.elapsed(), EXPIRED_WAIT);
+        // Noticed: another expired entry, and the same one again, are served stale at once,
+        // while both reads are still hanging.
+        for c in ["c2", "c1", "c2"] {
+            let started = Instant::now();
+            let (conn, o) = cache.get(&id(c)).await.unwrap();
+            assert_eq!(
+                (key_of(&conn).as_str(), o),
+                ("Bearer sk_test_one", CacheOutcome::Stale)
+            );
+            assert_eq!(started.elapsed(), Duration::ZERO, "{c}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            fake.loads(),
+            4,
+            "one read per entry, each joined while it hangs"
+        );
+        // The hung reads are answered at last, late: that is no recovery yet.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        // The store answers promptly again: a load answered within EXPIRED_WAIT clears the mark
+        // and an expired entry waits for its re-read again, picking up a rotation.
+        *fake.delay.lock().unwrap() = Duration::from_millis(5);
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            o,
+            CacheOutcome::Stale,
+            "the first re-read still runs unwaited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (conn, o) = cache.get(&id("c2")).await.unwrap();
+        assert_eq!(
+            (key_of(&conn).as_str(), o),
+            ("Bearer sk_test_two", CacheOutcome::Miss)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,6 +40,10 @@ impl CatalogError {
 /// The built-in catalog, as shipped.
 pub const BUILTIN: &str = include_str!("../config/connectors.toml");
 
+/// The catalog in force, shared by everything that reads connectors (the cache's loads, the
+/// lifecycle, the proxy): a reload swaps it whole, and a reader keeps the one it loaded.
+pub type CatalogSlot = Arc<arc_swap::ArcSwap<Catalog>>;
+
 /// All connectors, by ID.
 #[derive(Clone, Default)]
 pub struct Catalog {
@@ -359,6 +363,26 @@ impl Catalog {
 
     pub fn get(&self, id: &str) -> Option<&Arc<Connector>> {
         self.connectors.get(id)
+    }
+
+    /// The IDs of the connectors added, removed or changed since `old` (a reload's catalog
+    /// against the running one). Two connectors are the same when their `Debug` forms are:
+    /// every part of a connector derives it, patterns as their source, and none is secret.
+    pub fn changed_since(&self, old: &Catalog) -> Vec<String> {
+        let same = |a: &Connector, b: &Connector| format!("{a:?}") == format!("{b:?}");
+        let mut changed: Vec<String> = self
+            .connectors
+            .iter()
+            .filter(|(id, c)| !old.get(id).is_some_and(|o| same(o, c)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        changed.extend(
+            old.connectors
+                .keys()
+                .filter(|id| !self.connectors.contains_key(*id))
+                .cloned(),
+        );
+        changed
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Connector>> {
@@ -811,6 +835,37 @@ mod tests {
         assert!(Template::parse("{api_key").is_err());
         assert!(Template::parse("api_key}").is_err());
         assert!(Template::parse("{Api-Key}").is_err());
+    }
+
+    fn with(toml_text: &str) -> Catalog {
+        let raw: BTreeMap<String, RawConnector> = toml::from_str(toml_text).unwrap();
+        Catalog::with_overrides(raw).unwrap()
+    }
+
+    #[test]
+    fn a_reload_names_the_connectors_added_removed_or_changed() {
+        let a = with(concat!(
+            "[same]\ninject = { scheme = \"bearer\" }\n",
+            "[changed]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"{api_key}\" }\n",
+            "[gone]\ninject = { scheme = \"bearer\" }\n",
+        ));
+        let b = with(concat!(
+            "[same]\ninject = { scheme = \"bearer\" }\n",
+            "[changed]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"v2 {api_key}\" }\n",
+            "[new]\ninject = { scheme = \"bearer\" }\n",
+            // A built-in connector overridden counts as changed.
+            "[stripe]\ninject = { scheme = \"bearer\" }\n",
+        ));
+        let mut changed = b.changed_since(&a);
+        changed.sort();
+        assert_eq!(changed, ["changed", "gone", "new", "stripe"]);
+        assert!(b.changed_since(&b.clone()).is_empty());
+        assert!(a.changed_since(&with(concat!(
+            "[same]\ninject = { scheme = \"bearer\" }\n",
+            "[changed]\ninject = { scheme = \"header\", header = \"X-Key\", value = \"{api_key}\" }\n",
+            "[gone]\ninject = { scheme = \"bearer\" }\n",
+        )))
+        .is_empty());
     }
 
     fn override_err(toml_text: &str) -> CatalogError {

@@ -829,6 +829,8 @@ impl VaultConfig {
 
 /// The `vault.auth` table: the method and the keys it takes. With `method = "token"`,
 /// `VAULT_TOKEN` wins over `vault.auth.token_file`; the other methods do not read `VAULT_TOKEN`.
+/// Whether there is a token at all is `serve`'s question ([`VaultConfig::check_credentials`]):
+/// a file is checked, and reloaded, without one.
 fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError> {
     let method = raw.method.clone();
     let keys: &[&str] = match method.as_str() {
@@ -887,11 +889,7 @@ fn vault_auth(raw: RawVaultAuth, env: &dyn Env) -> Result<VaultAuth, ConfigError
         }),
         _ => match raw.token_file {
             Some(path) if !env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenFile(path)),
-            _ if env.is_set("VAULT_TOKEN") => Ok(VaultAuth::TokenEnv),
-            _ => Err(ConfigError::new(
-                "vault.auth",
-                "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
-            )),
+            _ => Ok(VaultAuth::TokenEnv),
         },
     }
 }
@@ -939,6 +937,20 @@ fn auth_mount(raw: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(mount)
+}
+
+impl VaultConfig {
+    /// What `serve` needs besides a file that checks: the means to log in to Vault (for token
+    /// auth, `VAULT_TOKEN` set). `check-config` and a reload do not ask.
+    pub fn check_credentials(&self, env: &dyn Env) -> Result<(), ConfigError> {
+        match &self.auth {
+            VaultAuth::TokenEnv if !env.is_set("VAULT_TOKEN") => Err(ConfigError::new(
+                "vault.auth",
+                "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl CacheConfig {
@@ -1362,8 +1374,11 @@ mod tests {
 
     #[test]
     fn token_source() {
-        let e = Config::parse("", &FakeEnv(vec![])).unwrap_err();
+        // A file checks without a token; serving needs one.
+        let c = Config::parse("", &FakeEnv(vec![])).unwrap();
+        let e = c.vault.check_credentials(&FakeEnv(vec![])).unwrap_err();
         assert_eq!(e.key, "vault.auth");
+        assert!(c.vault.check_credentials(&with_token()).is_ok());
         let c = Config::parse(
             "[vault]\nauth = { method = \"token\", token_file = \"/tmp/t\" }\n",
             &FakeEnv(vec![]),

@@ -9,6 +9,7 @@
 //! asking for hosts nobody covers costs at most one rebuild a second). One rebuild runs at a
 //! time; everyone else waits for it. When Vault cannot list, the last index is used.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,13 +28,17 @@ const READS_AT_ONCE: usize = 8;
 pub struct Coverage {
     vault: Arc<Vault>,
     cache: Cache,
-    max_age: Duration,
+    /// Milliseconds; `cache.ttl`, which a reload may change.
+    max_age: AtomicU64,
+    /// Counts reloads: an index built before the last one is not current.
+    generation: AtomicU64,
     index: RwLock<Option<Arc<Index>>>,
     rebuilding: tokio::sync::Mutex<()>,
 }
 
 struct Index {
     built: Instant,
+    generation: u64,
     reaches: Vec<Reach>,
 }
 
@@ -42,10 +47,19 @@ impl Coverage {
         Coverage {
             vault,
             cache,
-            max_age,
+            max_age: AtomicU64::new(millis(max_age)),
+            generation: AtomicU64::new(0),
             index: RwLock::new(None),
             rebuilding: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// After a reload: the index is rebuilt at its next use (connectors may have changed what
+    /// a connection covers), and then kept for `max_age`.
+    pub fn reconfigure(&self, max_age: Duration) {
+        self.max_age.store(millis(max_age), Ordering::Relaxed);
+        // The index is kept, to choose from while Vault cannot list, but is no longer current.
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The connections that `client` may use (every one when latchkey is open) and whose
@@ -56,7 +70,8 @@ impl Coverage {
         host: &str,
         port: Option<u16>,
     ) -> Result<Vec<ConnectionId>, VaultError> {
-        let index = self.index_younger_than(self.max_age).await?;
+        let max_age = Duration::from_millis(self.max_age.load(Ordering::Relaxed));
+        let index = self.index_younger_than(max_age).await?;
         let found = matching(&index, client, host, port);
         if !found.is_empty() || index.built.elapsed() < MIN_REBUILD_INTERVAL {
             return Ok(found);
@@ -68,12 +83,16 @@ impl Coverage {
     /// The current index if it is younger than `age`; otherwise a new one (or, when Vault
     /// cannot list, the last one there is).
     async fn index_younger_than(&self, age: Duration) -> Result<Arc<Index>, VaultError> {
-        if let Some(index) = self.current().filter(|i| i.built.elapsed() < age) {
+        if let Some(index) = self.current().filter(|i| {
+            i.built.elapsed() < age && i.generation == self.generation.load(Ordering::Relaxed)
+        }) {
             return Ok(index);
         }
         let _one_at_a_time = self.rebuilding.lock().await;
         // Someone else may have rebuilt it while this one waited.
-        if let Some(index) = self.current().filter(|i| i.built.elapsed() < age) {
+        if let Some(index) = self.current().filter(|i| {
+            i.built.elapsed() < age && i.generation == self.generation.load(Ordering::Relaxed)
+        }) {
             return Ok(index);
         }
         match self.build().await {
@@ -101,6 +120,7 @@ impl Coverage {
     /// Lists the stored connections and reads each through the cache. A connection that cannot
     /// be read or used covers nothing.
     async fn build(&self) -> Result<Index, VaultError> {
+        let generation = self.generation.load(Ordering::Relaxed);
         let ids = self.vault.list().await?;
         let mut reaches = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(READS_AT_ONCE) {
@@ -114,6 +134,7 @@ impl Coverage {
         );
         Ok(Index {
             built: Instant::now(),
+            generation,
             reaches,
         })
     }
@@ -134,4 +155,8 @@ fn matching(
         .collect();
     found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     found
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

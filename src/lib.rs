@@ -22,7 +22,7 @@
 //! | 6 | coverage, lifecycle |
 //! | 7 | response |
 //! | 8 | admin::connections, proxy |
-//! | 9 | admin, proxy::fuzzing, tunnel |
+//! | 9 | admin, proxy::fuzzing, reload, tunnel |
 //! | 10 | server |
 //!
 //! From the bottom up:
@@ -53,8 +53,9 @@
 //!   and a `Latchkey-Error` code in one place.
 //! - Services: [`proxy`] (the request path as named phases), [`admin`] (health, readiness,
 //!   metrics, the admin API), [`tunnel`] (CONNECT: TLS terminated with a minted leaf, every
-//!   request inside through the proxy). At the top, [`server`]: listeners, workers, the
-//!   balancer, shutdown.
+//!   request inside through the proxy), [`reload`] (a configuration read again, applied while
+//!   serving: what changes live, what waits for a restart). At the top, [`server`]: listeners,
+//!   workers, the balancer, shutdown.
 //!
 //! The binary (`src/bin/latchkey/`) is thin: the command line, logging, the configuration, then
 //! [`run`]; the CLI over the admin API and the local demo live there too, outside the library.
@@ -80,6 +81,7 @@ pub mod lifecycle;
 pub mod misses;
 pub mod proxy;
 pub mod record;
+pub mod reload;
 pub mod response;
 pub mod scrub;
 pub mod secret;

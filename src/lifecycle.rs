@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::cache::{Cache, Load};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogSlot};
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
 use crate::draft::{Draft, FieldError, Prepared};
@@ -160,7 +160,7 @@ pub struct Saved {
 
 pub struct Lifecycle {
     vault: Arc<Vault>,
-    catalog: Arc<Catalog>,
+    catalog: CatalogSlot,
     cache: Cache,
     upstream: Arc<Pool>,
     verify_timeout: Duration,
@@ -171,7 +171,7 @@ pub struct Lifecycle {
 impl Lifecycle {
     pub fn new(
         vault: Arc<Vault>,
-        catalog: Arc<Catalog>,
+        catalog: CatalogSlot,
         cache: Cache,
         upstream: Arc<Pool>,
         verify_timeout: Duration,
@@ -188,8 +188,9 @@ impl Lifecycle {
         }
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+    /// The catalog in force (a reload may replace it; this one stays whole for its holder).
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.load_full()
     }
 
     fn id(s: &str) -> Result<ConnectionId, LifecycleError> {
@@ -269,7 +270,7 @@ impl Lifecycle {
             expires_at: req.expires_at,
             fields: req.fields,
         };
-        let prepared = draft.prepare(&id, &self.catalog)?;
+        let prepared = draft.prepare(&id, &self.catalog())?;
         self.save(
             admin,
             Save {
@@ -318,7 +319,7 @@ impl Lifecycle {
         let id = Self::id(id)?;
         let stored = self.stored(&id).await?;
         let mut draft = draft_of(&stored);
-        let connector = self.catalog.get(&draft.connector).cloned();
+        let connector = self.catalog().get(&draft.connector).cloned();
         if let Some(v) = req.name {
             draft.name = v;
         }
@@ -351,7 +352,7 @@ impl Lifecycle {
                 None => draft.fields.remove(&name),
             };
         }
-        let prepared = draft.prepare(&id, &self.catalog)?;
+        let prepared = draft.prepare(&id, &self.catalog())?;
         self.save(
             admin,
             Save {
@@ -377,7 +378,7 @@ impl Lifecycle {
         let id = Self::id(id)?;
         let stored = self.stored(&id).await?;
         let mut draft = draft_of(&stored);
-        let connector = self.catalog.get(&draft.connector).cloned();
+        let connector = self.catalog().get(&draft.connector).cloned();
         if req.fields.is_empty() {
             return Err(FieldError::new(
                 "fields",
@@ -399,7 +400,7 @@ impl Lifecycle {
             }
             draft.fields.insert(name, value);
         }
-        let prepared = draft.prepare(&id, &self.catalog)?;
+        let prepared = draft.prepare(&id, &self.catalog())?;
         // A new key answers for itself: what the old one lacked is no longer known.
         let mut metadata = stored.custom_metadata;
         metadata.remove("scope_warning");
@@ -487,7 +488,7 @@ impl Lifecycle {
         let stored = self.stored(&id).await?;
         let mut metadata = stored.custom_metadata.clone();
         let version = stored.version;
-        let conn = Connection::from_stored(id.clone(), stored, &self.catalog)
+        let conn = Connection::from_stored(id.clone(), stored, &self.catalog())
             .map_err(|e| LifecycleError::Invalid(e.into()))?;
         let v = verify::verify(&conn, &self.upstream, self.verify_timeout).await;
         record_verification(&mut metadata, Some(&v));
@@ -611,8 +612,8 @@ impl Lifecycle {
     /// The API's view of a stored connection, whether or not it is valid.
     fn view(&self, id: &ConnectionId, stored: StoredConnection) -> Value {
         let metadata = stored.custom_metadata.clone();
-        let raw_view = raw_fields(&stored, &self.catalog);
-        match Connection::from_stored(id.clone(), stored, &self.catalog) {
+        let raw_view = raw_fields(&stored, &self.catalog());
+        match Connection::from_stored(id.clone(), stored, &self.catalog()) {
             Ok(conn) => self.view_of(&conn, Some(&metadata)),
             Err(e) => {
                 let mut v = raw_view;

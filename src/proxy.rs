@@ -43,6 +43,10 @@ use crate::telemetry::{self, AccessLog, CacheOutcome};
 use crate::upstream::{MaybeTls, Pool, ResponseBody};
 use crate::websocket;
 
+/// A worker's proxy as requests find it: each request loads the one in force and keeps it to
+/// its end; a reload stores a new one, built from the new configuration.
+pub type ProxySlot = Arc<arc_swap::ArcSwap<Proxy>>;
+
 /// The proxy listener's service.
 pub struct Proxy {
     cache: Cache,
@@ -227,7 +231,7 @@ impl Proxy {
         upstream: Arc<Pool>,
         (request_timeout, misses): (Duration, Arc<MissLimit>),
     ) -> Proxy {
-        let token_places = token_places(lifecycle.catalog());
+        let token_places = token_places(&lifecycle.catalog());
         Proxy {
             cache,
             lifecycle,
@@ -357,15 +361,24 @@ impl Proxy {
         log.client = tunnel.client.clone();
         log.host = Some(tunnel.host.clone());
         tunnel.check_inner(&parts, &uri)?;
+        let grant = self.tunnel_grant(tunnel)?;
         let id = match &tunnel.id {
             Some(id) => id.clone(),
             None => choose(
                 (&parts.headers, uri.query()),
-                tunnel.grant.as_ref(),
+                grant,
                 &tunnel.candidates,
                 &format!("{}:{}", tunnel.host, tunnel.port),
             )?,
         };
+        if let Some(client) = grant {
+            if !client.may_use(id.as_str()) {
+                return Err(ProxyError::ConnectionForbidden {
+                    client: client.name.to_string(),
+                    connection: id.to_string(),
+                });
+            }
+        }
         log.connection = Some(id.shared());
         let route = Route {
             form: Form::Tunnel,
@@ -375,6 +388,21 @@ impl Proxy {
             requested: Some(tunnel.requested()),
         };
         self.send_on(parts, body, &route, None, log, bytes_in).await
+    }
+
+    /// The client of a tunnel as the configuration in force knows it: a reload since the
+    /// CONNECT may have removed it, or changed what it may use.
+    fn tunnel_grant<'a>(&'a self, tunnel: &Tunnel) -> Result<Option<&'a Client>, ProxyError> {
+        match &tunnel.grant {
+            None if self.clients.is_open() => Ok(None),
+            granted => granted
+                .as_ref()
+                .and_then(|g| self.clients.by_token_hash(&g.token_sha256))
+                .map(Some)
+                .ok_or(ProxyError::ProxyAuthRequired(
+                    "the client token is not valid",
+                )),
+        }
     }
 
     /// The CONNECT's phases: its target, the client, the connection and its hosts and ports
@@ -943,7 +971,8 @@ impl Proxy {
         client: websocket::ClientSide,
         log: &mut AccessLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let opened = websocket::open(self.upstream.dialer(), parts, client);
+        let dialer = self.upstream.dialer();
+        let opened = websocket::open(&dialer, parts, client);
         let response = match tokio::time::timeout(self.request_timeout, opened).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout(format!(

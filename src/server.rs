@@ -3,6 +3,7 @@
 //!
 //! [`Server::bind`] builds every part from a [`Config`] and binds the listeners; [`Server::run`]
 //! serves until its shutdown future completes, then lets open connections finish.
+//! [`Server::reloader`] applies a configuration read again (SIGHUP) while it serves.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,22 +20,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
-use crate::auth::Clients;
 use crate::ca::{Ca, Leaves, LeavesSlot};
 use crate::cache::{Cache, VaultSource};
 use crate::config::{CaFiles, Config};
 use crate::coverage::Coverage;
-use crate::destination::AddressPolicy;
-use crate::destination::Passthrough;
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
-use crate::misses::MissLimit;
-use crate::proxy::{self, Proxy};
+use crate::proxy::{self, ProxySlot};
+use crate::reload::{self, Reloader};
 use crate::secret::Secret;
 use crate::strict::{Link, Strict};
 use crate::telemetry;
 use crate::tunnel::Tunnels;
-use crate::upstream::{self, Dialer, Pool, PoolLimits};
+use crate::upstream::{Pool, PoolLimits};
 use crate::vault;
 use crate::vault::Vault;
 
@@ -78,48 +76,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Server {
     proxy_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
-    workers: usize,
-    parts: ProxyParts,
+    /// Each worker's proxy, and what reloads them.
+    reloader: Reloader,
+    /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
+    leaves: LeavesSlot,
+    /// `proxy.idle_timeout`: a client connection idle this long is closed.
+    idle_timeout: Duration,
+    /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
+    header_read_timeout: Duration,
     admin: Arc<Admin>,
     cache: Cache,
     vault: Arc<Vault>,
     /// Vault did not answer when asked for the CA at start: ask again until it does.
     ca_retry: bool,
-}
-
-/// What each worker builds its [`Proxy`] from.
-struct ProxyParts {
-    cache: Cache,
-    lifecycle: Arc<Lifecycle>,
-    clients: Clients,
-    coverage: Arc<Coverage>,
-    passthrough: Arc<Passthrough>,
-    dialer: Dialer,
-    request_timeout: Duration,
-    /// `proxy.idle_timeout`: a client connection idle this long is closed.
-    idle_timeout: Duration,
-    /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
-    header_read_timeout: Duration,
-    /// `proxy.pool_idle_timeout` and `proxy.body_timeout`, for each worker's pool.
-    pool_limits: PoolLimits,
-    /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
-    leaves: LeavesSlot,
-    /// Per client: Vault reads that found nothing, shared by every worker.
-    misses: Arc<MissLimit>,
-}
-
-impl ProxyParts {
-    /// A proxy with a connection pool of its own.
-    fn proxy(&self) -> Proxy {
-        Proxy::new(
-            self.cache.clone(),
-            self.lifecycle.clone(),
-            self.clients.clone(),
-            (self.coverage.clone(), self.passthrough.clone()),
-            Pool::new(self.dialer.clone(), self.pool_limits),
-            (self.request_timeout, self.misses.clone()),
-        )
-    }
 }
 
 impl Server {
@@ -132,7 +101,7 @@ impl Server {
         telemetry::metrics_handle();
 
         let vault = Arc::new(Vault::new(&config.vault)?);
-        let catalog = Arc::new(config.catalog.clone());
+        let catalog = Arc::new(arc_swap::ArcSwap::from_pointee(config.catalog.clone()));
         let cache = Cache::new(
             &config.cache,
             Arc::new(VaultSource {
@@ -140,7 +109,7 @@ impl Server {
                 catalog: catalog.clone(),
             }),
         );
-        let tls = upstream::tls_config(&config.tls.extra_roots).map_err(StartError::Tls)?;
+        let dialer = reload::dialer(&config).map_err(|e| StartError::Tls(e.message))?;
         let (ca, ca_retry) = match &config.tls.ca {
             Some(files) => (Some(load_ca(files)?), false),
             None => match read_vault_ca(&vault).await? {
@@ -153,21 +122,16 @@ impl Server {
             },
         };
         let leaves = LeavesSlot::new(ca.map(|ca| Leaves::new(Arc::new(ca), MAX_LEAVES)));
-        let dialer = Dialer::new(
-            AddressPolicy::new(config.proxy.allow_private_destinations.clone()),
-            config.proxy.resolve.clone(),
-            Arc::new(tls),
-            config.proxy.connect_timeout,
-        );
         let pool_limits = PoolLimits {
             idle: config.proxy.pool_idle_timeout,
             body: config.proxy.body_timeout,
         };
+        let lifecycle_pool = Pool::new(dialer.clone(), pool_limits);
         let lifecycle = Arc::new(Lifecycle::new(
             vault.clone(),
             catalog.clone(),
             cache.clone(),
-            Pool::new(dialer.clone(), pool_limits),
+            lifecycle_pool.clone(),
             config.proxy.request_timeout,
             config.admin.expiry_warning,
         ));
@@ -177,27 +141,6 @@ impl Server {
             config.admin.tokens.clone(),
             leaves.clone(),
         ));
-        let parts = ProxyParts {
-            cache: cache.clone(),
-            lifecycle,
-            clients: Clients::new(config.clients.clone()),
-            coverage: Arc::new(Coverage::new(
-                vault.clone(),
-                cache.clone(),
-                config.cache.ttl,
-            )),
-            passthrough: Arc::new(config.proxy.passthrough.clone()),
-            dialer,
-            request_timeout: config.proxy.request_timeout,
-            idle_timeout: config.proxy.idle_timeout,
-            header_read_timeout: config.proxy.header_read_timeout,
-            pool_limits,
-            leaves,
-            misses: Arc::new(MissLimit::new(
-                config.cache.miss_rate,
-                config.cache.miss_burst,
-            )),
-        };
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
         for addr in &config.proxy.listen {
@@ -210,11 +153,33 @@ impl Server {
             proxy_listeners.push(listener);
         }
         let admin_listener = bind(config.admin.listen).await?;
+        let (idle_timeout, header_read_timeout) =
+            (config.proxy.idle_timeout, config.proxy.header_read_timeout);
+        let parts = reload::Parts {
+            catalog,
+            cache: cache.clone(),
+            coverage: Arc::new(Coverage::new(
+                vault.clone(),
+                cache.clone(),
+                config.cache.ttl,
+            )),
+            lifecycle,
+            lifecycle_pool,
+            pools: (0..config.proxy.workers)
+                .map(|_| Pool::new(dialer.clone(), pool_limits))
+                .collect(),
+            listening: proxy_listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect(),
+        };
         Ok(Server {
             proxy_listeners,
             admin_listener,
-            workers: config.proxy.workers,
-            parts,
+            reloader: Reloader::new(config, parts),
+            leaves,
+            idle_timeout,
+            header_read_timeout,
             admin,
             cache,
             vault,
@@ -233,6 +198,11 @@ impl Server {
         self.admin_listener.local_addr().ok()
     }
 
+    /// What applies a configuration read again (SIGHUP) to this server while it runs.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` completes, then lets open connections finish (up to a grace
     /// period).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
@@ -240,7 +210,8 @@ impl Server {
         let admin_addr = self.admin_addr().map(|a| a.to_string()).unwrap_or_default();
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (workers, balancer) = start_workers(self.workers, &self.parts)?;
+        let timeouts = (self.idle_timeout, self.header_read_timeout);
+        let (workers, balancer) = start_workers(self.reloader.slots(), &self.leaves, timeouts)?;
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.proxy_listeners {
             let addr = l
@@ -259,7 +230,7 @@ impl Server {
             proxy = %proxy_addrs.join(","),
             admin = %admin_addr,
             vault = %self.vault.address(),
-            workers = self.workers,
+            workers = self.reloader.slots().len(),
             "listening"
         );
         match self.vault.check_token().await {
@@ -281,18 +252,21 @@ impl Server {
                 handler,
                 graceful.clone(),
                 stopped(stop_rx.clone()),
-                (self.parts.idle_timeout, self.parts.header_read_timeout),
+                timeouts,
             ));
         }
-        tasks.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
+        // Upkeep, which holds nothing a client waits for: ended at once at shutdown, even in the
+        // middle of a call to a Vault that hangs.
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
         if self.ca_retry {
-            tasks.spawn(retry_vault_ca(
+            background.spawn(retry_vault_ca(
                 self.vault.clone(),
-                self.parts.leaves.clone(),
+                self.leaves.clone(),
                 stopped(stop_rx.clone()),
             ));
         }
-        tasks.spawn(
+        background.spawn(
             self.vault
                 .clone()
                 .renew_token_until(stopped(stop_rx.clone())),
@@ -300,17 +274,29 @@ impl Server {
 
         shutdown.await;
         tracing::info!("shutting down");
+        // One grace period for everything: the proxy workers and the admin listener finish
+        // their requests in flight side by side, not one after the other.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         let _ = stop_tx.send(true);
+        background.abort_all();
         while tasks.join_next().await.is_some() {}
         // The acceptors have stopped; with the last sender gone, each worker serves what is
-        // already queued for it, then stops.
+        // already queued for it, closes its idle connections, lets requests in flight finish
+        // (for at most SHUTDOWN_GRACE), then stops.
         drop(balancer);
-        for done in workers {
-            let _ = done.await;
-        }
-        if let Ok(graceful) = Arc::try_unwrap(graceful) {
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
-        }
+        let workers = async {
+            for done in workers {
+                let _ = done.await;
+            }
+        };
+        let admin = async {
+            if let Ok(graceful) = Arc::try_unwrap(graceful) {
+                let _ = tokio::time::timeout_at(deadline, graceful.shutdown()).await;
+            }
+        };
+        tokio::join!(workers, admin);
+        while background.join_next().await.is_some() {}
+        tracing::info!("stopped");
         Ok(())
     }
 }
@@ -318,21 +304,22 @@ impl Server {
 /// Starts `n` proxy workers; returns what completes when each has finished, and the balancer
 /// that hands them connections (the workers stop once it is dropped).
 fn start_workers(
-    n: usize,
-    parts: &ProxyParts,
+    slots: &[ProxySlot],
+    leaves: &LeavesSlot,
+    timeouts: (Duration, Duration),
 ) -> Result<(Vec<tokio::sync::oneshot::Receiver<()>>, Arc<Balancer>), StartError> {
-    let mut workers = Vec::with_capacity(n);
-    let mut handles = Vec::with_capacity(n);
-    for i in 0..n {
+    let mut workers = Vec::with_capacity(slots.len());
+    let mut handles = Vec::with_capacity(slots.len());
+    for (i, slot) in slots.iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicUsize::new(0));
         workers.push(spawn_worker(
             i,
             rx,
             open.clone(),
-            parts.proxy(),
-            parts.leaves.clone(),
-            (parts.idle_timeout, parts.header_read_timeout),
+            slot.clone(),
+            leaves.clone(),
+            timeouts,
         )?);
         handles.push(WorkerHandle { tx, open });
     }
@@ -513,7 +500,7 @@ fn spawn_worker(
     n: usize,
     mut accepted: mpsc::UnboundedReceiver<Accepted>,
     open: Arc<AtomicUsize>,
-    proxy: Proxy,
+    proxy: ProxySlot,
     leaves: LeavesSlot,
     (idle, header_read): (Duration, Duration),
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
@@ -526,10 +513,10 @@ fn spawn_worker(
         .name(format!("latchkey-proxy-{n}"))
         .spawn(move || {
             runtime.block_on(async move {
-                let proxy = Arc::new(proxy);
                 let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, (idle, header_read)));
                 let handler = move |req: http::Request<hyper::body::Incoming>| {
-                    let proxy = proxy.clone();
+                    // The proxy in force when the request starts serves it to its end.
+                    let proxy = proxy.load_full();
                     let tunnels = tunnels.clone();
                     async move {
                         // An h2 extended CONNECT (`:protocol`, a WebSocket) is a request.

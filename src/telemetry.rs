@@ -34,6 +34,8 @@ pub mod names {
     pub const TUNNEL_LEAVES: &str = "latchkey_tunnel_leaf_certificates_total";
     pub const TUNNEL_HANDSHAKE_FAILURES: &str = "latchkey_tunnel_handshake_failures_total";
     pub const WEBSOCKETS_OPEN: &str = "latchkey_websockets_open";
+    pub const VAULT_STALLS: &str = "latchkey_vault_stalls_total";
+    pub const CONFIG_RELOADS: &str = "latchkey_config_reloads_total";
 }
 
 /// Counts an upgraded WebSocket as open (`latchkey_websockets_open`) until dropped: once
@@ -222,6 +224,16 @@ pub fn vault_call(op: &'static str, outcome: &'static str, elapsed: Duration) {
 /// `refused` (Vault answered no) or `error` (no answer, or one that could not be read).
 pub fn vault_auth(op: &'static str, outcome: &'static str) {
     counter!(names::VAULT_AUTH, "op" => op, "outcome" => outcome).increment(1);
+}
+
+/// A configuration reload (SIGHUP): `ok` or `failed` (the file was refused).
+pub fn config_reload(outcome: &'static str) {
+    counter!(names::CONFIG_RELOADS, "outcome" => outcome).increment(1);
+}
+
+/// Vault was noticed hanging: expired connections are served stale without waiting from now on.
+pub fn vault_stalled() {
+    counter!(names::VAULT_STALLS).increment(1);
 }
 
 pub fn upstream_forbidden(connection: &str) {

@@ -25,7 +25,7 @@ use crate::body::{self, BoxBody};
 use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
 use crate::idle::{self, Activity, Watched};
-use crate::proxy::{Opened, Proxy, Tunnel};
+use crate::proxy::{Opened, ProxySlot, Tunnel};
 use crate::response::ProxyError;
 use crate::strict::{Link, Strict};
 use crate::telemetry;
@@ -40,7 +40,9 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The tunnel form's service: answers CONNECT requests and serves what goes through them.
 pub struct Tunnels {
-    proxy: Arc<Proxy>,
+    /// The worker's proxy in force: each CONNECT and each request inside a tunnel loads it, so
+    /// a reload reaches open tunnels too.
+    proxy: ProxySlot,
     /// Leaf certificates minted by latchkey's CA; without a CA, CONNECT is refused.
     leaves: LeavesSlot,
     /// `proxy.idle_timeout`, for the connections inside tunnels too.
@@ -51,7 +53,7 @@ pub struct Tunnels {
 
 impl Tunnels {
     pub fn new(
-        proxy: Arc<Proxy>,
+        proxy: ProxySlot,
         leaves: LeavesSlot,
         (idle, header_read): (Duration, Duration),
     ) -> Tunnels {
@@ -73,7 +75,8 @@ impl Tunnels {
         let (parts, _) = req.into_parts();
         // TLS inside unless the port is HTTP's; what the client really sends is seen later.
         let port_says_tls = parts.uri.port_u16() != Some(80);
-        let mut tunnel = match self.proxy.connect(&parts, port_says_tls).await {
+        let proxy = self.proxy.load_full();
+        let mut tunnel = match proxy.connect(&parts, port_says_tls).await {
             Ok(Opened::Tunnel(t)) => t,
             Ok(Opened::Splice(upstream)) => return splice(upgrade, upstream, self.idle),
             Err(e) => return e.into_response(),
@@ -169,7 +172,7 @@ impl Tunnels {
         let service = {
             let activity = activity.clone();
             service_fn(move |req| {
-                let proxy = proxy.clone();
+                let proxy = proxy.load_full();
                 let tunnel = tunnel.clone();
                 let serve = |req| async move {
                     Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await)

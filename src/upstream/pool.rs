@@ -13,10 +13,15 @@
 //! by a reaper task that runs while the pool has idle connections (so that an upstream is not
 //! held open by a pool nobody sends through); the task holds the pool only weakly and ends
 //! with it.
+//!
+//! A reload that changes how upstreams are dialled (trusted roots, address policy, pins,
+//! connect timeout) gives the pool a new dialer ([`Pool::redial`]): its idle connections and
+//! shared h2 connections are dropped, and a connection lent out before is not taken back, so
+//! that no request after the reload goes on a connection the new settings would not make.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -94,6 +99,8 @@ struct Idle {
 struct State {
     idle: [ByHost<Vec<Idle>>; 2],
     h2: [ByHost<http2::SendRequest<UpstreamBody>>; 2],
+    /// h2 connections made with an earlier dialer ([`Pool::redial`]), no longer lent.
+    retired: Vec<http2::SendRequest<UpstreamBody>>,
     /// A reaper task is running.
     reaping: bool,
 }
@@ -109,7 +116,10 @@ pub struct Limits {
 
 /// The pool. Cheap to share; a worker's requests all use its own.
 pub struct Pool {
-    dialer: Dialer,
+    dialer: arc_swap::ArcSwap<Dialer>,
+    /// Counts the dialers the pool has had: a connection made with an earlier one is not
+    /// pooled again.
+    generation: AtomicU64,
     limits: Limits,
     state: Mutex<State>,
 }
@@ -118,12 +128,15 @@ pub struct Pool {
 pub struct Home {
     pool: Weak<Pool>,
     key: Key,
+    generation: u64,
 }
 
 impl Checkin for Home {
     fn checkin(self, conn: H1Conn) {
         if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.key, conn);
+            if pool.generation.load(Ordering::Acquire) == self.generation {
+                pool.put(self.key, conn);
+            }
         }
     }
 }
@@ -267,14 +280,41 @@ where
 impl Pool {
     pub fn new(dialer: Dialer, limits: Limits) -> Arc<Pool> {
         Arc::new(Pool {
-            dialer,
+            dialer: arc_swap::ArcSwap::from_pointee(dialer),
+            generation: AtomicU64::new(0),
             limits,
             state: Mutex::new(State::default()),
         })
     }
 
-    pub fn dialer(&self) -> &Dialer {
-        &self.dialer
+    /// The dialer in force.
+    pub fn dialer(&self) -> Dialer {
+        Dialer::clone(&self.dialer.load())
+    }
+
+    /// Dials with `dialer` from now on; the connections made with the one before are closed
+    /// once no request uses them.
+    pub fn redial(&self, dialer: Dialer) {
+        self.dialer.store(Arc::new(dialer));
+        // Under the lock, so that a request that reads the new generation finds the idle list
+        // already emptied.
+        let idle = {
+            let mut state = self.state();
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            // An h2 connection may carry streams in flight (a response still streaming): its
+            // handle is kept, unused, until the upstream closes the connection.
+            let h2: Vec<_> = state
+                .h2
+                .iter_mut()
+                .flat_map(|m| m.drain())
+                .map(|(_, s)| s)
+                .collect();
+            state.retired.retain(|s| !s.is_closed());
+            state.retired.extend(h2);
+            std::mem::take(&mut state.idle)
+        };
+        // Idle HTTP/1.1 connections carry nothing: closed, outside the lock.
+        drop(idle);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -290,6 +330,7 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<ResponseBody>, SendError> {
+        let generation = self.generation.load(Ordering::Acquire);
         let key = Key {
             https: req.uri().scheme() == Some(&UriScheme::HTTPS),
             authority: req
@@ -340,7 +381,7 @@ impl Pool {
                 )
                 .await
             {
-                Ok(head) => return Ok(self.respond(key, conn, head, exchange.pump)),
+                Ok(head) => return Ok(self.respond(key, conn, head, exchange.pump, generation)),
                 Err(f) if f.retryable => {
                     tracing::debug!(error = %f.error, "a pooled upstream connection had closed; sending again");
                 }
@@ -351,7 +392,7 @@ impl Pool {
         // Dialing (DNS, TCP, TLS, the HTTP handshake) is the large part of this future and the
         // rare one: boxed, it is allocated only when it runs, and every proxied request's
         // future (kept per client connection by hyper) stays small.
-        Box::pin(self.connect_and_send(key, parts, exchange)).await
+        Box::pin(self.connect_and_send(key, parts, exchange, generation)).await
     }
 
     async fn connect_and_send(
@@ -359,9 +400,11 @@ impl Pool {
         key: Key,
         parts: http::request::Parts,
         mut exchange: Exchange,
+        generation: u64,
     ) -> Result<Response<ResponseBody>, SendError> {
         tracing::debug!(authority = %key.authority, "opening an upstream connection");
-        let io = self.dialer.dial(key.https, &key.authority).await?;
+        let dialer = self.dialer();
+        let io = dialer.dial(key.https, &key.authority).await?;
         if io.is_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -372,8 +415,13 @@ impl Pool {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
                 }
             });
-            self.state().h2[usize::from(key.https)]
-                .insert(key.authority.as_str().into(), sender.clone());
+            {
+                let mut state = self.state();
+                if self.generation.load(Ordering::Acquire) == generation {
+                    state.h2[usize::from(key.https)]
+                        .insert(key.authority.as_str().into(), sender.clone());
+                }
+            }
             let mut sender = sender;
             let body = exchange.pump.into_body().unwrap_or_else(body::empty);
             let mut req = Request::from_parts(parts, body);
@@ -389,7 +437,7 @@ impl Pool {
             .exchange(&exchange.head, &mut exchange.pump, exchange.to_head, false)
             .await
         {
-            Ok(head) => Ok(self.respond(key, conn, head, exchange.pump)),
+            Ok(head) => Ok(self.respond(key, conn, head, exchange.pump, generation)),
             Err(f) => Err(f.error.into()),
         }
     }
@@ -400,10 +448,12 @@ impl Pool {
         conn: H1Conn,
         head: h1::Head,
         pump: Pump,
+        generation: u64,
     ) -> Response<ResponseBody> {
         let home = Home {
             pool: Arc::downgrade(self),
             key,
+            generation,
         };
         let body = match H1Body::new(conn, &head, pump, home) {
             Some(body) => ResponseBody::H1(body),

@@ -466,6 +466,111 @@ async fn with_vault_down_a_cached_connection_serves_stale_until_max_stale() {
     assert_eq!(injected(&r), format!("Bearer {key}"));
 }
 
+/// The lines latchkey logged whose message starts with `start`.
+fn logged(lk: &Latchkey, start: &str) -> usize {
+    lk.output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with(start)))
+        .count()
+}
+
+/// Issue 12: with OpenBao SIGSTOPped under steady load, every request on an expired entry
+/// waited up to 250 ms for a re-read, until Vault's own timeout (seconds later) marked it
+/// unhealthy. A hang must be noticed once: from then on expired entries are served stale at
+/// once, until Vault answers again. Counted, not timed: the requests that waited for Vault are
+/// at most the ones in flight when the hang was noticed (one per client), and the hang is
+/// logged once.
+#[tokio::test]
+async fn a_hung_vault_is_noticed_once_and_expired_entries_are_served_stale_without_waiting() {
+    let bao = Bao::start_own().await;
+    let up = echo().await;
+    let base = format!("http://{}", up.addr());
+    let key = put_bearer(&bao, "hung", &base);
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().extra("[cache]\nttl = \"1s\"\nmax_stale = \"1h\"\n"),
+    )
+    .await;
+    assert_eq!(
+        injected(&gateway_get(&lk, "/hung/v1/warm", &[]).await),
+        format!("Bearer {key}")
+    );
+
+    const CLIENTS: usize = 4;
+    let url = lk.url("/hung/v1/load");
+    let load = SteadyLoad::start(CLIENTS, move |client, c, n| {
+        client.get(format!("{url}/{c}/{n}"))
+    });
+    load.more(20).await;
+    bao.freeze().await;
+    // Past the point where latchkey used to stop waiting: Vault's own timeout (vault.timeout,
+    // 2s here) has ended a read.
+    wait_until(
+        "a Vault read to time out",
+        Duration::from_secs(60),
+        || async {
+            let text = crate::errors::metrics_text(&lk).await;
+            text.lines()
+                .any(|l| {
+                    l.starts_with("latchkey_vault_requests_total{")
+                        && l.contains("op=\"read\"")
+                        && l.contains("outcome=\"timeout\"")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    load.more(100).await;
+    let stale_while_hung = lk
+        .access_log()
+        .iter()
+        .filter(|l| l["connection"] == "hung" && l["cache"] == "stale")
+        .count();
+    bao.thaw();
+    let (ok, failed) = load.stop().await;
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), failed);
+    assert!(ok >= 120);
+    assert!(stale_while_hung >= 90, "{stale_while_hung} served stale");
+    assert_eq!(logged(&lk, "Vault hung"), 1, "the hang is noticed once");
+    let waited = logged(&lk, "no answer to an expired connection's re-read");
+    assert!(
+        (1..=CLIENTS).contains(&waited),
+        "{waited} requests waited for a hung Vault; at most one per client may"
+    );
+    let text = crate::errors::metrics_text(&lk).await;
+    assert!(
+        text.lines().any(|l| l == "latchkey_vault_stalls_total 1"),
+        "{text}"
+    );
+
+    // Vault answers again: noticed, and a key rotated now is in use once the TTL has passed.
+    let new = format!("key_after_thaw_{}", free_port());
+    bao.put(
+        "hung",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &base),
+            ("api_key", &new),
+        ],
+    );
+    wait_until(
+        "the rotated key after the thaw",
+        Duration::from_secs(30),
+        || async {
+            let r = gateway_get(&lk, "/hung/v1/after", &[]).await;
+            (injected(&r) == format!("Bearer {new}")).then_some(())
+        },
+    )
+    .await;
+    wait_until(
+        "latchkey to notice Vault answers again",
+        Duration::from_secs(30),
+        || std::future::ready((logged(&lk, "Vault answers again") == 1).then_some(())),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn vault_traffic_ignores_http_proxy_variables() {
     // The harness starts latchkey with HTTP_PROXY, HTTPS_PROXY, their lower-case forms and

@@ -35,7 +35,8 @@ enum Command {
         #[arg(long, short, env = "LATCHKEY_CONFIG")]
         config: PathBuf,
     },
-    /// Check a configuration file without serving; exits 64 if it is refused.
+    /// Check a configuration file without serving, and without Vault or a token; exits 64 if it
+    /// is refused.
     CheckConfig {
         /// The configuration file.
         file: PathBuf,
@@ -102,16 +103,27 @@ fn main() -> ExitCode {
         }
         Command::Serve { config } => {
             latchkey::telemetry::init_logging();
-            let config = match latchkey::config::Config::load(&config) {
+            let loaded = latchkey::config::Config::load(&config).and_then(|c| {
+                c.vault
+                    .check_credentials(&latchkey::config::ProcessEnv)
+                    .map(|()| c)
+            });
+            let path = config;
+            let config = match loaded {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "configuration refused");
-                    let _ = writeln!(std::io::stderr(), "latchkey: {}: {e}", config.display());
+                    let _ = writeln!(std::io::stderr(), "latchkey: {}: {e}", path.display());
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
             run(async move {
-                latchkey::run(config, shutdown_signal())
+                let server = latchkey::Server::bind(config).await?;
+                // Installed before the server says it is listening: a SIGHUP from then on
+                // reloads, never kills.
+                reload_on_hangup(server.reloader(), path)?;
+                server
+                    .run(shutdown_signal())
                     .await
                     .map_err(anyhow::Error::from)
             })
@@ -167,6 +179,27 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Reads the configuration file again at each SIGHUP and applies it (the reloader logs how
+/// that went).
+#[cfg(unix)]
+fn reload_on_hangup(reloader: latchkey::reload::Reloader, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let (reloader, path) = (reloader.clone(), path.clone());
+            // Reading the file and the extra roots is blocking I/O.
+            let _ = tokio::task::spawn_blocking(move || reloader.reload_file(&path)).await;
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_hangup(_: latchkey::reload::Reloader, _: PathBuf) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM.

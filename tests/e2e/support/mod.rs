@@ -29,6 +29,8 @@ use base64::Engine as _;
 
 mod echo;
 pub use echo::EchoServer;
+mod load;
+pub use load::SteadyLoad;
 
 /// Fields of a stored connection that are not secret: latchkey's own list.
 use latchkey::record::RESERVED_FIELDS as RESERVED;
@@ -581,6 +583,8 @@ pub struct Latchkey {
     /// The threads copying its stdout and stderr into `output`; they end at EOF.
     readers: Vec<std::thread::JoinHandle<()>>,
     secrets: Secrets,
+    /// The configuration file it was started with (`config`, `write_config`, SIGHUP).
+    config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -672,6 +676,7 @@ impl Latchkey {
                 output,
                 readers,
                 secrets: bao.secrets.clone(),
+                config_path,
                 _dir: dir,
             }),
             Err(_) => {
@@ -744,6 +749,21 @@ impl Latchkey {
     /// Registers one more value that must never appear in latchkey's output.
     pub fn forbid(&self, s: &str) {
         self.secrets.add(s);
+    }
+
+    /// The text of its configuration file.
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(&self.config_path).unwrap()
+    }
+
+    /// Replaces its configuration file (read again at the next SIGHUP).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// Asks latchkey to read its configuration file again (SIGHUP).
+    pub fn hangup(&self) {
+        signal(self.child.id(), "HUP");
     }
 
     /// Asks latchkey to shut down, as a service manager does (SIGTERM).
