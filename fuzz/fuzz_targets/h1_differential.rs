@@ -15,6 +15,8 @@
 //!   purpose, being stricter than hyper. Those allowed divergences, one way only:
 //!   - a bare LF as a line end (in the head, a chunk-size line, after chunk data, in trailers);
 //!   - a control character (other than HTAB) in a chunk extension;
+//!   - a chunk-size or trailer line over 4 KiB (hyper bounds extensions and trailers as a
+//!     whole, at 16 KiB);
 //!   - obs-fold: a header line continued on a line that starts with a space or a tab;
 //!   - empty lines before a status line, the first or the one after a `1xx` (RFC 9112 section
 //!     2.2 lets a client skip them; latchkey's refuses, hyper's skips);
@@ -74,7 +76,9 @@ fn main() {
             (Verdict::Accepted(a), Verdict::Accepted(b)) if a == b => None,
             (Verdict::Refused(_), Verdict::Refused(_)) => None,
             (Verdict::Refused(e), Verdict::Accepted(_))
-                if stricter_by_design(input) || *e == H1Error::Upgrade.to_string() =>
+                if stricter_by_design(input)
+                    || *e == H1Error::Upgrade.to_string()
+                    || (e.contains("line is too long") && long_line(input)) =>
             {
                 None
             }
@@ -206,6 +210,11 @@ fn stricter_by_design(input: &[u8]) -> bool {
     let leading_empty_line = input.first().is_some_and(|b| *b == b'\r' || *b == b'\n')
         || input.windows(6).any(|w| w == b"\r\n\r\n\r\n");
     bare_lf || obs_fold || control_in_extension || leading_empty_line
+}
+
+/// Whether the input has a line over latchkey's bound on one chunk-size or trailer line.
+fn long_line(input: &[u8]) -> bool {
+    input.split(|b| *b == b'\n').any(|l| l.len() > 4 * 1024)
 }
 
 /// An error and its sources, one after the other.
