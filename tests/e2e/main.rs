@@ -43,5 +43,6 @@ mod token_place;
 mod tunnel;
 mod upstream_h1;
 mod upstream_strict;
+mod vault_ha;
 mod websocket;
 mod workers;

@@ -536,6 +536,10 @@ pub struct Opts {
     pub extra_roots: Vec<PathBuf>,
     /// `vault.address` in the file, instead of the test's OpenBao.
     pub vault_address: Option<String>,
+    /// `vault.address` as a list (every node of a cluster), when not empty.
+    pub vault_addresses: Vec<String>,
+    /// Lines added to the `[vault]` table (`namespace = "..."`, `ca_cert = "..."`).
+    pub vault: String,
     /// Lines added to the `[tls]` table (`ca_cert = "..."`, `ca_key = "..."`).
     pub tls: String,
 }
@@ -568,6 +572,11 @@ impl Opts {
     pub fn tls(mut self, line: &str) -> Opts {
         self.tls.push_str(line);
         self.tls.push('\n');
+        self
+    }
+    pub fn vault(mut self, line: &str) -> Opts {
+        self.vault.push_str(line);
+        self.vault.push('\n');
         self
     }
 }
@@ -604,16 +613,22 @@ impl Latchkey {
             .iter()
             .map(|p| format!("{:?}", p.display().to_string()))
             .collect();
+        let address = if opts.vault_addresses.is_empty() {
+            format!("{:?}", opts.vault_address.as_deref().unwrap_or(&bao.addr))
+        } else {
+            format!("{:?}", opts.vault_addresses)
+        };
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\n\
-             [vault]\naddress = \"{}\"\nprefix = \"{}\"\ntimeout = \"2s\"\n\n\
+             [vault]\naddress = {}\nprefix = \"{}\"\ntimeout = \"2s\"\n{}\n\
              [tls]\nextra_roots = [{}]\n{}\n{}",
             allow.join(", "),
             opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
-            opts.vault_address.as_deref().unwrap_or(&bao.addr),
+            address,
             bao.prefix,
+            opts.vault,
             roots.join(", "),
             opts.tls,
             opts.extra
@@ -626,6 +641,8 @@ impl Latchkey {
             .arg(&config_path)
             .env("VAULT_TOKEN", &bao.token)
             .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_CACERT")
+            .env_remove("VAULT_NAMESPACE")
             .env("RUST_LOG", "trace")
             // Vault traffic must go direct even when the environment names a proxy.
             .env("HTTP_PROXY", "http://127.0.0.1:9")
