@@ -8,6 +8,7 @@
 //!   prints is kept, and when it is dropped the output is searched for every secret the test
 //!   stored (raw, base64, inside Basic): every test is also a leak test.
 //! - [`TestCa`]: a CA and server certificates for the HTTPS upstreams.
+//! - [`raft::Cluster`]: OpenBao nodes with integrated storage, initialised, unsealed, joined.
 //! - Clients: reqwest, curl and Python `requests`.
 
 #![expect(
@@ -29,6 +30,7 @@ use base64::Engine as _;
 
 mod echo;
 pub use echo::EchoServer;
+pub mod raft;
 
 /// Fields of a stored connection that are not secret: latchkey's own list.
 use latchkey::record::RESERVED_FIELDS as RESERVED;
@@ -241,6 +243,8 @@ fn shared_server() -> &'static BaoServer {
 enum Server {
     Shared(&'static BaoServer),
     Own(BaoServer),
+    /// The nodes of a [`raft::Cluster`], which owns them; they keep no audit log.
+    Cluster,
 }
 
 /// A test's view of a real OpenBao dev server: its own KV prefix (`t{N}/connections` under the
@@ -277,6 +281,7 @@ impl Bao {
         let s = match &server {
             Server::Shared(s) => *s,
             Server::Own(s) => s,
+            Server::Cluster => panic!("a cluster's handle is made by raft::Cluster::bao"),
         };
         Bao {
             addr: s.addr.clone(),
@@ -291,6 +296,7 @@ impl Bao {
         match &self.server {
             Server::Shared(s) => s,
             Server::Own(s) => s,
+            Server::Cluster => panic!("a raft cluster keeps no audit log"),
         }
     }
 
