@@ -40,7 +40,7 @@ pub enum VaultError {
     Timeout(Duration),
     #[error("cannot connect to Vault at {0}")]
     Unreachable(String),
-    #[error("Vault at {0} is not trusted: its TLS certificate does not check against the system's roots or vault.ca_cert / VAULT_CACERT")]
+    #[error("Vault at {0} is not trusted: its TLS certificate does not check against the built-in roots or vault.ca_cert / VAULT_CACERT")]
     Untrusted(String),
     #[error("Vault refused latchkey's token (permission denied); check VAULT_TOKEN or vault.auth.token_file")]
     PermissionDenied,
