@@ -100,11 +100,14 @@ pub struct AdminToken {
 
 #[derive(Debug, Clone)]
 pub struct VaultConfig {
-    pub address: String,
+    /// Every node of the Vault (HA) cluster, in the order they are tried: never empty.
+    pub addresses: Vec<String>,
     pub mount: String,
     pub prefix: String,
     pub timeout: Duration,
     pub ca_cert: Option<PathBuf>,
+    /// Sent as `X-Vault-Namespace` with every request.
+    pub namespace: Option<String>,
     pub auth: VaultAuth,
 }
 
@@ -287,7 +290,7 @@ struct RawAdminToken {
 #[serde(deny_unknown_fields)]
 struct RawVault {
     #[serde(default)]
-    address: Option<String>,
+    address: Option<OneOrMany<String>>,
     #[serde(default = "default_mount")]
     mount: String,
     #[serde(default = "default_prefix")]
@@ -296,6 +299,8 @@ struct RawVault {
     timeout: Dur,
     #[serde(default)]
     ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    namespace: Option<String>,
     #[serde(default)]
     auth: RawVaultAuth,
 }
@@ -308,6 +313,7 @@ impl Default for RawVault {
             prefix: default_prefix(),
             timeout: secs::<5>(),
             ca_cert: None,
+            namespace: None,
             auth: RawVaultAuth::default(),
         }
     }
@@ -784,13 +790,27 @@ fn admin_tokens(
 }
 
 impl VaultConfig {
-    /// The `[vault]` table, with `VAULT_ADDR`, `VAULT_CACERT` and `VAULT_TOKEN` taking precedence.
+    /// The `[vault]` table, with `VAULT_ADDR`, `VAULT_CACERT`, `VAULT_NAMESPACE` and
+    /// `VAULT_TOKEN` taking precedence. `VAULT_ADDR` may name several nodes, comma-separated.
     fn from_raw(raw: RawVault, env: &dyn Env) -> Result<VaultConfig, ConfigError> {
-        let address = env
-            .var("VAULT_ADDR")
-            .or(raw.address)
-            .unwrap_or_else(|| "http://127.0.0.1:8200".into());
-        check_vault_address(&address)?;
+        let addresses = match (env.var("VAULT_ADDR"), raw.address) {
+            (Some(var), _) => var.split(',').map(|a| a.trim().to_string()).collect(),
+            (None, Some(list)) => list.0,
+            (None, None) => vec!["http://127.0.0.1:8200".to_string()],
+        };
+        if addresses.is_empty() {
+            return Err(ConfigError::new(
+                "vault.address",
+                "names no address; give one, or a list of every node of the cluster",
+            ));
+        }
+        for address in &addresses {
+            check_vault_address(address)?;
+        }
+        let namespace = match env.var("VAULT_NAMESPACE").or(raw.namespace) {
+            Some(ns) => Some(check_vault_namespace(&ns)?),
+            None => None,
+        };
         let mount = raw.mount.trim_matches('/').to_string();
         if mount.is_empty() || !mount.chars().all(is_path_char) {
             return Err(ConfigError::new(
@@ -817,11 +837,12 @@ impl VaultConfig {
             readable("vault.ca_cert", path)?;
         }
         Ok(VaultConfig {
-            address,
+            addresses,
             mount,
             prefix,
             timeout: positive("vault.timeout", raw.timeout)?,
             ca_cert,
+            namespace,
             auth,
         })
     }
@@ -1096,6 +1117,18 @@ fn check_vault_address(address: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// A namespace path (`team-a`, `org/team-a`): it goes into a header, so only path characters.
+fn check_vault_namespace(namespace: &str) -> Result<String, ConfigError> {
+    let trimmed = namespace.trim_matches('/');
+    if trimmed.is_empty() || !trimmed.chars().all(is_path_char) || trimmed.contains("//") {
+        return Err(ConfigError::new(
+            "vault.namespace",
+            format!("{namespace:?} is not a namespace path (letters, digits, '-', '_', '.', '/')"),
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
 /// Applies `LATCHKEY_{SECTION}_{KEY}` variables: `LATCHKEY_CACHE_TTL=30s` sets `cache.ttl`.
 /// A value that parses as a TOML value (a number, a list) is taken as one, anything else as a
 /// string. Variables whose section is not a configuration section are left to other readers
@@ -1146,7 +1179,9 @@ impl fmt::Display for Config {
         writeln!(
             f,
             "vault:           {} (mount {:?}, prefix {:?})",
-            self.vault.address, self.vault.mount, self.vault.prefix
+            self.vault.addresses.join(", "),
+            self.vault.mount,
+            self.vault.prefix
         )?;
         writeln!(f, "clients:         {}", self.clients.len())?;
         write!(f, "connectors:      {}", self.catalog.len())
@@ -1193,7 +1228,7 @@ mod tests {
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.vault.mount, "secret");
         assert_eq!(c.vault.prefix, "latchkey/connections");
-        assert_eq!(c.vault.address, "http://127.0.0.1:8200");
+        assert_eq!(c.vault.addresses, ["http://127.0.0.1:8200"]);
         assert_eq!(c.cache.ttl, Duration::from_secs(300));
         assert_eq!(c.cache.max_stale, Duration::from_secs(3600));
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(10));
@@ -1362,7 +1397,7 @@ mod tests {
             &env,
         )
         .unwrap();
-        assert_eq!(c.vault.address, "http://127.0.0.1:1234");
+        assert_eq!(c.vault.addresses, ["http://127.0.0.1:1234"]);
         assert_eq!(c.cache.ttl, Duration::from_secs(42));
         assert_eq!(c.cache.max_entries, 7);
         assert_eq!(c.proxy.allow_private_destinations.len(), 1);
@@ -1370,6 +1405,54 @@ mod tests {
         let env = FakeEnv(vec![("VAULT_TOKEN", "t"), ("LATCHKEY_CACHE_TTLL", "42s")]);
         let e = Config::parse("", &env).unwrap_err();
         assert!(e.message.contains("ttll"), "{e}");
+    }
+
+    #[test]
+    fn vault_address_is_one_node_or_every_node_of_a_cluster() {
+        let c = Config::parse(
+            "[vault]\naddress = [\"https://v1:8200\", \"https://v2:8200\"]\n",
+            &with_token(),
+        )
+        .unwrap();
+        assert_eq!(c.vault.addresses, ["https://v1:8200", "https://v2:8200"]);
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            ("VAULT_ADDR", "https://v1:8200, https://v2:8200"),
+        ]);
+        let c = Config::parse("", &env).unwrap();
+        assert_eq!(c.vault.addresses, ["https://v1:8200", "https://v2:8200"]);
+
+        let e = err("[vault]\naddress = []\n");
+        assert_eq!(e.key, "vault.address", "{e}");
+        let e = err("[vault]\naddress = [\"https://v1:8200\", \"v2:8200\"]\n");
+        assert_eq!(e.key, "vault.address", "{e}");
+        let env = FakeEnv(vec![("VAULT_TOKEN", "t"), ("VAULT_ADDR", "https://v1,")]);
+        assert_eq!(Config::parse("", &env).unwrap_err().key, "vault.address");
+    }
+
+    #[test]
+    fn vault_namespace_is_a_path_that_fits_in_a_header() {
+        let c = Config::parse("[vault]\nnamespace = \"/org/team-a/\"\n", &with_token()).unwrap();
+        assert_eq!(c.vault.namespace.as_deref(), Some("org/team-a"));
+        let env = FakeEnv(vec![("VAULT_TOKEN", "t"), ("VAULT_NAMESPACE", "team-b")]);
+        let c = Config::parse("[vault]\nnamespace = \"team-a\"\n", &env).unwrap();
+        assert_eq!(c.vault.namespace.as_deref(), Some("team-b"));
+        assert_eq!(
+            Config::parse("", &with_token()).unwrap().vault.namespace,
+            None
+        );
+        for bad in [
+            "",
+            "/",
+            "team a",
+            "team\r\nX-Injected: 1",
+            "a//b",
+            "t\u{e9}am",
+        ] {
+            let text = format!("[vault]\nnamespace = {bad:?}\n");
+            let e = err(&text);
+            assert_eq!(e.key, "vault.namespace", "{bad:?}: {e}");
+        }
     }
 
     #[test]

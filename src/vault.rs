@@ -11,14 +11,18 @@
 //! with check-and-set 0 so that of two writers racing only one wins. A connection whose path
 //! would be the CA's (a prefix of `latchkey` and the ID `ca`) is never read, listed or written.
 //!
-//! One `vaultrs` client is shared by everything. Its HTTP client is replaced by one built here,
-//! with a timeout and with proxies switched off: in a sidecar `HTTPS_PROXY` points at latchkey
-//! itself, and Vault traffic must go direct. No vaultrs value or error is ever formatted with
-//! `{:?}` (several print tokens or response bodies); errors are classified into [`VaultError`],
-//! whose messages hold no data from Vault.
+//! One `vaultrs` client per Vault node (`vault.address` may list every node of an HA cluster),
+//! shared by everything. Their HTTP client is one built here, with a timeout, the CA file, no
+//! redirects and proxies switched off: in a sidecar `HTTPS_PROXY` points at latchkey itself, and
+//! Vault traffic must go direct; and the token goes to the listed nodes only, never to wherever
+//! a redirect points. A call that cannot reach a node, times out, or gets a 5xx, a 429 or a
+//! redirect moves on to the next node; the node that answered last is where the next calls
+//! start. No vaultrs value or error is ever formatted with `{:?}` (several print tokens or
+//! response bodies); errors are classified into [`VaultError`], whose messages hold no data from
+//! Vault.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -45,6 +49,8 @@ pub enum VaultError {
     Timeout(Duration),
     #[error("cannot connect to Vault at {0}")]
     Unreachable(String),
+    #[error("Vault at {0} is not trusted: its TLS certificate does not check against the built-in roots or vault.ca_cert / VAULT_CACERT")]
+    Untrusted(String),
     #[error("Vault refused latchkey's token (permission denied); check vault.auth (or VAULT_TOKEN) and the token's policies")]
     PermissionDenied,
     #[error("Vault refused the {method} login (status {status}); check {hint}")]
@@ -59,6 +65,8 @@ pub enum VaultError {
     CredentialFile { key: &'static str, reason: String },
     #[error("Vault answered with status {0}")]
     Status(u16),
+    #[error("the Vault node at {0} cannot serve the KV mount yet (a standby waiting for the active node's upgrade of it)")]
+    NotYet(String),
     #[error("Vault's answer could not be read ({0})")]
     Malformed(&'static str),
     #[error("cannot read the Vault token file {0}")]
@@ -117,7 +125,7 @@ impl CaRecord {
 
 /// The shared Vault client.
 pub struct Vault {
-    client: RwLock<Arc<VaultClient>>,
+    client: RwLock<Arc<Nodes>>,
     config: Box<VaultConfig>,
     /// The token in use, so that a re-read token file can be told apart from the same token.
     /// Empty for a login method until the first login.
@@ -126,6 +134,17 @@ pub struct Vault {
     /// The token's life: lease, logins, changes (boxed, as the configuration is, to keep a
     /// `Vault` value small: the CLI holds one in an enum beside much smaller variants).
     auth: Box<AuthState>,
+    /// The index of the node that answered last: calls start there.
+    current: AtomicUsize,
+}
+
+/// A client per node of `vault.address`, in the configured order (never empty), all with the
+/// same token and sharing one HTTP client.
+struct Nodes(Vec<Node>);
+
+struct Node {
+    address: String,
+    client: Arc<VaultClient>,
 }
 
 struct AuthState {
@@ -174,6 +193,7 @@ impl Vault {
                 login: tokio::sync::Mutex::new(Unwrapped::default()),
                 changed: tokio::sync::watch::Sender::new(0),
             }),
+            current: AtomicUsize::new(0),
         })
     }
 
@@ -182,11 +202,12 @@ impl Vault {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub fn address(&self) -> &str {
-        &self.config.address
+    /// The configured node addresses, comma-separated, for messages.
+    pub fn address(&self) -> String {
+        self.config.addresses.join(", ")
     }
 
-    fn client(&self) -> Arc<VaultClient> {
+    fn client(&self) -> Arc<Nodes> {
         match self.client.read() {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -223,17 +244,63 @@ impl Vault {
     {
         let mut retried = false;
         loop {
-            let started = Instant::now();
-            let client = self.client();
+            let nodes = self.client();
             if self.config.auth.logs_in() && !self.has_token() {
-                self.login(&client, Reason::Start).await?;
+                self.login(&nodes, Reason::Start).await?;
                 continue;
             }
-            let result = match tokio::time::timeout(self.config.timeout, f(client.clone())).await {
-                Err(_) => Err(CallError::Timeout),
-                Ok(Err(e)) => Err(CallError::Client(e)),
-                Ok(Ok(v)) => Ok(v),
+            let err = match self.call_nodes(op, &nodes, &f).await {
+                Ok(v) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => e,
             };
+            match &err {
+                VaultError::Status(404 | 400) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    return Err(err);
+                }
+                VaultError::PermissionDenied if !retried => {
+                    retried = true;
+                    if self.replace_token(&nodes).await? {
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            self.healthy.store(false, Ordering::Relaxed);
+            return Err(err);
+        }
+    }
+
+    /// Tries the nodes in turn, from the one that answered last, until one answers with anything
+    /// but a failure that another node may not have (see [`fails_over`]). The node that answers
+    /// is where the next calls start. When every node fails, the last failure is the error (or,
+    /// when none could be reached, one naming them all).
+    async fn call_nodes<T, F, Fut>(
+        &self,
+        op: &'static str,
+        nodes: &Nodes,
+        f: &F,
+    ) -> Result<T, VaultError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let count = nodes.0.len();
+        let first = self.current.load(Ordering::Relaxed);
+        let mut unreachable = 0;
+        let mut last = VaultError::Unreachable(self.address());
+        for i in (0..count).map(|k| (first + k) % count) {
+            let Some(node) = nodes.0.get(i) else { continue };
+            let started = Instant::now();
+            let result =
+                match tokio::time::timeout(self.config.timeout, f(node.client.clone())).await {
+                    Err(_) => Err(CallError::Timeout),
+                    Ok(Err(e)) => Err(CallError::Client(e)),
+                    Ok(Ok(v)) => Ok(v),
+                };
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(CallError::Client(ClientError::APIError { code: 404, .. })) => "not_found",
@@ -241,40 +308,48 @@ impl Vault {
                 Err(_) => "error",
             };
             telemetry::vault_call(op, outcome, started.elapsed());
-            match result {
+            let err = match result {
                 Ok(v) => {
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.answered(i, node);
                     return Ok(v);
                 }
-                Err(CallError::Timeout) => {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    return Err(VaultError::Timeout(self.config.timeout));
-                }
-                Err(CallError::Client(e)) => {
-                    let err = self.classify(e);
-                    match &err {
-                        VaultError::Status(404 | 400) => {
-                            self.healthy.store(true, Ordering::Relaxed);
-                            return Err(err);
-                        }
-                        VaultError::PermissionDenied if !retried => {
-                            retried = true;
-                            if self.replace_token(&client).await? {
-                                continue;
-                            }
-                        }
-                        _ => {}
-                    }
-                    self.healthy.store(false, Ordering::Relaxed);
-                    return Err(err);
-                }
+                Err(CallError::Timeout) => VaultError::Timeout(self.config.timeout),
+                Err(CallError::Client(e)) => self.classify(e, &node.address),
+            };
+            if !fails_over(&err) {
+                self.answered(i, node);
+                return Err(err);
             }
+            if count > 1 {
+                tracing::debug!(vault = %node.address, error = %err, "Vault node failed; trying the next");
+            }
+            if matches!(err, VaultError::Unreachable(_)) {
+                unreachable += 1;
+            }
+            last = err;
+        }
+        if unreachable == count && count > 1 {
+            last = VaultError::Unreachable(self.address());
+        }
+        Err(last)
+    }
+
+    /// Remembers the node that answered, so that the next calls start there.
+    fn answered(&self, index: usize, node: &Node) {
+        if self.current.swap(index, Ordering::Relaxed) != index {
+            tracing::info!(vault = %node.address, "Vault calls now go to this node");
         }
     }
 
-    fn classify(&self, e: ClientError) -> VaultError {
+    fn classify(&self, e: ClientError, address: &str) -> VaultError {
         match e {
             ClientError::APIError { code: 403, .. } => VaultError::PermissionDenied,
+            // A 503 in all but its code: another node may serve it.
+            ClientError::APIError { code: 400, errors }
+                if errors.iter().any(|e| e.starts_with(KV_UPGRADING)) =>
+            {
+                VaultError::NotYet(address.to_string())
+            }
             ClientError::APIError { code, .. } => VaultError::Status(code),
             ClientError::RestClientError { source } => match source {
                 rustify::errors::ClientError::ServerResponseError { code: 403, .. } => {
@@ -284,18 +359,23 @@ impl Vault {
                     VaultError::Status(code)
                 }
                 rustify::errors::ClientError::RequestError { source, .. } => {
-                    let timeout = std::iter::successors(
-                        Some(&*source as &(dyn std::error::Error + 'static)),
-                        |e| e.source(),
-                    )
-                    .any(|e| {
+                    let chain = || {
+                        std::iter::successors(
+                            Some(&*source as &(dyn std::error::Error + 'static)),
+                            |e| e.source(),
+                        )
+                    };
+                    let timeout = chain().any(|e| {
                         e.downcast_ref::<reqwest::Error>()
                             .is_some_and(|r| r.is_timeout())
                     });
+                    let untrusted = chain().any(untrusted_certificate);
                     if timeout {
                         VaultError::Timeout(self.config.timeout)
+                    } else if untrusted {
+                        VaultError::Untrusted(address.to_string())
                     } else {
-                        VaultError::Unreachable(self.config.address.clone())
+                        VaultError::Unreachable(address.to_string())
                     }
                 }
                 rustify::errors::ClientError::ResponseParseError { .. }
@@ -315,7 +395,7 @@ impl Vault {
     /// After Vault refused the token `stale` carries: whether there is another token to retry
     /// with now. Another call may have put one in place meanwhile; otherwise a token file is
     /// re-read, and a login method logs in again.
-    async fn replace_token(&self, stale: &Arc<VaultClient>) -> Result<bool, VaultError> {
+    async fn replace_token(&self, stale: &Arc<Nodes>) -> Result<bool, VaultError> {
         if !Arc::ptr_eq(stale, &self.client()) {
             return Ok(true);
         }
@@ -370,7 +450,7 @@ impl Vault {
     /// `stale` carries was replaced while this caller waited for its turn (one login serves
     /// every caller that saw the same token refused), or the last login failed and its backoff
     /// has not passed (then that login's error, without asking Vault again).
-    async fn login(&self, stale: &Arc<VaultClient>, reason: Reason) -> Result<(), VaultError> {
+    async fn login(&self, stale: &Arc<Nodes>, reason: Reason) -> Result<(), VaultError> {
         let mut unwrapped = self.auth.login.lock().await;
         if !Arc::ptr_eq(stale, &self.client()) {
             return Ok(());
@@ -458,10 +538,10 @@ impl Vault {
                     read_credential("vault.auth.secret_id_file", secret_id_file)?
                 };
                 let info = self
-                    .timed(
-                        "login",
-                        login::approle(&anonymous, mount, role_id, &secret_id),
-                    )
+                    .call_nodes("login", &anonymous, &|c: Arc<VaultClient>| {
+                        let secret_id = &secret_id;
+                        async move { login::approle(&c, mount, role_id, secret_id).await }
+                    })
                     .await;
                 (
                     info,
@@ -475,10 +555,10 @@ impl Vault {
             } => {
                 let jwt = read_credential("vault.auth.jwt_file", jwt_file)?;
                 let info = self
-                    .timed(
-                        "login",
-                        login::jwt(&anonymous, mount, role.as_deref(), &jwt),
-                    )
+                    .call_nodes("login", &anonymous, &|c: Arc<VaultClient>| {
+                        let jwt = &jwt;
+                        async move { login::jwt(&c, mount, role.as_deref(), jwt).await }
+                    })
                     .await;
                 (
                     info,
@@ -492,7 +572,10 @@ impl Vault {
             } => {
                 let jwt = read_credential("vault.auth.jwt_file", jwt_file)?;
                 let info = self
-                    .timed("login", login::kubernetes(&anonymous, mount, role, &jwt))
+                    .call_nodes("login", &anonymous, &|c: Arc<VaultClient>| {
+                        let jwt = &jwt;
+                        async move { login::kubernetes(&c, mount, role, jwt).await }
+                    })
                     .await;
                 (
                     info,
@@ -533,7 +616,12 @@ impl Vault {
             }
         }
         let client = build_client(&self.config, &wrapping)?;
-        match self.timed("unwrap", login::unwrap_secret_id(&client)).await {
+        let unwrapped_id = self
+            .call_nodes("unwrap", &client, &|c: Arc<VaultClient>| async move {
+                login::unwrap_secret_id(&c).await
+            })
+            .await;
+        match unwrapped_id {
             Ok(Some(secret_id)) => {
                 unwrapped.0 = Some((wrapping, secret_id.clone()));
                 tracing::info!(file = %path.display(), "unwrapped the AppRole secret ID");
@@ -550,27 +638,6 @@ impl Vault {
                 Err(VaultError::UnwrapRefused(path.display().to_string()))
             }
             Err(e) => Err(e),
-        }
-    }
-
-    /// One request outside [`Vault::call`] (a login, an unwrap): the timeout and the metrics.
-    async fn timed<T>(
-        &self,
-        op: &'static str,
-        request: impl std::future::Future<Output = Result<T, ClientError>>,
-    ) -> Result<T, VaultError> {
-        let started = Instant::now();
-        let result = tokio::time::timeout(self.config.timeout, request).await;
-        let outcome = match &result {
-            Ok(Ok(_)) => "ok",
-            Ok(Err(_)) => "error",
-            Err(_) => "timeout",
-        };
-        telemetry::vault_call(op, outcome, started.elapsed());
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.classify(e)),
-            Err(_) => Err(VaultError::Timeout(self.config.timeout)),
         }
     }
 
@@ -969,6 +1036,51 @@ enum CallError {
     Client(ClientError),
 }
 
+/// Whether an error is, or wraps, rustls refusing the server's certificate. rustls's error
+/// reaches reqwest inside `io::Error`s (nested), whose `source` skips what they wrap.
+fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e = e;
+    for _ in 0..8 {
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => e = inner,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// What a KV v2 mount answers (with a 400) on a standby that has not yet seen the active node
+/// finish upgrading the mount's layout: for a moment after a mount is made, and after a
+/// standby's mount table changes.
+const KV_UPGRADING: &str = "Waiting for the primary to upgrade";
+
+/// Whether another node may answer where this one failed: it could not be reached, did not
+/// answer in time, showed a certificate that does not check or cannot serve the mount yet, or
+/// answered with a server error (sealed, no active node, overloaded), a 429
+/// (rate limited, or a standby behind the index asked for), or a redirect (a standby pointing
+/// at the active node, which latchkey does not follow: the token goes to listed nodes only).
+fn fails_over(e: &VaultError) -> bool {
+    match e {
+        VaultError::Timeout(_)
+        | VaultError::Unreachable(_)
+        | VaultError::Untrusted(_)
+        | VaultError::NotYet(_) => true,
+        VaultError::Status(code) => *code >= 500 || *code == 429 || (300..400).contains(code),
+        _ => false,
+    }
+}
+
+/// The fields of a write as vaultrs takes them: serialized straight from the [`Secret`]s, so
+/// latchkey makes no plain copy of its own. vaultrs makes two that latchkey cannot reach: it
+/// turns the data into a `serde_json::Value` and then into the request body; both live only
+/// until the call returns (each retry makes them anew), and are not zeroized. `Debug` shows the
+/// field names only.
 /// The fields of a write as vaultrs takes them: serialized straight from the [`Secret`]s, so
 /// latchkey makes no plain copy of its own. vaultrs makes two that latchkey cannot reach: it
 /// turns the data into a `serde_json::Value` and then into the request body; both live only
@@ -1064,35 +1176,23 @@ fn read_token(auth: &VaultAuth) -> Result<Secret, VaultError> {
     }
 }
 
-fn build_client(config: &VaultConfig, token: &Secret) -> Result<VaultClient, VaultError> {
-    let mut settings = VaultClientSettingsBuilder::default();
-    // The builder's address setter panics on a bad URL; the config checked it, and it is
-    // checked again here so that nothing can reach that panic.
-    reqwest::Url::parse(&config.address)
-        .map_err(|_| VaultError::Setup(format!("{:?} is not a URL", config.address)))?;
-    settings
-        .address(&config.address)
-        .token(token.expose())
-        .timeout(Some(config.timeout))
-        .verify(true)
-        .ca_certs(Vec::new());
-    let settings = settings
-        .build()
-        .map_err(|_| VaultError::Setup("invalid Vault client settings".into()))?;
-    let mut client = VaultClient::new(settings)
-        .map_err(|_| VaultError::Setup("cannot build the Vault client".into()))?;
-
+/// A client per node, sharing one HTTP client: proxies off, no redirects, the CA file trusted.
+fn build_client(config: &VaultConfig, token: &Secret) -> Result<Nodes, VaultError> {
     let mut http = reqwest::Client::builder()
         .no_proxy()
         .use_rustls_tls()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(config.timeout)
         .connect_timeout(config.timeout);
     if let Some(path) = &config.ca_cert {
         let pem = std::fs::read(path)
             .map_err(|e| VaultError::Setup(format!("cannot read {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
-            VaultError::Setup(format!("{} holds no PEM certificate", path.display()))
-        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|certs| !certs.is_empty())
+            .ok_or_else(|| {
+                VaultError::Setup(format!("{} holds no PEM certificate", path.display()))
+            })?;
         for cert in certs {
             http = http.add_root_certificate(cert);
         }
@@ -1100,7 +1200,52 @@ fn build_client(config: &VaultConfig, token: &Secret) -> Result<VaultClient, Vau
     let http = http
         .build()
         .map_err(|_| VaultError::Setup("cannot build the Vault HTTP client".into()))?;
-    client.http = rustify::clients::reqwest::Client::new(&config.address, http);
+    // vaultrs puts the namespace in a header with an `unwrap`: the config checked it, and it
+    // is checked again here so that nothing can reach that panic.
+    if let Some(ns) = &config.namespace {
+        http::HeaderValue::from_str(ns)
+            .map_err(|_| VaultError::Setup(format!("{ns:?} is not a namespace")))?;
+    }
+    let nodes = config
+        .addresses
+        .iter()
+        .map(|address| {
+            Ok(Node {
+                address: address.clone(),
+                client: Arc::new(node_client(config, address, token, http.clone())?),
+            })
+        })
+        .collect::<Result<Vec<_>, VaultError>>()?;
+    if nodes.is_empty() {
+        return Err(VaultError::Setup("no Vault address".into()));
+    }
+    Ok(Nodes(nodes))
+}
+
+fn node_client(
+    config: &VaultConfig,
+    address: &str,
+    token: &Secret,
+    http: reqwest::Client,
+) -> Result<VaultClient, VaultError> {
+    let mut settings = VaultClientSettingsBuilder::default();
+    // The builder's address setter panics on a bad URL; the config checked it, and it is
+    // checked again here so that nothing can reach that panic.
+    reqwest::Url::parse(address)
+        .map_err(|_| VaultError::Setup(format!("{address:?} is not a URL")))?;
+    settings
+        .address(address)
+        .token(token.expose())
+        .timeout(Some(config.timeout))
+        .verify(true)
+        .ca_certs(Vec::new())
+        .namespace(config.namespace.clone());
+    let settings = settings
+        .build()
+        .map_err(|_| VaultError::Setup("invalid Vault client settings".into()))?;
+    let mut client = VaultClient::new(settings)
+        .map_err(|_| VaultError::Setup("cannot build the Vault client".into()))?;
+    client.http = rustify::clients::reqwest::Client::new(address, http);
     Ok(client)
 }
 

@@ -45,6 +45,7 @@ mod token_place;
 mod tunnel;
 mod upstream_h1;
 mod upstream_strict;
+mod vault_ha;
 mod vault_login;
 mod websocket;
 mod workers;

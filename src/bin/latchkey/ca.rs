@@ -112,8 +112,12 @@ fn store(args: &VaultArgs) -> anyhow::Result<Store> {
     if let Some(files) = config.tls.ca {
         return Ok(Store::Files(files));
     }
-    let vault = Vault::new(&config.vault)
-        .map_err(|e| anyhow::anyhow!("cannot use Vault at {}: {e}", config.vault.address))?;
+    let vault = Vault::new(&config.vault).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot use Vault at {}: {e}",
+            config.vault.addresses.join(", ")
+        )
+    })?;
     Ok(Store::Vault(vault))
 }
 

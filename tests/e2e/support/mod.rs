@@ -8,6 +8,7 @@
 //!   prints is kept, and when it is dropped the output is searched for every secret the test
 //!   stored (raw, base64, inside Basic): every test is also a leak test.
 //! - [`TestCa`]: a CA and server certificates for the HTTPS upstreams.
+//! - [`raft::Cluster`]: OpenBao nodes with integrated storage, initialised, unsealed, joined.
 //! - Clients: reqwest, curl and Python `requests`.
 
 #![expect(
@@ -31,6 +32,7 @@ mod echo;
 pub use echo::EchoServer;
 mod load;
 pub use load::SteadyLoad;
+pub mod raft;
 
 /// Fields of a stored connection that are not secret: latchkey's own list.
 use latchkey::record::RESERVED_FIELDS as RESERVED;
@@ -243,6 +245,8 @@ fn shared_server() -> &'static BaoServer {
 enum Server {
     Shared(&'static BaoServer),
     Own(BaoServer),
+    /// The nodes of a [`raft::Cluster`], which owns them; they keep no audit log.
+    Cluster,
 }
 
 /// A test's view of a real OpenBao dev server: its own KV prefix (`t{N}/connections` under the
@@ -279,6 +283,7 @@ impl Bao {
         let s = match &server {
             Server::Shared(s) => *s,
             Server::Own(s) => s,
+            Server::Cluster => panic!("a cluster's handle is made by raft::Cluster::bao"),
         };
         Bao {
             addr: s.addr.clone(),
@@ -293,6 +298,7 @@ impl Bao {
         match &self.server {
             Server::Shared(s) => s,
             Server::Own(s) => s,
+            Server::Cluster => panic!("a raft cluster keeps no audit log"),
         }
     }
 
@@ -538,6 +544,10 @@ pub struct Opts {
     pub extra_roots: Vec<PathBuf>,
     /// `vault.address` in the file, instead of the test's OpenBao.
     pub vault_address: Option<String>,
+    /// `vault.address` as a list (every node of a cluster), when not empty.
+    pub vault_addresses: Vec<String>,
+    /// Lines added to the `[vault]` table (`namespace = "..."`, `ca_cert = "..."`).
+    pub vault: String,
     /// Lines added to the `[tls]` table (`ca_cert = "..."`, `ca_key = "..."`).
     pub tls: String,
 }
@@ -570,6 +580,11 @@ impl Opts {
     pub fn tls(mut self, line: &str) -> Opts {
         self.tls.push_str(line);
         self.tls.push('\n');
+        self
+    }
+    pub fn vault(mut self, line: &str) -> Opts {
+        self.vault.push_str(line);
+        self.vault.push('\n');
         self
     }
 }
@@ -608,16 +623,22 @@ impl Latchkey {
             .iter()
             .map(|p| format!("{:?}", p.display().to_string()))
             .collect();
+        let address = if opts.vault_addresses.is_empty() {
+            format!("{:?}", opts.vault_address.as_deref().unwrap_or(&bao.addr))
+        } else {
+            format!("{:?}", opts.vault_addresses)
+        };
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\n\
-             [vault]\naddress = \"{}\"\nprefix = \"{}\"\ntimeout = \"2s\"\n\n\
+             [vault]\naddress = {}\nprefix = \"{}\"\ntimeout = \"2s\"\n{}\n\
              [tls]\nextra_roots = [{}]\n{}\n{}",
             allow.join(", "),
             opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
-            opts.vault_address.as_deref().unwrap_or(&bao.addr),
+            address,
             bao.prefix,
+            opts.vault,
             roots.join(", "),
             opts.tls,
             opts.extra
@@ -630,6 +651,8 @@ impl Latchkey {
             .arg(&config_path)
             .env("VAULT_TOKEN", &bao.token)
             .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_CACERT")
+            .env_remove("VAULT_NAMESPACE")
             .env("RUST_LOG", "trace")
             // Vault traffic must go direct even when the environment names a proxy.
             .env("HTTP_PROXY", "http://127.0.0.1:9")
