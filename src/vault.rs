@@ -837,7 +837,7 @@ impl Vault {
     pub async fn check_token(&self) -> Result<Option<Duration>, VaultError> {
         let info = self
             .call("lookup_self", |client| async move {
-                vaultrs::token::lookup_self(&*client).await
+                vaultrs::api::exec_with_result(&*client, LookupSelf).await
             })
             .await?;
         Ok((info.renewable && info.ttl > 0).then(|| Duration::from_secs(info.ttl)))
@@ -994,7 +994,7 @@ impl Vault {
         let before = *self.auth.changed.borrow();
         let info = self
             .call("lookup_self", |client| async move {
-                vaultrs::token::lookup_self(&*client).await
+                vaultrs::api::exec_with_result(&*client, LookupSelf).await
             })
             .await?;
         if !info.renewable || info.ttl == 0 {
@@ -1086,6 +1086,35 @@ fn fails_over(e: &VaultError) -> bool {
 /// turns the data into a `serde_json::Value` and then into the request body; both live only
 /// until the call returns (each retry makes them anew), and are not zeroized. `Debug` shows the
 /// field names only.
+/// `GET auth/token/lookup-self`, read for the three fields latchkey uses. (vaultrs' own
+/// response type insists on fields a root token made by `operator init` does not have, such as
+/// `issue_time`: with it, such a token would never look valid.)
+struct LookupSelf;
+
+#[derive(serde::Deserialize)]
+struct TokenLookup {
+    #[serde(default)]
+    ttl: u64,
+    #[serde(default)]
+    creation_ttl: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
+impl rustify::Endpoint for LookupSelf {
+    type Response = TokenLookup;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+
+    fn path(&self) -> String {
+        "auth/token/lookup-self".to_string()
+    }
+
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
+    }
+}
+
 struct WriteData<'a>(&'a BTreeMap<String, Secret>);
 
 impl serde::Serialize for WriteData<'_> {
