@@ -32,11 +32,13 @@ impl Read {
     }
 
     /// The connection ends after this request's answer (`Connection: close`, or HTTP/1.0
-    /// without `keep-alive`), as hyper's server decides it: header by header, each value
-    /// either ending a kept connection (`close`) or keeping an ending one (`keep-alive`), and a
-    /// value that is not visible ASCII (`HeaderValue::to_str` fails) naming neither.
+    /// without `keep-alive`), as hyper's server (1.12) decides it: a `close` in any value ends
+    /// it; otherwise an HTTP/1.0 request is kept alive from the first value naming
+    /// `keep-alive`; a value that is not visible ASCII (`HeaderValue::to_str` fails) names
+    /// nothing.
     pub fn last(&self) -> bool {
         let mut keep = self.version != Some(0);
+        let mut close = false;
         for v in self.header("connection") {
             let visible = v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
             let has = |token: &str| {
@@ -44,11 +46,12 @@ impl Read {
                     && v.split(|&b| b == b',')
                         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
             };
-            keep = if keep {
-                !has("close")
-            } else {
-                has("keep-alive")
-            };
+            if close || has("close") {
+                close = true;
+                keep = false;
+            } else if !keep {
+                keep = has("keep-alive");
+            }
         }
         !keep
     }
