@@ -180,18 +180,19 @@ impl Vault {
             telemetry::vault_call(op, outcome, started.elapsed());
             match result {
                 Ok(v) => {
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.set_healthy(None);
                     return Ok(v);
                 }
                 Err(CallError::Timeout) => {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    return Err(VaultError::Timeout(self.config.timeout));
+                    let err = VaultError::Timeout(self.config.timeout);
+                    self.set_healthy(Some(&err));
+                    return Err(err);
                 }
                 Err(CallError::Client(e)) => {
                     let err = self.classify(e);
                     match &err {
                         VaultError::Status(404 | 400) => {
-                            self.healthy.store(true, Ordering::Relaxed);
+                            self.set_healthy(None);
                             return Err(err);
                         }
                         VaultError::PermissionDenied if !retried => {
@@ -204,10 +205,25 @@ impl Vault {
                         }
                         _ => {}
                     }
-                    self.healthy.store(false, Ordering::Relaxed);
+                    self.set_healthy(Some(&err));
                     return Err(err);
                 }
             }
+        }
+    }
+
+    /// Records how the last call went (`None`: Vault answered). A change is logged once, not
+    /// every call: while Vault fails, cached connections are served without a word, and an
+    /// operator at the default level must still learn that, and why.
+    fn set_healthy(&self, failure: Option<&VaultError>) {
+        let was = self.healthy.swap(failure.is_none(), Ordering::Relaxed);
+        match failure {
+            Some(e) if was => tracing::warn!(
+                error = %e,
+                "Vault is failing: cached connections are served stale, others get 503 until it answers"
+            ),
+            None if !was => tracing::info!("Vault answers again"),
+            _ => {}
         }
     }
 

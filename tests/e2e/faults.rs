@@ -381,7 +381,7 @@ async fn with_vault_sealed_cached_connections_serve_and_new_ones_are_503_until_u
 }
 
 #[tokio::test]
-async fn with_its_token_revoked_cached_connections_serve_and_new_ones_are_503() {
+async fn with_its_token_revoked_cached_connections_serve_and_the_log_says_why() {
     let bao = Bao::start().await;
     let up = FaultUpstream::start().await;
     put_connections(&bao, &up, "revoked");
@@ -425,6 +425,21 @@ async fn with_its_token_revoked_cached_connections_serve_and_new_ones_are_503() 
             .as_str()
             .is_some_and(|r| r.contains("refused latchkey's token")),
         "{why}"
+    );
+    // Said where an operator running at the default level (info) sees it, as a warning. (The
+    // token itself appears in no output: checked when `lk` is dropped.)
+    let warned = lk
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| {
+            matches!(v["level"].as_str(), Some("WARN" | "ERROR"))
+                && v.to_string().contains("refused latchkey's token")
+        });
+    assert!(
+        warned,
+        "no warning says Vault refused the token:\n{}",
+        lk.output()
     );
 }
 
