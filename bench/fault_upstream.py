@@ -18,8 +18,9 @@ connection. Paths (query parameters in brackets, with their defaults):
                                        is closed: a kept-alive connection that dies after its answer
 ``/stream?bytes=[256MiB]``             a chunked body of zeros in 64 KiB chunks, until it is all
                                        sent or the peer goes away
-``/_stats``                            JSON: connections open and accepted, requests, streams open,
-                                       failed accepts (``EMFILE`` and the like)
+``/_stats``                            JSON: connections open and accepted, requests (these
+                                       aside), streams open, slow answers in flight, failed
+                                       accepts (``EMFILE`` and the like)
 =====================================  ===========================================================
 
 Out of descriptors (``prlimit --pid PID --nofile=N``), the accept loop waits 50 ms and tries
@@ -124,10 +125,11 @@ def serve(sock):
             return
         (method, target, headers), rest = got
         buf = read_body(sock, headers, rest)
-        STATS.add("requests")
         url = urlsplit(target)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
+        if path != "/_stats":
+            STATS.add("requests")
         if path == "/_stats":
             answer(sock, "200 OK", json.dumps(STATS.snapshot()).encode(), "application/json")
         elif path == "/slow":
