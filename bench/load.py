@@ -540,7 +540,11 @@ class Nginx:
 
 
 class Latchkey:
-    def __init__(self, binary, name, workdir, bao, ca_pem, workers=None, proxy_extra="", tls_extra=""):
+    def __init__(self, binary, name, workdir, bao, ca_pem, workers=None, proxy_extra="", tls_extra="",
+                 extra="", vault_auth='{ method = "token" }', token=None, rust_log="warn"):
+        """``extra``: TOML tables after the generated ones (``[cache]``...); ``vault_auth`` and
+        ``token`` (``VAULT_TOKEN``: default the dev server's root token, ``""`` none) for another
+        login."""
         self.name = name
         self.port, self.admin = free_port(), free_port()
         config = workdir / f"latchkey-{name}.toml"
@@ -553,11 +557,13 @@ class Latchkey:
             f'listen = "127.0.0.1:{self.admin}"\n\n'
             "[vault]\n"
             f'address = "{bao.addr}"\n'
-            'auth = { method = "token" }\n\n'
+            f"auth = {vault_auth}\n\n"
             "[tls]\n"
-            f'extra_roots = ["{ca_pem}"]\n' + tls_extra)
+            f'extra_roots = ["{ca_pem}"]\n' + tls_extra + "\n" + extra)
         self.config = config
-        env = clean_env(VAULT_TOKEN=bao.token, RUST_LOG="warn")
+        env = clean_env(RUST_LOG=rust_log)
+        if token != "":  # "": no VAULT_TOKEN, for a vault_auth with a token_file
+            env["VAULT_TOKEN"] = token or bao.token
         self.log_path = workdir / f"latchkey-{name}.log"
         self.proc = PROCS.start(f"latchkey-{name}", [binary, "serve", "--config", str(config)],
                                 env=env, log_path=self.log_path)

@@ -97,11 +97,18 @@ impl PendingLog {
 pin_project_lite::pin_project! {
     /// A response body that emits the access log once: at its end, on its failure, or when it
     /// is dropped unfinished.
+    ///
+    /// Its failure (the upstream reset or stalled mid-body) is handed on one poll late: hyper
+    /// drops a connection whose body fails together with what it had not yet written, and
+    /// it writes the head and the first chunks only when the body makes it wait. Without that
+    /// wait, an upstream that failed at once cost the client the whole answer, head included:
+    /// a connection closed with no status, not a body it can see was cut short.
     pub struct Logged<B> {
         #[pin]
         inner: B,
         bytes: u64,
         pending: Option<Box<PendingLog>>,
+        failed: Option<BoxError>,
     }
 
     impl<B> PinnedDrop for Logged<B> {
@@ -120,6 +127,7 @@ impl<B: Body> Logged<B> {
             inner,
             bytes: 0,
             pending: Some(Box::new(pending)),
+            failed: None,
         }
     }
 }
@@ -143,6 +151,9 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Logged<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -160,6 +171,12 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Logged<B> {
                     p.log.error = Some(failure_code(e));
                     p.emit(*this.bytes);
                 }
+                // Let hyper write what it holds first (see the type's doc).
+                if let Poll::Ready(Some(Err(e))) = polled {
+                    *this.failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
             }
             Poll::Pending => {}
         }
@@ -167,10 +184,58 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Logged<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.failed.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Wake, Waker};
+
+    use super::*;
+
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_failure_comes_one_wait_late_so_that_hyper_writes_what_it_holds() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"the first bytes"))),
+            Err("the upstream reset the connection".into()),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let log = PendingLog {
+            log: AccessLog::default(),
+            started: Instant::now(),
+            bytes_in: Arc::default(),
+        };
+        let mut body = std::pin::pin!(Logged::new(inner, log));
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        // The failure: first a wait, with a wake-up so that the wait is short ...
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert!(!body.is_end_stream());
+        // ... then the error itself.
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Err(_)))
+        ));
     }
 }

@@ -251,14 +251,14 @@ impl Vault {
             }
             let err = match self.call_nodes(op, &nodes, &f).await {
                 Ok(v) => {
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.set_healthy(None);
                     return Ok(v);
                 }
                 Err(e) => e,
             };
             match &err {
                 VaultError::Status(404 | 400) => {
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.set_healthy(None);
                     return Err(err);
                 }
                 VaultError::PermissionDenied if !retried => {
@@ -269,7 +269,7 @@ impl Vault {
                 }
                 _ => {}
             }
-            self.healthy.store(false, Ordering::Relaxed);
+            self.set_healthy(Some(&err));
             return Err(err);
         }
     }
@@ -338,6 +338,21 @@ impl Vault {
     fn answered(&self, index: usize, node: &Node) {
         if self.current.swap(index, Ordering::Relaxed) != index {
             tracing::info!(vault = %node.address, "Vault calls now go to this node");
+        }
+    }
+
+    /// Records how the last call went (`None`: Vault answered). A change is logged once, not
+    /// every call: while Vault fails, cached connections are served without a word, and an
+    /// operator at the default level must still learn that, and why.
+    fn set_healthy(&self, failure: Option<&VaultError>) {
+        let was = self.healthy.swap(failure.is_none(), Ordering::Relaxed);
+        match failure {
+            Some(e) if was => tracing::warn!(
+                error = %e,
+                "Vault is failing: cached connections are served stale, others get 503 until it answers"
+            ),
+            None if !was => tracing::info!("Vault calls succeed again"),
+            _ => {}
         }
     }
 

@@ -26,6 +26,7 @@ mod config_cli;
 mod demo;
 mod destination;
 mod errors;
+mod faults;
 mod framing;
 mod hardening;
 mod inject;

@@ -307,7 +307,8 @@ impl Bao {
         format!("{}/{id}", self.prefix)
     }
 
-    fn cli(&self) -> Command {
+    /// The real `bao` CLI, pointed at this server with its root token.
+    pub fn cli(&self) -> Command {
         let mut c = Command::new(bao_program());
         c.env("VAULT_ADDR", &self.addr)
             .env("VAULT_TOKEN", &self.token)
@@ -417,6 +418,20 @@ impl Bao {
         if let Server::Own(s) = &self.server {
             signal(s.child.id(), "CONT");
         }
+    }
+
+    /// Kills the server (SIGKILL): its port refuses connections from then on. Only for a
+    /// server of the test's own ([`Bao::start_own`]).
+    pub fn kill(&self) {
+        let Server::Own(s) = &self.server else {
+            panic!("kill needs an OpenBao of the test's own: Bao::start_own");
+        };
+        signal(s.child.id(), "KILL");
+    }
+
+    /// What the server has printed (a dev server prints its unseal key).
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.server().dir.join("bao.log")).unwrap_or_default()
     }
 }
 
