@@ -111,14 +111,7 @@ fn lowest_free_fd(pid: u32) -> usize {
 /// (its Vault connection on each runtime) is in.
 async fn quiet_fds(lk: &Latchkey, up: &FaultUpstream) -> usize {
     wait_until("latchkey to be quiet", Duration::from_secs(20), || async {
-        let text = http()
-            .get(lk.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = crate::errors::metrics_text(lk).await;
         let clients: f64 = text
             .lines()
             .filter(|l| l.starts_with("latchkey_client_connections{"))
@@ -221,14 +214,7 @@ impl Load {
 
 /// `latchkey_cache_lookups_total{outcome="stale"}`.
 async fn stale_lookups(lk: &Latchkey) -> u64 {
-    let text = http()
-        .get(lk.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::errors::metrics_text(lk).await;
     text.lines()
         .find(|l| l.starts_with("latchkey_cache_lookups_total{outcome=\"stale\"}"))
         .and_then(|l| l.rsplit_once(' '))
@@ -252,6 +238,17 @@ const CACHE_1S: &str = "[cache]\nttl = \"1s\"\n";
 
 /// Stores connections `{prefix}-0..3` on `up`, and `{prefix}-new` that no test asks for
 /// before Vault is out.
+/// The setting of the Vault tests: an OpenBao of their own, four connections `{prefix}-{i}` on a
+/// fault upstream, latchkey with a 1 s cache TTL, every connection cached; and their paths.
+async fn vault_fault(prefix: &str) -> (Bao, FaultUpstream, Latchkey, Vec<String>) {
+    let bao = Bao::start_own().await;
+    let up = FaultUpstream::start().await;
+    put_connections(&bao, &up, prefix);
+    let lk = Latchkey::start(&bao, Opts::loopback().extra(CACHE_1S)).await;
+    let paths = warm(&lk, prefix).await;
+    (bao, up, lk, paths)
+}
+
 fn put_connections(bao: &Bao, up: &FaultUpstream, prefix: &str) {
     for i in 0..4 {
         put_bearer(bao, &format!("{prefix}-{i}"), &up.url());
@@ -311,11 +308,7 @@ async fn assert_back(lk: &Latchkey, prefix: &str) {
 
 #[tokio::test]
 async fn with_vault_frozen_under_load_no_request_on_a_cached_connection_fails() {
-    let bao = Bao::start_own().await;
-    let up = FaultUpstream::start().await;
-    put_connections(&bao, &up, "hang");
-    let lk = Latchkey::start(&bao, Opts::loopback().extra(CACHE_1S)).await;
-    let paths = warm(&lk, "hang").await;
+    let (bao, _up, lk, paths) = vault_fault("hang").await;
 
     bao.freeze().await;
     let tally = load_until_stale(&lk, &paths).await;
@@ -326,11 +319,7 @@ async fn with_vault_frozen_under_load_no_request_on_a_cached_connection_fails() 
 
 #[tokio::test]
 async fn with_vault_killed_cached_connections_serve_and_new_ones_are_503() {
-    let bao = Bao::start_own().await;
-    let up = FaultUpstream::start().await;
-    put_connections(&bao, &up, "dead");
-    let lk = Latchkey::start(&bao, Opts::loopback().extra(CACHE_1S)).await;
-    let paths = warm(&lk, "dead").await;
+    let (bao, _up, lk, paths) = vault_fault("dead").await;
 
     bao.kill();
     let tally = load_until_stale(&lk, &paths).await;
@@ -345,11 +334,7 @@ async fn with_vault_killed_cached_connections_serve_and_new_ones_are_503() {
 
 #[tokio::test]
 async fn with_vault_sealed_cached_connections_serve_and_new_ones_are_503_until_unsealed() {
-    let bao = Bao::start_own().await;
-    let up = FaultUpstream::start().await;
-    put_connections(&bao, &up, "sealed");
-    let lk = Latchkey::start(&bao, Opts::loopback().extra(CACHE_1S)).await;
-    let paths = warm(&lk, "sealed").await;
+    let (bao, _up, lk, paths) = vault_fault("sealed").await;
 
     let out = bao.cli().args(["operator", "seal"]).output().unwrap();
     assert!(
@@ -447,6 +432,17 @@ async fn with_its_token_revoked_cached_connections_serve_and_the_log_says_why() 
 // Upstream faults
 
 /// latchkey for the upstream faults: every timeout short, so that each fault ends soon.
+/// The setting of the upstream tests: a fault upstream behind connection `id`, latchkey with
+/// short timeouts, one request made; and latchkey's descriptors once quiet after it.
+async fn upstream_fault(id: &str) -> (Bao, FaultUpstream, Latchkey, usize) {
+    let bao = Bao::start().await;
+    let up = FaultUpstream::start().await;
+    put_bearer(&bao, id, &up.url());
+    let lk = short_timeouts(&bao).await;
+    let baseline = first_request(&lk, &up, id).await;
+    (bao, up, lk, baseline)
+}
+
 async fn short_timeouts(bao: &Bao) -> Latchkey {
     Latchkey::start(
         bao,
@@ -489,11 +485,7 @@ async fn at_once(lk: &Latchkey, path: &str, n: usize) -> Tally {
 
 #[tokio::test]
 async fn an_upstream_reset_mid_body_reaches_the_client_as_a_body_cut_short() {
-    let bao = Bao::start().await;
-    let up = FaultUpstream::start().await;
-    put_bearer(&bao, "reset", &up.url());
-    let lk = short_timeouts(&bao).await;
-    let baseline = first_request(&lk, &up, "reset").await;
+    let (_bao, up, lk, baseline) = upstream_fault("reset").await;
 
     // The head and 64 KiB of a 1 MiB body, then a TCP reset: the client sees the upstream's
     // status and a body that ends before its length (or a 502, when the reset beat the head
@@ -515,11 +507,7 @@ async fn an_upstream_reset_mid_body_reaches_the_client_as_a_body_cut_short() {
 
 #[tokio::test]
 async fn an_upstream_stalling_after_the_head_is_cut_at_the_body_timeout() {
-    let bao = Bao::start().await;
-    let up = FaultUpstream::start().await;
-    put_bearer(&bao, "stall", &up.url());
-    let lk = short_timeouts(&bao).await;
-    let baseline = first_request(&lk, &up, "stall").await;
+    let (_bao, up, lk, baseline) = upstream_fault("stall").await;
 
     // The head and 1 KiB, then nothing: latchkey cuts the body (the client's own 30 s timeout
     // would show as `error`, or as a cut body with a timeout, never as this).
@@ -537,11 +525,7 @@ async fn an_upstream_stalling_after_the_head_is_cut_at_the_body_timeout() {
 
 #[tokio::test]
 async fn a_slow_upstream_is_504_for_its_requests_only() {
-    let bao = Bao::start().await;
-    let up = FaultUpstream::start().await;
-    put_bearer(&bao, "slow", &up.url());
-    let lk = short_timeouts(&bao).await;
-    let baseline = first_request(&lk, &up, "slow").await;
+    let (_bao, up, lk, baseline) = upstream_fault("slow").await;
 
     let load = Load::start(&lk, &["/slow/ok".to_string()], 2);
     let slow = at_once(&lk, "/slow/slow?ms=3000", 4).await;
@@ -553,11 +537,7 @@ async fn a_slow_upstream_is_504_for_its_requests_only() {
 
 #[tokio::test]
 async fn an_upstream_closing_each_kept_alive_connection_fails_no_get_and_applies_nothing_twice() {
-    let bao = Bao::start().await;
-    let up = FaultUpstream::start().await;
-    put_bearer(&bao, "close", &up.url());
-    let lk = short_timeouts(&bao).await;
-    let baseline = first_request(&lk, &up, "close").await;
+    let (_bao, up, lk, baseline) = upstream_fault("close").await;
 
     // Every answer is followed by the upstream closing its connection, without a
     // `Connection: close` to say so. GETs and POSTs, one after another on one client
@@ -600,11 +580,7 @@ async fn an_upstream_closing_each_kept_alive_connection_fails_no_get_and_applies
 
 #[tokio::test]
 async fn an_upstream_out_of_descriptors_is_504_then_serves_again() {
-    let bao = Bao::start().await;
-    let up = FaultUpstream::start().await;
-    put_bearer(&bao, "nofile", &up.url());
-    let lk = short_timeouts(&bao).await;
-    let baseline = first_request(&lk, &up, "nofile").await;
+    let (_bao, up, lk, baseline) = upstream_fault("nofile").await;
     // Its soft limit down to its lowest free descriptor: a new connection waits in the kernel's
     // backlog, never accepted, never answered.
     let limit = |soft: &str| {
@@ -664,11 +640,7 @@ async fn an_upstream_out_of_descriptors_is_504_then_serves_again() {
 
 #[tokio::test]
 async fn a_client_leaving_mid_stream_frees_the_upstream_connection() {
-    let bao = Bao::start().await;
-    let up = FaultUpstream::start().await;
-    put_bearer(&bao, "vanish", &up.url());
-    let lk = short_timeouts(&bao).await;
-    let baseline = first_request(&lk, &up, "vanish").await;
+    let (_bao, up, lk, baseline) = upstream_fault("vanish").await;
 
     // Four clients start a 1 GiB download, read 256 KiB of it and go: two close their
     // connection, two reset it.

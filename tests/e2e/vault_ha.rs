@@ -20,14 +20,7 @@ fn injected(r: &Echoed) -> String {
 
 /// `latchkey_vault_requests_total{outcome="error"}`, over every operation.
 async fn failed_vault_calls(lk: &Latchkey) -> f64 {
-    let text = http()
-        .get(lk.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::errors::metrics_text(lk).await;
     text.lines()
         .filter(|l| {
             l.starts_with("latchkey_vault_requests_total{") && l.contains("outcome=\"error\"")

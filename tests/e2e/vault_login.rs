@@ -212,14 +212,7 @@ fn logins(lk: &Latchkey, reason: &str) -> usize {
 
 /// `latchkey_vault_auth_total{op, outcome}` from `/metrics` (0 when absent).
 async fn auth_count(lk: &Latchkey, op: &str, outcome: &str) -> u64 {
-    let text = http()
-        .get(lk.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::errors::metrics_text(lk).await;
     text.lines()
         .filter(|l| l.starts_with("latchkey_vault_auth_total{"))
         .filter(|l| {
