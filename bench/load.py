@@ -541,10 +541,11 @@ class Nginx:
 
 class Latchkey:
     def __init__(self, binary, name, workdir, bao, ca_pem, workers=None, proxy_extra="", tls_extra="",
-                 extra="", vault_auth='{ method = "token" }', token=None, rust_log="warn"):
+                 extra="", vault_auth='{ method = "token" }', token=None, rust_log="warn",
+                 vault_address=None):
         """``extra``: TOML tables after the generated ones (``[cache]``...); ``vault_auth`` and
         ``token`` (``VAULT_TOKEN``: default the dev server's root token, ``""`` none) for another
-        login."""
+        login; ``vault_address``: a list of Vault nodes instead of ``bao``'s address."""
         self.name = name
         self.port, self.admin = free_port(), free_port()
         config = workdir / f"latchkey-{name}.toml"
@@ -556,7 +557,7 @@ class Latchkey:
             "[admin]\n"
             f'listen = "127.0.0.1:{self.admin}"\n\n'
             "[vault]\n"
-            f'address = "{bao.addr}"\n'
+            f"address = {json.dumps(vault_address or bao.addr)}\n"
             f"auth = {vault_auth}\n\n"
             "[tls]\n"
             f'extra_roots = ["{ca_pem}"]\n' + tls_extra + "\n" + extra)
