@@ -71,7 +71,8 @@ impl Drop for TunnelOpen {
     }
 }
 
-/// A tunnel's leaf certificate: `hit` (cached) or `minted`.
+/// A tunnel's leaf certificate: `hit` (cached), `minted`, or `failed` (none could be made for
+/// the CONNECT host: the client got no certificate).
 pub fn tunnel_leaf(outcome: &'static str) {
     counter!(names::TUNNEL_LEAVES, "outcome" => outcome).increment(1);
 }

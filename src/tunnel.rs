@@ -121,9 +121,15 @@ impl Tunnels {
             return self.serve_http(io, Arc::new(tunnel.clone())).await;
         }
         tunnel.tls = true;
-        let (config, minted) = leaves
-            .server_config(&tunnel.host)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (config, minted) = match leaves.server_config(&tunnel.host) {
+            Ok(got) => got,
+            Err(e) => {
+                // The client is left without a certificate: counted, so that it can be alerted on.
+                telemetry::tunnel_leaf("failed");
+                tracing::warn!(connection = tunnel.connection(), host = %tunnel.host, error = %e, "cannot mint a leaf certificate for the CONNECT host; the tunnel is closed");
+                return Err(io::Error::other(e.to_string()));
+            }
+        };
         telemetry::tunnel_leaf(minted.as_str());
         let accepted = tokio::time::timeout(
             HANDSHAKE_TIMEOUT.min(self.idle),

@@ -32,6 +32,7 @@ mod hardening;
 mod inject;
 mod leaks;
 mod lifecycle;
+mod monitoring;
 mod pitfalls;
 mod pool;
 mod reload;
