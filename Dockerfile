@@ -10,7 +10,8 @@
 # No container engine runs where the project is tested, and this base image cannot be fetched
 # there: scripts/check-image builds the binary with these commands, lays out the final stage's
 # files in a directory and runs latchkey from them under chroot (it resolves Vault's name from
-# the image's /etc/hosts, logs in, serves a request, and `latchkey env` writes the CA bundle).
+# the image's /etc/hosts and from DNS, logs in, serves a request, and `latchkey env` writes the
+# CA bundle).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
