@@ -548,3 +548,94 @@ fn readme_deploy_commands_name_directories_that_render() {
         );
     }
 }
+
+/// The runner's side of the sidecar patch, live: latchkey open on loopback (as the sidecar's
+/// configuration has it), the startup probe's command as the manifest gives it (`latchkey env
+/// --ca-bundle ...`), then curl with exactly the runner's environment from the manifest (the
+/// proxy's port and the bundle's directory moved to this test's): curl trusts the tunnel's
+/// certificate through the bundle, and the upstream gets the connection's key.
+#[tokio::test]
+async fn sidecar_runner_environment_and_startup_probe_get_the_key_injected() {
+    use crate::support::{Bao, Latchkey, Opts};
+    use crate::tunnel::{assert_ours, stripe_key, stripe_upstream, Ca, ID, STRIPE};
+
+    let objects = rendered("runner");
+    let pod = &object(&objects, "Deployment", "ci-runner")["spec"]["template"]["spec"];
+    let lk_spec = container(pod, "latchkey");
+    let runner = container(pod, "runner");
+    let (_, config) = config_of(&objects, pod, lk_spec);
+    let manifest_proxy = config["proxy"]["listen"].as_str().unwrap().to_string();
+    let manifest_admin = config["admin"]["listen"].as_str().unwrap().to_string();
+
+    let bao = Bao::start().await;
+    let up_ca = TestCa::new();
+    let up = stripe_upstream(&up_ca).await;
+    let key = stripe_key();
+    bao.put(ID, &[("connector", "stripe"), ("api_key", &key)]);
+    let ca = Ca::init().await;
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .root(&up_ca.pem_path)
+            .proxy(&format!(
+                "resolve = {{ \"{STRIPE}:443\" = \"{}\" }}",
+                up.addr()
+            ))
+            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
+            .tls(&format!("ca_key = {:?}", ca.key.display().to_string())),
+    )
+    .await;
+    ca.forbid_key(&lk);
+
+    // The shared volume, here a directory of the test's.
+    let volume = tempfile::tempdir().unwrap();
+    let probe = strings(&lk_spec["startupProbe"]["exec"]["command"]);
+    let (dir, _) = probe[3].rsplit_once('/').unwrap();
+    let relocate = |v: &str| {
+        v.replace(dir, volume.path().to_str().unwrap())
+            .replace(&manifest_proxy, &lk.proxy.to_string())
+    };
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(probe[1..].iter().map(|a| relocate(a)))
+        // The probe reaches the admin listener at its default, the manifest's admin.listen.
+        .env("LATCHKEY_API_URL", format!("http://{}", lk.admin))
+        .env_remove("LATCHKEY_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the startup probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        manifest_admin, "127.0.0.1:9090",
+        "the probe relies on latchkey env's default --admin"
+    );
+
+    let mut curl = tokio::process::Command::new("curl");
+    curl.env_clear().env("PATH", std::env::var("PATH").unwrap());
+    for e in runner["env"].as_array().unwrap() {
+        curl.env(
+            e["name"].as_str().unwrap(),
+            relocate(e["value"].as_str().unwrap()),
+        );
+    }
+    let out = curl
+        .args(["-sS", "-H", &format!("Authorization: Bearer latchkey.{ID}")])
+        .arg(format!("https://{STRIPE}/v1/balance"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The echo upstream answers in hex, so that latchkey's scrubbing leaves what it saw alone.
+    let echo = hex::decode(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let echo: Value = serde_json::from_slice(&echo).unwrap();
+    assert_ours(&echo, &key);
+    assert_eq!(echo["uri"], "/v1/balance");
+    assert_eq!(up.requests(), 1);
+}
