@@ -1,16 +1,34 @@
-# latchkey: build in the Rust image, run in a slim Debian with the system CA roots.
+# latchkey's image: one static binary, the CA roots, nothing else (no shell, no libc, no package
+# manager), run as a non-root user.
+#
+#   docker build -t latchkey:0.1.0 .
+#
+# The binary is linked statically against glibc (crt-static), so it needs no shared library at
+# run time, and it keeps glibc's allocator, which the README's benchmark figures were taken
+# with. The image is 18.6 MiB: the stripped binary 18.3 MiB, the CA roots 0.2 MiB.
+#
+# No container engine runs where the project is tested, and this base image cannot be fetched
+# there: scripts/check-image builds the binary with these commands, lays out the final stage's
+# files in a directory and runs latchkey from them under chroot (it resolves Vault's name from
+# the image's /etc/hosts and from DNS, logs in, serves a request, and `latchkey env` writes the
+# CA bundle).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked && strip target/release/latchkey
+RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
+ && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$target" --bin latchkey \
+ && install -D -m 0755 "target/$target/release/latchkey" /image/usr/local/bin/latchkey \
+ && strip /image/usr/local/bin/latchkey \
+ && install -D -m 0644 /etc/ssl/certs/ca-certificates.crt /image/etc/ssl/certs/ca-certificates.crt \
+ && install -D -m 0644 config/docker.toml /image/etc/latchkey/latchkey.toml \
+ && install -d -m 1777 /image/tmp
 
-FROM debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/latchkey /usr/local/bin/latchkey
-COPY config/docker.toml /etc/latchkey/latchkey.toml
-USER 65534:65534
+FROM scratch
+COPY --from=build /image/ /
+ENV PATH=/usr/local/bin
+# An unnamed user: nothing in the image belongs to it, and it can write only /tmp.
+USER 65532:65532
 EXPOSE 8080 9090
-ENTRYPOINT ["latchkey"]
+ENTRYPOINT ["/usr/local/bin/latchkey"]
 CMD ["serve", "--config", "/etc/latchkey/latchkey.toml"]

@@ -24,6 +24,7 @@ mod clients;
 mod compose;
 mod config_cli;
 mod demo;
+mod deploy;
 mod destination;
 mod errors;
 mod faults;
