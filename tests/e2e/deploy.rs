@@ -249,8 +249,11 @@ fn gateway_runs_three_hardened_replicas_probed_on_readyz_and_healthz() {
             r["requests"]["memory"].as_str(),
             r["limits"]["memory"].as_str()
         ),
-        (Some("64Mi"), Some("256Mi"))
+        (Some("64Mi"), Some("512Mi"))
     );
+    // The cache's cap fits the limit beside the clients (docs/capacity.md: about 35 KiB per
+    // cached connection).
+    assert_eq!(config["cache"]["max_entries"].as_integer(), Some(5000));
 }
 
 #[test]
