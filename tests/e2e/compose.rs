@@ -5,18 +5,21 @@
 
 use std::process::Command;
 
-fn yaml(file: &str) -> serde_json::Value {
+/// A YAML file as JSON, read by PyYAML: the crate has no YAML parser of its own.
+pub fn yaml(file: impl AsRef<std::path::Path>) -> serde_json::Value {
+    let file = file.as_ref();
     let out = Command::new("python3")
         .args([
             "-c",
             "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-            file,
         ])
+        .arg(file)
         .output()
         .expect("python3 with PyYAML is needed");
     assert!(
         out.status.success(),
-        "{file} does not parse: {}",
+        "{} does not parse: {}",
+        file.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()

@@ -174,22 +174,7 @@ fn has_number(samples: &[serde_json::Value]) -> bool {
 
 /// Every alerting rule of `alerts.yml`: (name, expr).
 fn alert_rules() -> Vec<(String, String)> {
-    // Read by PyYAML (as tests/e2e/compose.rs reads the compose file): the crate has no YAML
-    // parser of its own.
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
-        ])
-        .arg(repo_file("deploy/prometheus/alerts.yml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = crate::compose::yaml(repo_file("deploy/prometheus/alerts.yml"));
     let mut out = Vec::new();
     for group in doc["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
