@@ -21,7 +21,7 @@
 //! | 5 | cache, draft, verify |
 //! | 6 | coverage, lifecycle |
 //! | 7 | response |
-//! | 8 | admin::connections, proxy |
+//! | 8 | admin::connections, admin::web, proxy |
 //! | 9 | admin, proxy::fuzzing, reload, tunnel |
 //! | 10 | server |
 //!

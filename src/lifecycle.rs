@@ -539,6 +539,7 @@ impl Lifecycle {
                 .update_metadata(&used.id, Some(used.version), |m| {
                     m.insert("status".into(), "failed".into());
                     m.insert("last_error".into(), message);
+                    m.remove("last_error_hint");
                     m.insert("last_error_at".into(), now_rfc3339());
                 })
                 .await;
@@ -676,6 +677,7 @@ impl Lifecycle {
             "status": status,
             "verified_at": metadata.get("verified_at"),
             "last_error": metadata.get("last_error"),
+            "last_error_hint": metadata.get("last_error_hint"),
             "last_error_at": metadata.get("last_error_at"),
             "expires_at": conn.expires_at.map(format_time),
             "expires_in_seconds": expires_in,
@@ -761,12 +763,17 @@ fn record_verification(metadata: &mut BTreeMap<String, String>, v: Option<&Verif
             metadata.insert("status".into(), v.status().into());
             if v.passed() {
                 metadata.remove("last_error");
+                metadata.remove("last_error_hint");
                 metadata.remove("last_error_at");
                 if v.status() == "active" {
                     metadata.insert("verified_at".into(), now_rfc3339());
                 }
             } else {
                 metadata.insert("last_error".into(), v.message.clone());
+                match &v.hint {
+                    Some(hint) => metadata.insert("last_error_hint".into(), hint.clone()),
+                    None => metadata.remove("last_error_hint"),
+                };
                 metadata.insert("last_error_at".into(), now_rfc3339());
             }
         }

@@ -6,6 +6,7 @@
 //! with a `field` where one field is at fault.
 
 mod connections;
+mod web;
 
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ use crate::lifecycle::Lifecycle;
 use crate::response::{json_response, AdminError};
 use crate::vault::Vault;
 
+use web::{CookieAuth, Sessions};
+
 /// The admin listener's service.
 pub struct Admin {
     vault: Arc<Vault>,
@@ -29,6 +32,8 @@ pub struct Admin {
     tokens: Vec<AdminToken>,
     /// The tunnel form's leaves, whose CA certificate `/ca.pem` serves once there is one.
     leaves: LeavesSlot,
+    /// The web page's sign-in sessions.
+    sessions: Sessions,
 }
 
 impl Admin {
@@ -43,11 +48,25 @@ impl Admin {
             lifecycle,
             tokens,
             leaves,
+            // The admin listener speaks plain HTTP (loopback by default), so the cookie cannot
+            // be `Secure`; it will be once the listener has TLS.
+            sessions: Sessions::new(false),
         }
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        let mut r = self.route(req).await;
+        web::secure_headers(r.headers_mut());
+        r
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<BoxBody> {
         let path = req.uri().path().to_string();
+        if req.method() == Method::GET {
+            if let Some(r) = web::asset(&path) {
+                return r;
+            }
+        }
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
             (&Method::GET, "/readyz") => self.ready().await,
@@ -76,16 +95,35 @@ impl Admin {
                 );
                 r
             }
+            (_, "/session") => {
+                self.sessions
+                    .handle(req, |token| self.find_token(token).map(str::to_string))
+                    .await
+            }
             (_, p) if p.starts_with("/v1/") || p == "/v1" => {
-                let Some(admin) = self.authenticate(&req) else {
-                    return AdminError::new(
+                let unauthorized = || {
+                    AdminError::new(
                         StatusCode::UNAUTHORIZED,
                         "unauthorized",
                         "the admin API needs Authorization: Bearer {admin token}",
                     )
-                    .into_response();
+                    .into_response()
                 };
-                let admin = admin.to_string();
+                // A request with `Authorization` is judged by it alone; one without may carry
+                // the web page's session cookie, and then a write needs its CSRF token.
+                let admin = if req.headers().contains_key(http::header::AUTHORIZATION) {
+                    match self.authenticate(&req) {
+                        Some(admin) => admin.to_string(),
+                        None => return unauthorized(),
+                    }
+                } else {
+                    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
+                    match self.sessions.check(req.headers(), write) {
+                        CookieAuth::Admin(admin) => admin,
+                        CookieAuth::NoCsrf => return web::csrf_refused(),
+                        CookieAuth::None | CookieAuth::Expired => return unauthorized(),
+                    }
+                };
                 self.api(&admin, req).await
             }
             _ => AdminError::not_found().into_response(),
@@ -104,8 +142,14 @@ impl Admin {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return None;
         }
+        self.find_token(token.trim())
+    }
+
+    /// The name of the admin token `token` is, by the same constant-time hash compare for the
+    /// bearer header and the web page's sign-in.
+    fn find_token(&self, token: &str) -> Option<&str> {
         crate::auth::find_by_token(
-            token.trim(),
+            token,
             self.tokens
                 .iter()
                 .map(|t| (&t.token_sha256, t.name.as_str())),
