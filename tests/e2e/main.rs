@@ -50,5 +50,6 @@ mod upstream_h1;
 mod upstream_strict;
 mod vault_ha;
 mod vault_login;
+mod web;
 mod websocket;
 mod workers;

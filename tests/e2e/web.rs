@@ -1,0 +1,377 @@
+//! The web page on the admin listener: served with a strict CSP and no outside loads, signed in
+//! with the admin token for an `HttpOnly; SameSite=Strict` session cookie, writes with the cookie
+//! only with the session's CSRF token, bearer callers unchanged, and no secret ever reaching the
+//! page. The browser steps run Debian's Chromium, headless, through playwright-core
+//! (`tests/node/web.mjs`); the rest is reqwest.
+
+use std::path::Path;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::errors::{send, Answer};
+use crate::lifecycle::{audit_lines, eventually, World};
+use crate::service_sim::KeyState;
+use crate::support::*;
+
+/// A second admin token, by name, so that the audit line shows whose it is.
+const OPS_TOKEN: &str = "ops-web-token-for-tests-9876543210";
+
+fn with_ops_token() -> Opts {
+    Opts::loopback().extra(&format!(
+        "[[admin.tokens]]\nname = \"ops-web\"\ntoken_sha256 = \"{}\"",
+        latchkey::auth::sha256_hex(OPS_TOKEN)
+    ))
+}
+
+/// Signs in with `token` as the page does (a form); the answer, the cookie pair and the CSRF
+/// token when it worked.
+async fn sign_in(w: &World, token: &str) -> (Answer, Option<String>, Option<String>) {
+    let a = send(
+        http()
+            .post(w.lk.admin_url("/session"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(format!("token={token}")),
+    )
+    .await;
+    let cookie = a
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .map(str::to_string);
+    let csrf = (a.status == 200).then(|| a.json()["csrf"].as_str().unwrap().to_string());
+    (a, cookie, csrf)
+}
+
+async fn with_cookie(
+    w: &World,
+    method: Method,
+    path: &str,
+    cookie: &str,
+    csrf: Option<&str>,
+    body: Option<&Value>,
+) -> Answer {
+    let mut req = http()
+        .request(method, w.lk.admin_url(path))
+        .header("Cookie", cookie);
+    if let Some(c) = csrf {
+        req = req.header("X-CSRF-Token", c);
+    }
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    w.checked(send(req).await)
+}
+
+#[tokio::test]
+async fn the_page_is_served_with_a_strict_csp_and_loads_nothing_from_outside() {
+    let w = World::start(Opts::loopback()).await;
+    let page = send(http().get(w.lk.admin_url("/"))).await;
+    assert_eq!(page.status, 200, "{page:#?}");
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    let csp = page.header("content-security-policy").unwrap();
+    for part in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(part), "{csp}");
+    }
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
+    assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(page.header("referrer-policy"), Some("no-referrer"));
+    // The page names only its own files, by path: no inline script or style, nothing outside.
+    let html = &page.body;
+    assert!(
+        html.contains(r#"<script src="/app.js" defer></script>"#),
+        "{html}"
+    );
+    assert!(
+        html.contains(r#"<link rel="stylesheet" href="/app.css">"#),
+        "{html}"
+    );
+    assert_eq!(html.matches("<script").count(), 1, "{html}");
+    assert!(
+        !html.contains("<style") && !html.contains(" style="),
+        "{html}"
+    );
+    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("//"));
+    for (path, kind) in [("/app.js", "text/javascript"), ("/app.css", "text/css")] {
+        let a = send(http().get(w.lk.admin_url(path))).await;
+        assert_eq!(a.status, 200, "{path}");
+        assert!(
+            a.header("content-type").unwrap().starts_with(kind),
+            "{path}"
+        );
+        assert!(
+            !a.body.contains("http://") && !a.body.contains("https://"),
+            "{path}"
+        );
+    }
+    // API answers are never cached.
+    let api = send(
+        http()
+            .get(w.lk.admin_url("/v1/connections"))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(api.status, 200);
+    assert_eq!(api.header("cache-control"), Some("no-store"));
+    assert_eq!(api.header("x-content-type-options"), Some("nosniff"));
+}
+
+#[tokio::test]
+async fn a_write_with_the_session_cookie_needs_the_csrf_token_and_bearer_callers_do_not() {
+    let w = World::start(with_ops_token()).await;
+    w.secret(OPS_TOKEN);
+
+    // A wrong token gets no cookie; another site's form gets none either.
+    let (a, cookie, _) = sign_in(&w, "not-an-admin-token").await;
+    assert_eq!(a.status, 401, "{a:#?}");
+    assert!(cookie.is_none());
+    let a = send(
+        http()
+            .post(w.lk.admin_url("/session"))
+            .header("Origin", "https://elsewhere.test")
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(format!("token={OPS_TOKEN}")),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{a:#?}");
+    assert!(a.header("set-cookie").is_none());
+
+    let (a, cookie, csrf) = sign_in(&w, OPS_TOKEN).await;
+    assert_eq!(a.status, 200, "{a:#?}");
+    w.assert_clean("the sign-in answer", &a.body);
+    let set = a.header("set-cookie").unwrap();
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(set.contains(part), "{set}");
+    }
+    assert!(
+        !set.contains("Secure"),
+        "the admin listener is plain HTTP here: {set}"
+    );
+    assert_eq!(a.json()["admin"], "ops-web");
+    let (cookie, csrf) = (cookie.unwrap(), csrf.unwrap());
+
+    // Reads need only the cookie.
+    let r = with_cookie(&w, Method::GET, "/v1/connections", &cookie, None, None).await;
+    assert_eq!(r.status, 200, "{r:#?}");
+
+    // A write without the CSRF token, or with another, is refused and changes nothing.
+    let key = w.key(KeyState::ReadWrite);
+    let create = w.stripe("web-csrf", &key);
+    for bad in [None, Some("not-the-token"), Some("")] {
+        let r = with_cookie(
+            &w,
+            Method::POST,
+            "/v1/connections",
+            &cookie,
+            bad,
+            Some(&create),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{bad:?}: {r:#?}");
+        assert_eq!(r.json()["error"]["code"], "csrf");
+    }
+    let r = w.api(Method::GET, "/v1/connections/web-csrf", None).await;
+    assert_eq!(r.status, 404, "a refused write created it: {r:#?}");
+
+    // With it, the write is made, and its audit line names the admin token that signed in.
+    let r = with_cookie(
+        &w,
+        Method::POST,
+        "/v1/connections",
+        &cookie,
+        Some(&csrf),
+        Some(&create),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{r:#?}");
+    let line = eventually("the audit line of the page's create", || async {
+        audit_lines(&w.lk)
+            .into_iter()
+            .find(|l| l["action"] == "create" && l["connection"] == "web-csrf")
+    })
+    .await;
+    assert_eq!(line["admin"], "ops-web", "{line}");
+    assert_eq!(line["outcome"], "ok", "{line}");
+
+    // Bearer callers are unchanged: no CSRF token, and a cookie does not stand in for a bad token.
+    let r = w
+        .api(Method::POST, "/v1/connections/web-csrf/verify", None)
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    let r = send(
+        http()
+            .get(w.lk.admin_url("/v1/connections"))
+            .header("Cookie", &cookie)
+            .bearer_auth("not-an-admin-token"),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:#?}");
+
+    // Signing out needs the CSRF token too, and ends the session.
+    let r = with_cookie(&w, Method::DELETE, "/session", &cookie, None, None).await;
+    assert_eq!(r.status, 403, "{r:#?}");
+    let r = with_cookie(&w, Method::DELETE, "/session", &cookie, Some(&csrf), None).await;
+    assert_eq!(r.status, 204, "{r:#?}");
+    assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
+    let r = with_cookie(&w, Method::GET, "/v1/connections", &cookie, None, None).await;
+    assert_eq!(r.status, 401, "the session outlived sign-out: {r:#?}");
+    let r = with_cookie(
+        &w,
+        Method::DELETE,
+        "/v1/connections/web-csrf",
+        &cookie,
+        Some(&csrf),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:#?}");
+    assert_eq!(w.show("web-csrf").await["id"], "web-csrf");
+}
+
+/// Runs `tests/node/web.mjs`; its JSON.
+async fn browser(env: &[(&str, String)]) -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir(),
+        "tests/node/node_modules/playwright-core is missing: run scripts/install-deps"
+    );
+    assert!(
+        Path::new("/usr/bin/chromium").exists(),
+        "/usr/bin/chromium is missing: run scripts/install-deps (as root, it installs Debian's chromium)"
+    );
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.current_dir(&dir).arg("web.mjs").kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the browser script failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+}
+
+#[tokio::test]
+async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_secret_reaches_the_page(
+) {
+    let w = World::start(with_ops_token()).await;
+    w.secret(OPS_TOKEN);
+    let good = w.key(KeyState::ReadWrite);
+    let revoked = w.key(KeyState::ReadWrite);
+    w.create_ok("web-ok", &good).await;
+    w.create_ok("web-failed", &revoked).await;
+    w.sim.revoke(&revoked);
+    let r = w.verify("web-failed").await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_eq!(w.show("web-failed").await["status"], "failed");
+
+    let secrets = json!([good, revoked, OPS_TOKEN]).to_string();
+    let v = browser(&[
+        ("LATCHKEY_ADMIN", format!("http://{}", w.lk.admin)),
+        ("ADMIN_TOKEN", OPS_TOKEN.to_string()),
+        ("SECRETS", secrets),
+        ("OK_ID", "web-ok".to_string()),
+        ("FAILED_ID", "web-failed".to_string()),
+    ])
+    .await;
+    let steps = v["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["opened", "signed in", "filtered", "reloaded", "signed out"],
+        "{v:#}"
+    );
+    // After every step: no secret in the DOM, the storage or any response the page received.
+    for s in steps {
+        assert_eq!(s["found"], json!([]), "{}: {v:#}", s["step"]);
+        assert!(s["responses"].as_u64().unwrap() > 0, "{v:#}");
+    }
+    assert_eq!(
+        v["problems"],
+        json!([]),
+        "errors, CSP violations or outside loads: {v:#}"
+    );
+    let step = |n: &str| steps.iter().find(|s| s["step"] == n).unwrap();
+
+    assert_eq!(step("opened")["sign_in_shown"], true, "{v:#}");
+    let signed_in = step("signed in");
+    assert_eq!(signed_in["who"], "Signed in as ops-web", "{v:#}");
+    // The check can see what the page shows: the connection's ID is in the DOM.
+    assert_eq!(signed_in["dom_has_ok_id"], true, "{v:#}");
+    let rows = signed_in["rows"].as_array().unwrap();
+    let row = |id: &str| {
+        rows.iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no row {id}: {v:#}"))["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ok = row("web-ok");
+    assert!(
+        ok.contains("Stripe - web-ok") && ok.contains("stripe") && ok.contains("sandbox"),
+        "{ok}"
+    );
+    assert!(ok.contains("Active") && ok.contains("verified "), "{ok}");
+    let failed = row("web-failed");
+    let want = w.show("web-failed").await;
+    assert!(failed.contains("Failed"), "{failed}");
+    assert!(
+        failed.contains(want["last_error"].as_str().unwrap()),
+        "the failure reason is shown: {failed}"
+    );
+    if let Some(hint) = want["last_error_hint"].as_str() {
+        assert!(failed.contains(hint), "and its hint: {failed}");
+    }
+    // The filter keeps only the failed one.
+    let filtered = step("filtered")["rows"].as_array().unwrap();
+    assert_eq!(filtered.len(), 1, "{v:#}");
+    assert_eq!(filtered[0]["id"], "web-failed");
+
+    // The session survives a reload in an HttpOnly, SameSite=Strict cookie the script cannot read.
+    let reloaded = step("reloaded");
+    assert_eq!(reloaded["rows"], 2, "{v:#}");
+    assert_eq!(reloaded["script_sees_cookie"], "", "{v:#}");
+    let cookie = reloaded["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "latchkey_session")
+        .unwrap_or_else(|| panic!("no session cookie: {v:#}"));
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
+    assert_eq!(cookie["path"], "/", "{cookie}");
+    assert!(
+        cookie["expires"].as_f64().unwrap() > 0.0,
+        "a session cookie with an expiry: {cookie}"
+    );
+
+    // Signed out: the list is gone, and the old cookie opens nothing.
+    assert_eq!(step("signed out")["rows"], 0, "{v:#}");
+    assert_eq!(step("signed out")["list_shown"], false, "{v:#}");
+    let old = format!("latchkey_session={}", cookie["value"].as_str().unwrap());
+    let r = with_cookie(&w, Method::GET, "/v1/connections", &old, None, None).await;
+    assert_eq!(r.status, 401, "the session outlived sign-out: {r:#?}");
+
+    let line = eventually("the sign-in's audit line", || async {
+        audit_lines(&w.lk)
+            .into_iter()
+            .find(|l| l["action"] == "sign_in")
+    })
+    .await;
+    assert_eq!(line["admin"], "ops-web", "{line}");
+}

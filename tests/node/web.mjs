@@ -1,0 +1,141 @@
+// Drives latchkey's web page in Debian's Chromium (headless) with playwright-core, for
+// tests/e2e/web.rs. Environment: LATCHKEY_ADMIN (the admin listener's base URL), ADMIN_TOKEN,
+// SECRETS (a JSON list of values the page must never hold or receive), FAILED_ID and OK_ID (the
+// connections the test made). Prints one JSON line: what each step saw and found.
+import { chromium } from "playwright-core";
+
+const base = process.env.LATCHKEY_ADMIN;
+const token = process.env.ADMIN_TOKEN;
+const secrets = JSON.parse(process.env.SECRETS);
+const okId = process.env.OK_ID;
+const failedId = process.env.FAILED_ID;
+
+// Each secret as typed and in base64 (a page could hold either).
+const forms = secrets.flatMap((s) => {
+  const b64 = Buffer.from(s).toString("base64");
+  return [s, b64.replace(/=+$/, ""), Buffer.from(s).toString("base64url")];
+});
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox"],
+});
+const context = await browser.newContext();
+const page = await context.newPage();
+
+const received = []; // every response the page received: url, status, headers, body
+const pending = [];
+const problems = []; // console errors (a CSP violation is one), page errors, outside requests
+let started = 0; // requests the page made
+let ended = 0; // of them, those whose answer was read (or that failed)
+page.on("request", (r) => {
+  started += 1;
+  if (!r.url().startsWith(base)) problems.push("request outside latchkey: " + r.url());
+});
+// Bodies are read once a request has finished; one that cannot be read within 10 s is a
+// problem (the check could not see it), not a hang.
+const within = (p, ms, what) => Promise.race([p, new Promise((_, no) => setTimeout(() => no(new Error(what)), ms))]);
+page.on("requestfinished", (req) => {
+  pending.push((async () => {
+    try {
+      const r = await within(req.response(), 10_000, "no response");
+      if (!r) return;
+      // A 204 has no body to read (Chromium keeps none).
+      const body = r.status() === 204 ? "" : await within(r.text(), 10_000, "body unread");
+      const headers = JSON.stringify(await within(r.allHeaders(), 10_000, "headers unread"));
+      received.push({ url: r.url(), status: r.status(), headers, body });
+    } catch (e) {
+      problems.push("could not read the answer to " + req.method() + " " + req.url() + ": " + e.message);
+    }
+    ended += 1;
+  })());
+});
+page.on("requestfailed", (req) => {
+  problems.push("request failed: " + req.url() + " " + (req.failure() || {}).errorText);
+  ended += 1;
+});
+page.on("console", (m) => { if (m.type() === "error") problems.push("console: " + m.text()); });
+page.on("pageerror", (e) => problems.push("page error: " + e.message));
+
+const steps = [];
+let seen = 0;
+// A step that hangs fails the run instead of holding the test forever.
+const deadline = setTimeout(() => {
+  console.error("web.mjs: no end after 120 s; steps so far: " + JSON.stringify(steps));
+  process.exit(2);
+}, 120_000);
+const log = (m) => console.error("web.mjs: " + m);
+
+// The page's DOM (with every input's current value), its storage, and every response so far.
+// Waits until the page has no request in flight and every answer it got has been read: done
+// before every check and every navigation (a body is gone once the page navigates away).
+async function settle() {
+  await page.waitForLoadState("networkidle");
+  while (ended !== started) await new Promise((ok) => setTimeout(ok, 20));
+}
+
+async function check(step, extra = {}) {
+  log("checking after " + step);
+  await settle();
+  const dom = await page.evaluate(() => {
+    const values = [...document.querySelectorAll("input, textarea")].map((i) => i.value);
+    return document.documentElement.outerHTML + "\n" + values.join("\n");
+  });
+  const storage = await page.evaluate(() => {
+    const dump = (s) => [...Array(s.length).keys()].map((i) => s.key(i) + "=" + s.getItem(s.key(i))).join("\n");
+    return dump(localStorage) + "\n" + dump(sessionStorage);
+  });
+  const found = [];
+  forms.forEach((f, i) => {
+    const which = secrets[Math.floor(i / 3)].slice(0, 4) + "…";
+    if (dom.includes(f)) found.push("DOM holds " + which);
+    if (storage.includes(f)) found.push("storage holds " + which);
+    for (const r of received) {
+      if (r.body.includes(f) || r.headers.includes(f)) found.push(r.url + " answered with " + which);
+    }
+  });
+  steps.push({ step, found, responses: received.length, new_responses: received.length - seen, dom_has_ok_id: dom.includes(okId), ...extra });
+  seen = received.length;
+}
+
+const visible = (sel) => page.locator(sel).isVisible();
+const rows = () => page.locator("#connections-body tr").evaluateAll((trs) =>
+  trs.map((tr) => ({ id: tr.dataset.id, text: tr.innerText.replace(/\s+/g, " ").trim() })));
+
+try {
+  await page.goto(base + "/");
+  await page.waitForSelector("#sign-in-view:not([hidden])");
+  await check("opened", { sign_in_shown: await visible("#token") });
+
+  await page.getByLabel("Admin token").fill(token);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.waitForSelector(`#connections-body tr[data-id="${okId}"]`);
+  await page.waitForSelector(`#connections-body tr[data-id="${failedId}"]`);
+  await check("signed in", { who: await page.locator("#who-name").innerText(), rows: await rows() });
+
+  await page.getByLabel("Filter").fill("failed");
+  await check("filtered", { rows: await rows() });
+  await page.getByLabel("Filter").fill("");
+
+  await settle();
+  await page.reload();
+  await page.waitForSelector(`#connections-body tr[data-id="${okId}"]`);
+  const cookies = await context.cookies();
+  await check("reloaded", {
+    rows: (await rows()).length,
+    cookies: cookies.map((c) => ({ name: c.name, value: c.value, httpOnly: c.httpOnly, sameSite: c.sameSite, secure: c.secure, expires: c.expires, path: c.path })),
+    script_sees_cookie: await page.evaluate(() => document.cookie),
+  });
+
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.waitForSelector("#sign-in-view:not([hidden])");
+  await settle();
+  await page.reload();
+  await page.waitForSelector("#sign-in-view:not([hidden])");
+  await check("signed out", { rows: (await rows()).length, list_shown: await visible("#connections-view") });
+} finally {
+  await browser.close();
+}
+clearTimeout(deadline);
+console.log(JSON.stringify({ steps, problems, urls: [...new Set(received.map((r) => r.url.slice(base.length)))] }));
