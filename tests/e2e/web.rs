@@ -279,20 +279,33 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     assert_eq!(r.status, 200, "{r:#?}");
     assert_eq!(w.show("web-failed").await["status"], "failed");
 
-    let secrets = json!([good, revoked, OPS_TOKEN]).to_string();
+    let added = w.key(KeyState::ReadWrite);
+    let rejected = w.unknown_key();
+    let secrets = json!([good, revoked, added, rejected, OPS_TOKEN]).to_string();
     let v = browser(&[
         ("LATCHKEY_ADMIN", format!("http://{}", w.lk.admin)),
         ("ADMIN_TOKEN", OPS_TOKEN.to_string()),
         ("SECRETS", secrets),
         ("OK_ID", "web-ok".to_string()),
         ("FAILED_ID", "web-failed".to_string()),
+        ("NEW_KEY", added.clone()),
+        ("REJECTED_KEY", rejected.clone()),
+        ("SIM_URL", w.sim.base_url()),
     ])
     .await;
     let steps = v["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["opened", "signed in", "filtered", "reloaded", "signed out"],
+        [
+            "opened",
+            "signed in",
+            "added",
+            "rejected",
+            "filtered",
+            "reloaded",
+            "signed out"
+        ],
         "{v:#}"
     );
     // After every step: no secret in the DOM, the storage or any response the page received.
@@ -337,6 +350,33 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     if let Some(hint) = want["last_error_hint"].as_str() {
         assert!(failed.contains(hint), "and its hint: {failed}");
     }
+    // Added from the form: a password input whose show toggle makes no request, saved, verified,
+    // Active, and stored with the key typed.
+    let add = step("added");
+    assert_eq!(add["key_input_type"], "password", "{v:#}");
+    assert_eq!(add["shown_type"], "text", "{v:#}");
+    assert_eq!(add["toggle_requests"], 0, "{v:#}");
+    let verdict = add["verdict"].as_str().unwrap();
+    assert!(verdict.contains("Saved web-added: Active."), "{verdict}");
+    let made = w.show("web-added").await;
+    assert_eq!(made["status"], "active", "{made}");
+    assert_eq!(made["environment"], "sandbox", "{made}");
+    assert_eq!(made["name"], "Web added", "{made}");
+    assert!(
+        w.sim.uses_of(&added) > 0,
+        "the verification used the typed key"
+    );
+    // A key the service rejects: refused, in words, with the 401, and nothing saved.
+    let verdict = step("rejected")["verdict"].as_str().unwrap();
+    assert!(
+        verdict.starts_with("Not saved:") && verdict.contains("401"),
+        "{verdict}"
+    );
+    assert!(verdict.contains("Field: api_key"), "{verdict}");
+    let r = w
+        .api(Method::GET, "/v1/connections/web-rejected", None)
+        .await;
+    assert_eq!(r.status, 404, "{r:#?}");
     // The filter keeps only the failed one.
     let filtered = step("filtered")["rows"].as_array().unwrap();
     assert_eq!(filtered.len(), 1, "{v:#}");
@@ -344,7 +384,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
 
     // The session survives a reload in an HttpOnly, SameSite=Strict cookie the script cannot read.
     let reloaded = step("reloaded");
-    assert_eq!(reloaded["rows"], 2, "{v:#}");
+    assert_eq!(reloaded["rows"], 3, "{v:#}");
     assert_eq!(reloaded["script_sees_cookie"], "", "{v:#}");
     let cookie = reloaded["cookies"]
         .as_array()

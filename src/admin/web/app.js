@@ -3,7 +3,7 @@
 // and the CSRF token lives only in this script's memory.
 "use strict";
 
-const state = { csrf: null, connections: [] };
+const state = { csrf: null, connections: [], catalog: null, connector: null };
 
 const $ = (id) => document.getElementById(id);
 
@@ -39,12 +39,17 @@ function errorText(res) {
   return e && e.message ? e.message : "latchkey answered " + res.status;
 }
 
+function view(name) {
+  show($("connections-view"), name === "list");
+  show($("add-view"), name === "add");
+}
+
 function signedIn(session) {
   state.csrf = session.csrf;
   $("who-name").textContent = "Signed in as " + session.admin;
   show($("who"), true);
   show($("sign-in-view"), false);
-  show($("connections-view"), true);
+  view("list");
   loadConnections();
 }
 
@@ -53,7 +58,8 @@ function signedOut() {
   state.connections = [];
   $("connections-body").replaceChildren();
   show($("who"), false);
-  show($("connections-view"), false);
+  view(null);
+  clearSecrets();
   show($("sign-in-view"), true);
 }
 
@@ -160,11 +166,176 @@ async function loadConnections() {
   render();
 }
 
+// ----- Add connection -----
+
+async function openAdd() {
+  view("add");
+  show($("add-form"), false);
+  show($("verdict"), false);
+  if (!state.catalog) {
+    const res = await api("GET", "/v1/connectors");
+    if (!res.ok) return;
+    state.catalog = (res.data && res.data.connectors) || [];
+    state.catalog.sort((a, b) => a.name.localeCompare(b.name));
+  }
+  renderCatalog();
+  $("catalog-search").focus();
+}
+
+function renderCatalog() {
+  if (!state.catalog) return;
+  const q = $("catalog-search").value.trim().toLowerCase();
+  const list = $("catalog");
+  const shown = state.catalog.filter((c) => !q || (c.name + " " + c.id).toLowerCase().includes(q));
+  list.replaceChildren(...shown.map((c) => {
+    const li = document.createElement("li");
+    const b = text("button", c.name);
+    b.type = "button";
+    b.dataset.connector = c.id;
+    b.addEventListener("click", () => pickConnector(c));
+    li.append(b);
+    return li;
+  }));
+}
+
+function clearSecrets() {
+  for (const i of document.querySelectorAll("#add-fields input[data-secret]")) {
+    i.value = "";
+    i.type = "password";
+  }
+  for (const b of document.querySelectorAll("#add-fields button[aria-pressed]")) {
+    b.setAttribute("aria-pressed", "false");
+    b.textContent = "Show";
+    b.setAttribute("aria-label", b.getAttribute("aria-label").replace(/^Hide /, "Show "));
+  }
+}
+
+function pickConnector(c) {
+  state.connector = c;
+  $("add-connector").textContent = c.name;
+  const fields = $("add-fields");
+  fields.replaceChildren();
+  for (const f of c.fields || []) {
+    const id = "field-" + f.name;
+    const label = text("label", (f.label || f.name) + (f.required ? "" : " (optional)"));
+    label.htmlFor = id;
+    const input = document.createElement("input");
+    input.id = id;
+    input.name = f.name;
+    input.required = !!f.required;
+    input.spellcheck = false;
+    input.autocomplete = "off";
+    const row = document.createElement("div");
+    row.className = "field-row";
+    row.append(input);
+    if (f.secret) {
+      // Never pre-filled; the toggle only changes how this page shows what was typed.
+      input.type = "password";
+      input.dataset.secret = "1";
+      const t = text("button", "Show");
+      t.type = "button";
+      t.setAttribute("aria-pressed", "false");
+      t.setAttribute("aria-controls", id);
+      t.setAttribute("aria-label", "Show " + (f.label || f.name));
+      t.addEventListener("click", () => {
+        const on = input.type === "password";
+        input.type = on ? "text" : "password";
+        t.setAttribute("aria-pressed", String(on));
+        t.textContent = on ? "Hide" : "Show";
+        t.setAttribute("aria-label", (on ? "Hide " : "Show ") + (f.label || f.name));
+      });
+      row.append(t);
+    } else {
+      input.type = "text";
+      if (f.default) input.value = f.default;
+    }
+    fields.append(label, row);
+    if (f.description) fields.append(text("p", f.description, "help"));
+  }
+  const envs = Object.keys(c.environments || {});
+  const sel = $("add-environment");
+  sel.replaceChildren(...(envs.length ? envs : ["production"]).map((e) => {
+    const o = text("option", e);
+    o.value = e;
+    return o;
+  }));
+  show($("add-base-url-wrap"), !!c.base_url);
+  $("add-base-url").value = "";
+  $("add-base-url").placeholder = c.base_url || "";
+  $("add-name").value = "";
+  $("add-id").value = "";
+  $("add-expires").value = "";
+  show($("verdict"), false);
+  show($("add-form"), true);
+  const first = fields.querySelector("input");
+  if (first) first.focus();
+}
+
+function slug(s) {
+  return s.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 64);
+}
+
+function verdict(kind, lines) {
+  const v = $("verdict");
+  v.className = kind;
+  v.replaceChildren(...lines.filter(Boolean).map((l) => text("p", l)));
+  show(v, true);
+}
+
+async function save(ev) {
+  ev.preventDefault();
+  const c = state.connector;
+  const fields = {};
+  for (const i of document.querySelectorAll("#add-fields input")) {
+    if (i.value !== "") fields[i.name] = i.value;
+  }
+  const body = {
+    id: $("add-id").value.trim() || slug($("add-name").value),
+    name: $("add-name").value.trim(),
+    connector: c.id,
+    environment: $("add-environment").value,
+    fields,
+    verify: true,
+  };
+  const base = $("add-base-url").value.trim();
+  if (base) body.base_url = base;
+  const exp = $("add-expires").value;
+  if (exp) body.expires_at = exp + "T00:00:00Z";
+  // What was typed in a secret field leaves the page with this request and nowhere else.
+  clearSecrets();
+  verdict("", ["Saving and verifying ..."]);
+  const res = await api("POST", "/v1/connections", body);
+  if (res.ok) {
+    const d = res.data || {};
+    const v = d.verification;
+    const status = d.connection && d.connection.status;
+    verdict("passed", [
+      "Saved " + body.id + ": " + (STATUS_WORDS[status] || status || "saved") + ".",
+      v && v.message, v && v.hint,
+      ...(d.notices || []),
+    ]);
+    loadConnections();
+  } else {
+    const e = (res.data && res.data.error) || {};
+    const v = e.verification;
+    verdict("refused", [
+      "Not saved: " + (e.message || "latchkey answered " + res.status),
+      e.field ? "Field: " + e.field : "",
+      v && v.message && !(e.message || "").includes(v.message) ? v.message : "",
+      v && v.hint,
+    ]);
+  }
+}
+
 async function start() {
   $("sign-in-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", signOut);
   $("filter").addEventListener("input", render);
   $("refresh").addEventListener("click", loadConnections);
+  $("add").addEventListener("click", openAdd);
+  $("catalog-search").addEventListener("input", renderCatalog);
+  $("add-form").addEventListener("submit", save);
+  $("add-cancel").addEventListener("click", () => { clearSecrets(); view("list"); loadConnections(); });
   const r = await fetch("/session", { headers: { Accept: "application/json" }, cache: "no-store" });
   let session = null;
   try { session = r.ok ? await r.json() : null; } catch (_) { session = null; }
