@@ -281,7 +281,8 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
 
     let added = w.key(KeyState::ReadWrite);
     let rejected = w.unknown_key();
-    let secrets = json!([good, revoked, added, rejected, OPS_TOKEN]).to_string();
+    let rotated = w.key(KeyState::ReadWrite);
+    let secrets = json!([good, revoked, added, rejected, rotated, OPS_TOKEN]).to_string();
     let v = browser(&[
         ("LATCHKEY_ADMIN", format!("http://{}", w.lk.admin)),
         ("ADMIN_TOKEN", OPS_TOKEN.to_string()),
@@ -290,6 +291,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         ("FAILED_ID", "web-failed".to_string()),
         ("NEW_KEY", added.clone()),
         ("REJECTED_KEY", rejected.clone()),
+        ("ROTATE_KEY", rotated.clone()),
         ("SIM_URL", w.sim.base_url()),
     ])
     .await;
@@ -302,6 +304,10 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
             "signed in",
             "added",
             "rejected",
+            "verified",
+            "rotate refused",
+            "rotated",
+            "deleted",
             "filtered",
             "reloaded",
             "signed out"
@@ -358,10 +364,6 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     assert_eq!(add["toggle_requests"], 0, "{v:#}");
     let verdict = add["verdict"].as_str().unwrap();
     assert!(verdict.contains("Saved web-added: Active."), "{verdict}");
-    let made = w.show("web-added").await;
-    assert_eq!(made["status"], "active", "{made}");
-    assert_eq!(made["environment"], "sandbox", "{made}");
-    assert_eq!(made["name"], "Web added", "{made}");
     assert!(
         w.sim.uses_of(&added) > 0,
         "the verification used the typed key"
@@ -377,6 +379,60 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         .api(Method::GET, "/v1/connections/web-rejected", None)
         .await;
     assert_eq!(r.status, 404, "{r:#?}");
+    // Verify again, from its row.
+    let status = step("verified")["status"].as_str().unwrap();
+    assert!(status.starts_with("Verified web-ok: Active."), "{status}");
+    // A rotation to a rejected key is refused in words, and the old key stays.
+    let status = step("rotate refused")["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("Not rotated; the old key stays in force:") && status.contains("401"),
+        "{status}"
+    );
+    // Then rotated to a good key: version 2, and the service saw the new key.
+    let status = step("rotated")["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("Rotated web-added: Active, version 2."),
+        "{status}"
+    );
+    assert_eq!(step("rotated")["form_shown"], false, "{v:#}");
+    assert!(
+        w.sim.uses_of(&rotated) > 0,
+        "the rotation verified the typed key"
+    );
+    // Deleted after a confirmation naming it: gone from the list and from the API.
+    let deleted = step("deleted");
+    assert!(
+        deleted["asked"].as_str().unwrap().contains("web-added"),
+        "{v:#}"
+    );
+    assert_eq!(deleted["status"], "Deleted web-added.", "{v:#}");
+    let r = w.api(Method::GET, "/v1/connections/web-added", None).await;
+    assert_eq!(r.status, 404, "{r:#?}");
+    // Each of those writes has its audit line, naming the admin token that signed in.
+    let actions = eventually("the audit lines of the page's writes", || async {
+        let lines: Vec<(String, String, String)> = audit_lines(&w.lk)
+            .iter()
+            .filter(|l| l["admin"] == "ops-web" && l["action"] != "sign_in")
+            .map(|l| {
+                let s = |k: &str| l[k].as_str().unwrap_or_default().to_string();
+                (s("action"), s("connection"), s("outcome"))
+            })
+            .collect();
+        (lines.len() >= 6).then_some(lines)
+    })
+    .await;
+    let want: Vec<(String, String, String)> = [
+        ("create", "web-added", "ok"),
+        ("create", "web-rejected", "verification_failed"),
+        ("verify", "web-ok", "verified"),
+        ("rotate", "web-added", "verification_failed"),
+        ("rotate", "web-added", "ok"),
+        ("delete", "web-added", "ok"),
+    ]
+    .iter()
+    .map(|(a, c, o)| (a.to_string(), c.to_string(), o.to_string()))
+    .collect();
+    assert_eq!(actions, want);
     // The filter keeps only the failed one.
     let filtered = step("filtered")["rows"].as_array().unwrap();
     assert_eq!(filtered.len(), 1, "{v:#}");
@@ -384,7 +440,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
 
     // The session survives a reload in an HttpOnly, SameSite=Strict cookie the script cannot read.
     let reloaded = step("reloaded");
-    assert_eq!(reloaded["rows"], 3, "{v:#}");
+    assert_eq!(reloaded["rows"], 2, "{v:#}");
     assert_eq!(reloaded["script_sees_cookie"], "", "{v:#}");
     let cookie = reloaded["cookies"]
         .as_array()

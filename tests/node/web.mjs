@@ -150,6 +150,30 @@ try {
   await page.getByRole("button", { name: "Back to connections" }).click();
   await page.waitForSelector('#connections-body tr[data-id="web-added"]');
 
+  // Per connection: verify again, rotate (a rejected key first), delete with a confirmation.
+  const status = () => page.locator("#action-status").innerText();
+  await page.getByRole("button", { name: "Verify " + okId, exact: true }).click();
+  await page.waitForSelector("#action-status.passed");
+  await check("verified", { status: await status() });
+
+  await page.getByRole("button", { name: "Rotate web-added", exact: true }).click();
+  await page.locator("#rotate-fields input[data-secret]").first().fill(process.env.REJECTED_KEY);
+  await page.locator("#rotate-form").getByRole("button", { name: "Rotate", exact: true }).click();
+  await page.waitForSelector("#action-status.refused");
+  await check("rotate refused", { status: await status() });
+
+  await page.getByRole("button", { name: "Rotate web-added", exact: true }).click();
+  await page.locator("#rotate-fields input[data-secret]").first().fill(process.env.ROTATE_KEY);
+  await page.locator("#rotate-form").getByRole("button", { name: "Rotate", exact: true }).click();
+  await page.waitForSelector("#action-status.passed");
+  await check("rotated", { status: await status(), form_shown: await visible("#rotate-form") });
+
+  let asked = "";
+  page.once("dialog", (d) => { asked = d.message(); d.accept(); });
+  await page.getByRole("button", { name: "Delete web-added", exact: true }).click();
+  await page.waitForSelector('#connections-body tr[data-id="web-added"]', { state: "detached" });
+  await check("deleted", { asked, status: await status() });
+
   await page.getByLabel("Filter").fill("failed");
   await check("filtered", { rows: await rows() });
   await page.getByLabel("Filter").fill("");

@@ -60,6 +60,8 @@ function signedOut() {
   show($("who"), false);
   view(null);
   clearSecrets();
+  show($("rotate-form"), false);
+  show($("action-status"), false);
   show($("sign-in-view"), true);
 }
 
@@ -145,7 +147,7 @@ function render() {
     const tr = document.createElement("tr");
     tr.dataset.id = c.id;
     tr.append(cell("Name", c.name), cell("ID", c.id, true), cell("Connector", c.connector),
-      cell("Environment", c.environment), statusCell(c));
+      cell("Environment", c.environment), statusCell(c), actionsCell(c));
     return tr;
   }));
   show($("list-empty"), state.connections.length === 0);
@@ -166,18 +168,123 @@ async function loadConnections() {
   render();
 }
 
+// ----- Per connection: verify, rotate, delete -----
+
+function actionsCell(c) {
+  const td = document.createElement("td");
+  td.dataset.label = "Actions";
+  td.className = "actions-cell";
+  const button = (label, what, fn) => {
+    const b = text("button", label);
+    b.type = "button";
+    b.setAttribute("aria-label", what + " " + c.id);
+    b.addEventListener("click", () => fn(c));
+    td.append(b);
+  };
+  button("Verify", "Verify", verifyOne);
+  button("Rotate", "Rotate", openRotate);
+  button("Delete", "Delete", deleteOne);
+  return td;
+}
+
+function actionStatus(kind, lines) {
+  const s = $("action-status");
+  s.className = kind;
+  s.replaceChildren(...lines.filter(Boolean).map((l) => text("p", l)));
+  show(s, true);
+}
+
+function refusal(what, res) {
+  const e = (res.data && res.data.error) || {};
+  const v = e.verification;
+  return [
+    what + ": " + (e.message || "latchkey answered " + res.status),
+    e.field ? "Field: " + e.field : "",
+    v && v.message && !(e.message || "").includes(v.message) ? v.message : "",
+    v && v.hint,
+  ];
+}
+
+async function verifyOne(c) {
+  actionStatus("", ["Verifying " + c.id + " ..."]);
+  const res = await api("POST", "/v1/connections/" + encodeURIComponent(c.id) + "/verify");
+  if (res.ok) {
+    const v = res.data.verification || {};
+    const status = res.data.connection && res.data.connection.status;
+    actionStatus(v.passed ? "passed" : "refused", [
+      "Verified " + c.id + ": " + (STATUS_WORDS[status] || status) + ".", v.message, v.hint]);
+  } else {
+    actionStatus("refused", refusal("Not verified", res));
+  }
+  loadConnections();
+}
+
+async function loadCatalog() {
+  if (!state.catalog) {
+    const res = await api("GET", "/v1/connectors");
+    if (!res.ok) return false;
+    state.catalog = (res.data && res.data.connectors) || [];
+    state.catalog.sort((a, b) => a.name.localeCompare(b.name));
+  }
+  return true;
+}
+
+async function openRotate(c) {
+  if (!(await loadCatalog())) return;
+  const connector = state.catalog.find((k) => k.id === c.connector);
+  const secretFields = ((connector && connector.fields) || []).filter((f) => f.secret);
+  state.rotating = c.id;
+  $("rotate-title").textContent = "Rotate " + c.id;
+  const box = $("rotate-fields");
+  box.replaceChildren();
+  for (const f of secretFields) box.append(...secretInput(f, "rotate-"));
+  show($("rotate-form"), true);
+  const first = box.querySelector("input");
+  if (first) first.focus();
+}
+
+function closeRotate() {
+  clearSecrets();
+  show($("rotate-form"), false);
+  state.rotating = null;
+}
+
+async function rotate(ev) {
+  ev.preventDefault();
+  const id = state.rotating;
+  const fields = {};
+  for (const i of document.querySelectorAll("#rotate-fields input")) {
+    if (i.value !== "") fields[i.name] = i.value;
+  }
+  closeRotate();
+  actionStatus("", ["Verifying the new key for " + id + " ..."]);
+  const res = await api("PUT", "/v1/connections/" + encodeURIComponent(id) + "/secret", { fields });
+  if (res.ok) {
+    const v = res.data.verification;
+    const conn = res.data.connection || {};
+    actionStatus("passed", [
+      "Rotated " + id + ": " + (STATUS_WORDS[conn.status] || conn.status) + ", version " + conn.version + ".",
+      v && v.message, ...(res.data.notices || [])]);
+  } else {
+    actionStatus("refused", [...refusal("Not rotated; the old key stays in force", res)]);
+  }
+  loadConnections();
+}
+
+async function deleteOne(c) {
+  if (!window.confirm("Delete the connection " + c.id + "? Its key is removed from Vault, every version.")) return;
+  const res = await api("DELETE", "/v1/connections/" + encodeURIComponent(c.id));
+  actionStatus(res.ok ? "passed" : "refused", res.ok ? ["Deleted " + c.id + "."] : refusal("Not deleted", res));
+  loadConnections();
+}
+
 // ----- Add connection -----
 
 async function openAdd() {
   view("add");
   show($("add-form"), false);
   show($("verdict"), false);
-  if (!state.catalog) {
-    const res = await api("GET", "/v1/connectors");
-    if (!res.ok) return;
-    state.catalog = (res.data && res.data.connectors) || [];
-    state.catalog.sort((a, b) => a.name.localeCompare(b.name));
-  }
+  if (!(await loadCatalog())) return;
   renderCatalog();
   $("catalog-search").focus();
 }
@@ -199,15 +306,47 @@ function renderCatalog() {
 }
 
 function clearSecrets() {
-  for (const i of document.querySelectorAll("#add-fields input[data-secret]")) {
+  for (const i of document.querySelectorAll("input[data-secret]")) {
     i.value = "";
     i.type = "password";
   }
-  for (const b of document.querySelectorAll("#add-fields button[aria-pressed]")) {
+  for (const b of document.querySelectorAll(".field-row button[aria-pressed]")) {
     b.setAttribute("aria-pressed", "false");
     b.textContent = "Show";
     b.setAttribute("aria-label", b.getAttribute("aria-label").replace(/^Hide /, "Show "));
   }
+}
+
+// A secret field: a password input, never pre-filled, with a Show/Hide toggle that only changes
+// how this page shows what was typed.
+function secretInput(f, prefix) {
+  const id = prefix + f.name;
+  const label = text("label", (f.label || f.name) + (f.required ? "" : " (optional)"));
+  label.htmlFor = id;
+  const input = document.createElement("input");
+  input.id = id;
+  input.name = f.name;
+  input.type = "password";
+  input.required = !!f.required;
+  input.spellcheck = false;
+  input.autocomplete = "off";
+  input.dataset.secret = "1";
+  const t = text("button", "Show");
+  t.type = "button";
+  t.setAttribute("aria-pressed", "false");
+  t.setAttribute("aria-controls", id);
+  t.setAttribute("aria-label", "Show " + (f.label || f.name));
+  t.addEventListener("click", () => {
+    const on = input.type === "password";
+    input.type = on ? "text" : "password";
+    t.setAttribute("aria-pressed", String(on));
+    t.textContent = on ? "Hide" : "Show";
+    t.setAttribute("aria-label", (on ? "Hide " : "Show ") + (f.label || f.name));
+  });
+  const row = document.createElement("div");
+  row.className = "field-row";
+  row.append(input, t);
+  return [label, row];
 }
 
 function pickConnector(c) {
@@ -216,40 +355,22 @@ function pickConnector(c) {
   const fields = $("add-fields");
   fields.replaceChildren();
   for (const f of c.fields || []) {
-    const id = "field-" + f.name;
-    const label = text("label", (f.label || f.name) + (f.required ? "" : " (optional)"));
-    label.htmlFor = id;
-    const input = document.createElement("input");
-    input.id = id;
-    input.name = f.name;
-    input.required = !!f.required;
-    input.spellcheck = false;
-    input.autocomplete = "off";
-    const row = document.createElement("div");
-    row.className = "field-row";
-    row.append(input);
     if (f.secret) {
-      // Never pre-filled; the toggle only changes how this page shows what was typed.
-      input.type = "password";
-      input.dataset.secret = "1";
-      const t = text("button", "Show");
-      t.type = "button";
-      t.setAttribute("aria-pressed", "false");
-      t.setAttribute("aria-controls", id);
-      t.setAttribute("aria-label", "Show " + (f.label || f.name));
-      t.addEventListener("click", () => {
-        const on = input.type === "password";
-        input.type = on ? "text" : "password";
-        t.setAttribute("aria-pressed", String(on));
-        t.textContent = on ? "Hide" : "Show";
-        t.setAttribute("aria-label", (on ? "Hide " : "Show ") + (f.label || f.name));
-      });
-      row.append(t);
+      fields.append(...secretInput(f, "field-"));
     } else {
+      const id = "field-" + f.name;
+      const label = text("label", (f.label || f.name) + (f.required ? "" : " (optional)"));
+      label.htmlFor = id;
+      const input = document.createElement("input");
+      input.id = id;
+      input.name = f.name;
       input.type = "text";
+      input.required = !!f.required;
+      input.spellcheck = false;
+      input.autocomplete = "off";
       if (f.default) input.value = f.default;
+      fields.append(label, input);
     }
-    fields.append(label, row);
     if (f.description) fields.append(text("p", f.description, "help"));
   }
   const envs = Object.keys(c.environments || {});
@@ -335,6 +456,8 @@ async function start() {
   $("add").addEventListener("click", openAdd);
   $("catalog-search").addEventListener("input", renderCatalog);
   $("add-form").addEventListener("submit", save);
+  $("rotate-form").addEventListener("submit", rotate);
+  $("rotate-cancel").addEventListener("click", closeRotate);
   $("add-cancel").addEventListener("click", () => { clearSecrets(); view("list"); loadConnections(); });
   const r = await fetch("/session", { headers: { Accept: "application/json" }, cache: "no-store" });
   let session = null;
