@@ -282,7 +282,8 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     let added = w.key(KeyState::ReadWrite);
     let rejected = w.unknown_key();
     let rotated = w.key(KeyState::ReadWrite);
-    let secrets = json!([good, revoked, added, rejected, rotated, OPS_TOKEN]).to_string();
+    let sandbox = w.key(KeyState::ReadWrite);
+    let secrets = json!([good, revoked, added, rejected, rotated, sandbox, OPS_TOKEN]).to_string();
     let v = browser(&[
         ("LATCHKEY_ADMIN", format!("http://{}", w.lk.admin)),
         ("ADMIN_TOKEN", OPS_TOKEN.to_string()),
@@ -292,6 +293,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         ("NEW_KEY", added.clone()),
         ("REJECTED_KEY", rejected.clone()),
         ("ROTATE_KEY", rotated.clone()),
+        ("SANDBOX_KEY", sandbox.clone()),
         ("SIM_URL", w.sim.base_url()),
     ])
     .await;
@@ -304,6 +306,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
             "signed in",
             "added",
             "rejected",
+            "sandbox on production",
             "verified",
             "rotate refused",
             "rotated",
@@ -379,6 +382,21 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         .api(Method::GET, "/v1/connections/web-rejected", None)
         .await;
     assert_eq!(r.status, 404, "{r:#?}");
+    // A sandbox key on production: refused before any call, naming the field.
+    let verdict = step("sandbox on production")["verdict"].as_str().unwrap();
+    assert!(verdict.starts_with("Not saved:"), "{verdict}");
+    assert!(
+        verdict.contains("sandbox") && verdict.contains("production"),
+        "{verdict}"
+    );
+    assert!(verdict.contains("Field: api_key"), "{verdict}");
+    assert_eq!(
+        w.sim.uses_of(&sandbox),
+        0,
+        "the refused key was sent to the service"
+    );
+    let r = w.api(Method::GET, "/v1/connections/web-prod", None).await;
+    assert_eq!(r.status, 404, "{r:#?}");
     // Verify again, from its row.
     let status = step("verified")["status"].as_str().unwrap();
     assert!(status.starts_with("Verified web-ok: Active."), "{status}");
@@ -418,12 +436,13 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
                 (s("action"), s("connection"), s("outcome"))
             })
             .collect();
-        (lines.len() >= 6).then_some(lines)
+        (lines.len() >= 7).then_some(lines)
     })
     .await;
     let want: Vec<(String, String, String)> = [
         ("create", "web-added", "ok"),
         ("create", "web-rejected", "verification_failed"),
+        ("create", "web-prod", "invalid"),
         ("verify", "web-ok", "verified"),
         ("rotate", "web-added", "verification_failed"),
         ("rotate", "web-added", "ok"),

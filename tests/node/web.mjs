@@ -147,6 +147,14 @@ try {
   await page.getByRole("button", { name: "Save" }).click();
   await page.waitForSelector("#verdict.refused");
   await check("rejected", { verdict: await page.locator("#verdict").innerText() });
+
+  // A sandbox key on a production connection.
+  await key.fill(process.env.SANDBOX_KEY);
+  await page.getByLabel("Environment", { exact: true }).selectOption("production");
+  await page.getByLabel("Connection ID").fill("web-prod");
+  await page.getByRole("button", { name: "Save" }).click();
+  await page.waitForSelector("#verdict.refused");
+  await check("sandbox on production", { verdict: await page.locator("#verdict").innerText() });
   await page.getByRole("button", { name: "Back to connections" }).click();
   await page.waitForSelector('#connections-body tr[data-id="web-added"]');
 
