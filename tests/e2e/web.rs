@@ -284,7 +284,26 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     let rotated = w.key(KeyState::ReadWrite);
     let sandbox = w.key(KeyState::ReadWrite);
     let secrets = json!([good, revoked, added, rejected, rotated, sandbox, OPS_TOKEN]).to_string();
+    // Inside the expiry warning window (14 days by default): the row turns Expiring.
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::days(5);
+    let expires_on = format!(
+        "{:04}-{:02}-{:02}",
+        expires.year(),
+        u8::from(expires.month()),
+        expires.day()
+    );
+    // The screenshots of the README: kept where WEB_SCREENSHOTS says (docs/screenshots to
+    // refresh them), else in a directory of the test's own, checked and removed.
+    let scratch = tempfile::tempdir().unwrap();
+    let shots = std::env::var("WEB_SCREENSHOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| scratch.path().to_path_buf());
+    std::fs::create_dir_all(&shots).unwrap();
+    // The script runs in tests/node: give it the directory as an absolute path.
+    let shots = shots.canonicalize().unwrap();
     let v = browser(&[
+        ("SCREENSHOTS", shots.display().to_string()),
+        ("EXPIRES_ON", expires_on.clone()),
         ("LATCHKEY_ADMIN", format!("http://{}", w.lk.admin)),
         ("ADMIN_TOKEN", OPS_TOKEN.to_string()),
         ("SECRETS", secrets),
@@ -297,6 +316,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         ("SIM_URL", w.sim.base_url()),
     ])
     .await;
+    assert_eq!(v["failure"], Value::Null, "{v:#}");
     let steps = v["steps"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
     assert_eq!(
@@ -308,6 +328,8 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
             "rejected",
             "sandbox on production",
             "verified",
+            "edit refused",
+            "edited",
             "rotate refused",
             "rotated",
             "deleted",
@@ -329,8 +351,61 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     );
     let step = |n: &str| steps.iter().find(|s| s["step"] == n).unwrap();
 
+    // The screenshots were taken: the list, the add form, a failed verification.
+    for name in ["list", "add-form", "failed-verification"] {
+        let png = std::fs::read(shots.join(format!("{name}.png")))
+            .unwrap_or_else(|e| panic!("no screenshot {name}.png: {e}"));
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{name}.png is not a PNG"
+        );
+    }
+
     assert_eq!(step("opened")["sign_in_shown"], true, "{v:#}");
+    // Keyboard alone, on a 320 px screen: the token input has the focus when the page opens,
+    // Enter signs in, Tab reaches "+ Add connection", Enter opens the catalog with its search
+    // focused, Tab and Enter pick a connector and focus its first field. Nothing scrolls
+    // sideways, and every input, select and button has a name.
     let signed_in = step("signed in");
+    assert_eq!(signed_in["focus_on_load"], "token", "{v:#}");
+    let add = step("added");
+    let keyboard = &add["keyboard"];
+    assert!(keyboard["tabs_to_add"].as_u64().unwrap() <= 10, "{v:#}");
+    assert_eq!(keyboard["add_focus"], "catalog-search", "{v:#}");
+    assert_eq!(keyboard["pick_focus"], "field-api_key", "{v:#}");
+    for l in [
+        &signed_in["sign_in_layout"],
+        &signed_in["list_layout"],
+        &add["add_layout"],
+    ] {
+        assert_eq!(l["width"], 320, "{v:#}");
+        assert!(
+            l["overflow"].as_i64().unwrap() <= 0,
+            "scrolls sideways at 320 px: {v:#}"
+        );
+        assert_eq!(l["unnamed"], json!([]), "{v:#}");
+    }
+    assert_eq!(
+        step("edit refused")["edit_layout"]["unnamed"],
+        json!([]),
+        "{v:#}"
+    );
+    assert_eq!(step("edit refused")["edit_focus"], "edit-name", "{v:#}");
+    // Pasted with a trailing newline (as a terminal copies a key): in the input without it, a
+    // notice at once, and latchkey's own notice in the verdict. A value with a line break inside
+    // is not pasted at all, and the notice says why.
+    assert_eq!(add["pasted_ok"], true, "{v:#}");
+    let notice = add["paste_notice"].as_str().unwrap();
+    assert!(notice.contains("trailing newline"), "{notice}");
+    assert_eq!(add["inner_newline"]["value"], "", "{v:#}");
+    assert!(
+        add["inner_newline"]["notice"]
+            .as_str()
+            .unwrap()
+            .starts_with("Not pasted: the value has a line break inside it"),
+        "{v:#}"
+    );
+    assert_eq!(add["notice_after_save"], false, "{v:#}");
     assert_eq!(signed_in["who"], "Signed in as ops-web", "{v:#}");
     // The check can see what the page shows: the connection's ID is in the DOM.
     assert_eq!(signed_in["dom_has_ok_id"], true, "{v:#}");
@@ -361,12 +436,15 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     }
     // Added from the form: a password input whose show toggle makes no request, saved, verified,
     // Active, and stored with the key typed.
-    let add = step("added");
     assert_eq!(add["key_input_type"], "password", "{v:#}");
     assert_eq!(add["shown_type"], "text", "{v:#}");
     assert_eq!(add["toggle_requests"], 0, "{v:#}");
     let verdict = add["verdict"].as_str().unwrap();
     assert!(verdict.contains("Saved web-added: Active."), "{verdict}");
+    assert!(
+        verdict.contains("api_key: removed a trailing newline around the pasted value"),
+        "{verdict}"
+    );
     assert!(
         w.sim.uses_of(&added) > 0,
         "the verification used the typed key"
@@ -400,6 +478,51 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     // Verify again, from its row.
     let status = step("verified")["status"].as_str().unwrap();
     assert!(status.starts_with("Verified web-ok: Active."), "{status}");
+    // Edited: a sandbox key moved to production is refused naming the field, and nothing
+    // changes; then a new name and an expiry 5 days out are saved, no secret input is shown,
+    // and the row says Expiring with the warning.
+    let status = step("edit refused")["status"].as_str().unwrap();
+    assert!(status.starts_with("Not saved:"), "{status}");
+    assert!(
+        status.contains("sandbox") && status.contains("Field: api_key"),
+        "{status}"
+    );
+    let edited = step("edited");
+    assert_eq!(edited["secret_inputs"], 0, "{v:#}");
+    let status = edited["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("Saved web-ok: Expiring, version 2."),
+        "{status}"
+    );
+    assert!(status.contains("rotate it before then"), "{status}");
+    let row = edited["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "web-ok")
+        .unwrap()["text"]
+        .as_str()
+        .unwrap();
+    assert!(
+        row.contains("Payments (sandbox)") && row.contains("Expiring"),
+        "{row}"
+    );
+    assert!(
+        row.contains(&format!("the key expires at {expires_on}"))
+            && row.contains("rotate it before then"),
+        "{row}"
+    );
+    let shown = w.show("web-ok").await;
+    assert_eq!(shown["name"], "Payments (sandbox)");
+    assert_eq!(shown["environment"], "sandbox");
+    assert_eq!(shown["status"], "expiring");
+    assert!(
+        shown["expires_at"]
+            .as_str()
+            .unwrap()
+            .starts_with(&expires_on),
+        "{shown}"
+    );
     // A rotation to a rejected key is refused in words, and the old key stays.
     let status = step("rotate refused")["status"].as_str().unwrap();
     assert!(
@@ -436,7 +559,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
                 (s("action"), s("connection"), s("outcome"))
             })
             .collect();
-        (lines.len() >= 7).then_some(lines)
+        (lines.len() >= 9).then_some(lines)
     })
     .await;
     let want: Vec<(String, String, String)> = [
@@ -444,6 +567,8 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         ("create", "web-rejected", "verification_failed"),
         ("create", "web-prod", "invalid"),
         ("verify", "web-ok", "verified"),
+        ("patch", "web-ok", "invalid"),
+        ("patch", "web-ok", "ok"),
         ("rotate", "web-added", "verification_failed"),
         ("rotate", "web-added", "ok"),
         ("delete", "web-added", "ok"),

@@ -21,8 +21,13 @@ const browser = await chromium.launch({
   headless: true,
   args: ["--no-sandbox"],
 });
-const context = await browser.newContext();
+// Narrow first (a phone, 320 px), wide for the rest and for the screenshots.
+const NARROW = { width: 320, height: 720 };
+const WIDE = { width: 1100, height: 760 };
+const context = await browser.newContext({ viewport: NARROW });
+await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
 const page = await context.newPage();
+const shots = process.env.SCREENSHOTS;
 
 const received = []; // every response the page received: url, status, headers, body
 const pending = [];
@@ -64,6 +69,7 @@ page.on("console", (m) => {
 page.on("pageerror", (e) => problems.push("page error: " + e.message));
 
 const steps = [];
+let failure = null;
 let seen = 0;
 // A step that hangs fails the run instead of holding the test forever.
 const deadline = setTimeout(() => {
@@ -105,6 +111,44 @@ async function check(step, extra = {}) {
 }
 
 const visible = (sel) => page.locator(sel).isVisible();
+
+// Keyboard only: Tab until the focused element is named `name` (its aria-label, else its text);
+// how many presses it took.
+async function tabTo(name, max = 40) {
+  for (let i = 1; i <= max; i++) {
+    await page.keyboard.press("Tab");
+    const now = await page.evaluate(() => {
+      const a = document.activeElement;
+      return a ? (a.getAttribute("aria-label") || a.textContent || "").trim() : "";
+    });
+    if (now === name) return i;
+  }
+  throw new Error("Tab never reached " + name);
+}
+const focused = () => page.evaluate(() => (document.activeElement || {}).id || "");
+
+// What a narrow screen must not do: scroll sideways. And every visible input and select has a
+// label (or an aria-label), every visible button a name.
+const layout = () => page.evaluate(() => {
+  const shown = (el) => el.offsetParent !== null;
+  const unnamed = [...document.querySelectorAll("input, select, button")].filter(shown).filter((el) =>
+    el.tagName === "BUTTON" ? !(el.getAttribute("aria-label") || el.textContent.trim()) :
+      !(el.labels && el.labels.length) && !el.getAttribute("aria-label"));
+  return {
+    width: window.innerWidth,
+    overflow: document.documentElement.scrollWidth - window.innerWidth,
+    unnamed: unnamed.map((el) => el.outerHTML.slice(0, 80)),
+  };
+});
+
+// Pastes `value` into the focused input as a person does (the clipboard, then Ctrl+V).
+async function paste(value) {
+  await page.evaluate((t) => navigator.clipboard.writeText(t), value);
+  await page.keyboard.press("Control+V");
+}
+async function shot(name) {
+  if (shots) await page.screenshot({ path: shots + "/" + name + ".png", fullPage: true });
+}
 const rows = () => page.locator("#connections-body tr").evaluateAll((trs) =>
   trs.map((tr) => ({ id: tr.dataset.id, text: tr.innerText.replace(/\s+/g, " ").trim() })));
 
@@ -113,18 +157,40 @@ try {
   await page.waitForSelector("#sign-in-view:not([hidden])");
   await check("opened", { sign_in_shown: await visible("#token") });
 
-  await page.getByLabel("Admin token").fill(token);
-  await page.getByRole("button", { name: "Sign in" }).click();
+  // Signed in, on a 320 px screen, with the keyboard alone: the token input has the focus.
+  const focusOnLoad = await focused();
+  const signInLayout = await layout();
+  await page.keyboard.type(token);
+  await page.keyboard.press("Enter");
   await page.waitForSelector(`#connections-body tr[data-id="${okId}"]`);
   await page.waitForSelector(`#connections-body tr[data-id="${failedId}"]`);
-  await check("signed in", { who: await page.locator("#who-name").innerText(), rows: await rows() });
+  await check("signed in", {
+    who: await page.locator("#who-name").innerText(), rows: await rows(),
+    focus_on_load: focusOnLoad, sign_in_layout: signInLayout, list_layout: await layout(),
+  });
 
-  // Add a connection: the catalog, the connector's fields, Save, the verdict.
-  await page.getByRole("button", { name: "+ Add connection" }).click();
-  await page.getByLabel("Find a connector").fill("stripe");
-  await page.locator('#catalog button[data-connector="stripe"]').click();
+  // Add a connection, still by keyboard: Tab to "+ Add connection", search the catalog, pick.
+  const tabsToAdd = await tabTo("+ Add connection");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector("#add-view:not([hidden]) #catalog button");
+  const addFocus = await focused();
+  await page.keyboard.type("stripe");
+  await tabTo("Stripe");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector("#add-form:not([hidden])");
+  const pickFocus = await focused();
+  const addLayout = await layout();
+  await page.setViewportSize(WIDE);
   const key = page.locator("#add-fields input[data-secret]").first();
-  await key.fill(process.env.NEW_KEY);
+  const notice = page.locator("#add-fields .notice").first();
+  // A value with a line break inside is not pasted (the input would glue its lines together).
+  await key.focus();
+  await paste("sk_test_first_half\nsecond_half");
+  const inner = { value: await key.inputValue(), notice: await notice.innerText() };
+  // The key as a terminal copies it, with a newline: pasted without it, and the page says so.
+  await paste(process.env.NEW_KEY + "\n");
+  const pastedOk = (await key.inputValue()) === process.env.NEW_KEY;
+  const pasteNotice = await notice.innerText();
   const typeBefore = await key.getAttribute("type");
   const before = started;
   await page.getByRole("button", { name: /^Show / }).click();
@@ -135,17 +201,22 @@ try {
   await page.getByLabel("Name", { exact: true }).fill("Web added");
   await page.getByLabel("Connection ID").fill("web-added");
   await page.getByLabel("Base URL (optional)").fill(process.env.SIM_URL);
+  await shot("add-form");
   await page.getByRole("button", { name: "Save" }).click();
-  await page.waitForSelector("#verdict.passed");
+  await page.waitForSelector("#verdict.passed, #verdict.refused");
   await check("added", {
     key_input_type: typeBefore, shown_type: typeShown, toggle_requests: toggleRequests,
     verdict: await page.locator("#verdict").innerText(),
+    keyboard: { tabs_to_add: tabsToAdd, add_focus: addFocus, pick_focus: pickFocus },
+    add_layout: addLayout, inner_newline: inner, pasted_ok: pastedOk, paste_notice: pasteNotice,
+    notice_after_save: await notice.isVisible(),
   });
 
   await key.fill(process.env.REJECTED_KEY);
   await page.getByLabel("Connection ID").fill("web-rejected");
   await page.getByRole("button", { name: "Save" }).click();
-  await page.waitForSelector("#verdict.refused");
+  await page.waitForSelector("#verdict.passed, #verdict.refused");
+  await shot("failed-verification");
   await check("rejected", { verdict: await page.locator("#verdict").innerText() });
 
   // A sandbox key on a production connection.
@@ -153,7 +224,7 @@ try {
   await page.getByLabel("Environment", { exact: true }).selectOption("production");
   await page.getByLabel("Connection ID").fill("web-prod");
   await page.getByRole("button", { name: "Save" }).click();
-  await page.waitForSelector("#verdict.refused");
+  await page.waitForSelector("#verdict.passed, #verdict.refused");
   await check("sandbox on production", { verdict: await page.locator("#verdict").innerText() });
   await page.getByRole("button", { name: "Back to connections" }).click();
   await page.waitForSelector('#connections-body tr[data-id="web-added"]');
@@ -161,19 +232,38 @@ try {
   // Per connection: verify again, rotate (a rejected key first), delete with a confirmation.
   const status = () => page.locator("#action-status").innerText();
   await page.getByRole("button", { name: "Verify " + okId, exact: true }).click();
-  await page.waitForSelector("#action-status.passed");
+  await page.waitForSelector("#action-status.passed, #action-status.refused");
   await check("verified", { status: await status() });
+
+  // Edit the non-secret fields: a sandbox key moved to production is refused naming the field;
+  // a new name and an expiry inside the warning window are saved, and the row says Expiring.
+  await page.getByRole("button", { name: "Edit " + okId, exact: true }).click();
+  const editFocus = await focused();
+  const editLayout = await layout();
+  await page.locator("#edit-form").getByLabel("Environment", { exact: true }).selectOption("production");
+  await page.getByRole("button", { name: "Save changes" }).click();
+  await page.waitForSelector("#action-status.passed, #action-status.refused");
+  await check("edit refused", { status: await status(), edit_focus: editFocus, edit_layout: editLayout });
+  await page.getByRole("button", { name: "Edit " + okId, exact: true }).click();
+  const secretInputs = await page.locator("#edit-form input[type=password]").count();
+  await page.locator("#edit-form").getByLabel("Name", { exact: true }).fill("Payments (sandbox)");
+  await page.getByLabel("Key expires on (empty: no expiry)").fill(process.env.EXPIRES_ON);
+  await page.getByRole("button", { name: "Save changes" }).click();
+  await page.waitForSelector("#action-status.passed, #action-status.refused");
+  await page.waitForSelector(`#connections-body tr[data-id="${okId}"] .status-expiring`);
+  await check("edited", { status: await status(), rows: await rows(), secret_inputs: secretInputs });
 
   await page.getByRole("button", { name: "Rotate web-added", exact: true }).click();
   await page.locator("#rotate-fields input[data-secret]").first().fill(process.env.REJECTED_KEY);
   await page.locator("#rotate-form").getByRole("button", { name: "Rotate", exact: true }).click();
-  await page.waitForSelector("#action-status.refused");
+  await page.waitForSelector("#action-status.passed, #action-status.refused");
   await check("rotate refused", { status: await status() });
 
   await page.getByRole("button", { name: "Rotate web-added", exact: true }).click();
   await page.locator("#rotate-fields input[data-secret]").first().fill(process.env.ROTATE_KEY);
   await page.locator("#rotate-form").getByRole("button", { name: "Rotate", exact: true }).click();
-  await page.waitForSelector("#action-status.passed");
+  await page.waitForSelector("#action-status.passed, #action-status.refused");
+  await shot("list");
   await check("rotated", { status: await status(), form_shown: await visible("#rotate-form") });
 
   let asked = "";
@@ -202,8 +292,13 @@ try {
   await page.reload();
   await page.waitForSelector("#sign-in-view:not([hidden])");
   await check("signed out", { rows: (await rows()).length, list_shown: await visible("#connections-view") });
+} catch (e) {
+  // A step that did not come: the steps so far and what the page showed go to the test, which
+  // fails with them in view.
+  failure = e.message + "\nverdict: " + (await page.locator("#verdict").innerText().catch(() => "")) +
+    "\naction status: " + (await page.locator("#action-status").innerText().catch(() => ""));
 } finally {
   await browser.close();
 }
 clearTimeout(deadline);
-console.log(JSON.stringify({ steps, problems, urls: [...new Set(received.map((r) => r.url.slice(base.length)))] }));
+console.log(JSON.stringify({ steps, problems, failure, urls: [...new Set(received.map((r) => r.url.slice(base.length)))] }));

@@ -62,7 +62,9 @@ function signedOut() {
   clearSecrets();
   show($("rotate-form"), false);
   show($("action-status"), false);
+  closeEdit();
   show($("sign-in-view"), true);
+  $("token").focus();
 }
 
 async function signIn(ev) {
@@ -109,12 +111,20 @@ function when(iso) {
   return isNaN(d) ? iso : d.toLocaleString();
 }
 
+// The date part of an RFC 3339 time, as stored (UTC): what the date inputs hold too.
+function day(iso) {
+  return iso ? String(iso).slice(0, 10) : "";
+}
+
 function statusCell(c) {
   const td = document.createElement("td");
   td.dataset.label = "Status";
   const word = STATUS_WORDS[c.status] || c.status || "Unknown";
   td.append(text("span", word, "status status-" + (c.status || "unknown")));
   if (c.verified_at) td.append(text("span", "last verified " + when(c.verified_at), "detail verified"));
+  // The expiry's own warning names the date; without one, the date alone.
+  const warned = (c.warnings || []).some((w) => w.startsWith("the key expire"));
+  if (c.expires_at && !warned) td.append(text("span", "key expires " + day(c.expires_at), "detail expires"));
   if (c.status === "failed" && c.last_error) {
     td.append(text("span", c.last_error, "detail reason"));
     if (c.last_error_hint) td.append(text("span", c.last_error_hint, "detail hint"));
@@ -182,6 +192,7 @@ function actionsCell(c) {
     td.append(b);
   };
   button("Verify", "Verify", verifyOne);
+  button("Edit", "Edit", openEdit);
   button("Rotate", "Rotate", openRotate);
   button("Delete", "Delete", deleteOne);
   return td;
@@ -233,6 +244,7 @@ async function openRotate(c) {
   if (!(await loadCatalog())) return;
   const connector = state.catalog.find((k) => k.id === c.connector);
   const secretFields = ((connector && connector.fields) || []).filter((f) => f.secret);
+  closeEdit();
   state.rotating = c.id;
   $("rotate-title").textContent = "Rotate " + c.id;
   const box = $("rotate-fields");
@@ -254,7 +266,7 @@ async function rotate(ev) {
   const id = state.rotating;
   const fields = {};
   for (const i of document.querySelectorAll("#rotate-fields input")) {
-    if (i.value !== "") fields[i.name] = i.value;
+    if (i.value !== "") fields[i.name] = fieldValue(i);
   }
   closeRotate();
   actionStatus("", ["Verifying the new key for " + id + " ..."]);
@@ -275,6 +287,105 @@ async function deleteOne(c) {
   if (!window.confirm("Delete the connection " + c.id + "? Its key is removed from Vault, every version.")) return;
   const res = await api("DELETE", "/v1/connections/" + encodeURIComponent(c.id));
   actionStatus(res.ok ? "passed" : "refused", res.ok ? ["Deleted " + c.id + "."] : refusal("Not deleted", res));
+  loadConnections();
+}
+
+// ----- Edit: the non-secret fields and the expiry -----
+
+function labelled(id, words, input) {
+  const label = text("label", words);
+  label.htmlFor = id;
+  input.id = id;
+  return [label, input];
+}
+
+function textInput(name, value) {
+  const input = document.createElement("input");
+  input.type = "text";
+  input.name = name;
+  input.spellcheck = false;
+  input.autocomplete = "off";
+  input.value = value == null ? "" : String(value);
+  return input;
+}
+
+async function openEdit(c) {
+  if (!(await loadCatalog())) return;
+  closeRotate();
+  const connector = state.catalog.find((k) => k.id === c.connector) || {};
+  state.editing = { c, connector };
+  $("edit-title").textContent = "Edit " + c.id;
+  const box = $("edit-fields");
+  box.replaceChildren(...labelled("edit-name", "Name", textInput("name", c.name)));
+  const envs = Object.keys(connector.environments || {});
+  if (c.environment && !envs.includes(c.environment)) envs.push(c.environment);
+  const sel = document.createElement("select");
+  sel.name = "environment";
+  sel.replaceChildren(...(envs.length ? envs : ["production"]).map((e) => {
+    const o = text("option", e);
+    o.value = e;
+    o.selected = e === c.environment;
+    return o;
+  }));
+  box.append(...labelled("edit-environment", "Environment", sel));
+  if (connector.base_url) {
+    box.append(...labelled("edit-base-url", "Base URL (empty: " + connector.base_url + ")",
+      textInput("base_url", c.base_url === connector.base_url ? "" : c.base_url)));
+  }
+  for (const f of (connector.fields || []).filter((f) => !f.secret)) {
+    const v = c.fields && typeof c.fields[f.name] === "string" ? c.fields[f.name] : "";
+    const input = textInput(f.name, v);
+    input.dataset.field = "1";
+    box.append(...labelled("edit-field-" + f.name, (f.label || f.name) + (f.required ? "" : " (optional)"), input));
+  }
+  $("edit-expires").value = day(c.expires_at);
+  show($("edit-form"), true);
+  $("edit-name").focus();
+}
+
+function closeEdit() {
+  show($("edit-form"), false);
+  state.editing = null;
+}
+
+// Sends what changed, and only that: a PATCH names the keys it changes.
+async function saveEdit(ev) {
+  ev.preventDefault();
+  const { c, connector } = state.editing;
+  const patch = {};
+  const name = $("edit-name").value.trim();
+  if (name !== (c.name || "")) patch.name = name || null;
+  const env = $("edit-environment").value;
+  if (env !== c.environment) patch.environment = env;
+  const base = $("edit-base-url");
+  if (base) {
+    const was = c.base_url === connector.base_url ? "" : c.base_url;
+    if (base.value.trim() !== was) patch.base_url = base.value.trim() || null;
+  }
+  for (const i of document.querySelectorAll("#edit-fields input[data-field]")) {
+    const was = c.fields && typeof c.fields[i.name] === "string" ? c.fields[i.name] : "";
+    if (i.value !== was) (patch.fields = patch.fields || {})[i.name] = i.value === "" ? null : i.value;
+  }
+  const exp = $("edit-expires").value;
+  if (exp !== day(c.expires_at)) patch.expires_at = exp ? exp + "T00:00:00Z" : null;
+  if ("environment" in patch || "base_url" in patch) patch.verify = true;
+  closeEdit();
+  if (Object.keys(patch).length === 0) {
+    actionStatus("", ["Nothing changed in " + c.id + "."]);
+    return;
+  }
+  actionStatus("", ["Saving " + c.id + " ..."]);
+  const res = await api("PATCH", "/v1/connections/" + encodeURIComponent(c.id), patch);
+  if (res.ok) {
+    const d = res.data || {};
+    const conn = d.connection || {};
+    const v = d.verification;
+    actionStatus("passed", [
+      "Saved " + c.id + ": " + (STATUS_WORDS[conn.status] || conn.status) + ", version " + conn.version + ".",
+      v && v.message, ...(conn.warnings || []), ...(d.notices || [])]);
+  } else {
+    actionStatus("refused", refusal("Not saved", res));
+  }
   loadConnections();
 }
 
@@ -309,6 +420,7 @@ function clearSecrets() {
   for (const i of document.querySelectorAll("input[data-secret]")) {
     i.value = "";
     i.type = "password";
+    forgetPaste(i, document.getElementById(i.id + "-notice"));
   }
   for (const b of document.querySelectorAll(".field-row button[aria-pressed]")) {
     b.setAttribute("aria-pressed", "false");
@@ -346,7 +458,67 @@ function secretInput(f, prefix) {
   const row = document.createElement("div");
   row.className = "field-row";
   row.append(input, t);
-  return [label, row];
+  const notice = text("p", "", "help notice");
+  notice.id = id + "-notice";
+  notice.setAttribute("role", "status");
+  notice.hidden = true;
+  input.setAttribute("aria-describedby", notice.id);
+  input.addEventListener("paste", (ev) => pasted(ev, input, notice));
+  input.addEventListener("input", () => {
+    if (input.value === "") forgetPaste(input, notice);
+  });
+  return [label, row, notice];
+}
+
+// The whitespace that latchkey trims (connection.rs, clean_value): what a copy from a terminal
+// or a file drags along.
+const EDGES = /^[ \t\r\n]+|[ \t\r\n]+$/g;
+
+// A one-line input drops line breaks from what is pasted into it without a word, so the page
+// looks at the paste itself. Whitespace around the value: the value goes in without it, a notice
+// says so, and the whitespace (never the value) is kept aside to be sent with it, so that
+// latchkey trims it too and its verdict names the pitfall. A line break inside the value: nothing
+// goes in, and the notice says why (a key is one line; gluing the parts together would save a
+// different key).
+function pasted(ev, input, notice) {
+  const data = ev.clipboardData ? ev.clipboardData.getData("text/plain") : "";
+  const clean = data.replace(EDGES, "");
+  if (/[\r\n]/.test(clean)) {
+    ev.preventDefault();
+    notice.textContent = "Not pasted: the value has a line break inside it. A key is one line; copy it again.";
+    notice.className = "help notice refused";
+    show(notice, true);
+    return;
+  }
+  if (clean === data) {
+    forgetPaste(input, notice);
+    return;
+  }
+  ev.preventDefault();
+  const start = input.selectionStart ?? input.value.length;
+  const end = input.selectionEnd ?? input.value.length;
+  const whole = start === 0 && end === input.value.length;
+  input.setRangeText(clean, start, end, "end");
+  if (whole) {
+    input.dataset.lead = data.slice(0, data.indexOf(clean));
+    input.dataset.trail = data.slice(data.indexOf(clean) + clean.length);
+  }
+  const what = /[\r\n]$/.test(data) ? "a trailing newline" : "whitespace around it";
+  notice.textContent = "Removed " + what + " from the pasted value; it is saved without it.";
+  notice.className = "help notice";
+  show(notice, true);
+}
+
+function forgetPaste(input, notice) {
+  delete input.dataset.lead;
+  delete input.dataset.trail;
+  if (notice) show(notice, false);
+}
+
+// What a field sends: a secret pasted with whitespace around it is sent as pasted (see pasted()).
+function fieldValue(input) {
+  if (input.value === "") return "";
+  return (input.dataset.lead || "") + input.value + (input.dataset.trail || "");
 }
 
 function pickConnector(c) {
@@ -408,7 +580,7 @@ async function save(ev) {
   const c = state.connector;
   const fields = {};
   for (const i of document.querySelectorAll("#add-fields input")) {
-    if (i.value !== "") fields[i.name] = i.value;
+    if (i.value !== "") fields[i.name] = i.dataset.secret ? fieldValue(i) : i.value;
   }
   const body = {
     id: $("add-id").value.trim() || slug($("add-name").value),
@@ -458,6 +630,8 @@ async function start() {
   $("add-form").addEventListener("submit", save);
   $("rotate-form").addEventListener("submit", rotate);
   $("rotate-cancel").addEventListener("click", closeRotate);
+  $("edit-form").addEventListener("submit", saveEdit);
+  $("edit-cancel").addEventListener("click", closeEdit);
   $("add-cancel").addEventListener("click", () => { clearSecrets(); view("list"); loadConnections(); });
   const r = await fetch("/session", { headers: { Accept: "application/json" }, cache: "no-store" });
   let session = null;

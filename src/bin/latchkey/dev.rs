@@ -307,6 +307,7 @@ impl Instructions<'_> {
             "\nlatchkey demo is running.\n\
              \x20 proxy     http://{proxy}\n\
              \x20 admin     http://{admin}   (admin token: {admin_token})\n\
+             \x20 web page  http://{admin}/   (the connections page: sign in with the admin token)\n\
              \x20 vault     {vault_addr}   (OpenBao dev server; token in {token_file})\n\
              \x20 upstream  https://{TLS_HOST}   (on {up}, pinned with proxy.resolve; echoes each request\n\
              \x20           back as JSON; its certificate from a demo CA that latchkey trusts)\n\
