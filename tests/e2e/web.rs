@@ -283,7 +283,10 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     let rejected = w.unknown_key();
     let rotated = w.key(KeyState::ReadWrite);
     let sandbox = w.key(KeyState::ReadWrite);
-    let secrets = json!([good, revoked, added, rejected, rotated, sandbox, OPS_TOKEN]).to_string();
+    let unscoped = w.key(KeyState::ReadWrite);
+    w.sim.deny_verify(&unscoped);
+    let secrets =
+        json!([good, revoked, added, rejected, rotated, sandbox, unscoped, OPS_TOKEN]).to_string();
     // Inside the expiry warning window (14 days by default): the row turns Expiring.
     let expires = time::OffsetDateTime::now_utc() + time::Duration::days(5);
     let expires_on = format!(
@@ -313,6 +316,12 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         ("REJECTED_KEY", rejected.clone()),
         ("ROTATE_KEY", rotated.clone()),
         ("SANDBOX_KEY", sandbox.clone()),
+        ("SCOPE_KEY", unscoped.clone()),
+        (
+            "WRONG_URL",
+            format!("{}{}", w.sim.base_url(), crate::service_sim::WRONG_PREFIX),
+        ),
+        ("CLOSED_URL", format!("http://127.0.0.1:{}", free_port())),
         ("SIM_URL", w.sim.base_url()),
     ])
     .await;
@@ -326,6 +335,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
             "signed in",
             "added",
             "rejected",
+            "other verdicts",
             "sandbox on production",
             "verified",
             "edit refused",
@@ -460,6 +470,24 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         .api(Method::GET, "/v1/connections/web-rejected", None)
         .await;
     assert_eq!(r.status, 404, "{r:#?}");
+    // The other verdicts, each refused in its own words with its hint, and nothing saved.
+    let verdicts = &step("other verdicts")["verdicts"];
+    for (what, has) in [
+        ("scope", ["403", "Restricted keys"]),
+        ("wrong base URL", ["404", "base URL"]),
+        ("unreachable", ["/v1/balance", "base URL"]),
+    ] {
+        let verdict = verdicts[what].as_str().unwrap();
+        assert!(verdict.starts_with("Not saved:"), "{what}: {verdict}");
+        for h in has {
+            assert!(verdict.contains(h), "{what}: {verdict}");
+        }
+        let id = format!("web-{}", what.replace(' ', "-")).to_lowercase();
+        let r = w
+            .api(Method::GET, &format!("/v1/connections/{id}"), None)
+            .await;
+        assert_eq!(r.status, 404, "{r:#?}");
+    }
     // A sandbox key on production: refused before any call, naming the field.
     let verdict = step("sandbox on production")["verdict"].as_str().unwrap();
     assert!(verdict.starts_with("Not saved:"), "{verdict}");
@@ -559,12 +587,15 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
                 (s("action"), s("connection"), s("outcome"))
             })
             .collect();
-        (lines.len() >= 9).then_some(lines)
+        (lines.len() >= 12).then_some(lines)
     })
     .await;
     let want: Vec<(String, String, String)> = [
         ("create", "web-added", "ok"),
         ("create", "web-rejected", "verification_failed"),
+        ("create", "web-scope", "verification_failed"),
+        ("create", "web-wrong-base-url", "verification_failed"),
+        ("create", "web-unreachable", "verification_failed"),
         ("create", "web-prod", "invalid"),
         ("verify", "web-ok", "verified"),
         ("patch", "web-ok", "invalid"),

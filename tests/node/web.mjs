@@ -219,6 +219,24 @@ try {
   await shot("failed-verification");
   await check("rejected", { verdict: await page.locator("#verdict").innerText() });
 
+  // The other verdicts, each in its own words: a key without the scope the verification needs,
+  // a base URL that answers 404, a service that cannot be reached.
+  const verdicts = {};
+  for (const [what, k, url] of [
+    ["scope", process.env.SCOPE_KEY, process.env.SIM_URL],
+    ["wrong base URL", process.env.NEW_KEY, process.env.WRONG_URL],
+    ["unreachable", process.env.NEW_KEY, process.env.CLOSED_URL],
+  ]) {
+    await key.fill(k);
+    await page.getByLabel("Connection ID").fill(("web-" + what.replace(/ /g, "-")).toLowerCase());
+    await page.getByLabel("Base URL (optional)").fill(url);
+    await page.getByRole("button", { name: "Save" }).click();
+    await page.waitForSelector("#verdict.passed, #verdict.refused");
+    verdicts[what] = await page.locator("#verdict").innerText();
+  }
+  await page.getByLabel("Base URL (optional)").fill(process.env.SIM_URL);
+  await check("other verdicts", { verdicts });
+
   // A sandbox key on a production connection.
   await key.fill(process.env.SANDBOX_KEY);
   await page.getByLabel("Environment", { exact: true }).selectOption("production");
