@@ -233,7 +233,7 @@ impl Sessions {
         find: impl Fn(&str) -> Option<String>,
     ) -> Response<BoxBody> {
         // A sign-in posted by another site's form is refused: the page posts from its own origin.
-        if !same_origin(req.headers()) {
+        if !same_origin(req.headers(), req.uri().authority()) {
             return AdminError::new(
                 StatusCode::FORBIDDEN,
                 "cross_origin",
@@ -331,15 +331,17 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// False when an `Origin` header names another origin than the `Host` the request went to.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// False when an `Origin` header names another origin than the host the request went to: its
+/// `Host` header, or over HTTP/2 (which has none) its `:authority`, `authority` here.
+fn same_origin(headers: &HeaderMap, authority: Option<&http::uri::Authority>) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let (Ok(origin), Some(host)) = (
-        origin.to_str(),
-        headers.get(header::HOST).and_then(|h| h.to_str().ok()),
-    ) else {
+    let host = match headers.get(header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => authority.map(http::uri::Authority::as_str),
+    };
+    let (Ok(origin), Some(host)) = (origin.to_str(), host) else {
         return false;
     };
     origin
@@ -430,18 +432,39 @@ mod tests {
     fn another_origin_is_told_apart_from_ours() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9090"));
-        assert!(same_origin(&h));
+        assert!(same_origin(&h, None));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://127.0.0.1:9090"),
         );
-        assert!(same_origin(&h));
+        assert!(same_origin(&h, None));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://evil.test"),
         );
-        assert!(!same_origin(&h));
+        assert!(!same_origin(&h, None));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
-        assert!(!same_origin(&h));
+        assert!(!same_origin(&h, None));
+    }
+
+    #[test]
+    fn over_http2_the_origin_is_compared_with_the_authority() {
+        let ours = http::uri::Authority::from_static("127.0.0.1:9443");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://127.0.0.1:9443"),
+        );
+        assert!(same_origin(&h, Some(&ours)));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.test"),
+        );
+        assert!(!same_origin(&h, Some(&ours)));
+        // Neither a Host header nor an authority: nothing to compare with, refused.
+        assert!(!same_origin(&h, None));
+        // A Host header, when there is one, is what counts.
+        h.insert(header::HOST, HeaderValue::from_static("evil.test"));
+        assert!(same_origin(&h, Some(&ours)));
     }
 }
