@@ -2,7 +2,8 @@
 //! elsewhere), the headers every admin answer carries, and the browser's sign-in.
 //!
 //! The admin token is typed once and exchanged (`POST /session`, a form) for a random session
-//! ID in an `HttpOnly; SameSite=Strict` cookie, with `Secure` when the listener speaks TLS.
+//! ID in an `HttpOnly; SameSite=Strict` cookie, `Secure` with `admin.secure_cookie` (on by
+//! default when the listener speaks TLS).
 //! Sessions live in memory and expire; `DELETE /session` ends one. Every write made with the
 //! cookie carries the session's CSRF token in `X-CSRF-Token`, compared in constant time. A
 //! request with `Authorization` is judged by its bearer token alone, as before.
@@ -105,7 +106,7 @@ pub enum CookieAuth {
 pub struct Sessions {
     by_id: Mutex<HashMap<[u8; 32], Session>>,
     rng: SystemRandom,
-    /// Whether the admin listener speaks TLS, so that the cookie is `Secure`.
+    /// Whether the cookie is `Secure` (`admin.secure_cookie`).
     secure: bool,
 }
 
