@@ -89,6 +89,11 @@ pub struct AdminConfig {
     pub tokens: Vec<AdminToken>,
     /// How long before a connection's `expires_at` its status turns to `expiring`.
     pub expiry_warning: Duration,
+    /// `admin.tls_cert` and `admin.tls_key`: with them, the admin listener speaks only TLS.
+    pub tls: Option<TlsFiles>,
+    /// `admin.secure_cookie`: whether the web page's session cookie is `Secure` (by default,
+    /// when the listener speaks TLS).
+    pub secure_cookie: bool,
 }
 
 /// A named admin token, stored as its hash; the name is what audit lines show.
@@ -188,6 +193,14 @@ pub struct CaFiles {
     pub key: PathBuf,
 }
 
+/// Where the admin listener's certificate chain and its private key are kept (PEM). Only the
+/// paths: the key is read when the listener starts, never kept in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stage one: the file as serde sees it.
 
@@ -266,6 +279,12 @@ struct RawAdmin {
     tokens: Vec<RawAdminToken>,
     #[serde(default = "secs::<1_209_600>")]
     expiry_warning: Dur,
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    secure_cookie: Option<bool>,
 }
 
 impl Default for RawAdmin {
@@ -275,6 +294,9 @@ impl Default for RawAdmin {
             token_sha256: None,
             tokens: Vec::new(),
             expiry_warning: secs::<1_209_600>(),
+            tls_cert: None,
+            tls_key: None,
+            secure_cookie: None,
         }
     }
 }
@@ -742,12 +764,37 @@ fn clients(raw: Vec<RawClient>, proxy: &ProxyConfig) -> Result<Vec<Client>, Conf
 }
 
 impl AdminConfig {
-    /// The `[admin]` table.
+    /// The `[admin]` table. The TLS files are checked as `tls.ca_cert` is: both or neither,
+    /// each readable now; their contents are parsed when the listener starts.
     fn from_raw(raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
+        let tls = match (raw.tls_cert, raw.tls_key) {
+            (Some(cert), Some(key)) => {
+                readable("admin.tls_cert", &cert)?;
+                readable("admin.tls_key", &key)?;
+                Some(TlsFiles { cert, key })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "admin.tls_key",
+                    "is needed when admin.tls_cert is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "admin.tls_cert",
+                    "is needed when admin.tls_key is set",
+                ))
+            }
+        };
+        // Without TLS here, `true` is for a listener behind a proxy that terminates TLS.
+        let secure_cookie = raw.secure_cookie.unwrap_or(tls.is_some());
         Ok(AdminConfig {
             listen: raw.listen,
             tokens: admin_tokens(raw.token_sha256, raw.tokens)?,
             expiry_warning: raw.expiry_warning.0,
+            tls,
+            secure_cookie,
         })
     }
 }
@@ -1175,7 +1222,12 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let listen: Vec<String> = self.proxy.listen.iter().map(|a| a.to_string()).collect();
         writeln!(f, "proxy listeners: {}", listen.join(", "))?;
-        writeln!(f, "admin listener:  {}", self.admin.listen)?;
+        let admin_tls = if self.admin.tls.is_some() {
+            " (TLS)"
+        } else {
+            ""
+        };
+        writeln!(f, "admin listener:  {}{admin_tls}", self.admin.listen)?;
         writeln!(
             f,
             "vault:           {} (mount {:?}, prefix {:?})",
@@ -1332,6 +1384,71 @@ mod tests {
         assert_eq!(e.key, "tls.ca_key", "{e}");
         let e = err("[tls]\nca_cert = \"/nonexistent/ca.pem\"\nca_key = \"/nonexistent/ca.key\"\n");
         assert_eq!(e.key, "tls.ca_cert", "{e}");
+    }
+
+    #[test]
+    fn admin_tls_takes_both_files_or_neither_and_sets_the_cookie_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("admin.pem");
+        let key = dir.path().join("admin.key");
+        std::fs::write(&cert, "not read here").unwrap();
+        std::fs::write(&key, "not read here").unwrap();
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+
+        let c = Config::parse("", &with_token()).unwrap();
+        assert!(c.admin.tls.is_none());
+        assert!(!c.admin.secure_cookie);
+
+        let c = Config::parse(
+            &format!("[admin]\ntls_cert = {cert:?}\ntls_key = {key:?}\n"),
+            &with_token(),
+        )
+        .unwrap();
+        let files = c.admin.tls.as_ref().unwrap();
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str()),
+            (Some(&*cert), Some(&*key))
+        );
+        assert!(c.admin.secure_cookie);
+        assert!(c.to_string().contains("(TLS)"), "{c}");
+
+        // TLS terminated in front of the listener: `Secure` without TLS here.
+        let c = Config::parse("[admin]\nsecure_cookie = true\n", &with_token()).unwrap();
+        assert!(c.admin.tls.is_none());
+        assert!(c.admin.secure_cookie);
+        let c = Config::parse(
+            &format!("[admin]\ntls_cert = {cert:?}\ntls_key = {key:?}\nsecure_cookie = false\n"),
+            &with_token(),
+        )
+        .unwrap();
+        assert!(!c.admin.secure_cookie);
+
+        let e = err(&format!("[admin]\ntls_cert = {cert:?}\n"));
+        assert_eq!(e.key, "admin.tls_key", "{e}");
+        assert!(e.message.contains("admin.tls_cert"), "{e}");
+        let e = err(&format!("[admin]\ntls_key = {key:?}\n"));
+        assert_eq!(e.key, "admin.tls_cert", "{e}");
+        assert!(e.message.contains("admin.tls_key"), "{e}");
+        let e = err("[admin]\nsecure_cookie = \"yes\"\n");
+        assert_eq!(e.key, "admin.secure_cookie", "{e}");
+    }
+
+    #[test]
+    fn an_admin_tls_file_that_cannot_be_read_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("admin.key");
+        std::fs::write(&key, "not read here").unwrap();
+        let key = key.display().to_string();
+        let e = err(&format!(
+            "[admin]\ntls_cert = \"/nonexistent/admin.pem\"\ntls_key = {key:?}\n"
+        ));
+        assert_eq!(e.key, "admin.tls_cert", "{e}");
+        assert!(e.message.contains("/nonexistent/admin.pem"), "{e}");
+        let e = err(&format!(
+            "[admin]\ntls_cert = {key:?}\ntls_key = \"/nonexistent/admin.key\"\n"
+        ));
+        assert_eq!(e.key, "admin.tls_key", "{e}");
+        assert!(e.message.contains("/nonexistent/admin.key"), "{e}");
     }
 
     #[test]

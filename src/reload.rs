@@ -267,6 +267,11 @@ fn need_restart(started: &Config, new: &Config) -> Vec<&'static str> {
             "admin.expiry_warning",
             a.admin.expiry_warning != b.admin.expiry_warning,
         ),
+        ("admin.tls_cert", a.admin.tls != b.admin.tls),
+        (
+            "admin.secure_cookie",
+            a.admin.secure_cookie != b.admin.secure_cookie,
+        ),
         ("vault", debug(&a.vault, &b.vault)),
         ("tls.ca_cert", debug(&a.tls.ca, &b.tls.ca)),
     ]

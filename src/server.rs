@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::Admin;
 use crate::ca::{Ca, Leaves, LeavesSlot};
 use crate::cache::{Cache, VaultSource};
-use crate::config::{CaFiles, Config};
+use crate::config::{CaFiles, Config, TlsFiles};
 use crate::coverage::Coverage;
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
@@ -50,6 +50,13 @@ pub enum StartError {
     Tls(String),
     #[error("tls.ca_cert / tls.ca_key: {0}")]
     Ca(String),
+    /// `key` is `admin.tls_cert` or `admin.tls_key`; `reason` never quotes the key file.
+    #[error("{key}: {path}: {reason}")]
+    AdminTls {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
     #[error("latchkey's CA at {path} in Vault is unusable: {reason} (its key is never shown; replace the record with a CA that `latchkey ca init` makes, or delete it to run without the tunnel form)")]
     VaultCa { path: String, reason: String },
     #[error("cannot start a proxy worker: {source}")]
@@ -76,6 +83,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Server {
     proxy_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
+    /// With `admin.tls_cert`, the admin listener speaks only TLS.
+    admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Each worker's proxy, and what reloads them.
     reloader: Reloader,
     /// The tunnel form's leaf certificates, shared by every worker; empty without a CA.
@@ -135,11 +144,19 @@ impl Server {
             config.proxy.request_timeout,
             config.admin.expiry_warning,
         ));
+        let admin_tls = config
+            .admin
+            .tls
+            .as_ref()
+            .map(load_admin_tls)
+            .transpose()?
+            .map(tokio_rustls::TlsAcceptor::from);
         let admin = Arc::new(Admin::new(
             vault.clone(),
             lifecycle.clone(),
             config.admin.tokens.clone(),
             leaves.clone(),
+            config.admin.secure_cookie,
         ));
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
@@ -176,6 +193,7 @@ impl Server {
         Ok(Server {
             proxy_listeners,
             admin_listener,
+            admin_tls,
             reloader: Reloader::new(config, parts),
             leaves,
             idle_timeout,
@@ -229,6 +247,7 @@ impl Server {
         tracing::info!(
             proxy = %proxy_addrs.join(","),
             admin = %admin_addr,
+            admin_tls = self.admin_tls.is_some(),
             vault = %self.vault.address(),
             workers = self.reloader.slots().len(),
             "listening"
@@ -249,6 +268,7 @@ impl Server {
             };
             tasks.spawn(accept_loop(
                 self.admin_listener,
+                self.admin_tls,
                 handler,
                 graceful.clone(),
                 stopped(stop_rx.clone()),
@@ -290,8 +310,12 @@ impl Server {
             }
         };
         let admin = async {
-            if let Ok(graceful) = Arc::try_unwrap(graceful) {
-                let _ = tokio::time::timeout_at(deadline, graceful.shutdown()).await;
+            match Arc::try_unwrap(graceful) {
+                Ok(graceful) => {
+                    let _ = tokio::time::timeout_at(deadline, graceful.shutdown()).await;
+                }
+                // Only the admin acceptor holds another, and it has returned: never expected.
+                Err(_) => tracing::warn!("admin connections were not waited for"),
             }
         };
         tokio::join!(workers, admin);
@@ -339,6 +363,58 @@ fn load_ca(files: &CaFiles) -> Result<Ca, StartError> {
     let cert = read(&files.cert)?;
     let key = Secret::from(read(&files.key)?);
     Ca::from_pem(&cert, &key).map_err(|e| StartError::Ca(e.to_string()))
+}
+
+/// The admin listener's TLS settings from its PEM files (`admin.tls_cert`, `admin.tls_key`):
+/// the certificate chain, leaf first, and the private key (PKCS#8, PKCS#1 or SEC1) that goes
+/// with it. ALPN offers what the listener serves in the clear too: HTTP/2 and HTTP/1.1.
+fn load_admin_tls(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let cert_error = |reason: String| StartError::AdminTls {
+        key: "admin.tls_cert",
+        path: files.cert.display().to_string(),
+        reason,
+    };
+    let key_error = |reason: String| StartError::AdminTls {
+        key: "admin.tls_key",
+        path: files.key.display().to_string(),
+        reason,
+    };
+    let cert_pem =
+        std::fs::read(&files.cert).map_err(|e| cert_error(format!("cannot read it: {e}")))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(cert_error(
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    let key_pem = Secret::from(
+        std::fs::read_to_string(&files.key)
+            .map_err(|e| key_error(format!("cannot read it: {e}")))?,
+    );
+    // The PEM parser's own error may quote a line of the file: it is not shown.
+    let key = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes()).map_err(|_| {
+        key_error(
+            "holds no PEM private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)".into(),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cert_error(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            key_error(format!(
+                "cannot be used with the certificate in admin.tls_cert: {e}"
+            ))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// What Vault said about latchkey's CA.
@@ -585,14 +661,15 @@ fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
 /// connection with no request in flight and no byte moving for `idle` is closed ([`idle`]).
 /// With `strict` (the proxy listener), what the client sends is held to strict HTTP/1.1
 /// framing ([`strict`]) and each request head must be whole within that long.
-fn serve<H, F>(
+fn serve<S, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
-    stream: tokio::net::TcpStream,
+    stream: S,
     (peer, idle, strict): (SocketAddr, Duration, Option<Duration>),
     handler: H,
     guard: impl Send + 'static,
 ) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
@@ -624,9 +701,12 @@ fn serve<H, F>(
     });
 }
 
-/// Accepts and serves connections on the current runtime (the admin listener).
+/// Accepts and serves connections on the current runtime (the admin listener); with `tls`, each
+/// connection is a TLS one, and a client that does not complete the handshake within
+/// `header_read` (the time it would have to send a request head) is dropped.
 async fn accept_loop<H, F>(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     handler: H,
     graceful: Arc<GracefulShutdown>,
     stop: impl Future<Output = ()>,
@@ -636,17 +716,46 @@ async fn accept_loop<H, F>(
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let builder = http_builder(Some(header_read));
+    // Handshakes under way. They hold `graceful`, which shutdown needs back whole: at stop they
+    // are ended (no request has been read on them yet) before this returns.
+    let mut handshakes = tokio::task::JoinSet::new();
     tokio::pin!(stop);
     while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
-        serve(
-            &builder,
-            &graceful,
-            stream,
-            (peer, idle, None),
-            handler.clone(),
-            (),
-        );
+        while handshakes.try_join_next().is_some() {}
+        let Some(tls) = &tls else {
+            serve(
+                &builder,
+                &graceful,
+                stream,
+                (peer, idle, None),
+                handler.clone(),
+                (),
+            );
+            continue;
+        };
+        let accept = tls.accept(stream);
+        let (builder, graceful, handler) = (builder.clone(), graceful.clone(), handler.clone());
+        handshakes.spawn(async move {
+            match tokio::time::timeout(header_read, accept).await {
+                Ok(Ok(stream)) => serve(
+                    &builder,
+                    &graceful,
+                    stream,
+                    (peer, idle, None),
+                    handler,
+                    (),
+                ),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "admin TLS handshake failed; connection closed")
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, ?header_read, "admin TLS handshake not done in time; connection closed")
+                }
+            }
+        });
     }
+    handshakes.abort_all();
+    while handshakes.join_next().await.is_some() {}
 }
 
 /// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `stop` has

@@ -37,20 +37,21 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// With `secure_cookie` (`admin.secure_cookie`: the listener speaks TLS, or sits behind a
+    /// proxy that does), the session cookie is `Secure`.
     pub fn new(
         vault: Arc<Vault>,
         lifecycle: Arc<Lifecycle>,
         tokens: Vec<AdminToken>,
         leaves: LeavesSlot,
+        secure_cookie: bool,
     ) -> Admin {
         Admin {
             vault,
             lifecycle,
             tokens,
             leaves,
-            // The admin listener speaks plain HTTP (loopback by default), so the cookie cannot
-            // be `Secure`; it will be once the listener has TLS.
-            sessions: Sessions::new(false),
+            sessions: Sessions::new(secure_cookie),
         }
     }
 

@@ -2,7 +2,8 @@
 //! elsewhere), the headers every admin answer carries, and the browser's sign-in.
 //!
 //! The admin token is typed once and exchanged (`POST /session`, a form) for a random session
-//! ID in an `HttpOnly; SameSite=Strict` cookie, with `Secure` when the listener speaks TLS.
+//! ID in an `HttpOnly; SameSite=Strict` cookie, `Secure` with `admin.secure_cookie` (on by
+//! default when the listener speaks TLS).
 //! Sessions live in memory and expire; `DELETE /session` ends one. Every write made with the
 //! cookie carries the session's CSRF token in `X-CSRF-Token`, compared in constant time. A
 //! request with `Authorization` is judged by its bearer token alone, as before.
@@ -105,7 +106,7 @@ pub enum CookieAuth {
 pub struct Sessions {
     by_id: Mutex<HashMap<[u8; 32], Session>>,
     rng: SystemRandom,
-    /// Whether the admin listener speaks TLS, so that the cookie is `Secure`.
+    /// Whether the cookie is `Secure` (`admin.secure_cookie`).
     secure: bool,
 }
 
@@ -233,7 +234,7 @@ impl Sessions {
         find: impl Fn(&str) -> Option<String>,
     ) -> Response<BoxBody> {
         // A sign-in posted by another site's form is refused: the page posts from its own origin.
-        if !same_origin(req.headers()) {
+        if !same_origin(req.headers(), req.uri().authority()) {
             return AdminError::new(
                 StatusCode::FORBIDDEN,
                 "cross_origin",
@@ -331,15 +332,17 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_string())
 }
 
-/// False when an `Origin` header names another origin than the `Host` the request went to.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// False when an `Origin` header names another origin than the host the request went to: its
+/// `Host` header, or over HTTP/2 (which has none) its `:authority`, `authority` here.
+fn same_origin(headers: &HeaderMap, authority: Option<&http::uri::Authority>) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let (Ok(origin), Some(host)) = (
-        origin.to_str(),
-        headers.get(header::HOST).and_then(|h| h.to_str().ok()),
-    ) else {
+    let host = match headers.get(header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => authority.map(http::uri::Authority::as_str),
+    };
+    let (Ok(origin), Some(host)) = (origin.to_str(), host) else {
         return false;
     };
     origin
@@ -430,18 +433,39 @@ mod tests {
     fn another_origin_is_told_apart_from_ours() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9090"));
-        assert!(same_origin(&h));
+        assert!(same_origin(&h, None));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://127.0.0.1:9090"),
         );
-        assert!(same_origin(&h));
+        assert!(same_origin(&h, None));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("https://evil.test"),
         );
-        assert!(!same_origin(&h));
+        assert!(!same_origin(&h, None));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
-        assert!(!same_origin(&h));
+        assert!(!same_origin(&h, None));
+    }
+
+    #[test]
+    fn over_http2_the_origin_is_compared_with_the_authority() {
+        let ours = http::uri::Authority::from_static("127.0.0.1:9443");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://127.0.0.1:9443"),
+        );
+        assert!(same_origin(&h, Some(&ours)));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.test"),
+        );
+        assert!(!same_origin(&h, Some(&ours)));
+        // Neither a Host header nor an authority: nothing to compare with, refused.
+        assert!(!same_origin(&h, None));
+        // A Host header, when there is one, is what counts.
+        h.insert(header::HOST, HeaderValue::from_static("evil.test"));
+        assert!(same_origin(&h, Some(&ours)));
     }
 }

@@ -16,6 +16,7 @@
 mod support;
 
 mod admin;
+mod admin_tls;
 mod attacks;
 mod ca_vault;
 mod cache_vault;

@@ -565,6 +565,8 @@ pub struct Opts {
     pub vault: String,
     /// Lines added to the `[tls]` table (`ca_cert = "..."`, `ca_key = "..."`).
     pub tls: String,
+    /// Lines added to the `[admin]` table (`tls_cert = "..."`, `secure_cookie = true`).
+    pub admin: String,
 }
 
 impl Opts {
@@ -595,6 +597,11 @@ impl Opts {
     pub fn tls(mut self, line: &str) -> Opts {
         self.tls.push_str(line);
         self.tls.push('\n');
+        self
+    }
+    pub fn admin(mut self, line: &str) -> Opts {
+        self.admin.push_str(line);
+        self.admin.push('\n');
         self
     }
     pub fn vault(mut self, line: &str) -> Opts {
@@ -645,12 +652,13 @@ impl Latchkey {
         };
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n{}\n\
              [vault]\naddress = {}\nprefix = \"{}\"\ntimeout = \"2s\"\n{}\n\
              [tls]\nextra_roots = [{}]\n{}\n{}",
             allow.join(", "),
             opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
+            opts.admin,
             address,
             bao.prefix,
             opts.vault,
@@ -735,6 +743,11 @@ impl Latchkey {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
+    }
+
+    /// The admin listener's URL when it speaks TLS (`admin.tls_cert`).
+    pub fn admin_https_url(&self, path: &str) -> String {
+        format!("https://{}{}", self.admin, path)
     }
 
     /// The process ID (for `/proc/{pid}/status`).
