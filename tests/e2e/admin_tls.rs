@@ -110,6 +110,40 @@ async fn the_admin_listener_speaks_tls_and_the_session_cookie_is_secure() {
 }
 
 #[tokio::test]
+async fn in_chromium_the_page_signs_in_over_https_with_a_secure_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, cert, key) = admin_cert(dir.path());
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(&bao, tls_opts(&cert, &key)).await;
+    let v = crate::web::browser_script(
+        "web_tls.mjs",
+        &[
+            (
+                "LATCHKEY_ADMIN",
+                lk.admin_https_url("").trim_end_matches('/').to_string(),
+            ),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(v["failure"], serde_json::Value::Null, "{v:#}");
+    assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["protocol"], "h2", "{v:#}");
+    assert_eq!(v["who"], "Signed in as admin", "{v:#}");
+    let cookie = v["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "latchkey_session")
+        .unwrap_or_else(|| panic!("no session cookie: {v:#}"));
+    assert_eq!(cookie["secure"], true, "{v:#}");
+    assert_eq!(cookie["httpOnly"], true, "{v:#}");
+    assert_eq!(cookie["sameSite"], "Strict", "{v:#}");
+    assert_eq!(v["script_sees_cookie"], "", "{v:#}");
+    assert_eq!(v["signed_out"], true, "{v:#}");
+}
+
+#[tokio::test]
 async fn plain_http_to_the_tls_admin_listener_gets_no_http_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = admin_cert(dir.path());

@@ -240,6 +240,11 @@ async fn a_write_with_the_session_cookie_needs_the_csrf_token_and_bearer_callers
 
 /// Runs `tests/node/web.mjs`; its JSON.
 async fn browser(env: &[(&str, String)]) -> Value {
+    browser_script("web.mjs", env).await
+}
+
+/// Runs a script of `tests/node` that drives Chromium; the JSON of its last line.
+pub async fn browser_script(script: &str, env: &[(&str, String)]) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
     assert!(
         dir.join("node_modules/playwright-core").is_dir(),
@@ -250,7 +255,7 @@ async fn browser(env: &[(&str, String)]) -> Value {
         "/usr/bin/chromium is missing: run scripts/install-deps (as root, it installs Debian's chromium)"
     );
     let mut cmd = tokio::process::Command::new("node");
-    cmd.current_dir(&dir).arg("web.mjs").kill_on_drop(true);
+    cmd.current_dir(&dir).arg(script).kill_on_drop(true);
     for (k, v) in env {
         cmd.env(k, v);
     }
