@@ -290,8 +290,30 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     let sandbox = w.key(KeyState::ReadWrite);
     let unscoped = w.key(KeyState::ReadWrite);
     w.sim.deny_verify(&unscoped);
-    let secrets =
-        json!([good, revoked, added, rejected, rotated, sandbox, unscoped, OPS_TOKEN]).to_string();
+    // Saved without verification: Unverified.
+    let unverified = w.key(KeyState::ReadWrite);
+    let mut body = w.stripe("web-unverified", &unverified);
+    body["verify"] = json!(false);
+    let r = w.create(&body).await;
+    assert_eq!(r.status, 201, "{r:#?}");
+    // Written to Vault by hand with a key no service takes (a header smuggled in): Invalid.
+    let broken_key = format!("sk_test_{}", w.fresh());
+    w.bao.put(
+        "web-invalid",
+        &[
+            ("connector", "stripe"),
+            ("base_url", &w.sim.base_url()),
+            (
+                "api_key",
+                &format!("{broken_key}\r\nX-Injected: {}", w.fresh()),
+            ),
+        ],
+    );
+    let secrets = json!([
+        good, revoked, added, rejected, rotated, sandbox, unscoped, unverified, broken_key,
+        OPS_TOKEN
+    ])
+    .to_string();
     // Inside the expiry warning window (14 days by default): the row turns Expiring.
     let expires = time::OffsetDateTime::now_utc() + time::Duration::days(5);
     let expires_on = format!(
@@ -439,6 +461,22 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
         "{ok}"
     );
     assert!(ok.contains("Active") && ok.contains("verified "), "{ok}");
+    let unverified_row = row("web-unverified");
+    assert!(unverified_row.contains("Unverified"), "{unverified_row}");
+    let invalid_row = row("web-invalid");
+    let problem = w.show("web-invalid").await;
+    assert!(invalid_row.contains("Invalid"), "{invalid_row}");
+    assert!(
+        invalid_row.contains(problem["problem"]["message"].as_str().unwrap()),
+        "the problem is shown: {invalid_row}"
+    );
+    // A write the page's own script makes without the CSRF token is refused, in the browser too.
+    let csrfless = &step("signed in")["csrfless"];
+    assert_eq!(csrfless["status"], 403, "{v:#}");
+    assert!(
+        csrfless["body"].as_str().unwrap().contains("\"csrf\""),
+        "{v:#}"
+    );
     let failed = row("web-failed");
     let want = w.show("web-failed").await;
     assert!(failed.contains("Failed"), "{failed}");
@@ -620,7 +658,7 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
 
     // The session survives a reload in an HttpOnly, SameSite=Strict cookie the script cannot read.
     let reloaded = step("reloaded");
-    assert_eq!(reloaded["rows"], 2, "{v:#}");
+    assert_eq!(reloaded["rows"], 4, "{v:#}");
     assert_eq!(reloaded["script_sees_cookie"], "", "{v:#}");
     let cookie = reloaded["cookies"]
         .as_array()
