@@ -41,6 +41,36 @@ const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 const MAX_SESSIONS: usize = 1024;
 /// Largest sign-in body read.
 const MAX_SIGN_IN_BODY: usize = 4096;
+/// Failed sign-ins allowed per window, from everyone together; past them every sign-in is
+/// answered 429 without looking at its token until the window is over, so that guessing an
+/// admin token through the page is slow and a right guess cannot be told from a wrong one. The
+/// bearer API is not affected.
+const SIGN_IN_FAILURES: u32 = 10;
+const SIGN_IN_WINDOW: Duration = Duration::from_secs(60);
+
+/// The failed sign-ins of the current window.
+struct Failures {
+    since: Instant,
+    count: u32,
+}
+
+impl Failures {
+    /// How long sign-ins stay refused, if they are.
+    fn blocked(&mut self, now: Instant) -> Option<Duration> {
+        if now.duration_since(self.since) >= SIGN_IN_WINDOW {
+            self.since = now;
+            self.count = 0;
+        }
+        (self.count >= SIGN_IN_FAILURES)
+            .then(|| SIGN_IN_WINDOW.saturating_sub(now.duration_since(self.since)))
+    }
+
+    fn failed(&mut self, now: Instant) {
+        if self.blocked(now).is_none() {
+            self.count += 1;
+        }
+    }
+}
 
 /// `default-src 'self'` and nothing inline: the page's script and style are files of its own.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
@@ -108,6 +138,7 @@ pub struct Sessions {
     rng: SystemRandom,
     /// Whether the cookie is `Secure` (`admin.secure_cookie`).
     secure: bool,
+    failures: Mutex<Failures>,
 }
 
 impl Sessions {
@@ -116,6 +147,10 @@ impl Sessions {
             by_id: Mutex::new(HashMap::new()),
             rng: SystemRandom::new(),
             secure,
+            failures: Mutex::new(Failures {
+                since: Instant::now(),
+                count: 0,
+            }),
         }
     }
 
@@ -276,7 +311,27 @@ impl Sessions {
         let token = url::form_urlencoded::parse(&bytes)
             .find(|(k, _)| k == "token")
             .map(|(_, v)| Zeroizing::new(v.into_owned()));
+        let failures = || self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(wait) = failures().blocked(Instant::now()) {
+            let mut r = AdminError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sign_ins",
+                format!(
+                    "{SIGN_IN_FAILURES} failed sign-ins within {}s: sign-in is refused for {}s more",
+                    SIGN_IN_WINDOW.as_secs(),
+                    wait.as_secs().max(1)
+                ),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(wait.as_secs().max(1)),
+            );
+            return r;
+        }
         let Some(admin) = token.as_deref().and_then(|t| find(t.trim())) else {
+            failures().failed(Instant::now());
+            tracing::warn!(target: "latchkey::audit", action = "sign_in", outcome = "refused", "a sign-in to the web page with a token that is not an admin token");
             return AdminError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -418,6 +473,29 @@ mod tests {
         );
         let tls = Sessions::new(true).cookie("abc", 60);
         assert!(tls.to_str().unwrap().ends_with("; Secure"));
+    }
+
+    #[test]
+    fn failed_sign_ins_close_the_door_until_the_window_is_over() {
+        let t0 = Instant::now();
+        let mut f = Failures {
+            since: t0,
+            count: 0,
+        };
+        for _ in 0..SIGN_IN_FAILURES {
+            assert_eq!(f.blocked(t0), None);
+            f.failed(t0);
+        }
+        let later = t0 + Duration::from_secs(20);
+        assert_eq!(
+            f.blocked(later),
+            Some(SIGN_IN_WINDOW - Duration::from_secs(20))
+        );
+        // Failures while refused do not push the window further.
+        f.failed(later);
+        assert_eq!(f.count, SIGN_IN_FAILURES);
+        assert_eq!(f.blocked(t0 + SIGN_IN_WINDOW), None);
+        assert_eq!(f.count, 0);
     }
 
     #[test]

@@ -689,3 +689,42 @@ async fn in_chromium_sign_in_lists_connections_with_status_and_sign_out_and_no_s
     .await;
     assert_eq!(line["admin"], "ops-web", "{line}");
 }
+
+#[tokio::test]
+async fn failed_sign_ins_close_sign_in_for_the_window_and_bearer_callers_go_on() {
+    let w = World::start(Opts::loopback()).await;
+    let guesses: Vec<String> = (0..10)
+        .map(|i| format!("guess-{i}-{}", w.fresh()))
+        .collect();
+    for g in &guesses {
+        w.secret(g);
+        let (a, cookie, _) = sign_in(&w, g).await;
+        assert_eq!(a.status, 401, "{a:#?}");
+        assert!(cookie.is_none());
+    }
+    // The eleventh, with the right token: refused too, without a look at the token, and saying
+    // for how long.
+    let (a, cookie, _) = sign_in(&w, ADMIN_TOKEN).await;
+    assert_eq!(a.status, 429, "{a:#?}");
+    assert!(cookie.is_none());
+    assert_eq!(a.json()["error"]["code"], "too_many_sign_ins", "{a:#?}");
+    let wait: u64 = a.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    // The API with the bearer token is not affected.
+    let r = w.api(Method::GET, "/v1/connections", None).await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    // Each refused sign-in is logged, the token tried never.
+    let refused = eventually("the refused sign-ins' log lines", || async {
+        let n = audit_lines(&w.lk)
+            .iter()
+            .filter(|l| l["action"] == "sign_in" && l["outcome"] == "refused")
+            .count();
+        (n == 10).then_some(n)
+    })
+    .await;
+    assert_eq!(refused, 10);
+    let out = w.lk.output();
+    for g in &guesses {
+        assert!(!out.contains(g.as_str()), "a tried token is in the log");
+    }
+}
