@@ -292,6 +292,11 @@ async function deleteOne(c) {
 
 // ----- Edit: the non-secret fields and the expiry -----
 
+// A connector field's label: its name in words, and whether it may be left empty.
+function fieldLabel(f) {
+  return (f.label || f.name) + (f.required ? "" : " (optional)");
+}
+
 function labelled(id, words, input) {
   const label = text("label", words);
   label.htmlFor = id;
@@ -336,7 +341,7 @@ async function openEdit(c) {
     const v = c.fields && typeof c.fields[f.name] === "string" ? c.fields[f.name] : "";
     const input = textInput(f.name, v);
     input.dataset.field = "1";
-    box.append(...labelled("edit-field-" + f.name, (f.label || f.name) + (f.required ? "" : " (optional)"), input));
+    box.append(...labelled("edit-field-" + f.name, fieldLabel(f), input));
   }
   $("edit-expires").value = day(c.expires_at);
   show($("edit-form"), true);
@@ -433,15 +438,9 @@ function clearSecrets() {
 // how this page shows what was typed.
 function secretInput(f, prefix) {
   const id = prefix + f.name;
-  const label = text("label", (f.label || f.name) + (f.required ? "" : " (optional)"));
-  label.htmlFor = id;
-  const input = document.createElement("input");
-  input.id = id;
-  input.name = f.name;
+  const [label, input] = labelled(id, fieldLabel(f), textInput(f.name, ""));
   input.type = "password";
   input.required = !!f.required;
-  input.spellcheck = false;
-  input.autocomplete = "off";
   input.dataset.secret = "1";
   const t = text("button", "Show");
   t.type = "button";
@@ -530,17 +529,8 @@ function pickConnector(c) {
     if (f.secret) {
       fields.append(...secretInput(f, "field-"));
     } else {
-      const id = "field-" + f.name;
-      const label = text("label", (f.label || f.name) + (f.required ? "" : " (optional)"));
-      label.htmlFor = id;
-      const input = document.createElement("input");
-      input.id = id;
-      input.name = f.name;
-      input.type = "text";
+      const [label, input] = labelled("field-" + f.name, fieldLabel(f), textInput(f.name, f.default));
       input.required = !!f.required;
-      input.spellcheck = false;
-      input.autocomplete = "off";
-      if (f.default) input.value = f.default;
       fields.append(label, input);
     }
     if (f.description) fields.append(text("p", f.description, "help"));
