@@ -3,10 +3,11 @@
 shared machine are not. Starts the benchmark's upstream (nginx) and OpenBao, runs each given
 latchkey binary under `valgrind --tool=callgrind` with one proxy worker, warms it
 up, zeroes the counters, sends a fixed number of keep-alive gateway requests, and reports the
-instructions latchkey executed per request.
+instructions latchkey executed per request: towards the plain upstream (`/bench/`) and towards
+the HTTPS one (`/bench-tls/`, nginx over TLS on loopback, pooled keep-alive connections).
 
     python3 bench/callgrind.py --binary target/release/latchkey [--binary /tmp/other] [--requests 2000] \
-        [--keep DIR]
+        [--path plain|https|both] [--keep DIR]
 """
 
 import argparse
@@ -32,7 +33,11 @@ def requests(port, path, n):
     c.close()
 
 
-def measure(bench, binary, n, keep=None):
+PATHS = {"plain": "/bench/", "https": "/bench-tls/"}
+
+
+def measure(bench, binary, n, keep=None, paths=("plain",)):
+    """Instructions per request for each of `paths` (keys of PATHS), in one latchkey process."""
     name = Path(binary).name
     lk_dir = bench.workdir / f"cg-{name}-{os.getpid()}-{time.monotonic_ns()}"
     lk_dir.mkdir()
@@ -41,7 +46,8 @@ def measure(bench, binary, n, keep=None):
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\nallow_private_destinations = ["127.0.0.0/8"]\n'
         f"workers = 1\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n"
-        f'[vault]\naddress = "{bench.bao.addr}"\n')
+        f'[vault]\naddress = "{bench.bao.addr}"\n\n'
+        f'[tls]\nextra_roots = ["{bench.ca_pem}"]\n')
     out = lk_dir / "callgrind.out"
     env = load.clean_env(VAULT_TOKEN=bench.bao.token, RUST_LOG="warn")
     proc = load.PROCS.start(f"callgrind-{name}", [
@@ -50,24 +56,31 @@ def measure(bench, binary, n, keep=None):
         env=env, log_path=lk_dir / "valgrind.log")
     load.wait_until("latchkey under callgrind", lambda: load.http_get(admin, "/healthz")[0] == 200,
                     timeout=120, proc=proc, interval=0.2)
-    requests(port, "/bench/", 200)  # warm: the connection is cached, pools are filled
-    subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-    requests(port, "/bench/", n)
-    subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+    for which in paths:
+        requests(port, PATHS[which], 200)  # warm: the connection is cached, pools are filled
+    per = {}
+    # Each dump asked for after zeroing (callgrind.out.1, .2 ...) holds one path's requests'
+    # instructions, all threads together; the file without a number is the final dump at exit.
+    for dump, which in enumerate(paths, start=1):
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        requests(port, PATHS[which], n)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        out_n = lk_dir / f"callgrind.out.{dump}"
+        load.wait_until(f"callgrind dump {dump}", lambda: out_n.exists() and "summary:" in out_n.read_text(
+            errors="replace"), timeout=60, proc=proc, interval=0.2)
+        if keep:
+            keep.mkdir(parents=True, exist_ok=True)
+            kept = keep / f"callgrind.{name}.{which}.out"
+            kept.write_bytes(out_n.read_bytes())
+            print(f"profile: {kept} (callgrind_annotate --inclusive=yes {kept})", flush=True)
+        total = 0
+        for line in out_n.read_text(errors="replace").splitlines():
+            if line.startswith("summary:"):
+                total = int(line.split()[1])
+                break
+        per[which] = total / n
     load.PROCS.stop(proc, timeout=30)
-    # Dump 1 (callgrind.out.1) is the one asked for after zeroing: the requests' instructions,
-    # all threads together; the file without a number is the final dump at exit.
-    if keep:
-        keep.mkdir(parents=True, exist_ok=True)
-        kept = keep / f"callgrind.{name}.out"
-        kept.write_bytes((lk_dir / "callgrind.out.1").read_bytes())
-        print(f"profile: {kept} (callgrind_annotate --inclusive=yes {kept})", flush=True)
-    total = 0
-    for line in (lk_dir / "callgrind.out.1").read_text(errors="replace").splitlines():
-        if line.startswith("summary:"):
-            total = int(line.split()[1])
-            break
-    return total / n
+    return per
 
 
 def main():
@@ -75,14 +88,20 @@ def main():
     p.add_argument("--binary", action="append", required=True)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--keep", type=Path, help="copy each profile into this directory")
+    p.add_argument("--path", choices=["plain", "https", "both"], default="both",
+                   help="the upstream: plain HTTP, HTTPS, or both (default)")
     a = p.parse_args()
     args = load.argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
                                    https_h2=False)
     bench = load.Bench(args)
     bench.setup()
+    paths = ("plain", "https") if a.path == "both" else (a.path,)
     for b in a.binary:
-        per = measure(bench, b, a.requests, a.keep)
-        print(f"{b}: {per:,.0f} instructions per request (gateway form, {a.requests} requests)", flush=True)
+        per = measure(bench, b, a.requests, a.keep, paths)
+        for which, n in per.items():
+            upstream = "plain HTTP upstream" if which == "plain" else "HTTPS upstream"
+            print(f"{b}: {n:,.0f} instructions per request (gateway form, {upstream}, {a.requests} requests)",
+                  flush=True)
 
 
 if __name__ == "__main__":
