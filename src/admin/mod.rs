@@ -25,6 +25,13 @@ use crate::vault::Vault;
 
 use web::{CookieAuth, Sessions};
 
+/// What the fuzz target `admin_session` reaches: how a browser's request is read for its
+/// session cookie and its origin.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use super::web::{same_origin, session_cookie, COOKIE};
+}
+
 /// The admin listener's service.
 pub struct Admin {
     vault: Arc<Vault>,

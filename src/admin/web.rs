@@ -376,7 +376,7 @@ fn key(id: &str) -> [u8; 32] {
 }
 
 /// The value of the session cookie, from any `Cookie` header.
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -389,7 +389,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
 
 /// False when an `Origin` header names another origin than the host the request went to: its
 /// `Host` header, or over HTTP/2 (which has none) its `:authority`, `authority` here.
-fn same_origin(headers: &HeaderMap, authority: Option<&http::uri::Authority>) -> bool {
+pub fn same_origin(headers: &HeaderMap, authority: Option<&http::uri::Authority>) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
