@@ -75,6 +75,11 @@ impl<T> Lease<T> {
         self.inner.get_ref()
     }
 
+    /// The checked stream, for a connection that is not served in turns after all.
+    pub fn into_inner(self) -> Strict<T> {
+        self.inner
+    }
+
     /// Whether the turn ended here (rather than hyper closing the connection).
     pub fn ended(&self) -> bool {
         self.ended
@@ -186,15 +191,16 @@ pub enum Served<T> {
     /// number of turns it was served in.
     Done(Result<(), hyper::Error>, usize),
     /// Its first bytes may open an h2 connection: it is for the auto-detecting builder.
-    H2(Strict<T>),
+    H2(Box<Lease<T>>),
 }
 
 /// Serves an HTTP/1.1 client connection in turns, until it ends or `stop` changes (shutdown:
 /// an idle connection is closed at once, a turn under way finishes its requests without
-/// keep-alive). `service` must count its requests in `activity` ([`crate::idle::track`]).
+/// keep-alive). `service` must count its requests in the [`Activity`] that `io` was made with
+/// ([`crate::idle::track`]). `io` is boxed: the future holds a pointer, not the stream's state
+/// once per await point.
 pub async fn serve<S>(
-    io: Strict<Watched<TcpStream>>,
-    activity: Arc<Activity>,
+    mut io: Box<Lease<Watched<TcpStream>>>,
     http1: &http1::Builder,
     service: S,
     stop: &mut watch::Receiver<()>,
@@ -218,7 +224,6 @@ where
         }
         Ok(_) => {}
     }
-    let mut io = Lease::new(io, activity);
     let mut turns = 0;
     loop {
         turns += 1;
@@ -237,15 +242,17 @@ where
         if let Err(e) = ended {
             return Served::Done(Err(e), turns);
         }
-        // `None`: upgraded, the stream is the upgrade's now.
-        let Some(parts) = conn.into_parts() else {
+        // `None`: upgraded, the stream is the upgrade's now. Taken apart at once: what is left
+        // of `Parts` would otherwise be held while the connection idles.
+        let Some((back, unread)) = conn.into_parts().map(|p| (p.io.into_inner(), p.read_buf))
+        else {
             return Served::Done(Ok(()), turns);
         };
-        io = parts.io.into_inner();
+        io = back;
         if !io.ended() || stopping {
             return Served::Done(Ok(()), turns);
         }
-        io.next_turn(parts.read_buf);
+        io.next_turn(unread);
         if io.unread.is_empty() {
             // Idle: nothing of hyper's exists until the client sends again.
             tokio::select! {
@@ -282,11 +289,14 @@ mod tests {
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let activity = Activity::new();
-            let io = Strict::new(
-                Watched::new(stream, activity.clone()),
-                Link::new(),
-                Duration::from_secs(5),
-            );
+            let io = Box::new(Lease::new(
+                Strict::new(
+                    Watched::new(stream, activity.clone()),
+                    Link::new(),
+                    Duration::from_secs(5),
+                ),
+                activity.clone(),
+            ));
             let service = {
                 let activity = activity.clone();
                 hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -297,7 +307,7 @@ mod tests {
                 })
             };
             let (_stop_tx, mut stop) = watch::channel(());
-            match serve(io, activity, &http1::Builder::new(), service, &mut stop).await {
+            match serve(io, &http1::Builder::new(), service, &mut stop).await {
                 Served::Done(ended, turns) => {
                     ended.unwrap();
                     let _ = tx.send(turns);
@@ -390,16 +400,19 @@ mod tests {
         c.write_all(&H2_PREFACE[..10]).await.unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         let activity = Activity::new();
-        let io = Strict::new(
-            Watched::new(stream, activity.clone()),
-            Link::new(),
-            Duration::from_secs(5),
-        );
+        let io = Box::new(Lease::new(
+            Strict::new(
+                Watched::new(stream, activity.clone()),
+                Link::new(),
+                Duration::from_secs(5),
+            ),
+            activity,
+        ));
         let service = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
             Ok::<_, Infallible>(http::Response::new(full("")))
         });
         let (_stop_tx, mut stop) = watch::channel(());
-        let served = serve(io, activity, &http1::Builder::new(), service, &mut stop).await;
+        let served = serve(io, &http1::Builder::new(), service, &mut stop).await;
         assert!(matches!(served, Served::H2(_)));
     }
 }

@@ -748,11 +748,14 @@ fn serve_in_turns<H, F>(
 {
     let activity = Activity::new();
     let link = Link::new();
-    let io = Strict::new(
-        Watched::new(stream, activity.clone()),
-        link.clone(),
-        header_read,
-    );
+    let io = Box::new(release::Lease::new(
+        Strict::new(
+            Watched::new(stream, activity.clone()),
+            link.clone(),
+            header_read,
+        ),
+        activity.clone(),
+    ));
     let service = service(&activity, link, handler);
     // Held until the connection ends, so that shutdown waits for it as for the others.
     let watcher = graceful.watcher();
@@ -760,10 +763,8 @@ fn serve_in_turns<H, F>(
     // Boxed, and built outside the task: the task then holds a pointer to it, not a copy per
     // await point (the task itself stays a few hundred bytes).
     let conn: Connection = Box::pin({
-        let activity = activity.clone();
         async move {
-            let served =
-                release::serve(io, activity, &builders.http1, service.clone(), &mut stop).await;
+            let served = release::serve(io, &builders.http1, service.clone(), &mut stop).await;
             match served {
                 Served::Done(ended, turns) => {
                     tracing::trace!(%peer, turns, "connection served in turns ended");
@@ -791,7 +792,7 @@ type Connection = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 fn serve_h2<S>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
-    io: Strict<Watched<tokio::net::TcpStream>>,
+    io: Box<release::Lease<Watched<tokio::net::TcpStream>>>,
     service: S,
 ) -> Connection
 where
@@ -805,7 +806,7 @@ where
         + Sync
         + 'static,
 {
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io.into_inner()), service);
     Box::pin(watcher.watch(conn.into_owned()))
 }
 
