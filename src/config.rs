@@ -256,7 +256,7 @@ struct RawProxy {
 }
 
 fn default_idle_release() -> bool {
-    false
+    true
 }
 
 impl Default for RawProxy {
@@ -1302,7 +1302,7 @@ mod tests {
         assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.proxy.body_timeout, Duration::from_secs(60));
         assert_eq!(c.proxy.pool_idle_timeout, Duration::from_secs(90));
-        assert!(!c.proxy.idle_release);
+        assert!(c.proxy.idle_release);
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());
         assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));

@@ -265,7 +265,6 @@ impl Server {
             admin_tls = self.admin_tls.is_some(),
             vault = %self.vault.address(),
             workers = self.reloader.slots().len(),
-            idle_release = self.idle_release,
             "listening"
         );
         match self.vault.check_token().await {

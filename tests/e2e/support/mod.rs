@@ -656,9 +656,7 @@ impl Latchkey {
              [vault]\naddress = {}\nprefix = \"{}\"\ntimeout = \"2s\"\n{}\n\
              [tls]\nextra_roots = [{}]\n{}\n{}",
             allow.join(", "),
-            // LATCHKEY_E2E_PROXY: lines for every test's [proxy] table, to run tests again with
-            // a setting other than the default (scripts/test: proxy.idle_release = true).
-            opts.proxy + &std::env::var("LATCHKEY_E2E_PROXY").unwrap_or_default(),
+            opts.proxy,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
             opts.admin,
             address,
