@@ -7,7 +7,9 @@ instructions latchkey executed per request: towards the plain upstream (`/bench/
 the HTTPS one (`/bench-tls/`, nginx over TLS on loopback, pooled keep-alive connections).
 
     python3 bench/callgrind.py --binary target/release/latchkey [--binary /tmp/other] [--requests 2000] \
-        [--path plain|https|both] [--keep DIR]
+        [--path plain|https|both] [--keep DIR] [--proxy-extra 'pool_idle_timeout = "5s"' ...]
+
+A --proxy-extra goes into the [proxy] table of the latchkey of the --binary in the same place.
 """
 
 import argparse
@@ -36,7 +38,7 @@ def requests(port, path, n):
 PATHS = {"plain": "/bench/", "https": "/bench-tls/"}
 
 
-def measure(bench, binary, n, keep=None, paths=("plain",)):
+def measure(bench, binary, n, keep=None, paths=("plain",), proxy_extra=""):
     """Instructions per request for each of `paths` (keys of PATHS), in one latchkey process."""
     name = Path(binary).name
     lk_dir = bench.workdir / f"cg-{name}-{os.getpid()}-{time.monotonic_ns()}"
@@ -45,7 +47,7 @@ def measure(bench, binary, n, keep=None, paths=("plain",)):
     config = lk_dir / "latchkey.toml"
     config.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\nallow_private_destinations = ["127.0.0.0/8"]\n'
-        f"workers = 1\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n"
+        f"workers = 1\n{proxy_extra}\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n"
         f'[vault]\naddress = "{bench.bao.addr}"\n\n'
         f'[tls]\nextra_roots = ["{bench.ca_pem}"]\n')
     out = lk_dir / "callgrind.out"
@@ -88,6 +90,8 @@ def main():
     p.add_argument("--binary", action="append", required=True)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--keep", type=Path, help="copy each profile into this directory")
+    p.add_argument("--proxy-extra", action="append", default=[],
+                   help="a line for the [proxy] table of the --binary in the same place")
     p.add_argument("--path", choices=["plain", "https", "both"], default="both",
                    help="the upstream: plain HTTP, HTTPS, or both (default)")
     a = p.parse_args()
@@ -96,11 +100,13 @@ def main():
     bench = load.Bench(args)
     bench.setup()
     paths = ("plain", "https") if a.path == "both" else (a.path,)
-    for b in a.binary:
-        per = measure(bench, b, a.requests, a.keep, paths)
+    for i, b in enumerate(a.binary):
+        extra = a.proxy_extra[i] if i < len(a.proxy_extra) else ""
+        per = measure(bench, b, a.requests, a.keep, paths, extra)
+        label = f"{b} ({extra})" if extra else b
         for which, n in per.items():
             upstream = "plain HTTP upstream" if which == "plain" else "HTTPS upstream"
-            print(f"{b}: {n:,.0f} instructions per request (gateway form, {upstream}, {a.requests} requests)",
+            print(f"{label}: {n:,.0f} instructions per request (gateway form, {upstream}, {a.requests} requests)",
                   flush=True)
 
 

@@ -4,7 +4,7 @@ form, on the same loopback upstream, alternating runs. For iterating on performa
 benchmark is ``scripts/bench-load``.
 
     python3 bench/compare.py --binary target/release/latchkey [--binary /tmp/old-latchkey] \\
-        [--rounds 5] [--duration 5] [--https]
+        [--rounds 5] [--duration 5] [--https] [--proxy-extra 'pool_idle_timeout = "5s"' ...]
 
 Prints req/s and the proxy's CPU µs/request per run (user + kernel), then medians.
 """
@@ -27,6 +27,8 @@ def main():
     p.add_argument("--https", action="store_true", help="HTTPS upstream")
     p.add_argument("--workers", type=int, action="append",
                    help="proxy.workers for each --binary in turn (default: one per core)")
+    p.add_argument("--proxy-extra", action="append", default=[],
+                   help="TOML lines in [proxy] for each --binary in turn ('' for none)")
     a = p.parse_args()
 
     args = load.argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
@@ -39,9 +41,11 @@ def main():
     workers = a.workers or []
     for i, binary in enumerate(a.binary):
         w = workers[i] if i < len(workers) else None
+        extra = a.proxy_extra[i] if i < len(a.proxy_extra) else ""
         lk = load.Latchkey(str(Path(binary).resolve()), f"b{i}", bench.workdir, bench.bao, bench.ca_pem,
-                           workers=w)
-        targets.append((f"{Path(binary).name}#{i}" + (f" w{w}" if w else ""), f"http://127.0.0.1:{lk.port}/{conn}/", lk.pids))
+                           workers=w, proxy_extra=extra + "\n" if extra else "")
+        targets.append((f"{Path(binary).name}#{i}" + (f" w{w}" if w else "") + (f" [{extra}]" if extra else ""),
+                        f"http://127.0.0.1:{lk.port}/{conn}/", lk.pids))
     script = load.BENCH / "lua/report.lua"
     for name, url, _ in targets:  # warm-up
         load.wrk_run(bench.wrk, url, 1, a.connections, script)
