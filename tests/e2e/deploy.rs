@@ -249,7 +249,7 @@ fn gateway_runs_three_hardened_replicas_probed_on_readyz_and_healthz() {
             r["requests"]["memory"].as_str(),
             r["limits"]["memory"].as_str()
         ),
-        (Some("64Mi"), Some("512Mi"))
+        (Some("64Mi"), Some("640Mi"))
     );
     // The cache's cap fits the limit beside the clients (docs/capacity.md: about 35 KiB per
     // cached connection).
