@@ -767,26 +767,11 @@ impl AdminConfig {
     /// The `[admin]` table. The TLS files are checked as `tls.ca_cert` is: both or neither,
     /// each readable now; their contents are parsed when the listener starts.
     fn from_raw(raw: RawAdmin) -> Result<AdminConfig, ConfigError> {
-        let tls = match (raw.tls_cert, raw.tls_key) {
-            (Some(cert), Some(key)) => {
-                readable("admin.tls_cert", &cert)?;
-                readable("admin.tls_key", &key)?;
-                Some(TlsFiles { cert, key })
-            }
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    "admin.tls_key",
-                    "is needed when admin.tls_cert is set",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "admin.tls_cert",
-                    "is needed when admin.tls_key is set",
-                ))
-            }
-        };
+        let tls = file_pair(
+            ("admin.tls_cert", raw.tls_cert),
+            ("admin.tls_key", raw.tls_key),
+        )?
+        .map(|(cert, key)| TlsFiles { cert, key });
         // Without TLS here, `true` is for a listener behind a proxy that terminates TLS.
         let secure_cookie = raw.secure_cookie.unwrap_or(tls.is_some());
         Ok(AdminConfig {
@@ -1091,26 +1076,8 @@ impl TlsConfig {
         for (i, path) in raw.extra_roots.0.iter().enumerate() {
             readable(&format!("tls.extra_roots[{i}]"), path)?;
         }
-        let ca = match (raw.ca_cert, raw.ca_key) {
-            (Some(cert), Some(key)) => {
-                readable("tls.ca_cert", &cert)?;
-                readable("tls.ca_key", &key)?;
-                Some(CaFiles { cert, key })
-            }
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    "tls.ca_key",
-                    "is needed when tls.ca_cert is set",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "tls.ca_cert",
-                    "is needed when tls.ca_key is set",
-                ))
-            }
-        };
+        let ca = file_pair(("tls.ca_cert", raw.ca_cert), ("tls.ca_key", raw.ca_key))?
+            .map(|(cert, key)| CaFiles { cert, key });
         Ok(TlsConfig {
             extra_roots: raw.extra_roots.0,
             ca,
@@ -1142,6 +1109,30 @@ fn positive(key: &str, d: Dur) -> Result<Duration, ConfigError> {
         Err(ConfigError::new(key, "must be greater than zero"))
     } else {
         Ok(d.0)
+    }
+}
+
+/// A certificate file and its key file (`tls.ca_cert`/`tls.ca_key`, `admin.tls_cert`/
+/// `admin.tls_key`): both or neither, each readable now.
+fn file_pair(
+    (cert_key, cert): (&str, Option<PathBuf>),
+    (key_key, key): (&str, Option<PathBuf>),
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            readable(cert_key, &cert)?;
+            readable(key_key, &key)?;
+            Ok(Some((cert, key)))
+        }
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::new(
+            key_key,
+            format!("is needed when {cert_key} is set"),
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            cert_key,
+            format!("is needed when {key_key} is set"),
+        )),
     }
 }
 
