@@ -33,6 +33,11 @@ fn trusting(ca: &TestCa) -> reqwest::ClientBuilder {
         .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
 }
 
+/// GET `path` on the admin listener over HTTPS; the answer, which must arrive.
+async fn get(client: &reqwest::Client, lk: &Latchkey, path: &str) -> reqwest::Response {
+    client.get(lk.admin_https_url(path)).send().await.unwrap()
+}
+
 /// The `Set-Cookie` of a form sign-in with the admin token, which must succeed.
 async fn sign_in(client: &reqwest::Client, url: String, origin: Option<&str>) -> String {
     let mut req = client
@@ -61,15 +66,11 @@ async fn the_admin_listener_speaks_tls_and_the_session_cookie_is_secure() {
     let client = trusting(&ca).build().unwrap();
 
     // Health over HTTPS; HTTP/2 is offered, as it is served in the clear, and HTTP/1.1 too.
-    let resp = client
-        .get(lk.admin_https_url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&client, &lk, "/healthz").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let h1 = trusting(&ca).http1_only().build().unwrap();
-    let resp = h1.get(lk.admin_https_url("/healthz")).send().await.unwrap();
+    let resp = get(&h1, &lk, "/healthz").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
 
@@ -101,11 +102,7 @@ async fn the_admin_listener_speaks_tls_and_the_session_cookie_is_secure() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = client
-        .get(lk.admin_https_url("/v1/connections"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&client, &lk, "/v1/connections").await;
     assert_eq!(resp.status(), 401);
 }
 
@@ -170,11 +167,7 @@ async fn plain_http_to_the_tls_admin_listener_gets_no_http_answer() {
     })
     .await;
     let client = trusting(&ca).build().unwrap();
-    let resp = client
-        .get(lk.admin_https_url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&client, &lk, "/healthz").await;
     assert_eq!(resp.status(), 200);
 }
 
@@ -246,11 +239,7 @@ async fn a_handshake_that_never_ends_does_not_hold_up_shutdown() {
 
     // An idle TLS connection after a request, and one that never says a word.
     let client = trusting(&ca).build().unwrap();
-    let resp = client
-        .get(lk.admin_https_url("/healthz"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&client, &lk, "/healthz").await;
     assert_eq!(resp.status(), 200);
     let _silent = tokio::net::TcpStream::connect(lk.admin).await.unwrap();
 
