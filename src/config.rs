@@ -79,6 +79,9 @@ pub struct ProxyConfig {
     pub resolve: HashMap<(String, u16), SocketAddr>,
     /// `proxy.passthrough`: CONNECT targets spliced without TLS termination or credential.
     pub passthrough: Passthrough,
+    /// `proxy.idle_release`: an idle HTTP/1.1 client connection holds no hyper connection and
+    /// none of its buffers (served in turns); `false`: hyper's connection for its whole life.
+    pub idle_release: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -248,6 +251,12 @@ struct RawProxy {
     resolve: BTreeMap<String, String>,
     #[serde(default)]
     passthrough: Vec<String>,
+    #[serde(default = "default_idle_release")]
+    idle_release: bool,
+}
+
+fn default_idle_release() -> bool {
+    true
 }
 
 impl Default for RawProxy {
@@ -264,6 +273,7 @@ impl Default for RawProxy {
             workers: None,
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
+            idle_release: default_idle_release(),
         }
     }
 }
@@ -703,6 +713,7 @@ impl ProxyConfig {
             },
             resolve: resolve_pins(raw.resolve)?,
             passthrough: passthrough(raw.passthrough)?,
+            idle_release: raw.idle_release,
         };
         if proxy.listen.is_empty() {
             return Err(ConfigError::new(
@@ -1282,6 +1293,7 @@ mod tests {
         assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.proxy.body_timeout, Duration::from_secs(60));
         assert_eq!(c.proxy.pool_idle_timeout, Duration::from_secs(90));
+        assert!(c.proxy.idle_release);
         assert_eq!(c.vault.auth, VaultAuth::TokenEnv);
         assert!(c.admin.tokens.is_empty());
         assert_eq!(c.admin.expiry_warning, Duration::from_secs(14 * 86_400));

@@ -30,6 +30,8 @@ pub struct Activity {
     /// Set by every byte read or written and every request finished; cleared by the watchdog.
     moved: AtomicBool,
     in_flight: AtomicUsize,
+    /// Requests answered so far: their response body sent or dropped.
+    finished: AtomicUsize,
 }
 
 /// How many looks the watchdog takes per timeout: a connection is closed after being idle
@@ -41,6 +43,7 @@ impl Activity {
         Arc::new(Activity {
             moved: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
         })
     }
 
@@ -52,6 +55,11 @@ impl Activity {
     pub fn request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// How many requests have been answered (their response body sent or dropped).
+    pub fn finished(&self) -> usize {
+        self.finished.load(Ordering::Relaxed)
     }
 
     /// Completes once no request has been in flight and no byte has moved for `timeout` (give
@@ -81,6 +89,7 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -110,6 +119,10 @@ pub struct Watched<T, W = Arc<Activity>> {
 impl<T, W> Watched<T, W> {
     pub fn new(inner: T, watch: W) -> Watched<T, W> {
         Watched { inner, watch }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 }
 

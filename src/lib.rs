@@ -16,7 +16,7 @@
 //! | 0 | connection_id, destination, hop_by_hop, misses, secret, strict, telemetry |
 //! | 1 | auth, body, ca, record, upstream::dial, vault::login |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
-//! | 3 | config, inject, upstream::h1::fuzzing, upstream::pool |
+//! | 3 | config, inject, release, upstream::h1::fuzzing, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |
 //! | 6 | coverage, lifecycle |
@@ -44,6 +44,8 @@
 //!   rewrite: strip, then inject), [`config`] (the file, every error naming its key).
 //! - The connection: [`connection`] (a stored record checked and its credential rendered),
 //!   [`draft`] (what a person submits, and the checks of a save).
+//! - [`release`]: HTTP/1.1 client connections served in turns, holding no hyper connection
+//!   while idle.
 //! - I/O: [`vault`] (the Vault client), [`upstream`] (dialer, own HTTP/1.1 exchange, pool),
 //!   [`websocket`] (a WebSocket handshake on a connection of its own, then the splice),
 //!   [`cache`] (the read-through secret cache), [`verify`] (the verification call).
@@ -81,6 +83,7 @@ pub mod lifecycle;
 pub mod misses;
 pub mod proxy;
 pub mod record;
+pub mod release;
 pub mod reload;
 pub mod response;
 pub mod scrub;

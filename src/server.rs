@@ -8,10 +8,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -20,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::Admin;
+use crate::body::BoxError;
 use crate::ca::{Ca, Leaves, LeavesSlot};
 use crate::cache::{Cache, VaultSource};
 use crate::config::{CaFiles, Config, TlsFiles};
@@ -27,6 +30,7 @@ use crate::coverage::Coverage;
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, ProxySlot};
+use crate::release::{self, Served};
 use crate::reload::{self, Reloader};
 use crate::secret::Secret;
 use crate::strict::{Link, Strict};
@@ -93,6 +97,8 @@ pub struct Server {
     idle_timeout: Duration,
     /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
     header_read_timeout: Duration,
+    /// `proxy.idle_release`: HTTP/1.1 client connections are served in turns ([`release`]).
+    idle_release: bool,
     admin: Arc<Admin>,
     cache: Cache,
     vault: Arc<Vault>,
@@ -170,8 +176,11 @@ impl Server {
             proxy_listeners.push(listener);
         }
         let admin_listener = bind(config.admin.listen).await?;
-        let (idle_timeout, header_read_timeout) =
-            (config.proxy.idle_timeout, config.proxy.header_read_timeout);
+        let (idle_timeout, header_read_timeout, idle_release) = (
+            config.proxy.idle_timeout,
+            config.proxy.header_read_timeout,
+            config.proxy.idle_release,
+        );
         let parts = reload::Parts {
             catalog,
             cache: cache.clone(),
@@ -198,6 +207,7 @@ impl Server {
             leaves,
             idle_timeout,
             header_read_timeout,
+            idle_release,
             admin,
             cache,
             vault,
@@ -229,7 +239,12 @@ impl Server {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let timeouts = (self.idle_timeout, self.header_read_timeout);
-        let (workers, balancer) = start_workers(self.reloader.slots(), &self.leaves, timeouts)?;
+        let (workers, balancer) = start_workers(
+            self.reloader.slots(),
+            &self.leaves,
+            timeouts,
+            self.idle_release,
+        )?;
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.proxy_listeners {
             let addr = l
@@ -331,6 +346,7 @@ fn start_workers(
     slots: &[ProxySlot],
     leaves: &LeavesSlot,
     timeouts: (Duration, Duration),
+    idle_release: bool,
 ) -> Result<(Vec<tokio::sync::oneshot::Receiver<()>>, Arc<Balancer>), StartError> {
     let mut workers = Vec::with_capacity(slots.len());
     let mut handles = Vec::with_capacity(slots.len());
@@ -344,6 +360,7 @@ fn start_workers(
             slot.clone(),
             leaves.clone(),
             timeouts,
+            idle_release,
         )?);
         handles.push(WorkerHandle { tx, open });
     }
@@ -579,6 +596,7 @@ fn spawn_worker(
     proxy: ProxySlot,
     leaves: LeavesSlot,
     (idle, header_read): (Duration, Duration),
+    idle_release: bool,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -607,8 +625,13 @@ fn spawn_worker(
                 };
                 // Request heads are timed by `Strict`, from their first byte; an idle
                 // keep-alive connection is `idle`'s.
-                let builder = http_builder(None);
+                let builders = Arc::new(Builders {
+                    auto: http_builder(None),
+                    http1: http1_builder(),
+                });
                 let graceful = GracefulShutdown::new();
+                // Connections served in turns close at once when idle, on this signal.
+                let (stop, _) = watch::channel(());
                 let gauge = telemetry::client_connections(n);
                 gauge.set(0.0);
                 // Until the acceptors are gone (shutdown): every connection handed over is
@@ -616,10 +639,12 @@ fn spawn_worker(
                 while let Some((stream, peer)) = accepted.recv().await {
                     let guard = OpenConnection::new(open.clone(), &gauge);
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) => serve(&builder, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard),
+                        Ok(stream) if idle_release => serve_in_turns(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard),
+                        Ok(stream) => serve(&builders.auto, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard),
                         Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
                 }
+                let _ = stop.send(());
                 if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
                     .await
                     .is_err()
@@ -657,6 +682,134 @@ fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The HTTP/1 settings of a proxy connection served in turns: those of [`http_builder`].
+fn http1_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(None);
+    builder
+}
+
+/// A proxy worker's HTTP server settings, shared by its connections' tasks.
+struct Builders {
+    auto: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+}
+
+/// What a client connection's service answers with: a boxed future.
+type Answer =
+    Pin<Box<dyn Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send>>;
+
+/// A client connection's service: each request held to strict framing ([`proxy::checked`]) and
+/// counted in `activity` while in flight.
+fn service<H, F>(
+    activity: &Arc<Activity>,
+    link: Arc<Link>,
+    handler: H,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<crate::body::BoxBody>,
+    Error = Infallible,
+    Future = Answer,
+> + Clone
+       + Send
+       + Sync
+       + Unpin
+       + 'static
+where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
+{
+    let activity = activity.clone();
+    service_fn(move |req| -> Answer {
+        // Boxed: hyper keeps room for its service's future for as long as the connection
+        // lives, and the request path's is some 12 KiB; boxed, an idle connection holds a
+        // pointer, and the room exists only while a request is served.
+        Box::pin(idle::track(
+            &activity,
+            proxy::checked(link.clone(), req, handler.clone()),
+        ))
+    })
+}
+
+/// Serves one proxy client connection in turns ([`release`]): between requests an HTTP/1.1
+/// connection holds no hyper connection and none of its buffers. An h2 connection is served as
+/// [`serve`] serves it. Idle timeout, strict framing and shutdown are as there.
+fn serve_in_turns<H, F>(
+    builders: &Arc<Builders>,
+    graceful: &GracefulShutdown,
+    stop: &watch::Sender<()>,
+    stream: tokio::net::TcpStream,
+    (peer, idle, header_read): (SocketAddr, Duration, Duration),
+    handler: H,
+    guard: impl Send + 'static,
+) where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
+{
+    let activity = Activity::new();
+    let link = Link::new();
+    let io = Box::new(release::Lease::new(
+        Strict::new(
+            Watched::new(stream, activity.clone()),
+            link.clone(),
+            header_read,
+        ),
+        activity.clone(),
+    ));
+    let service = service(&activity, link, handler);
+    // Held until the connection ends, so that shutdown waits for it as for the others.
+    let watcher = graceful.watcher();
+    let (builders, mut stop) = (builders.clone(), stop.subscribe());
+    // Boxed, and built outside the task: the task then holds a pointer to it, not a copy per
+    // await point (the task itself stays a few hundred bytes).
+    let conn: Connection = Box::pin({
+        async move {
+            let served = release::serve(io, &builders.http1, service.clone(), &mut stop).await;
+            match served {
+                Served::Done(ended, turns) => {
+                    tracing::trace!(%peer, turns, "connection served in turns ended");
+                    ended.map_err(BoxError::from)
+                }
+                Served::H2(io) => serve_h2(&builders.auto, watcher, io, service).await,
+            }
+        }
+    });
+    tokio::spawn(async move {
+        match idle::or_idle(conn, &activity, idle).await {
+            Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+            Some(Ok(())) => {}
+            None => tracing::debug!(%peer, ?idle, "closed an idle client connection"),
+        }
+        drop(guard);
+    });
+}
+
+/// A client connection being served, boxed.
+type Connection = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// An h2 connection found by [`serve_in_turns`], served as [`serve`] serves it. Not `async`:
+/// hyper's connection is built straight into its box, not in the caller's future.
+fn serve_h2<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: Box<release::Lease<Watched<tokio::net::TcpStream>>>,
+    service: S,
+) -> Connection
+where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::BoxBody>,
+            Error = Infallible,
+            Future = Answer,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io.into_inner()), service);
+    Box::pin(watcher.watch(conn.into_owned()))
+}
+
 /// Serves one client connection on the current runtime; `guard` lives as long as it does. A
 /// connection with no request in flight and no byte moving for `idle` is closed ([`idle`]).
 /// With `strict` (the proxy listener), what the client sends is held to strict HTTP/1.1
@@ -670,7 +823,7 @@ fn serve<S, H, F>(
     guard: impl Send + 'static,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
@@ -680,17 +833,10 @@ fn serve<S, H, F>(
         Some(header_read) => Strict::new(watched, link.clone(), header_read),
         None => Strict::unchecked(watched),
     });
-    let service = {
-        let activity = activity.clone();
-        service_fn(move |req| {
-            idle::track(
-                &activity,
-                proxy::checked(link.clone(), req, handler.clone()),
-            )
-        })
-    };
+    let service = service(&activity, link, handler);
     let conn = builder.serve_connection_with_upgrades(io, service);
-    let conn = graceful.watch(conn.into_owned());
+    // Boxed too, so that the task holds it once (about 2 KiB), not a copy per await point.
+    let conn = Box::pin(graceful.watch(conn.into_owned()));
     tokio::spawn(async move {
         match idle::or_idle(conn, &activity, idle).await {
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
@@ -712,7 +858,7 @@ async fn accept_loop<H, F>(
     stop: impl Future<Output = ()>,
     (idle, header_read): (Duration, Duration),
 ) where
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let builder = http_builder(Some(header_read));

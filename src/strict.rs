@@ -718,6 +718,31 @@ impl<T> Strict<T> {
         strict
     }
 
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Request heads handed on so far.
+    pub fn heads(&self) -> usize {
+        self.framer.heads
+    }
+
+    /// Between two HTTP/1 messages with nothing held back: every byte read has been handed on
+    /// and the last request handed on is whole, body and all (so its reader has nothing left
+    /// unread but whole requests). Then the room a held head took is given back.
+    pub fn at_rest(&mut self) -> bool {
+        let rest = self.framer.state == State::Head
+            && self.framer.scanned == 0
+            && self.held.is_empty()
+            && self.ready == 0
+            && !self.paused
+            && self.refusal.is_none();
+        if rest && self.held.capacity() > 0 {
+            self.held = BytesMut::new();
+        }
+        rest
+    }
+
     /// Takes note of what a step stopped at.
     fn stopped(&mut self, stop: Option<Stop>) {
         match stop {
