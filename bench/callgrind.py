@@ -51,7 +51,10 @@ def measure(bench, binary, n, keep=None, paths=("plain",), proxy_extra=""):
         f'[vault]\naddress = "{bench.bao.addr}"\n\n'
         f'[tls]\nextra_roots = ["{bench.ca_pem}"]\n')
     out = lk_dir / "callgrind.out"
-    env = load.clean_env(VAULT_TOKEN=bench.bao.token, RUST_LOG="warn")
+    # mimalloc's settings given here: latchkey would otherwise start itself again with them
+    # (src/bin/latchkey/main.rs), and the new image would run outside valgrind.
+    env = load.clean_env(VAULT_TOKEN=bench.bao.token, RUST_LOG="warn", MIMALLOC_PURGE_DELAY="0",
+                         MIMALLOC_ARENA_EAGER_COMMIT="0")
     proc = load.PROCS.start(f"callgrind-{name}", [
         "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
         str(Path(binary).resolve()), "serve", "--config", str(config)],

@@ -13,6 +13,53 @@ mod cli;
 mod dev;
 mod env;
 
+/// mimalloc rather than the C library's allocator. An idle client connection lets go of its
+/// buffers (`proxy.idle_release`); glibc keeps what is freed for reuse and never gives it back
+/// after a spike of connections (10,000 idle held 170 MiB after release, `bench/idle.py`),
+/// where mimalloc returns it with the settings of [`ALLOCATOR_ENV`]. It also spends fewer
+/// instructions per request (34,229 against 35,130, `bench/callgrind.py`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's settings for `serve`, read from the environment as the process starts: freed
+/// memory returned to the system at once rather than after a second of the same thread's
+/// activity (an idle worker has none), and arenas committed as used rather than up front. With
+/// them, 10,000 idle client connections hold 54 MiB in all; without, 75 to 123 MiB.
+const ALLOCATOR_ENV: [(&str, &str); 2] = [
+    ("MIMALLOC_PURGE_DELAY", "0"),
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+];
+
+/// Starts this program again, same arguments, with [`ALLOCATOR_ENV`] for any of its variables
+/// not set (a variable set by the operator is kept as it is). mimalloc reads them once, before
+/// `main`, and setting them from here would take unsafe code: a new image is the safe way.
+/// Returns only when nothing needed doing or the new image could not be started (then latchkey
+/// goes on with mimalloc's defaults).
+fn with_allocator_settings() {
+    use std::os::unix::process::CommandExt as _;
+    let missing: Vec<_> = ALLOCATOR_ENV
+        .iter()
+        .filter(|(k, _)| std::env::var_os(k).is_none())
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    command.args(args);
+    for (k, v) in missing {
+        command.env(k, v);
+    }
+    // Returns only on failure.
+    let _ = command.exec();
+}
+
 /// Exit status when the configuration is refused (64, sysexits' EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -102,6 +149,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve { config } => {
+            with_allocator_settings();
             latchkey::telemetry::init_logging();
             let loaded = latchkey::config::Config::load(&config).and_then(|c| {
                 c.vault
