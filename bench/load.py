@@ -90,6 +90,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CORES = os.cpu_count() or 1
+# Seconds every held connection waits before the memory step reads RSS (see idle_connections).
+IDLE_SETTLE = 5
 GiB = 1 << 30
 
 VARIANTS = ["direct", "nginx", "latchkey", "latchkey-forward", "latchkey-https", "nginx-https"]
@@ -1020,6 +1022,7 @@ class Bench:
     # -- memory -------------------------------------------------------------------------------
 
     def idle_connections(self, label, port, path, pids_fn):
+        """RSS with each number of idle keep-alive client connections (each made one request)."""
         res = {}
         holder = PROCS.start(f"hold-{label}", [sys.executable, str(BENCH / "clients.py"), "hold",
                                                "--port", str(port), "--path", path],
@@ -1035,10 +1038,18 @@ class Bench:
                     raise BenchError(f"the connection holder for {label} stopped")
                 st = json.loads(line)
                 pids = pids_fn()
-                res[n] = {"rss_kib": rss_kib(pids), "held": st["open"], "failed": st["failed"],
+                fresh = rss_kib(pids)
+                # Idle means idle for a while: latchkey lets a connection's HTTP machinery go
+                # after a quiet spell of one second (src/release.rs), so RSS is read again once
+                # every connection has waited IDLE_SETTLE seconds (the first reading stays in
+                # the record as `fresh_kib`).
+                time.sleep(IDLE_SETTLE)
+                res[n] = {"rss_kib": rss_kib(pids), "fresh_kib": fresh, "held": st["open"],
+                          "failed": st["failed"],
                           "server_sockets": sum(socket_count(p) for p in pids)}
                 log(f"  {label}: {n} idle connections: RSS {res[n]['rss_kib'] / 1024:.1f} MiB "
-                    f"(held {st['open']}, failed {st['failed']}, server sockets {res[n]['server_sockets']})")
+                    f"after {IDLE_SETTLE} s idle ({fresh / 1024:.1f} MiB at once; held {st['open']}, "
+                    f"failed {st['failed']}, server sockets {res[n]['server_sockets']})")
             holder.stdin.write(b"quit\n")
             holder.stdin.flush()
             holder.stdout.readline()

@@ -32,7 +32,19 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Requests answered so far: their response body sent or dropped.
     finished: AtomicUsize,
+    /// A turn is under way ([`crate::release`]): the watchdog looks every [`QUIET_SPELL`].
+    in_turn: AtomicBool,
+    /// Nothing moved and nothing was in flight over the watchdog's last look.
+    quiet: AtomicBool,
+    /// Wakes the watchdog from a look between turns when a turn begins.
+    turn_begun: tokio::sync::Notify,
 }
+
+/// How long a connection served in turns ([`crate::release`]) must be quiet before its turn
+/// ends and its HTTP machinery is let go: a connection that is sent a request at least this
+/// often stays in one turn (and pays for no rebuild), one that waits longer holds only its
+/// socket and a few hundred bytes.
+pub const QUIET_SPELL: Duration = Duration::from_secs(1);
 
 /// How many looks the watchdog takes per timeout: a connection is closed after being idle
 /// between the timeout and a quarter more.
@@ -44,6 +56,9 @@ impl Activity {
             moved: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
+            in_turn: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
+            turn_begun: tokio::sync::Notify::new(),
         })
     }
 
@@ -62,20 +77,50 @@ impl Activity {
         self.finished.load(Ordering::Relaxed)
     }
 
+    /// Marks a turn of [`crate::release`] as begun (`true`) or over.
+    pub fn set_in_turn(&self, in_turn: bool) {
+        self.in_turn.store(in_turn, Ordering::Relaxed);
+        if in_turn {
+            self.turn_begun.notify_one();
+        }
+    }
+
+    /// Whether the connection has been quiet for a [`QUIET_SPELL`] or more: nothing in flight,
+    /// no byte moved over the watchdog's last look nor since.
+    pub fn quiet(&self) -> bool {
+        self.quiet.load(Ordering::Relaxed) && !self.moved.load(Ordering::Relaxed)
+    }
+
     /// Completes once no request has been in flight and no byte has moved for `timeout` (give
-    /// or take a quarter of it).
+    /// or take a quarter of it). During a turn ([`crate::release`]) it looks every
+    /// [`QUIET_SPELL`] and marks the connection [`quiet`](Self::quiet) when it is.
     pub async fn idle_for(&self, timeout: Duration) {
         let look = timeout / LOOKS;
-        let mut quiet = 0;
+        let mut quiet_for = Duration::ZERO;
         loop {
-            tokio::time::sleep(look).await;
+            let step = if self.in_turn.load(Ordering::Relaxed) {
+                let step = look.min(QUIET_SPELL);
+                tokio::time::sleep(step).await;
+                step
+            } else {
+                // A turn that begins now is looked at within a quiet spell, not a long look.
+                tokio::select! {
+                    () = tokio::time::sleep(look) => look,
+                    () = self.turn_begun.notified() => {
+                        quiet_for = Duration::ZERO;
+                        continue;
+                    }
+                }
+            };
             let moved = self.moved.swap(false, Ordering::Relaxed);
             if moved || self.in_flight.load(Ordering::Relaxed) > 0 {
-                quiet = 0;
+                quiet_for = Duration::ZERO;
+                self.quiet.store(false, Ordering::Relaxed);
                 continue;
             }
-            quiet += 1;
-            if quiet >= LOOKS {
+            self.quiet.store(true, Ordering::Relaxed);
+            quiet_for += step;
+            if quiet_for >= timeout {
                 return;
             }
         }
@@ -218,18 +263,45 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 /// A service's answer to one request, with the request counted in flight on `activity` from
 /// now until its response body has been sent or dropped. (The body is boxed again: a generic
 /// body type here trips a known rustc limit on `Send` proofs inside spawned futures.)
-pub fn track<E, F>(
-    activity: &Arc<Activity>,
-    answer: F,
-) -> impl std::future::Future<Output = Result<http::Response<BoxBody>, E>>
+pub fn track<E, F>(activity: &Arc<Activity>, answer: F) -> Track<F>
 where
     F: std::future::Future<Output = Result<http::Response<BoxBody>, E>>,
 {
-    let in_flight = activity.request();
-    async move {
-        answer
-            .await
-            .map(|r| r.map(|b| Tracked::new(b, in_flight).boxed_unsync()))
+    Track {
+        answer,
+        in_flight: Some(activity.request()),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`track`]'s future. Written out rather than an `async` block: an `async` block that
+    /// awaits a future it was given holds it twice (as what it captured and as what it awaits),
+    /// and the request path's future is some 6 KiB, which hyper keeps room for while a
+    /// connection lives.
+    pub struct Track<F> {
+        #[pin]
+        answer: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<E, F> std::future::Future for Track<F>
+where
+    F: std::future::Future<Output = Result<http::Response<BoxBody>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let answered = std::task::ready!(this.answer.poll(cx));
+        // The guard goes with the body (a future is not polled again once it is ready).
+        let in_flight = this.in_flight.take();
+        Poll::Ready(answered.map(|r| {
+            r.map(|b| match in_flight {
+                Some(in_flight) => Tracked::new(b, in_flight).boxed_unsync(),
+                None => b,
+            })
+        }))
     }
 }
 
@@ -241,8 +313,11 @@ pub async fn or_idle<F: std::future::Future>(
     timeout: Duration,
 ) -> Option<F::Output> {
     tokio::select! {
-        out = conn => Some(out),
+        // The watchdog first: a look that finds the connection quiet is seen by the
+        // connection's reads in the same wake-up ([`crate::release`]).
+        biased;
         () = activity.idle_for(timeout) => None,
+        out = conn => Some(out),
     }
 }
 

@@ -695,12 +695,10 @@ struct Builders {
     http1: http1::Builder,
 }
 
-/// What a client connection's service answers with: a boxed future.
-type Answer =
-    Pin<Box<dyn Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send>>;
-
 /// A client connection's service: each request held to strict framing ([`proxy::checked`]) and
-/// counted in `activity` while in flight.
+/// counted in `activity` while in flight. Its future is not boxed: hyper keeps room for it (some
+/// 12 KiB) for as long as its connection lives, which in turns ([`release`]) is a busy spell,
+/// and boxing it here would copy all of it once per request.
 fn service<H, F>(
     activity: &Arc<Activity>,
     link: Arc<Link>,
@@ -709,7 +707,9 @@ fn service<H, F>(
     http::Request<hyper::body::Incoming>,
     Response = http::Response<crate::body::BoxBody>,
     Error = Infallible,
-    Future = Answer,
+    Future = impl Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>>
+                 + Send
+                 + 'static,
 > + Clone
        + Send
        + Sync
@@ -720,14 +720,11 @@ where
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = activity.clone();
-    service_fn(move |req| -> Answer {
-        // Boxed: hyper keeps room for its service's future for as long as the connection
-        // lives, and the request path's is some 12 KiB; boxed, an idle connection holds a
-        // pointer, and the room exists only while a request is served.
-        Box::pin(idle::track(
+    service_fn(move |req| {
+        idle::track(
             &activity,
             proxy::checked(link.clone(), req, handler.clone()),
-        ))
+        )
     })
 }
 
@@ -800,11 +797,11 @@ where
             http::Request<hyper::body::Incoming>,
             Response = http::Response<crate::body::BoxBody>,
             Error = Infallible,
-            Future = Answer,
         > + Clone
         + Send
         + Sync
         + 'static,
+    S::Future: Send + 'static,
 {
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io.into_inner()), service);
     Box::pin(watcher.watch(conn.into_owned()))

@@ -234,3 +234,121 @@ async fn nginx_over_tls_with_h2_as_the_upstream() {
         "auth=Bearer latchkey.nginx proto=HTTP/2.0 uri=/v2/items?page=2"
     );
 }
+
+/// What latchkey logs (at `trace`) when a quiet client connection lets go of hyper's
+/// connection and buffers between turns (`proxy.idle_release`, src/release.rs).
+const RESTED: &str = "a quiet client connection let go of its HTTP machinery";
+
+/// A keep-alive client connection that rests (a second with nothing to do: its HTTP machinery
+/// is let go, the socket stays open) goes on as before with a real client, Python's
+/// `http.client`, which never reconnects on its own: the same socket after each rest, no
+/// `Connection: close`, a 200 KB body sent after one, and two pipelined requests after the next
+/// answered in order.
+#[tokio::test]
+async fn a_keep_alive_connection_goes_on_as_before_after_it_rests() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    let bao = Bao::start().await;
+    let hb = Httpbin::start().await;
+    let base = format!("http://127.0.0.1:{}", hb.port);
+    bao.put(
+        "httpbin-header",
+        &[
+            ("connector", "generic-header"),
+            ("base_url", &base),
+            ("api_key", "hb_header_key_42"),
+        ],
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback().extra(&clients_toml())).await;
+    let script = format!(
+        "import http.client, json, sys\n\
+         c = http.client.HTTPConnection('{host}', {port}, timeout=30)\n\
+         auth = {{'Proxy-Authorization': 'Bearer {TOKEN}'}}\n\
+         def call(method, path, body=None):\n\
+         \x20   c.request(method, '/httpbin-header' + path, body=body, headers=auth)\n\
+         \x20   r = c.getresponse()\n\
+         \x20   return r.status, r.getheader('Connection'), json.loads(r.read())\n\
+         def rest():\n\
+         \x20   print('rest', flush=True)\n\
+         \x20   sys.stdin.readline()\n\
+         out = {{}}\n\
+         st, conn, _ = call('GET', '/get')\n\
+         sock = c.sock\n\
+         out['first'] = [st, conn]\n\
+         rest()\n\
+         st, conn, body = call('POST', '/anything', b'x' * 200000)\n\
+         out['body'] = [st, conn, len(body['data']), c.sock is sock]\n\
+         rest()\n\
+         two = b''.join(b'GET /httpbin-header/anything/' + p + b' HTTP/1.1\\r\\nHost: x\\r\\nProxy-Authorization: Bearer {TOKEN}\\r\\n\\r\\n' for p in (b'a', b'b'))\n\
+         c.sock.sendall(two)\n\
+         class Kept:\n\
+         \x20   def __init__(self, f): self.f = f\n\
+         \x20   def __getattr__(self, name): return getattr(self.f, name)\n\
+         \x20   def close(self): pass\n\
+         class Sock:\n\
+         \x20   def __init__(self, f): self.f = Kept(f)\n\
+         \x20   def makefile(self, *a, **k): return self.f\n\
+         f = c.sock.makefile('rb')\n\
+         out['pipelined'] = []\n\
+         for _ in range(2):\n\
+         \x20   r = http.client.HTTPResponse(Sock(f))\n\
+         \x20   r.begin()\n\
+         \x20   out['pipelined'].append([r.status, r.getheader('Connection'), json.loads(r.read())['url']])\n\
+         print(json.dumps(out), flush=True)\n",
+        host = lk.proxy.ip(),
+        port = lk.proxy.port(),
+    );
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 is needed");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut rests = 0;
+    let out = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the client went quiet")
+            .unwrap()
+            .unwrap_or_else(|| panic!("the client ended early:\n{}", lk.output()));
+        if line != "rest" {
+            break line;
+        }
+        // The client waits until latchkey has let this connection's machinery go.
+        rests += 1;
+        wait_until(
+            "the connection to rest",
+            Duration::from_secs(30),
+            || async { (lk.output().matches(RESTED).count() >= rests).then_some(()) },
+        )
+        .await;
+        stdin.write_all(b"\n").await.unwrap();
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["first"], serde_json::json!([200, null]), "{v}");
+    assert_eq!(
+        v["body"],
+        serde_json::json!([200, null, 200000, true]),
+        "{v}"
+    );
+    let urls: Vec<_> = v["pipelined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r[0], 200, "{v}");
+            assert_eq!(r[1], serde_json::Value::Null, "{v}");
+            r[2].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        urls,
+        [format!("{base}/anything/a"), format!("{base}/anything/b")],
+        "{v}"
+    );
+    // Two rests, each on this one connection, and the machinery let go only then.
+    assert_eq!(lk.output().matches(RESTED).count(), 2);
+}
