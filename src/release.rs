@@ -301,6 +301,18 @@ mod tests {
         >,
     >;
 
+    /// An accepted stream as [`serve`] takes it.
+    fn lease(stream: TcpStream, activity: &Arc<Activity>) -> Box<Lease<Watched<TcpStream>>> {
+        Box::new(Lease::new(
+            Strict::new(
+                Watched::new(stream, activity.clone()),
+                Link::new(),
+                Duration::from_secs(5),
+            ),
+            activity.clone(),
+        ))
+    }
+
     /// Serves one connection in turns on loopback, answering each request with its path; the
     /// receiver gets the number of turns once the connection has ended.
     async fn one_connection() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<usize>) {
@@ -310,14 +322,7 @@ mod tests {
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let activity = Activity::new();
-            let io = Box::new(Lease::new(
-                Strict::new(
-                    Watched::new(stream, activity.clone()),
-                    Link::new(),
-                    Duration::from_secs(5),
-                ),
-                activity.clone(),
-            ));
+            let io = lease(stream, &activity);
             let service = {
                 let activity = activity.clone();
                 // Boxed, with its type written out: the known rustc limit on `Send` proofs (see
@@ -449,15 +454,7 @@ mod tests {
             .unwrap();
         c.write_all(&H2_PREFACE[..10]).await.unwrap();
         let (stream, _) = listener.accept().await.unwrap();
-        let activity = Activity::new();
-        let io = Box::new(Lease::new(
-            Strict::new(
-                Watched::new(stream, activity.clone()),
-                Link::new(),
-                Duration::from_secs(5),
-            ),
-            activity,
-        ));
+        let io = lease(stream, &Activity::new());
         let service = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
             Ok::<_, Infallible>(http::Response::new(full("")))
         });

@@ -771,6 +771,19 @@ fn serve_in_turns<H, F>(
             }
         }
     });
+    spawn_connection(conn, activity, (peer, idle), guard);
+}
+
+/// Runs a client connection's task: `conn` until it ends or has been idle for `idle`
+/// ([`idle::or_idle`]); `guard` lives as long as it does.
+fn spawn_connection<C>(
+    conn: C,
+    activity: Arc<Activity>,
+    (peer, idle): (SocketAddr, Duration),
+    guard: impl Send + 'static,
+) where
+    C: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
     tokio::spawn(async move {
         match idle::or_idle(conn, &activity, idle).await {
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
@@ -834,14 +847,7 @@ fn serve<S, H, F>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     // Boxed too, so that the task holds it once (about 2 KiB), not a copy per await point.
     let conn = Box::pin(graceful.watch(conn.into_owned()));
-    tokio::spawn(async move {
-        match idle::or_idle(conn, &activity, idle).await {
-            Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
-            Some(Ok(())) => {}
-            None => tracing::debug!(%peer, ?idle, "closed an idle client connection"),
-        }
-        drop(guard);
-    });
+    spawn_connection(conn, activity, (peer, idle), guard);
 }
 
 /// Accepts and serves connections on the current runtime (the admin listener); with `tls`, each

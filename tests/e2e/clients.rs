@@ -51,21 +51,29 @@ impl Httpbin {
     }
 }
 
-#[tokio::test]
-async fn python_requests_through_http_proxy_to_httpbin() {
+/// OpenBao, httpbin and latchkey, with connection `name` (`connector`, key `key`) on httpbin
+/// at the returned base URL; the client token must never show in latchkey's output.
+async fn on_httpbin(name: &str, connector: &str, key: &str) -> (Bao, Httpbin, String, Latchkey) {
     let bao = Bao::start().await;
     let hb = Httpbin::start().await;
     let base = format!("http://127.0.0.1:{}", hb.port);
     bao.put(
-        "httpbin-header",
+        name,
         &[
-            ("connector", "generic-header"),
+            ("connector", connector),
             ("base_url", &base),
-            ("api_key", "hb_header_key_42"),
+            ("api_key", key),
         ],
     );
     let lk = Latchkey::start(&bao, Opts::loopback().extra(&clients_toml())).await;
     lk.forbid(TOKEN);
+    (bao, hb, base, lk)
+}
+
+#[tokio::test]
+async fn python_requests_through_http_proxy_to_httpbin() {
+    let (_bao, _hb, base, lk) =
+        on_httpbin("httpbin-header", "generic-header", "hb_header_key_42").await;
 
     // An unmodified client: only HTTP_PROXY says where latchkey is and which connection to use.
     let proxy = format!("http://httpbin-header:{TOKEN}@{}", lk.proxy);
@@ -93,28 +101,14 @@ async fn python_requests_through_http_proxy_to_httpbin() {
     let out = python(&script, &[]).await;
     assert_eq!(
         out.trim(),
-        format!(
-            "200 latchkey.httpbin-header http://127.0.0.1:{}/anything/x?y=1",
-            hb.port
-        )
+        format!("200 latchkey.httpbin-header {base}/anything/x?y=1")
     );
 }
 
 #[tokio::test]
 async fn curl_with_http_proxy_variable_and_reqwest_with_a_proxy() {
-    let bao = Bao::start().await;
-    let hb = Httpbin::start().await;
-    let base = format!("http://127.0.0.1:{}", hb.port);
-    bao.put(
-        "httpbin-bearer",
-        &[
-            ("connector", "generic-bearer"),
-            ("base_url", &base),
-            ("api_key", "hb_bearer_key_43"),
-        ],
-    );
-    let lk = Latchkey::start(&bao, Opts::loopback().extra(&clients_toml())).await;
-    lk.forbid(TOKEN);
+    let (_bao, _hb, base, lk) =
+        on_httpbin("httpbin-bearer", "generic-bearer", "hb_bearer_key_43").await;
 
     let proxy = format!("http://httpbin-bearer:{TOKEN}@{}", lk.proxy);
     let out = tokio::process::Command::new("curl")
@@ -248,18 +242,8 @@ const RESTED: &str = "a quiet client connection let go of its HTTP machinery";
 async fn a_keep_alive_connection_goes_on_as_before_after_it_rests() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-    let bao = Bao::start().await;
-    let hb = Httpbin::start().await;
-    let base = format!("http://127.0.0.1:{}", hb.port);
-    bao.put(
-        "httpbin-header",
-        &[
-            ("connector", "generic-header"),
-            ("base_url", &base),
-            ("api_key", "hb_header_key_42"),
-        ],
-    );
-    let lk = Latchkey::start(&bao, Opts::loopback().extra(&clients_toml())).await;
+    let (_bao, _hb, base, lk) =
+        on_httpbin("httpbin-header", "generic-header", "hb_header_key_42").await;
     let script = format!(
         "import http.client, json, sys\n\
          c = http.client.HTTPConnection('{host}', {port}, timeout=30)\n\
