@@ -9,6 +9,12 @@
 //! hyper's and is shared by every request to its host. Requests to HTTP/1.1 upstreams go in
 //! origin form with a `Host` header; to h2 upstreams, with `:authority` and `:scheme`.
 //!
+//! A request that finds no idle connection dials, unless [`MAX_DIALS_PER_HOST`] dials to its
+//! host are under way on this worker: then it waits for a connection to come back or a dial to
+//! end, [`DIAL_WAIT`] at most, and dials after that. A burst on a cold pool (after the idle
+//! limit, every connection closed) so makes a few connections and reuses them, instead of a TLS
+//! handshake per request racing for the cores (`bench/tail.py`, issue 15).
+//!
 //! An idle connection older than the pool's idle limit is dropped when it would be taken, and
 //! by a reaper task that runs while the pool has idle connections (so that an upstream is not
 //! held open by a pool nobody sends through); the task holds the pool only weakly and ends
@@ -48,6 +54,15 @@ const REAPS: u32 = 4;
 /// Idle HTTP/1.1 connections kept per host, per worker: enough for a worker's share of a few
 /// hundred concurrent requests, few enough that a burst does not leave thousands open.
 const MAX_IDLE_PER_HOST: usize = 64;
+
+/// Dials to one host under way at once, per worker. A request that finds no idle connection
+/// beyond them waits for a connection to come back or a dial to end ([`DIAL_WAIT`] at most),
+/// so that a burst on a cold pool makes a few connections and reuses them rather than racing a
+/// TLS handshake per request on cores the handshakes themselves keep busy.
+const MAX_DIALS_PER_HOST: usize = 4;
+/// How long a request waits for a connection beyond [`MAX_DIALS_PER_HOST`] before it dials
+/// anyway (an upstream whose answers take long returns no connection soon).
+const DIAL_WAIT: Duration = Duration::from_millis(20);
 
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +118,8 @@ struct State {
     retired: Vec<http2::SendRequest<UpstreamBody>>,
     /// A reaper task is running.
     reaping: bool,
+    /// Dials under way, per scheme and authority.
+    dialing: [ByHost<usize>; 2],
 }
 
 /// The pool's limits (`proxy.pool_idle_timeout`, `proxy.body_timeout`).
@@ -122,6 +139,38 @@ pub struct Pool {
     generation: AtomicU64,
     limits: Limits,
     state: Mutex<State>,
+    /// Requests waiting for a connection to come back or a dial to end ([`MAX_DIALS_PER_HOST`]).
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Wakes them.
+    changed: tokio::sync::Notify,
+}
+
+/// What a request that found no idle connection may do.
+enum Turn {
+    /// Dial, holding this slot while it does.
+    Dial(Option<DialSlot>),
+    /// Look for an idle connection again.
+    Again,
+}
+
+/// One of a host's [`MAX_DIALS_PER_HOST`] dials, while it is under way.
+struct DialSlot {
+    pool: Arc<Pool>,
+    key: Key,
+}
+
+impl Drop for DialSlot {
+    fn drop(&mut self) {
+        {
+            let mut state = self.pool.state();
+            if let Some(n) =
+                state.dialing[usize::from(self.key.https)].get_mut(self.key.authority.as_str())
+            {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.pool.wake();
+    }
 }
 
 /// Where an HTTP/1.1 connection lent to a response goes back to when its body has ended.
@@ -284,6 +333,8 @@ impl Pool {
             generation: AtomicU64::new(0),
             limits,
             state: Mutex::new(State::default()),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -371,28 +422,36 @@ impl Pool {
                 | Method::PUT
                 | Method::DELETE
         );
-        while let Some(mut conn) = self.take_idle(&key) {
-            match conn
-                .exchange(
-                    &exchange.head,
-                    &mut exchange.pump,
-                    exchange.to_head,
-                    idempotent,
-                )
-                .await
-            {
-                Ok(head) => return Ok(self.respond(key, conn, head, exchange.pump, generation)),
-                Err(f) if f.retryable => {
-                    tracing::debug!(error = %f.error, "a pooled upstream connection had closed; sending again");
+        let slot = loop {
+            while let Some(mut conn) = self.take_idle(&key) {
+                match conn
+                    .exchange(
+                        &exchange.head,
+                        &mut exchange.pump,
+                        exchange.to_head,
+                        idempotent,
+                    )
+                    .await
+                {
+                    Ok(head) => {
+                        return Ok(self.respond(key, conn, head, exchange.pump, generation))
+                    }
+                    Err(f) if f.retryable => {
+                        tracing::debug!(error = %f.error, "a pooled upstream connection had closed; sending again");
+                    }
+                    Err(f) => return Err(f.error.into()),
                 }
-                Err(f) => return Err(f.error.into()),
             }
-        }
+            match Box::pin(self.dial_or_wait(&key)).await {
+                Turn::Dial(slot) => break slot,
+                Turn::Again => {}
+            }
+        };
 
         // Dialing (DNS, TCP, TLS, the HTTP handshake) is the large part of this future and the
         // rare one: boxed, it is allocated only when it runs, and every proxied request's
         // future (kept per client connection by hyper) stays small.
-        Box::pin(self.connect_and_send(key, parts, exchange, generation)).await
+        Box::pin(self.connect_and_send(key, parts, exchange, generation, slot)).await
     }
 
     async fn connect_and_send(
@@ -401,10 +460,13 @@ impl Pool {
         parts: http::request::Parts,
         mut exchange: Exchange,
         generation: u64,
+        slot: Option<DialSlot>,
     ) -> Result<Response<ResponseBody>, SendError> {
         tracing::debug!(authority = %key.authority, "opening an upstream connection");
         let dialer = self.dialer();
-        let io = dialer.dial(key.https, &key.authority).await?;
+        let dialed = dialer.dial(key.https, &key.authority).await;
+        drop(slot);
+        let io = dialed?;
         if io.is_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -478,6 +540,52 @@ impl Pool {
         }
     }
 
+    /// For a request that found no idle connection: a dial slot if the host has one free, or
+    /// else a wait for a connection to come back or a dial to end, then `Again`; after
+    /// [`DIAL_WAIT`] with neither, a dial with no slot.
+    async fn dial_or_wait(self: &Arc<Self>, key: &Key) -> Turn {
+        let notified = self.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let mut state = self.state();
+            let https = usize::from(key.https);
+            if state.idle[https]
+                .get(key.authority.as_str())
+                .is_some_and(|l| !l.is_empty())
+            {
+                return Turn::Again;
+            }
+            let dialing = match state.dialing[https].get_mut(key.authority.as_str()) {
+                Some(n) => n,
+                None => state.dialing[https]
+                    .entry(key.authority.as_str().into())
+                    .or_default(),
+            };
+            if *dialing < MAX_DIALS_PER_HOST {
+                *dialing += 1;
+                return Turn::Dial(Some(DialSlot {
+                    pool: self.clone(),
+                    key: key.clone(),
+                }));
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let woken = tokio::time::timeout(DIAL_WAIT, notified).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match woken {
+            Ok(()) => Turn::Again,
+            Err(_) => Turn::Dial(None),
+        }
+    }
+
+    /// Wakes the requests waiting in [`Pool::dial_or_wait`], if any.
+    fn wake(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
     fn take_idle(&self, key: &Key) -> Option<H1Conn> {
         let mut state = self.state();
         let list = state.idle[usize::from(key.https)].get_mut(key.authority.as_str())?;
@@ -506,6 +614,11 @@ impl Pool {
             conn,
             since: Instant::now(),
         });
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            drop(state);
+            self.wake();
+            state = self.state();
+        }
         if state.reaping {
             return;
         }
