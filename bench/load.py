@@ -748,7 +748,8 @@ class Bench:
         self.anchor_http, self.anchor_https, self.anchor_tls = free_port(), free_port(), free_port()
         self.anchor = Nginx(self.nginx_bin, "anchor", "anchor.conf.tmpl", d, {
             "WORKERS": CORES, "HTTP_PORT": self.anchor_http, "HTTPS_PORT": self.anchor_https,
-            "TLS_PORT": self.anchor_tls, "UP_HTTP_PORT": self.up_http, "UP_HTTPS_PORT": self.up_https})
+            "TLS_PORT": self.anchor_tls, "UP_HTTP_PORT": self.up_http, "UP_HTTPS_PORT": self.up_https,
+            "UP_IDLE": getattr(a, "upstream_idle", None) or "90s"})
         self.anchor.wait(self.anchor_http)
         wait_until("anchor → HTTPS upstream", lambda: http_get(self.anchor_https, "/")[0] == 200,
                    proc=self.anchor.proc)

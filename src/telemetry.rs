@@ -36,6 +36,7 @@ pub mod names {
     pub const WEBSOCKETS_OPEN: &str = "latchkey_websockets_open";
     pub const VAULT_STALLS: &str = "latchkey_vault_stalls_total";
     pub const CONFIG_RELOADS: &str = "latchkey_config_reloads_total";
+    pub const UPSTREAM_TLS_HANDSHAKES: &str = "latchkey_upstream_tls_handshakes_total";
 }
 
 /// Counts an upgraded WebSocket as open (`latchkey_websockets_open`) until dropped: once
@@ -75,6 +76,12 @@ impl Drop for TunnelOpen {
 /// the CONNECT host: the client got no certificate).
 pub fn tunnel_leaf(outcome: &'static str) {
     counter!(names::TUNNEL_LEAVES, "outcome" => outcome).increment(1);
+}
+
+/// A TLS handshake with an upstream completed: `resumed` from a saved session, or `full`.
+pub fn upstream_tls_handshake(resumed: bool) {
+    let kind = if resumed { "resumed" } else { "full" };
+    counter!(names::UPSTREAM_TLS_HANDSHAKES, "kind" => kind).increment(1);
 }
 
 /// A client's TLS handshake inside a tunnel failed, by reason (`untrusted_ca`, `alert`, ...).

@@ -25,6 +25,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::destination::{AddressPolicy, Blocked};
+use crate::telemetry;
+use crate::upstream::sessions::Sessions;
 
 /// Why a connection to an upstream could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,8 @@ pub fn tls_config(extra_roots: &[PathBuf]) -> Result<rustls::ClientConfig, Strin
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Room for the tickets of a pool's worth of connections per upstream (`sessions`).
+    config.resumption = rustls::client::Resumption::store(Arc::new(Sessions::new()));
     Ok(config)
 }
 
@@ -236,6 +240,9 @@ impl DialerInner {
                 host: host.to_string(),
                 source,
             })?;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        telemetry::upstream_tls_handshake(resumed);
+        tracing::debug!(%host, resumed, "TLS with an upstream established");
         Ok(MaybeTls::Tls(Box::new(tls)))
     }
 }

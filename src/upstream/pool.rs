@@ -13,7 +13,8 @@
 //! host are under way on this worker: then it waits for a connection to come back or a dial to
 //! end, [`DIAL_WAIT`] at most, and dials after that. A burst on a cold pool (after the idle
 //! limit, every connection closed) so makes a few connections and reuses them, instead of a TLS
-//! handshake per request racing for the cores (`bench/tail.py`, issue 15).
+//! handshake per request racing for the cores (`bench/tail.py`, issue 15). The handshakes
+//! that are made resume a saved TLS session ([`super::sessions`]).
 //!
 //! An idle connection older than the pool's idle limit is dropped when it would be taken, and
 //! by a reaper task that runs while the pool has idle connections (so that an upstream is not

@@ -1,6 +1,7 @@
 //! The upstream connection pool: connections are reused once a response has been read to the
 //! end, an unfinished response's connection is not, a connection the upstream closed is
-//! replaced without the request failing, and h2 upstreams share one connection.
+//! replaced without the request failing, h2 upstreams share one connection, and a new TLS
+//! connection resumes a session an earlier one saved.
 
 use futures_util::StreamExt;
 
@@ -146,4 +147,64 @@ async fn h2_upstreams_share_one_connection() {
     }
     assert_eq!(up.requests(), 21);
     assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn new_tls_connections_resume_the_sessions_earlier_ones_saved() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    // rustls as the upstream: two TLS 1.3 tickets after each handshake, each good once.
+    let up = echo_tls(&ca, &[b"http/1.1"]).await;
+    bao.put(
+        "resume",
+        &[
+            ("connector", "generic-bearer"),
+            (
+                "base_url",
+                &format!("https://localhost:{}", up.addr().port()),
+            ),
+            ("api_key", "resume_key_1234"),
+        ],
+    );
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
+    )
+    .await;
+    sequential(&lk, "/resume/first", 1).await;
+    // Three times: a response left unread keeps its connection from the pool, so the next
+    // request opens a new one.
+    for n in 0..3 {
+        let r = http()
+            .get(lk.url("/resume/bytes/67108864"))
+            .send()
+            .await
+            .unwrap();
+        let mut stream = r.bytes_stream();
+        stream.next().await.unwrap().unwrap();
+        drop(stream);
+        sequential(&lk, &format!("/resume/after/{n}"), 1).await;
+    }
+    assert_eq!(
+        up.connections(),
+        4,
+        "each unread response cost a connection"
+    );
+    let metrics = crate::errors::metrics_text(&lk).await;
+    assert!(
+        metrics.contains("latchkey_upstream_tls_handshakes_total{kind=\"full\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("latchkey_upstream_tls_handshakes_total{kind=\"resumed\"} 3\n"),
+        "{metrics}"
+    );
+    let resumed = lk
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "TLS with an upstream established")
+        .map(|l| l["resumed"].as_bool())
+        .collect::<Vec<_>>();
+    assert_eq!(resumed, [Some(false), Some(true), Some(true), Some(true)]);
 }
