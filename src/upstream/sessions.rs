@@ -65,14 +65,17 @@ impl Sessions {
 
     /// Tickets held for `name`.
     pub fn tickets(&self, name: &ServerName<'_>) -> usize {
-        self.lock()
-            .by_name
-            .get(&name.to_owned())
-            .map_or(0, |s| s.tls13.len())
+        self.lock().get(name).map_or(0, |s| s.tls13.len())
     }
 }
 
 impl Servers {
+    /// What is kept for `name` (the map's keys are owned names, so a borrowed one is copied to
+    /// look it up; this runs once per handshake, not per request).
+    fn get(&self, name: &ServerName<'_>) -> Option<&Server> {
+        self.by_name.get(&name.to_owned())
+    }
+
     fn entry(&mut self, name: ServerName<'static>) -> &mut Server {
         if !self.by_name.contains_key(&name) {
             while self.by_name.len() >= SERVERS {
@@ -95,10 +98,7 @@ impl ClientSessionStore for Sessions {
     }
 
     fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        self.lock()
-            .by_name
-            .get(&server_name.to_owned())
-            .and_then(|s| s.kx_hint)
+        self.lock().get(server_name).and_then(|s| s.kx_hint)
     }
 
     fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
@@ -106,10 +106,7 @@ impl ClientSessionStore for Sessions {
     }
 
     fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
-        self.lock()
-            .by_name
-            .get(&server_name.to_owned())
-            .and_then(|s| s.tls12.clone())
+        self.lock().get(server_name).and_then(|s| s.tls12.clone())
     }
 
     fn remove_tls12_session(&self, server_name: &ServerName<'static>) {

@@ -17,6 +17,35 @@ async fn sequential(lk: &Latchkey, path: &str, n: usize) {
     }
 }
 
+/// An HTTPS echo upstream offering `alpn` under a test CA, connection `id` on it (generic
+/// bearer, `key`), and a latchkey with one worker (so one pool) trusting the CA.
+async fn one_worker_to_tls(
+    bao: &Bao,
+    id: &str,
+    alpn: &[&[u8]],
+    key: &str,
+) -> (TestCa, EchoServer, Latchkey) {
+    let ca = TestCa::new();
+    let up = echo_tls(&ca, alpn).await;
+    bao.put(
+        id,
+        &[
+            ("connector", "generic-bearer"),
+            (
+                "base_url",
+                &format!("https://localhost:{}", up.addr().port()),
+            ),
+            ("api_key", key),
+        ],
+    );
+    let lk = Latchkey::start(
+        bao,
+        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
+    )
+    .await;
+    (ca, up, lk)
+}
+
 #[tokio::test]
 async fn finished_responses_give_their_connection_back() {
     let bao = Bao::start().await;
@@ -115,24 +144,7 @@ async fn a_connection_closed_by_the_upstream_is_replaced() {
 #[tokio::test]
 async fn h2_upstreams_share_one_connection() {
     let bao = Bao::start().await;
-    let ca = TestCa::new();
-    let up = echo_tls(&ca, &[b"h2"]).await;
-    bao.put(
-        "h2-shared",
-        &[
-            ("connector", "generic-bearer"),
-            (
-                "base_url",
-                &format!("https://localhost:{}", up.addr().port()),
-            ),
-            ("api_key", "h2_shared_key_1234"),
-        ],
-    );
-    let lk = Latchkey::start(
-        &bao,
-        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
-    )
-    .await;
+    let (_ca, up, lk) = one_worker_to_tls(&bao, "h2-shared", &[b"h2"], "h2_shared_key_1234").await;
     sequential(&lk, "/h2-shared/x", 1).await;
     let client = http();
     let mut tasks = tokio::task::JoinSet::new();
@@ -152,25 +164,8 @@ async fn h2_upstreams_share_one_connection() {
 #[tokio::test]
 async fn new_tls_connections_resume_the_sessions_earlier_ones_saved() {
     let bao = Bao::start().await;
-    let ca = TestCa::new();
     // rustls as the upstream: two TLS 1.3 tickets after each handshake, each good once.
-    let up = echo_tls(&ca, &[b"http/1.1"]).await;
-    bao.put(
-        "resume",
-        &[
-            ("connector", "generic-bearer"),
-            (
-                "base_url",
-                &format!("https://localhost:{}", up.addr().port()),
-            ),
-            ("api_key", "resume_key_1234"),
-        ],
-    );
-    let lk = Latchkey::start(
-        &bao,
-        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
-    )
-    .await;
+    let (_ca, up, lk) = one_worker_to_tls(&bao, "resume", &[b"http/1.1"], "resume_key_1234").await;
     sequential(&lk, "/resume/first", 1).await;
     // Three times: a response left unread keeps its connection from the pool, so the next
     // request opens a new one.
