@@ -36,6 +36,118 @@ pub fn empty() -> BoxBody {
         .boxed_unsync()
 }
 
+/// One piece of a request body as latchkey's own HTTP/1.1 server reads it off the client
+/// connection ([`crate::downstream`]) and hands it to the request's [`ClientBody`].
+#[derive(Debug)]
+pub enum Piece {
+    Data(Bytes),
+    /// The body ended as its framing says: all of it was read.
+    End,
+    /// The client's bytes broke the framing, or the connection ended or failed mid-body.
+    Failed(BoxError),
+}
+
+/// The body of a request a client sent, whichever HTTP server read it.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// Read by hyper (h2, the tunnel's inner requests, `proxy.http1_server = "hyper"`).
+    Hyper(hyper::body::Incoming),
+    /// Read by latchkey's own HTTP/1.1 server: its pieces come from the connection's task.
+    Own(Piped),
+    /// A request without a body.
+    Empty,
+}
+
+impl From<hyper::body::Incoming> for ClientBody {
+    fn from(body: hyper::body::Incoming) -> ClientBody {
+        ClientBody::Hyper(body)
+    }
+}
+
+/// A request body that the connection's task reads and hands over in [`Piece`]s. A channel
+/// that closes without [`Piece::End`] is a failure, never a short body taken for a whole one.
+#[derive(Debug)]
+pub struct Piped {
+    rx: tokio::sync::mpsc::Receiver<Piece>,
+    /// Bytes still to come, when the framing says (`Content-Length`).
+    left: Option<u64>,
+    ended: bool,
+}
+
+impl Piped {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Piece>, length: Option<u64>) -> Piped {
+        Piped {
+            rx,
+            left: length,
+            ended: false,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BoxError::from))),
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Own(piped) => {
+                if piped.ended {
+                    return Poll::Ready(None);
+                }
+                match piped.rx.poll_recv(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Piece::Data(data))) => {
+                        if let Some(left) = &mut piped.left {
+                            *left = left.saturating_sub(data.len() as u64);
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Some(Piece::End)) => {
+                        piped.ended = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Piece::Failed(e))) => {
+                        piped.ended = true;
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Ready(None) => {
+                        piped.ended = true;
+                        Poll::Ready(Some(Err(
+                            "the client connection ended in the middle of the request body".into(),
+                        )))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(body) => body.is_end_stream(),
+            ClientBody::Empty => true,
+            ClientBody::Own(piped) => piped.ended || piped.left == Some(0),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(body) => body.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Own(piped) => match piped.left {
+                Some(left) => SizeHint::with_exact(left),
+                None => SizeHint::default(),
+            },
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Counts the data bytes that pass through.
     pub struct Counted<B> {

@@ -82,6 +82,20 @@ pub struct ProxyConfig {
     /// `proxy.idle_release`: an idle HTTP/1.1 client connection holds no hyper connection and
     /// none of its buffers (served in turns); `false`: hyper's connection for its whole life.
     pub idle_release: bool,
+    /// `proxy.http1_server`: which HTTP/1.1 server reads client connections.
+    pub http1_server: Http1Server,
+}
+
+/// `proxy.http1_server`: the HTTP/1.1 server of client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http1Server {
+    /// hyper's (the default).
+    #[default]
+    Hyper,
+    /// latchkey's own ([`crate::downstream`]); requests it does not serve (upgrades, CONNECT,
+    /// `Expect`) are handed to hyper's.
+    Latchkey,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +267,8 @@ struct RawProxy {
     passthrough: Vec<String>,
     #[serde(default = "default_idle_release")]
     idle_release: bool,
+    #[serde(default)]
+    http1_server: Http1Server,
 }
 
 fn default_idle_release() -> bool {
@@ -274,6 +290,7 @@ impl Default for RawProxy {
             resolve: BTreeMap::new(),
             passthrough: Vec::new(),
             idle_release: default_idle_release(),
+            http1_server: Http1Server::default(),
         }
     }
 }
@@ -714,6 +731,7 @@ impl ProxyConfig {
             resolve: resolve_pins(raw.resolve)?,
             passthrough: passthrough(raw.passthrough)?,
             idle_release: raw.idle_release,
+            http1_server: raw.http1_server,
         };
         if proxy.listen.is_empty() {
             return Err(ConfigError::new(

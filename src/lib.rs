@@ -16,13 +16,13 @@
 //! | 0 | connection_id, destination, hop_by_hop, misses, secret, strict, telemetry, upstream::sessions |
 //! | 1 | auth, body, ca, record, upstream::dial, vault::login |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
-//! | 3 | config, inject, release, upstream::h1::fuzzing, upstream::pool |
+//! | 3 | config, downstream, inject, release, upstream::h1::fuzzing, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |
 //! | 6 | coverage, lifecycle |
 //! | 7 | response |
 //! | 8 | admin::connections, admin::web, proxy |
-//! | 9 | admin, proxy::fuzzing, reload, tunnel |
+//! | 9 | admin, downstream::fuzzing, proxy::fuzzing, reload, tunnel |
 //! | 10 | server |
 //!
 //! From the bottom up:
@@ -46,7 +46,9 @@
 //! - The connection: [`connection`] (a stored record checked and its credential rendered),
 //!   [`draft`] (what a person submits, and the checks of a save).
 //! - [`release`]: HTTP/1.1 client connections served in turns, holding no hyper connection
-//!   while idle.
+//!   while idle; [`downstream`]: latchkey's own HTTP/1.1 server for client connections
+//!   (`proxy.http1_server = "latchkey"`), behind the same strict check, handing upgrades,
+//!   CONNECT and `Expect` to hyper's.
 //! - I/O: [`vault`] (the Vault client), [`upstream`] (dialer, own HTTP/1.1 exchange, pool),
 //!   [`websocket`] (a WebSocket handshake on a connection of its own, then the splice),
 //!   [`cache`] (the read-through secret cache), [`verify`] (the verification call).
@@ -75,6 +77,7 @@ pub mod connection;
 pub mod connection_id;
 pub mod coverage;
 pub mod destination;
+pub mod downstream;
 pub mod draft;
 pub mod encoding;
 pub mod hop_by_hop;

@@ -21,10 +21,9 @@ use http::uri::Authority;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
-use crate::body::{BoxBody, BoxError, Counted, Logged, PendingLog};
+use crate::body::{BoxBody, BoxError, ClientBody, Counted, Logged, PendingLog};
 use crate::cache::{Cache, CacheError};
 use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
@@ -246,14 +245,14 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (latchkey's own errors become responses).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+    pub async fn handle(&self, req: Request<ClientBody>) -> Response<BoxBody> {
         self.logged(req, None).await
     }
 
     /// Serves one request that arrived inside `tunnel`.
     pub async fn handle_tunneled(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         tunnel: &Tunnel,
     ) -> Response<BoxBody> {
         self.logged(req, Some(tunnel)).await
@@ -261,7 +260,7 @@ impl Proxy {
 
     /// Serves a request and writes its access line, on success (when the body ends) and on
     /// failure alike.
-    async fn logged(&self, req: Request<Incoming>, tunnel: Option<&Tunnel>) -> Response<BoxBody> {
+    async fn logged(&self, req: Request<ClientBody>, tunnel: Option<&Tunnel>) -> Response<BoxBody> {
         let started = Instant::now();
         let mut log = AccessLog {
             method: req.method().clone(),
@@ -309,7 +308,7 @@ impl Proxy {
 
     async fn serve(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
@@ -350,7 +349,7 @@ impl Proxy {
     /// `:authority` alike), then sent on as a forward-form request on the tunnel's connection.
     async fn serve_tunneled(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         tunnel: &Tunnel,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
@@ -584,7 +583,7 @@ impl Proxy {
     async fn send_on(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         route: &Route<'_>,
         reached_as: Option<&Authority>,
         log: &mut AccessLog,
@@ -1112,10 +1111,10 @@ fn weaken_etag(headers: &mut http::HeaderMap) {
 /// refused head is answered `400 bad_request` (and the connection then closes); the answer to a
 /// request that asks for an upgrade is told to the reader, which holds back what follows until
 /// it knows whether the connection still carries HTTP/1.
-pub async fn checked<F, E>(
+pub async fn checked<B, F, E>(
     link: Arc<Link>,
-    req: Request<Incoming>,
-    serve: impl FnOnce(Request<Incoming>) -> F,
+    req: Request<B>,
+    serve: impl FnOnce(Request<B>) -> F,
 ) -> Result<Response<BoxBody>, E>
 where
     F: std::future::Future<Output = Result<Response<BoxBody>, E>>,
@@ -1137,7 +1136,7 @@ where
 }
 
 /// latchkey's `400` for a request that [`strict`] refused, with its access line.
-fn not_strict(reason: &str) -> Response<BoxBody> {
+pub fn not_strict(reason: &str) -> Response<BoxBody> {
     let log = AccessLog {
         method: Method::from_bytes(b"-").unwrap_or_default(),
         status: 400,

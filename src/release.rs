@@ -74,6 +74,16 @@ impl<T> Lease<T> {
         }
     }
 
+    /// A connection whose reads latchkey's own server ([`crate::downstream`]) began: `unread`
+    /// is what it read and did not use, starting with a request head that the checked stream
+    /// has counted already.
+    pub fn handed_over(inner: Strict<T>, activity: Arc<Activity>, unread: Bytes) -> Lease<T> {
+        let mut lease = Lease::new(inner, activity);
+        lease.unread = unread;
+        lease.start = lease.start.saturating_sub(1);
+        lease
+    }
+
     pub fn get_ref(&self) -> &T {
         self.inner.get_ref()
     }
@@ -207,6 +217,51 @@ pub enum Served<T> {
 /// ([`crate::idle::track`]). `io` is boxed: the future holds a pointer, not the stream's state
 /// once per await point.
 pub async fn serve<S>(
+    io: Box<Lease<Watched<TcpStream>>>,
+    http1: &http1::Builder,
+    service: S,
+    stop: &mut watch::Receiver<()>,
+) -> Served<Watched<TcpStream>>
+where
+    S: HttpService<Incoming> + Clone + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match first_bytes(io.get_ref().get_ref(), stop).await {
+        First::Closed => Served::Done(Ok(()), 0),
+        First::H2 => Served::H2(io),
+        First::Http1 => serve_turns(io, http1, service, stop).await,
+    }
+}
+
+/// What a client connection's first bytes say.
+pub enum First {
+    /// It closed (or failed) before sending any, or shutdown came first.
+    Closed,
+    /// They may open an h2 connection.
+    H2,
+    Http1,
+}
+
+/// Waits for a client connection's first bytes (without reading them) and says what they are.
+pub async fn first_bytes(stream: &TcpStream, stop: &mut watch::Receiver<()>) -> First {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let peeked = tokio::select! {
+        peeked = stream.peek(&mut first) => peeked,
+        _ = stop.changed() => return First::Closed,
+    };
+    match peeked {
+        Ok(0) | Err(_) => First::Closed,
+        Ok(n) if H2_PREFACE.starts_with(first.get(..n).unwrap_or_default()) => First::H2,
+        Ok(_) => First::Http1,
+    }
+}
+
+/// [`serve`] once the connection is known to be HTTP/1 (its first turn may begin with bytes
+/// already read, [`Lease::handed_over`]).
+pub async fn serve_turns<S>(
     mut io: Box<Lease<Watched<TcpStream>>>,
     http1: &http1::Builder,
     service: S,
@@ -219,18 +274,6 @@ where
     S::ResBody: Send + 'static,
     <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut first = [0u8; H2_PREFACE.len()];
-    let peeked = tokio::select! {
-        peeked = io.get_ref().get_ref().peek(&mut first) => peeked,
-        _ = stop.changed() => return Served::Done(Ok(()), 0),
-    };
-    match peeked {
-        Ok(0) | Err(_) => return Served::Done(Ok(()), 0),
-        Ok(n) if H2_PREFACE.starts_with(first.get(..n).unwrap_or_default()) => {
-            return Served::H2(io)
-        }
-        Ok(_) => {}
-    }
     let mut turns = 0;
     loop {
         turns += 1;

@@ -20,7 +20,7 @@
 //!
 //! Only with a restart: the listener addresses, `proxy.workers`, the client connections' and the
 //! pool's timeouts (`idle_timeout`, `header_read_timeout`, `body_timeout`, `pool_idle_timeout`),
-//! `proxy.idle_release`, `[admin]`, `[vault]`, and `tls.ca_cert` / `tls.ca_key`. A file that changes them is applied
+//! `proxy.idle_release`, `proxy.http1_server`, `[admin]`, `[vault]`, and `tls.ca_cert` / `tls.ca_key`. A file that changes them is applied
 //! for the rest, with a warning naming those keys; latchkey keeps the values it started with.
 //!
 //! A file that does not check is refused whole: the running configuration stays, the log names
@@ -260,6 +260,10 @@ fn need_restart(started: &Config, new: &Config) -> Vec<&'static str> {
         (
             "proxy.idle_release",
             a.proxy.idle_release != b.proxy.idle_release,
+        ),
+        (
+            "proxy.http1_server",
+            a.proxy.http1_server != b.proxy.http1_server,
         ),
         (
             "proxy.pool_idle_timeout",

@@ -21,16 +21,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+use bytes::BytesMut;
+
 use crate::admin::Admin;
-use crate::body::BoxError;
+use crate::body::{BoxError, ClientBody};
 use crate::ca::{Ca, Leaves, LeavesSlot};
 use crate::cache::{Cache, VaultSource};
-use crate::config::{CaFiles, Config, TlsFiles};
+use crate::config::{CaFiles, Config, Http1Server, TlsFiles};
 use crate::coverage::Coverage;
+use crate::downstream::{self, Outcome};
 use crate::idle::{self, Activity, Watched};
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, ProxySlot};
-use crate::release::{self, Served};
+use crate::release::{self, First, Served};
 use crate::reload::{self, Reloader};
 use crate::secret::Secret;
 use crate::strict::{Link, Strict};
@@ -97,8 +100,8 @@ pub struct Server {
     idle_timeout: Duration,
     /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
     header_read_timeout: Duration,
-    /// `proxy.idle_release`: HTTP/1.1 client connections are served in turns ([`release`]).
-    idle_release: bool,
+    /// How client connections are served.
+    serving: Serving,
     admin: Arc<Admin>,
     cache: Cache,
     vault: Arc<Vault>,
@@ -176,11 +179,12 @@ impl Server {
             proxy_listeners.push(listener);
         }
         let admin_listener = bind(config.admin.listen).await?;
-        let (idle_timeout, header_read_timeout, idle_release) = (
-            config.proxy.idle_timeout,
-            config.proxy.header_read_timeout,
-            config.proxy.idle_release,
-        );
+        let (idle_timeout, header_read_timeout) =
+            (config.proxy.idle_timeout, config.proxy.header_read_timeout);
+        let serving = Serving {
+            idle_release: config.proxy.idle_release,
+            own_http1: config.proxy.http1_server == Http1Server::Latchkey,
+        };
         let parts = reload::Parts {
             catalog,
             cache: cache.clone(),
@@ -207,7 +211,7 @@ impl Server {
             leaves,
             idle_timeout,
             header_read_timeout,
-            idle_release,
+            serving,
             admin,
             cache,
             vault,
@@ -239,12 +243,8 @@ impl Server {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let timeouts = (self.idle_timeout, self.header_read_timeout);
-        let (workers, balancer) = start_workers(
-            self.reloader.slots(),
-            &self.leaves,
-            timeouts,
-            self.idle_release,
-        )?;
+        let (workers, balancer) =
+            start_workers(self.reloader.slots(), &self.leaves, timeouts, self.serving)?;
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.proxy_listeners {
             let addr = l
@@ -346,7 +346,7 @@ fn start_workers(
     slots: &[ProxySlot],
     leaves: &LeavesSlot,
     timeouts: (Duration, Duration),
-    idle_release: bool,
+    serving: Serving,
 ) -> Result<(Vec<tokio::sync::oneshot::Receiver<()>>, Arc<Balancer>), StartError> {
     let mut workers = Vec::with_capacity(slots.len());
     let mut handles = Vec::with_capacity(slots.len());
@@ -360,7 +360,7 @@ fn start_workers(
             slot.clone(),
             leaves.clone(),
             timeouts,
-            idle_release,
+            serving,
         )?);
         handles.push(WorkerHandle { tx, open });
     }
@@ -596,7 +596,7 @@ fn spawn_worker(
     proxy: ProxySlot,
     leaves: LeavesSlot,
     (idle, header_read): (Duration, Duration),
-    idle_release: bool,
+    serving: Serving,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -608,7 +608,7 @@ fn spawn_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, (idle, header_read)));
-                let handler = move |req: http::Request<hyper::body::Incoming>| {
+                let handler = move |req: http::Request<ClientBody>| {
                     // The proxy in force when the request starts serves it to its end.
                     let proxy = proxy.load_full();
                     let tunnels = tunnels.clone();
@@ -639,7 +639,8 @@ fn spawn_worker(
                 while let Some((stream, peer)) = accepted.recv().await {
                     let guard = OpenConnection::new(open.clone(), &gauge);
                     match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) if idle_release => serve_in_turns(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard),
+                        Ok(stream) if serving.own_http1 => serve_own(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard),
+                        Ok(stream) if serving.idle_release => serve_in_turns(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard),
                         Ok(stream) => serve(&builders.auto, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard),
                         Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
                     }
@@ -689,6 +690,16 @@ fn http1_builder() -> http1::Builder {
     builder
 }
 
+/// How a proxy worker serves its client connections (`proxy.idle_release`,
+/// `proxy.http1_server`).
+#[derive(Debug, Clone, Copy)]
+struct Serving {
+    /// HTTP/1.1 client connections are served in turns ([`release`]).
+    idle_release: bool,
+    /// HTTP/1.1 client connections are read by latchkey's own server ([`downstream`]).
+    own_http1: bool,
+}
+
 /// A proxy worker's HTTP server settings, shared by its connections' tasks.
 struct Builders {
     auto: auto::Builder<TokioExecutor>,
@@ -699,7 +710,7 @@ struct Builders {
 /// counted in `activity` while in flight. Its future is not boxed: hyper keeps room for it (some
 /// 12 KiB) for as long as its connection lives, which in turns ([`release`]) is a busy spell,
 /// and boxing it here would copy all of it once per request.
-fn service<H, F>(
+fn service<B, H, F>(
     activity: &Arc<Activity>,
     link: Arc<Link>,
     handler: H,
@@ -716,14 +727,15 @@ fn service<H, F>(
        + Unpin
        + 'static
 where
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    B: From<hyper::body::Incoming> + Send + 'static,
+    H: Fn(http::Request<B>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = activity.clone();
-    service_fn(move |req| {
+    service_fn(move |req: http::Request<hyper::body::Incoming>| {
         idle::track(
             &activity,
-            proxy::checked(link.clone(), req, handler.clone()),
+            proxy::checked(link.clone(), req.map(B::from), handler.clone()),
         )
     })
 }
@@ -731,7 +743,7 @@ where
 /// Serves one proxy client connection in turns ([`release`]): between requests an HTTP/1.1
 /// connection holds no hyper connection and none of its buffers. An h2 connection is served as
 /// [`serve`] serves it. Idle timeout, strict framing and shutdown are as there.
-fn serve_in_turns<H, F>(
+fn serve_in_turns<B, H, F>(
     builders: &Arc<Builders>,
     graceful: &GracefulShutdown,
     stop: &watch::Sender<()>,
@@ -740,7 +752,8 @@ fn serve_in_turns<H, F>(
     handler: H,
     guard: impl Send + 'static,
 ) where
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    B: From<hyper::body::Incoming> + Send + 'static,
+    H: Fn(http::Request<B>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
@@ -768,6 +781,70 @@ fn serve_in_turns<H, F>(
                     ended.map_err(BoxError::from)
                 }
                 Served::H2(io) => serve_h2(&builders.auto, watcher, io, service).await,
+            }
+        }
+    });
+    spawn_connection(conn, activity, (peer, idle), guard);
+}
+
+/// Serves one proxy client connection with latchkey's own HTTP/1.1 server ([`downstream`]),
+/// until a request comes that is hyper's (an upgrade, CONNECT, `Expect`): from then on it is
+/// served in turns by hyper ([`release`]). An h2 connection is served as [`serve`] serves it.
+/// Idle timeout, strict framing and shutdown are as there.
+fn serve_own<H, F>(
+    builders: &Arc<Builders>,
+    graceful: &GracefulShutdown,
+    stop: &watch::Sender<()>,
+    stream: tokio::net::TcpStream,
+    (peer, idle, header_read): (SocketAddr, Duration, Duration),
+    handler: H,
+    guard: impl Send + 'static,
+) where
+    H: Fn(http::Request<ClientBody>) -> F + Clone + Send + Sync + Unpin + 'static,
+    F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
+{
+    let activity = Activity::new();
+    let link = Link::new();
+    let mut io = Strict::new(
+        Watched::new(stream, activity.clone()),
+        link.clone(),
+        header_read,
+    );
+    // Requests hyper serves, after a hand-over.
+    let service = service(&activity, link.clone(), handler.clone());
+    let own = {
+        let activity = activity.clone();
+        move |req: http::Request<ClientBody>| {
+            idle::track(
+                &activity,
+                proxy::checked(link.clone(), req, handler.clone()),
+            )
+        }
+    };
+    let watcher = graceful.watcher();
+    let (builders, mut stop) = (builders.clone(), stop.subscribe());
+    let task_activity = activity.clone();
+    let conn: Connection = Box::pin(async move {
+        let activity = task_activity;
+        match release::first_bytes(io.get_ref().get_ref(), &mut stop).await {
+            First::Closed => return Ok(()),
+            First::H2 => {
+                let lease = Box::new(release::Lease::new(io, activity));
+                return serve_h2(&builders.auto, watcher, lease, service).await;
+            }
+            First::Http1 => {}
+        }
+        let mut buf = BytesMut::new();
+        match downstream::serve(&mut io, &mut buf, &own, proxy::not_strict, &mut stop).await {
+            Outcome::Done(ended) => ended.map_err(BoxError::from),
+            Outcome::Hyper => {
+                tracing::trace!(%peer, "a request for hyper's server: the connection is handed over");
+                let lease = Box::new(release::Lease::handed_over(io, activity, buf.freeze()));
+                match release::serve_turns(lease, &builders.http1, service, &mut stop).await {
+                    Served::Done(ended, _) => ended.map_err(BoxError::from),
+                    // Only a connection's first bytes are looked at for h2.
+                    Served::H2(_) => Ok(()),
+                }
             }
         }
     });
@@ -824,7 +901,7 @@ where
 /// connection with no request in flight and no byte moving for `idle` is closed ([`idle`]).
 /// With `strict` (the proxy listener), what the client sends is held to strict HTTP/1.1
 /// framing ([`strict`]) and each request head must be whole within that long.
-fn serve<S, H, F>(
+fn serve<S, B, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     stream: S,
@@ -833,7 +910,8 @@ fn serve<S, H, F>(
     guard: impl Send + 'static,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    B: From<hyper::body::Incoming> + Send + 'static,
+    H: Fn(http::Request<B>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();

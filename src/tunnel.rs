@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use crate::body::{self, BoxBody};
+use crate::body::{self, BoxBody, ClientBody};
 use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
 use crate::idle::{self, Activity, Watched};
@@ -67,7 +67,7 @@ impl Tunnels {
 
     /// Answers a CONNECT: 200, and the tunnel served once hyper hands the connection over; or
     /// latchkey's refusal, with nothing dialled.
-    pub async fn connect(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<BoxBody> {
+    pub async fn connect(self: &Arc<Self>, mut req: Request<ClientBody>) -> Response<BoxBody> {
         let Some(leaves) = self.leaves.get().cloned() else {
             return ProxyError::ConnectUnsupported.into_response();
         };
@@ -177,7 +177,8 @@ impl Tunnels {
         );
         let service = {
             let activity = activity.clone();
-            service_fn(move |req| {
+            service_fn(move |req: Request<Incoming>| {
+                let req = req.map(ClientBody::Hyper);
                 let proxy = proxy.load_full();
                 let tunnel = tunnel.clone();
                 let serve = |req| async move {

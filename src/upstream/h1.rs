@@ -898,7 +898,7 @@ impl<H: Checkin + Unpin> Body for H1Body<H> {
     }
 }
 
-enum Decoded {
+pub enum Decoded {
     Data(Bytes),
     More,
     End,
@@ -907,7 +907,7 @@ enum Decoded {
 /// Takes what it can of a chunked body from `buf` (RFC 9112 section 7.1), as strictly as hyper
 /// or more: every line ends in CRLF, a chunk size fits in 64 bits, extensions and trailers hold
 /// no control character but HTAB, trailers are `name: value` lines without obsolete folding.
-fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Error> {
+pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Error> {
     loop {
         match state {
             Chunk::Size => {

@@ -68,6 +68,7 @@ fn check_config_refuses_bad_files_naming_the_key() {
     for (text, key, why) in [
         ("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "proxy.lisen", "unknown field"),
         ("[cache]\nttl = \"5 parsecs\"\n", "cache.ttl", "not a duration"),
+        ("[proxy]\nhttp1_server = \"nginx\"\n", "proxy.http1_server", "unknown variant `nginx`, expected `hyper` or `latchkey`"),
         ("[proxy]\nallow_private_destinations = [\"10.0.0.0/33\"]\n", "proxy.allow_private_destinations", "not a CIDR"),
         (
             &format!("[[clients]]\nname = \"a\"\ntoken_sha256 = \"{hash}\"\nconnections = [\"stripe-[\"]\n"),

@@ -650,13 +650,21 @@ impl Latchkey {
         } else {
             format!("{:?}", opts.vault_addresses)
         };
+        // The whole suite runs against either HTTP/1.1 server (`proxy.http1_server`): the
+        // default unless a test names one, or this variable's.
+        let mut proxy_lines = opts.proxy.clone();
+        if let Ok(server) = std::env::var("LATCHKEY_E2E_HTTP1_SERVER") {
+            if !proxy_lines.contains("http1_server") {
+                proxy_lines.push_str(&format!("http1_server = {server:?}\n"));
+            }
+        }
         let config = format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nallow_private_destinations = [{}]\n{}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\ntoken_sha256 = \"{}\"\n{}\n\
              [vault]\naddress = {}\nprefix = \"{}\"\ntimeout = \"2s\"\n{}\n\
              [tls]\nextra_roots = [{}]\n{}\n{}",
             allow.join(", "),
-            opts.proxy,
+            proxy_lines,
             latchkey::auth::sha256_hex(ADMIN_TOKEN),
             opts.admin,
             address,
