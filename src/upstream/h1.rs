@@ -908,11 +908,22 @@ pub enum Decoded {
 /// or more: every line ends in CRLF, a chunk size fits in 64 bits, extensions and trailers hold
 /// no control character but HTAB, trailers are `name: value` lines without obsolete folding.
 pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1Error> {
+    decode_chunk_within(buf, state, MAX_LINE)
+}
+
+/// [`decode_chunk`] with lines (chunk-size lines, trailers) of up to `max_line` bytes: a
+/// reader behind a check that already bounds them (latchkey's own server, behind
+/// [`crate::strict`]) takes what that check passed.
+pub fn decode_chunk_within(
+    buf: &mut BytesMut,
+    state: &mut Chunk,
+    max_line: usize,
+) -> Result<Decoded, H1Error> {
     loop {
         match state {
             Chunk::Size => {
-                let Some((used, size)) = chunk_size_line(buf)? else {
-                    return more(buf);
+                let Some((used, size)) = chunk_size_line(buf, max_line)? else {
+                    return more(buf, max_line);
                 };
                 buf.advance(used);
                 *state = if size == 0 {
@@ -943,10 +954,10 @@ pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1
             }
             Chunk::Trailers => {
                 let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-                    return more(buf);
+                    return more(buf, max_line);
                 };
                 // A line that arrived whole is held to the bound a line arriving in pieces is.
-                if end > MAX_LINE {
+                if end > max_line {
                     return Err(H1Error::Invalid("a chunk line is too long"));
                 }
                 let line = match end.checked_sub(1).map(|cr| (buf.get(cr), buf.get(..cr))) {
@@ -969,7 +980,7 @@ pub fn decode_chunk(buf: &mut BytesMut, state: &mut Chunk) -> Result<Decoded, H1
 /// Parses the chunk-size line at the start of `buf`: hex digits (leading zeros allowed, a size
 /// past 64 bits refused), optional whitespace, extensions (ignored, but without a bare CR or LF
 /// or any other control character but HTAB), CRLF. `None` while the line is not all there.
-fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
+fn chunk_size_line(buf: &[u8], max_line: usize) -> Result<Option<(usize, u64)>, H1Error> {
     let mut size: u64 = 0;
     let mut at = 0;
     while let Some(digit) = buf.get(at).and_then(|b| char::from(*b).to_digit(16)) {
@@ -992,7 +1003,7 @@ fn chunk_size_line(buf: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
                     None => Ok(None),
                     // A line that arrived whole is held to the bound a line arriving in pieces
                     // is ([`more`]).
-                    Some(b'\n') if at + 1 > MAX_LINE => {
+                    Some(b'\n') if at + 1 > max_line => {
                         Err(H1Error::Invalid("a chunk line is too long"))
                     }
                     Some(b'\n') => Ok(Some((at + 2, size))),
@@ -1040,8 +1051,8 @@ fn is_control(b: u8) -> bool {
     b < 0x20 || b == 0x7f
 }
 
-fn more(buf: &BytesMut) -> Result<Decoded, H1Error> {
-    if buf.len() > MAX_LINE {
+fn more(buf: &BytesMut, max_line: usize) -> Result<Decoded, H1Error> {
+    if buf.len() > max_line {
         return Err(H1Error::Invalid("a chunk line is too long"));
     }
     Ok(Decoded::More)

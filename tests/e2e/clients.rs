@@ -359,11 +359,12 @@ async fn keep_alive_across_rests(server: &str, rested: &str) {
         "{v}"
     );
     // hyper's: two rests, each on this one connection, and the machinery let go only then.
-    // latchkey's: no buffer held after every request answered (four) and before the first.
+    // latchkey's: no buffer held before the first request and after each answered; the line
+    // after the last may come after the client has read it, so three at least.
     let rests = lk.output().matches(rested).count();
     if server == "hyper" {
         assert_eq!(rests, 2);
     } else {
-        assert!(rests >= 4, "{rests}");
+        assert!(rests >= 3, "{rests}");
     }
 }
