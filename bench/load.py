@@ -781,6 +781,9 @@ class Bench:
         if tunnel:  # latchkey's CA, and the service's name pinned to the HTTPS upstream
             extra = dict(proxy_extra=f'resolve = {{ "{TUNNEL_HOST}:443" = "127.0.0.1:{self.up_https}" }}\n',
                          tls_extra=f'ca_cert = "{self.lk_ca}"\nca_key = "{self.lk_ca_key}"\n')
+        if self.args.http1_server:  # which HTTP/1.1 server reads client connections
+            extra["proxy_extra"] = (extra.get("proxy_extra", "")
+                                    + f'http1_server = "{self.args.http1_server}"\n')
         lk = Latchkey(self.latchkey_bin, name, self.workdir, self.bao, self.ca_pem, **extra)
         return lk
 
@@ -1241,8 +1244,11 @@ class Bench:
         w(f"Command: `{cmd}` (run {R['started']}, {R['elapsed_s'] / 60:.1f} min)\n")
         w(f"- Machine: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']}; load average at "
           f"start {' '.join(R['loadavg_start'])}, at end {' '.join(R['loadavg_end'])}.")
+        h1 = getattr(a, "http1_server", None)
+        server = f'`proxy.http1_server = "{h1}"`' if h1 else "the default HTTP/1.1 server"
         w(f"- latchkey {env['commit']}, `cargo build --release`, `RUST_LOG=warn` (the access log, at "
-          f"info, is off the hot path), no `[[clients]]`, default cache settings.")
+          f"info, is off the hot path), no `[[clients]]`, default cache settings; client connections "
+          f"read by {server}.")
         w(f"- Tools: {env['nginx']}; {env['wrk']}; {env['oha']}; {env['bao']}; {env['openssl']}.")
         w(f"- **Nothing is pinned**: the load generator, the proxy and the upstream share the same "
           f"{env['cores']} cores, so every figure includes that contention (it hurts proxies with more "
@@ -1515,6 +1521,8 @@ def main():
                     help="idle connection counts (default 1000,10000; quick 1000,2000)")
     ap.add_argument("--stream-bytes", type=int, help="bytes streamed each way (default 1 GiB, quick 128 MiB)")
     ap.add_argument("--https-h2", action="store_true", help="offer h2 on the HTTPS upstream too")
+    ap.add_argument("--http1-server", choices=["hyper", "latchkey"],
+                    help="latchkey's proxy.http1_server in every variant (default: its default)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/latchkey as it is")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-cold", action="store_true")

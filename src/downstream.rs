@@ -226,14 +226,21 @@ fn connection_has(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// A `Content-Length` value: digits alone, fitting in 64 bits.
+/// A `Content-Length` value: digits alone (leading zeros as many as sent, as hyper reads
+/// them), at most `u64::MAX - 2` (hyper keeps the two values above for its own markers and
+/// refuses them).
 fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 {
+    if v.is_empty() {
         return None;
     }
-    v.iter().try_fold(0u64, |n, b| {
-        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
-    })
+    v.iter()
+        .try_fold(0u64, |n, b| {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        })
+        .filter(|n| *n <= u64::MAX - 2)
 }
 
 /// Serves requests from `io` until the connection ends or a request is hyper's. `buf` holds
@@ -915,8 +922,15 @@ mod tests {
         b"G\x00T / HTTP/1.1\r\n\r\n",
     ];
 
-    /// Found by the fuzz target: chunk lines and trailers as long as the strict check passes.
+    /// Found by the fuzz target: chunk lines and trailers as long as the strict check passes,
+    /// and a `Content-Length` with more leading zeros than a u64 has digits (hyper reads it).
     fn long_lines() -> Vec<Vec<u8>> {
+        let zeros = |n: usize, value: &str| {
+            format!(
+                "POST /z HTTP/1.1\r\nContent-Length: {}{value}\r\n\r\nhelloGET /n HTTP/1.1\r\n\r\n",
+                "0".repeat(n)
+            )
+        };
         let trailer = format!(
             "POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: {}\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
             "e".repeat(10_000)
@@ -928,6 +942,14 @@ mod tests {
             )
         };
         vec![
+            zeros(18, "5").into_bytes(),
+            zeros(19, "5").into_bytes(),
+            zeros(2400, "5").into_bytes(),
+            // 2^64 and more, after the zeros: refused alike.
+            zeros(30, "18446744073709551616").into_bytes(),
+            zeros(0, "18446744073709551615").into_bytes(),
+            zeros(0, "18446744073709551614").into_bytes(),
+            zeros(0, "18446744073709551613").into_bytes(),
             trailer.into_bytes(),
             extension(4090).into_bytes(),
             extension(4093).into_bytes(),
