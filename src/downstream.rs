@@ -13,9 +13,13 @@
 //! an `Expect` header (`100-continue`). From there on the connection is hyper's, served in
 //! turns ([`crate::release`]).
 //!
-//! Between requests a connection holds no buffer: once all that was read has been used and the
-//! answer written, the read buffer and the request's boxed future are given back and the task
-//! waits for the socket to be readable (pipelined requests reuse both).
+//! Between requests a connection keeps its read buffer and the request's boxed future (the next
+//! request reuses both) as long as requests keep coming; once all that was read has been used,
+//! the answer written and nothing has moved for a quiet spell
+//! ([`QUIET_SPELL`](crate::idle::QUIET_SPELL), the connection's watchdog looks that often while
+//! buffers are held), both are given back and the task waits for the socket to be readable,
+//! holding no buffer. Giving them back after every answer cost more than it saved: a freed
+//! buffer's pages went back to the system and were faulted in again for the next request.
 //!
 //! The answer: a status line (`HTTP/1.0` to an HTTP/1.0 client, as hyper does), the response's
 //! headers (lower case, as hyper writes them), `date` when the response has none, and the
@@ -59,14 +63,29 @@ const WRITE_HIGH: usize = 64 * 1024;
 const MAX_DRAIN: u64 = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
-/// A client connection's stream that can tell, holding no buffer, when it has bytes to read.
+/// A client connection's stream that can tell, holding no buffer, when it has bytes to read,
+/// and whether it has been quiet long enough for its buffers to go.
 pub trait Ready {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Nothing has moved and nothing has been in flight for a quiet spell
+    /// ([`QUIET_SPELL`](crate::idle::QUIET_SPELL)): the buffers between requests can go.
+    fn quiet(&self) -> bool;
+    /// Buffers are held (`true`) or let go: while they are held, the connection's watchdog
+    /// looks every quiet spell, and the task is woken then to let them go.
+    fn holding(&self, held: bool);
 }
 
 impl Ready for crate::idle::Watched<tokio::net::TcpStream> {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_ref().poll_read_ready(cx)
+    }
+
+    fn quiet(&self) -> bool {
+        self.watch.quiet()
+    }
+
+    fn holding(&self, held: bool) {
+        self.watch.set_in_turn(held);
     }
 }
 
@@ -75,6 +94,13 @@ impl Ready for tokio::io::DuplexStream {
     fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// Always: the buffers go at every wait.
+    fn quiet(&self) -> bool {
+        true
+    }
+
+    fn holding(&self, _held: bool) {}
 }
 
 /// How [`serve`] ended.
@@ -260,10 +286,7 @@ where
     H: Fn(Request<ClientBody>) -> F,
     F: Future<Output = Result<Response<BoxBody>, Infallible>>,
 {
-    let mut held: Held<F> = Held {
-        slot: None,
-        spans: Vec::new(),
-    };
+    let mut held: Held<F> = Held::default();
     let mut out = Vec::new();
     // Registered once: it completes when shutdown begins.
     let mut shutdown = stop.clone();
@@ -345,12 +368,24 @@ where
     }
 }
 
-/// What a connection keeps between requests while it is busy, and lets go when idle.
+/// What a connection keeps between requests while it is busy, and lets go when quiet.
 struct Held<F> {
-    /// The request's future, boxed, reused in place by pipelined requests.
+    /// The request's future, boxed, reused in place by the requests that follow.
     slot: Option<Pin<Box<F>>>,
     /// Where each header of the head being read is.
     spans: Vec<[usize; 4]>,
+    /// Buffers are held: the read buffer, and these once a request has come.
+    kept: bool,
+}
+
+impl<F> Default for Held<F> {
+    fn default() -> Held<F> {
+        Held {
+            slot: None,
+            spans: Vec::new(),
+            kept: false,
+        }
+    }
 }
 
 /// Reads until `buf` starts with a whole request head. `Ok(None)`: the client closed the
@@ -375,16 +410,18 @@ where
         }
         let idle = buf.is_empty();
         if idle && io.at_rest() {
-            // Idle: nothing held but the socket until the client sends again.
-            *buf = BytesMut::new();
-            *held = Held {
-                slot: None,
-                spans: Vec::new(),
-            };
-            tracing::trace!("a client connection waits for its next request holding no buffer");
+            // Between requests: the buffers stay while requests keep coming, and go once the
+            // connection has been quiet for a spell (the watchdog's look wakes this task then);
+            // from there nothing is held but the socket until the client sends again.
             let ready = std::future::poll_fn(|cx| {
                 if stopped.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(None);
+                }
+                if held.kept && io.get_ref().quiet() {
+                    *buf = BytesMut::new();
+                    *held = Held::default();
+                    io.get_ref().holding(false);
+                    tracing::trace!("a quiet client connection let go of its buffers");
                 }
                 io.get_ref().poll_read_ready(cx).map(Some)
             });
@@ -392,6 +429,10 @@ where
                 None => return Ok(None),
                 Some(ready) => ready.map_err(Err)?,
             }
+        }
+        if !held.kept {
+            held.kept = true;
+            io.get_ref().holding(true);
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 2 {
             buf.reserve(READ_CHUNK);

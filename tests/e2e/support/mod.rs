@@ -401,14 +401,16 @@ impl Bao {
             panic!("freeze needs an OpenBao of the test's own: Bao::start_own");
         };
         let pid = s.child.id();
-        // Until the kernel shows it stopped (state T), asked again each time: a `kill` that
-        // could not be run on a loaded machine must not leave a test talking to a live server.
+        // Until the kernel shows every one of its threads stopped (state T), asked again each
+        // time: a `kill` that could not be run on a loaded machine, or a thread that had not
+        // taken the stop yet when the main one had, must not leave a test talking to a live
+        // server.
         wait_until(
             "OpenBao to be stopped",
             Duration::from_secs(10),
             || async move {
                 signal(pid, "STOP");
-                (process_state(pid) == Some('T')).then_some(())
+                all_stopped(pid).then_some(())
             },
         )
         .await;
@@ -529,10 +531,24 @@ impl Drop for Service {
 }
 
 /// A process's state letter from `/proc/{pid}/stat` (`T` when stopped).
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the command name, which is in parentheses and may hold spaces.
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
+/// Whether every thread of process `pid` is stopped.
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state != Some('T') {
+            return false;
+        }
+        seen += 1;
+    }
+    seen > 0
 }
 
 fn signal(pid: u32, sig: &str) {
