@@ -90,11 +90,11 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Http1Server {
-    /// hyper's (the default).
-    #[default]
+    /// hyper's, served in turns when `proxy.idle_release` is on ([`crate::release`]).
     Hyper,
-    /// latchkey's own ([`crate::downstream`]); requests it does not serve (upgrades, CONNECT,
-    /// `Expect`) are handed to hyper's.
+    /// latchkey's own ([`crate::downstream`]), the default; requests it does not serve
+    /// (upgrades, CONNECT, `Expect`) are handed to hyper's.
+    #[default]
     Latchkey,
 }
 
