@@ -172,7 +172,7 @@ pub fn parse_head(buf: &mut BytesMut, spans: &mut Vec<[usize; 4]>) -> Result<Par
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             lengths += 1;
-            let n = digits(h.value).ok_or("the Content-Length is not a number")?;
+            let n = content_length(h.value).ok_or("the Content-Length is not a number")?;
             framing = Framing::Length(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             codings += 1;
@@ -252,21 +252,10 @@ fn connection_has(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// A `Content-Length` value: digits alone (leading zeros as many as sent, as hyper reads
-/// them), at most `u64::MAX - 2` (hyper keeps the two values above for its own markers and
-/// refuses them).
-fn digits(v: &[u8]) -> Option<u64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.iter()
-        .try_fold(0u64, |n, b| {
-            if !b.is_ascii_digit() {
-                return None;
-            }
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        })
-        .filter(|n| *n <= u64::MAX - 2)
+/// A `Content-Length` value as hyper reads it: the strict check's digits, and at most
+/// `u64::MAX - 2` (hyper keeps the two values above for its own markers and refuses them).
+fn content_length(v: &[u8]) -> Option<u64> {
+    strict::digits(v).filter(|n| *n <= u64::MAX - 2)
 }
 
 /// Serves requests from `io` until the connection ends or a request is hyper's. `buf` holds
@@ -672,7 +661,7 @@ impl Exchange {
         for (name, value) in headers.iter() {
             if name == header::CONTENT_LENGTH {
                 lengths += 1;
-                declared = digits(value.as_bytes());
+                declared = strict::digits(value.as_bytes());
             } else if name == header::CONNECTION {
                 close |= connection_has(value.as_bytes(), b"close");
             } else if name == header::DATE {

@@ -502,8 +502,9 @@ fn parse_head(head: &[u8]) -> Result<Framing, &'static str> {
     })
 }
 
-/// A `Content-Length` value: digits only, no sign, no list, no overflow.
-fn digits(v: &[u8]) -> Option<u64> {
+/// A `Content-Length` value: digits only (leading zeros as many as sent), no sign, no list, no
+/// overflow.
+pub(crate) fn digits(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
     if v.is_empty() {
         return None;

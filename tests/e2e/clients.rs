@@ -244,7 +244,7 @@ const RESTED: &str = "a quiet client connection let go of its HTTP machinery";
 
 /// What latchkey's own HTTP/1.1 server logs (at `trace`) when a quiet client connection lets
 /// go of its buffers between requests (`proxy.http1_server = "latchkey"`, src/downstream.rs).
-const WAITS_BARE: &str = "a quiet client connection let go of its buffers";
+const OWN_RESTED: &str = "a quiet client connection let go of its buffers";
 
 /// A keep-alive client connection that rests (a second with nothing to do: its HTTP machinery
 /// is let go, the socket stays open) goes on as before with a real client, Python's
@@ -260,7 +260,7 @@ async fn a_keep_alive_connection_goes_on_as_before_after_it_rests() {
 /// second too.
 #[tokio::test]
 async fn a_keep_alive_connection_goes_on_as_before_after_it_rests_with_latchkeys_server() {
-    keep_alive_across_rests("latchkey", WAITS_BARE).await;
+    keep_alive_across_rests("latchkey", OWN_RESTED).await;
 }
 
 async fn keep_alive_across_rests(server: &str, rested: &str) {

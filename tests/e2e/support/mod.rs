@@ -530,7 +530,6 @@ impl Drop for Service {
     }
 }
 
-/// A process's state letter from `/proc/{pid}/stat` (`T` when stopped).
 /// Whether every thread of process `pid` is stopped.
 fn all_stopped(pid: u32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
