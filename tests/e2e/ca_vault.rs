@@ -213,7 +213,10 @@ async fn ca_init_into_vault_then_a_tunnel_works_without_ca_files() {
     for text in [&served, &metrics] {
         assert_no_key(text, &key_pem, "an admin answer");
     }
-    assert!(lk.output().contains("secret/latchkey/ca"));
+    lk.output_line("naming where the CA is kept", |l| {
+        l.contains("secret/latchkey/ca")
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -583,11 +586,10 @@ async fn a_latchkey_started_while_vault_was_down_gets_the_ca_once_vault_answers(
     forbid_key(&lk, &key_pem);
     let r = http().get(lk.admin_url("/ca.pem")).send().await.unwrap();
     assert_eq!(r.status(), 404, "a CA without Vault?");
-    assert!(
-        lk.output().contains("asking again"),
-        "no warning that the tunnel form waits for Vault:\n{}",
-        lk.output()
-    );
+    lk.output_line("warning that the tunnel form waits for Vault", |l| {
+        l.contains("asking again")
+    })
+    .await;
     bao.thaw();
 
     let served = wait_until(

@@ -783,6 +783,17 @@ impl Latchkey {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
     }
 
+    /// The first line of its output that `pred` accepts, waiting (up to 30 s) for it: the
+    /// output is read from a pipe by another thread, so a line written just before something
+    /// the test saw elsewhere (a metric, an answer) may not have been read yet.
+    pub async fn output_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let found = try_wait_until(Duration::from_secs(30), || {
+            std::future::ready(self.output().lines().find(|l| pred(l)).map(str::to_string))
+        })
+        .await;
+        found.unwrap_or_else(|| panic!("no line {what} in 30 s:\n{}", self.output()))
+    }
+
     /// The access-log lines printed so far, parsed.
     pub fn access_log(&self) -> Vec<serde_json::Value> {
         self.output()

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{bao_program, free_port, wait_until, Bao, Secrets, Server, TestCa};
+use super::{bao_program, free_port, try_wait_until, Bao, Secrets, Server, TestCa};
 
 /// How a cluster is set up.
 #[derive(Clone, Copy)]
@@ -55,8 +55,35 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Starts and forms a cluster. One that does not form (a port picked for a node taken by
+    /// another process before the node bound it, on a busy machine) is torn down and a fresh
+    /// one started, with new ports, up to three times; each failure is printed with the nodes'
+    /// logs.
+    #[expect(
+        clippy::print_stderr,
+        reason = "a retried cluster is reported in the test's output"
+    )]
     pub async fn start(setup: Setup<'_>) -> Cluster {
         assert!(setup.nodes >= 1);
+        let mut failures = Vec::new();
+        for attempt in 1..=3 {
+            let mut cluster = Cluster::launch(setup).await;
+            match cluster.form().await {
+                Ok(()) => return cluster,
+                Err(e) => {
+                    let failure = format!("attempt {attempt}: {e}\n{}", cluster.logs());
+                    eprintln!("the OpenBao cluster did not form, {failure}");
+                    failures.push(failure);
+                }
+            }
+        }
+        panic!(
+            "the OpenBao cluster did not form in three attempts:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    async fn launch(setup: Setup<'_>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -78,22 +105,21 @@ impl Cluster {
             let node = launch(dir.path(), i, setup, cert.as_deref(), key.as_deref(), &http).await;
             nodes.push(node);
         }
-        let mut cluster = Cluster {
+        Cluster {
             nodes,
             token: String::new(),
             root: String::new(),
             http,
             _dir: dir,
-        };
-        cluster.form().await;
-        cluster
+        }
     }
 
-    /// Init, unseal, join, and wait until the cluster serves KV v2 reads on every node.
-    async fn form(&mut self) {
+    /// Init, unseal, join, and wait until the cluster serves KV v2 reads on every node; what
+    /// did not happen, if something did not.
+    async fn form(&mut self) -> Result<(), String> {
         let first = self.nodes[0].plain.clone();
         let init = self
-            .bao(
+            .run(
                 &first,
                 &[
                     "operator",
@@ -103,67 +129,74 @@ impl Cluster {
                     "-format=json",
                 ],
             )
-            .await;
+            .await
+            .map_err(|e| format!("bao operator init: {e}"))?;
         let init: serde_json::Value = serde_json::from_str(&init).unwrap();
         let key = init["unseal_keys_b64"][0].as_str().unwrap().to_string();
         self.root = init["root_token"].as_str().unwrap().to_string();
 
-        self.bao(&first, &["operator", "unseal", &key]).await;
-        wait_until(
-            "the first node to be active",
-            Duration::from_secs(30),
-            || {
-                let health = self.http.get(format!("{first}/v1/sys/health")).send();
-                async move { (health.await.ok()?.status() == 200).then_some(()) }
-            },
-        )
+        self.step(&first, &["operator", "unseal", &key]).await?;
+        let active = try_wait_until(Duration::from_secs(30), || {
+            let health = self.http.get(format!("{first}/v1/sys/health")).send();
+            async move { (health.await.ok()?.status() == 200).then_some(()) }
+        })
         .await;
+        active.ok_or("the first node did not become active in 30 s")?;
         // Joined nodes become voters after this long without trouble (ten seconds by default).
-        wait_until(
-            "autopilot to take its config",
-            Duration::from_secs(30),
-            || {
-                self.try_bao(
-                    &first,
-                    &[
-                        "operator",
-                        "raft",
-                        "autopilot",
-                        "set-config",
-                        "-server-stabilization-time=1s",
-                    ],
-                )
-            },
-        )
+        let autopilot = try_wait_until(Duration::from_secs(30), || {
+            self.try_bao(
+                &first,
+                &[
+                    "operator",
+                    "raft",
+                    "autopilot",
+                    "set-config",
+                    "-server-stabilization-time=1s",
+                ],
+            )
+        })
         .await;
+        autopilot.ok_or("autopilot did not take its config in 30 s")?;
         for node in &self.nodes[1..] {
-            self.bao(&node.plain, &["operator", "raft", "join", &first])
-                .await;
-            self.bao(&node.plain, &["operator", "unseal", &key]).await;
+            self.step(&node.plain, &["operator", "raft", "join", &first])
+                .await?;
+            self.step(&node.plain, &["operator", "unseal", &key])
+                .await?;
         }
         let count = self.nodes.len();
-        wait_until(
-            "every node to be a voter, with a leader",
-            Duration::from_secs(40),
-            || async {
-                let peers = self
-                    .try_bao(&first, &["operator", "raft", "list-peers", "-format=json"])
-                    .await?;
-                let peers: serde_json::Value = serde_json::from_str(&peers).ok()?;
-                let servers = peers["data"]["config"]["servers"].as_array()?;
-                let voters = servers.iter().filter(|s| s["voter"] == true).count();
-                let leaders = servers.iter().filter(|s| s["leader"] == true).count();
-                (servers.len() == count && voters == count && leaders == 1).then_some(())
-            },
-        )
+        let last = std::sync::Mutex::new(String::new());
+        let formed = try_wait_until(Duration::from_secs(40), || async {
+            let peers = self
+                .run(&first, &["operator", "raft", "list-peers", "-format=json"])
+                .await;
+            let peers = match peers {
+                Ok(peers) => peers,
+                Err(e) => {
+                    *last.lock().unwrap() = e;
+                    return None;
+                }
+            };
+            *last.lock().unwrap() = peers.clone();
+            let peers: serde_json::Value = serde_json::from_str(&peers).ok()?;
+            let servers = peers["data"]["config"]["servers"].as_array()?;
+            let voters = servers.iter().filter(|s| s["voter"] == true).count();
+            let leaders = servers.iter().filter(|s| s["leader"] == true).count();
+            (servers.len() == count && voters == count && leaders == 1).then_some(())
+        })
         .await;
-        self.bao(&first, &["secrets", "enable", "-path=secret", "kv-v2"])
-            .await;
-        self.bao(
+        if formed.is_none() {
+            return Err(format!(
+                "not every node was a voter, with a leader, in 40 s; the last list-peers: {}",
+                last.lock().unwrap()
+            ));
+        }
+        self.step(&first, &["secrets", "enable", "-path=secret", "kv-v2"])
+            .await?;
+        self.step(
             &first,
             &["kv", "put", "-mount=secret", "cluster-ready", "ok=1"],
         )
-        .await;
+        .await?;
         // latchkey is given the root token `operator init` printed: its lookup has no
         // `issue_time`, which vaultrs' own lookup type insists on (latchkey reads only the
         // fields it uses).
@@ -173,7 +206,7 @@ impl Cluster {
         for i in 0..count {
             let url = format!("{}/v1/secret/data/cluster-ready", self.nodes[i].plain);
             let last = std::sync::Mutex::new(String::new());
-            let served = super::try_wait_until(Duration::from_secs(30), || {
+            let served = try_wait_until(Duration::from_secs(30), || {
                 let read = self
                     .http
                     .get(&url)
@@ -189,13 +222,20 @@ impl Cluster {
             })
             .await;
             if served.is_none() {
-                panic!(
-                    "node {i} does not serve a KV read (last: {}):\n{}",
-                    last.lock().unwrap(),
-                    self.logs()
-                );
+                return Err(format!(
+                    "node {i} does not serve a KV read (last: {})",
+                    last.lock().unwrap()
+                ));
             }
         }
+        Ok(())
+    }
+
+    /// One `bao` command of forming the cluster; its error names it.
+    async fn step(&self, addr: &str, args: &[&str]) -> Result<String, String> {
+        self.run(addr, args)
+            .await
+            .map_err(|e| format!("bao {}: {e}", args[..2].join(" ")))
     }
 
     /// Every node's API address, in node order (what latchkey is given).
@@ -299,14 +339,6 @@ impl Cluster {
         Some(v["data"]["data"].clone())
     }
 
-    /// Runs the `bao` CLI against `addr`; its standard output. Fails the test if it fails.
-    async fn bao(&self, addr: &str, args: &[&str]) -> String {
-        match self.run(addr, args).await {
-            Ok(out) => out,
-            Err(e) => panic!("bao {}: {e}\n{}", args[..2].join(" "), self.logs()),
-        }
-    }
-
     async fn try_bao(&self, addr: &str, args: &[&str]) -> Option<String> {
         self.run(addr, args).await.ok()
     }
@@ -336,7 +368,7 @@ impl Cluster {
         let mut out = String::new();
         for (i, node) in self.nodes.iter().enumerate() {
             let log = std::fs::read_to_string(&node.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
             out.push_str(&format!("--- node {i} ({})\n", node.addr));
             for line in tail.into_iter().rev() {
                 out.push_str(line);
@@ -409,7 +441,7 @@ async fn launch(
             .spawn()
             .unwrap();
         // Any answer will do: an uninitialised node answers 501.
-        let up = super::try_wait_until(Duration::from_secs(15), || {
+        let up = try_wait_until(Duration::from_secs(15), || {
             let exited = matches!(child.try_wait(), Ok(Some(_)));
             let health = http.get(format!("{plain}/v1/sys/health")).send();
             async move {
