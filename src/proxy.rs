@@ -616,7 +616,12 @@ impl Proxy {
         log.path = Some(log_path);
 
         let mut response = match websocket {
-            Some(client) => self.upgrade(parts, client, log).await?.map(Answer::pass),
+            // Boxed: a handshake's future is the largest of this function's, and every
+            // request's future (this one's and each caller's) would otherwise be that large,
+            // and moved whole at every level it is built at.
+            Some(client) => Box::pin(self.upgrade(parts, client, log))
+                .await?
+                .map(Answer::pass),
             None => {
                 let body = NoTrailers::new(Counted::new(body, bytes_in.clone()))
                     .map_err(BoxError::from)
