@@ -450,6 +450,11 @@ async fn a_token_vault_revokes_is_replaced_by_a_login_and_the_request_is_served(
         .await;
     let r = gateway_get(&lk, "/revoked-conn/v1/y", &[]).await;
     assert_eq!(r.status, 200, "{:?}\n{}", r.json, lk.output());
+    // Logged before the request was served, but read from a pipe by another thread.
+    lk.output_line("logging the login after the token was refused", |l| {
+        l.contains("\"reason\":\"token_refused\"")
+    })
+    .await;
     assert_eq!(logins(&lk, "token_refused"), 1, "{}", lk.output());
     assert_eq!(auth_count(&lk, "login", "ok").await, 2);
 }

@@ -859,10 +859,18 @@ impl Latchkey {
     /// Waits up to `limit` for the process to exit; its status if it did.
     pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let child = &mut self.child;
-        try_wait_until(limit, || {
+        let status = try_wait_until(limit, || {
             std::future::ready(child.try_wait().ok().flatten())
         })
-        .await
+        .await;
+        if status.is_some() {
+            // The reader threads see EOF now that the process is gone: once they end, all of
+            // its output is in, for the checks on its last lines.
+            for r in self.readers.drain(..) {
+                let _ = r.join();
+            }
+        }
+        status
     }
 
     /// Stops the process and checks its whole output for every registered secret.
