@@ -413,19 +413,13 @@ async fn with_its_token_revoked_cached_connections_serve_and_the_log_says_why() 
     );
     // Said where an operator running at the default level (info) sees it, as a warning. (The
     // token itself appears in no output: checked when `lk` is dropped.)
-    let warned = lk
-        .output()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .any(|v| {
+    lk.output_line("warning that Vault refused the token", |l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
             matches!(v["level"].as_str(), Some("WARN" | "ERROR"))
                 && v.to_string().contains("refused latchkey's token")
-        });
-    assert!(
-        warned,
-        "no warning says Vault refused the token:\n{}",
-        lk.output()
-    );
+        })
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------

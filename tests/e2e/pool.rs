@@ -3,6 +3,8 @@
 //! replaced without the request failing, h2 upstreams share one connection, and a new TLS
 //! connection resumes a session an earlier one saved.
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 
 use crate::support::*;
@@ -194,12 +196,22 @@ async fn new_tls_connections_resume_the_sessions_earlier_ones_saved() {
         metrics.contains("latchkey_upstream_tls_handshakes_total{kind=\"resumed\"} 3\n"),
         "{metrics}"
     );
-    let resumed = lk
-        .output()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|l| l["message"] == "TLS with an upstream established")
-        .map(|l| l["resumed"].as_bool())
-        .collect::<Vec<_>>();
-    assert_eq!(resumed, [Some(false), Some(true), Some(true), Some(true)]);
+    // The metrics are counted before the lines are logged, and the output is read from a pipe
+    // by another thread: the four lines are waited for.
+    let handshakes = || {
+        lk.output()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == "TLS with an upstream established")
+            .map(|l| l["resumed"].as_bool())
+            .collect::<Vec<_>>()
+    };
+    let _ = try_wait_until(Duration::from_secs(30), || {
+        std::future::ready((handshakes().len() >= 4).then_some(()))
+    })
+    .await;
+    assert_eq!(
+        handshakes(),
+        [Some(false), Some(true), Some(true), Some(true)]
+    );
 }

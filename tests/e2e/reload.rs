@@ -224,13 +224,13 @@ async fn sighup_changing_cache_ttl_takes_effect_and_a_new_listen_address_waits_f
     let line = hangup(&lk).await;
     assert_eq!(line["message"], "configuration reloaded", "{line}");
     let warned = lk
-        .output()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| {
-            v["level"] == "WARN" && v["message"].as_str().is_some_and(|m| m.contains("restart"))
+        .output_line("warning that a key needs a restart", |l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["level"] == "WARN" && v["message"].as_str().is_some_and(|m| m.contains("restart"))
+            })
         })
-        .unwrap_or_else(|| panic!("no warning about a restart:\n{}", lk.output()));
+        .await;
+    let warned: serde_json::Value = serde_json::from_str(&warned).unwrap();
     assert_eq!(warned["keys"], "proxy.listen", "{warned}");
 
     // The new TTL: the rotated key is in use once the old entry is a second old.
