@@ -3,8 +3,6 @@
 //! replaced without the request failing, h2 upstreams share one connection, and a new TLS
 //! connection resumes a session an earlier one saved.
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 
 use crate::support::*;
@@ -198,20 +196,15 @@ async fn new_tls_connections_resume_the_sessions_earlier_ones_saved() {
     );
     // The metrics are counted before the lines are logged, and the output is read from a pipe
     // by another thread: the four lines are waited for.
-    let handshakes = || {
-        lk.output()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| l["message"] == "TLS with an upstream established")
-            .map(|l| l["resumed"].as_bool())
-            .collect::<Vec<_>>()
-    };
-    let _ = try_wait_until(Duration::from_secs(30), || {
-        std::future::ready((handshakes().len() >= 4).then_some(()))
-    })
-    .await;
-    assert_eq!(
-        handshakes(),
-        [Some(false), Some(true), Some(true), Some(true)]
-    );
+    let established = "\"message\":\"TLS with an upstream established\"";
+    let resumed = lk
+        .output_lines("of TLS established with the upstream", 4, |l| {
+            l.contains(established)
+        })
+        .await
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| l["resumed"].as_bool())
+        .collect::<Vec<_>>();
+    assert_eq!(resumed, [Some(false), Some(true), Some(true), Some(true)]);
 }

@@ -787,11 +787,29 @@ impl Latchkey {
     /// output is read from a pipe by another thread, so a line written just before something
     /// the test saw elsewhere (a metric, an answer) may not have been read yet.
     pub async fn output_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let mut lines = self.output_lines(what, 1, pred).await;
+        lines.swap_remove(0)
+    }
+
+    /// The lines of its output that `pred` accepts, once there are at least `n` of them
+    /// (waiting up to 30 s, as [`Latchkey::output_line`] does for one).
+    pub async fn output_lines(
+        &self,
+        what: &str,
+        n: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let found = try_wait_until(Duration::from_secs(30), || {
-            std::future::ready(self.output().lines().find(|l| pred(l)).map(str::to_string))
+            let out = self.output();
+            let lines: Vec<String> = out
+                .lines()
+                .filter(|l| pred(l))
+                .map(str::to_string)
+                .collect();
+            std::future::ready((lines.len() >= n).then_some(lines))
         })
         .await;
-        found.unwrap_or_else(|| panic!("no line {what} in 30 s:\n{}", self.output()))
+        found.unwrap_or_else(|| panic!("fewer than {n} lines {what} in 30 s:\n{}", self.output()))
     }
 
     /// The access-log lines printed so far, parsed.

@@ -119,7 +119,7 @@ impl Cluster {
     async fn form(&mut self) -> Result<(), String> {
         let first = self.nodes[0].plain.clone();
         let init = self
-            .run(
+            .step(
                 &first,
                 &[
                     "operator",
@@ -129,8 +129,7 @@ impl Cluster {
                     "-format=json",
                 ],
             )
-            .await
-            .map_err(|e| format!("bao operator init: {e}"))?;
+            .await?;
         let init: serde_json::Value = serde_json::from_str(&init).unwrap();
         let key = init["unseal_keys_b64"][0].as_str().unwrap().to_string();
         self.root = init["root_token"].as_str().unwrap().to_string();
