@@ -1076,17 +1076,11 @@ impl Proxy {
         req: Request<BoxBody>,
         log: &mut AccessLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let response =
-            match tokio::time::timeout(self.request_timeout, self.upstream.send(req)).await {
-                Err(_) => {
-                    return Err(ProxyError::UpstreamTimeout(format!(
-                        "the upstream did not answer within {:?}",
-                        self.request_timeout
-                    )))
-                }
-                Ok(Err(e)) => return Err(ProxyError::from_upstream(&e)),
-                Ok(Ok(r)) => r,
-            };
+        let response = self
+            .upstream
+            .send(req, self.request_timeout)
+            .await
+            .map_err(|e| ProxyError::from_upstream(&e))?;
         log.upstream_version = Some(match response.version() {
             Version::HTTP_2 => "h2",
             Version::HTTP_10 => "http/1.0",

@@ -164,9 +164,10 @@ impl ProxyError {
             SendError::H1(e @ H1Error::ClientStalled(_)) => {
                 ProxyError::RequestTimeout(e.to_string())
             }
-            SendError::H1(e @ H1Error::UpstreamStalled(_)) => {
+            SendError::H1(e @ (H1Error::UpstreamStalled(_) | H1Error::NoAnswer(_))) => {
                 ProxyError::UpstreamTimeout(e.to_string())
             }
+            e @ SendError::Timeout(_) => ProxyError::UpstreamTimeout(e.to_string()),
             other => ProxyError::UpstreamUnreachable(other.describe()),
         }
     }

@@ -148,15 +148,15 @@ async fn call(
         )));
     }
     let request = Request::from_parts(parts, body::empty());
-    match tokio::time::timeout(timeout, client.send(request)).await {
-        Err(_) => Err(Verification {
+    match client.send(request, timeout).await {
+        Err(e) if e.is_timeout() => Err(Verification {
             outcome: Outcome::Timeout,
             http_status: None,
             message: format!("{what} did not answer within {timeout:?}"),
             hint: Some("Check the base URL, and retry: the service may be slow or down.".into()),
         }),
-        Ok(Err(e)) => Err(unreachable(what, &e)),
-        Ok(Ok(r)) => Ok(r),
+        Err(e) => Err(unreachable(what, &e)),
+        Ok(r) => Ok(r),
     }
 }
 

@@ -79,6 +79,9 @@ pub enum H1Error {
     /// The upstream took or sent nothing of a body for the body timeout.
     #[error("the upstream moved no byte of the body for {0:?}")]
     UpstreamStalled(Duration),
+    /// The request timeout passed before the whole response head came.
+    #[error("the upstream did not answer within {0:?}")]
+    NoAnswer(Duration),
 }
 
 impl H1Error {
@@ -102,15 +105,38 @@ pub struct H1Conn {
 }
 
 pin_project_lite::pin_project! {
-    /// How long a body may go with no byte moving either way, and its timer: made with the
-    /// connection (one allocation per connection, none per request), registered only when a
-    /// body first waits, and set again only when bytes have moved since.
+    /// The connection's timers, made with it (one allocation per connection, none per
+    /// request). How long a body may go with no byte moving either way, and its timer:
+    /// registered only when a body first waits, and set again only when bytes have moved
+    /// since. And the timer of the request timeout ([`Deadline`]): left armed between
+    /// exchanges and moved only when it would fire after the current exchange's deadline or
+    /// has fired, so that most exchanges neither insert a timer nor remove one.
     struct Stall {
         #[pin]
         timer: Sleep,
         timeout: Duration,
         // Bytes were read since the timer was last set.
         moved: bool,
+        #[pin]
+        answer: Sleep,
+    }
+}
+
+/// When an exchange must have its response head: the request timeout (`within`) counted from
+/// the moment the request was handed to the pool (`at`).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: Instant,
+    pub within: Duration,
+}
+
+impl Deadline {
+    /// The request timeout from now (a timeout past the clock's range is taken as a year).
+    pub fn after(now: Instant, within: Duration) -> Deadline {
+        Deadline {
+            at: now + within.min(MAX_BODY_TIMEOUT),
+            within,
+        }
     }
 }
 
@@ -247,6 +273,7 @@ impl H1Conn {
                 timer: tokio::time::sleep(body_timeout),
                 timeout: body_timeout,
                 moved: true,
+                answer: tokio::time::sleep(MAX_BODY_TIMEOUT),
             }),
         }
     }
@@ -291,32 +318,57 @@ impl H1Conn {
         stall.timer.poll(cx)
     }
 
-    /// Sends `head` and the body (if any), and reads the response head. `idempotent`: whether
-    /// a request the upstream closed on without answering may be sent again.
+    /// For an exchange that is waiting: `Ready` once `deadline` has passed. The timer is the
+    /// connection's own (see [`Stall`]); one that fires for an earlier exchange's deadline is
+    /// set again to this one's.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let mut timer = self.stall.as_mut().project().answer;
+        if timer.deadline() > deadline || timer.is_elapsed() {
+            timer.as_mut().reset(deadline);
+        }
+        ready!(timer.as_mut().poll(cx));
+        if Instant::now() >= deadline {
+            return Poll::Ready(());
+        }
+        // Fired at an earlier deadline: moved to this one. Should the timer's clock already be
+        // past it (it rounds deadlines up to its millisecond tick), this one has passed too.
+        timer.as_mut().reset(deadline);
+        timer.poll(cx)
+    }
+
+    /// Sends `head` and the body (if any), and reads the response head, by `deadline`.
+    /// `idempotent`: whether a request the upstream closed on without answering may be sent
+    /// again.
     pub async fn exchange(
         &mut self,
         head: &[u8],
         pump: &mut Pump,
         to_head: bool,
         idempotent: bool,
+        deadline: Deadline,
     ) -> Result<Head, Failure> {
         let mut written = 0;
         let wrote = poll_fn(|cx| {
             while written < head.len() {
-                match ready!(Pin::new(&mut self.io).poll_write(cx, &head[written..])) {
-                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => written += n,
-                    Err(e) => return Poll::Ready(Err(e)),
+                let write = Pin::new(&mut self.io).poll_write(cx, &head[written..]);
+                match write {
+                    Poll::Pending if self.poll_deadline(cx, deadline.at).is_ready() => {
+                        return Poll::Ready(Err(H1Error::NoAnswer(deadline.within)))
+                    }
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()))
+                    }
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 }
             }
-            Pin::new(&mut self.io).poll_flush(cx)
+            Pin::new(&mut self.io).poll_flush(cx).map_err(H1Error::from)
         })
         .await;
-        if let Err(e) = wrote {
-            return Err(Failure {
-                error: e.into(),
-                retryable: written == 0,
-            });
+        if let Err(error) = wrote {
+            let retryable = written == 0 && matches!(error, H1Error::Io(_));
+            return Err(Failure { error, retryable });
         }
         // A write of the body that fails (the upstream answered early and closed) does not end
         // the exchange: the answer may be waiting to be read.
@@ -335,13 +387,16 @@ impl H1Conn {
                 }
             }
             let head = self.poll_head(cx, to_head);
-            // While the request body is being sent, the body timeout applies; once it is all
-            // sent, the wait for the answer is the request timeout's.
+            // While the request body is being sent, the body timeout applies too; the request
+            // timeout bounds the whole exchange.
             if head.is_pending() && !pump.done {
                 let moved = mem::take(&mut pump.moved);
                 if self.poll_stall(cx, moved).is_ready() {
                     return Poll::Ready(Err(pump.stalled(self.body_timeout())));
                 }
+            }
+            if head.is_pending() && self.poll_deadline(cx, deadline.at).is_ready() {
+                return Poll::Ready(Err(H1Error::NoAnswer(deadline.within)));
             }
             head
         })
@@ -1446,7 +1501,10 @@ mod tests {
         let head = encode_head(&req.into_parts().0, "up", framing);
         let mut pump = Pump::new(body, framing);
         let back = Arc::new(AtomicUsize::new(0));
-        let exchanged = conn.exchange(&head, &mut pump, false, false).await;
+        let deadline = Deadline::after(Instant::now(), Duration::from_secs(60));
+        let exchanged = conn
+            .exchange(&head, &mut pump, false, false, deadline)
+            .await;
         let result = match exchanged {
             Ok(head) => {
                 drop(H1Body::new(conn, &head, pump, Back(back.clone())));
@@ -1480,6 +1538,106 @@ mod tests {
         );
         assert_eq!(reused, 0, "the connection went back to the pool");
         assert_eq!(sent, 0, "bytes past the length reached the upstream");
+    }
+
+    /// Takes a connection back for the next exchange.
+    struct Keep(Arc<std::sync::Mutex<Option<H1Conn>>>);
+
+    impl Checkin for Keep {
+        fn checkin(self, conn: H1Conn) {
+            *self.0.lock().unwrap() = Some(conn);
+        }
+    }
+
+    /// The request timeout's timer is the connection's and stays armed between exchanges: an
+    /// exchange whose answer does not come fails with `NoAnswer` once its own deadline has
+    /// passed, not at the earlier deadline of the exchange before it on the same connection
+    /// (where the timer was left), and an answered exchange is not cut by it.
+    #[tokio::test]
+    async fn request_timeout_counts_from_each_exchange_on_a_reused_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Answers the first request at once, the second after `late`, never the third.
+        let late = Duration::from_millis(300);
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (mut got, mut chunk, mut heads) = (Vec::new(), [0u8; 1024], 0);
+            loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return heads;
+                }
+                got.extend_from_slice(&chunk[..n]);
+                while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    got.drain(..end + 4);
+                    heads += 1;
+                    if heads == 2 {
+                        tokio::time::sleep(late).await;
+                    }
+                    if heads <= 2 {
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        });
+        let io = MaybeTls::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let kept = Arc::new(std::sync::Mutex::new(Some(H1Conn::new(
+            io,
+            Duration::from_secs(60),
+        ))));
+        let head = encode_head(
+            &http::Request::get("http://up/x")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0,
+            "up",
+            RequestFraming::None,
+        );
+        let within = Duration::from_millis(200);
+        let exchange = |deadline: Deadline| {
+            let mut conn = kept
+                .lock()
+                .unwrap()
+                .take()
+                .expect("the connection came back");
+            let head = head.clone();
+            let kept = kept.clone();
+            async move {
+                let mut pump = Pump::new(crate::body::empty(), RequestFraming::None);
+                let answer = conn.exchange(&head, &mut pump, false, true, deadline).await;
+                answer.map(|h| drop(H1Body::new(conn, &h, pump, Keep(kept))))
+            }
+        };
+
+        // Answered at once: the timer is armed at this deadline and left so.
+        let first = Deadline::after(Instant::now(), within);
+        assert!(exchange(first).await.is_ok());
+        // Answered after 300 ms, with a deadline 500 ms away: the timer fires at the first
+        // deadline meanwhile, is moved, and the answer is taken.
+        let second = Deadline::after(Instant::now(), late + within);
+        assert!(exchange(second).await.is_ok());
+        assert!(
+            Instant::now() > first.at,
+            "the second answer came before the first deadline"
+        );
+        // Never answered: cut at its own deadline, not before.
+        let third = Deadline::after(Instant::now(), within);
+        let cut = tokio::time::timeout(Duration::from_secs(30), exchange(third)).await;
+        match cut.expect("the exchange was never cut") {
+            Err(Failure {
+                error: H1Error::NoAnswer(d),
+                retryable: false,
+            }) => assert_eq!(d, within),
+            Err(f) => panic!("{}", f.error),
+            Ok(()) => panic!("an answer came that was never sent"),
+        }
+        assert!(Instant::now() >= third.at, "cut before its deadline");
+        drop(kept.lock().unwrap().take());
+        assert_eq!(upstream.await.unwrap(), 3);
     }
 
     /// A small deterministic generator, so that a failure can be replayed.

@@ -44,7 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
 use super::dial::{DialError, Dialer};
-use super::h1::{self, Checkin, H1Body, H1Conn, H1Error, Pump, RequestFraming};
+use super::h1::{self, Checkin, Deadline, H1Body, H1Conn, H1Error, Pump, RequestFraming};
 use crate::body::{self as body, BoxBody as UpstreamBody, BoxError};
 use crate::hop_by_hop;
 use zeroize::Zeroizing;
@@ -78,9 +78,20 @@ pub enum SendError {
     NoAuthority,
     #[error("{0}")]
     Upgrade(String),
+    /// The request timeout passed before a connection was had or an h2 answer came.
+    #[error("the upstream did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 impl SendError {
+    /// Whether the request timeout passed ([`Pool::send`]'s `within`).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            SendError::Timeout(_) | SendError::H1(H1Error::NoAnswer(_))
+        )
+    }
+
     /// The message with the chain of causes (hyper's errors say little at the top level).
     pub fn describe(&self) -> String {
         let mut message = String::from("the upstream connection failed");
@@ -376,12 +387,22 @@ impl Pool {
         }
     }
 
-    /// Sends a request whose URI is absolute (scheme and authority name the upstream). The
-    /// answer's hop-by-hop and framing headers are already gone.
+    /// Sends a request whose URI is absolute (scheme and authority name the upstream), and
+    /// fails with [`SendError::Timeout`] or [`H1Error::NoAnswer`] when its answer's head has
+    /// not come `within` (the request timeout: waiting for a connection, dialling, sending and
+    /// waiting alike). The answer's hop-by-hop and framing headers are already gone.
+    ///
+    /// On a pooled HTTP/1.1 connection the timeout is the connection's own timer
+    /// ([`H1Conn::exchange`]), armed once and moved rarely; a timer per request was a wheel
+    /// insertion and removal each time. The rarer paths (h2, dialling) take a timer of their
+    /// own.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
+        within: Duration,
     ) -> Result<Response<ResponseBody>, SendError> {
+        let now = Instant::now();
+        let deadline = Deadline::after(now, within);
         let generation = self.generation.load(Ordering::Acquire);
         let key = Key {
             https: req.uri().scheme() == Some(&UriScheme::HTTPS),
@@ -395,7 +416,8 @@ impl Pool {
         if let Some(mut sender) = self.shared_h2(&key) {
             let stalled = for_h2(&mut req, &key, self.limits.body);
             let to_head = req.method() == Method::HEAD;
-            match sender.try_send_request(req).await {
+            let sent = tokio::time::timeout_at(deadline.at, sender.try_send_request(req));
+            match sent.await.map_err(|_| SendError::Timeout(within))? {
                 Ok(resp) => return Ok(from_h2(resp, to_head, self.limits.body)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => {
@@ -424,13 +446,14 @@ impl Pool {
                 | Method::DELETE
         );
         let slot = loop {
-            while let Some(mut conn) = self.take_idle(&key) {
+            while let Some(mut conn) = self.take_idle(&key, now) {
                 match conn
                     .exchange(
                         &exchange.head,
                         &mut exchange.pump,
                         exchange.to_head,
                         idempotent,
+                        deadline,
                     )
                     .await
                 {
@@ -443,7 +466,8 @@ impl Pool {
                     Err(f) => return Err(f.error.into()),
                 }
             }
-            match Box::pin(self.dial_or_wait(&key)).await {
+            let turn = tokio::time::timeout_at(deadline.at, Box::pin(self.dial_or_wait(&key)));
+            match turn.await.map_err(|_| SendError::Timeout(within))? {
                 Turn::Dial(slot) => break slot,
                 Turn::Again => {}
             }
@@ -452,7 +476,11 @@ impl Pool {
         // Dialing (DNS, TCP, TLS, the HTTP handshake) is the large part of this future and the
         // rare one: boxed, it is allocated only when it runs, and every proxied request's
         // future (kept per client connection by hyper) stays small.
-        Box::pin(self.connect_and_send(key, parts, exchange, generation, slot)).await
+        let connected =
+            Box::pin(self.connect_and_send(key, parts, exchange, generation, slot, deadline));
+        tokio::time::timeout_at(deadline.at, connected)
+            .await
+            .map_err(|_| SendError::Timeout(within))?
     }
 
     async fn connect_and_send(
@@ -462,6 +490,7 @@ impl Pool {
         mut exchange: Exchange,
         generation: u64,
         slot: Option<DialSlot>,
+        deadline: Deadline,
     ) -> Result<Response<ResponseBody>, SendError> {
         tracing::debug!(authority = %key.authority, "opening an upstream connection");
         let dialer = self.dialer();
@@ -497,7 +526,13 @@ impl Pool {
         }
         let mut conn = H1Conn::new(io, self.limits.body);
         match conn
-            .exchange(&exchange.head, &mut exchange.pump, exchange.to_head, false)
+            .exchange(
+                &exchange.head,
+                &mut exchange.pump,
+                exchange.to_head,
+                false,
+                deadline,
+            )
             .await
         {
             Ok(head) => Ok(self.respond(key, conn, head, exchange.pump, generation)),
@@ -587,10 +622,10 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self, key: &Key) -> Option<H1Conn> {
+    /// The most recently used idle connection to `key` that is still good `now`.
+    fn take_idle(&self, key: &Key, now: Instant) -> Option<H1Conn> {
         let mut state = self.state();
         let list = state.idle[usize::from(key.https)].get_mut(key.authority.as_str())?;
-        let now = Instant::now();
         while let Some(mut idle) = list.pop() {
             if now.saturating_duration_since(idle.since) < self.limits.idle && idle.conn.is_usable()
             {
