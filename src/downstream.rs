@@ -402,17 +402,20 @@ where
             // Between requests: the buffers stay while requests keep coming, and go once the
             // connection has been quiet for a spell (the watchdog's look wakes this task then);
             // from there nothing is held but the socket until the client sends again.
+            // Shutdown is looked at only when the client has sent nothing: a request already
+            // there is served (and the connection closed after it), and a keep-alive request
+            // that finds its bytes waiting costs no poll of the shutdown signal (a lock).
             let ready = std::future::poll_fn(|cx| {
-                if stopped.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
-                }
                 if held.kept && io.get_ref().quiet() {
                     *buf = BytesMut::new();
                     *held = Held::default();
                     io.get_ref().holding(false);
                     tracing::trace!("a quiet client connection let go of its buffers");
                 }
-                io.get_ref().poll_read_ready(cx).map(Some)
+                match io.get_ref().poll_read_ready(cx) {
+                    Poll::Pending if stopped.as_mut().poll(cx).is_ready() => Poll::Ready(None),
+                    ready => ready.map(Some),
+                }
             });
             match ready.await {
                 None => return Ok(None),
