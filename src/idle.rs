@@ -10,6 +10,7 @@
 //! [`Activity::idle_for`] completes once the connection has been idle that long (checked four
 //! times per timeout, so between the timeout and a quarter more).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -307,23 +309,90 @@ where
 
 /// Runs `conn` (a connection being served) until it ends, or until it has been idle for
 /// `timeout` (then it is dropped, which closes it): `None`.
+///
+/// The watchdog ([`Activity::idle_for`]) is polled only when something it waits on (its timer,
+/// the start of a turn) woke it, not on every wake-up of the connection's task: a busy
+/// connection is woken twice per request, and each poll of the watchdog polled its timer and
+/// its notification for nothing.
 pub async fn or_idle<F: std::future::Future>(
     conn: F,
     activity: &Activity,
     timeout: Duration,
 ) -> Option<F::Output> {
-    tokio::select! {
+    let watchdog = activity.idle_for(timeout);
+    let (mut watchdog, mut conn) = (std::pin::pin!(watchdog), std::pin::pin!(conn));
+    let woken = Arc::new(Woken {
+        fired: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let waker = std::task::Waker::from(woken.clone());
+    std::future::poll_fn(|cx| {
+        woken.task.register(cx.waker());
         // The watchdog first: a look that finds the connection quiet is seen by the
         // connection's reads in the same wake-up ([`crate::release`]).
-        biased;
-        () = activity.idle_for(timeout) => None,
-        out = conn => Some(out),
+        if woken.fired.swap(false, Ordering::AcqRel) {
+            let mut own = Context::from_waker(&waker);
+            if watchdog.as_mut().poll(&mut own).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        conn.as_mut().poll(cx).map(Some)
+    })
+    .await
+}
+
+/// The watchdog's waker: notes that the watchdog has something to look at, and wakes the
+/// connection's task.
+struct Woken {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The watchdog, polled only when its own timer or notification woke it, still closes a
+    /// connection that does nothing, and still leaves one with a request in flight; a
+    /// connection whose task is woken again and again by its own work does not hide it.
+    #[tokio::test(start_paused = true)]
+    async fn or_idle_closes_a_connection_only_when_it_is_idle() {
+        let a = Activity::new();
+        let t = Duration::from_secs(60);
+        let started = tokio::time::Instant::now();
+        assert!(or_idle(std::future::pending::<()>(), &a, t).await.is_none());
+        assert!(started.elapsed() >= t);
+
+        assert_eq!(or_idle(async { 7 }, &a, t).await, Some(7));
+
+        let req = a.request();
+        let busy = or_idle(std::future::pending::<()>(), &a, t);
+        assert!(tokio::time::timeout(Duration::from_secs(600), busy)
+            .await
+            .is_err());
+        drop(req);
+
+        // Woken every second by itself, moving nothing: closed all the same.
+        let started = tokio::time::Instant::now();
+        let spinning = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        assert!(or_idle(spinning, &a, t).await.is_none());
+        assert!(started.elapsed() >= t);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_only_with_nothing_in_flight_and_nothing_moving() {
