@@ -33,6 +33,23 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// [`is_hop_by_hop`] for a name still in bytes (any case), as a parser has it before it builds a
+/// `HeaderName`: what it would leave out costs no name built.
+pub fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        14 => is(b"content-length"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
+}
+
 /// Removes hop-by-hop and framing headers, and every header that `Connection` names.
 ///
 /// One pass over the names present decides what must go: a message that carries none of them
@@ -105,6 +122,57 @@ fn single_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The byte form says what the `HeaderName` form says, for every hop-by-hop name in any
+    /// case, names one byte off them, and names of every other length.
+    #[test]
+    fn hop_by_hop_bytes_agrees_with_the_header_name_check() {
+        let hop = [
+            "connection",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "content-length",
+            "transfer-encoding",
+        ];
+        let mut names: Vec<String> = Vec::new();
+        for h in hop {
+            let rest = h.get(1..).unwrap();
+            names.push(h.to_string());
+            names.push(h.to_ascii_uppercase());
+            names.push(format!(
+                "{}{rest}",
+                h.get(..1).unwrap().to_ascii_uppercase()
+            ));
+            names.push(format!("{h}s"));
+            names.push(rest.to_string());
+            names.push(format!("x{rest}"));
+            names.push(h.replace('-', "_"));
+        }
+        names.extend(
+            [
+                "host",
+                "content-type",
+                "date",
+                "server",
+                "tee",
+                "t",
+                "x-upgrade",
+                "proxy",
+            ]
+            .map(String::from),
+        );
+        for n in &names {
+            let by_name = HeaderName::from_bytes(n.as_bytes())
+                .map(|name| is_hop_by_hop(&name))
+                .unwrap();
+            assert_eq!(is_hop_by_hop_bytes(n.as_bytes()), by_name, "{n}");
+        }
+    }
 
     #[test]
     fn a_head_answer_keeps_one_plain_content_length_and_nothing_else_framing() {

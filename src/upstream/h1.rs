@@ -39,7 +39,7 @@ use zeroize::Zeroizing;
 
 use super::dial::MaybeTls;
 use crate::body::{BoxBody as UpstreamBody, BoxError};
-use crate::hop_by_hop::is_hop_by_hop;
+use crate::hop_by_hop::is_hop_by_hop_bytes;
 
 /// The largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -635,11 +635,14 @@ fn header_map(
         Vec::new()
     };
     for span in spans {
-        let name = HeaderName::from_bytes(&head[span[0]..span[1]])
-            .map_err(|_| H1Error::Invalid("a header name"))?;
-        if is_hop_by_hop(&name)
-            || (named_by_connection && named(head, &connection_values, name.as_str()))
-        {
+        let raw = &head[span[0]..span[1]];
+        // Left out before a name is built for it (most answers carry a length and a
+        // `Connection`).
+        if is_hop_by_hop_bytes(raw) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| H1Error::Invalid("a header name"))?;
+        if named_by_connection && named(head, &connection_values, name.as_str()) {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(head.slice(span[2]..span[3]))
