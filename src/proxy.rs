@@ -335,10 +335,13 @@ impl Proxy {
         log.client = client.map(|c| c.name.clone());
         // How the client reached latchkey, for a `Location` that names latchkey itself.
         let reached_as = match route.form {
-            Form::Gateway => uri.authority().cloned().or_else(|| {
-                let host = parts.headers.get(http::header::HOST)?;
-                Authority::try_from(host.as_bytes()).ok()
-            }),
+            Form::Gateway => match uri.authority() {
+                Some(a) => Some(ReachedAs::Authority(a.clone())),
+                None => parts
+                    .headers
+                    .get(http::header::HOST)
+                    .map(|h| ReachedAs::Host(h.clone())),
+            },
             _ => None,
         };
         self.send_on(parts, body, &route, reached_as.as_ref(), log, bytes_in)
@@ -579,13 +582,13 @@ impl Proxy {
     }
 
     /// Phases 3 to 6, once the route and the client are known. `reached_as`: in gateway
-    /// form, the authority the client used to reach latchkey.
+    /// form, how the client reached latchkey.
     async fn send_on(
         &self,
         mut parts: http::request::Parts,
         body: ClientBody,
         route: &Route<'_>,
-        reached_as: Option<&Authority>,
+        reached_as: Option<&ReachedAs>,
         log: &mut AccessLog,
         bytes_in: &Arc<AtomicU64>,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
@@ -1090,6 +1093,24 @@ impl Proxy {
     }
 }
 
+/// How a gateway-form request reached latchkey: its URI's authority, or else its `Host`
+/// header, kept as it came and read as an authority only when an answer carries a `Location`
+/// (most do not, and the parse was a visible share of every request).
+pub(crate) enum ReachedAs {
+    Authority(Authority),
+    Host(http::HeaderValue),
+}
+
+impl ReachedAs {
+    /// The authority, if the `Host` header is one.
+    fn authority(&self) -> Option<Authority> {
+        match self {
+            ReachedAs::Authority(a) => Some(a.clone()),
+            ReachedAs::Host(h) => Authority::try_from(h.as_bytes()).ok(),
+        }
+    }
+}
+
 /// A strong `ETag` made weak: the body it was given for has been decoded.
 fn weaken_etag(headers: &mut http::HeaderMap) {
     let Some(tag) = headers.get(http::header::ETAG) else {
@@ -1161,11 +1182,12 @@ fn gateway_location(
     headers: &mut http::HeaderMap,
     conn: &Connection,
     asked: &str,
-    reached_as: Option<&Authority>,
+    reached_as: Option<&ReachedAs>,
 ) {
     let Some(location) = headers.get(http::header::LOCATION) else {
         return;
     };
+    let reached_as = reached_as.and_then(ReachedAs::authority);
     // Bytes past ASCII are read as UTF-8 (lossily) rather than skipped: a client may follow
     // such a Location too.
     let location = String::from_utf8_lossy(location.as_bytes()).into_owned();
@@ -1174,7 +1196,7 @@ fn gateway_location(
         &conn.base,
         asked,
         conn.id.as_str(),
-        reached_as.map(Authority::as_str),
+        reached_as.as_ref().map(Authority::as_str),
     ) else {
         return;
     };
