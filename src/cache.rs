@@ -207,34 +207,55 @@ impl Cache {
         answer
     }
 
+    /// The connection if the cache holds it fresh, as [`get`](Self::get) would answer it (a
+    /// hit, and a re-read started once it is due), in one look at the map; `None` for anything
+    /// else, which `get` answers.
+    pub fn get_fresh(&self, id: &ConnectionId) -> Option<Arc<Connection>> {
+        let now = Instant::now();
+        let settings = self.inner.settings.load();
+        match self.find(id, now, &settings) {
+            Found::Fresh(conn, refresh) => {
+                if refresh {
+                    drop(self.start_load(id, false));
+                }
+                telemetry::cache_lookup(CacheOutcome::Hit);
+                Some(conn)
+            }
+            _ => None,
+        }
+    }
+
+    /// What the map holds for `id` at `now` (noting the use).
+    fn find(&self, id: &ConnectionId, now: Instant, settings: &Settings) -> Found {
+        let Some(slot) = self.inner.map.get(id) else {
+            return Found::Nothing;
+        };
+        slot.last_used
+            .store(self.inner.millis(now), Ordering::Relaxed);
+        match &slot.state {
+            State::Ready { conn, fetched } => {
+                let age = now.saturating_duration_since(*fetched);
+                if age < settings.ttl {
+                    let refresh = age >= settings.refresh_at && slot.inflight.is_none();
+                    Found::Fresh(conn.clone(), refresh)
+                } else if age < settings.ttl + settings.max_stale {
+                    Found::Expired(conn.clone())
+                } else {
+                    Found::Nothing
+                }
+            }
+            State::Negative { err, until } if now < *until => Found::Negative(err.clone()),
+            _ => Found::Nothing,
+        }
+    }
+
     async fn lookup(
         &self,
         id: &ConnectionId,
     ) -> Result<(Arc<Connection>, CacheOutcome), (CacheError, CacheOutcome)> {
         let now = Instant::now();
         let settings = self.inner.settings.load();
-        let mut found = Found::Nothing;
-        if let Some(slot) = self.inner.map.get(id) {
-            slot.last_used
-                .store(self.inner.millis(now), Ordering::Relaxed);
-            match &slot.state {
-                State::Ready { conn, fetched } => {
-                    let age = now.saturating_duration_since(*fetched);
-                    if age < settings.ttl {
-                        let refresh = age >= settings.refresh_at && slot.inflight.is_none();
-                        found = Found::Fresh(conn.clone(), refresh);
-                    } else if age < settings.ttl + settings.max_stale {
-                        found = Found::Expired(conn.clone());
-                    }
-                }
-                State::Negative { err, until } if now < *until => {
-                    found = Found::Negative(err.clone());
-                }
-                _ => {}
-            }
-        }
-
-        match found {
+        match self.find(id, now, &settings) {
             Found::Fresh(conn, refresh) => {
                 if refresh {
                     drop(self.start_load(id, false));
@@ -702,6 +723,43 @@ mod tests {
         tokio::time::advance(Duration::from_millis(5000)).await;
         let (e, _) = cache.get(&id("c1")).await.unwrap_err();
         assert!(matches!(e, CacheError::Unavailable(_)));
+    }
+
+    /// `get_fresh` answers what `get` answers as a hit, and nothing else: not before the
+    /// first read, not once the entry is past its TTL (stale), not a negative answer; and a
+    /// fresh hit past 80% of the TTL starts the background re-read as `get`'s does.
+    #[tokio::test(start_paused = true)]
+    async fn get_fresh_is_gets_hit_and_only_that() {
+        let fake = Fake::new(Duration::from_millis(1));
+        let cache = Cache::new(&config(1000, 5000), Arc::new(fake.clone()));
+        assert!(cache.get_fresh(&id("c1")).is_none());
+        assert_eq!(fake.loads(), 0, "get_fresh read the store");
+        cache.get(&id("c1")).await.unwrap();
+        assert_eq!(
+            key_of(&cache.get_fresh(&id("c1")).unwrap()),
+            "Bearer sk_test_one"
+        );
+
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::advance(Duration::from_millis(850)).await;
+        let c = cache.get_fresh(&id("c1")).unwrap();
+        assert_eq!(key_of(&c), "Bearer sk_test_one");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(fake.loads(), 2, "no re-read started ahead of the TTL");
+        assert_eq!(
+            key_of(&cache.get_fresh(&id("c1")).unwrap()),
+            "Bearer sk_test_two"
+        );
+
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert!(
+            cache.get_fresh(&id("c1")).is_none(),
+            "a stale entry was fresh"
+        );
+
+        fake.set(Ok(None));
+        assert!(cache.get(&id("gone")).await.is_err());
+        assert!(cache.get_fresh(&id("gone")).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -898,6 +898,12 @@ impl Proxy {
         id: &ConnectionId,
         log: &mut AccessLog,
     ) -> Result<Arc<Connection>, ProxyError> {
+        // Most requests: a fresh hit, in one look at the map (a held connection never meets
+        // the miss limit, so nothing is skipped).
+        if let Some(conn) = self.cache.get_fresh(id) {
+            log.cache = Some(CacheOutcome::Hit);
+            return Ok(conn);
+        }
         let client = log.client.as_deref().unwrap_or("");
         if !self.cache.holds(id) {
             if let Err(wait) = self.misses.check(client) {
