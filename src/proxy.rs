@@ -626,9 +626,13 @@ impl Proxy {
                 .await?
                 .map(Answer::pass),
             None => {
-                let body = NoTrailers::new(Counted::new(body, bytes_in.clone()))
-                    .map_err(BoxError::from)
-                    .boxed_unsync();
+                // No body (most requests): nothing to count or strip, and no box to allocate.
+                let body = match body {
+                    ClientBody::Empty => crate::body::empty(),
+                    body => NoTrailers::new(Counted::new(body, bytes_in.clone()))
+                        .map_err(BoxError::from)
+                        .boxed_unsync(),
+                };
                 let response = self.forward(Request::from_parts(parts, body), log).await?;
                 match &conn.scrubber {
                     Some(scrubber) => Self::scrub(response, scrubber, bodiless)?,
