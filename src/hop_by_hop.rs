@@ -123,24 +123,26 @@ fn single_content_length(headers: &HeaderMap) -> Option<HeaderValue> {
 mod tests {
     use super::*;
 
+    /// Every hop-by-hop and framing header name.
+    const HOP_BY_HOP: [&str; 10] = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+        "transfer-encoding",
+    ];
+
     /// The byte form says what the `HeaderName` form says, for every hop-by-hop name in any
     /// case, names one byte off them, and names of every other length.
     #[test]
     fn hop_by_hop_bytes_agrees_with_the_header_name_check() {
-        let hop = [
-            "connection",
-            "keep-alive",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "proxy-connection",
-            "te",
-            "trailer",
-            "upgrade",
-            "content-length",
-            "transfer-encoding",
-        ];
         let mut names: Vec<String> = Vec::new();
-        for h in hop {
+        for h in HOP_BY_HOP {
             let rest = h.get(1..).unwrap();
             names.push(h.to_string());
             names.push(h.to_ascii_uppercase());
@@ -220,18 +222,7 @@ mod tests {
 
     #[test]
     fn hop_by_hop_names() {
-        for name in [
-            "connection",
-            "keep-alive",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "proxy-connection",
-            "te",
-            "trailer",
-            "upgrade",
-            "content-length",
-            "transfer-encoding",
-        ] {
+        for name in HOP_BY_HOP {
             assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
         }
         for name in [
