@@ -215,14 +215,19 @@ impl Cache {
         let settings = self.inner.settings.load();
         match self.find(id, now, &settings) {
             Found::Fresh(conn, refresh) => {
-                if refresh {
-                    drop(self.start_load(id, false));
-                }
                 telemetry::cache_lookup(CacheOutcome::Hit);
-                Some(conn)
+                Some(self.hit(id, conn, refresh))
             }
             _ => None,
         }
+    }
+
+    /// A fresh hit, with its background re-read started once it is due.
+    fn hit(&self, id: &ConnectionId, conn: Arc<Connection>, refresh: bool) -> Arc<Connection> {
+        if refresh {
+            drop(self.start_load(id, false));
+        }
+        conn
     }
 
     /// What the map holds for `id` at `now` (noting the use).
@@ -256,12 +261,7 @@ impl Cache {
         let now = Instant::now();
         let settings = self.inner.settings.load();
         match self.find(id, now, &settings) {
-            Found::Fresh(conn, refresh) => {
-                if refresh {
-                    drop(self.start_load(id, false));
-                }
-                Ok((conn, CacheOutcome::Hit))
-            }
+            Found::Fresh(conn, refresh) => Ok((self.hit(id, conn, refresh), CacheOutcome::Hit)),
             Found::Negative(err) => Err((err, CacheOutcome::Negative)),
             Found::Expired(stale) => {
                 let load = self.start_load(id, false);

@@ -1106,7 +1106,7 @@ impl Proxy {
 /// How a gateway-form request reached latchkey: its URI's authority, or else its `Host`
 /// header, kept as it came and read as an authority only when an answer carries a `Location`
 /// (most do not, and the parse was a visible share of every request).
-pub(crate) enum ReachedAs {
+enum ReachedAs {
     Authority(Authority),
     Host(http::HeaderValue),
 }

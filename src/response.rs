@@ -164,10 +164,10 @@ impl ProxyError {
             SendError::H1(e @ H1Error::ClientStalled(_)) => {
                 ProxyError::RequestTimeout(e.to_string())
             }
-            SendError::H1(e @ (H1Error::UpstreamStalled(_) | H1Error::NoAnswer(_))) => {
+            SendError::H1(e @ H1Error::UpstreamStalled(_)) => {
                 ProxyError::UpstreamTimeout(e.to_string())
             }
-            e @ SendError::Timeout(_) => ProxyError::UpstreamTimeout(e.to_string()),
+            e if e.is_timeout() => ProxyError::UpstreamTimeout(e.to_string()),
             other => ProxyError::UpstreamUnreachable(other.describe()),
         }
     }
