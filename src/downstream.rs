@@ -42,7 +42,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::PollSender;
 
 use crate::body::{BoxBody, ClientBody, Piece, Piped};
-use crate::strict::{self, Strict};
+use crate::strict::{self, HeadShape, Strict};
 use crate::upstream::h1::{decode_chunk_within, Chunk, Decoded, H1Error};
 
 /// How much is read at a time.
@@ -144,22 +144,42 @@ pub struct Head {
 /// as [`HeaderValue`]s sharing the head's bytes. The error is why the head is refused; the
 /// strict check in front refuses everything that `httparse` does, so it is the target
 /// (`http::Uri` is stricter than `httparse`) or a framing header [`Strict`] already refused.
-pub fn parse_head(buf: &mut BytesMut, spans: &mut Vec<[usize; 4]>) -> Result<Parsed, &'static str> {
-    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; strict::MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let config = httparse::ParserConfig::default();
-    let len = match config.parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(_) => return Err("the request head does not parse"),
+///
+/// With `kept` (what the strict check's own `httparse` run found in these bytes: the head's
+/// shape and its headers' spans) the head is not parsed again; else `httparse` runs here, its
+/// spans going into `parsed`.
+pub fn parse_head(
+    buf: &mut BytesMut,
+    parsed: &mut Vec<[u32; 4]>,
+    kept: Option<(HeadShape, &[[u32; 4]])>,
+) -> Result<Parsed, &'static str> {
+    let (shape, spans) = match kept {
+        Some((shape, _)) if shape.len > buf.len() => return Ok(Parsed::Partial),
+        // Whole, and where the strict check saw it end (anything else would be a fault of
+        // latchkey's bookkeeping: then the head is parsed here as if no shape had been kept).
+        Some((shape, spans))
+            if buf
+                .get(..shape.len)
+                .is_some_and(|h| h.ends_with(b"\r\n\r\n")) =>
+        {
+            #[cfg(any(debug_assertions, feature = "fuzzing"))]
+            same_as_httparse(buf, spans, shape);
+            (shape, spans)
+        }
+        _ => match parse_with_httparse(buf, parsed)? {
+            Some(shape) => (shape, &parsed[..]),
+            None => return Ok(Parsed::Partial),
+        },
     };
-    let method = req.method.unwrap_or_default().as_bytes();
+    let part = |(start, end): (usize, usize)| buf.get(start..end).unwrap_or_default();
+    let method = part(shape.method);
     if method == b"CONNECT" {
         return Ok(Parsed::HandOver);
     }
-    let version = match req.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
+    let version = if shape.http11 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
     };
     let mut framing = Framing::None;
     // As hyper decides it, header by header: once a `Connection` says `close` the connection
@@ -168,23 +188,23 @@ pub fn parse_head(buf: &mut BytesMut, spans: &mut Vec<[usize; 4]>) -> Result<Par
     let mut keep_alive = version == Version::HTTP_11;
     let mut closing = false;
     let (mut lengths, mut codings) = (0, 0);
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
+    for &[n0, n1, v0, v1] in spans {
+        let (name, value) = (part(range(n0, n1)), part(range(v0, v1)));
         if name.eq_ignore_ascii_case(b"content-length") {
             lengths += 1;
-            let n = content_length(h.value).ok_or("the Content-Length is not a number")?;
+            let n = content_length(value).ok_or("the Content-Length is not a number")?;
             framing = Framing::Length(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             codings += 1;
-            if !h.value.eq_ignore_ascii_case(b"chunked") {
+            if !value.eq_ignore_ascii_case(b"chunked") {
                 return Err("a Transfer-Encoding other than chunked");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            if closing || connection_has(h.value, b"close") {
+            if closing || connection_has(value, b"close") {
                 closing = true;
                 keep_alive = false;
             } else if !keep_alive {
-                keep_alive = connection_has(h.value, b"keep-alive");
+                keep_alive = connection_has(value, b"keep-alive");
             }
         } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
             return Ok(Parsed::HandOver);
@@ -200,30 +220,16 @@ pub fn parse_head(buf: &mut BytesMut, spans: &mut Vec<[usize; 4]>) -> Result<Par
     }
 
     let method = Method::from_bytes(method).map_err(|_| "the request method")?;
-    let base = buf.as_ptr() as usize;
-    let path = req.path.unwrap_or_default();
-    let path_at = path.as_ptr() as usize - base;
-    let path_range = path_at..path_at + path.len();
-    spans.clear();
-    for h in req.headers.iter() {
-        let name_at = h.name.as_ptr() as usize - base;
-        let value_at = h.value.as_ptr() as usize - base;
-        spans.push([
-            name_at,
-            name_at + h.name.len(),
-            value_at,
-            value_at + h.value.len(),
-        ]);
-    }
-    let head = buf.split_to(len).freeze();
-    let uri = http::Uri::from_maybe_shared(head.slice(path_range))
+    let head = buf.split_to(shape.len).freeze();
+    let uri = http::Uri::from_maybe_shared(head.slice(shape.path.0..shape.path.1))
         .map_err(|_| "the request target is not a URI")?;
     let mut map = HeaderMap::with_capacity(spans.len());
-    for &[n0, n1, v0, v1] in spans.iter() {
-        let name = HeaderName::from_bytes(head.get(n0..n1).unwrap_or_default())
+    for &[n0, n1, v0, v1] in spans {
+        let (name, value) = (range(n0, n1), range(v0, v1));
+        let name = HeaderName::from_bytes(head.get(name.0..name.1).unwrap_or_default())
             .map_err(|_| "a header name")?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "a header value")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1))
+            .map_err(|_| "a header value")?;
         map.append(name, value);
     }
     let mut request = Request::new(());
@@ -236,6 +242,61 @@ pub fn parse_head(buf: &mut BytesMut, spans: &mut Vec<[usize; 4]>) -> Result<Par
         framing,
         keep_alive,
     })))
+}
+
+/// Debug and fuzz builds check every kept shape against `httparse` on the same bytes.
+#[cfg(any(debug_assertions, feature = "fuzzing"))]
+fn same_as_httparse(buf: &[u8], spans: &[[u32; 4]], shape: HeadShape) {
+    let mut again = Vec::new();
+    let parsed = parse_with_httparse(buf, &mut again);
+    assert_eq!(
+        parsed,
+        Ok(Some(shape)),
+        "a kept head shape is not httparse's"
+    );
+    assert_eq!(
+        again, spans,
+        "a kept head's header spans are not httparse's"
+    );
+}
+
+/// Parses the head at the start of `buf` with `httparse` (for a head whose shape the strict
+/// check did not keep: the stand-in of a refused one): its shape, the headers' spans in
+/// `spans`; `None` while it is not whole.
+fn parse_with_httparse(
+    buf: &[u8],
+    spans: &mut Vec<[u32; 4]>,
+) -> Result<Option<HeadShape>, &'static str> {
+    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; strict::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let config = httparse::ParserConfig::default();
+    let len = match config.parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("the request head does not parse"),
+    };
+    let base = buf.as_ptr() as usize;
+    let range = |part: &[u8]| {
+        let start = (part.as_ptr() as usize).wrapping_sub(base);
+        (start, start + part.len())
+    };
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Err("the request head does not parse");
+    };
+    // Offsets in a head the strict check passed (at most 64 KiB, and a few empty lines).
+    let offset = |x: usize| u32::try_from(x).map_err(|_| "the request head does not parse");
+    spans.clear();
+    for h in req.headers.iter() {
+        let (n0, n1) = range(h.name.as_bytes());
+        let (v0, v1) = range(h.value);
+        spans.push([offset(n0)?, offset(n1)?, offset(v0)?, offset(v1)?]);
+    }
+    Ok(Some(HeadShape {
+        len,
+        method: range(method.as_bytes()),
+        path: range(path.as_bytes()),
+        http11: req.version != Some(0),
+    }))
 }
 
 /// Whether a `Connection` value names `token` (hyper's reading: a value with a byte that is not
@@ -277,6 +338,7 @@ where
 {
     let mut held: Held<F> = Held::default();
     let mut out = Vec::new();
+    io.keep_shapes(true);
     // Registered once: it completes when shutdown begins.
     let mut shutdown = stop.clone();
     let stopped = shutdown.changed();
@@ -284,7 +346,10 @@ where
     loop {
         let head = match next_head(io, buf, &mut held, stopped.as_mut()).await {
             Ok(Some(Parsed::Request(head))) => head,
-            Ok(Some(Parsed::HandOver)) => return Outcome::Hyper,
+            Ok(Some(Parsed::HandOver)) => {
+                io.keep_shapes(false);
+                return Outcome::Hyper;
+            }
             Ok(Some(Parsed::Partial)) | Ok(None) => return Outcome::Done(Ok(())),
             Err(Err(e)) => return Outcome::Done(Err(e)),
             Err(Ok(reason)) => {
@@ -362,7 +427,7 @@ struct Held<F> {
     /// The request's future, boxed, reused in place by the requests that follow.
     slot: Option<Pin<Box<F>>>,
     /// Where each header of the head being read is.
-    spans: Vec<[usize; 4]>,
+    spans: Vec<[u32; 4]>,
     /// Buffers are held: the read buffer, and these once a request has come.
     kept: bool,
 }
@@ -392,7 +457,8 @@ where
 {
     loop {
         if !buf.is_empty() {
-            match parse_head(buf, &mut held.spans).map_err(Ok)? {
+            let kept = checked_shape(io, buf);
+            match parse_head(buf, &mut held.spans, kept).map_err(Ok)? {
                 Parsed::Partial => {}
                 parsed => return Ok(Some(parsed)),
             }
@@ -409,6 +475,7 @@ where
                 if held.kept && io.get_ref().quiet() {
                     *buf = BytesMut::new();
                     *held = Held::default();
+                    io.release_shapes();
                     io.get_ref().holding(false);
                     tracing::trace!("a quiet client connection let go of its buffers");
                 }
@@ -445,6 +512,24 @@ where
             Some(Ok(_)) => {}
         }
     }
+}
+
+/// The shape the strict check kept of the head at the start of `buf` (after the empty lines
+/// before it, which are taken out of `buf` then), with its headers' spans.
+fn checked_shape<'a, T>(
+    io: &'a mut Strict<T>,
+    buf: &mut BytesMut,
+) -> Option<(HeadShape, &'a [[u32; 4]])> {
+    let blank = buf.chunks_exact(2).take_while(|l| *l == b"\r\n").count() * 2;
+    let at = io.handed().checked_sub((buf.len() - blank) as u64)?;
+    let kept = io.shape_at(at)?;
+    buf.advance(blank);
+    Some(kept)
+}
+
+/// A span's offsets as indices.
+fn range(start: u32, end: u32) -> (usize, usize) {
+    (start as usize, end as usize)
 }
 
 /// Reads into the spare room of `buf`.
@@ -1013,6 +1098,93 @@ mod tests {
         let seen = fuzzing::run(&rt, CASES[7], true);
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].body, None);
+    }
+
+    /// Reads `input` through [`Strict`] keeping shapes, `size` bytes a read, and parses each head
+    /// both ways: from the kept shape and with `httparse`. Returns each head's target and
+    /// whether a shape was kept for it; panics where the two parses differ.
+    fn heads_by_shape(input: &[u8], size: usize, heads: usize) -> Vec<(String, bool)> {
+        let rt = fuzzing::runtime().unwrap();
+        rt.block_on(async {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            client.write_all(input).await.unwrap();
+            let mut strict = Strict::new(server, Link::new(), Duration::from_secs(10));
+            strict.keep_shapes(true);
+            let (mut buf, mut seen, mut skip) = (BytesMut::new(), Vec::new(), 0);
+            while seen.len() < heads {
+                let mut chunk = vec![0; size];
+                let n = tokio::time::timeout(Duration::from_secs(5), strict.read(&mut chunk))
+                    .await
+                    .expect("a head never came")
+                    .unwrap();
+                assert!(n > 0, "the input ended after {seen:?}");
+                buf.extend_from_slice(&chunk[..n]);
+                let dropped = skip.min(buf.len());
+                buf.advance(dropped);
+                skip -= dropped;
+                while skip == 0 && !buf.is_empty() && seen.len() < heads {
+                    let mut plain = buf.clone();
+                    let (mut spans, mut plain_spans) = (Vec::new(), Vec::new());
+                    let shape = checked_shape(&mut strict, &mut buf);
+                    let kept = shape.is_some();
+                    let ours = parse_head(&mut buf, &mut spans, shape).unwrap();
+                    let theirs = parse_head(&mut plain, &mut plain_spans, None).unwrap();
+                    let (ours, theirs) = match (ours, theirs) {
+                        (Parsed::Partial, Parsed::Partial) => break,
+                        (Parsed::Request(a), Parsed::Request(b)) => (a, b),
+                        other => panic!("parsed apart: {other:?}"),
+                    };
+                    assert_eq!(ours.request.method(), theirs.request.method());
+                    assert_eq!(ours.request.uri(), theirs.request.uri());
+                    assert_eq!(ours.request.version(), theirs.request.version());
+                    assert_eq!(ours.request.headers(), theirs.request.headers());
+                    assert_eq!(ours.framing, theirs.framing);
+                    assert_eq!(ours.keep_alive, theirs.keep_alive);
+                    assert_eq!(buf, plain, "the two took different lengths");
+                    seen.push((ours.request.uri().to_string(), kept));
+                    if let Framing::Length(n) = ours.framing {
+                        skip = usize::try_from(n).unwrap();
+                        let dropped = skip.min(buf.len());
+                        buf.advance(dropped);
+                        skip -= dropped;
+                    }
+                }
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn heads_are_read_from_the_shape_the_strict_check_kept() {
+        // An input, and each head's target with whether a shape was kept for it.
+        type Case<'a> = (&'a [u8], &'a [(&'a str, bool)]);
+        let cases: &[Case] = &[
+            (
+                b"GET /a HTTP/1.1\r\nHost: a\r\nX-One:  1 \r\n\r\nGET /b HTTP/1.1\r\nHost: b\r\n\r\n",
+                &[("/a", true), ("/b", true)],
+            ),
+            (
+                b"\r\n\r\nGET /after-empty-lines HTTP/1.0\r\n\r\n",
+                &[("/after-empty-lines", true)],
+            ),
+            (
+                b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\r\nGET /n?q HTTP/1.1\r\n\r\n",
+                &[("/p", true), ("/n?q", true)],
+            ),
+            // The second head is refused: what stands in for it was never checked as a head.
+            (
+                b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                &[("/a", true), (strict::STAND_IN_PATH, false)],
+            ),
+        ];
+        for (input, want) in cases {
+            for size in [1, 2, 7, 64, 4096] {
+                let seen = heads_by_shape(input, size, want.len());
+                let want: Vec<(String, bool)> =
+                    want.iter().map(|(p, k)| (p.to_string(), *k)).collect();
+                assert_eq!(seen, want, "{input:?} read {size} bytes at a time");
+            }
+        }
     }
 
     /// Runs latchkey's server on one in-memory connection with `answer` as the service; sends

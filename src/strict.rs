@@ -140,6 +140,46 @@ pub struct Framer {
     /// Empty lines before the current request line.
     blank_lines: usize,
     heads: usize,
+    /// Bytes passed by earlier steps: where the next step's input starts in the stream.
+    offset: u64,
+    /// Where the parts of the heads passed are, for the server behind (see [`Shapes`]).
+    shapes: Shapes,
+}
+
+/// Where the parts of a request head are, as `httparse` found them when [`Framer`] checked it
+/// (offsets from the head's first byte, after any empty lines before it). latchkey's own
+/// server builds its request from this rather than parsing the same bytes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShape {
+    /// The whole head, its closing empty line included.
+    pub len: usize,
+    pub method: (usize, usize),
+    pub path: (usize, usize),
+    /// `HTTP/1.1` (else `HTTP/1.0`).
+    pub http11: bool,
+}
+
+/// The shapes of the heads passed and not yet taken, in stream order, when recording is on
+/// ([`Strict::keep_shapes`]); each with the stream offset of its first byte, and its headers'
+/// `[name start, name end, value start, value end]` in `spans`, one after another.
+#[derive(Debug, Default)]
+struct Shapes {
+    on: bool,
+    heads: std::collections::VecDeque<(u64, HeadShape, usize)>,
+    spans: Vec<[u32; 4]>,
+}
+
+impl Shapes {
+    /// Forgets the shapes of heads that start at or after `offset` (they were not passed).
+    fn forget_from(&mut self, offset: u64) {
+        while let Some(&(at, _, n)) = self.heads.back() {
+            if at < offset {
+                break;
+            }
+            self.heads.pop_back();
+            self.spans.truncate(self.spans.len().saturating_sub(n));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,12 +261,24 @@ impl Framer {
             upgrade: false,
             blank_lines: 0,
             heads: 0,
+            offset: 0,
+            shapes: Shapes::default(),
         }
     }
 
     /// Checks `data`, which starts where the previous step's `passed` ended (after
     /// [`Stop::More`], with the same bytes as then at its front).
     pub fn step(&mut self, data: &[u8]) -> Step {
+        let step = self.step_within(data);
+        if let Some(Stop::Refused(_)) = step.stop {
+            // A head passed in this step whose body was refused in it is not passed after all.
+            self.shapes.forget_from(self.offset + step.passed as u64);
+        }
+        self.offset += step.passed as u64;
+        step
+    }
+
+    fn step_within(&mut self, data: &[u8]) -> Step {
         let mut at = 0;
         // Where the current request's head began, if it did in this step.
         let mut head_at = None;
@@ -237,7 +289,7 @@ impl Framer {
                 State::Opaque => return step(data.len(), None),
                 State::Refused(r) => return step(at, Some(Stop::Refused(r))),
                 _ if rest.is_empty() => return step(at, None),
-                State::Head => match self.head(rest) {
+                State::Head => match self.head(rest, self.offset + at as u64) {
                     HeadScan::Skip(n) => at += n,
                     HeadScan::More => return step(at, Some(Stop::More)),
                     HeadScan::Opaque => {
@@ -351,8 +403,9 @@ impl Framer {
         step(head_at.unwrap_or(at), Some(Stop::Refused(refusal)))
     }
 
-    /// Looks for a whole head at the front of `d` (leading CRLFs are passed on their own).
-    fn head(&mut self, d: &[u8]) -> HeadScan {
+    /// Looks for a whole head at the front of `d` (leading CRLFs are passed on their own);
+    /// `offset` is where `d` starts in the stream.
+    fn head(&mut self, d: &[u8], offset: u64) -> HeadScan {
         if self.scanned == 0 {
             // RFC 9112 2.2: empty lines before a request line are ignored (hyper skips them).
             if d.starts_with(b"\r\n") {
@@ -404,7 +457,8 @@ impl Framer {
                 self.scanned = 0;
                 self.line_start = 0;
                 self.blank_lines = 0;
-                return match parse_head(head) {
+                let shapes = self.shapes.on.then_some((&mut self.shapes, offset));
+                return match parse_head(head, shapes) {
                     Ok(framing) => HeadScan::Done(end, framing),
                     Err(reason) => HeadScan::Bad(reason),
                 };
@@ -435,8 +489,9 @@ enum HeadScan {
     Done(usize, Framing),
 }
 
-/// Parses a whole head (its lines already checked) with httparse, and checks its framing.
-fn parse_head(head: &[u8]) -> Result<Framing, &'static str> {
+/// Parses a whole head (its lines already checked) with httparse, and checks its framing; a
+/// head that passes has its shape kept in `shapes`, if given, as starting at the offset given.
+fn parse_head(head: &[u8], shapes: Option<(&mut Shapes, u64)>) -> Result<Framing, &'static str> {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -496,10 +551,42 @@ fn parse_head(head: &[u8]) -> Result<Framing, &'static str> {
         _ => return Err("the request has both Content-Length and Transfer-Encoding"),
     };
     let connect = req.method == Some("CONNECT");
+    if let Some((shapes, at)) = shapes {
+        keep_shape(shapes, at, head, &req);
+    }
     Ok(Framing {
         body,
         upgrade: connect || (http11 && upgrade),
     })
+}
+
+/// Keeps the shape of `head` (which httparse read into `req`), starting at stream offset `at`.
+fn keep_shape(shapes: &mut Shapes, at: u64, head: &[u8], req: &httparse::Request<'_, '_>) {
+    let base = head.as_ptr() as usize;
+    // Every part is a slice of `head` (at most 64 KiB), so the offsets fit.
+    let range = |part: &[u8]| {
+        let start = (part.as_ptr() as usize).wrapping_sub(base);
+        (start, start + part.len())
+    };
+    let span = |part: &[u8]| {
+        let (start, end) = range(part);
+        (start as u32, end as u32)
+    };
+    for field in req.headers.iter() {
+        let (n0, n1) = span(field.name.as_bytes());
+        let (v0, v1) = span(field.value);
+        shapes.spans.push([n0, n1, v0, v1]);
+    }
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return;
+    };
+    let shape = HeadShape {
+        len: head.len(),
+        method: range(method.as_bytes()),
+        path: range(path.as_bytes()),
+        http11: req.version == Some(1),
+    };
+    shapes.heads.push_back((at, shape, req.headers.len()));
 }
 
 /// A `Content-Length` value: digits only (leading zeros as many as sent), no sign, no list, no
@@ -691,6 +778,8 @@ pub struct Strict<T> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// The deadline is armed for the head after this many heads passed.
     armed: Option<usize>,
+    /// Bytes handed to the reader so far (the stand-in's among them).
+    handed: u64,
 }
 
 impl<T> Strict<T> {
@@ -709,7 +798,52 @@ impl<T> Strict<T> {
             header_read,
             deadline: None,
             armed: None,
+            handed: 0,
         }
+    }
+
+    /// Keeps the shape of every head passed from now on, until it is taken ([`Self::shape_at`]),
+    /// or stops keeping them (and forgets those kept).
+    pub fn keep_shapes(&mut self, on: bool) {
+        self.framer.shapes.on = on;
+        if !on {
+            self.framer.shapes = Shapes::default();
+        }
+    }
+
+    /// Gives back the room the kept shapes took (none is kept between requests: call it when
+    /// the reader holds nothing).
+    pub fn release_shapes(&mut self) {
+        let on = self.framer.shapes.on;
+        self.framer.shapes = Shapes {
+            on,
+            ..Shapes::default()
+        };
+    }
+
+    /// Bytes handed to the reader so far: the reader's unread bytes, `n` of them, start at
+    /// `handed() - n`.
+    pub fn handed(&self) -> u64 {
+        self.handed
+    }
+
+    /// The shape of the head passed at stream offset `at`, with its headers' spans; the shapes
+    /// of heads before it are forgotten. `None` when no head passed there (the stand-in of a
+    /// refused head, or shapes are not kept).
+    pub fn shape_at(&mut self, at: u64) -> Option<(HeadShape, &[[u32; 4]])> {
+        let shapes = &mut self.framer.shapes;
+        while let Some(&(first, _, n)) = shapes.heads.front() {
+            if first >= at {
+                break;
+            }
+            shapes.heads.pop_front();
+            shapes.spans.drain(..n.min(shapes.spans.len()));
+        }
+        let &(first, shape, n) = shapes.heads.front()?;
+        if first != at {
+            return None;
+        }
+        Some((shape, shapes.spans.get(..n).unwrap_or_default()))
     }
 
     /// Hands on what `inner` reads as it is (a connection that is not a client's).
@@ -788,6 +922,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for Strict<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = this.poll_checked(cx, buf);
+        this.handed += buf.filled().len().saturating_sub(before) as u64;
+        read
+    }
+}
+
+impl<T: AsyncRead + Unpin> Strict<T> {
+    fn poll_checked(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             if this.ready > 0 {
                 let n = this.ready.min(buf.remaining());
