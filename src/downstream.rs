@@ -457,6 +457,10 @@ where
 {
     loop {
         if !buf.is_empty() {
+            // An h2 preface (inside a tunnel, sent without ALPN): hyper's, as it is.
+            if io.is_opaque() {
+                return Ok(Some(Parsed::HandOver));
+            }
             let kept = checked_shape(io, buf);
             match parse_head(buf, &mut held.spans, kept).map_err(Ok)? {
                 Parsed::Partial => {}

@@ -607,7 +607,12 @@ fn spawn_worker(
         .name(format!("latchkey-proxy-{n}"))
         .spawn(move || {
             runtime.block_on(async move {
-                let tunnels = Arc::new(Tunnels::new(proxy.clone(), leaves, (idle, header_read)));
+                let tunnels = Arc::new(Tunnels::new(
+                    proxy.clone(),
+                    leaves,
+                    (idle, header_read),
+                    serving.own_http1,
+                ));
                 let handler = move |req: http::Request<ClientBody>| {
                     // The proxy in force when the request starts serves it to its end.
                     let proxy = proxy.load_full();

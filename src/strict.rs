@@ -857,6 +857,12 @@ impl<T> Strict<T> {
         &self.inner
     }
 
+    /// What is read passes unchecked: the connection is not HTTP/1 (an h2 preface came first,
+    /// or an upgrade switched it).
+    pub fn is_opaque(&self) -> bool {
+        self.framer.is_opaque()
+    }
+
     /// Request heads handed on so far.
     pub fn heads(&self) -> usize {
         self.framer.heads

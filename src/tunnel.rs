@@ -13,17 +13,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 
-use crate::body::{self, BoxBody, ClientBody};
+use crate::body::{self, BoxBody, BoxError, ClientBody};
 use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
+use crate::downstream::{self, Outcome, Ready};
 use crate::idle::{self, Activity, Watched};
 use crate::proxy::{Opened, ProxySlot, Tunnel};
 use crate::response::ProxyError;
@@ -49,6 +51,9 @@ pub struct Tunnels {
     idle: Duration,
     /// `proxy.header_read_timeout`, for the request heads inside tunnels too.
     header_read: Duration,
+    /// HTTP/1.1 inside a tunnel is read by latchkey's own server (`proxy.http1_server`), as on
+    /// client connections; h2 and what asks for an upgrade are hyper's.
+    own_http1: bool,
 }
 
 impl Tunnels {
@@ -56,12 +61,14 @@ impl Tunnels {
         proxy: ProxySlot,
         leaves: LeavesSlot,
         (idle, header_read): (Duration, Duration),
+        own_http1: bool,
     ) -> Tunnels {
         Tunnels {
             proxy,
             leaves,
             idle,
             header_read,
+            own_http1,
         }
     }
 
@@ -118,7 +125,9 @@ impl Tunnels {
         let io = Rewind::new(Bytes::copy_from_slice(&first), io);
         if first[0] != TLS_HANDSHAKE {
             tunnel.tls = false;
-            return self.serve_http(io, Arc::new(tunnel.clone())).await;
+            return self
+                .serve_http(io, Arc::new(tunnel.clone()), self.own_http1)
+                .await;
         }
         tunnel.tls = true;
         let (config, minted) = match leaves.server_config(&tunnel.host) {
@@ -158,43 +167,66 @@ impl Tunnels {
             // Clients send no SNI for an IP address.
             None => tunnel.host.parse::<std::net::IpAddr>().is_ok() || tunnel.host.starts_with('['),
         };
-        self.serve_http(tls, Arc::new(tunnel.clone())).await
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve_http(tls, Arc::new(tunnel.clone()), self.own_http1 && !h2)
+            .await
     }
 
-    /// HTTP/1.1 or h2 (by ALPN or preface) inside the tunnel, every request through the proxy.
-    async fn serve_http<T>(&self, io: T, tunnel: Arc<Tunnel>) -> io::Result<()>
+    /// HTTP/1.1 or h2 (by ALPN or preface) inside the tunnel, every request through the proxy:
+    /// with `own`, HTTP/1.1 is read by latchkey's own server until a request is hyper's (an
+    /// upgrade, `Expect`, or an h2 preface sent without ALPN), which then serves the rest with
+    /// every byte read so far.
+    async fn serve_http<T>(&self, io: T, tunnel: Arc<Tunnel>, own: bool) -> io::Result<()>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Watched<T>: Ready,
     {
         let proxy = self.proxy.clone();
         let activity = Activity::new();
         let link = Link::new();
         // Strict HTTP/1.1 inside too, each head whole within `header_read` of its first byte.
-        let io = Strict::new(
+        let mut io = Strict::new(
             Watched::new(io, activity.clone()),
             link.clone(),
             self.header_read,
         );
-        let service = {
+        let handler = {
             let activity = activity.clone();
-            service_fn(move |req: Request<Incoming>| {
-                let req = req.map(ClientBody::Hyper);
+            move |req: Request<ClientBody>| {
                 let proxy = proxy.load_full();
                 let tunnel = tunnel.clone();
                 let serve = |req| async move {
                     Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await)
                 };
                 idle::track(&activity, crate::proxy::checked(link.clone(), req, serve))
-            })
+            }
         };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None);
-        // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
-        builder.http2().enable_connect_protocol();
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = async move {
+            let mut read = Bytes::new();
+            if own {
+                // Tunnels are not told of shutdown; they end with their idle timeout or the
+                // worker.
+                let (_never, mut stop) = watch::channel(());
+                let mut buf = BytesMut::new();
+                let bad = crate::proxy::not_strict;
+                match downstream::serve(&mut io, &mut buf, &handler, bad, &mut stop).await {
+                    Outcome::Done(ended) => return ended.map_err(BoxError::from),
+                    Outcome::Hyper => read = buf.freeze(),
+                }
+            }
+            let service =
+                service_fn(move |req: Request<Incoming>| handler(req.map(ClientBody::Hyper)));
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None);
+            // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
+            builder.http2().enable_connect_protocol();
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(read, io)), service)
+                .await
+        };
         match idle::or_idle(conn, &activity, self.idle).await {
             Some(served) => served.map_err(io::Error::other),
             None => {
@@ -203,6 +235,33 @@ impl Tunnels {
             }
         }
     }
+}
+
+/// A tunnel's stream cannot tell that it has bytes without reading them: latchkey's own server
+/// reads at once, and keeps its buffers while the tunnel is open (no quiet-spell release: the
+/// TLS session beside them is larger).
+impl<X> Ready for Watched<Rewind<X>> {
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn quiet(&self) -> bool {
+        false
+    }
+
+    fn holding(&self, _held: bool) {}
+}
+
+impl<X> Ready for Watched<tokio_rustls::server::TlsStream<X>> {
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn quiet(&self) -> bool {
+        false
+    }
+
+    fn holding(&self, _held: bool) {}
 }
 
 /// Answers 200 and, once hyper hands the client's connection over, copies bytes both ways

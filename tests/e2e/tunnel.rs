@@ -535,6 +535,62 @@ async fn plain_http_inside_a_connect_gets_the_connection_key() {
     assert_eq!(up.requests(), 1);
 }
 
+/// h2 with prior knowledge inside a plain CONNECT (no TLS, so no ALPN to say it): the
+/// connection preface is seen for what it is and every request on it is served, with the key.
+#[tokio::test]
+async fn h2_with_prior_knowledge_inside_a_plain_connect_gets_the_connection_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let addr = up.addr();
+    let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
+    let ca = Ca::init().await;
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
+            .tls(&format!("ca_key = {:?}", ca.key.display().to_string())),
+    )
+    .await;
+
+    let mut tcp = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    tcp.write_all(connect_head(&addr.to_string(), Some(("plain", ""))).as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(tcp.read(&mut byte).await.unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for path in ["/first", "/second"] {
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = echo_text(&String::from_utf8_lossy(&body));
+        let echo: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert_ours(&echo, &key);
+        assert_eq!(echo["uri"], path);
+    }
+    assert_eq!(up.requests(), 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The CA
 
