@@ -5,8 +5,10 @@
 //! with the same limits (64 KiB, 100 header lines, the header read timeout) and the same
 //! refusals, before this module sees a byte of it, and a refused head reaches it as the
 //! stand-in request that [`crate::proxy::checked`] answers `400`. What is left here is reading
-//! the head that passed into an [`http::Request`] (as hyper does, with `httparse` and `http`'s
-//! own checks), handing its body on as it arrives, and writing the answer.
+//! the head that passed into an [`http::Request`] (as hyper does, with `http`'s own checks, from
+//! where the strict check's `httparse` run found the head's parts: [`Strict::shape_at`]; the
+//! head is not parsed twice), handing its body on as it arrives, and writing the answer. It
+//! serves client connections and, with the same setting, HTTP/1.1 inside tunnels.
 //!
 //! Not served here, handed to hyper with every byte read so far ([`Outcome::Hyper`]): a
 //! request that asks for an upgrade or is a CONNECT (the tunnel form, WebSockets), and one with
