@@ -142,7 +142,9 @@ pub struct Framer {
     heads: usize,
     /// Bytes passed by earlier steps: where the next step's input starts in the stream.
     offset: u64,
-    /// Where the parts of the heads passed are, for the server behind (see [`Shapes`]).
+    /// Shapes are kept ([`Strict::keep_shapes`]).
+    keeping: bool,
+    /// Where the parts of the last head passed are, for the server behind (see [`Shapes`]).
     shapes: Shapes,
 }
 
@@ -159,25 +161,22 @@ pub struct HeadShape {
     pub http11: bool,
 }
 
-/// The shapes of the heads passed and not yet taken, in stream order, when recording is on
-/// ([`Strict::keep_shapes`]); each with the stream offset of its first byte, and its headers'
-/// `[name start, name end, value start, value end]` in `spans`, one after another.
+/// The shape of the last head passed, when shapes are kept ([`Strict::keep_shapes`]): the
+/// stream offset of its first byte, and its headers' `[name start, name end, value start,
+/// value end]` in `spans`. Only the last: of heads passed together (pipelined), the earlier
+/// ones find no shape and are parsed again by the server, and a connection holds no more than
+/// one head's spans (none once they are let go between busy spells).
 #[derive(Debug, Default)]
 struct Shapes {
-    on: bool,
-    heads: std::collections::VecDeque<(u64, HeadShape, usize)>,
+    head: Option<(u64, HeadShape)>,
     spans: Vec<[u32; 4]>,
 }
 
 impl Shapes {
-    /// Forgets the shapes of heads that start at or after `offset` (they were not passed).
+    /// Forgets a shape of a head that starts at or after `offset` (it was not passed).
     fn forget_from(&mut self, offset: u64) {
-        while let Some(&(at, _, n)) = self.heads.back() {
-            if at < offset {
-                break;
-            }
-            self.heads.pop_back();
-            self.spans.truncate(self.spans.len().saturating_sub(n));
+        if self.head.is_some_and(|(at, _)| at >= offset) {
+            self.head = None;
         }
     }
 }
@@ -262,6 +261,7 @@ impl Framer {
             blank_lines: 0,
             heads: 0,
             offset: 0,
+            keeping: false,
             shapes: Shapes::default(),
         }
     }
@@ -457,7 +457,7 @@ impl Framer {
                 self.scanned = 0;
                 self.line_start = 0;
                 self.blank_lines = 0;
-                let shapes = self.shapes.on.then_some((&mut self.shapes, offset));
+                let shapes = self.keeping.then_some((&mut self.shapes, offset));
                 return match parse_head(head, shapes) {
                     Ok(framing) => HeadScan::Done(end, framing),
                     Err(reason) => HeadScan::Bad(reason),
@@ -572,21 +572,23 @@ fn keep_shape(shapes: &mut Shapes, at: u64, head: &[u8], req: &httparse::Request
         let (start, end) = range(part);
         (start as u32, end as u32)
     };
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        shapes.head = None;
+        return;
+    };
+    shapes.spans.clear();
     for field in req.headers.iter() {
         let (n0, n1) = span(field.name.as_bytes());
         let (v0, v1) = span(field.value);
         shapes.spans.push([n0, n1, v0, v1]);
     }
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        return;
-    };
     let shape = HeadShape {
         len: head.len(),
         method: range(method.as_bytes()),
         path: range(path.as_bytes()),
         http11: req.version == Some(1),
     };
-    shapes.heads.push_back((at, shape, req.headers.len()));
+    shapes.head = Some((at, shape));
 }
 
 /// A `Content-Length` value: digits only (leading zeros as many as sent), no sign, no list, no
@@ -802,23 +804,19 @@ impl<T> Strict<T> {
         }
     }
 
-    /// Keeps the shape of every head passed from now on, until it is taken ([`Self::shape_at`]),
-    /// or stops keeping them (and forgets those kept).
+    /// Keeps the shape of the last head passed from now on ([`Self::shape_at`]), or stops
+    /// keeping it (and forgets it).
     pub fn keep_shapes(&mut self, on: bool) {
-        self.framer.shapes.on = on;
+        self.framer.keeping = on;
         if !on {
             self.framer.shapes = Shapes::default();
         }
     }
 
-    /// Gives back the room the kept shapes took (none is kept between requests: call it when
+    /// Gives back the room the kept shape took (none is needed between requests: call it when
     /// the reader holds nothing).
     pub fn release_shapes(&mut self) {
-        let on = self.framer.shapes.on;
-        self.framer.shapes = Shapes {
-            on,
-            ..Shapes::default()
-        };
+        self.framer.shapes = Shapes::default();
     }
 
     /// Bytes handed to the reader so far: the reader's unread bytes, `n` of them, start at
@@ -827,23 +825,15 @@ impl<T> Strict<T> {
         self.handed
     }
 
-    /// The shape of the head passed at stream offset `at`, with its headers' spans; the shapes
-    /// of heads before it are forgotten. `None` when no head passed there (the stand-in of a
-    /// refused head, or shapes are not kept).
-    pub fn shape_at(&mut self, at: u64) -> Option<(HeadShape, &[[u32; 4]])> {
-        let shapes = &mut self.framer.shapes;
-        while let Some(&(first, _, n)) = shapes.heads.front() {
-            if first >= at {
-                break;
-            }
-            shapes.heads.pop_front();
-            shapes.spans.drain(..n.min(shapes.spans.len()));
+    /// The shape of the head passed at stream offset `at`, with its headers' spans. `None` when
+    /// no shape of a head there is kept (the stand-in of a refused head, an earlier one of
+    /// heads passed together, or shapes are not kept).
+    pub fn shape_at(&self, at: u64) -> Option<(HeadShape, &[[u32; 4]])> {
+        let shapes = &self.framer.shapes;
+        match shapes.head {
+            Some((first, shape)) if first == at => Some((shape, &shapes.spans)),
+            _ => None,
         }
-        let &(first, shape, n) = shapes.heads.front()?;
-        if first != at {
-            return None;
-        }
-        Some((shape, shapes.spans.get(..n).unwrap_or_default()))
     }
 
     /// Hands on what `inner` reads as it is (a connection that is not a client's).
