@@ -247,13 +247,7 @@ async fn a_bare_lf_inside_a_tunnel_is_refused() {
     let addr = up.addr().to_string();
     put_bearer(&bao, "plain", &format!("http://{addr}"));
     let ca = Ca::init().await;
-    let lk = Latchkey::start(
-        &bao,
-        Opts::loopback()
-            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
-            .tls(&format!("ca_key = {:?}", ca.key.display().to_string())),
-    )
-    .await;
+    let lk = Latchkey::start(&bao, ca.configured(Opts::loopback())).await;
     let x = exchange(
         &lk,
         &connect_head(&addr, Some(("plain", ""))),

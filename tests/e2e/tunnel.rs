@@ -85,6 +85,13 @@ impl Ca {
         }
     }
 
+    /// `opts` with this CA as latchkey's (`tls.ca_cert`, `tls.ca_key`): the tunnel form needs
+    /// one configured, even for a tunnel that turns out plain.
+    pub(crate) fn configured(&self, opts: Opts) -> Opts {
+        opts.tls(&format!("ca_cert = {:?}", self.cert.display().to_string()))
+            .tls(&format!("ca_key = {:?}", self.key.display().to_string()))
+    }
+
     fn cert_pem(&self) -> String {
         std::fs::read_to_string(&self.cert).unwrap()
     }
@@ -511,15 +518,8 @@ async fn plain_http_inside_a_connect_gets_the_connection_key() {
     let up = echo().await;
     let addr = up.addr();
     let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
-    // The tunnel form needs latchkey's CA configured, even for a tunnel that turns out plain.
     let ca = Ca::init().await;
-    let lk = Latchkey::start(
-        &bao,
-        Opts::loopback()
-            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
-            .tls(&format!("ca_key = {:?}", ca.key.display().to_string())),
-    )
-    .await;
+    let lk = Latchkey::start(&bao, ca.configured(Opts::loopback())).await;
 
     let x = exchange(
         &lk,
@@ -545,13 +545,7 @@ async fn h2_with_prior_knowledge_inside_a_plain_connect_gets_the_connection_key(
     let addr = up.addr();
     let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
     let ca = Ca::init().await;
-    let lk = Latchkey::start(
-        &bao,
-        Opts::loopback()
-            .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
-            .tls(&format!("ca_key = {:?}", ca.key.display().to_string())),
-    )
-    .await;
+    let lk = Latchkey::start(&bao, ca.configured(Opts::loopback())).await;
 
     let mut tcp = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
     tcp.write_all(connect_head(&addr.to_string(), Some(("plain", ""))).as_bytes())
