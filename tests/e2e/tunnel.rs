@@ -512,15 +512,41 @@ async fn python_requests_through_https_proxy_has_its_authorization_replaced() {
     assert_eq!(s.up.requests(), 1);
 }
 
+/// latchkey with a CA, and a connection `plain` to a plain HTTP echo upstream: for what goes
+/// in the clear inside a CONNECT.
+struct PlainTunnel {
+    lk: Latchkey,
+    up: EchoServer,
+    addr: std::net::SocketAddr,
+    key: String,
+    _ca: Ca,
+    _bao: Bao,
+}
+
+impl PlainTunnel {
+    async fn start() -> PlainTunnel {
+        let bao = Bao::start().await;
+        let up = echo().await;
+        let addr = up.addr();
+        let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
+        let ca = Ca::init().await;
+        let lk = Latchkey::start(&bao, ca.configured(Opts::loopback())).await;
+        PlainTunnel {
+            lk,
+            up,
+            addr,
+            key,
+            _ca: ca,
+            _bao: bao,
+        }
+    }
+}
+
 #[tokio::test]
 async fn plain_http_inside_a_connect_gets_the_connection_key() {
-    let bao = Bao::start().await;
-    let up = echo().await;
-    let addr = up.addr();
-    let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
-    let ca = Ca::init().await;
-    let lk = Latchkey::start(&bao, ca.configured(Opts::loopback())).await;
-
+    let PlainTunnel {
+        lk, up, addr, key, ..
+    } = PlainTunnel::start().await;
     let x = exchange(
         &lk,
         &connect_head(&addr.to_string(), Some(("plain", ""))),
@@ -540,12 +566,9 @@ async fn plain_http_inside_a_connect_gets_the_connection_key() {
 #[tokio::test]
 async fn h2_with_prior_knowledge_inside_a_plain_connect_gets_the_connection_key() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let bao = Bao::start().await;
-    let up = echo().await;
-    let addr = up.addr();
-    let key = put_bearer(&bao, "plain", &format!("http://{addr}"));
-    let ca = Ca::init().await;
-    let lk = Latchkey::start(&bao, ca.configured(Opts::loopback())).await;
+    let PlainTunnel {
+        lk, up, addr, key, ..
+    } = PlainTunnel::start().await;
 
     let mut tcp = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
     tcp.write_all(connect_head(&addr.to_string(), Some(("plain", ""))).as_bytes())
