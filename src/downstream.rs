@@ -277,28 +277,9 @@ fn parse_with_httparse(
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err("the request head does not parse"),
     };
-    let base = buf.as_ptr() as usize;
-    let range = |part: &[u8]| {
-        let start = (part.as_ptr() as usize).wrapping_sub(base);
-        (start, start + part.len())
-    };
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        return Err("the request head does not parse");
-    };
-    // Offsets in a head the strict check passed (at most 64 KiB, and a few empty lines).
-    let offset = |x: usize| u32::try_from(x).map_err(|_| "the request head does not parse");
-    spans.clear();
-    for h in req.headers.iter() {
-        let (n0, n1) = range(h.name.as_bytes());
-        let (v0, v1) = range(h.value);
-        spans.push([offset(n0)?, offset(n1)?, offset(v0)?, offset(v1)?]);
-    }
-    Ok(Some(HeadShape {
-        len,
-        method: range(method.as_bytes()),
-        path: range(path.as_bytes()),
-        http11: req.version != Some(0),
-    }))
+    strict::shape_of(buf, len, &req, spans)
+        .map(Some)
+        .ok_or("the request head does not parse")
 }
 
 /// Whether a `Connection` value names `token` (hyper's reading: a value with a byte that is not

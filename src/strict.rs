@@ -562,33 +562,40 @@ fn parse_head(head: &[u8], shapes: Option<(&mut Shapes, u64)>) -> Result<Framing
 
 /// Keeps the shape of `head` (which httparse read into `req`), starting at stream offset `at`.
 fn keep_shape(shapes: &mut Shapes, at: u64, head: &[u8], req: &httparse::Request<'_, '_>) {
+    shapes.head = shape_of(head, head.len(), req, &mut shapes.spans).map(|shape| (at, shape));
+}
+
+/// The shape of the head of `len` bytes at the start of `head`, which httparse read into
+/// `req`, with its headers' spans in `spans`. `None` if httparse gave no request line or an
+/// offset does not fit in 32 bits (a head the strict check passed is at most 64 KiB).
+pub(crate) fn shape_of(
+    head: &[u8],
+    len: usize,
+    req: &httparse::Request<'_, '_>,
+    spans: &mut Vec<[u32; 4]>,
+) -> Option<HeadShape> {
     let base = head.as_ptr() as usize;
-    // Every part is a slice of `head` (at most 64 KiB), so the offsets fit.
     let range = |part: &[u8]| {
         let start = (part.as_ptr() as usize).wrapping_sub(base);
         (start, start + part.len())
     };
     let span = |part: &[u8]| {
         let (start, end) = range(part);
-        (start as u32, end as u32)
+        Some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
     };
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        shapes.head = None;
-        return;
-    };
-    shapes.spans.clear();
+    let (method, path) = (req.method?, req.path?);
+    spans.clear();
     for field in req.headers.iter() {
-        let (n0, n1) = span(field.name.as_bytes());
-        let (v0, v1) = span(field.value);
-        shapes.spans.push([n0, n1, v0, v1]);
+        let (n0, n1) = span(field.name.as_bytes())?;
+        let (v0, v1) = span(field.value)?;
+        spans.push([n0, n1, v0, v1]);
     }
-    let shape = HeadShape {
-        len: head.len(),
+    Some(HeadShape {
+        len,
         method: range(method.as_bytes()),
         path: range(path.as_bytes()),
-        http11: req.version == Some(1),
-    };
-    shapes.head = Some((at, shape));
+        http11: req.version != Some(0),
+    })
 }
 
 /// A `Content-Length` value: digits only (leading zeros as many as sent), no sign, no list, no
