@@ -677,7 +677,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// The HTTP server settings of both listeners; with `header_read`, hyper gives a client that
 /// long to send a whole request head (slowloris), from the moment it waits for one.
-fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
+pub(crate) fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -17,8 +17,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
@@ -216,14 +215,8 @@ impl Tunnels {
             }
             let service =
                 service_fn(move |req: Request<Incoming>| handler(req.map(ClientBody::Hyper)));
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(None);
-            // WebSockets inside: HTTP/1.1 upgrades, and h2 extended CONNECT (RFC 8441).
-            builder.http2().enable_connect_protocol();
-            builder
+            // The client connections' settings; heads are timed by `Strict`.
+            crate::server::http_builder(None)
                 .serve_connection_with_upgrades(TokioIo::new(Rewind::new(read, io)), service)
                 .await
         };
