@@ -48,6 +48,8 @@ use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::PollSender;
@@ -970,6 +972,20 @@ fn date(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(cached.1.as_bytes());
     });
+}
+
+/// hyper's server settings for client connections (both listeners, and HTTP/1 in
+/// tunnels, where `Strict` times heads); with `header_read`, hyper gives a client that long to
+/// send a whole request head (slowloris), from the moment it waits for one.
+pub(crate) fn hyper_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    // WebSockets over h2 (RFC 8441).
+    builder.http2().enable_connect_protocol();
+    builder
 }
 
 #[cfg(any(test, feature = "fuzzing"))]

@@ -631,7 +631,7 @@ fn spawn_worker(
                 // Request heads are timed by `Strict`, from their first byte; an idle
                 // keep-alive connection is `idle`'s.
                 let builders = Arc::new(Builders {
-                    auto: http_builder(None),
+                    auto: downstream::hyper_builder(None),
                     http1: http1_builder(),
                 });
                 let graceful = GracefulShutdown::new();
@@ -675,20 +675,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// The HTTP server settings of both listeners; with `header_read`, hyper gives a client that
-/// long to send a whole request head (slowloris), from the moment it waits for one.
-pub(crate) fn http_builder(header_read: Option<Duration>) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read);
-    // WebSockets over h2 (RFC 8441); HTTP/1.1 upgrades are served by `serve`.
-    builder.http2().enable_connect_protocol();
-    builder
-}
-
-/// The HTTP/1 settings of a proxy connection served in turns: those of [`http_builder`].
+/// The HTTP/1 settings of a proxy connection served in turns: those of [`downstream::hyper_builder`].
 fn http1_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(None);
@@ -947,7 +934,7 @@ async fn accept_loop<H, F>(
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
-    let builder = http_builder(Some(header_read));
+    let builder = downstream::hyper_builder(Some(header_read));
     // Handshakes under way. They hold `graceful`, which shutdown needs back whole: at stop they
     // are ended (no request has been read on them yet) before this returns.
     let mut handshakes = tokio::task::JoinSet::new();

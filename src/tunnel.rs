@@ -216,7 +216,7 @@ impl Tunnels {
             let service =
                 service_fn(move |req: Request<Incoming>| handler(req.map(ClientBody::Hyper)));
             // The client connections' settings; heads are timed by `Strict`.
-            crate::server::http_builder(None)
+            downstream::hyper_builder(None)
                 .serve_connection_with_upgrades(TokioIo::new(Rewind::new(read, io)), service)
                 .await
         };
