@@ -7,10 +7,12 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -84,9 +86,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The proxy listeners are served by `proxy.workers` threads, each with a single-threaded
 /// runtime of its own and its own pool of upstream connections: a request, its upstream
 /// connection and their tasks stay on one thread, with no cross-thread wake-ups on the hot
-/// path (the way nginx's workers run). Connections are accepted on the runtime that calls
-/// [`Server::run`] and each is handed to the worker serving the fewest ([`Balancer`]). The
-/// cache, the Vault client and the admin listener are shared, on that runtime too.
+/// path (the way nginx's workers run). Each worker accepts on the proxy listeners itself and
+/// keeps a connection while no worker serves fewer, or hands it to the one that does
+/// ([`Balancer`]). The cache, the Vault client and the admin listener are shared, on the
+/// runtime that calls [`Server::run`].
 pub struct Server {
     proxy_listeners: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
@@ -243,21 +246,16 @@ impl Server {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let timeouts = (self.idle_timeout, self.header_read_timeout);
-        let (workers, balancer) =
-            start_workers(self.reloader.slots(), &self.leaves, timeouts, self.serving)?;
+        let workers = start_workers(
+            self.reloader.slots(),
+            &self.leaves,
+            &self.proxy_listeners,
+            &stop_rx,
+            timeouts,
+            self.serving,
+        )?;
+        drop(self.proxy_listeners);
         let mut tasks = tokio::task::JoinSet::new();
-        for l in self.proxy_listeners {
-            let addr = l
-                .local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-            let listener =
-                TcpListener::from_std(l).map_err(|source| StartError::Bind { addr, source })?;
-            tasks.spawn(dispatch_loop(
-                listener,
-                balancer.clone(),
-                stopped(stop_rx.clone()),
-            ));
-        }
 
         tracing::info!(
             proxy = %proxy_addrs.join(","),
@@ -315,10 +313,9 @@ impl Server {
         let _ = stop_tx.send(true);
         background.abort_all();
         while tasks.join_next().await.is_some() {}
-        // The acceptors have stopped; with the last sender gone, each worker serves what is
-        // already queued for it, closes its idle connections, lets requests in flight finish
-        // (for at most SHUTDOWN_GRACE), then stops.
-        drop(balancer);
+        // Each worker stops accepting, serves what was handed to it until no worker accepts
+        // any more, closes its idle connections, lets requests in flight finish (for at most
+        // SHUTDOWN_GRACE), then stops.
         let workers = async {
             for done in workers {
                 let _ = done.await;
@@ -340,35 +337,56 @@ impl Server {
     }
 }
 
-/// Starts `n` proxy workers; returns what completes when each has finished, and the balancer
-/// that hands them connections (the workers stop once it is dropped).
+/// Starts a proxy worker for each slot, each accepting on its own copy of every proxy
+/// listener until `stop`; returns what completes when each has finished.
 fn start_workers(
     slots: &[ProxySlot],
     leaves: &LeavesSlot,
+    listeners: &[std::net::TcpListener],
+    stop: &watch::Receiver<bool>,
     timeouts: (Duration, Duration),
     serving: Serving,
-) -> Result<(Vec<tokio::sync::oneshot::Receiver<()>>, Arc<Balancer>), StartError> {
-    let mut workers = Vec::with_capacity(slots.len());
+) -> Result<Vec<tokio::sync::oneshot::Receiver<()>>, StartError> {
+    let mut receivers = Vec::with_capacity(slots.len());
     let mut handles = Vec::with_capacity(slots.len());
-    for (i, slot) in slots.iter().enumerate() {
+    for _ in slots {
         let (tx, rx) = mpsc::unbounded_channel();
-        let open = Arc::new(AtomicUsize::new(0));
+        receivers.push(rx);
+        handles.push(WorkerHandle {
+            tx,
+            open: Arc::new(AtomicUsize::new(0)),
+        });
+    }
+    let balancer = Arc::new(Balancer::new(handles));
+    let mut workers = Vec::with_capacity(slots.len());
+    for (n, (slot, rx)) in slots.iter().zip(receivers).enumerate() {
+        let copies = listeners
+            .iter()
+            .map(|l| {
+                l.try_clone().map_err(|source| StartError::Bind {
+                    addr: l
+                        .local_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let worker = Worker {
+            n,
+            listeners: copies,
+            handed: rx,
+            balancer: balancer.clone(),
+            stop: stop.clone(),
+        };
         workers.push(spawn_worker(
-            i,
-            rx,
-            open.clone(),
+            worker,
             slot.clone(),
             leaves.clone(),
             timeouts,
             serving,
         )?);
-        handles.push(WorkerHandle { tx, open });
     }
-    let balancer = Arc::new(Balancer {
-        workers: handles,
-        next: AtomicUsize::new(0),
-    });
-    Ok((workers, balancer))
+    Ok(workers)
 }
 
 /// Reads latchkey's CA from its files (`tls.ca_cert`, `tls.ca_key`).
@@ -503,26 +521,54 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 /// An accepted proxy connection on its way to a worker.
 type Accepted = (std::net::TcpStream, SocketAddr);
 
-/// A worker as the acceptor sees it: where to send a connection, and how many it serves.
+/// A worker as the others see it: where to send a connection, and how many it serves.
 struct WorkerHandle {
     tx: mpsc::UnboundedSender<Accepted>,
     open: Arc<AtomicUsize>,
 }
 
-/// Hands each accepted proxy connection to the worker serving the fewest.
+/// Keeps the proxy workers level: each connection is served by a worker serving the fewest.
 ///
-/// Workers accepting on a shared socket themselves left the load to chance: the first to wake
-/// took every connection waiting, so a client that opened its keep-alive connections at once
-/// (a connection pool, a load generator) could have all of them served by one thread while
-/// the others idled. Counting keeps them level; a connection costs one hand-off between
-/// threads when it opens, and nothing per request.
+/// Every worker accepts on the proxy listeners itself. Left at that, the load went to chance:
+/// the first to wake took every connection waiting, so a client that opened its keep-alive
+/// connections at once (a connection pool, a load generator) could have all of them served
+/// by one thread while the others idled. So a worker keeps a connection it accepted only when
+/// no other serves fewer ([`Balancer::keeps`]), and otherwise hands it to the one serving the
+/// fewest ([`Balancer::dispatch`]): one hand-off between threads, when the counts are
+/// uneven, and nothing per request. (Accepting on one thread and handing every connection
+/// over cost each new connection two wake-ups across threads.)
 struct Balancer {
     workers: Vec<WorkerHandle>,
     /// Where the search for the least busy worker starts, so that ties take turns.
     next: AtomicUsize,
+    /// How many workers still accept: once none does, none hands a connection over.
+    accepting: watch::Sender<usize>,
 }
 
 impl Balancer {
+    fn new(workers: Vec<WorkerHandle>) -> Balancer {
+        let (accepting, _) = watch::channel(workers.len());
+        Balancer {
+            workers,
+            next: AtomicUsize::new(0),
+            accepting,
+        }
+    }
+
+    /// Whether worker `n` serves a connection it accepted: no worker serves fewer. It is
+    /// counted on `n` if so.
+    fn keeps(&self, n: usize) -> bool {
+        let mine = self.workers[n].open.load(Ordering::Relaxed);
+        let fewest = self
+            .workers
+            .iter()
+            .all(|w| w.open.load(Ordering::Relaxed) >= mine);
+        if fewest {
+            self.workers[n].open.fetch_add(1, Ordering::Relaxed);
+        }
+        fewest
+    }
+
     fn dispatch(&self, mut accepted: Accepted) {
         let n = self.workers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -570,29 +616,37 @@ impl Drop for OpenConnection {
     }
 }
 
-/// Accepts proxy connections and hands them to the workers.
-async fn dispatch_loop(
-    listener: TcpListener,
+/// A proxy worker's share of the listening: its copies of the proxy listeners, the
+/// connections other workers hand it, and when to stop.
+struct Worker {
+    n: usize,
+    listeners: Vec<std::net::TcpListener>,
+    handed: mpsc::UnboundedReceiver<Accepted>,
     balancer: Arc<Balancer>,
-    stop: impl Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    while let Some((stream, peer)) = next_connection(&listener, stop.as_mut()).await {
-        match stream.into_std() {
-            Ok(stream) => balancer.dispatch((stream, peer)),
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "an accepted connection could not be handed over")
-            }
-        }
-    }
+    stop: watch::Receiver<bool>,
 }
 
-/// Starts one proxy worker thread, serving the connections that come through `accepted` until
-/// its senders are gone; the returned receiver completes when it has finished.
+/// The next connection on any of `listeners`, with `TCP_NODELAY` set.
+async fn accept_any(listeners: &[TcpListener]) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    let accepted = std::future::poll_fn(|cx| {
+        for listener in listeners {
+            if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                return Poll::Ready(accepted);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    if let Ok((stream, _)) = &accepted {
+        let _ = stream.set_nodelay(true);
+    }
+    accepted
+}
+
+/// Starts one proxy worker thread, serving the connections it accepts and those handed to it
+/// until `worker.stop`; the returned receiver completes when it has finished.
 fn spawn_worker(
-    n: usize,
-    mut accepted: mpsc::UnboundedReceiver<Accepted>,
-    open: Arc<AtomicUsize>,
+    worker: Worker,
     proxy: ProxySlot,
     leaves: LeavesSlot,
     (idle, header_read): (Duration, Duration),
@@ -604,7 +658,7 @@ fn spawn_worker(
         .build()
         .map_err(|source| StartError::Runtime { source })?;
     std::thread::Builder::new()
-        .name(format!("latchkey-proxy-{n}"))
+        .name(format!("latchkey-proxy-{}", worker.n))
         .spawn(move || {
             runtime.block_on(async move {
                 let tunnels = Arc::new(Tunnels::new(
@@ -637,18 +691,72 @@ fn spawn_worker(
                 let graceful = GracefulShutdown::new();
                 // Connections served in turns close at once when idle, on this signal.
                 let (stop, _) = watch::channel(());
+                let Worker { n, listeners, mut handed, balancer, stop: mut stopping } = worker;
                 let gauge = telemetry::client_connections(n);
                 gauge.set(0.0);
-                // Until the acceptors are gone (shutdown): every connection handed over is
-                // served, none is dropped unanswered.
-                while let Some((stream, peer)) = accepted.recv().await {
+                let open = balancer.workers[n].open.clone();
+                let take = |stream: tokio::net::TcpStream, peer: SocketAddr| {
                     let guard = OpenConnection::new(open.clone(), &gauge);
-                    match tokio::net::TcpStream::from_std(stream) {
-                        Ok(stream) if serving.own_http1 => serve_own(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard),
-                        Ok(stream) if serving.idle_release => serve_in_turns(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard),
-                        Ok(stream) => serve(&builders.auto, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard),
-                        Err(e) => tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection"),
+                    if serving.own_http1 {
+                        serve_own(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard)
+                    } else if serving.idle_release {
+                        serve_in_turns(&builders, &graceful, &stop, stream, (peer, idle, header_read), handler.clone(), guard)
+                    } else {
+                        serve(&builders.auto, &graceful, stream, (peer, idle, Some(header_read)), handler.clone(), guard)
                     }
+                };
+                let take_handed = |(stream, peer): Accepted| match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => take(stream, peer),
+                    Err(e) => {
+                        // Counted by the worker that handed it over.
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, error = %e, "a proxy worker could not take a connection")
+                    }
+                };
+                let mut listeners: Vec<TcpListener> = listeners
+                    .into_iter()
+                    .filter_map(|l| match TcpListener::from_std(l) {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            tracing::error!(worker = n, error = %e, "a proxy worker cannot accept on a listener; the others do");
+                            None
+                        }
+                    })
+                    .collect();
+                let mut accepting = balancer.accepting.subscribe();
+                let mut listening = !listeners.is_empty();
+                if !listening {
+                    balancer.accepting.send_modify(|left| *left -= 1);
+                }
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(handed) = handed.recv() => take_handed(handed),
+                        _ = stopping.wait_for(|s| *s), if listening => {
+                            listening = false;
+                            listeners.clear();
+                            balancer.accepting.send_modify(|left| *left -= 1);
+                        }
+                        accepted = accept_any(&listeners), if listening => match accepted {
+                            Ok((stream, peer)) if balancer.keeps(n) => take(stream, peer),
+                            Ok((stream, peer)) => match stream.into_std() {
+                                Ok(stream) => balancer.dispatch((stream, peer)),
+                                Err(e) => tracing::warn!(%peer, error = %e, "an accepted connection could not be handed over"),
+                            },
+                            Err(e) => {
+                                // Out of descriptors and the like: wait a little rather than spin.
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                        // No worker accepts any more, so nothing more is handed over: what
+                        // was is served, none is dropped unanswered.
+                        _ = accepting.wait_for(|left| *left == 0), if !listening => break,
+                    }
+                }
+                handed.close();
+                while let Some(left) = handed.recv().await {
+                    take_handed(left);
                 }
                 let _ = stop.send(());
                 if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
@@ -1036,10 +1144,7 @@ mod tests {
     fn connections_go_to_the_least_busy_worker_and_ties_take_turns() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (handles, mut rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| worker()).unzip();
-        let b = Balancer {
-            workers: handles,
-            next: AtomicUsize::new(0),
-        };
+        let b = Balancer::new(handles);
 
         // Opened at once, as a client's pool opens them: spread evenly.
         for _ in 0..6 {
@@ -1064,5 +1169,25 @@ mod tests {
         assert_eq!(open(&b)[0], 0);
         let got: Vec<usize> = rxs.iter_mut().map(received).collect();
         assert_eq!(got.iter().sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn a_worker_keeps_what_it_accepted_only_while_no_worker_serves_fewer() {
+        let (handles, _rxs): (Vec<_>, Vec<_>) = (0..3).map(|_| worker()).unzip();
+        let b = Balancer::new(handles);
+
+        // All level: worker 2 keeps its connection, and it is counted.
+        assert!(b.keeps(2));
+        assert_eq!(open(&b), [0, 0, 1]);
+        // Now it serves more than the others: it keeps no more, and nothing is counted.
+        assert!(!b.keeps(2));
+        assert_eq!(open(&b), [0, 0, 1]);
+        // The others keep theirs until they are level with it; then it keeps again.
+        assert!(b.keeps(0));
+        assert!(!b.keeps(0));
+        assert!(b.keeps(1));
+        assert_eq!(open(&b), [1, 1, 1]);
+        assert!(b.keeps(2));
+        assert_eq!(open(&b), [1, 1, 2]);
     }
 }

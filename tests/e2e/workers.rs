@@ -1,4 +1,4 @@
-//! Client connections are spread over the proxy workers: each new one goes to the worker
+//! Client connections are spread over the proxy workers: each new one is served by a worker
 //! serving the fewest, so a client that opens its keep-alive connections at once keeps every
 //! worker busy instead of one. `latchkey_client_connections{worker}` shows the spread. At
 //! shutdown the workers finish what they were given before they stop.
@@ -52,6 +52,30 @@ async fn connections_are_spread_evenly_over_the_workers_and_counted() {
         (per_worker(&lk).await == idle).then_some(())
     })
     .await;
+}
+
+/// Opened all at once, as a pool opens them: every worker accepts, and keeps a connection
+/// only while no worker serves fewer, so the counts stay within one of each other.
+#[tokio::test]
+async fn connections_opened_at_once_are_spread_too() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "burst", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("workers = 2")).await;
+
+    let clients: Vec<reqwest::Client> = (0..16).map(|_| http()).collect();
+    let answers =
+        futures_util::future::join_all(clients.iter().map(|c| c.get(lk.url("/burst/x")).send()))
+            .await;
+    for r in answers {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let counts: Vec<f64> = per_worker(&lk).await.into_values().collect();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(counts.iter().sum::<f64>(), 16.0, "{counts:?}");
+    assert!((counts[0] - counts[1]).abs() <= 1.0, "uneven: {counts:?}");
 }
 
 #[tokio::test]
