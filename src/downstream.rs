@@ -367,13 +367,13 @@ where
             }
         };
         let (parts, ()) = request.into_parts();
-        let future = handler(Request::from_parts(parts, body));
-        let future = match &mut held.slot {
-            Some(slot) => {
-                slot.set(future);
-                slot
-            }
-            None => held.slot.insert(Box::pin(future)),
+        let slot = held.slot.get_or_insert_with(|| Box::pin(None));
+        // The last request's future is dropped before this one's is made, so that it is made
+        // where it runs: made aside and moved in, its 5 KiB were copied at every request.
+        slot.set(None);
+        slot.set(Some(handler(Request::from_parts(parts, body))));
+        let Some(mut future) = slot.as_mut().as_pin_mut() else {
+            return Outcome::Done(Ok(())); // never: it was set on the line above
         };
         let mut exchange = Exchange::new(framing, keep_alive, version, bodiless);
         exchange.tx = tx.map(PollSender::new);
@@ -409,8 +409,9 @@ where
 
 /// What a connection keeps between requests while it is busy, and lets go when quiet.
 struct Held<F> {
-    /// The request's future, boxed, reused in place by the requests that follow.
-    slot: Option<Pin<Box<F>>>,
+    /// The request's future, boxed, reused in place by the requests that follow (`None`
+    /// inside between one request's future and the next's).
+    slot: Option<Pin<Box<Option<F>>>>,
     /// Where each header of the head being read is.
     spans: Vec<[u32; 4]>,
     /// Buffers are held: the read buffer, and these once a request has come.
