@@ -7,9 +7,11 @@ instructions latchkey executed per request: towards the plain upstream (`/bench/
 the HTTPS one (`/bench-tls/`, nginx over TLS on loopback, pooled keep-alive connections).
 
     python3 bench/callgrind.py --binary target/release/latchkey [--binary /tmp/other] [--requests 2000] \
-        [--path plain|https|both] [--keep DIR] [--proxy-extra 'pool_idle_timeout = "5s"' ...]
+        [--path plain|https|both] [--keep DIR] [--proxy-extra 'pool_idle_timeout = "5s"' ...] [--nginx]
 
 A --proxy-extra goes into the [proxy] table of the latchkey of the --binary in the same place.
+--nginx measures the benchmark's anchor too (bench/nginx/anchor.conf.tmpl, one worker, no master
+process), with the same requests: the same work done by nginx, for scale.
 """
 
 import argparse
@@ -88,6 +90,48 @@ def measure(bench, binary, n, keep=None, paths=("plain",), proxy_extra=""):
     return per
 
 
+def measure_nginx(bench, n, keep=None, paths=("plain",)):
+    """Instructions per request of the anchor nginx (one worker, no master process)."""
+    d = bench.workdir / f"cg-nginx-{os.getpid()}-{time.monotonic_ns()}"
+    d.mkdir()
+    ports = {"plain": load.free_port(), "https": load.free_port()}
+    subs = {"DIR": d, "USER": "user root;" if os.geteuid() == 0 else "", "NOFILE": 4096,
+            "WORKERS": 1, "HTTP_PORT": ports["plain"], "HTTPS_PORT": ports["https"],
+            "TLS_PORT": load.free_port(), "UP_HTTP_PORT": bench.up_http,
+            "UP_HTTPS_PORT": bench.up_https, "UP_IDLE": "90s"}
+    text = (load.BENCH / "nginx" / "anchor.conf.tmpl").read_text()
+    for k, v in subs.items():
+        text = text.replace(f"@{k}@", str(v))
+    text = text.replace("master_process on;", "master_process off;")
+    for f in ("ca.pem", "server.pem", "server.key"):
+        (d / f).write_bytes((bench.workdir / f).read_bytes())
+    (d / "anchor.conf").write_text(text)
+    out = d / "callgrind.out"
+    proc = load.PROCS.start("callgrind-nginx", [
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+        bench.nginx_bin, "-c", str(d / "anchor.conf"), "-p", str(d), "-e", str(d / "error.log")],
+        log_path=d / "valgrind.log")
+    load.wait_until("nginx under callgrind", lambda: load.http_get(ports["plain"], "/")[0] == 200,
+                    timeout=120, proc=proc, interval=0.2)
+    per = {}
+    for dump, which in enumerate(paths, start=1):
+        requests(ports[which], "/", 200)  # warm: the upstream connection is open
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        requests(ports[which], "/", n)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        out_n = d / f"callgrind.out.{dump}"
+        load.wait_until(f"callgrind dump {dump}", lambda: out_n.exists() and "summary:" in out_n.read_text(
+            errors="replace"), timeout=60, proc=proc, interval=0.2)
+        if keep:
+            keep.mkdir(parents=True, exist_ok=True)
+            (keep / f"callgrind.nginx.{which}.out").write_bytes(out_n.read_bytes())
+        total = next((int(line.split()[1]) for line in out_n.read_text(errors="replace").splitlines()
+                      if line.startswith("summary:")), 0)
+        per[which] = total / n
+    load.PROCS.stop(proc, timeout=30)
+    return per
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", action="append", required=True)
@@ -97,6 +141,8 @@ def main():
                    help="a line for the [proxy] table of the --binary in the same place")
     p.add_argument("--path", choices=["plain", "https", "both"], default="both",
                    help="the upstream: plain HTTP, HTTPS, or both (default)")
+    p.add_argument("--nginx", action="store_true",
+                   help="measure the benchmark's anchor nginx (one worker) too, for scale")
     a = p.parse_args()
     args = load.argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
                                    https_h2=False)
@@ -110,6 +156,11 @@ def main():
         for which, n in per.items():
             upstream = "plain HTTP upstream" if which == "plain" else "HTTPS upstream"
             print(f"{label}: {n:,.0f} instructions per request (gateway form, {upstream}, {a.requests} requests)",
+                  flush=True)
+    if a.nginx:
+        for which, n in measure_nginx(bench, a.requests, a.keep, paths).items():
+            upstream = "plain HTTP upstream" if which == "plain" else "HTTPS upstream"
+            print(f"nginx (anchor, 1 worker): {n:,.0f} instructions per request ({upstream}, {a.requests} requests)",
                   flush=True)
 
 
