@@ -63,16 +63,23 @@ def measure(bench, binary, n, keep=None, paths=("plain",), proxy_extra=""):
         env=env, log_path=lk_dir / "valgrind.log")
     load.wait_until("latchkey under callgrind", lambda: load.http_get(admin, "/healthz")[0] == 200,
                     timeout=120, proc=proc, interval=0.2)
-    for which in paths:
-        requests(port, PATHS[which], 200)  # warm: the connection is cached, pools are filled
+    return count(proc, lk_dir, name, [(w, port, PATHS[w]) for w in paths], n, keep)
+
+
+def count(proc, d, name, targets, n, keep=None):
+    """Instructions per request in the process `proc` runs under callgrind (dumps into `d`), for
+    each (which, port, path) of `targets`: all warmed first, then for each the counters zeroed,
+    `n` keep-alive requests sent and a dump taken. Stops `proc`."""
+    for _, port, path in targets:
+        requests(port, path, 200)  # warm: connections open, caches and pools filled
     per = {}
-    # Each dump asked for after zeroing (callgrind.out.1, .2 ...) holds one path's requests'
+    # Each dump asked for after zeroing (callgrind.out.1, .2 ...) holds one target's requests'
     # instructions, all threads together; the file without a number is the final dump at exit.
-    for dump, which in enumerate(paths, start=1):
+    for dump, (which, port, path) in enumerate(targets, start=1):
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        requests(port, PATHS[which], n)
+        requests(port, path, n)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-        out_n = lk_dir / f"callgrind.out.{dump}"
+        out_n = d / f"callgrind.out.{dump}"
         load.wait_until(f"callgrind dump {dump}", lambda: out_n.exists() and "summary:" in out_n.read_text(
             errors="replace"), timeout=60, proc=proc, interval=0.2)
         if keep:
@@ -80,11 +87,8 @@ def measure(bench, binary, n, keep=None, paths=("plain",), proxy_extra=""):
             kept = keep / f"callgrind.{name}.{which}.out"
             kept.write_bytes(out_n.read_bytes())
             print(f"profile: {kept} (callgrind_annotate --inclusive=yes {kept})", flush=True)
-        total = 0
-        for line in out_n.read_text(errors="replace").splitlines():
-            if line.startswith("summary:"):
-                total = int(line.split()[1])
-                break
+        total = next((int(line.split()[1]) for line in out_n.read_text(errors="replace").splitlines()
+                      if line.startswith("summary:")), 0)
         per[which] = total / n
     load.PROCS.stop(proc, timeout=30)
     return per
@@ -113,23 +117,7 @@ def measure_nginx(bench, n, keep=None, paths=("plain",)):
         log_path=d / "valgrind.log")
     load.wait_until("nginx under callgrind", lambda: load.http_get(ports["plain"], "/")[0] == 200,
                     timeout=120, proc=proc, interval=0.2)
-    per = {}
-    for dump, which in enumerate(paths, start=1):
-        requests(ports[which], "/", 200)  # warm: the upstream connection is open
-        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        requests(ports[which], "/", n)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-        out_n = d / f"callgrind.out.{dump}"
-        load.wait_until(f"callgrind dump {dump}", lambda: out_n.exists() and "summary:" in out_n.read_text(
-            errors="replace"), timeout=60, proc=proc, interval=0.2)
-        if keep:
-            keep.mkdir(parents=True, exist_ok=True)
-            (keep / f"callgrind.nginx.{which}.out").write_bytes(out_n.read_bytes())
-        total = next((int(line.split()[1]) for line in out_n.read_text(errors="replace").splitlines()
-                      if line.startswith("summary:")), 0)
-        per[which] = total / n
-    load.PROCS.stop(proc, timeout=30)
-    return per
+    return count(proc, d, "nginx", [(w, ports[w], "/") for w in paths], n, keep)
 
 
 def main():
