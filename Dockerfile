@@ -5,12 +5,12 @@
 #
 # The binary is linked statically against glibc (crt-static), so it needs no shared library at
 # run time; its allocator is mimalloc, built in, with the settings below (the binary would
-# otherwise start itself again with them: src/bin/latchkey/main.rs). The image is 18.7 MiB:
-# the stripped binary 18.5 MiB, the CA roots 0.2 MiB.
+# otherwise start itself again with them: src/bin/latchkey/main.rs). The image is 15.1 MiB:
+# the stripped binary 14.9 MiB, the CA roots 0.2 MiB.
 #
 # No container runs where the project is tested, and this base image cannot be fetched there:
 # scripts/check-image builds the binary with these commands, lays out the final stage's files in
-# a directory, builds the final stage from them with podman (19,628,643 bytes), and runs
+# a directory, builds the final stage from them with podman (15,832,162 bytes), and runs
 # latchkey from them under chroot (it resolves Vault's name from
 # the image's /etc/hosts and from DNS, logs in, serves a request, and `latchkey env` writes the
 # CA bundle).
