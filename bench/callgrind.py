@@ -98,26 +98,19 @@ def measure_nginx(bench, n, keep=None, paths=("plain",)):
     """Instructions per request of the anchor nginx (one worker, no master process)."""
     d = bench.workdir / f"cg-nginx-{os.getpid()}-{time.monotonic_ns()}"
     d.mkdir()
-    ports = {"plain": load.free_port(), "https": load.free_port()}
-    subs = {"DIR": d, "USER": "user root;" if os.geteuid() == 0 else "", "NOFILE": 4096,
-            "WORKERS": 1, "HTTP_PORT": ports["plain"], "HTTPS_PORT": ports["https"],
-            "TLS_PORT": load.free_port(), "UP_HTTP_PORT": bench.up_http,
-            "UP_HTTPS_PORT": bench.up_https, "UP_IDLE": "90s"}
-    text = (load.BENCH / "nginx" / "anchor.conf.tmpl").read_text()
-    for k, v in subs.items():
-        text = text.replace(f"@{k}@", str(v))
-    text = text.replace("master_process on;", "master_process off;")
     for f in ("ca.pem", "server.pem", "server.key"):
         (d / f).write_bytes((bench.workdir / f).read_bytes())
-    (d / "anchor.conf").write_text(text)
+    ports = {"plain": load.free_port(), "https": load.free_port()}
     out = d / "callgrind.out"
-    proc = load.PROCS.start("callgrind-nginx", [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-        bench.nginx_bin, "-c", str(d / "anchor.conf"), "-p", str(d), "-e", str(d / "error.log")],
-        log_path=d / "valgrind.log")
+    nginx = load.Nginx(bench.nginx_bin, "callgrind-nginx", "anchor.conf.tmpl", d, {
+        "NOFILE": 4096, "WORKERS": 1, "HTTP_PORT": ports["plain"], "HTTPS_PORT": ports["https"],
+        "TLS_PORT": load.free_port(), "UP_HTTP_PORT": bench.up_http,
+        "UP_HTTPS_PORT": bench.up_https, "UP_IDLE": "90s"},
+        wrap=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"],
+        master=False)
     load.wait_until("nginx under callgrind", lambda: load.http_get(ports["plain"], "/")[0] == 200,
-                    timeout=120, proc=proc, interval=0.2)
-    return count(proc, d, "nginx", [(w, ports[w], "/") for w in paths], n, keep)
+                    timeout=120, proc=nginx.proc, interval=0.2)
+    return count(nginx.proc, d, "nginx", [(w, ports[w], "/") for w in paths], n, keep)
 
 
 def main():

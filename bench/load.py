@@ -515,18 +515,24 @@ def make_certs(d):
 
 
 class Nginx:
-    def __init__(self, nginx, name, template, workdir, subs):
+    """An nginx from a template of bench/nginx. `subs` fills its placeholders (DIR, USER and
+    NOFILE have defaults); `wrap` goes before nginx's command line (a profiler); `master=False`
+    runs it without a master process."""
+
+    def __init__(self, nginx, name, template, workdir, subs, wrap=(), master=True):
         self.name = name
         text = (BENCH / "nginx" / template).read_text()
-        subs = dict(subs, DIR=str(workdir), USER="user root;" if os.geteuid() == 0 else "",
-                    NOFILE=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        subs = dict(dict(DIR=str(workdir), USER="user root;" if os.geteuid() == 0 else "",
+                         NOFILE=resource.getrlimit(resource.RLIMIT_NOFILE)[0]), **subs)
         for k, v in subs.items():
             text = text.replace(f"@{k}@", str(v))
         if "@" in "".join(l for l in text.splitlines() if not l.lstrip().startswith("#")):
             raise BenchError(f"{template}: a placeholder was left unfilled")
+        if not master:
+            text = text.replace("master_process on;", "master_process off;")
         conf = workdir / f"{name}.conf"
         conf.write_text(text)
-        self.proc = PROCS.start(name, [nginx, "-c", str(conf), "-p", str(workdir),
+        self.proc = PROCS.start(name, [*wrap, nginx, "-c", str(conf), "-p", str(workdir),
                                        "-e", str(workdir / f"{name}-error.log")],
                                 log_path=workdir / f"{name}.out")
 
