@@ -190,17 +190,41 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
     }
 }
 
+/// The count of a request's body bytes, shared with the body as it streams. Most requests
+/// have no body: their count is never asked for, and nothing is allocated.
+#[derive(Default)]
+pub struct BytesIn(std::sync::OnceLock<Arc<AtomicU64>>);
+
+impl BytesIn {
+    /// The counter, for a body to add to.
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        self.0.get_or_init(Arc::default).clone()
+    }
+
+    /// Adds what was counted elsewhere (an upgraded connection's bytes).
+    pub fn add(&self, n: u64) {
+        if n > 0 {
+            self.counter().fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The bytes counted so far.
+    pub fn load(&self) -> u64 {
+        self.0.get().map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
 /// The access-log record of a request whose response is still streaming.
 pub struct PendingLog {
     pub log: AccessLog,
     pub started: Instant,
-    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_in: BytesIn,
 }
 
 impl PendingLog {
     /// Writes the line, with what came in so far and `bytes_out`.
     pub fn emit(mut self, bytes_out: u64) {
-        self.log.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.log.bytes_in = self.bytes_in.load();
         self.log.bytes_out = bytes_out;
         self.log.emit(self.started.elapsed());
     }
@@ -329,7 +353,7 @@ mod tests {
         let log = PendingLog {
             log: AccessLog::default(),
             started: Instant::now(),
-            bytes_in: Arc::default(),
+            bytes_in: BytesIn::default(),
         };
         let mut body = std::pin::pin!(Logged::new(inner, log));
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));

@@ -12,7 +12,6 @@
 //! 7. The access log line and metrics, on success (when the body ends) and on failure alike.
 
 use std::borrow::Cow;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 
 use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
-use crate::body::{BoxBody, BoxError, ClientBody, Counted, Logged, PendingLog};
+use crate::body::{BoxBody, BoxError, BytesIn, ClientBody, Counted, Logged, PendingLog};
 use crate::cache::{Cache, CacheError};
 use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
@@ -245,17 +244,23 @@ impl Proxy {
     }
 
     /// Serves one request; never fails (latchkey's own errors become responses).
-    pub async fn handle(&self, req: Request<ClientBody>) -> Response<BoxBody> {
-        self.logged(req, None).await
+    ///
+    /// This and the next are not `async fn`s: a layer that only hands the request on would
+    /// copy it into a future of its own and its answer out again, on every request.
+    pub fn handle(
+        &self,
+        req: Request<ClientBody>,
+    ) -> impl std::future::Future<Output = Response<BoxBody>> + '_ {
+        self.logged(req, None)
     }
 
     /// Serves one request that arrived inside `tunnel`.
-    pub async fn handle_tunneled(
-        &self,
+    pub fn handle_tunneled<'a>(
+        &'a self,
         req: Request<ClientBody>,
-        tunnel: &Tunnel,
-    ) -> Response<BoxBody> {
-        self.logged(req, Some(tunnel)).await
+        tunnel: &'a Tunnel,
+    ) -> impl std::future::Future<Output = Response<BoxBody>> + 'a {
+        self.logged(req, Some(tunnel))
     }
 
     /// Serves a request and writes its access line, on success (when the body ends) and on
@@ -266,7 +271,7 @@ impl Proxy {
             method: req.method().clone(),
             ..AccessLog::default()
         };
-        let bytes_in = Arc::new(AtomicU64::new(0));
+        let bytes_in = BytesIn::default();
         let served = match tunnel {
             None => self.serve(req, &mut log, &bytes_in).await,
             Some(t) => self.serve_tunneled(req, t, &mut log, &bytes_in).await,
@@ -298,7 +303,7 @@ impl Proxy {
             Err(e) => {
                 log.status = e.status().as_u16();
                 log.error = Some(e.code());
-                log.bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
+                log.bytes_in = bytes_in.load();
                 tracing::debug!(code = e.code(), message = %e, "request refused");
                 log.emit(started.elapsed());
                 e.into_response()
@@ -310,7 +315,7 @@ impl Proxy {
         &self,
         req: Request<ClientBody>,
         log: &mut AccessLog,
-        bytes_in: &Arc<AtomicU64>,
+        bytes_in: &BytesIn,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
@@ -355,7 +360,7 @@ impl Proxy {
         req: Request<ClientBody>,
         tunnel: &Tunnel,
         log: &mut AccessLog,
-        bytes_in: &Arc<AtomicU64>,
+        bytes_in: &BytesIn,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = std::mem::take(&mut parts.uri);
@@ -590,7 +595,7 @@ impl Proxy {
         route: &Route<'_>,
         reached_as: Option<&ReachedAs>,
         log: &mut AccessLog,
-        bytes_in: &Arc<AtomicU64>,
+        bytes_in: &BytesIn,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
@@ -629,11 +634,23 @@ impl Proxy {
                 // No body (most requests): nothing to count or strip, and no box to allocate.
                 let body = match body {
                     ClientBody::Empty => crate::body::empty(),
-                    body => NoTrailers::new(Counted::new(body, bytes_in.clone()))
+                    body => NoTrailers::new(Counted::new(body, bytes_in.counter()))
                         .map_err(BoxError::from)
                         .boxed_unsync(),
                 };
-                let response = self.forward(Request::from_parts(parts, body), log).await?;
+                // Phase 6: send it on and take the answer's head (here rather than in a
+                // function of its own, whose future would be one more copy of the request and
+                // of the answer).
+                let response = self
+                    .upstream
+                    .send(Request::from_parts(parts, body), self.request_timeout)
+                    .await
+                    .map_err(|e| ProxyError::from_upstream(&e))?;
+                log.upstream_version = Some(match response.version() {
+                    Version::HTTP_2 => "h2",
+                    Version::HTTP_10 => "http/1.0",
+                    _ => "http/1.1",
+                });
                 match &conn.scrubber {
                     Some(scrubber) => Self::scrub(response, scrubber, bodiless)?,
                     None => response.map(Answer::pass),
@@ -1040,7 +1057,7 @@ impl Proxy {
             weaken_etag(&mut parts.headers);
             let decoded = encoding::decoded(body.boxed_unsync(), &codings);
             let body = Answer::Decoded {
-                inner: Scrubbed::new(decoded, None, scrubber),
+                inner: Box::pin(Scrubbed::new(decoded, None, scrubber)),
             };
             return Ok(Response::from_parts(parts, body));
         }
@@ -1070,36 +1087,17 @@ impl Proxy {
                     }
                 }
                 Ok(data) => Answer::Stream {
-                    inner: Scrubbed::new(body, Some(Frame::data(data)), scrubber),
+                    inner: Box::pin(Scrubbed::new(body, Some(Frame::data(data)), scrubber)),
                 },
                 Err(frame) => Answer::Stream {
-                    inner: Scrubbed::new(body, Some(frame), scrubber),
+                    inner: Box::pin(Scrubbed::new(body, Some(frame), scrubber)),
                 },
             },
             None => Answer::Stream {
-                inner: Scrubbed::new(body, None, scrubber),
+                inner: Box::pin(Scrubbed::new(body, None, scrubber)),
             },
         };
         Ok(Response::from_parts(parts, body))
-    }
-
-    /// Phase 6: send it on and take the answer's head.
-    async fn forward(
-        &self,
-        req: Request<BoxBody>,
-        log: &mut AccessLog,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let response = self
-            .upstream
-            .send(req, self.request_timeout)
-            .await
-            .map_err(|e| ProxyError::from_upstream(&e))?;
-        log.upstream_version = Some(match response.version() {
-            Version::HTTP_2 => "h2",
-            Version::HTTP_10 => "http/1.0",
-            _ => "http/1.1",
-        });
-        Ok(response)
     }
 }
 

@@ -454,10 +454,12 @@ pin_project_lite::pin_project! {
         /// Whole when its head came (its declared length had arrived with it), scrubbed; its
         /// new length is known.
         Whole { data: Option<Bytes> },
-        /// Scrubbed as it streams.
-        Stream { #[pin] inner: Scrubbed<B> },
+        /// Scrubbed as it streams. Boxed, as the next one: a scrubbing body is more than twice
+        /// the size of the others, and every response (a passed one too) would otherwise be as
+        /// large, and copied whole each time it is handed on.
+        Stream { inner: Pin<Box<Scrubbed<B>>> },
         /// Decoded from the content coding the upstream chose, then scrubbed as it streams.
-        Decoded { #[pin] inner: Scrubbed<BoxBody> },
+        Decoded { inner: Pin<Box<Scrubbed<BoxBody>>> },
     }
 }
 
@@ -478,8 +480,8 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Answer<B> {
         match self.project() {
             AnswerProj::Pass { inner } => inner.poll_frame(cx),
             AnswerProj::Whole { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            AnswerProj::Stream { inner } => inner.poll_frame(cx),
-            AnswerProj::Decoded { inner } => inner.poll_frame(cx),
+            AnswerProj::Stream { inner } => inner.as_mut().poll_frame(cx),
+            AnswerProj::Decoded { inner } => inner.as_mut().poll_frame(cx),
         }
     }
 

@@ -276,9 +276,7 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<P
         }
     }
     if let Ok(pending) = log.await {
-        pending
-            .bytes_in
-            .fetch_add(read, std::sync::atomic::Ordering::Relaxed);
+        pending.bytes_in.add(read);
         pending.emit(written);
     }
 }
