@@ -77,6 +77,11 @@ pub trait Ready {
     /// Buffers are held (`true`) or let go: while they are held, the connection's watchdog
     /// looks every quiet spell, and the task is woken then to let them go.
     fn holding(&self, held: bool);
+    /// Counts a request in flight on the connection until the guard is dropped (its idle
+    /// timeout waits meanwhile); `None` where the handler counts its requests itself.
+    fn request(&self) -> Option<crate::idle::InFlight> {
+        None
+    }
 }
 
 impl Ready for crate::idle::Watched<tokio::net::TcpStream> {
@@ -90,6 +95,12 @@ impl Ready for crate::idle::Watched<tokio::net::TcpStream> {
 
     fn holding(&self, held: bool) {
         self.watch.set_in_turn(held);
+    }
+
+    /// Counted here, not by the handler: its answer's body would have to carry the guard, boxed
+    /// once more and polled through one more layer at every frame.
+    fn request(&self) -> Option<crate::idle::InFlight> {
+        Some(self.watch.request())
     }
 }
 
@@ -367,6 +378,9 @@ where
             }
         };
         let (parts, ()) = request.into_parts();
+        // In flight from its head until its answer's body is sent and its own body read (or
+        // the connection ends): dropped with this loop's turn.
+        let _in_flight = io.get_ref().request();
         let slot = held.slot.get_or_insert_with(|| Box::pin(None));
         // The last request's future is dropped before this one's is made, so that it is made
         // where it runs: made aside and moved in, its 5 KiB were copied at every request.

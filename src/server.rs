@@ -912,15 +912,9 @@ fn serve_own<H, F>(
     );
     // Requests hyper serves, after a hand-over.
     let service = service(&activity, link.clone(), handler.clone());
-    let own = {
-        let activity = activity.clone();
-        move |req: http::Request<ClientBody>| {
-            idle::track(
-                &activity,
-                proxy::checked(link.clone(), req, handler.clone()),
-            )
-        }
-    };
+    // In flight is counted by `downstream::serve` itself (`Ready::request`).
+    let own =
+        move |req: http::Request<ClientBody>| proxy::checked(link.clone(), req, handler.clone());
     let watcher = graceful.watcher();
     let (builders, mut stop) = (builders.clone(), stop.subscribe());
     let task_activity = activity.clone();
