@@ -78,10 +78,9 @@ pub trait Ready {
     /// looks every quiet spell, and the task is woken then to let them go.
     fn holding(&self, held: bool);
     /// Counts a request in flight on the connection until the guard is dropped (its idle
-    /// timeout waits meanwhile); `None` where the handler counts its requests itself.
-    fn request(&self) -> Option<crate::idle::InFlight> {
-        None
-    }
+    /// timeout waits meanwhile): [`serve`] holds it from the head until the answer's body is
+    /// sent, so the handler's answer need not carry it; `None` for a stream nobody times out.
+    fn request(&self) -> Option<crate::idle::InFlight>;
 }
 
 impl Ready for crate::idle::Watched<tokio::net::TcpStream> {
@@ -97,8 +96,6 @@ impl Ready for crate::idle::Watched<tokio::net::TcpStream> {
         self.watch.set_in_turn(held);
     }
 
-    /// Counted here, not by the handler: its answer's body would have to carry the guard, boxed
-    /// once more and polled through one more layer at every frame.
     fn request(&self) -> Option<crate::idle::InFlight> {
         Some(self.watch.request())
     }
@@ -116,6 +113,10 @@ impl Ready for tokio::io::DuplexStream {
     }
 
     fn holding(&self, _held: bool) {}
+
+    fn request(&self) -> Option<crate::idle::InFlight> {
+        None
+    }
 }
 
 /// How [`serve`] ended.

@@ -189,16 +189,18 @@ impl Tunnels {
             link.clone(),
             self.header_read,
         );
+        // Requests latchkey's own server reads are counted in flight by it (`Ready::request`);
+        // those hyper's server serves, after a hand-over, by `idle::track`.
+        let serve_own = move |req: Request<ClientBody>| {
+            let proxy = proxy.load_full();
+            let tunnel = tunnel.clone();
+            let serve =
+                |req| async move { Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await) };
+            crate::proxy::checked(link.clone(), req, serve)
+        };
         let handler = {
-            let activity = activity.clone();
-            move |req: Request<ClientBody>| {
-                let proxy = proxy.load_full();
-                let tunnel = tunnel.clone();
-                let serve = |req| async move {
-                    Ok::<_, Infallible>(proxy.handle_tunneled(req, &tunnel).await)
-                };
-                idle::track(&activity, crate::proxy::checked(link.clone(), req, serve))
-            }
+            let (activity, serve_own) = (activity.clone(), serve_own.clone());
+            move |req: Request<ClientBody>| idle::track(&activity, serve_own(req))
         };
         let conn = async move {
             let mut read = Bytes::new();
@@ -208,7 +210,7 @@ impl Tunnels {
                 let (_never, mut stop) = watch::channel(());
                 let mut buf = BytesMut::new();
                 let bad = crate::proxy::not_strict;
-                match downstream::serve(&mut io, &mut buf, &handler, bad, &mut stop).await {
+                match downstream::serve(&mut io, &mut buf, &serve_own, bad, &mut stop).await {
                     Outcome::Done(ended) => return ended.map_err(BoxError::from),
                     Outcome::Hyper => read = buf.freeze(),
                 }
@@ -243,6 +245,10 @@ impl<X> Ready for Watched<Rewind<X>> {
     }
 
     fn holding(&self, _held: bool) {}
+
+    fn request(&self) -> Option<idle::InFlight> {
+        Some(self.watch.request())
+    }
 }
 
 impl<X> Ready for Watched<tokio_rustls::server::TlsStream<X>> {
@@ -255,6 +261,10 @@ impl<X> Ready for Watched<tokio_rustls::server::TlsStream<X>> {
     }
 
     fn holding(&self, _held: bool) {}
+
+    fn request(&self) -> Option<idle::InFlight> {
+        Some(self.watch.request())
+    }
 }
 
 /// Answers 200 and, once hyper hands the client's connection over, copies bytes both ways
