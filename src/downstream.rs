@@ -45,7 +45,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -239,7 +239,7 @@ pub fn parse_head(
     let head = buf.split_to(shape.len).freeze();
     let uri = http::Uri::from_maybe_shared(head.slice(shape.path.0..shape.path.1))
         .map_err(|_| "the request target is not a URI")?;
-    let mut map = HeaderMap::with_capacity(spans.len());
+    let mut map = crate::spare::header_map(spans.len());
     for &[n0, n1, v0, v1] in spans {
         let (name, value) = (range(n0, n1), range(v0, v1));
         let name = HeaderName::from_bytes(head.get(name.0..name.1).unwrap_or_default())
@@ -677,7 +677,7 @@ impl Exchange {
     ) -> io::Result<bool> {
         let (parts, mut body) = response.into_parts();
         let mut writer = self.encode_head(out, &parts, &body);
-        drop(parts);
+        crate::spare::keep(parts.headers);
         if writer.no_body {
             drop(body);
             body = crate::body::empty();

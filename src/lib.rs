@@ -13,7 +13,7 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | 0 | connection_id, destination, hop_by_hop, misses, secret, strict, telemetry, upstream::sessions |
+//! | 0 | connection_id, destination, hop_by_hop, misses, secret, spare, strict, telemetry, upstream::sessions |
 //! | 1 | auth, body, ca, record, upstream::dial, vault::login |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
 //! | 3 | config, downstream, inject, release, upstream::h1::fuzzing, upstream::pool |
@@ -33,7 +33,8 @@
 //!   host allow-lists, the check on the dialled address), [`misses`] (per client, how often
 //!   Vault may be read for connections that do not exist), [`strict`] (strict HTTP/1.1 framing
 //!   of what clients send, checked before hyper reads it), [`upstream::sessions`] (the TLS
-//!   sessions upstreams hand out, kept for resuming).
+//!   sessions upstreams hand out, kept for resuming), [`spare`] (header maps a worker keeps
+//!   for the next message).
 //! - Over them: [`auth`] (client tokens, globs, who may use which connection; constant-time
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
 //!   counter and the access-logging body), [`record`] (a connection as Vault stores it),
@@ -93,6 +94,7 @@ pub mod response;
 pub mod scrub;
 pub mod secret;
 pub mod server;
+pub mod spare;
 pub mod strict;
 pub mod telemetry;
 pub mod tunnel;

@@ -624,7 +624,7 @@ fn header_map(
     spans: &[[usize; 4]],
     named_by_connection: bool,
 ) -> Result<HeaderMap, H1Error> {
-    let mut map = HeaderMap::with_capacity(spans.len());
+    let mut map = crate::spare::header_map(spans.len());
     let connection_values: Vec<Range<usize>> = if named_by_connection {
         spans
             .iter()

@@ -458,7 +458,9 @@ impl Pool {
                     .await
                 {
                     Ok(head) => {
-                        return Ok(self.respond(key, conn, head, exchange.pump, generation))
+                        // The request's head has been written; its map is kept for the next.
+                        crate::spare::keep(parts.headers);
+                        return Ok(self.respond(key, conn, head, exchange.pump, generation));
                     }
                     Err(f) if f.retryable => {
                         tracing::debug!(error = %f.error, "a pooled upstream connection had closed; sending again");
