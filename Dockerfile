@@ -14,11 +14,19 @@
 # latchkey from them under chroot (it resolves Vault's name from
 # the image's /etc/hosts and from DNS, logs in, serves a request, and `latchkey env` writes the
 # CA bundle).
+#
+# The profile-guided build (the one the README's performance figures are for): run
+# scripts/build-pgo where the load benchmark's tools are (OpenBao, nginx, wrk), copy
+# target/pgo/latchkey.profdata into the build context as pgo/latchkey.profdata, and build with
+#   docker build --build-arg PGO_PROFILE=pgo/latchkey.profdata -t latchkey:0.1.0 .
+# The profile fits the source and the Rust toolchain it was made with; scripts/check-image takes
+# the same PGO_PROFILE from its environment.
 FROM rust:1-bookworm AS build
+ARG PGO_PROFILE=
 WORKDIR /src
 COPY . .
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
- && RUSTFLAGS="-C target-feature=+crt-static" \
+ && RUSTFLAGS="-C target-feature=+crt-static${PGO_PROFILE:+ -Cprofile-use=/src/$PGO_PROFILE}" \
     cargo build --release --locked --target "$target" --bin latchkey \
  && install -D -m 0755 "target/$target/release/latchkey" /image/usr/local/bin/latchkey \
  && strip /image/usr/local/bin/latchkey \

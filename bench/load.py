@@ -716,17 +716,21 @@ class Bench:
             raise BenchError(f"missing tools: {', '.join(missing)} (scripts/bench-load installs them)")
         self.nofile = raise_nofile()
 
+        pgo = getattr(a, "pgo", False)
         if not a.no_build:
             log("cargo build --release (a cargo lock wait is normal when others build)")
             # Two builds: with the example in the same one, the dev-dependencies' features
             # (tokio's test-util...) would be compiled into the latchkey that is measured.
-            subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "latchkey"], cwd=ROOT, check=True)
+            if not pgo:  # scripts/build-pgo built it
+                subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "latchkey"], cwd=ROOT,
+                               check=True)
             subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "tunnel_load"],
                            cwd=ROOT, check=True)
-        self.latchkey_bin = str(TARGET / "release/latchkey")
+        self.latchkey_bin = str(TARGET / ("pgo/latchkey" if pgo else "release/latchkey"))
         self.tls_tool = str(TARGET / "release/examples/tunnel_load")
         if not os.access(self.latchkey_bin, os.X_OK):
-            raise BenchError(f"{self.latchkey_bin} is missing: cargo build --release --bin latchkey")
+            raise BenchError(f"{self.latchkey_bin} is missing: "
+                             + ("scripts/build-pgo" if pgo else "cargo build --release --bin latchkey"))
 
         d = self.workdir
         log(f"work directory {d}")
@@ -1158,7 +1162,8 @@ class Bench:
             self.memory()
         self.results["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         self.results["elapsed_s"] = time.time() - t_start
-        self.results["command"] = "scripts/bench-load" + "".join(f" {x}" for x in sys.argv[1:])
+        # --pgo is what scripts/bench-load adds by default (and drops for --no-pgo)
+        self.results["command"] = "scripts/bench-load" + "".join(f" {x}" for x in sys.argv[1:] if x != "--pgo")
         self.results["args"] = {k: v for k, v in vars(a).items() if k != "render"}
         self.write()
 
@@ -1252,7 +1257,9 @@ class Bench:
           f"start {' '.join(R['loadavg_start'])}, at end {' '.join(R['loadavg_end'])}.")
         h1 = getattr(a, "http1_server", None)
         server = f'`proxy.http1_server = "{h1}"`' if h1 else "the default HTTP/1.1 server"
-        w(f"- latchkey {env['commit']}, `cargo build --release`, `RUST_LOG=warn` (the access log, at "
+        build = ("`scripts/build-pgo` (the release profile, guided by a training run of each form)"
+                 if getattr(a, "pgo", False) else "`cargo build --release`")
+        w(f"- latchkey {env['commit']}, {build}, `RUST_LOG=warn` (the access log, at "
           f"info, is off the hot path), no `[[clients]]`, default cache settings; client connections "
           f"read by {server}.")
         w(f"- Tools: {env['nginx']}; {env['wrk']}; {env['oha']}; {env['bao']}; {env['openssl']}.")
@@ -1530,6 +1537,9 @@ def main():
     ap.add_argument("--http1-server", choices=["hyper", "latchkey"],
                     help="latchkey's proxy.http1_server in every variant (default: its default)")
     ap.add_argument("--no-build", action="store_true", help="use target/release/latchkey as it is")
+    ap.add_argument("--pgo", action="store_true",
+                    help="measure target/pgo/latchkey, the profile-guided build of scripts/build-pgo "
+                         "(scripts/bench-load passes this after running it)")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
