@@ -726,7 +726,8 @@ class Bench:
                                check=True)
             subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "tunnel_load"],
                            cwd=ROOT, check=True)
-        self.latchkey_bin = str(TARGET / ("pgo/latchkey" if pgo else "release/latchkey"))
+        self.latchkey_bin = (getattr(a, "latchkey_bin", None)  # bench/pgo_train.py's instrumented one
+                             or str(TARGET / ("pgo/latchkey" if pgo else "release/latchkey")))
         self.tls_tool = str(TARGET / "release/examples/tunnel_load")
         if not os.access(self.latchkey_bin, os.X_OK):
             raise BenchError(f"{self.latchkey_bin} is missing: "
@@ -1536,7 +1537,8 @@ def main():
     ap.add_argument("--https-h2", action="store_true", help="offer h2 on the HTTPS upstream too")
     ap.add_argument("--http1-server", choices=["hyper", "latchkey"],
                     help="latchkey's proxy.http1_server in every variant (default: its default)")
-    ap.add_argument("--no-build", action="store_true", help="use target/release/latchkey as it is")
+    ap.add_argument("--no-build", action="store_true",
+                    help="use the build as it is (target/release/latchkey, or target/pgo/latchkey with --pgo)")
     ap.add_argument("--pgo", action="store_true",
                     help="measure target/pgo/latchkey, the profile-guided build of scripts/build-pgo "
                          "(scripts/bench-load passes this after running it)")

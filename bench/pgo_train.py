@@ -30,12 +30,13 @@ def main():
     signal.signal(signal.SIGTERM, load._on_signal)  # interrupted: stop what it started
     signal.signal(signal.SIGHUP, load._on_signal)
 
+    # The instrumented latchkey does everything, `latchkey ca init` of the setup included (no
+    # other build need exist).
     args = argparse.Namespace(no_build=True, nginx=None, oha="/bin/true", stream_bytes=1 << 20,
-                              https_h2=False, http1_server=None)
+                              https_h2=False, http1_server=None, latchkey_bin=str(Path(a.binary).resolve()))
     bench = load.Bench(args)
     try:
         bench.setup()
-        bench.latchkey_bin = str(Path(a.binary).resolve())
         bench.build_variants()  # each form answers 200 first, or this raises
         for name in ("latchkey", "latchkey-forward", "latchkey-https"):
             v = bench.variants[name]
