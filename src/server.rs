@@ -653,6 +653,9 @@ fn spawn_worker(
     serving: Serving,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // Shown at 0 from the start, before the worker's thread runs: the start returns, and
+    // `/metrics` can be read, before every thread has.
+    telemetry::client_connections(worker.n).set(0.0);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -693,7 +696,6 @@ fn spawn_worker(
                 let (stop, _) = watch::channel(());
                 let Worker { n, listeners, mut handed, balancer, stop: mut stopping } = worker;
                 let gauge = telemetry::client_connections(n);
-                gauge.set(0.0);
                 let open = balancer.workers[n].open.clone();
                 let take = |stream: tokio::net::TcpStream, peer: SocketAddr| {
                     let guard = OpenConnection::new(open.clone(), &gauge);
