@@ -866,6 +866,15 @@ class Bench:
             raise BenchError(f"{name}: curl {' '.join(args)} answered {r.stdout.strip() or '-'} "
                              f"(exit {r.returncode}): {r.stderr.strip()}")
 
+    def load_once(self, name, seconds, connections):
+        """One closed-loop run of variant `name`: wrk, or tunnel_load for the TLS variants."""
+        if name in self.tls_variants:
+            if not os.access(self.tls_tool, os.X_OK):
+                raise BenchError(f"{self.tls_tool} is missing: cargo build --release --example tunnel_load")
+            return tls_run(self.tls_tool, seconds, connections, self.tls_variants[name]["args"])
+        v = self.variants[name]
+        return wrk_run(self.wrk, v["url"], seconds, connections, v["script"], v.get("env"))
+
     def throughput(self):
         a = self.args
         log(f"throughput: wrk (tunnel_load for the TLS variants), {a.connections} connections, "
@@ -873,12 +882,7 @@ class Bench:
         everything = VARIANTS + TLS_VARIANTS
 
         def load(name, seconds):
-            if name in self.tls_variants:
-                if not os.access(self.tls_tool, os.X_OK):
-                    raise BenchError(f"{self.tls_tool} is missing: cargo build --release --example tunnel_load")
-                return tls_run(self.tls_tool, seconds, a.connections, self.tls_variants[name]["args"])
-            v = self.variants[name]
-            return wrk_run(self.wrk, v["url"], seconds, a.connections, v["script"], v.get("env"))
+            return self.load_once(name, seconds, a.connections)
 
         for name in everything:  # warm-up: pools, caches, JIT-free but page-cache and TLS sessions
             load(name, a.warmup)

@@ -38,16 +38,9 @@ def main():
     try:
         bench.setup()
         bench.build_variants()  # each form answers 200 first, or this raises
-        for name in ("latchkey", "latchkey-forward", "latchkey-https"):
-            v = bench.variants[name]
-            r = load.wrk_run(bench.wrk, v["url"], a.seconds, a.connections, v["script"], v.get("env"))
-            load.log(f"trained {name}: {r['requests']} requests, {r['errors']} errors")
-            if r["errors"]:
-                raise load.BenchError(f"{name}: {r['errors']} errors under load")
-        for name in ("latchkey-tunnel", "latchkey-tunnel-new"):
-            if not Path(bench.tls_tool).exists():
-                raise load.BenchError(f"{bench.tls_tool} is missing: cargo build --release --example tunnel_load")
-            r = load.tls_run(bench.tls_tool, a.seconds, a.connections, bench.tls_variants[name]["args"])
+        for name in ("latchkey", "latchkey-forward", "latchkey-https", "latchkey-tunnel",
+                     "latchkey-tunnel-new"):
+            r = bench.load_once(name, a.seconds, a.connections)
             load.log(f"trained {name}: {r['requests']} requests, {r['errors']} errors")
             if r["errors"]:
                 raise load.BenchError(f"{name}: {r['errors']} errors under load")
