@@ -144,13 +144,14 @@ pub enum Parsed {
     Partial,
     /// A request for hyper; nothing was taken from the buffer.
     HandOver,
-    Request(Box<Head>),
+    Request(Head),
 }
 
 /// A request head and what it says of its body and the connection.
 #[derive(Debug)]
 pub struct Head {
-    pub request: Request<()>,
+    /// Boxed once here: the request's way through the proxy's layers moves the box.
+    pub request: Box<Request<ClientBody>>,
     pub framing: Framing,
     pub keep_alive: bool,
 }
@@ -248,16 +249,16 @@ pub fn parse_head(
             .map_err(|_| "a header value")?;
         map.append(name, value);
     }
-    let mut request = Request::new(());
+    let mut request = Box::new(Request::new(ClientBody::Empty));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = map;
-    Ok(Parsed::Request(Box::new(Head {
+    Ok(Parsed::Request(Head {
         request,
         framing,
         keep_alive,
-    })))
+    }))
 }
 
 /// Debug and fuzz builds check every kept shape against `httparse` on the same bytes.
@@ -330,7 +331,7 @@ pub async fn serve<T, H, F>(
 ) -> Outcome
 where
     T: AsyncRead + AsyncWrite + Ready + Unpin,
-    H: Fn(Request<ClientBody>) -> F,
+    H: Fn(Box<Request<ClientBody>>) -> F,
     F: Future<Output = Result<Response<BoxBody>, Infallible>>,
 {
     let mut held: Held<F> = Held::default();
@@ -361,10 +362,10 @@ where
             }
         };
         let Head {
-            request,
+            mut request,
             framing,
             keep_alive,
-        } = *head;
+        } = head;
         let version = request.version();
         let bodiless = request.method() == Method::HEAD;
         let (tx, body) = match framing {
@@ -378,7 +379,6 @@ where
                 (Some(tx), ClientBody::Own(Piped::new(rx, None)))
             }
         };
-        let (parts, ()) = request.into_parts();
         // In flight from its head until its answer's body is sent and its own body read (or
         // the connection ends): dropped with this loop's turn.
         let _in_flight = io.get_ref().request();
@@ -386,7 +386,8 @@ where
         // The last request's future is dropped before this one's is made, so that it is made
         // where it runs: made aside and moved in, its 5 KiB were copied at every request.
         slot.set(None);
-        slot.set(Some(handler(Request::from_parts(parts, body))));
+        *request.body_mut() = body;
+        slot.set(Some(handler(request)));
         let Some(mut future) = slot.as_mut().as_pin_mut() else {
             return Outcome::Done(Ok(())); // never: it was set on the line above
         };
@@ -1228,7 +1229,7 @@ mod tests {
         rt.block_on(async move {
             let (mut client, server) = tokio::io::duplex(1 << 20);
             let mut strict = Strict::new(server, Link::new(), Duration::from_secs(10));
-            let handler = move |req: Request<ClientBody>| {
+            let handler = move |req: Box<Request<ClientBody>>| {
                 let answer = answer.clone();
                 async move {
                     let response = answer(&req);
@@ -1354,7 +1355,7 @@ mod tests {
     async fn unread_body(input: Vec<u8>) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let mut strict = Strict::new(server, Link::new(), Duration::from_secs(10));
-        let handler = |req: Request<ClientBody>| {
+        let handler = |req: Box<Request<ClientBody>>| {
             drop(req);
             async { Ok::<_, Infallible>(Response::new(full("ok"))) }
         };

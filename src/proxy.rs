@@ -134,14 +134,14 @@ impl Tunnel {
     /// TLS handshake named it in its SNI; otherwise 421, and nothing is sent. A request that
     /// names its host twice, in an absolute URI (or h2's `:authority`) and in a `Host` header,
     /// names the CONNECT host in both: an upstream may route on either.
-    fn check_inner(&self, parts: &http::request::Parts, uri: &Uri) -> Result<(), ProxyError> {
+    fn check_inner(&self, headers: &http::HeaderMap, uri: &Uri) -> Result<(), ProxyError> {
         if !self.sni_matches {
             return Err(ProxyError::HostMismatch(format!(
                 "the TLS server name is not {}, the CONNECT host",
                 self.host
             )));
         }
-        let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+        let mut hosts = headers.get_all(http::header::HOST).iter();
         let host = hosts.next();
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest("more than one Host header".into()));
@@ -246,10 +246,12 @@ impl Proxy {
     /// Serves one request; never fails (latchkey's own errors become responses).
     ///
     /// This and the next are not `async fn`s: a layer that only hands the request on would
-    /// copy it into a future of its own and its answer out again, on every request.
+    /// copy it into a future of its own and its answer out again, on every request. The request
+    /// comes boxed by the server that read it, so that each layer down to
+    /// [`Proxy::send_on`], where it is taken apart, moves a pointer rather than its 264 bytes.
     pub fn handle(
         &self,
-        req: Request<ClientBody>,
+        req: Box<Request<ClientBody>>,
     ) -> impl std::future::Future<Output = Response<BoxBody>> + '_ {
         self.logged(req, None)
     }
@@ -257,7 +259,7 @@ impl Proxy {
     /// Serves one request that arrived inside `tunnel`.
     pub fn handle_tunneled<'a>(
         &'a self,
-        req: Request<ClientBody>,
+        req: Box<Request<ClientBody>>,
         tunnel: &'a Tunnel,
     ) -> impl std::future::Future<Output = Response<BoxBody>> + 'a {
         self.logged(req, Some(tunnel))
@@ -265,7 +267,11 @@ impl Proxy {
 
     /// Serves a request and writes its access line, on success (when the body ends) and on
     /// failure alike.
-    async fn logged(&self, req: Request<ClientBody>, tunnel: Option<&Tunnel>) -> Response<BoxBody> {
+    async fn logged(
+        &self,
+        req: Box<Request<ClientBody>>,
+        tunnel: Option<&Tunnel>,
+    ) -> Response<BoxBody> {
         let started = Instant::now();
         let mut log = AccessLog {
             method: req.method().clone(),
@@ -313,22 +319,21 @@ impl Proxy {
 
     async fn serve(
         &self,
-        req: Request<ClientBody>,
+        mut req: Box<Request<ClientBody>>,
         log: &mut AccessLog,
         bytes_in: &BytesIn,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
-        let uri = std::mem::take(&mut parts.uri);
+        let uri = std::mem::take(req.uri_mut());
 
-        let mut route = match Self::route(&parts, &uri)? {
+        let mut route = match Self::route(&req, &uri)? {
             Routed::Named(route) => route,
             Routed::Unnamed(route) => {
                 log.form = route.form.as_str();
-                self.pick(&parts.headers, route, log).await?
+                self.pick(req.headers(), route, log).await?
             }
         };
         if route.form == Form::Gateway && route.token.is_none() && !self.clients.is_open() {
-            self.token_where_the_key_goes(&mut parts.headers, &mut route);
+            self.token_where_the_key_goes(req.headers_mut(), &mut route);
         }
         log.form = route.form.as_str();
         log.connection = Some(route.id.shared());
@@ -342,14 +347,14 @@ impl Proxy {
         let reached_as = match route.form {
             Form::Gateway => match uri.authority() {
                 Some(a) => Some(ReachedAs::Authority(a.clone())),
-                None => parts
-                    .headers
+                None => req
+                    .headers()
                     .get(http::header::HOST)
                     .map(|h| ReachedAs::Host(h.clone())),
             },
             _ => None,
         };
-        self.send_on(parts, body, &route, reached_as.as_ref(), log, bytes_in)
+        self.send_on(req, &route, reached_as.as_ref(), log, bytes_in)
             .await
     }
 
@@ -357,22 +362,21 @@ impl Proxy {
     /// `:authority` alike), then sent on as a forward-form request on the tunnel's connection.
     async fn serve_tunneled(
         &self,
-        req: Request<ClientBody>,
+        mut req: Box<Request<ClientBody>>,
         tunnel: &Tunnel,
         log: &mut AccessLog,
         bytes_in: &BytesIn,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
-        let uri = std::mem::take(&mut parts.uri);
+        let uri = std::mem::take(req.uri_mut());
         log.form = Form::Tunnel.as_str();
         log.client = tunnel.client.clone();
         log.host = Some(tunnel.host.clone());
-        tunnel.check_inner(&parts, &uri)?;
+        tunnel.check_inner(req.headers(), &uri)?;
         let grant = self.tunnel_grant(tunnel)?;
         let id = match &tunnel.id {
             Some(id) => id.clone(),
             None => choose(
-                (&parts.headers, uri.query()),
+                (req.headers(), uri.query()),
                 grant,
                 &tunnel.candidates,
                 &format!("{}:{}", tunnel.host, tunnel.port),
@@ -394,7 +398,7 @@ impl Proxy {
             path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(tunnel.requested()),
         };
-        self.send_on(parts, body, &route, None, log, bytes_in).await
+        self.send_on(req, &route, None, log, bytes_in).await
     }
 
     /// The client of a tunnel as the configuration in force knows it: a reload since the
@@ -590,8 +594,7 @@ impl Proxy {
     /// form, how the client reached latchkey.
     async fn send_on(
         &self,
-        mut parts: http::request::Parts,
-        body: ClientBody,
+        req: Box<Request<ClientBody>>,
         route: &Route<'_>,
         reached_as: Option<&ReachedAs>,
         log: &mut AccessLog,
@@ -603,6 +606,9 @@ impl Proxy {
         let peer = Self::upstream_peer(route, &conn)?;
         log.host = Some(peer.host.clone());
         let authority = &*peer.authority;
+        // Out of its box here, where it is rewritten and sent on: each layer before moved
+        // only the box.
+        let (mut parts, body) = (*req).into_parts();
         // Taken before the rewrite strips `Upgrade` and `Connection` as hop-by-hop.
         let websocket = websocket::ClientSide::take(&mut parts);
         let bodiless = parts.method == Method::HEAD;
@@ -684,17 +690,17 @@ impl Proxy {
     }
 
     /// Phase 1: the request's form, connection ID and token.
-    fn route<'u>(parts: &http::request::Parts, uri: &'u Uri) -> Result<Routed<'u>, ProxyError> {
+    fn route<'u, B>(req: &Request<B>, uri: &'u Uri) -> Result<Routed<'u>, ProxyError> {
         // An h2 extended CONNECT for a WebSocket is a request like any other; a plain CONNECT
         // is the tunnel's.
-        if parts.method == Method::CONNECT && websocket::asks(parts).is_none() {
+        if req.method() == Method::CONNECT && websocket::request_asks(req).is_none() {
             return Err(ProxyError::ConnectUnsupported);
         }
         // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is a
         // forward-proxy request.
         let absolute = uri.scheme().is_some() && uri.authority().is_some();
-        if absolute && parts.version < Version::HTTP_2 {
-            return Self::route_forward(parts, uri);
+        if absolute && req.version() < Version::HTTP_2 {
+            return Self::route_forward(req.headers(), uri);
         }
 
         let pq = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -717,7 +723,7 @@ impl Proxy {
                 "the path holds {why}, which could leave the connection's base URL path"
             )));
         }
-        let token = match auth::proxy_credentials(&parts.headers) {
+        let token = match auth::proxy_credentials(req.headers()) {
             Ok(c) => Some(c.token),
             Err(CredentialsError::Missing) => None,
             Err(CredentialsError::Malformed) => return Err(ProxyError::ProxyAuthRequired(
@@ -734,7 +740,7 @@ impl Proxy {
     }
 
     fn route_forward<'u>(
-        parts: &http::request::Parts,
+        headers: &http::HeaderMap,
         uri: &'u Uri,
     ) -> Result<Routed<'u>, ProxyError> {
         let scheme = match uri.scheme_str() {
@@ -762,7 +768,7 @@ impl Proxy {
         let host = authority.host();
         let port = authority.port_u16();
 
-        let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+        let mut hosts = headers.get_all(http::header::HOST).iter();
         if let Some(value) = hosts.next() {
             if hosts.next().is_some() {
                 return Err(ProxyError::BadRequest("more than one Host header".into()));
@@ -786,7 +792,7 @@ impl Proxy {
 
         let requested = Requested { scheme, host, port };
         let path_and_query = Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str()));
-        let (user, token) = match auth::proxy_credentials(&parts.headers) {
+        let (user, token) = match auth::proxy_credentials(headers) {
             Ok(creds) => (creds.user, Some(creds.token)),
             Err(CredentialsError::Missing) => (None, None),
             Err(CredentialsError::Malformed) => return Err(ProxyError::ProxyAuthRequired(
@@ -1141,8 +1147,8 @@ fn weaken_etag(headers: &mut http::HeaderMap) {
 /// it knows whether the connection still carries HTTP/1.
 pub async fn checked<B, F, E>(
     link: Arc<Link>,
-    req: Request<B>,
-    serve: impl FnOnce(Request<B>) -> F,
+    req: Box<Request<B>>,
+    serve: impl FnOnce(Box<Request<B>>) -> F,
 ) -> Result<Response<BoxBody>, E>
 where
     F: std::future::Future<Output = Result<Response<BoxBody>, E>>,

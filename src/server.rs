@@ -275,9 +275,9 @@ impl Server {
         let graceful = Arc::new(GracefulShutdown::new());
         {
             let admin = self.admin.clone();
-            let handler = move |req| {
+            let handler = move |req: Box<http::Request<hyper::body::Incoming>>| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                async move { Ok::<_, Infallible>(admin.handle(*req).await) }
             };
             tasks.spawn(accept_loop(
                 self.admin_listener,
@@ -670,7 +670,7 @@ fn spawn_worker(
                     (idle, header_read),
                     serving.own_http1,
                 ));
-                let handler = move |req: http::Request<ClientBody>| {
+                let handler = move |req: Box<http::Request<ClientBody>>| {
                     // The proxy in force when the request starts serves it to its end.
                     let proxy = proxy.load_full();
                     let tunnels = tunnels.clone();
@@ -679,7 +679,7 @@ fn spawn_worker(
                         let tunnel = req.method() == http::Method::CONNECT
                             && req.extensions().get::<hyper::ext::Protocol>().is_none();
                         Ok::<_, Infallible>(if tunnel {
-                            tunnels.connect(req).await
+                            tunnels.connect(*req).await
                         } else {
                             proxy.handle(req).await
                         })
@@ -830,14 +830,14 @@ fn service<B, H, F>(
        + 'static
 where
     B: From<hyper::body::Incoming> + Send + 'static,
-    H: Fn(http::Request<B>) -> F + Clone + Send + Sync + Unpin + 'static,
+    H: Fn(Box<http::Request<B>>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = activity.clone();
     service_fn(move |req: http::Request<hyper::body::Incoming>| {
         idle::track(
             &activity,
-            proxy::checked(link.clone(), req.map(B::from), handler.clone()),
+            proxy::checked(link.clone(), Box::new(req.map(B::from)), handler.clone()),
         )
     })
 }
@@ -855,7 +855,7 @@ fn serve_in_turns<B, H, F>(
     guard: impl Send + 'static,
 ) where
     B: From<hyper::body::Incoming> + Send + 'static,
-    H: Fn(http::Request<B>) -> F + Clone + Send + Sync + Unpin + 'static,
+    H: Fn(Box<http::Request<B>>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
@@ -902,7 +902,7 @@ fn serve_own<H, F>(
     handler: H,
     guard: impl Send + 'static,
 ) where
-    H: Fn(http::Request<ClientBody>) -> F + Clone + Send + Sync + Unpin + 'static,
+    H: Fn(Box<http::Request<ClientBody>>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
@@ -915,8 +915,9 @@ fn serve_own<H, F>(
     // Requests hyper serves, after a hand-over.
     let service = service(&activity, link.clone(), handler.clone());
     // In flight is counted by `downstream::serve` itself (`Ready::request`).
-    let own =
-        move |req: http::Request<ClientBody>| proxy::checked(link.clone(), req, handler.clone());
+    let own = move |req: Box<http::Request<ClientBody>>| {
+        proxy::checked(link.clone(), req, handler.clone())
+    };
     let watcher = graceful.watcher();
     let (builders, mut stop) = (builders.clone(), stop.subscribe());
     let task_activity = activity.clone();
@@ -1007,7 +1008,7 @@ fn serve<S, B, H, F>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     B: From<hyper::body::Incoming> + Send + 'static,
-    H: Fn(http::Request<B>) -> F + Clone + Send + Sync + Unpin + 'static,
+    H: Fn(Box<http::Request<B>>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let activity = Activity::new();
@@ -1035,7 +1036,7 @@ async fn accept_loop<H, F>(
     stop: impl Future<Output = ()>,
     (idle, header_read): (Duration, Duration),
 ) where
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + Unpin + 'static,
+    H: Fn(Box<http::Request<hyper::body::Incoming>>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
 {
     let builder = downstream::hyper_builder(Some(header_read));

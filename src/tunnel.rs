@@ -191,7 +191,7 @@ impl Tunnels {
         );
         // Requests latchkey's own server reads are counted in flight by it (`Ready::request`);
         // those hyper's server serves, after a hand-over, by `idle::track`.
-        let serve_own = move |req: Request<ClientBody>| {
+        let serve_own = move |req: Box<Request<ClientBody>>| {
             let proxy = proxy.load_full();
             let tunnel = tunnel.clone();
             let serve =
@@ -200,7 +200,7 @@ impl Tunnels {
         };
         let handler = {
             let (activity, serve_own) = (activity.clone(), serve_own.clone());
-            move |req: Request<ClientBody>| idle::track(&activity, serve_own(req))
+            move |req: Box<Request<ClientBody>>| idle::track(&activity, serve_own(req))
         };
         let conn = async move {
             let mut read = Bytes::new();
@@ -215,8 +215,9 @@ impl Tunnels {
                     Outcome::Hyper => read = buf.freeze(),
                 }
             }
-            let service =
-                service_fn(move |req: Request<Incoming>| handler(req.map(ClientBody::Hyper)));
+            let service = service_fn(move |req: Request<Incoming>| {
+                handler(Box::new(req.map(ClientBody::Hyper)))
+            });
             // The client connections' settings; heads are timed by `Strict`.
             downstream::hyper_builder(None)
                 .serve_connection_with_upgrades(TokioIo::new(Rewind::new(read, io)), service)

@@ -48,17 +48,35 @@ pub enum Ask {
 /// Whether `parts` asks for a WebSocket, and how. Any other `Upgrade` (h2c and the like) is
 /// not honoured: the rewrite strips it as a hop-by-hop header.
 pub fn asks(parts: &http::request::Parts) -> Option<Ask> {
-    if parts.version == Version::HTTP_11
-        && parts.method == Method::GET
-        && has_token(&parts.headers, &header::UPGRADE, "websocket")
-        && has_token(&parts.headers, &header::CONNECTION, "upgrade")
+    ask(
+        parts.version,
+        &parts.method,
+        &parts.headers,
+        &parts.extensions,
+    )
+}
+
+/// [`asks`], of a whole request.
+pub fn request_asks<B>(req: &http::Request<B>) -> Option<Ask> {
+    ask(req.version(), req.method(), req.headers(), req.extensions())
+}
+
+fn ask(
+    version: Version,
+    method: &Method,
+    headers: &HeaderMap,
+    extensions: &http::Extensions,
+) -> Option<Ask> {
+    if version == Version::HTTP_11
+        && method == Method::GET
+        && has_token(headers, &header::UPGRADE, "websocket")
+        && has_token(headers, &header::CONNECTION, "upgrade")
     {
         return Some(Ask::Upgrade);
     }
-    if parts.version == Version::HTTP_2
-        && parts.method == Method::CONNECT
-        && parts
-            .extensions
+    if version == Version::HTTP_2
+        && method == Method::CONNECT
+        && extensions
             .get::<hyper::ext::Protocol>()
             .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
     {

@@ -96,8 +96,7 @@ fn request(raw: &[u8], options: u8) {
     let Ok(req) = builder.body(()) else {
         return;
     };
-    let (parts, ()) = req.into_parts();
-    let Ok(r) = route(&parts) else {
+    let Ok(r) = route(&req) else {
         return;
     };
     if let Some(id) = &r.id {
@@ -113,12 +112,12 @@ fn request(raw: &[u8], options: u8) {
             stays_under_base(path);
         }
         "forward" => {
-            let authority = parts.uri.authority().map(|a| a.as_str()).unwrap_or("");
+            let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
             assert!(!authority.contains('@'), "user information passed");
             let Some((scheme, host, port)) = &r.requested else {
                 panic!("forward form without a destination");
             };
-            if let Some(named) = parts.headers.get(http::header::HOST) {
+            if let Some(named) = req.headers().get(http::header::HOST) {
                 let named: http::uri::Authority = named
                     .to_str()
                     .ok()

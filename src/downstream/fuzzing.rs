@@ -73,11 +73,11 @@ pub fn run(rt: &Runtime, input: &[u8], own: bool) -> Vec<Seen> {
         let (client, server) = tokio::io::duplex(input.len() + 64 * 1024);
         let link = Link::new();
         let strict = Strict::new(server, link.clone(), Duration::from_secs(10));
-        let handler = move |req: Request<ClientBody>| {
+        let handler = move |req: Box<Request<ClientBody>>| {
             let record = record.clone();
             let link = link.clone();
             crate::proxy::checked(link, req, move |req| async move {
-                Ok::<_, Infallible>(answer(&record, req).await)
+                Ok::<_, Infallible>(answer(&record, *req).await)
             })
         };
         let serve = async move {
@@ -130,7 +130,7 @@ async fn answer(record: &Mutex<Vec<Seen>>, req: Request<ClientBody>) -> Response
 /// latchkey's server, and hyper's after a hand-over, as `server::serve_own` runs them.
 async fn own_server<H, F>(mut strict: Strict<DuplexStream>, handler: &H)
 where
-    H: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
+    H: Fn(Box<Request<ClientBody>>) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
     let (_stop_tx, mut stop) = watch::channel(());
@@ -139,7 +139,8 @@ where
     if let Outcome::Hyper = serve(&mut strict, &mut buf, handler, bad, &mut stop).await {
         let lease = Lease::handed_over(strict, Activity::new(), buf.freeze());
         let handler = handler.clone();
-        let service = service_fn(move |req: Request<Incoming>| handler(req.map(ClientBody::from)));
+        let service =
+            service_fn(move |req: Request<Incoming>| handler(Box::new(req.map(ClientBody::from))));
         let _ = hyper::server::conn::http1::Builder::new()
             .half_close(true)
             .serve_connection(TokioIo::new(lease), service)
@@ -152,10 +153,11 @@ where
 /// what came before).
 async fn hyper_server<H, F>(strict: Strict<DuplexStream>, handler: H)
 where
-    H: Fn(Request<ClientBody>) -> F + Clone + Send + 'static,
+    H: Fn(Box<Request<ClientBody>>) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = Result<Response<BoxBody>, Infallible>> + Send + 'static,
 {
-    let service = service_fn(move |req: Request<Incoming>| handler(req.map(ClientBody::from)));
+    let service =
+        service_fn(move |req: Request<Incoming>| handler(Box::new(req.map(ClientBody::from))));
     let _ = hyper::server::conn::http1::Builder::new()
         .half_close(true)
         .serve_connection(TokioIo::new(strict), service)

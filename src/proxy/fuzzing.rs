@@ -17,9 +17,9 @@ pub struct Route {
 }
 
 /// Routes a request as the proxy's first phase does; the error is the answer's message.
-pub fn route(parts: &http::request::Parts) -> Result<Route, String> {
+pub fn route(req: &http::Request<()>) -> Result<Route, String> {
     let form = |f: Form| f.as_str();
-    match Proxy::route(parts, &parts.uri).map_err(|e| e.to_string())? {
+    match Proxy::route(req, req.uri()).map_err(|e| e.to_string())? {
         Routed::Named(r) => Ok(Route {
             form: form(r.form),
             id: Some(r.id.as_str().to_string()),
