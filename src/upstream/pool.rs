@@ -14,7 +14,10 @@
 //! end, [`DIAL_WAIT`] at most, and dials after that. A burst on a cold pool (after the idle
 //! limit, every connection closed) so makes a few connections and reuses them, instead of a TLS
 //! handshake per request racing for the cores (`bench/tail.py`, issue 15). The handshakes
-//! that are made resume a saved TLS session ([`super::sessions`]).
+//! that are made resume a saved TLS session ([`super::sessions`]). A host whose last answer
+//! said it closes its connection (`Connection: close`, HTTP/1.0 without keep-alive, a body
+//! that ends at the close) returns none to wait for: its requests dial at once, until one of
+//! its connections comes back.
 //!
 //! An idle connection older than the pool's idle limit is dropped when it would be taken, and
 //! by a reaper task that runs while the pool has idle connections (so that an upstream is not
@@ -132,6 +135,10 @@ struct State {
     reaping: bool,
     /// Dials under way, per scheme and authority.
     dialing: [ByHost<usize>; 2],
+    /// Hosts whose last answer closed its connection, per scheme: their requests are not held
+    /// by [`MAX_DIALS_PER_HOST`] (no connection comes back to wait for). A connection put back
+    /// takes its host off.
+    closing: [ByHost<()>; 2],
 }
 
 /// The pool's limits (`proxy.pool_idle_timeout`, `proxy.body_timeout`).
@@ -550,6 +557,9 @@ impl Pool {
         pump: Pump,
         generation: u64,
     ) -> Response<ResponseBody> {
+        if !head.reusable {
+            self.closes(&key);
+        }
         let home = Home {
             pool: Arc::downgrade(self),
             key,
@@ -580,7 +590,8 @@ impl Pool {
 
     /// For a request that found no idle connection: a dial slot if the host has one free, or
     /// else a wait for a connection to come back or a dial to end, then `Again`; after
-    /// [`DIAL_WAIT`] with neither, a dial with no slot.
+    /// [`DIAL_WAIT`] with neither, a dial with no slot. A host whose connections do not come
+    /// back ([`Pool::closes`]) is not waited for: a dial with no slot at once.
     async fn dial_or_wait(self: &Arc<Self>, key: &Key) -> Turn {
         let notified = self.changed.notified();
         tokio::pin!(notified);
@@ -607,7 +618,14 @@ impl Pool {
                     key: key.clone(),
                 }));
             }
+            if state.closing[https].contains_key(key.authority.as_str()) {
+                return Turn::Dial(None);
+            }
         }
+        tracing::debug!(
+            authority = %key.authority,
+            "every dial this worker may make to the upstream at once is under way; waiting for a connection to come back"
+        );
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let woken = tokio::time::timeout(DIAL_WAIT, notified).await;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -615,6 +633,20 @@ impl Pool {
             Ok(()) => Turn::Again,
             Err(_) => Turn::Dial(None),
         }
+    }
+
+    /// `key`'s last answer closed its connection: its requests dial at once from now on, and
+    /// those waiting for a connection to come back stop waiting.
+    fn closes(&self, key: &Key) {
+        {
+            let mut state = self.state();
+            let closing = &mut state.closing[usize::from(key.https)];
+            if closing.contains_key(key.authority.as_str()) {
+                return;
+            }
+            closing.insert(key.authority.as_str().into(), ());
+        }
+        self.wake();
     }
 
     /// Wakes the requests waiting in [`Pool::dial_or_wait`], if any.
@@ -640,6 +672,10 @@ impl Pool {
 
     fn put(self: &Arc<Self>, key: Key, conn: H1Conn) {
         let mut state = self.state();
+        let closing = &mut state.closing[usize::from(key.https)];
+        if !closing.is_empty() {
+            closing.remove(key.authority.as_str());
+        }
         let map = &mut state.idle[usize::from(key.https)];
         let list = match map.get_mut(key.authority.as_str()) {
             Some(list) => list,
@@ -832,6 +868,116 @@ mod tests {
             tokio::time::sleep(every).await;
         }
         metrics.num_alive_tasks() == 0
+    }
+
+    /// What [`Pool::dial_or_wait`] decided for `key`, and how long (on the paused clock) it
+    /// took to.
+    async fn turn(pool: &Arc<Pool>, key: &Key) -> (&'static str, Duration) {
+        let start = Instant::now();
+        let turn = match pool.dial_or_wait(key).await {
+            Turn::Dial(Some(_)) => "dial with a slot",
+            Turn::Dial(None) => "dial with no slot",
+            Turn::Again => "look again",
+        };
+        (turn, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_whose_connections_do_not_come_back_is_not_held_by_the_dial_limit() {
+        let pool = pool(Duration::from_secs(60));
+        let key = key();
+        pool.state().dialing[0].insert(key.authority.as_str().into(), MAX_DIALS_PER_HOST);
+
+        // Every slot taken: a request waits for a connection to come back, then dials.
+        assert_eq!(turn(&pool, &key).await, ("dial with no slot", DIAL_WAIT));
+
+        // The host's last answer closed its connection: nothing will come back, no wait.
+        pool.closes(&key);
+        assert_eq!(
+            turn(&pool, &key).await,
+            ("dial with no slot", Duration::ZERO)
+        );
+
+        // A request already waiting when that is learnt stops waiting and looks again.
+        pool.state().closing[0].clear();
+        let (waited, ()) = tokio::join!(turn(&pool, &key), async {
+            tokio::time::sleep(DIAL_WAIT / 4).await;
+            pool.closes(&key);
+        });
+        assert_eq!(waited, ("look again", DIAL_WAIT / 4));
+
+        // One of its connections put back: the host is waited for again.
+        let (conn, _upstream) = connection().await;
+        pool.put(key.clone(), conn);
+        assert!(pool.take_idle(&key, Instant::now()).is_some());
+        assert_eq!(turn(&pool, &key).await, ("dial with no slot", DIAL_WAIT));
+        // And other hosts never were held.
+        let other = Key {
+            https: true,
+            ..key.clone()
+        };
+        assert_eq!(
+            turn(&pool, &other).await,
+            ("dial with a slot", Duration::ZERO)
+        );
+    }
+
+    /// An upstream on loopback that answers the requests it reads with `answers`, in turn, one
+    /// connection at a time: a connection is closed after an answer saying `Connection: close`.
+    async fn answering(answers: &'static [&'static [u8]]) -> std::net::SocketAddr {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            for answer in answers {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if conn.read(&mut byte).await.unwrap() == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                conn.write_all(answer).await.unwrap();
+                if answer.windows(17).any(|w| w == b"Connection: close") {
+                    drop(conn);
+                    conn = listener.accept().await.unwrap().0;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_closes_its_connection_marks_its_host_until_one_comes_back() {
+        let addr = answering(&[
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ])
+        .await;
+        let dialer = Dialer::new(
+            AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            HashMap::new(),
+            Arc::new(tls_config(&[]).unwrap()),
+            Duration::from_secs(5),
+        );
+        let limits = Limits {
+            idle: Duration::from_secs(60),
+            body: Duration::from_secs(60),
+        };
+        let pool = Pool::new(dialer, limits);
+        let host = addr.to_string();
+        let marked = |pool: &Arc<Pool>| pool.state().closing[0].contains_key(host.as_str());
+        for (n, closes) in [(1, true), (2, false)] {
+            let req = Request::get(format!("http://{addr}/{n}"))
+                .body(body::empty())
+                .unwrap();
+            let resp = pool.send(req, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+            assert_eq!(marked(&pool), closes, "after answer {n}");
+        }
+        assert_eq!(pool.state().idle[0][host.as_str()].len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

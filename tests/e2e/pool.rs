@@ -1,9 +1,15 @@
 //! The upstream connection pool: connections are reused once a response has been read to the
 //! end, an unfinished response's connection is not, a connection the upstream closed is
-//! replaced without the request failing, h2 upstreams share one connection, and a new TLS
-//! connection resumes a session an earlier one saved.
+//! replaced without the request failing, h2 upstreams share one connection, a new TLS
+//! connection resumes a session an earlier one saved, and requests to an upstream that closes
+//! every connection are not held by the limit on dials under way.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
@@ -207,4 +213,160 @@ async fn new_tls_connections_resume_the_sessions_earlier_ones_saved() {
         .map(|l| l["resumed"].as_bool())
         .collect::<Vec<_>>();
     assert_eq!(resumed, [Some(false), Some(true), Some(true), Some(true)]);
+}
+
+/// An HTTPS upstream answering `ok` to every request, with `Connection: close` when `closes`.
+/// It holds the TLS handshakes of new connections until `together` of them are open at once
+/// (10 s at most): a burst is answered only once all its connections have been dialled.
+struct Held {
+    port: u16,
+    together: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Held {
+    async fn start(ca: &TestCa, closes: bool) -> Held {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            ca.server_config(&["localhost", "127.0.0.1"], &[b"http/1.1"]),
+        );
+        let together = Arc::new(AtomicUsize::new(1));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (want, count) = (together.clone(), connections.clone());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut since = tokio::time::Instant::now();
+            loop {
+                let accepted = if held.is_empty() {
+                    let accepted = listener.accept().await.ok();
+                    since = tokio::time::Instant::now();
+                    accepted
+                } else {
+                    let until = since + Duration::from_secs(10);
+                    tokio::time::timeout_at(until, listener.accept())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                };
+                let timed_out = accepted.is_none();
+                if let Some((stream, _)) = accepted {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    held.push(stream);
+                }
+                if timed_out || held.len() >= want.load(Ordering::SeqCst) {
+                    for stream in held.drain(..) {
+                        tokio::spawn(Held::serve(acceptor.clone(), stream, closes));
+                    }
+                }
+            }
+        });
+        Held {
+            port,
+            together,
+            connections,
+        }
+    }
+
+    async fn serve(
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: tokio::net::TcpStream,
+        closes: bool,
+    ) {
+        let Ok(mut tls) = acceptor.accept(stream).await else {
+            return;
+        };
+        loop {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if !matches!(tls.read(&mut byte).await, Ok(1)) {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let answer: &[u8] = if closes {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if tls.write_all(answer).await.is_err() || closes {
+                let _ = tls.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+const WAITING: &str = "waiting for a connection to come back";
+
+/// A one-worker latchkey in front of a [`Held`] upstream: when the upstream `closes`, one
+/// request first (whose answer closes its connection); then a burst of eight at once, whose
+/// handshakes the upstream finishes only when all eight connections are open, so that each
+/// request needs a dial of its own while the others' are under way. Returns the lines
+/// latchkey logged for requests that waited for a connection to come back.
+async fn burst_of_new_connections(closes: bool) -> Vec<String> {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let up = Held::start(&ca, closes).await;
+    bao.put(
+        "held",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", &format!("https://localhost:{}", up.port)),
+            ("api_key", "held_key_1234"),
+        ],
+    );
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .root(&ca.pem_path)
+            .proxy("workers = 1")
+            .env("RUST_LOG", "info,latchkey::upstream::pool=debug"),
+    )
+    .await;
+    let client = http();
+    let first = usize::from(closes);
+    if closes {
+        let r = client.get(lk.url("/held/first")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+
+    let burst = 8;
+    up.together.store(burst, Ordering::SeqCst);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..burst {
+        let req = client.get(lk.url(&format!("/held/burst/{i}")));
+        tasks.spawn(async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap(), (200, "ok".to_string()));
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), first + burst);
+    // Each request's access line is written after anything it logged before it.
+    lk.access_lines(first + burst, |l| l["status"] == 200).await;
+    lk.output()
+        .lines()
+        .filter(|l| l.contains(WAITING))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_burst_of_new_connections_to_a_host_dials_four_at_once_and_waits_for_the_rest() {
+    // A cold pool: four dials under way, the other four requests wait (and dial when the
+    // wait ends, since no connection comes back before the upstream has all eight).
+    let waited = burst_of_new_connections(false).await;
+    assert_eq!(waited.len(), 4, "{waited:#?}");
+}
+
+#[tokio::test]
+async fn requests_to_an_upstream_that_closes_every_connection_dial_at_once() {
+    // Once latchkey has seen an answer that closes its connection, no connection is waited for.
+    let waited = burst_of_new_connections(true).await;
+    assert!(waited.is_empty(), "{waited:#?}");
 }
