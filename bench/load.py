@@ -1273,7 +1273,8 @@ class Bench:
           f"processes or threads than cores the most).")
         w(f"- Upstream: nginx, 1 worker, `return 200 \"ok\\n\"`; HTTPS on TLS 1.3 with an EC P-256 "
           f"certificate, {'h2 and ' if a.https_h2 else ''}HTTP/1.1. Anchor: nginx, {CORES} workers, upstream "
-          f"keep-alive, `proxy_set_header Authorization \"Bearer static\"`.")
+          f"keep-alive, `proxy_set_header Authorization \"Bearer static\"`, `proxy_ssl_protocols TLSv1.2 TLSv1.3` "
+          f"(TLS 1.3 to the upstream, as latchkey).")
         w(f"- Throughput: wrk, 2 threads, {a.connections} connections, {a.duration} s per run after a "
           f"{a.warmup} s warm-up, {a.rounds} round(s) alternating the variants (rotated order); figures are "
           f"medians (min–max in brackets).")
