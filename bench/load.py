@@ -834,6 +834,15 @@ class Bench:
                 status = http_get(port, "/" + v["url"].split("/", 3)[3])[0]
             if status != 200:
                 raise BenchError(f"{name}: {v['url']} answered {status}, not 200")
+        # The HTTPS variants compare like with like only if both proxies speak the same TLS to the
+        # upstream (nginx 1.22 offered upstreams TLS 1.2 at most unless told: its resumption has no
+        # key exchange, a far cheaper handshake than TLS 1.3's).
+        for name, port, path in (("latchkey-https", self.lk["https"].port, "/bench-tls/tls-protocol"),
+                                 ("nginx-https", self.anchor_https, "/tls-protocol")):
+            status, body = http_get(port, path)
+            if status != 200 or body != b"TLSv1.3":
+                raise BenchError(f"{name}: its connection to the HTTPS upstream speaks {body!r} "
+                                 f"(HTTP {status}), not TLSv1.3")
         # The TLS variants: the same client (examples/tunnel_load.rs) and the same trust on both
         # sides; latchkey's through a tunnel to api.bench.test:443, nginx's straight to its TLS port.
         tunnel_auth = "Basic " + base64.b64encode(b"bench-tunnel:x").decode()
