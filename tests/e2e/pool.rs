@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::support::*;
 
@@ -277,13 +277,8 @@ impl Held {
             return;
         };
         loop {
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                let mut byte = [0u8; 1];
-                if !matches!(tls.read(&mut byte).await, Ok(1)) {
-                    return;
-                }
-                head.push(byte[0]);
+            if !read_head(&mut tls).await.ends_with(b"\r\n\r\n") {
+                return;
             }
             let answer: &[u8] = if closes {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"

@@ -344,21 +344,8 @@ async fn forward_handshake(lk: &Latchkey, url: &str, host: &str) -> (TcpStream, 
          Proxy-Authorization: Basic {auth}\r\nAuthorization: Bearer {PLACEHOLDER}\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
-    let answer = read_head(&mut tcp).await;
+    let answer = String::from_utf8_lossy(&read_head(&mut tcp).await).into_owned();
     (tcp, answer)
-}
-
-/// An answer's head, read byte by byte up to the blank line: what follows is not ours to read.
-async fn read_head(tcp: &mut TcpStream) -> String {
-    let mut answer = Vec::new();
-    while !answer.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        if tcp.read(&mut b).await.unwrap() == 0 {
-            break;
-        }
-        answer.push(b[0]);
-    }
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -523,7 +510,7 @@ async fn a_websocket_over_h2_extended_connect_inside_a_tunnel_gets_the_key() {
         "CONNECT {OPENAI}:443 HTTP/1.1\r\nHost: {OPENAI}:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
-    let answer = read_head(&mut tcp).await;
+    let answer = String::from_utf8_lossy(&read_head(&mut tcp).await).into_owned();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(&w.ca.cert).unwrap();

@@ -1086,6 +1086,21 @@ pub async fn read(resp: reqwest::Response) -> Echoed {
     }
 }
 
+/// A message's head, read byte by byte up to the blank line (what follows is not ours to read),
+/// or what came before the peer closed or failed: check that it ends with `\r\n\r\n`.
+pub async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if !matches!(io.read(&mut byte).await, Ok(1)) {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    head
+}
+
 /// GET through the gateway form.
 pub async fn gateway_get(lk: &Latchkey, path: &str, headers: &[(&str, &str)]) -> Echoed {
     let mut req = http().get(lk.url(path));
