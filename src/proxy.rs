@@ -633,9 +633,15 @@ impl Proxy {
             // Boxed: a handshake's future is the largest of this function's, and every
             // request's future (this one's and each caller's) would otherwise be that large,
             // and moved whole at every level it is built at.
-            Some(client) => Box::pin(self.upgrade(parts, client, log))
-                .await?
-                .map(Answer::pass),
+            Some(client) => {
+                let response = Box::pin(self.upgrade(parts, client, log)).await?;
+                // Scrubbed as any answer: a refusal (401, 404...) with its body, and the
+                // headers of a 101 kept for the client. The frames after it are not.
+                match &conn.scrubber {
+                    Some(scrubber) => Self::scrub(response, scrubber, bodiless)?,
+                    None => response.map(Answer::pass),
+                }
+            }
             None => {
                 // No body (most requests): nothing to count or strip, and no box to allocate.
                 let body = match body {

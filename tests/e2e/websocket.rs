@@ -82,6 +82,17 @@ impl WsEcho {
                                 http::HeaderValue::from_static("realtime"),
                             );
                         }
+                        // A 101 whose kept headers quote the credential.
+                        if let (true, Some(auth)) = (
+                            req.uri().path() == "/v1/quoting",
+                            req.headers().get("authorization"),
+                        ) {
+                            let quoted = format!("realtime, {}", auth.to_str().unwrap());
+                            for name in ["sec-websocket-protocol", "sec-websocket-extensions"] {
+                                resp.headers_mut()
+                                    .insert(name, http::HeaderValue::from_str(&quoted).unwrap());
+                            }
+                        }
                         let headers = req
                             .headers()
                             .iter()
@@ -94,8 +105,20 @@ impl WsEcho {
                             .collect();
                         seen.lock().unwrap().push(headers);
                         if req.uri().path() == "/v1/refused" {
-                            let mut no = ErrorResponse::new(Some("no WebSocket here".into()));
+                            // A refusal that quotes what it was sent, in a header and the body.
+                            let auth = req
+                                .headers()
+                                .get("authorization")
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_default();
+                            let mut no =
+                                ErrorResponse::new(Some(format!("no WebSocket here for {auth}")));
                             *no.status_mut() = http::StatusCode::UNAUTHORIZED;
+                            no.headers_mut().insert(
+                                "www-authenticate",
+                                http::HeaderValue::from_str(&format!("Bearer error=\"{auth}\""))
+                                    .unwrap(),
+                            );
                             return Err(no);
                         }
                         Ok::<_, ErrorResponse>(resp)
@@ -546,16 +569,43 @@ async fn an_upstream_that_refuses_the_handshake_is_answered_as_it_answered() {
     let lower = head.to_ascii_lowercase();
     assert!(!lower.contains("latchkey-error"), "{head}");
     assert!(!lower.contains("upgrade: websocket"), "{head}");
-    // The upstream's own body follows, and the key went to it on the handshake.
+    // The upstream's own body follows, and the key went to it on the handshake; where the
+    // refusal quotes it, head and body, the client reads the placeholder.
     let mut body = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut body)).await;
+    let body = String::from_utf8_lossy(&body);
     assert!(
-        String::from_utf8_lossy(&body).contains("no WebSocket here"),
-        "{head}{body:?}"
+        body.contains("no WebSocket here for Bearer latchkey.openai-rt"),
+        "{head}{body}"
+    );
+    assert!(
+        lower.contains("www-authenticate: bearer error=\"bearer latchkey.openai-rt\""),
+        "{head}"
+    );
+    assert!(
+        !head.contains(&w.key) && !body.contains(&w.key),
+        "{head}{body}"
     );
     w.assert_one_handshake_with_our_key();
     let line = w.lk.access_line(|v| v["status"] == 401).await;
     assert_eq!(line["form"], "forward", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_answer_that_quotes_the_key_reaches_the_client_scrubbed() {
+    let w = World::start().await;
+    let (_tcp, head) =
+        forward_handshake(&w.lk, &format!("http://{OPENAI}/v1/quoting"), OPENAI).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(!head.contains(&w.key), "{head}");
+    let lower = head.to_ascii_lowercase();
+    for name in ["sec-websocket-protocol", "sec-websocket-extensions"] {
+        assert!(
+            lower.contains(&format!("{name}: realtime, bearer latchkey.openai-rt")),
+            "{name}: {head}"
+        );
+    }
+    w.assert_one_handshake_with_our_key();
 }
 
 /// An h2 stream as a byte stream, for tungstenite.
