@@ -20,6 +20,9 @@
 //!   - obs-fold: a header line continued on a line that starts with a space or a tab;
 //!   - empty lines before a status line, the first or the one after a `1xx` (RFC 9112 section
 //!     2.2 lets a client skip them; latchkey's refuses, hyper's skips);
+//!   - a transfer coding other than `chunked` (`Transfer-Encoding: gzip, chunked`): latchkey
+//!     decodes only chunked and refuses such an answer rather than pass on coded bytes that no
+//!     header labels (hyper passes them on);
 //!   - a `101 Switching Protocols` answer: latchkey switches protocols only for a WebSocket,
 //!     on a connection of its own, and refuses one on its HTTP/1.1 client (hyper hands it back
 //!     as an answer with an empty body).
@@ -209,7 +212,16 @@ fn stricter_by_design(input: &[u8]) -> bool {
     });
     let leading_empty_line = input.first().is_some_and(|b| *b == b'\r' || *b == b'\n')
         || input.windows(6).any(|w| w == b"\r\n\r\n\r\n");
-    bare_lf || obs_fold || control_in_extension || leading_empty_line
+    let other_transfer_coding = lines.iter().any(|l| {
+        let l = l.strip_suffix(b"\r").unwrap_or(l);
+        l.len() > 18
+            && l[..18].eq_ignore_ascii_case(b"transfer-encoding:")
+            && l[18..].split(|b| *b == b',').any(|c| {
+                let c = c.trim_ascii();
+                !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked")
+            })
+    });
+    bare_lf || obs_fold || control_in_extension || leading_empty_line || other_transfer_coding
 }
 
 /// Whether the input has a line over latchkey's bound on one chunk-size or trailer line.

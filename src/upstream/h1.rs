@@ -581,6 +581,18 @@ impl Said {
                     }
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                // Only `chunked` is decoded: a body in another transfer coding (`gzip, chunked`)
+                // would go on as coded bytes that no header labels and the scrubber cannot
+                // read, so such an answer is refused (hyper passes the coded bytes on).
+                let other = h.value.split(|b| *b == b',').any(|coding| {
+                    let coding = coding.trim_ascii();
+                    !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked")
+                });
+                if other {
+                    return Err(H1Error::Invalid(
+                        "a transfer coding other than chunked, which latchkey does not decode",
+                    ));
+                }
                 let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
                 said.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if name.eq_ignore_ascii_case(b"content-length") {
@@ -1142,11 +1154,26 @@ mod tests {
         assert!(h.response.headers().get("content-length").is_none());
 
         let h = head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         );
         assert_eq!(h.framing, Framing::Chunked(Chunk::Size));
         assert!(h.response.headers().is_empty());
+        // A transfer coding latchkey does not decode, alone, in a list or in a second header:
+        // refused, never passed on as coded bytes.
+        for te in [
+            "gzip, chunked",
+            "GZIP",
+            "chunked, deflate",
+            "gzip\r\nTransfer-Encoding: chunked",
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {te}\r\n\r\n");
+            let mut buf = BytesMut::from(raw.as_bytes());
+            match parse_head(&mut buf, &mut Vec::new(), false) {
+                Err(H1Error::Invalid(why)) => assert!(why.contains("transfer coding"), "{te}"),
+                other => panic!("{te}: {:?}", other.map(|h| h.map(|h| h.framing))),
+            }
+        }
 
         let h = head(
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",

@@ -225,6 +225,20 @@ async fn answer(kind: &str, echo: &str, body: &[u8]) -> Vec<u8> {
             ));
             out.extend_from_slice(body);
         }
+        "tegzip" => {
+            // A transfer coding rather than a content coding: the gzip bytes, chunked.
+            let mut packed = Vec::new();
+            GzipEncoder::new(body)
+                .read_to_end(&mut packed)
+                .await
+                .unwrap();
+            out.extend(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            );
+            out.extend(format!("{:x}\r\n", packed.len()).into_bytes());
+            out.extend(packed);
+            out.extend_from_slice(b"\r\n0\r\n\r\n");
+        }
         "zstd" => {
             out.extend(head("Content-Encoding: zstd\r\n", Some(body.len())));
             out.extend_from_slice(body);
@@ -318,6 +332,13 @@ async fn an_encoding_latchkey_cannot_decode_is_refused_not_passed_on() {
     assert_eq!(r.latchkey_error.as_deref(), Some("upstream_unreachable"));
     assert!(r.json.to_string().contains("zstd"), "{r:?}");
     assert_clean("zstd", &r.json.to_string());
+    // The same for a transfer coding other than chunked: refused, not passed on as gzip bytes
+    // that no header labels.
+    let r = read(http().get(lk.url("/raw-zstd/tegzip")).send().await.unwrap()).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.latchkey_error.as_deref(), Some("upstream_unreachable"));
+    assert!(r.json.to_string().contains("transfer coding"), "{r:?}");
+    assert_clean("tegzip", &r.json.to_string());
 }
 
 #[tokio::test]
