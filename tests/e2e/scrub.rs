@@ -16,6 +16,9 @@ use crate::support::*;
 /// A key with characters that base64, percent-encoding and JSON treat specially.
 const KEY: &str = "sk_live_EchO/Me+9f3a=Q7x";
 
+/// What an encoder that keeps `/` encodes (Python's `quote`, httpbin's `url`).
+const KEEP_SLASH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'/');
+
 /// Every form the key must not come back in.
 fn forms(secret: &str) -> Vec<String> {
     use base64::engine::general_purpose::{STANDARD, URL_SAFE};
@@ -25,6 +28,7 @@ fn forms(secret: &str) -> Vec<String> {
         URL_SAFE.encode(secret),
         percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC)
             .to_string(),
+        percent_encoding::utf8_percent_encode(secret, KEEP_SLASH).to_string(),
     ];
     out.extend(base64_cores(secret.as_bytes()));
     out
@@ -38,6 +42,12 @@ fn assert_clean(what: &str, text: &str) {
             "{what}: the key came back as {form:?}: {text}"
         );
     }
+    // However an encoder spelled it: percent-decoded, `\/` read as `/`.
+    let decoded = percent_encoding::percent_decode_str(text).decode_utf8_lossy();
+    assert!(
+        !decoded.replace("\\/", "/").contains(KEY),
+        "{what}: the key came back percent-encoded or JSON-escaped: {text}"
+    );
 }
 
 /// The count of `latchkey_response_scrubbed_total` for `connection`.
@@ -86,6 +96,8 @@ async fn httpbin_echoes_come_back_with_the_placeholder_gzip_on_and_off() {
         for path in [
             "/headers",
             "/anything/x?a=1",
+            // `url` holds the query as sent, `/` left as it is and `+` and `=` encoded.
+            "/get",
             "/gzip",
             "/deflate",
             // The key's percent-encoded form comes back in a response header and in the body.
@@ -114,6 +126,7 @@ async fn httpbin_echoes_come_back_with_the_placeholder_gzip_on_and_off() {
                 // A query key shows only where httpbin echoes the query.
                 let echoes_it = id != "hb-query"
                     || path.starts_with("/anything")
+                    || path == "/get"
                     || path.starts_with("/response-headers");
                 assert!(
                     hits > 0 || !echoes_it,
