@@ -27,8 +27,8 @@ pub struct EnvArgs {
     /// with a `latchkey.{id}` placeholder key).
     #[arg(long)]
     connection: Option<String>,
-    /// latchkey's proxy listener.
-    #[arg(long, env = "LATCHKEY_PROXY", default_value = "127.0.0.1:8080")]
+    /// latchkey's proxy listener: `HOST:PORT`, or the same as an `http://` URL.
+    #[arg(long, env = "LATCHKEY_PROXY", default_value = "127.0.0.1:8080", value_parser = listener)]
     proxy: String,
     /// latchkey's admin listener, where the CA certificate is fetched.
     #[arg(
@@ -53,6 +53,28 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// `--proxy` as the `HOST:PORT` that goes after the user in the proxy URL: given as such or as
+/// `http://HOST:PORT` (a trailing `/` allowed); anything else is refused, not printed into a
+/// URL that no client can use.
+fn listener(given: &str) -> Result<String, String> {
+    let bare = match given.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+        Some((scheme, _)) => {
+            return Err(format!(
+                "latchkey's proxy listener speaks http, not {scheme}: give HOST:PORT or http://HOST:PORT"
+            ))
+        }
+        None => given,
+    };
+    let bare = bare.strip_suffix('/').unwrap_or(bare);
+    match http::uri::Authority::try_from(bare) {
+        Ok(a) if a.port().is_some() && !bare.contains('@') => Ok(bare.to_string()),
+        _ => Err(format!(
+            "{given:?} is not the proxy listener's HOST:PORT (or http://HOST:PORT)"
+        )),
+    }
 }
 
 fn default_bundle() -> PathBuf {
@@ -164,4 +186,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .and_then(|c| u8::try_from(c).ok())
             .unwrap_or(1),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listener;
+
+    #[test]
+    fn the_proxy_listener_is_taken_as_host_and_port_or_an_http_url() {
+        for (given, taken) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+            ("HTTP://latchkey.internal:3128/", "latchkey.internal:3128"),
+            ("http://[::1]:8080", "[::1]:8080"),
+        ] {
+            assert_eq!(listener(given).as_deref(), Ok(taken), "{given}");
+        }
+        for given in [
+            "https://127.0.0.1:8080",
+            "127.0.0.1",
+            "http://127.0.0.1:8080/path",
+            "http://user:pw@127.0.0.1:8080",
+            "",
+        ] {
+            let e = listener(given).unwrap_err();
+            assert!(e.contains("HOST:PORT"), "{given}: {e}");
+        }
+    }
 }
