@@ -1289,6 +1289,29 @@ fn placeholder(headers: &http::HeaderMap, query: Option<&str>) -> Option<Connect
         .values()
         .find_map(|value| placeholder_in(value.as_bytes()))
         .or_else(|| query.and_then(|q| placeholder_in(q.as_bytes())))
+        .or_else(|| {
+            headers
+                .get_all(http::header::AUTHORIZATION)
+                .iter()
+                .find_map(|value| basic_placeholder(value.as_bytes()))
+        })
+}
+
+/// A placeholder inside an `Authorization: Basic` pair, where a Basic connector's key goes
+/// (the password, or the user name for a service that takes its key there): an SDK given
+/// `latchkey.{id}` as its token sends it base64-encoded.
+fn basic_placeholder(value: &[u8]) -> Option<ConnectionId> {
+    use base64::Engine as _;
+    let (scheme, pair) = value.trim_ascii().split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"basic ") {
+        return None;
+    }
+    let pair = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(pair.trim_ascii())
+            .ok()?,
+    );
+    placeholder_in(&pair)
 }
 
 fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {

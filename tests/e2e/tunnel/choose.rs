@@ -424,3 +424,59 @@ async fn a_placeholder_in_the_query_picks_the_connection() {
     assert_eq!(r.latchkey_error.as_deref(), Some("connection_ambiguous"));
     assert_eq!(up.requests(), 1);
 }
+
+/// For a Basic connector, the placeholder is the password an SDK sends (base64 in the pair):
+/// it picks the connection as a bearer key's does, among several covering the host.
+#[tokio::test]
+async fn a_placeholder_as_the_basic_password_picks_the_connection() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let base = format!("http://{}", up.addr());
+    for id in ["basic-a", "basic-b"] {
+        bao.put(
+            id,
+            &[
+                ("connector", "generic-basic"),
+                ("base_url", &base),
+                ("username", "acct"),
+                ("api_key", &format!("pw-{id}-secret")),
+            ],
+        );
+    }
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let client = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(lk.url(""))
+                .unwrap()
+                .basic_auth("_", ""),
+        )
+        .build()
+        .unwrap();
+    let url = format!("http://{}/v1/x", up.addr());
+    let r = read(
+        client
+            .get(&url)
+            .basic_auth("acct", Some("latchkey.basic-b"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    use base64::Engine as _;
+    let sent = base64::engine::general_purpose::STANDARD.encode("acct:pw-basic-b-secret");
+    assert_eq!(r.header("authorization"), Some(format!("Basic {sent}")));
+    // Without it, the two connections covering the host leave the choice open.
+    let r = read(
+        client
+            .get(&url)
+            .basic_auth("acct", Some("not-a-placeholder"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{:?}", r.json);
+    assert_eq!(r.latchkey_error.as_deref(), Some("connection_ambiguous"));
+    assert_eq!(up.requests(), 1);
+}
