@@ -188,6 +188,30 @@ impl HostAllowList {
     pub fn iter(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.shown.as_str())
     }
+
+    /// The entries of this list that `other` does not cover (a host on a port, or a
+    /// `*.suffix` pattern on a port, that `other` allows no part of is not covered), as shown:
+    /// where a credential held to `other` could not go and one held to this list could.
+    pub fn beyond<'a>(&'a self, other: &HostAllowList) -> Vec<&'a str> {
+        self.entries
+            .iter()
+            .filter(|e| {
+                let port = e.port.unwrap_or(self.default_port);
+                !other.entries.iter().any(|o| {
+                    o.port.unwrap_or(other.default_port) == port
+                        && match (e.pattern.strip_prefix("*."), o.pattern.strip_prefix("*.")) {
+                            (None, _) => pattern_matches(&o.pattern, &e.pattern),
+                            // `*.a.b` within `*.b`; a pattern within an exact host never.
+                            (Some(inner), Some(_)) => {
+                                o.pattern == e.pattern || pattern_matches(&o.pattern, inner)
+                            }
+                            (Some(_), None) => false,
+                        }
+                })
+            })
+            .map(|e| e.shown.as_str())
+            .collect()
+    }
 }
 
 fn pattern_matches(pattern: &str, host: &str) -> bool {
@@ -613,6 +637,50 @@ fn blocked_range(ip: IpAddr) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn what_one_host_list_allows_beyond_another() {
+        let list = |base: &str, port: u16, extra: &[&str]| {
+            let mut l = HostAllowList::new(base, port, 443);
+            for e in extra {
+                l.push(e).unwrap();
+            }
+            l
+        };
+        let before = list(
+            "api.stripe.com",
+            443,
+            &["*.stripe.com", "files.example.com:8443"],
+        );
+        // The same, a subset, a host inside a pattern, a narrower pattern: nothing new.
+        for after in [
+            list("api.stripe.com", 443, &[]),
+            list("uploads.stripe.com", 443, &["files.example.com:8443"]),
+            list("api.stripe.com", 443, &["*.eu.stripe.com"]),
+        ] {
+            assert!(
+                after.beyond(&before).is_empty(),
+                "{:?}",
+                after.iter().collect::<Vec<_>>()
+            );
+        }
+        // Another host, another port, a wider pattern, the pattern's own apex.
+        for (after, new) in [
+            (list("evil.example", 443, &[]), "evil.example"),
+            (list("api.stripe.com", 8443, &[]), "api.stripe.com:8443"),
+            (
+                list("api.stripe.com", 443, &["*.example.com"]),
+                "*.example.com",
+            ),
+            (list("stripe.com", 443, &[]), "stripe.com"),
+            (
+                list("api.stripe.com", 443, &["files.example.com"]),
+                "files.example.com",
+            ),
+        ] {
+            assert_eq!(after.beyond(&before), vec![new]);
+        }
+    }
     use super::*;
 
     fn ip(s: &str) -> IpAddr {

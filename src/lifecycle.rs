@@ -335,24 +335,66 @@ impl Lifecycle {
         if let Some(v) = req.expires_at {
             draft.expires_at = v;
         }
+        // Secret fields are given here only with a change that sends the key somewhere new
+        // (checked below); otherwise they are rotated with their own call.
+        let mut secrets_given = Vec::new();
         for (name, value) in req.fields {
             let secret = connector
                 .as_ref()
                 .and_then(|c| c.field(&name))
                 .is_some_and(|f| f.secret);
             if secret {
-                return Err(FieldError::new(
-                    name,
-                    format!("is secret; rotate it with PUT /v1/connections/{id}/secret"),
-                )
-                .into());
+                secrets_given.push(name.clone());
             }
             match value {
                 Some(v) => draft.fields.insert(name, v),
                 None => draft.fields.remove(&name),
             };
         }
+        let before = draft_of(&stored).prepare(&id, &self.catalog()).ok();
         let prepared = draft.prepare(&id, &self.catalog())?;
+        // Where the key could go after the change and could not before. An admin token must
+        // not be enough to send a saved key to a host of one's own (and so read it back): such
+        // a change takes every secret field again, as a new connection would.
+        let beyond = match &before {
+            Some(before) => prepared.connection.hosts.beyond(&before.connection.hosts),
+            None => prepared.connection.hosts.iter().collect(),
+        };
+        let secret_fields: Vec<&str> = prepared
+            .stored
+            .keys()
+            .filter(|k| {
+                connector
+                    .as_ref()
+                    .and_then(|c| c.field(k))
+                    .is_some_and(|f| f.secret)
+            })
+            .map(String::as_str)
+            .collect();
+        if beyond.is_empty() {
+            if let Some(name) = secrets_given.first() {
+                return Err(FieldError::new(
+                    name,
+                    format!("is secret; rotate it with PUT /v1/connections/{id}/secret"),
+                )
+                .into());
+            }
+        } else if let Some(missing) = secret_fields
+            .iter()
+            .find(|f| !secrets_given.iter().any(|g| g == *f))
+        {
+            return Err(FieldError::new(
+                missing.to_string(),
+                format!(
+                    "must be given again: this change lets the key go to {}, where it could \
+                     not go before, and a saved key is sent to a new host only by whoever \
+                     has it (give every secret field, {}, in fields)",
+                    beyond.join(", "),
+                    secret_fields.join(", ")
+                ),
+            )
+            .into());
+        }
         self.save(
             admin,
             Save {

@@ -1019,6 +1019,71 @@ async fn patch_changes_non_secret_fields_and_nothing_else() {
     w.assert_injected(&a, &key);
 }
 
+/// The admin token alone does not send a saved key to a new host (and so read it back): a
+/// PATCH that lets the key go where it could not before (another base URL host or port, an
+/// added allowed host) takes every secret field again; one that only narrows does not.
+#[tokio::test]
+async fn a_patch_that_sends_the_key_to_a_new_host_needs_the_key_again() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("p", &key).await;
+    let stored = w.stored("p");
+    // Another service: the same address, another port, so another destination.
+    let elsewhere = crate::service_sim::ServiceSim::start().await;
+    let there = elsewhere.base_url();
+    let there_host = there.trim_start_matches("http://").to_string();
+
+    for (what, patch) in [
+        ("base_url", json!({"base_url": there})),
+        (
+            "base_url, verified",
+            json!({"base_url": there, "verify": true}),
+        ),
+        ("allowed_hosts", json!({"allowed_hosts": [there_host]})),
+        (
+            "another port of the same host",
+            json!({"base_url": format!("http://127.0.0.1:{}", free_port())}),
+        ),
+    ] {
+        let r = w
+            .api(Method::PATCH, "/v1/connections/p", Some(&patch))
+            .await;
+        assert_api_error(&r, 422, "invalid_field", Some("api_key"));
+        assert!(r.body.contains("must be given again"), "{what}: {r:#?}");
+        assert!(!r.body.contains(&key), "{what}: {r:#?}");
+    }
+    assert!(elsewhere.seen().is_empty(), "{:?}", elsewhere.seen());
+    assert_eq!(w.stored("p"), stored);
+    assert_eq!(w.stored_version("p"), 1);
+
+    // With the key given again (here a new one), the change is made and the key goes there.
+    let new_key = elsewhere.new_key("sk_test_", KeyState::ReadWrite);
+    w.secret(&new_key);
+    let r = w
+        .api(
+            Method::PATCH,
+            "/v1/connections/p",
+            Some(&json!({"base_url": there, "allowed_hosts": [w.sim.base_url().trim_start_matches("http://")], "fields": {"api_key": new_key}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_masked(&r.json()["connection"]);
+    let a = w.call("p", Method::GET, "/v1/charges").await;
+    assert_eq!(a.status, 200, "{a:#?}");
+    assert_eq!(elsewhere.uses_of(&new_key), 1);
+
+    // Narrowing (the old service's host taken off again) needs nothing.
+    let r = w
+        .api(
+            Method::PATCH,
+            "/v1/connections/p",
+            Some(&json!({"allowed_hosts": null})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_eq!(w.stored_version("p"), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // PUT /v1/connections/{id}/secret
 
