@@ -375,6 +375,11 @@ impl H1Conn {
         let mut write_failed = None;
         // The timer starts at the first wait of this exchange, not at the last of the one before.
         *self.stall.as_mut().project().moved = true;
+        // No answer is due while the request body is still being sent (the body timeout
+        // bounds that): the request timeout runs out `within` after the body has gone, if that
+        // is later than `deadline`. A slow upload that keeps moving is not cut.
+        let mut answer_by = deadline.at;
+        let mut sending = !pump.done;
         let result = poll_fn(|cx| {
             if !pump.done {
                 match pump.poll(&mut self.io, cx) {
@@ -387,15 +392,19 @@ impl H1Conn {
                 }
             }
             let head = self.poll_head(cx, to_head);
-            // While the request body is being sent, the body timeout applies too; the request
-            // timeout bounds the whole exchange.
+            // While the request body is being sent, the body timeout applies; the request
+            // timeout once it has gone (above).
             if head.is_pending() && !pump.done {
                 let moved = mem::take(&mut pump.moved);
                 if self.poll_stall(cx, moved).is_ready() {
                     return Poll::Ready(Err(pump.stalled(self.body_timeout())));
                 }
             }
-            if head.is_pending() && self.poll_deadline(cx, deadline.at).is_ready() {
+            if sending && pump.done {
+                sending = false;
+                answer_by = answer_by.max(Instant::now() + deadline.within.min(MAX_BODY_TIMEOUT));
+            }
+            if head.is_pending() && !sending && self.poll_deadline(cx, answer_by).is_ready() {
                 return Poll::Ready(Err(H1Error::NoAnswer(deadline.within)));
             }
             head

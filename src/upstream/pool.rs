@@ -270,6 +270,107 @@ pub struct Stall<B> {
     stalled: fn(Duration) -> BoxError,
     /// Set when it fired (hyper reports an upload's error as a reset stream, not as this).
     fired: Arc<AtomicBool>,
+    /// For an upload: when it has been sent whole.
+    sent: Option<Arc<Sent>>,
+}
+
+/// How an h2 request's body is being sent: when it was sent whole (no answer is due before:
+/// the request timeout runs from then, [`answer_by`]), when a piece of it last went, and
+/// whether the client is the one being waited for.
+pub struct Sent {
+    at: std::sync::OnceLock<Instant>,
+    notify: tokio::sync::Notify,
+    start: Instant,
+    /// When a piece last went, as time since `start`, in milliseconds.
+    moved: std::sync::atomic::AtomicU64,
+    /// The last poll of the body found nothing: the client's turn.
+    client_turn: AtomicBool,
+}
+
+impl Default for Sent {
+    fn default() -> Sent {
+        Sent {
+            at: std::sync::OnceLock::new(),
+            notify: tokio::sync::Notify::new(),
+            start: Instant::now(),
+            moved: std::sync::atomic::AtomicU64::new(0),
+            client_turn: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Sent {
+    fn mark(&self) {
+        if self.at.set(Instant::now()).is_ok() {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn moved(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.moved.store(ms, Ordering::Relaxed);
+        self.client_turn.store(false, Ordering::Relaxed);
+    }
+
+    /// When a piece of the body last went (or the body was made).
+    fn last_moved(&self) -> Instant {
+        self.start + Duration::from_millis(self.moved.load(Ordering::Relaxed))
+    }
+
+    /// When the body was sent whole, once it has been.
+    async fn whole(&self) -> Instant {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(at) = self.at.get() {
+                return *at;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// `answer`, an h2 exchange, failed with [`SendError::Timeout`] once its answer's head has not
+/// come by `deadline`, or `deadline.within` after its request body was sent whole if that is
+/// later: a slow upload that keeps moving is not cut. While the body is being sent, the body
+/// timeout bounds it instead: one the upstream stops taking (no window granted) for that long
+/// is cut here; one the client stops sending, by its [`Stall`] (408).
+async fn answer_by<T>(
+    deadline: Deadline,
+    sent: &Sent,
+    body_timeout: Duration,
+    answer: impl std::future::Future<Output = T>,
+) -> Result<T, SendError> {
+    tokio::pin!(answer);
+    let body_timeout = body_timeout.min(h1::MAX_BODY_TIMEOUT);
+    let by = async {
+        loop {
+            if let Some(whole) = sent.at.get() {
+                let at = deadline
+                    .at
+                    .max(*whole + deadline.within.min(h1::MAX_BODY_TIMEOUT));
+                tokio::time::sleep_until(at).await;
+                return SendError::Timeout(deadline.within);
+            }
+            let still = sent.last_moved() + body_timeout;
+            if Instant::now() >= still && !sent.client_turn.load(Ordering::Relaxed) {
+                return SendError::H1(H1Error::UpstreamStalled(body_timeout));
+            }
+            // Looked at again when the body is whole, or when it may have stalled (at least
+            // 10 ms on, so that a client's turn is not looked at in a loop).
+            let again = still.max(Instant::now() + Duration::from_millis(10));
+            tokio::select! {
+                _ = sent.whole() => {}
+                () = tokio::time::sleep_until(again) => {}
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        out = &mut answer => Ok(out),
+        e = by => Err(e),
+    }
 }
 
 impl<B> Stall<B> {
@@ -282,6 +383,7 @@ impl<B> Stall<B> {
             waiting: false,
             stalled,
             fired: Arc::new(AtomicBool::new(false)),
+            sent: None,
         }
     }
 
@@ -297,8 +399,18 @@ impl<B> Stall<B> {
     }
 
     /// A client's upload: a stall is the client's (408 `request_timeout`).
-    fn upload(inner: B, timeout: Duration) -> Stall<B> {
-        Stall::new(inner, timeout, |t| Box::new(H1Error::ClientStalled(t)))
+    fn upload(inner: B, timeout: Duration) -> Stall<B>
+    where
+        B: Body,
+    {
+        let sent = Arc::new(Sent::default());
+        if inner.is_end_stream() {
+            sent.mark();
+        }
+        Stall {
+            sent: Some(sent),
+            ..Stall::new(inner, timeout, |t| Box::new(H1Error::ClientStalled(t)))
+        }
     }
 }
 
@@ -318,9 +430,18 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
+                if let Some(sent) = &this.sent {
+                    sent.moved();
+                    if frame.is_none() || this.inner.is_end_stream() {
+                        sent.mark();
+                    }
+                }
                 Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
+                if let Some(sent) = &this.sent {
+                    sent.client_turn.store(true, Ordering::Relaxed);
+                }
                 if !this.waiting {
                     this.waiting = true;
                     this.timer.as_mut().reset(Instant::now() + this.timeout);
@@ -397,7 +518,9 @@ impl Pool {
     /// Sends a request whose URI is absolute (scheme and authority name the upstream), and
     /// fails with [`SendError::Timeout`] or [`H1Error::NoAnswer`] when its answer's head has
     /// not come `within` (the request timeout: waiting for a connection, dialling, sending and
-    /// waiting alike). The answer's hop-by-hop and framing headers are already gone.
+    /// waiting alike), or `within` after its body was sent whole if that is later (a body that
+    /// keeps moving is not cut; the body timeout bounds it). The answer's hop-by-hop and
+    /// framing headers are already gone.
     ///
     /// On a pooled HTTP/1.1 connection the timeout is the connection's own timer
     /// ([`H1Conn::exchange`]), armed once and moved rarely; a timer per request was a wheel
@@ -421,10 +544,16 @@ impl Pool {
         };
 
         if let Some(mut sender) = self.shared_h2(&key) {
-            let stalled = for_h2(&mut req, &key, self.limits.body);
+            let (stalled, sent) = for_h2(&mut req, &key, self.limits.body);
             let to_head = req.method() == Method::HEAD;
-            let sent = tokio::time::timeout_at(deadline.at, sender.try_send_request(req));
-            match sent.await.map_err(|_| SendError::Timeout(within))? {
+            match answer_by(
+                deadline,
+                &sent,
+                self.limits.body,
+                sender.try_send_request(req),
+            )
+            .await?
+            {
                 Ok(resp) => return Ok(from_h2(resp, to_head, self.limits.body)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => {
@@ -485,11 +614,9 @@ impl Pool {
         // Dialing (DNS, TCP, TLS, the HTTP handshake) is the large part of this future and the
         // rare one: boxed, it is allocated only when it runs, and every proxied request's
         // future (kept per client connection by hyper) stays small.
-        let connected =
-            Box::pin(self.connect_and_send(key, parts, exchange, generation, slot, deadline));
-        tokio::time::timeout_at(deadline.at, connected)
-            .await
-            .map_err(|_| SendError::Timeout(within))?
+        // Each step bounds itself: the dial and the h2 handshake by the deadline, an exchange
+        // by it or by the request timeout after its body was sent.
+        Box::pin(self.connect_and_send(key, parts, exchange, generation, slot, deadline)).await
     }
 
     async fn connect_and_send(
@@ -503,14 +630,19 @@ impl Pool {
     ) -> Result<Response<ResponseBody>, SendError> {
         tracing::debug!(authority = %key.authority, "opening an upstream connection");
         let dialer = self.dialer();
-        let dialed = dialer.dial(key.https, &key.authority).await;
+        let timeout = || SendError::Timeout(deadline.within);
+        let dialed = tokio::time::timeout_at(deadline.at, dialer.dial(key.https, &key.authority))
+            .await
+            .map_err(|_| timeout());
         drop(slot);
-        let io = dialed?;
+        let io = dialed??;
         if io.is_h2() {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            let handshake = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .handshake(TokioIo::new(io))
-                .await?;
+                .handshake(TokioIo::new(io));
+            let (sender, conn) = tokio::time::timeout_at(deadline.at, handshake)
+                .await
+                .map_err(|_| timeout())??;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
@@ -526,10 +658,9 @@ impl Pool {
             let mut sender = sender;
             let body = exchange.pump.into_body().unwrap_or_else(body::empty);
             let mut req = Request::from_parts(parts, body);
-            let stalled = for_h2(&mut req, &key, self.limits.body);
-            let resp = sender
-                .send_request(req)
-                .await
+            let (stalled, sent) = for_h2(&mut req, &key, self.limits.body);
+            let resp = answer_by(deadline, &sent, self.limits.body, sender.send_request(req))
+                .await?
                 .map_err(|e| h2_error(e, &stalled, self.limits.body))?;
             return Ok(from_h2(resp, exchange.to_head, self.limits.body));
         }
@@ -785,12 +916,17 @@ fn h2_error(e: hyper::Error, stalled: &AtomicBool, body_timeout: Duration) -> Se
 
 /// h2: an absolute URI (`:scheme`, `:authority`), no `Host`; the upload bounded by
 /// `body_timeout`. Returns what says whether the upload stalled.
-fn for_h2(req: &mut Request<UpstreamBody>, key: &Key, body_timeout: Duration) -> Arc<AtomicBool> {
+fn for_h2(
+    req: &mut Request<UpstreamBody>,
+    key: &Key,
+    body_timeout: Duration,
+) -> (Arc<AtomicBool>, Arc<Sent>) {
     let upload = Stall::upload(
         std::mem::replace(req.body_mut(), body::empty()),
         body_timeout,
     );
     let stalled = upload.fired.clone();
+    let sent = upload.sent.clone().unwrap_or_default();
     *req.body_mut() = BodyExt::boxed_unsync(upload);
     req.headers_mut().remove(http::header::HOST);
     if req.uri().authority().is_none() {
@@ -814,7 +950,7 @@ fn for_h2(req: &mut Request<UpstreamBody>, key: &Key, body_timeout: Duration) ->
         }
     }
     *req.version_mut() = Version::HTTP_2;
-    stalled
+    (stalled, sent)
 }
 
 #[cfg(test)]

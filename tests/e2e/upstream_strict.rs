@@ -522,3 +522,139 @@ async fn stalled_upload_to_an_h2_upstream_is_cut_after_body_timeout() {
     assert_eq!(next.status, 200);
     assert_eq!(up.connections(), 1);
 }
+
+/// A body sent in `pieces` pieces of 1 KiB, `gap` apart, with its `Content-Length`.
+fn slow_body(pieces: usize, gap: Duration) -> reqwest::Body {
+    let frames = futures_util::stream::iter(0..pieces).then(move |i| async move {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'u'; 1024]))
+    });
+    reqwest::Body::wrap_stream(frames)
+}
+
+/// The request timeout bounds the wait for an answer, not the client's upload: an upload that
+/// keeps moving (each piece within the body timeout) may take longer than the request timeout,
+/// to an HTTP/1.1 upstream and to an h2 one; once the body has gone, an answer that does not
+/// come is cut at the request timeout as before.
+#[tokio::test]
+async fn an_upload_that_keeps_moving_may_outlast_the_request_timeout() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let plain = echo().await;
+    let h2 = echo_tls(&ca, &[b"h2"]).await;
+    put_bearer(&bao, "slow-h1", &format!("http://{}", plain.addr()));
+    put_bearer(
+        &bao,
+        "slow-h2",
+        &format!("https://localhost:{}", h2.addr().port()),
+    );
+    // Reads the request and its body, then answers nothing.
+    let silent = Upstream::start(|mut c| async move {
+        if let Some(head) = c.head().await {
+            c.body(&head).await;
+            c.drain().await;
+        }
+    })
+    .await;
+    put_bearer(&bao, "silent", &silent.base_url());
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .root(&ca.pem_path)
+            .proxy("request_timeout = \"1s\"\nbody_timeout = \"10s\""),
+    )
+    .await;
+    // Eight pieces 400 ms apart: 2.8 s of upload against a 1 s request timeout.
+    for (id, version) in [("slow-h1", "http/1.1"), ("slow-h2", "h2")] {
+        let r = tokio::time::timeout(
+            BOUND,
+            send(
+                http()
+                    .post(lk.url(&format!("/{id}/upload")))
+                    .header("content-length", 8 * 1024)
+                    .body(slow_body(8, Duration::from_millis(400))),
+            ),
+        )
+        .await
+        .expect("no answer");
+        assert_eq!(r.status, 200, "{id}: {r:#?}");
+        assert_eq!(r.json()["body_bytes"], 8 * 1024, "{id}: {r:#?}");
+        let line = lk.access_line(|l| l["connection"] == id).await;
+        assert_eq!(line["upstream_version"], version, "{line}");
+    }
+    let r = tokio::time::timeout(
+        BOUND,
+        send(
+            http()
+                .post(lk.url("/silent/upload"))
+                .header("content-length", 2 * 1024)
+                .body(slow_body(2, Duration::from_millis(400))),
+        ),
+    )
+    .await
+    .expect("the answer that never came was not cut");
+    r.assert_error(504, "upstream_timeout");
+}
+
+/// An h2 upstream that takes requests and grants no window for their bodies (and answers
+/// nothing): an upload to it cannot move, and is cut after the body timeout as an upload an
+/// HTTP/1.1 upstream stops taking is (504), though the request timeout is far off.
+#[tokio::test]
+async fn an_upload_an_h2_upstream_grants_no_window_for_is_cut_after_body_timeout() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(&["localhost"], &[b"h2"]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .initial_window_size(0)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok(stream)) = conn.accept().await {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    held.push(stream);
+                }
+            });
+        }
+    });
+    put_bearer(&bao, "nowindow", &format!("https://localhost:{port}"));
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback()
+            .root(&ca.pem_path)
+            .proxy("body_timeout = \"1s\"\nrequest_timeout = \"10m\"\nidle_timeout = \"10m\""),
+    )
+    .await;
+    let answer = tokio::time::timeout(
+        BOUND,
+        send(
+            http()
+                .post(lk.url("/nowindow/x"))
+                // More than the default window (64 KiB) that the upstream's settings take
+                // away once they arrive.
+                .body(vec![b'u'; 1 << 20]),
+        ),
+    )
+    .await
+    .expect("the upload no window was granted for was not cut");
+    answer.assert_error(504, "upstream_timeout");
+    // The request reached the h2 upstream as one stream, and was cut there.
+    assert_eq!(streams.load(Ordering::SeqCst), 1);
+    let line = lk.access_line(|l| l["path"] == "/x").await;
+    assert_eq!(line["error"], "upstream_timeout", "{line}");
+}
