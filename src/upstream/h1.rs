@@ -282,6 +282,22 @@ impl H1Conn {
         self.stall.timeout
     }
 
+    /// Lets go of the read buffer (16 KiB once grown) and the head's line index while the
+    /// connection rests in the pool; the next read allocates them again.
+    pub fn release_buffers(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+        if self.spans.capacity() > 0 {
+            self.spans = Vec::new();
+        }
+    }
+
+    /// The read buffer's capacity (what a connection holds while it rests).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Whether an idle connection can be used: not closed by the upstream, nothing unasked-for
     /// on it. Costs a read only when the connection's socket was seen readable.
     pub fn is_usable(&mut self) -> bool {

@@ -53,8 +53,12 @@ use crate::hop_by_hop;
 use zeroize::Zeroizing;
 
 /// How often, per idle limit, the reaper looks: a connection is closed between the limit and a
-/// quarter more after its last use.
+/// quarter more after its last use (or [`RELEASE_AFTER`] more, if that is shorter).
 const REAPS: u32 = 4;
+/// An idle connection resting this long lets go of its read buffer ([`H1Conn::release_buffers`]):
+/// a pool of a few hundred idle connections holds kilobytes, not megabytes, while one in use
+/// keeps its buffer between requests. The reaper looks at least this often.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
 /// Idle HTTP/1.1 connections kept per host, per worker: enough for a worker's share of a few
 /// hundred concurrent requests, few enough that a burst does not leave thousands open.
 const MAX_IDLE_PER_HOST: usize = 64;
@@ -832,7 +836,9 @@ impl Pool {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             state.reaping = true;
             drop(state);
-            let every = (self.limits.idle / REAPS).max(Duration::from_millis(10));
+            let every = (self.limits.idle / REAPS)
+                .min(RELEASE_AFTER)
+                .max(Duration::from_millis(10));
             runtime.spawn(reap(Arc::downgrade(self), every));
         }
     }
@@ -848,9 +854,11 @@ impl Pool {
                 let mut i = 0;
                 while i < list.len() {
                     let idle = &mut list[i];
-                    if now.saturating_duration_since(idle.since) < self.limits.idle
-                        && idle.conn.is_usable()
-                    {
+                    let rested = now.saturating_duration_since(idle.since);
+                    if rested < self.limits.idle && idle.conn.is_usable() {
+                        if rested >= RELEASE_AFTER {
+                            idle.conn.release_buffers();
+                        }
                         i += 1;
                     } else {
                         reaped.push(list.remove(i));
@@ -991,6 +999,31 @@ mod tests {
             https: false,
             authority: Authority::from_static("upstream.test:80"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_resting_in_the_pool_lets_go_of_its_read_buffer() {
+        let pool = pool(Duration::from_secs(90));
+        let (mut conn, _upstream) = connection().await;
+        // A connection that has read (an answer): its buffer is grown.
+        assert!(conn.is_usable());
+        assert!(conn.buffer_capacity() >= 16 * 1024);
+        pool.put(key(), conn);
+        let held = |pool: &Pool| {
+            pool.state().idle[0]["upstream.test:80"][0]
+                .conn
+                .buffer_capacity()
+        };
+        assert!(held(&pool) >= 16 * 1024);
+        // Still held just before a second's rest; let go after it, the connection kept.
+        tokio::time::sleep(RELEASE_AFTER - Duration::from_millis(100)).await;
+        assert!(held(&pool) >= 16 * 1024);
+        tokio::time::sleep(RELEASE_AFTER).await;
+        assert_eq!(held(&pool), 0);
+        let mut conn = pool.take_idle(&key(), Instant::now()).unwrap();
+        // Usable as before: its next read allocates again.
+        assert!(conn.is_usable());
+        assert!(conn.buffer_capacity() >= 16 * 1024);
     }
 
     /// Whether, within `looks` looks of the reaper (`every` apart, on the paused clock), no
