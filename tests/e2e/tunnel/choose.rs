@@ -375,21 +375,20 @@ async fn a_connect_to_an_ip_literal_outside_the_allowed_ranges_is_blocked() {
     assert_eq!(s.up.requests(), 0);
 }
 
-/// For a connector whose key is a query parameter, the placeholder goes in the query.
-#[tokio::test]
-async fn a_placeholder_in_the_query_picks_the_connection() {
+/// Two connections `ids` with the fields `fields(id)` on one echo upstream (their base URL),
+/// latchkey, and a client whose proxy user `_` names none of them.
+async fn two_on_one_host(
+    ids: [&str; 2],
+    fields: impl Fn(&str) -> Vec<(&'static str, String)>,
+) -> (Bao, EchoServer, Latchkey, reqwest::Client) {
     let bao = Bao::start().await;
     let up = echo().await;
     let base = format!("http://{}", up.addr());
-    for id in ["maps-a", "maps-b"] {
-        bao.put(
-            id,
-            &[
-                ("connector", "google-maps"),
-                ("base_url", &base),
-                ("api_key", &format!("AIza-{id}-key")),
-            ],
-        );
+    for id in ids {
+        let mut f = fields(id);
+        f.push(("base_url", base.clone()));
+        let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        bao.put(id, &f);
     }
     let lk = Latchkey::start(&bao, Opts::loopback()).await;
     let client = reqwest::Client::builder()
@@ -400,6 +399,19 @@ async fn a_placeholder_in_the_query_picks_the_connection() {
         )
         .build()
         .unwrap();
+    (bao, up, lk, client)
+}
+
+/// For a connector whose key is a query parameter, the placeholder goes in the query.
+#[tokio::test]
+async fn a_placeholder_in_the_query_picks_the_connection() {
+    let (_bao, up, _lk, client) = two_on_one_host(["maps-a", "maps-b"], |id| {
+        vec![
+            ("connector", "google-maps".into()),
+            ("api_key", format!("AIza-{id}-key")),
+        ]
+    })
+    .await;
     let addr = up.addr();
     let r = read(
         client
@@ -429,29 +441,14 @@ async fn a_placeholder_in_the_query_picks_the_connection() {
 /// it picks the connection as a bearer key's does, among several covering the host.
 #[tokio::test]
 async fn a_placeholder_as_the_basic_password_picks_the_connection() {
-    let bao = Bao::start().await;
-    let up = echo().await;
-    let base = format!("http://{}", up.addr());
-    for id in ["basic-a", "basic-b"] {
-        bao.put(
-            id,
-            &[
-                ("connector", "generic-basic"),
-                ("base_url", &base),
-                ("username", "acct"),
-                ("api_key", &format!("pw-{id}-secret")),
-            ],
-        );
-    }
-    let lk = Latchkey::start(&bao, Opts::loopback()).await;
-    let client = reqwest::Client::builder()
-        .proxy(
-            reqwest::Proxy::http(lk.url(""))
-                .unwrap()
-                .basic_auth("_", ""),
-        )
-        .build()
-        .unwrap();
+    let (_bao, up, _lk, client) = two_on_one_host(["basic-a", "basic-b"], |id| {
+        vec![
+            ("connector", "generic-basic".into()),
+            ("username", "acct".into()),
+            ("api_key", format!("pw-{id}-secret")),
+        ]
+    })
+    .await;
     let url = format!("http://{}/v1/x", up.addr());
     let r = read(
         client
