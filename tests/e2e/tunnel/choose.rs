@@ -450,29 +450,17 @@ async fn a_placeholder_as_the_basic_password_picks_the_connection() {
     })
     .await;
     let url = format!("http://{}/v1/x", up.addr());
-    let r = read(
-        client
-            .get(&url)
-            .basic_auth("acct", Some("latchkey.basic-b"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let with_password = |password: &'static str| {
+        let request = client.get(&url).basic_auth("acct", Some(password));
+        async move { read(request.send().await.unwrap()).await }
+    };
+    let r = with_password("latchkey.basic-b").await;
     assert_eq!(r.status, 200, "{:?}", r.json);
     use base64::Engine as _;
     let sent = base64::engine::general_purpose::STANDARD.encode("acct:pw-basic-b-secret");
     assert_eq!(r.header("authorization"), Some(format!("Basic {sent}")));
     // Without it, the two connections covering the host leave the choice open.
-    let r = read(
-        client
-            .get(&url)
-            .basic_auth("acct", Some("not-a-placeholder"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = with_password("not-a-placeholder").await;
     assert_eq!(r.status, 400, "{:?}", r.json);
     assert_eq!(r.latchkey_error.as_deref(), Some("connection_ambiguous"));
     assert_eq!(up.requests(), 1);
