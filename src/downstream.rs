@@ -412,7 +412,12 @@ where
             Ok(kept) => kept,
             Err(e) => return Outcome::Done(Err(e)),
         };
-        let kept = kept && exchange.finish_body(io, buf).await;
+        // Boxed: rare, and its timer would otherwise make every connection's future larger.
+        let kept = kept
+            && match exchange.settled() {
+                Some(kept) => kept,
+                None => Box::pin(exchange.drain(io, buf)).await,
+            };
         if !kept {
             let _ = io.shutdown().await;
             return Outcome::Done(Ok(()));
@@ -668,21 +673,36 @@ impl Exchange {
     }
 
     /// Writes the answer, reading the request body on meanwhile. `Ok(false)`: the connection
-    /// must end after it (the answer says so, or it was cut).
-    async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
-        &mut self,
-        io: &mut Strict<T>,
-        buf: &mut BytesMut,
-        out: &mut Vec<u8>,
+    /// must end after it (the answer says so, or it was cut). The head is encoded here, before
+    /// the future is made: what waits in it is the body and the writer's state, not the
+    /// response's head, so that a connection's future (whose size is that of its largest
+    /// state, held while the connection idles too) stays small.
+    fn respond<'a, T: AsyncRead + AsyncWrite + Unpin>(
+        &'a mut self,
+        io: &'a mut Strict<T>,
+        buf: &'a mut BytesMut,
+        out: &'a mut Vec<u8>,
         response: Response<BoxBody>,
-    ) -> io::Result<bool> {
+    ) -> impl Future<Output = io::Result<bool>> + 'a {
         let (parts, mut body) = response.into_parts();
-        let mut writer = self.encode_head(out, &parts, &body);
+        let writer = self.encode_head(out, &parts, &body);
         crate::spare::keep(parts.headers);
         if writer.no_body {
             drop(body);
             body = crate::body::empty();
         }
+        self.send(io, buf, out, writer, body)
+    }
+
+    /// Writes the encoded head in `out` and then the body, as [`Exchange::respond`] says.
+    async fn send<T: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut Strict<T>,
+        buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+        mut writer: Writer,
+        mut body: BoxBody,
+    ) -> io::Result<bool> {
         let mut body = Pin::new(&mut body);
         let mut written = 0;
         let ended = std::future::poll_fn(|cx| loop {
@@ -833,20 +853,23 @@ impl Exchange {
         }
     }
 
-    /// After the answer: reads what the request body's reader left (so that the next request
-    /// can be read), within bounds. Whether the connection can carry another request.
-    async fn finish_body<T: AsyncRead + Unpin>(
+    /// After the answer: whether the connection can carry another request, when that is
+    /// known without reading (`None`: the reader left some of the request body unread).
+    fn settled(&mut self) -> Option<bool> {
+        self.tx = None;
+        if self.broken {
+            return Some(false);
+        }
+        self.read_all.then_some(true)
+    }
+
+    /// Reads what the request body's reader left (so that the next request can be read),
+    /// within bounds. Whether the connection can carry another request.
+    async fn drain<T: AsyncRead + Unpin>(
         &mut self,
         io: &mut Strict<T>,
         buf: &mut BytesMut,
     ) -> bool {
-        self.tx = None;
-        if self.broken {
-            return false;
-        }
-        if self.read_all {
-            return true;
-        }
         let mut dropped = 0u64;
         let drain = std::future::poll_fn(|cx| loop {
             match self.decode(buf) {
@@ -999,7 +1022,10 @@ pub(crate) fn hyper_builder(header_read: Option<Duration>) -> auto::Builder<Toki
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read);
+        .header_read_timeout(header_read)
+        // A client that sends its requests and then shuts its writing side gets its answers,
+        // as from latchkey's own server.
+        .half_close(true);
     // WebSockets over h2 (RFC 8441).
     builder.http2().enable_connect_protocol();
     builder

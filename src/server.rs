@@ -788,7 +788,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// The HTTP/1 settings of a proxy connection served in turns: those of [`downstream::hyper_builder`].
 fn http1_builder() -> http1::Builder {
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(None);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .half_close(true);
     builder
 }
 
@@ -808,14 +811,13 @@ struct Builders {
     http1: http1::Builder,
 }
 
-/// A client connection's service: each request held to strict framing ([`proxy::checked`]) and
+/// A client connection's service: each request held to strict framing ([`Checked`]) and
 /// counted in `activity` while in flight. Its future is not boxed: hyper keeps room for it (some
 /// 12 KiB) for as long as its connection lives, which in turns ([`release`]) is a busy spell,
 /// and boxing it here would copy all of it once per request.
 fn service<B, H, F>(
     activity: &Arc<Activity>,
-    link: Arc<Link>,
-    handler: H,
+    checked: Checked<H>,
 ) -> impl hyper::service::Service<
     http::Request<hyper::body::Incoming>,
     Response = http::Response<crate::body::BoxBody>,
@@ -835,11 +837,28 @@ where
 {
     let activity = activity.clone();
     service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        idle::track(
-            &activity,
-            proxy::checked(link.clone(), Box::new(req.map(B::from)), handler.clone()),
-        )
+        idle::track(&activity, checked.call(Box::new(req.map(B::from))))
     })
+}
+
+/// A connection's handler, each of its requests held to strict framing ([`proxy::checked`]).
+#[derive(Clone)]
+struct Checked<H> {
+    link: Arc<Link>,
+    handler: H,
+}
+
+impl<H> Checked<H> {
+    fn call<B, F>(
+        &self,
+        req: Box<http::Request<B>>,
+    ) -> impl Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + use<B, F, H>
+    where
+        H: Fn(Box<http::Request<B>>) -> F + Clone,
+        F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>>,
+    {
+        proxy::checked(self.link.clone(), req, self.handler.clone())
+    }
 }
 
 /// Serves one proxy client connection in turns ([`release`]): between requests an HTTP/1.1
@@ -868,7 +887,7 @@ fn serve_in_turns<B, H, F>(
         ),
         activity.clone(),
     ));
-    let service = service(&activity, link, handler);
+    let service = service(&activity, Checked { link, handler });
     // Held until the connection ends, so that shutdown waits for it as for the others.
     let watcher = graceful.watcher();
     let (builders, mut stop) = (builders.clone(), stop.subscribe());
@@ -912,35 +931,39 @@ fn serve_own<H, F>(
         link.clone(),
         header_read,
     );
-    // Requests hyper serves, after a hand-over.
-    let service = service(&activity, link.clone(), handler.clone());
-    // In flight is counted by `downstream::serve` itself (`Ready::request`).
-    let own = move |req: Box<http::Request<ClientBody>>| {
-        proxy::checked(link.clone(), req, handler.clone())
-    };
+    let own = Checked { link, handler };
     let watcher = graceful.watcher();
     let (builders, mut stop) = (builders.clone(), stop.subscribe());
-    let task_activity = activity.clone();
-    let conn: Connection = Box::pin(async move {
-        let activity = task_activity;
-        match release::first_bytes(io.get_ref().get_ref(), &mut stop).await {
-            First::Closed => return Ok(()),
-            First::H2 => {
-                let lease = Box::new(release::Lease::new(io, activity));
-                return serve_h2(&builders.auto, watcher, lease, service).await;
+    // What the task holds across its awaits is what every idle connection costs: the handler
+    // is held, not hyper's service around it, which is built only for a hand-over.
+    let conn: Connection = Box::pin({
+        let activity = activity.clone();
+        async move {
+            match release::first_bytes(io.get_ref().get_ref(), &mut stop).await {
+                First::Closed => return Ok(()),
+                First::H2 => {
+                    let service = service(&activity, own);
+                    let lease = Box::new(release::Lease::new(io, activity));
+                    return serve_h2(&builders.auto, watcher, lease, service).await;
+                }
+                First::Http1 => {}
             }
-            First::Http1 => {}
-        }
-        let mut buf = BytesMut::new();
-        match downstream::serve(&mut io, &mut buf, &own, proxy::not_strict, &mut stop).await {
-            Outcome::Done(ended) => ended.map_err(BoxError::from),
-            Outcome::Hyper => {
-                tracing::trace!(%peer, "a request for hyper's server: the connection is handed over");
-                let lease = Box::new(release::Lease::handed_over(io, activity, buf.freeze()));
-                match release::serve_turns(lease, &builders.http1, service, &mut stop).await {
-                    Served::Done(ended, _) => ended.map_err(BoxError::from),
-                    // Only a connection's first bytes are looked at for h2.
-                    Served::H2(_) => Ok(()),
+            let mut buf = BytesMut::new();
+            // In flight is counted by `downstream::serve` itself (`Ready::request`).
+            let handler = |req| own.call(req);
+            match downstream::serve(&mut io, &mut buf, &handler, proxy::not_strict, &mut stop).await
+            {
+                Outcome::Done(ended) => ended.map_err(BoxError::from),
+                Outcome::Hyper => {
+                    tracing::trace!("a request for hyper's server: the connection is handed over");
+                    // Requests hyper serves, from here on.
+                    let service = service(&activity, own);
+                    let lease = Box::new(release::Lease::handed_over(io, activity, buf.freeze()));
+                    match release::serve_turns(lease, &builders.http1, service, &mut stop).await {
+                        Served::Done(ended, _) => ended.map_err(BoxError::from),
+                        // Only a connection's first bytes are looked at for h2.
+                        Served::H2(_) => Ok(()),
+                    }
                 }
             }
         }
@@ -1018,7 +1041,7 @@ fn serve<S, B, H, F>(
         Some(header_read) => Strict::new(watched, link.clone(), header_read),
         None => Strict::unchecked(watched),
     });
-    let service = service(&activity, link, handler);
+    let service = service(&activity, Checked { link, handler });
     let conn = builder.serve_connection_with_upgrades(io, service);
     // Boxed too, so that the task holds it once (about 2 KiB), not a copy per await point.
     let conn = Box::pin(graceful.watch(conn.into_owned()));

@@ -514,6 +514,16 @@ fn parse_head(head: &[u8], shapes: Option<(&mut Shapes, u64)>) -> Result<Framing
             })
         }
     }
+    // hyper's server answers a request target that is not a URI with a bare 400 of its own;
+    // refused here, it gets latchkey's. (latchkey's own server, which keeps shapes, parses
+    // the target itself and answers it: no second parse there, but for a CONNECT, which it
+    // hands to hyper.)
+    if shapes.is_none() || req.method == Some("CONNECT") {
+        let target = req.path.unwrap_or_default();
+        if http::Uri::try_from(target).is_err() {
+            return Err("the request target is not a valid URI");
+        }
+    }
     let http11 = req.version == Some(1);
     let (mut lengths, mut length) = (0, 0u64);
     let (mut codings, mut chunked) = (0, false);
@@ -1177,6 +1187,11 @@ mod tests {
             (b"GET / HTTP/2.0\r\n\r\n", "version"),
             (b"GET  / HTTP/1.1\r\n\r\n", "request line"),
             (b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n", "empty lines"),
+            // hyper would answer these with a bare 400 of its own.
+            (b"GET /p< HTTP/1.1\r\n\r\n", "URI"),
+            (b"GET http:// HTTP/1.1\r\n\r\n", "URI"),
+            (b"GET http://[::1/ HTTP/1.1\r\n\r\n", "URI"),
+            (b"CONNECT [::1:443 HTTP/1.1\r\n\r\n", "URI"),
         ] {
             let reason = refused(input);
             assert!(reason.contains(says), "{input:?}: {reason}");

@@ -258,3 +258,67 @@ async fn a_bare_lf_inside_a_tunnel_is_refused() {
     x.inner().assert_error(400, "bad_request");
     assert_eq!(up.requests(), 0);
 }
+
+/// Latchkey with connection `s` to an echo upstream, on the HTTP/1.1 server named.
+async fn start_on(server: &str) -> (Bao, EchoServer, Latchkey) {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "s", &format!("http://{}", up.addr()));
+    let opts = Opts::loopback().proxy(&format!("http1_server = {server:?}"));
+    let lk = Latchkey::start(&bao, opts).await;
+    (bao, up, lk)
+}
+
+/// A request target that is not a URI (which hyper's server would answer with a bare `400` of
+/// its own, no `Latchkey-Error`, no body) gets latchkey's `400 bad_request` from either server,
+/// a CONNECT's included.
+#[tokio::test]
+async fn a_request_target_that_is_not_a_uri_is_latchkeys_400_on_either_server() {
+    for server in ["latchkey", "hyper"] {
+        let (_bao, up, lk) = start_on(server).await;
+        for target in ["/s/p<", "/s/p`", "http://", "http://[::1/"] {
+            let r = raw(&lk, &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
+            assert_eq!(r.status, 400, "{server} {target}: {r:?}");
+            assert_eq!(
+                r.header("latchkey-error"),
+                Some("bad_request"),
+                "{server} {target}: {r:?}"
+            );
+        }
+        let r = raw(&lk, "CONNECT [::1:443 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(
+            r.header("latchkey-error"),
+            Some("bad_request"),
+            "{server}: {r:?}"
+        );
+        assert_eq!(up.requests(), 0);
+    }
+}
+
+/// A client that pipelines its requests and then shuts its writing side (waiting for the
+/// answers) gets every answer from either server.
+#[tokio::test]
+async fn requests_before_a_half_close_are_all_answered_on_either_server() {
+    for server in ["latchkey", "hyper"] {
+        let (_bao, up, lk) = start_on(server).await;
+        let mut stream = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+        stream
+            .write_all(
+                b"GET /s/one HTTP/1.1\r\nHost: x\r\n\r\nGET /s/two HTTP/1.1\r\nHost: x\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            stream.read_to_end(&mut buf),
+        )
+        .await
+        .expect("latchkey did not close the connection")
+        .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert_eq!(text.matches("HTTP/1.1 200 ").count(), 2, "{server}: {text}");
+        assert_eq!(up.requests(), 2, "{server}");
+    }
+}
