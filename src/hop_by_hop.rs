@@ -77,7 +77,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop and framing headers from an upstream response.
+/// The header latchkey marks its own error answers with (`Latchkey-Error`, PRODUCT.md section
+/// 4), in bytes of any case. An upstream's is never passed on, so that a client can trust it to
+/// tell latchkey's errors from the upstream's; it is not hop-by-hop, and only answers lose it.
+pub fn is_latchkey_error(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"latchkey-error")
+}
+
+/// Removes hop-by-hop and framing headers from an upstream response, and its
+/// `Latchkey-Error` ([`is_latchkey_error`]).
 ///
 /// The answer to a `HEAD` (`to_head`) keeps its `Content-Length` when that is one plain
 /// number: there it frames nothing and tells the client the size of what a `GET` would return,
@@ -88,6 +96,12 @@ pub fn strip_response(headers: &mut HeaderMap, to_head: bool) {
     } else {
         None
     };
+    if headers
+        .keys()
+        .any(|n| is_latchkey_error(n.as_str().as_bytes()))
+    {
+        headers.remove("latchkey-error");
+    }
     strip_hop_by_hop(headers);
     if let Some(length) = length {
         headers.insert(header::CONTENT_LENGTH, length);

@@ -108,6 +108,8 @@ pub struct Tunnel {
     pub tls: bool,
     /// The SNI the client sent matched the host (always true without TLS).
     pub sni_matches: bool,
+    /// The CONNECT's client token: taken out of every request inside, wherever it stands.
+    pub token: Option<Secret>,
 }
 
 impl Tunnel {
@@ -164,6 +166,13 @@ impl Tunnel {
         }
         let default = if self.tls { 443 } else { 80 };
         for named in uri.authority().into_iter().chain(host.as_ref()) {
+            // User information is not part of a request's authority (RFC 9113 section 8.3.1,
+            // RFC 9110 section 4.2.4), and is not the tunnel's host however it ends.
+            if named.as_str().contains('@') {
+                return Err(ProxyError::BadRequest(
+                    "the request's authority must not carry user information".into(),
+                ));
+            }
             if normalize_host(named.host()) != *self.host
                 || named.port_u16().unwrap_or(default) != self.port
             {
@@ -332,17 +341,14 @@ impl Proxy {
                 self.pick(req.headers(), route, log).await?
             }
         };
-        if route.form == Form::Gateway && route.token.is_none() && !self.clients.is_open() {
-            self.token_where_the_key_goes(req.headers_mut(), &mut route);
-        }
+        self.take_client_tokens(req.headers_mut(), &mut route, None);
         log.form = route.form.as_str();
         log.connection = Some(route.id.shared());
         if let Some(r) = &route.requested {
             log.host = Some(Arc::from(r.host));
         }
 
-        let client = self.authorize(&route)?;
-        log.client = client.map(|c| c.name.clone());
+        self.authorize(&route, log)?;
         // How the client reached latchkey, for a `Location` that names latchkey itself.
         let reached_as = match route.form {
             Form::Gateway => match uri.authority() {
@@ -391,13 +397,14 @@ impl Proxy {
             }
         }
         log.connection = Some(id.shared());
-        let route = Route {
+        let mut route = Route {
             form: Form::Tunnel,
             id,
             token: None,
             path_and_query: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             requested: Some(tunnel.requested()),
         };
+        self.take_client_tokens(req.headers_mut(), &mut route, tunnel.token.as_ref());
         self.send_on(req, &route, None, log, bytes_in).await
     }
 
@@ -450,13 +457,21 @@ impl Proxy {
         tls: bool,
         log: &mut AccessLog,
     ) -> Result<Opened, ProxyError> {
-        let authority = parts
-            .uri
-            .authority()
-            .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
-        let port = authority
-            .port_u16()
-            .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+        // Only `host:port` (RFC 9112 section 3.2.3): no scheme, path, user information or empty
+        // host, which a device in front of latchkey might read as another host.
+        let target = || ProxyError::BadRequest("CONNECT needs a host:port target".into());
+        let authority = parts.uri.authority().ok_or_else(target)?;
+        let port = authority.port_u16().ok_or_else(target)?;
+        if parts.uri.scheme().is_some()
+            || parts
+                .uri
+                .path_and_query()
+                .is_some_and(|p| !p.as_str().is_empty())
+            || authority.as_str().contains('@')
+            || authority.host().is_empty()
+        {
+            return Err(target());
+        }
         let host = normalize_host(authority.host());
         log.host = Some(Arc::from(host.as_str()));
         let (user, token) = match auth::proxy_credentials(&parts.headers) {
@@ -483,6 +498,7 @@ impl Proxy {
             port,
             tls,
             sni_matches: true,
+            token: token.clone(),
         };
         let covered = match user.filter(|u| !u.is_empty() && u != "_") {
             None => {
@@ -530,8 +546,7 @@ impl Proxy {
             path_and_query: Cow::Borrowed("/"),
             requested: Some(tunnel.requested()),
         };
-        let client = self.authorize(&route)?;
-        log.client = client.map(|c| c.name.clone());
+        let client = self.authorize(&route, log)?;
         let grant = client.cloned();
         let conn = self.connection(&route.id, log).await?;
         log.connection_known = true;
@@ -859,12 +874,26 @@ impl Proxy {
         })
     }
 
-    /// In gateway form without `Proxy-Authorization`: a client token where the connector's
-    /// credential goes (an SDK's API key set to the token) is the request's token, and is
-    /// removed before anything is sent on: from every place a client token is in, not only the
-    /// first (a client that sets it as a bearer and as `x-api-key` would otherwise send it on
-    /// in the one the connection does not overwrite).
-    fn token_where_the_key_goes(&self, headers: &mut http::HeaderMap, route: &mut Route<'_>) {
+    /// Takes every client token out of the request, from every place one may stand in
+    /// (`Authorization` and the headers and query parameters the catalog's connectors use),
+    /// however the client authenticated: a client token is latchkey's, never the upstream's (a
+    /// workflow that authenticates in `Proxy-Authorization` and also gives its SDK the token as
+    /// the API key would otherwise send it on, in whichever place the connection does not
+    /// overwrite). In gateway form without `Proxy-Authorization`, the first one found is the
+    /// request's token. Nothing to take when latchkey runs open (no client tokens).
+    fn take_client_tokens(
+        &self,
+        headers: &mut http::HeaderMap,
+        route: &mut Route<'_>,
+        known: Option<&Secret>,
+    ) {
+        if self.clients.is_open() {
+            return;
+        }
+        // The token the client authenticated with, in any header or query parameter at all.
+        if let Some(token) = known.or(route.token.as_ref()) {
+            without_token(headers, &mut route.path_and_query, token.expose());
+        }
         let query = route.path_and_query.split_once('?').map(|(_, q)| q);
         let mut token = None;
         let mut places: Vec<Place> = Vec::new();
@@ -890,14 +919,22 @@ impl Proxy {
                 }
             }
         }
-        route.token = Some(token);
+        if route.form == Form::Gateway && route.token.is_none() {
+            route.token = Some(token);
+        }
     }
 
-    /// Phase 2: the client, and whether it may use the connection.
-    fn authorize(&self, route: &Route<'_>) -> Result<Option<&Client>, ProxyError> {
+    /// Phase 2: the client (named in the access log from here, a refusal included), and
+    /// whether it may use the connection.
+    fn authorize(
+        &self,
+        route: &Route<'_>,
+        log: &mut AccessLog,
+    ) -> Result<Option<&Client>, ProxyError> {
         let Some(client) = self.authenticate(route.token.as_ref())? else {
             return Ok(None);
         };
+        log.client = Some(client.name.clone());
         if !client.may_use(route.id.as_str()) {
             return Err(ProxyError::ConnectionForbidden {
                 client: client.name.to_string(),
@@ -1232,6 +1269,40 @@ fn gateway_location(
     }
 }
 
+/// Takes out of a request every header with `token` in a value, and every query parameter
+/// whose value (percent-decoded) holds it. An empty token is in everything: nothing is done.
+fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str>, token: &str) {
+    if token.is_empty() {
+        return;
+    }
+    let holding: Vec<http::HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| memchr::memmem::find(v.as_bytes(), token.as_bytes()).is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in holding {
+        headers.remove(name);
+    }
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return;
+    };
+    let holds = |pair: &str| {
+        percent_encoding::percent_decode_str(pair)
+            .decode_utf8_lossy()
+            .contains(token)
+    };
+    if !query.split('&').any(holds) {
+        return;
+    }
+    let mut out = String::with_capacity(path_and_query.len());
+    out.push_str(path);
+    for pair in query.split('&').filter(|p| !p.is_empty() && !holds(p)) {
+        out.push(if out.len() == path.len() { '?' } else { '&' });
+        out.push_str(pair);
+    }
+    *path_and_query = Cow::Owned(out);
+}
+
 /// Which connection a request that named none uses, in PRODUCT.md's order: a
 /// `latchkey.{id}` placeholder where the key goes (that the client may use), else the one
 /// candidate (granted and covering the destination `what`); several is
@@ -1369,5 +1440,38 @@ impl<B: http_body::Body> http_body::Body for NoTrailers<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_taken_out_of_every_header_and_query_parameter_holding_it() {
+        let token = "tok-0123456789";
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer tok-0123456789".parse().unwrap());
+        headers.append("x-any", "kept".parse().unwrap());
+        headers.append("x-any", "tok-0123456789".parse().unwrap());
+        headers.insert("x-other", "kept".parse().unwrap());
+        let mut path = Cow::Borrowed("/p?a=1&key=tok-0123456789&b=x%20tok%2D0123456789&c=3");
+        without_token(&mut headers, &mut path, token);
+        assert_eq!(path, "/p?a=1&c=3");
+        let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-other"]);
+
+        // Nothing holding it: nothing changes, nothing is copied.
+        let mut path = Cow::Borrowed("/p?a=1");
+        without_token(&mut headers, &mut path, token);
+        assert!(matches!(path, Cow::Borrowed("/p?a=1")));
+        let mut path = Cow::Borrowed("/p?key=tok-0123456789");
+        without_token(&mut headers, &mut path, token);
+        assert_eq!(path, "/p");
+        // An empty token is in everything, and takes nothing.
+        let mut path = Cow::Borrowed("/p?a=1");
+        without_token(&mut headers, &mut path, "");
+        assert_eq!(path, "/p?a=1");
+        assert_eq!(headers.len(), 1);
     }
 }

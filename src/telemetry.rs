@@ -388,6 +388,8 @@ impl AccessLog {
 struct Hot {
     duration_gateway: Histogram,
     duration_forward: Histogram,
+    duration_tunnel: Histogram,
+    duration_passthrough: Histogram,
     duration_other: Histogram,
     bytes_in: Counter,
     bytes_out: Counter,
@@ -399,6 +401,8 @@ impl Hot {
         match form {
             "gateway" => &self.duration_gateway,
             "forward" => &self.duration_forward,
+            "tunnel" => &self.duration_tunnel,
+            "passthrough" => &self.duration_passthrough,
             _ => &self.duration_other,
         }
     }
@@ -411,6 +415,8 @@ fn hot() -> &'static Hot {
         Hot {
             duration_gateway: histogram!(names::REQUEST_DURATION, "form" => "gateway"),
             duration_forward: histogram!(names::REQUEST_DURATION, "form" => "forward"),
+            duration_tunnel: histogram!(names::REQUEST_DURATION, "form" => "tunnel"),
+            duration_passthrough: histogram!(names::REQUEST_DURATION, "form" => "passthrough"),
             duration_other: histogram!(names::REQUEST_DURATION, "form" => "-"),
             bytes_in: counter!(names::REQUEST_BYTES, "direction" => "in"),
             bytes_out: counter!(names::REQUEST_BYTES, "direction" => "out"),

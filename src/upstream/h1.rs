@@ -39,7 +39,7 @@ use zeroize::Zeroizing;
 
 use super::dial::MaybeTls;
 use crate::body::{BoxBody as UpstreamBody, BoxError};
-use crate::hop_by_hop::is_hop_by_hop_bytes;
+use crate::hop_by_hop::{is_hop_by_hop_bytes, is_latchkey_error};
 
 /// The largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -674,8 +674,8 @@ fn header_map(
     for span in spans {
         let raw = &head[span[0]..span[1]];
         // Left out before a name is built for it (most answers carry a length and a
-        // `Connection`).
-        if is_hop_by_hop_bytes(raw) {
+        // `Connection`); an upstream's `Latchkey-Error` too (`hop_by_hop::strip_response`).
+        if is_hop_by_hop_bytes(raw) || is_latchkey_error(raw) {
             continue;
         }
         let name = HeaderName::from_bytes(raw).map_err(|_| H1Error::Invalid("a header name"))?;
@@ -1239,9 +1239,9 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_left_out() {
+    fn hop_by_hop_headers_those_connection_names_and_latchkey_error_are_left_out() {
         let h = head(
-            b"HTTP/1.1 201 Created\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nX-Kept: a\r\nx-kept: b\r\nUpgrade: h2c\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 201 Created\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nX-Kept: a\r\nx-kept: b\r\nUpgrade: h2c\r\nLatchkey-Error: connection_not_found\r\ncontent-length: 0\r\n\r\n",
             false,
         );
         assert_eq!(h.response.status(), 201);

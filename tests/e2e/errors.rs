@@ -521,6 +521,20 @@ async fn a_client_outside_its_globs_is_403_connection_forbidden() {
     assert_eq!(bao.reads_of("stripeprod"), 0);
     assert_eq!(bao.reads_of("stripe-prod"), 0);
     assert_eq!(up.requests(), 0);
+    // The refusal's access line names the client refused, as the metric does.
+    let line = lk
+        .access_line(|l| l["connection"] == "github-ci" && l["status"] == 403)
+        .await;
+    assert_eq!(line["client"], "billing", "{line}");
+    let metrics = metrics_text(&lk).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("latchkey_requests_total")
+                && l.contains(r#"client="billing""#)
+                && l.contains(r#"status="403""#)),
+        "{metrics}"
+    );
 
     // Each client can use its own.
     assert_eq!(send(as_client("/stripe-prod/x", billing)).await.status, 200);
@@ -772,4 +786,34 @@ async fn connect_without_a_ca_is_refused_with_405_naming_the_settings() {
     assert!(message.contains("tls.ca_cert"), "{message}");
     assert_eq!(up.requests(), 0);
     assert_eq!(bao.reads_of("tunnel"), 0);
+}
+
+/// `Latchkey-Error` is how a workflow tells latchkey's refusals from the upstream's own
+/// answers (PRODUCT.md section 4): an upstream's answer carrying one loses it, over HTTP/1.1
+/// and h2 upstreams, so the status and body reach the client as the upstream's.
+#[tokio::test]
+async fn an_upstream_cannot_forge_latchkey_error() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let up = echo().await;
+    let up_h2 = echo_tls(&ca, &[b"h2"]).await;
+    put_bearer(&bao, "forge-h1", &format!("http://{}", up.addr()));
+    put_bearer(
+        &bao,
+        "forge-h2",
+        &format!("https://localhost:{}", up_h2.addr().port()),
+    );
+    let lk = Latchkey::start(&bao, Opts::loopback().root(&ca.pem_path)).await;
+    for id in ["forge-h1", "forge-h2"] {
+        let r = http()
+            .get(lk.url(&format!("/{id}/forged-error")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{id}");
+        assert_eq!(r.headers().get("latchkey-error"), None, "{id}: {r:?}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("forged by the upstream"), "{id}: {body}");
+    }
+    assert_eq!(up.requests() + up_h2.requests(), 2);
 }

@@ -252,3 +252,47 @@ async fn proxy_authorization_comes_first() {
     );
     assert!(!seen(&r).contains("placeholder"), "{}", seen(&r));
 }
+
+/// However the client authenticated, a client token in a place where keys go is latchkey's and
+/// is taken out: a workflow that sends `Proxy-Authorization` and also gives its SDK the token
+/// as the API key sends nothing of it upstream, in the gateway and the forward form.
+#[tokio::test]
+async fn a_client_token_is_taken_out_however_the_client_authenticated() {
+    let s = setup().await;
+    let bearer = format!("Bearer {TOKEN}");
+    let r = gateway_get(
+        &s.lk,
+        &format!("/tp-anthropic/v1/messages?key={TOKEN}&kept=1"),
+        &[
+            ("proxy-authorization", &bearer),
+            ("authorization", &bearer),
+            ("x-goog-api-key", TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.header("x-api-key"), Some(s.anthropic_key.clone()));
+    assert_eq!(r.uri(), "/v1/messages?kept=1");
+    assert!(!seen(&r).contains(TOKEN), "{}", seen(&r));
+
+    // Forward form: the token in Proxy-Authorization's Basic password, and again in the
+    // request's own places.
+    let addr = s.up.addr();
+    let (status, text) = curl(&[
+        "-x",
+        &format!("http://{}", s.lk.proxy),
+        "--proxy-user",
+        &format!("tp-anthropic:{TOKEN}"),
+        "-H",
+        &format!("authorization: {bearer}"),
+        "-H",
+        &format!("x-goog-api-key: {TOKEN}"),
+        &format!("http://{addr}/v1/messages?key={TOKEN}"),
+    ])
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(!text.contains(TOKEN), "{text}");
+    let json = body_json(&text);
+    assert_eq!(json["uri"], "/v1/messages", "{json}");
+    assert_eq!(s.up.requests(), 2);
+}

@@ -478,7 +478,27 @@ async fn curl_through_the_tunnel_with_a_configured_client_token() {
     assert_ours(&echo, &s.key);
     assert_eq!(echo["uri"], "/v1/charges?limit=3", "{echo}");
     assert!(!text.contains(TOKEN), "the client token came back: {text}");
-    assert_eq!(s.up.requests(), 1);
+
+    // The token given to the SDK as well, where other connectors' keys go: taken out, not sent
+    // on (the echo would quote it; the access log would hold the query: `forbid`).
+    let (status, text) = s
+        .curl(
+            &format!("{ID}:{TOKEN}"),
+            &[
+                "-H",
+                &format!("x-api-key: {TOKEN}"),
+                "-H",
+                &format!("x-trace: run {TOKEN}"),
+            ],
+            &format!("/v1/charges?limit=3&key={TOKEN}"),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let echo = body_json(&text);
+    assert_ours(&echo, &s.key);
+    assert_eq!(echo["uri"], "/v1/charges?limit=3", "{echo}");
+    assert!(!text.contains(TOKEN), "the client token went on: {text}");
+    assert_eq!(s.up.requests(), 2);
 }
 
 #[tokio::test]
@@ -684,7 +704,20 @@ async fn ca_init_export_and_ca_pem_give_the_certificate_never_the_key() {
     let (status, text) = s.curl(&format!("{ID}:"), &[], "/v1/charges").await;
     assert_eq!(status, 200, "{text}");
     s.ca.assert_key_absent(&text, "a tunnelled answer");
-    s.ca.assert_key_absent(&metrics_text(&s.lk).await, "/metrics");
+    let metrics = metrics_text(&s.lk).await;
+    s.ca.assert_key_absent(&metrics, "/metrics");
+    // The tunnelled request is timed under its own form, as it is counted.
+    for metric in [
+        "latchkey_requests_total{",
+        "latchkey_request_duration_seconds_count{",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(metric) && l.contains(r#"form="tunnel""#)),
+            "no {metric}form=\"tunnel\"...}}:\n{metrics}"
+        );
+    }
     // latchkey's own output is checked for the key when `s` is dropped (forbid_key).
 }
 

@@ -145,6 +145,18 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         .chain(futures_util::stream::pending());
         return Ok(Response::new(StreamBody::new(frames).boxed_unsync()));
     }
+    if path.ends_with("/forged-error") {
+        // An upstream's 404 dressed as latchkey's own refusal.
+        let mut r = Response::new(full(Bytes::from_static(
+            br#"{"error":{"code":"connection_not_found","message":"forged by the upstream"}}"#,
+        )));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r.headers_mut().insert(
+            "latchkey-error",
+            http::HeaderValue::from_static("connection_not_found"),
+        );
+        return Ok(r);
+    }
     if path.ends_with("/redirect") {
         let to = req
             .uri()
