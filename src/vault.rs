@@ -53,6 +53,8 @@ pub enum VaultError {
     Untrusted(String),
     #[error("Vault refused latchkey's token (permission denied); check vault.auth (or VAULT_TOKEN) and the token's policies")]
     PermissionDenied,
+    #[error("Vault's policy for latchkey's token does not cover this path (permission denied; the token itself is valid)")]
+    PathDenied,
     #[error("Vault refused the {method} login (status {status}); check {hint}")]
     LoginRefused {
         method: &'static str,
@@ -263,6 +265,15 @@ impl Vault {
                 }
                 VaultError::PermissionDenied if !retried => {
                     retried = true;
+                    // A policy that leaves this path out refuses it with the same 403 as a
+                    // token that is no longer valid. The token looked up tells them apart, so
+                    // that a path latchkey may not touch costs no login, and Vault does not
+                    // look down for it.
+                    if !matches!(op, "lookup_self" | "renew_self") && self.token_works(&nodes).await
+                    {
+                        self.set_healthy(None);
+                        return Err(VaultError::PathDenied);
+                    }
                     if self.replace_token(&nodes).await? {
                         continue;
                     }
@@ -272,6 +283,15 @@ impl Vault {
             self.set_healthy(Some(&err));
             return Err(err);
         }
+    }
+
+    /// Whether Vault accepts the token the client has (a lookup of itself, which every token's
+    /// default policy allows).
+    async fn token_works(&self, nodes: &Nodes) -> bool {
+        let lookup = |client: Arc<VaultClient>| async move {
+            vaultrs::api::exec_with_result(&*client, LookupSelf).await
+        };
+        self.call_nodes("lookup_self", nodes, &lookup).await.is_ok()
     }
 
     /// Tries the nodes in turn, from the one that answered last, until one answers with anything
@@ -660,7 +680,15 @@ impl Vault {
     /// `Ok(None)` when Vault has no such secret (or its latest version is deleted).
     pub async fn read(&self, id: &ConnectionId) -> Result<Option<StoredConnection>, VaultError> {
         match self.path(id) {
-            Some(path) => self.read_at("read", path).await,
+            Some(path) => match self.read_at("read", path).await {
+                // Not readable by latchkey is not there for its clients: cached as not found,
+                // counted against the client's misses, and said to the operator.
+                Err(VaultError::PathDenied) => {
+                    tracing::warn!(connection = %id, "Vault's policy for latchkey's token does not cover this connection's path: answered as not found");
+                    Ok(None)
+                }
+                read => read,
+            },
             None => Ok(None),
         }
     }

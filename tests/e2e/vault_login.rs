@@ -251,6 +251,53 @@ async fn approle_login_serves_requests_without_vault_token() {
     assert_eq!(auth_count(&lk, "login", "ok").await, 1);
 }
 
+/// A policy that covers some connections only (as the Deploy section narrows it): a connection
+/// outside it is answered as not found, cached as such, and costs no login; Vault stays ready.
+#[tokio::test]
+async fn a_connection_the_policy_leaves_out_is_not_found_and_costs_no_login() {
+    let bao = Bao::start_own().await;
+    let root = Root::new(&bao);
+    let role_id = root.approle("1h", "4h").await;
+    let narrow = format!(
+        "path \"secret/data/{0}/allowed\" {{ capabilities = [\"read\"] }}\n",
+        bao.prefix
+    );
+    root.write("sys/policies/acl/latchkey", json!({ "policy": narrow }))
+        .await;
+    let secret_id = root.secret_id().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = credential(&dir, "secret-id", &secret_id);
+    let up = echo().await;
+    put_bearer(&bao, "allowed", &format!("http://{}", up.addr()));
+    let other = put_bearer(&bao, "denied", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(
+        &bao,
+        login_opts(&format!(
+            "method = \"approle\"\nrole_id = \"{role_id}\"\nsecret_id_file = \"{}\"\n",
+            file.display()
+        )),
+    )
+    .await;
+    forbid_all(&lk, &bao, &[&secret_id, &other]);
+
+    assert_eq!(gateway_get(&lk, "/allowed/x", &[]).await.status, 200);
+    for _ in 0..5 {
+        let r = gateway_get(&lk, "/denied/x", &[]).await;
+        assert_eq!(r.status, 404, "{:?}", r.json);
+        assert_eq!(r.latchkey_error.as_deref(), Some("connection_not_found"));
+    }
+    assert_eq!(gateway_get(&lk, "/allowed/y", &[]).await.status, 200);
+    assert_eq!(auth_count(&lk, "login", "ok").await, 1, "{}", lk.output());
+    assert_eq!(ready(&lk).await.0, 200);
+    // Read once, then cached as not found; the operator is told why.
+    let warned = log_lines(
+        &lk,
+        "Vault's policy for latchkey's token does not cover this connection's path: answered as not found",
+    );
+    assert_eq!(warned.len(), 1, "{}", lk.output());
+    assert_eq!(up.requests(), 2);
+}
+
 #[tokio::test]
 async fn a_wrapped_secret_id_is_unwrapped_and_a_second_use_of_its_wrapping_token_fails_clearly() {
     let bao = Bao::start_own().await;
