@@ -560,8 +560,22 @@ fn parse_sha256_hex(s: &str) -> Result<[u8; 32], String> {
     hex::decode_to_slice(s.trim(), &mut out).map_err(|_| {
         "must be the SHA-256 of the token as 64 hex digits (e.g. `printf %s \"$TOKEN\" | sha256sum`), not the token itself".to_string()
     })?;
+    // An unset variable hashed (`printf %s "$TOKEN" | sha256sum`) would let in anyone who
+    // sends no token at all: an empty Basic password, an empty form field.
+    if out == EMPTY_SHA256 {
+        return Err(
+            "is the SHA-256 of an empty token (was the token's variable unset when it was hashed?)"
+                .to_string(),
+        );
+    }
     Ok(out)
 }
+
+/// The SHA-256 of nothing.
+const EMPTY_SHA256: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
+    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
 
 impl<'de> Deserialize<'de> for Glob {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -685,6 +699,7 @@ impl Config {
         let proxy = ProxyConfig::from_raw(raw.proxy)?;
         let clients = clients(raw.clients, &proxy)?;
         let admin = AdminConfig::from_raw(raw.admin)?;
+        distinct_listeners(&proxy, &admin)?;
         let vault = VaultConfig::from_raw(raw.vault, env)?;
         let cache = CacheConfig::from_raw(raw.cache)?;
         let tls = TlsConfig::from_raw(raw.tls)?;
@@ -895,7 +910,7 @@ impl VaultConfig {
         let auth = vault_auth(raw.auth, env)?;
         let ca_cert = env.var("VAULT_CACERT").map(PathBuf::from).or(raw.ca_cert);
         if let Some(path) = &ca_cert {
-            readable("vault.ca_cert", path)?;
+            pem_certificates("vault.ca_cert", path)?;
         }
         Ok(VaultConfig {
             addresses,
@@ -1103,7 +1118,7 @@ impl TlsConfig {
     /// The `[tls]` table: every extra root readable now, not at the first request.
     fn from_raw(raw: RawTls) -> Result<TlsConfig, ConfigError> {
         for (i, path) in raw.extra_roots.0.iter().enumerate() {
-            readable(&format!("tls.extra_roots[{i}]"), path)?;
+            pem_certificates(&format!("tls.extra_roots[{i}]"), path)?;
         }
         let ca = file_pair(("tls.ca_cert", raw.ca_cert), ("tls.ca_key", raw.ca_key))?
             .map(|(cert, key)| CaFiles { cert, key });
@@ -1149,8 +1164,8 @@ fn file_pair(
 ) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
     match (cert, key) {
         (Some(cert), Some(key)) => {
-            readable(cert_key, &cert)?;
-            readable(key_key, &key)?;
+            pem_certificates(cert_key, &cert)?;
+            pem_private_key(key_key, &key)?;
             Ok(Some((cert, key)))
         }
         (None, None) => Ok(None),
@@ -1165,10 +1180,57 @@ fn file_pair(
     }
 }
 
-fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
-    std::fs::metadata(path)
+/// Each listener address once: a second bind of one would fail at start, after the file
+/// checked. (Port 0, a port the system picks, may repeat.)
+fn distinct_listeners(proxy: &ProxyConfig, admin: &AdminConfig) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for addr in &proxy.listen {
+        if addr.port() != 0 && !seen.insert(*addr) {
+            return Err(ConfigError::new(
+                "proxy.listen",
+                format!("{addr} is listed twice"),
+            ));
+        }
+    }
+    if admin.listen.port() != 0 && seen.contains(&admin.listen) {
+        return Err(ConfigError::new(
+            "admin.listen",
+            format!("{} is also a proxy.listen address", admin.listen),
+        ));
+    }
+    Ok(())
+}
+
+/// A PEM file holding at least one certificate, each of which parses.
+fn pem_certificates(key: &str, path: &Path) -> Result<(), ConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|_| ConfigError::new(key, format!("{} is not PEM", path.display())))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A PEM file holding a private key. (What it holds is never part of the message.)
+fn pem_private_key(key: &str, path: &Path) -> Result<(), ConfigError> {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let pem = std::fs::read(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    PrivateKeyDer::from_pem_slice(&pem)
         .map(|_| ())
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+        .map_err(|_| ConfigError::new(key, format!("{} holds no PEM private key", path.display())))
 }
 
 fn check_vault_address(address: &str) -> Result<(), ConfigError> {
@@ -1410,11 +1472,7 @@ mod tests {
     #[test]
     fn admin_tls_takes_both_files_or_neither_and_sets_the_cookie_default() {
         let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("admin.pem");
-        let key = dir.path().join("admin.key");
-        std::fs::write(&cert, "not read here").unwrap();
-        std::fs::write(&key, "not read here").unwrap();
-        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let (cert, key) = pem_pair(dir.path());
 
         let c = Config::parse("", &with_token()).unwrap();
         assert!(c.admin.tls.is_none());
@@ -1454,22 +1512,88 @@ mod tests {
         assert_eq!(e.key, "admin.secure_cookie", "{e}");
     }
 
+    /// A self-signed certificate and its key, PEM, in `dir`: their paths.
+    fn pem_pair(dir: &std::path::Path) -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec!["admin.test".to_string()]).unwrap();
+        let cert = dir.join("admin.pem");
+        let key = dir.join("admin.key");
+        std::fs::write(&cert, made.cert.pem()).unwrap();
+        std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    }
+
     #[test]
     fn an_admin_tls_file_that_cannot_be_read_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("admin.key");
-        std::fs::write(&key, "not read here").unwrap();
-        let key = key.display().to_string();
+        let (cert, key) = pem_pair(dir.path());
         let e = err(&format!(
             "[admin]\ntls_cert = \"/nonexistent/admin.pem\"\ntls_key = {key:?}\n"
         ));
         assert_eq!(e.key, "admin.tls_cert", "{e}");
         assert!(e.message.contains("/nonexistent/admin.pem"), "{e}");
         let e = err(&format!(
-            "[admin]\ntls_cert = {key:?}\ntls_key = \"/nonexistent/admin.key\"\n"
+            "[admin]\ntls_cert = {cert:?}\ntls_key = \"/nonexistent/admin.key\"\n"
         ));
         assert_eq!(e.key, "admin.tls_key", "{e}");
         assert!(e.message.contains("/nonexistent/admin.key"), "{e}");
+    }
+
+    /// What `serve` would fail on at start is refused by the check itself (exit 64 from both):
+    /// files that are not PEM, a listener address given twice.
+    #[test]
+    fn certificate_files_must_be_pem_and_listeners_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pem_pair(dir.path());
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let junk = junk.display().to_string();
+        for (toml, key_named) in [
+            (
+                format!("[tls]\nextra_roots = [{junk:?}]\n"),
+                "tls.extra_roots[0]",
+            ),
+            (
+                format!("[tls]\nextra_roots = [{key:?}]\n"),
+                "tls.extra_roots[0]",
+            ),
+            (
+                format!("[tls]\nca_cert = {junk:?}\nca_key = {key:?}\n"),
+                "tls.ca_cert",
+            ),
+            (
+                format!("[tls]\nca_cert = {cert:?}\nca_key = {junk:?}\n"),
+                "tls.ca_key",
+            ),
+            (
+                format!("[tls]\nca_cert = {cert:?}\nca_key = {cert:?}\n"),
+                "tls.ca_key",
+            ),
+            (
+                format!("[admin]\ntls_cert = {key:?}\ntls_key = {key:?}\n"),
+                "admin.tls_cert",
+            ),
+            (format!("[vault]\nca_cert = {junk:?}\n"), "vault.ca_cert"),
+        ] {
+            let e = err(&toml);
+            assert_eq!(e.key, key_named, "{toml}: {e}");
+            assert!(e.message.contains("PEM"), "{toml}: {e}");
+        }
+        let c = Config::parse(
+            &format!("[tls]\nextra_roots = [{cert:?}]\nca_cert = {cert:?}\nca_key = {key:?}\n"),
+            &with_token(),
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
+
+        let e = err("[proxy]\nlisten = [\"127.0.0.1:8080\", \"127.0.0.1:8080\"]\n");
+        assert_eq!(e.key, "proxy.listen", "{e}");
+        let e = err("[proxy]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n");
+        assert_eq!(e.key, "admin.listen", "{e}");
+        // Port 0 (the system picks) may repeat.
+        let c = Config::parse(
+            "[proxy]\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            &with_token(),
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

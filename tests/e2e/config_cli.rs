@@ -139,6 +139,47 @@ fn hash_token_prints_what_token_sha256_wants() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
+
+    // An empty token (an unset variable) is not hashed...
+    for empty in [&b""[..], b"\n", b"  \n"] {
+        let mut child = latchkey()
+            .arg("hash-token")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(empty).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{empty:?}");
+        assert!(out.stdout.is_empty(), "{empty:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("empty"),
+            "{empty:?}"
+        );
+    }
+
+    // ...and its hash, made some other way, is refused where a token's hash goes.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    for (name, toml) in [
+        ("admin", format!("[admin]\ntoken_sha256 = \"{empty}\"\n")),
+        (
+            "clients",
+            format!(
+                "[[clients]]\nname = \"c\"\ntoken_sha256 = \"{empty}\"\nconnections = [\"*\"]\n"
+            ),
+        ),
+    ] {
+        let path = write_file(dir.path(), &format!("{name}.toml"), &toml);
+        let out = latchkey().arg("check-config").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {err}");
+        assert!(
+            err.contains("token_sha256") && err.contains("empty token"),
+            "{name}: {err}"
+        );
+    }
 }
 
 #[tokio::test]

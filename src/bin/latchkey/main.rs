@@ -141,11 +141,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let token = latchkey::secret::Secret::from(token);
-            let _ = writeln!(
-                std::io::stdout(),
-                "{}",
-                latchkey::auth::sha256_hex(token.expose().trim_end_matches(['\r', '\n']))
-            );
+            let token = token.expose().trim_end_matches(['\r', '\n']);
+            if token.trim().is_empty() {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "latchkey hash-token: the token on standard input is empty (an unset variable?); nothing hashed"
+                );
+                return ExitCode::from(2);
+            }
+            let _ = writeln!(std::io::stdout(), "{}", latchkey::auth::sha256_hex(token));
             ExitCode::SUCCESS
         }
         Command::Serve { config } => {
