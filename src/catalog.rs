@@ -471,7 +471,20 @@ impl Connector {
         self.environments
             .iter()
             .chain(&self.environment_urls)
-            .any(|(e, _)| e == env)
+            .any(|(e, _)| e.eq_ignore_ascii_case(env))
+    }
+
+    /// The environments the connector tells apart by key or base URL (empty: none).
+    pub fn environment_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .environments
+            .iter()
+            .chain(&self.environment_urls)
+            .map(|(e, _)| e.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 

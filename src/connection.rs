@@ -141,14 +141,14 @@ pub fn check_environment(
     let key_env = key.and_then(|(field, value)| Some((field, connector.environment_of(value)?)));
     let url_env = connector.environment_of_url(base_url);
     if let Some(env) = environment.filter(|e| connector.knows_environment(e)) {
-        if let Some((field, key_env)) = key_env.filter(|(_, k)| *k != env) {
+        if let Some((field, key_env)) = key_env.filter(|(_, k)| !k.eq_ignore_ascii_case(env)) {
             return Err(ConnectionError::EnvironmentMismatch {
                 field: field.to_string(),
                 key_env: key_env.to_string(),
                 connection_env: env.to_string(),
             });
         }
-        if let Some(url_env) = url_env.filter(|u| *u != env) {
+        if let Some(url_env) = url_env.filter(|u| !u.eq_ignore_ascii_case(env)) {
             return Err(ConnectionError::BaseUrlEnvironment {
                 url_env: url_env.to_string(),
                 connection_env: env.to_string(),

@@ -70,6 +70,21 @@ impl Draft {
                 ),
             )
         })?;
+        // An environment the connector does not tell apart would turn its sandbox/production
+        // check off without a word (`Production` misspelt, `prodution`).
+        let known = connector.environment_names();
+        if let Some(env) = self.environment.as_deref().map(str::trim) {
+            if !env.is_empty() && !known.is_empty() && !connector.knows_environment(env) {
+                return Err(FieldError::new(
+                    "environment",
+                    format!(
+                        "is not an environment of connector {}: one of {}",
+                        connector.id,
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
         let mut notices = Vec::new();
         let mut stored = BTreeMap::new();
         stored.insert("connector".to_string(), Secret::new(connector.id.as_str()));

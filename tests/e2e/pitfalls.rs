@@ -134,6 +134,9 @@ async fn a_sandbox_key_on_a_production_connection_is_refused() {
             "sandbox",
         ),
         ("sandbox-with-live", "sandbox", &live_key, "production"),
+        // However the environment is written.
+        ("prod-upper-with-test", "PRODUCTION", &test_key, "sandbox"),
+        ("prod-title-with-test", "Production", &test_key, "sandbox"),
     ] {
         let mut body = w.stripe(id, key);
         body["environment"] = json!(env);
@@ -143,6 +146,14 @@ async fn a_sandbox_key_on_a_production_connection_is_refused() {
         assert!(m.contains(key_env) && m.contains(env), "{id}: {m}");
         assert!(w.bao.get(id).is_none(), "{id}: saved anyway");
     }
+    // An environment the connector does not know would have turned the check off.
+    let mut body = w.stripe("prod-misspelt", &test_key);
+    body["environment"] = json!("prodution");
+    let r = w.create(&body).await;
+    assert_api_error(&r, 422, "invalid_field", Some("environment"));
+    let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(m.contains("production") && m.contains("sandbox"), "{m}");
+    assert!(w.bao.get("prod-misspelt").is_none());
     assert!(
         w.sim.seen().is_empty(),
         "a mismatched key was sent to the service: {:?}",
