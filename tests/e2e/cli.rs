@@ -276,10 +276,60 @@ async fn the_address_and_token_come_from_flags_or_the_environment() {
     assert_eq!(r.code, 0, "{r:#?}");
     assert!(r.stdout.contains("cli-auth"), "{r:#?}");
 
-    // No token: refused before any call, saying where the token comes from.
+    // No token, or an empty one: refused before any call, saying where the token comes from.
     let r = run(&["list"], None, &[("LATCHKEY_API_URL", &url)]).await;
     assert_eq!(r.code, 2, "{r:#?}");
     assert!(r.stderr.contains("LATCHKEY_API_TOKEN"), "{r:#?}");
+    let r = run(
+        &["list"],
+        None,
+        &[("LATCHKEY_API_URL", &url), ("LATCHKEY_API_TOKEN", " ")],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("empty"), "{r:#?}");
+
+    // An ID that is not one (it goes into the URL's path) is refused here, whatever it names.
+    for bad in ["no-such/../cli-auth", "../x", "a b"] {
+        let r = run(
+            &["show", bad],
+            None,
+            &[
+                ("LATCHKEY_API_URL", &url),
+                ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 2, "{bad}: {r:#?}");
+        assert!(r.stderr.contains("bad connection ID"), "{bad}: {r:#?}");
+        assert!(!r.stdout.contains("cli-auth"), "{bad}: {r:#?}");
+    }
+
+    // Text stored in Vault with a terminal escape (the API refuses one; Vault does not) is
+    // shown escaped, never sent to the terminal.
+    w.bao.put(
+        "cli-escape",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", "http://127.0.0.1:1"),
+            ("api_key", "cli_escape_key_0123456789"),
+            ("name", "plain \u{1b}[2J name"),
+        ],
+    );
+    for args in [&["show", "cli-escape"][..], &["list"]] {
+        let r = run(
+            args,
+            None,
+            &[
+                ("LATCHKEY_API_URL", &url),
+                ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{args:?}: {r:#?}");
+        assert!(r.stdout.contains("cli-escape"), "{args:?}: {r:#?}");
+        assert!(!r.stdout.contains('\u{1b}'), "{args:?}: {r:#?}");
+    }
     // A wrong token: the API's 401.
     let r = run(
         &["show", "cli-auth"],

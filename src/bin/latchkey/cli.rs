@@ -139,11 +139,13 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
                 .await?
         }
         ConnectionsCommand::Show { id } => {
+            let id = checked_id(&id)?;
             api.call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
                 .await?
         }
-        ConnectionsCommand::Rotate { id, fields } => rotate(&api, &id, fields).await?,
+        ConnectionsCommand::Rotate { id, fields } => rotate(&api, checked_id(&id)?, fields).await?,
         ConnectionsCommand::Verify { id } => {
+            let id = checked_id(&id)?;
             api.call(
                 reqwest::Method::POST,
                 &format!("/v1/connections/{id}/verify"),
@@ -152,6 +154,7 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
             .await?
         }
         ConnectionsCommand::Delete { id } => {
+            let id = checked_id(&id)?;
             api.call(
                 reqwest::Method::DELETE,
                 &format!("/v1/connections/{id}"),
@@ -167,8 +170,24 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
     report(json_out, status, &value)
 }
 
-/// The admin token, from `--token-file` or else `LATCHKEY_API_TOKEN`.
+/// A connection ID as the API takes it, checked here: it goes into the URL's path, where
+/// `a/../b` would name another connection or endpoint.
+fn checked_id(id: &str) -> anyhow::Result<&str> {
+    latchkey::connection_id::ConnectionId::parse(id)
+        .map_err(|e| anyhow!("bad connection ID: {e}"))?;
+    Ok(id)
+}
+
+/// The admin token, from `--token-file` or else `LATCHKEY_API_TOKEN`; never empty.
 fn admin_token(token_file: Option<&Path>) -> anyhow::Result<Secret> {
+    let token = admin_token_as_given(token_file)?;
+    if token.expose().trim().is_empty() {
+        bail!("the admin token is empty: set LATCHKEY_API_TOKEN or pass --token-file");
+    }
+    Ok(token)
+}
+
+fn admin_token_as_given(token_file: Option<&Path>) -> anyhow::Result<Secret> {
     Ok(match token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -267,7 +286,8 @@ fn report(json_out: bool, status: u16, value: &Value) -> anyhow::Result<u8> {
     if json_out {
         writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
     } else {
-        print_human(&mut out, status, value)?;
+        // Text stored in Vault may hold terminal escapes: shown escaped, never run.
+        print_human(&mut out, status, &printable(value))?;
     }
     // A verification that ran but did not pass is a failure too (`verify x && deploy`).
     let refused = value["verification"]["passed"] == Value::Bool(false);
@@ -333,6 +353,12 @@ fn read_secrets(names: &[String], connector: &Value) -> anyhow::Result<Vec<(Stri
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
     let input = Secret::from(input);
+    if input.expose().trim().is_empty() {
+        bail!(
+            "standard input is empty: it must hold the new value of {}",
+            names.join(", ")
+        );
+    }
     if names.len() == 1 {
         // Sent as it came: the API trims what a paste leaves around it and says so.
         return Ok(vec![(names[0].clone(), input)]);
@@ -355,6 +381,35 @@ fn read_secrets(names: &[String], connector: &Value) -> anyhow::Result<Vec<(Stri
         out.push((k.trim().to_string(), Secret::new(v)));
     }
     Ok(out)
+}
+
+/// `value` with every control character in its strings written as an escape (`\u{1b}`).
+fn printable(value: &Value) -> Value {
+    match value {
+        Value::String(s) if s.chars().any(char::is_control) => Value::String(
+            s.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_unicode().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(printable).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    (
+                        k.chars().filter(|c| !c.is_control()).collect(),
+                        printable(v),
+                    )
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// The API's answer as text: an error, a list, or one connection with what came with it.
