@@ -39,6 +39,8 @@ pub struct Connection {
     /// connection has no secret).
     pub scrubber: Option<Arc<Scrubber>>,
     pub custom_metadata: BTreeMap<String, String>,
+    /// Its status, as read, says an upstream refused its key (`failed`).
+    pub failed: bool,
 }
 
 impl fmt::Debug for Connection {
@@ -262,6 +264,7 @@ impl Connection {
             fields: plain,
             credential,
             scrubber,
+            failed: custom_metadata.get("status").is_some_and(|s| s == "failed"),
             custom_metadata,
             connector,
         })

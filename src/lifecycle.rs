@@ -31,6 +31,9 @@ use crate::vault::{Vault, VaultError};
 use crate::verify::{self, Verification};
 
 /// How often the request path may record an upstream 403 on one connection.
+/// The custom-metadata key holding the version whose key an upstream refused (`failed`).
+const FAILED_VERSION: &str = "failed_version";
+
 const FORBIDDEN_NOTE_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,8 @@ pub struct Lifecycle {
     verify_timeout: Duration,
     expiry_warning: Duration,
     forbidden_noted: DashMap<ConnectionId, Instant>,
+    /// When a failed connection's success was last acted on, per connection.
+    accepted_noted: DashMap<ConnectionId, Instant>,
 }
 
 impl Lifecycle {
@@ -185,6 +190,7 @@ impl Lifecycle {
             verify_timeout,
             expiry_warning,
             forbidden_noted: DashMap::new(),
+            accepted_noted: DashMap::new(),
         }
     }
 
@@ -580,6 +586,7 @@ impl Lifecycle {
             let result = me
                 .update_metadata(&used.id, Some(used.version), |m| {
                     m.insert("status".into(), "failed".into());
+                    m.insert(FAILED_VERSION.into(), used.version.to_string());
                     m.insert("last_error".into(), message);
                     m.remove("last_error_hint");
                     m.insert("last_error_at".into(), now_rfc3339());
@@ -592,6 +599,48 @@ impl Lifecycle {
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(connection = %used.id, error = %e, "could not record a failed key")
+                }
+            }
+        });
+    }
+
+    /// An upstream accepted a request made with `used`, a connection whose status says
+    /// `failed`: the key works after all (the 401 was that call's, or the service took the key
+    /// back), so the failure is cleared, if it is still this version's. At most once a minute
+    /// per connection: the cached copy says `failed` until it is read again.
+    pub fn upstream_accepted(self: &Arc<Self>, used: Arc<Connection>) {
+        let now = Instant::now();
+        let recent = self
+            .accepted_noted
+            .get(&used.id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < FORBIDDEN_NOTE_INTERVAL);
+        if recent {
+            return;
+        }
+        self.accepted_noted.insert(used.id.clone(), now);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let version = used.version.to_string();
+            let result = me
+                .update_metadata(&used.id, Some(used.version), |m| {
+                    let failed_here = m.get("status").is_some_and(|s| s == "failed")
+                        && m.get(FAILED_VERSION).is_none_or(|v| *v == version);
+                    if failed_here {
+                        m.insert("status".into(), "active".into());
+                        m.remove(FAILED_VERSION);
+                        m.remove("last_error");
+                        m.remove("last_error_hint");
+                        m.remove("last_error_at");
+                    }
+                })
+                .await;
+            match result {
+                Ok(true) => {
+                    tracing::info!(connection = %used.id, "the service accepts the current key again; status set to active")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(connection = %used.id, error = %e, "could not clear a failed key")
                 }
             }
         });
@@ -679,7 +728,15 @@ impl Lifecycle {
         for k in &conn.secret_fields {
             fields.insert(k.clone(), json!({"set": true}));
         }
-        let stored_status = metadata.get("status").map_or("unverified", String::as_str);
+        let mut stored_status = metadata.get("status").map_or("unverified", String::as_str);
+        // A failure recorded for another version (the key was rotated in Vault directly) says
+        // nothing of this one.
+        let failed_before = metadata
+            .get(FAILED_VERSION)
+            .filter(|v| stored_status == "failed" && **v != conn.version.to_string());
+        if failed_before.is_some() {
+            stored_status = "unverified";
+        }
         let now = OffsetDateTime::now_utc();
         let mut warnings = Vec::new();
         let mut status = stored_status.to_string();

@@ -705,6 +705,9 @@ impl Proxy {
                 telemetry::upstream_forbidden(route.id.as_str());
                 self.lifecycle.upstream_forbidden(conn.clone(), what());
             }
+            status if conn.failed && status.is_success() => {
+                self.lifecycle.upstream_accepted(conn.clone());
+            }
             _ => {}
         }
         Ok(response)

@@ -1664,6 +1664,58 @@ async fn a_401_after_a_rotation_in_vault_picks_up_the_new_key_instead_of_failing
     assert_eq!(w.custom_metadata("elsewhere")["status"], "active");
 }
 
+/// `failed` is what an upstream's 401 to the current key says, and no more: a later success
+/// with the same key clears it (once the cached copy knows of the failure: a short TTL here),
+/// and a key rotated in Vault directly is not shown as failed for the old one's 401.
+#[tokio::test]
+async fn failed_clears_when_the_key_works_again_and_is_not_carried_to_a_new_version() {
+    let w = World::start(Opts::loopback().extra("[cache]\nttl = \"1s\"")).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("flaky", &key).await;
+
+    w.sim.revoke(&key);
+    let a = w.call("flaky", Method::GET, "/v1/charges").await;
+    assert_eq!(a.status, 401, "{a:#?}");
+    eventually("the connection to turn failed", || async {
+        (w.show("flaky").await["status"] == "failed").then_some(())
+    })
+    .await;
+    // The service takes the key back: requests succeed, and the status follows.
+    w.sim.set(&key, KeyState::ReadWrite);
+    eventually("a success to clear failed", || async {
+        let a = w.call("flaky", Method::GET, "/v1/charges").await;
+        assert_eq!(a.status, 200, "{a:#?}");
+        (w.show("flaky").await["status"] == "active").then_some(())
+    })
+    .await;
+    let meta = w.custom_metadata("flaky");
+    assert_eq!(meta["status"], "active", "{meta}");
+    assert!(meta.get("last_error").is_none(), "{meta}");
+
+    // Failed again (401s re-read the connection at most every 5 s: asked until one does),
+    // then rotated with the Vault CLI: the new version is not failed.
+    w.sim.revoke(&key);
+    eventually("the connection to turn failed again", || async {
+        let a = w.call("flaky", Method::GET, "/v1/charges").await;
+        assert_eq!(a.status, 401, "{a:#?}");
+        (w.show("flaky").await["status"] == "failed").then_some(())
+    })
+    .await;
+    let new = w.key(KeyState::ReadWrite);
+    w.bao.put(
+        "flaky",
+        &[
+            ("connector", "stripe"),
+            ("environment", "sandbox"),
+            ("base_url", &w.sim.base_url()),
+            ("api_key", &new),
+        ],
+    );
+    let shown = w.show("flaky").await;
+    assert_eq!(shown["status"], "unverified", "{shown}");
+    assert_eq!(shown["version"], 2, "{shown}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Audit
 
