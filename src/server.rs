@@ -265,8 +265,8 @@ impl Server {
             workers = self.reloader.slots().len(),
             "listening"
         );
-        match self.vault.check_token().await {
-            Ok(_) => tracing::info!("vault reachable and token accepted"),
+        match self.vault.check().await {
+            Ok(_) => tracing::info!("vault reachable, token accepted, KV version 2 mount found"),
             Err(e) => {
                 tracing::warn!(error = %e, "vault check failed at start; /readyz will say so")
             }

@@ -55,6 +55,12 @@ pub enum VaultError {
     PermissionDenied,
     #[error("Vault's policy for latchkey's token does not cover this path (permission denied; the token itself is valid)")]
     PathDenied,
+    #[error("vault.mount {0:?} is not a mount latchkey's token can use: there is no such mount, or no policy of the token covers it")]
+    NoMount(String),
+    #[error(
+        "vault.mount {mount:?} is a {found} mount; latchkey needs a KV version 2 mount (kv-v2)"
+    )]
+    NotKv2 { mount: String, found: String },
     #[error("Vault refused the {method} login (status {status}); check {hint}")]
     LoginRefused {
         method: &'static str,
@@ -886,6 +892,43 @@ impl Vault {
         Ok((info.renewable && info.ttl > 0).then(|| Duration::from_secs(info.ttl)))
     }
 
+    /// Looks the token up, then the mount: readiness. A mount that is not there, or not KV
+    /// version 2, would otherwise look healthy while every connection reads as not found.
+    pub async fn check(&self) -> Result<Option<Duration>, VaultError> {
+        let ttl = self.check_token().await?;
+        self.check_mount().await?;
+        Ok(ttl)
+    }
+
+    /// What `vault.mount` is, as Vault's own CLI asks it (`sys/internal/ui/mounts`, which the
+    /// default policy allows for any path the token has a capability under).
+    async fn check_mount(&self) -> Result<(), VaultError> {
+        let mount = self.config.mount.clone();
+        let info = self
+            .call("mount_info", |client| {
+                let mount = mount.clone();
+                async move { vaultrs::api::exec_with_result(&*client, MountInfo(mount)).await }
+            })
+            .await;
+        let info = match info {
+            Ok(info) => info,
+            Err(VaultError::PathDenied | VaultError::Status(404)) => {
+                return Err(VaultError::NoMount(mount))
+            }
+            Err(e) => return Err(e),
+        };
+        let version = info.options.as_ref().and_then(|o| o.get("version"));
+        if info.kind == "kv" && version.is_some_and(|v| v == "2") {
+            return Ok(());
+        }
+        let found = match (info.kind.as_str(), version) {
+            ("kv", Some(v)) => format!("KV version {v}"),
+            ("kv", None) => "KV version 1".to_string(),
+            (kind, _) => format!("{kind:?}"),
+        };
+        Err(VaultError::NotKv2 { mount, found })
+    }
+
     /// Keeps latchkey's token alive until shutdown. A login method logs in (if no call has
     /// yet), renews its token at about two thirds of the TTL (with jitter), and logs in again
     /// when a renewal fails, when renewals no longer give a full TTL (the max TTL nears) or
@@ -1151,6 +1194,31 @@ impl rustify::Endpoint for LookupSelf {
 
     fn path(&self) -> String {
         "auth/token/lookup-self".to_string()
+    }
+
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
+    }
+}
+
+/// `sys/internal/ui/mounts/{mount}`: a mount's type and options.
+struct MountInfo(String);
+
+#[derive(serde::Deserialize)]
+struct MountDescription {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    options: Option<HashMap<String, String>>,
+}
+
+impl rustify::Endpoint for MountInfo {
+    type Response = MountDescription;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+
+    fn path(&self) -> String {
+        format!("sys/internal/ui/mounts/{}", self.0)
     }
 
     fn method(&self) -> rustify::enums::RequestMethod {

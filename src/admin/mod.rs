@@ -165,7 +165,7 @@ impl Admin {
     }
 
     async fn ready(&self) -> Response<BoxBody> {
-        match self.vault.check_token().await {
+        match self.vault.check().await {
             Ok(_) => json_response(StatusCode::OK, &json!({"status": "ready"})),
             Err(e) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,

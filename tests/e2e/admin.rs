@@ -140,6 +140,46 @@ async fn readyz_follows_vault() {
     .await;
 }
 
+/// A `vault.mount` that is not there, or not KV version 2, is not ready (and says which): it
+/// looked ready while every connection read as not found.
+#[tokio::test]
+async fn readyz_is_503_when_the_mount_is_missing_or_not_kv_version_2() {
+    let bao = Bao::start().await;
+    let mount = format!("kv1-{}", free_port());
+    let out = bao
+        .cli()
+        .args([
+            "secrets",
+            "enable",
+            &format!("-path={mount}"),
+            "-version=1",
+            "kv",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (mount, says) in [
+        (mount.as_str(), "KV version 1"),
+        ("no-such-mount", "no such mount"),
+    ] {
+        let lk = Latchkey::start(&bao, Opts::loopback().vault(&format!("mount = {mount:?}"))).await;
+        let r = admin_get(&lk, "/readyz").await;
+        assert_eq!(r.status, 503, "{mount}: {r:#?}");
+        let reason = r.json()["reason"].as_str().unwrap_or_default().to_string();
+        assert!(
+            reason.contains(says) && reason.contains(mount),
+            "{mount}: {reason}"
+        );
+    }
+    // The default mount is ready.
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    assert_eq!(admin_get(&lk, "/readyz").await.status, 200);
+}
+
 #[tokio::test]
 async fn readyz_is_503_when_vault_is_unreachable_or_refuses_the_token() {
     let bao = Bao::start().await;
