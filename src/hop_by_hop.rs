@@ -80,8 +80,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The header latchkey marks its own error answers with (`Latchkey-Error`, PRODUCT.md section
 /// 4), in bytes of any case. An upstream's is never passed on, so that a client can trust it to
 /// tell latchkey's errors from the upstream's; it is not hop-by-hop, and only answers lose it.
+#[inline]
 pub fn is_latchkey_error(name: &[u8]) -> bool {
-    name.eq_ignore_ascii_case(b"latchkey-error")
+    name.len() == 14 && name.eq_ignore_ascii_case(b"latchkey-error")
 }
 
 /// Removes hop-by-hop and framing headers from an upstream response, and its

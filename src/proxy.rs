@@ -884,15 +884,25 @@ impl Proxy {
     /// the API key would otherwise send it on, in whichever place the connection does not
     /// overwrite). In gateway form without `Proxy-Authorization`, the first one found is the
     /// request's token. Nothing to take when latchkey runs open (no client tokens).
+    #[inline]
     fn take_client_tokens(
         &self,
         headers: &mut http::HeaderMap,
         route: &mut Route<'_>,
         known: Option<&Secret>,
     ) {
-        if self.clients.is_open() {
-            return;
+        if !self.clients.is_open() {
+            self.take_client_tokens_from(headers, route, known);
         }
+    }
+
+    /// [`Proxy::take_client_tokens`] once there are client tokens to take.
+    fn take_client_tokens_from(
+        &self,
+        headers: &mut http::HeaderMap,
+        route: &mut Route<'_>,
+        known: Option<&Secret>,
+    ) {
         // The token the client authenticated with, in any header or query parameter at all.
         if let Some(token) = known.or(route.token.as_ref()) {
             without_token(headers, &mut route.path_and_query, token.expose());
