@@ -490,11 +490,18 @@ impl Lifecycle {
         } else {
             None
         };
-        let version = match self
+        let mut written = self
             .vault
             .write(&id, &prepared.stored, Some(replaces.unwrap_or(0)))
-            .await
-        {
+            .await;
+        if replaces.is_none() && written == Err(VaultError::CasMismatch) {
+            // Versions there, the latest deleted (`kv delete`, `delete_version_after`): no
+            // connection to its clients or to this API, so a create takes its place.
+            if let Some(current) = self.deleted_latest(&id).await? {
+                written = self.vault.write(&id, &prepared.stored, Some(current)).await;
+            }
+        }
+        let version = match written {
             Ok(v) => v,
             Err(VaultError::CasMismatch) if replaces.is_none() => {
                 return Err(LifecycleError::Exists(id.to_string()))
@@ -555,12 +562,29 @@ impl Lifecycle {
     /// Removes the connection and all its versions from Vault, and from the cache at once.
     async fn delete_inner(&self, admin: &str, id: &str) -> Result<(), LifecycleError> {
         let id = Self::id(id)?;
-        let stored = self.stored(&id).await?;
+        // A connection whose latest version was deleted in Vault is removed too (its metadata
+        // and older versions), or nothing could ever clean it up from here.
+        let version = match self.vault.read(&id).await? {
+            Some(stored) => stored.version,
+            None => self
+                .deleted_latest(&id)
+                .await?
+                .ok_or_else(|| LifecycleError::NotFound(id.to_string()))?,
+        };
         self.vault.delete(&id).await?;
         self.cache.invalidate(&id);
         telemetry::connection_expiry(id.as_str(), None);
-        audit(admin, "delete", id.as_str(), Some(stored.version), "ok");
+        audit(admin, "delete", id.as_str(), Some(version), "ok");
         Ok(())
+    }
+
+    /// The current version of `id` when Vault holds versions of it but the latest is deleted
+    /// (a read finds nothing); `None` when there is no such secret at all, or one that reads.
+    async fn deleted_latest(&self, id: &ConnectionId) -> Result<Option<u64>, LifecycleError> {
+        if self.vault.read(id).await?.is_some() {
+            return Ok(None);
+        }
+        Ok(self.vault.custom_metadata(id).await?.map(|(_, v)| v))
     }
 
     /// An upstream answered 401 to a request made with `used`. If the re-read the cache started

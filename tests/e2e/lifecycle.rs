@@ -1716,6 +1716,56 @@ async fn failed_clears_when_the_key_works_again_and_is_not_carried_to_a_new_vers
     assert_eq!(shown["version"], 2, "{shown}");
 }
 
+/// A connection whose latest version was deleted in Vault (`bao kv delete`, Terraform's
+/// destroy, `delete_version_after`) is absent to the API, and the API can still create it
+/// again and delete what is left of it.
+#[tokio::test]
+async fn a_connection_soft_deleted_in_vault_can_be_created_again_and_deleted() {
+    let w = World::start(Opts::loopback()).await;
+    let first = w.key(KeyState::ReadWrite);
+    w.create_ok("soft", &first).await;
+    let path = w.bao.path("soft");
+    let soft_delete = || async {
+        let out = w
+            .bao
+            .cli()
+            .args(["kv", "delete", "-mount=secret", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    soft_delete().await;
+    let r = w.api(Method::GET, "/v1/connections/soft", None).await;
+    assert_api_error(&r, 404, "connection_not_found", None);
+
+    // Created again over the deleted version.
+    let second = w.key(KeyState::ReadWrite);
+    let j = w.create_ok("soft", &second).await;
+    assert_eq!(j["connection"]["version"], 2, "{j}");
+    let a = w.call("soft", Method::GET, "/v1/charges").await;
+    w.assert_injected(&a, &second);
+
+    // Deleted in Vault again, then through the API: nothing of it is left.
+    soft_delete().await;
+    let r = w.api(Method::DELETE, "/v1/connections/soft", None).await;
+    assert_eq!(r.status, 204, "{r:#?}");
+    let meta = [
+        "kv",
+        "metadata",
+        "get",
+        "-format=json",
+        "-mount=secret",
+        &path,
+    ];
+    assert!(bao_json(&w.bao, &meta).await.is_none(), "metadata left");
+    let r = w.api(Method::DELETE, "/v1/connections/soft", None).await;
+    assert_api_error(&r, 404, "connection_not_found", None);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Audit
 
