@@ -98,6 +98,18 @@ pub enum Inject {
 }
 
 impl Inject {
+    /// Whether the credential this injects is made with field `name` (Twilio's `account_sid`
+    /// beside its `auth_token`, a Basic user name).
+    pub fn uses(&self, name: &str) -> bool {
+        let templates: &[&Template] = match self {
+            Inject::Bearer { value }
+            | Inject::Header { value, .. }
+            | Inject::Query { value, .. } => &[value],
+            Inject::Basic { username, password } => &[username, password],
+        };
+        templates.iter().any(|t| t.fields().any(|f| f == name))
+    }
+
     pub fn scheme(&self) -> &'static str {
         match self {
             Inject::Bearer { .. } => "bearer",

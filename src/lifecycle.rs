@@ -434,19 +434,31 @@ impl Lifecycle {
             )
             .into());
         }
+        let mut secret_given = false;
         for (name, value) in req.fields {
-            let secret = connector
-                .as_ref()
-                .and_then(|c| c.field(&name))
-                .is_some_and(|f| f.secret);
-            if !secret {
+            let field = connector.as_ref().and_then(|c| c.field(&name));
+            let secret = field.is_some_and(|f| f.secret);
+            // A field the credential is made with goes with its secret, in one write: a
+            // Twilio account SID beside its auth token, a Basic user name beside its password
+            // (in two writes, every request between them would carry a mismatched pair).
+            let in_credential =
+                field.is_some() && connector.as_ref().is_some_and(|c| c.inject.uses(&name));
+            if !secret && !in_credential {
                 return Err(FieldError::new(
                     name,
                     format!("is not a secret field of the connector; change it with PATCH /v1/connections/{id}"),
                 )
                 .into());
             }
+            secret_given |= secret;
             draft.fields.insert(name, value);
+        }
+        if !secret_given {
+            return Err(FieldError::new(
+                "fields",
+                "give the new value of at least one secret field (with it, the other fields its credential is made with)",
+            )
+            .into());
         }
         let prepared = draft.prepare(&id, &self.catalog())?;
         // A new key answers for itself: what the old one lacked is no longer known.

@@ -1766,6 +1766,79 @@ async fn a_connection_soft_deleted_in_vault_can_be_created_again_and_deleted() {
     assert_api_error(&r, 404, "connection_not_found", None);
 }
 
+/// A credential made of two fields (Twilio's account SID and auth token) moves to another
+/// account in one write: `PUT .../secret` takes the fields the credential is made with beside
+/// its secret, so no request ever carries a mismatched pair. Alone, such a field is refused.
+#[tokio::test]
+async fn a_two_field_credential_is_replaced_in_one_write() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let admin = |method: Method, path: &str, body: Value| {
+        http()
+            .request(method, lk.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let (sid1, tok1) = (
+        "AC0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123456789abcdef",
+    );
+    let (sid2, tok2) = (
+        "ACfedcba9876543210fedcba9876543210",
+        "fedcba9876543210fedcba9876543210",
+    );
+    let r = admin(
+        Method::POST,
+        "/v1/connections",
+        json!({"id": "tw", "connector": "twilio", "base_url": format!("http://{}", up.addr()),
+               "fields": {"account_sid": sid1, "auth_token": tok1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
+    let r = admin(
+        Method::PUT,
+        "/v1/connections/tw/secret",
+        json!({"fields": {"account_sid": sid2, "auth_token": tok2}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let basic = |u: &str, p: &str| {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
+    let got = gateway_get(&lk, "/tw/2010-04-01/Accounts.json", &[]).await;
+    assert_eq!(got.header("authorization"), Some(basic(sid2, tok2)));
+
+    // The SID alone is not a rotation: it goes with PATCH, or beside the secret here.
+    let r = admin(
+        Method::PUT,
+        "/v1/connections/tw/secret",
+        json!({"fields": {"account_sid": sid1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["field"], "fields", "{v}");
+    // A field the credential is not made with is still PATCH's.
+    let r = admin(
+        Method::PUT,
+        "/v1/connections/tw/secret",
+        json!({"fields": {"auth_token": tok1, "name": "x"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 422);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Audit
 
