@@ -665,12 +665,8 @@ const ENV_SECTIONS: [&str; 5] = ["proxy", "admin", "vault", "cache", "tls"];
 impl Config {
     /// Reads and validates a configuration file, applying the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                path.display().to_string(),
-                format!("cannot read the file: {e}"),
-            )
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("(file)", format!("cannot read the file: {e}")))?;
         Config::parse(&text, &ProcessEnv)
     }
 
@@ -680,18 +676,39 @@ impl Config {
             ConfigError::new("(file)", format!("not valid TOML: {}", e.message().trim()))
                 .with_span(text, e.span())
         })?;
-        apply_env(&mut table, env)?;
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let key = e.path().to_string();
-                let key = if key == "." {
-                    "(file)".to_string()
-                } else {
-                    key
-                };
-                ConfigError::new(key, e.into_inner().message().trim().to_string())
-            })?;
-        Config::from_raw(raw, env)
+        let from_env = apply_env(&mut table, env)?;
+        // An error at a key a variable set names the variable: the file is not to blame.
+        let blame = |mut e: ConfigError| {
+            if let Some((_, var)) = from_env.iter().find(|(key, _)| *key == e.key) {
+                e.key = format!("{var} ({})", e.key);
+            }
+            e
+        };
+        let raw: RawConfig = loop {
+            match serde_path_to_error::deserialize(toml::Value::Table(table.clone())) {
+                Ok(raw) => break raw,
+                Err(e) => {
+                    let key = e.path().to_string();
+                    // A variable's value read as a number or a boolean where the key takes a
+                    // string (`LATCHKEY_VAULT_NAMESPACE=2024`): taken as the string it was.
+                    if let Some((_, var)) = from_env.iter().find(|(k, _)| *k == key) {
+                        if as_string(&mut table, &key, env.var(var).unwrap_or_default()) {
+                            continue;
+                        }
+                    }
+                    let key = if key == "." {
+                        "(file)".to_string()
+                    } else {
+                        key
+                    };
+                    return Err(blame(ConfigError::new(
+                        key,
+                        e.into_inner().message().trim().to_string(),
+                    )));
+                }
+            }
+        };
+        Config::from_raw(raw, env).map_err(blame)
     }
 
     /// Checks each section in turn; the first error found is the one reported.
@@ -888,21 +905,21 @@ impl VaultConfig {
             None => None,
         };
         let mount = raw.mount.trim_matches('/').to_string();
-        if mount.is_empty() || !mount.chars().all(is_path_char) {
+        if mount.is_empty() || !is_vault_path(&mount) {
             return Err(ConfigError::new(
                 "vault.mount",
                 format!(
-                    "{:?} is not a mount path (letters, digits, '-', '_', '/')",
+                    "{:?} is not a mount path (letters, digits, '-', '_', '.', '/'; no empty, '.' or '..' segment)",
                     raw.mount
                 ),
             ));
         }
         let prefix = raw.prefix.trim_matches('/').to_string();
-        if !prefix.chars().all(is_path_char) || prefix.contains("//") {
+        if !prefix.is_empty() && !is_vault_path(&prefix) {
             return Err(ConfigError::new(
                 "vault.prefix",
                 format!(
-                    "{:?} is not a path prefix (letters, digits, '-', '_', '/')",
+                    "{:?} is not a path prefix (letters, digits, '-', '_', '.', '/'; no empty, '.' or '..' segment)",
                     raw.prefix
                 ),
             ));
@@ -1144,6 +1161,13 @@ impl ConfigError {
     }
 }
 
+/// A path inside Vault as latchkey writes it: segments of path characters, none empty, `.` or
+/// `..` (which an HTTP client would fold away, reading somewhere else than the file says).
+fn is_vault_path(path: &str) -> bool {
+    path.split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.chars().all(is_path_char))
+}
+
 fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/' | '.')
 }
@@ -1262,7 +1286,9 @@ fn check_vault_namespace(namespace: &str) -> Result<String, ConfigError> {
 /// A value that parses as a TOML value (a number, a list) is taken as one, anything else as a
 /// string. Variables whose section is not a configuration section are left to other readers
 /// (the CLI's `LATCHKEY_API_URL`, say).
-fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
+/// Returns the keys set, each with its variable's name (`cache.ttl`, `LATCHKEY_CACHE_TTL`).
+fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut set = Vec::new();
     let mut vars = env.vars();
     vars.sort();
     for (name, value) in vars {
@@ -1287,6 +1313,7 @@ fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> 
         match section_table {
             toml::Value::Table(t) => {
                 t.insert(key.to_string(), parsed);
+                set.push((format!("{section}.{key}"), name.clone()));
             }
             _ => {
                 return Err(ConfigError::new(
@@ -1296,7 +1323,22 @@ fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> 
             }
         }
     }
-    Ok(())
+    Ok(set)
+}
+
+/// Sets `section.key` in `table` to `value` as a string, unless it is one already (then there
+/// is nothing to retry).
+fn as_string(table: &mut toml::Table, key: &str, value: String) -> bool {
+    let Some((section, key)) = key.split_once('.') else {
+        return false;
+    };
+    match table.get_mut(section).and_then(|t| t.get_mut(key)) {
+        Some(v) if !v.is_str() => {
+            *v = toml::Value::String(value);
+            true
+        }
+        _ => false,
+    }
 }
 
 impl fmt::Display for Config {
@@ -1512,6 +1554,30 @@ mod tests {
         assert_eq!(e.key, "admin.secure_cookie", "{e}");
     }
 
+    #[test]
+    fn vault_paths_have_no_dot_or_empty_segments() {
+        for (toml, key) in [
+            ("[vault]\nprefix = \"../metadata/x\"\n", "vault.prefix"),
+            ("[vault]\nprefix = \"a/./b\"\n", "vault.prefix"),
+            ("[vault]\nprefix = \"a//b\"\n", "vault.prefix"),
+            ("[vault]\nmount = \"..\"\n", "vault.mount"),
+            ("[vault]\nmount = \"kv/../secret\"\n", "vault.mount"),
+            ("[vault]\nmount = \"kv v2\"\n", "vault.mount"),
+        ] {
+            let e = err(toml);
+            assert_eq!(e.key, key, "{toml}: {e}");
+        }
+        let c = Config::parse(
+            "[vault]\nmount = \"team-a/kv\"\nprefix = \"/apps/v1.2/conns/\"\n",
+            &with_token(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.vault.mount.as_str(), c.vault.prefix.as_str()),
+            ("team-a/kv", "apps/v1.2/conns")
+        );
+    }
+
     /// A self-signed certificate and its key, PEM, in `dir`: their paths.
     fn pem_pair(dir: &std::path::Path) -> (String, String) {
         let made = rcgen::generate_simple_self_signed(vec!["admin.test".to_string()]).unwrap();
@@ -1664,9 +1730,36 @@ mod tests {
         assert_eq!(c.cache.max_entries, 7);
         assert_eq!(c.proxy.allow_private_destinations.len(), 1);
 
+        // An error at a key a variable set names the variable, not the file's key alone.
         let env = FakeEnv(vec![("VAULT_TOKEN", "t"), ("LATCHKEY_CACHE_TTLL", "42s")]);
         let e = Config::parse("", &env).unwrap_err();
         assert!(e.message.contains("ttll"), "{e}");
+        assert_eq!(e.key, "LATCHKEY_CACHE_TTLL (cache.ttll)", "{e}");
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            ("LATCHKEY_CACHE_TTL", "5 parsecs"),
+        ]);
+        let e = Config::parse("", &env).unwrap_err();
+        assert_eq!(e.key, "LATCHKEY_CACHE_TTL (cache.ttl)", "{e}");
+        // A value that reads as a number where a string goes is the string it was.
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            ("LATCHKEY_VAULT_NAMESPACE", "2024"),
+            ("LATCHKEY_VAULT_PREFIX", "12"),
+        ]);
+        let c = Config::parse("", &env).unwrap();
+        assert_eq!(c.vault.namespace.as_deref(), Some("2024"));
+        assert_eq!(c.vault.prefix, "12");
+        // A number where a number goes stays one; a string where a number goes is refused.
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            ("LATCHKEY_CACHE_MAX_ENTRIES", "many"),
+        ]);
+        let e = Config::parse("", &env).unwrap_err();
+        assert_eq!(
+            e.key, "LATCHKEY_CACHE_MAX_ENTRIES (cache.max_entries)",
+            "{e}"
+        );
     }
 
     #[test]
