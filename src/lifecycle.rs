@@ -323,6 +323,20 @@ impl Lifecycle {
         req: PatchRequest,
     ) -> Result<Saved, LifecycleError> {
         let id = Self::id(id)?;
+        let nothing = req.name.is_none()
+            && req.environment.is_none()
+            && req.base_url.is_none()
+            && req.allowed_hosts.is_none()
+            && req.expires_at.is_none()
+            && req.fields.is_empty();
+        if nothing {
+            // It would write a new version identical to the last.
+            return Err(FieldError::new(
+                "fields",
+                "the PATCH changes nothing: give at least one key to change (name, environment, base_url, allowed_hosts, expires_at, fields)",
+            )
+            .into());
+        }
         let stored = self.stored(&id).await?;
         let mut draft = draft_of(&stored);
         let connector = self.catalog().get(&draft.connector).cloned();

@@ -1839,6 +1839,21 @@ async fn a_two_field_credential_is_replaced_in_one_write() {
     assert_eq!(r.status(), 422);
 }
 
+/// A PATCH that names nothing to change is refused, and writes no new version.
+#[tokio::test]
+async fn an_empty_patch_is_refused_and_writes_nothing() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("same", &key).await;
+    for body in [json!({}), json!({"verify": true}), json!({"fields": {}})] {
+        let r = w
+            .api(Method::PATCH, "/v1/connections/same", Some(&body))
+            .await;
+        assert_api_error(&r, 422, "invalid_field", Some("fields"));
+    }
+    assert_eq!(w.stored_version("same"), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Audit
 
