@@ -217,9 +217,15 @@ impl HostAllowList {
 fn pattern_matches(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
+            let label_end = host.len().saturating_sub(suffix.len() + 1);
             host.len() > suffix.len() + 1
                 && host.ends_with(suffix)
-                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+                && host.as_bytes()[label_end] == b'.'
+                // What stands for `*` is one or more labels, none of them empty (`..sub.test`
+                // is not a host name under `sub.test`).
+                && host.as_bytes()[..label_end]
+                    .split(|b| *b == b'.')
+                    .all(|label| !label.is_empty())
         }
         None => pattern == host,
     }
@@ -753,6 +759,11 @@ mod tests {
         assert!(l.allows("a.b.example.com"));
         assert!(!l.allows("example.com"));
         assert!(!l.allows("evilexample.com"));
+        // What stands for `*` has no empty label.
+        assert!(!l.allows(".example.com"));
+        assert!(!l.allows("..example.com"));
+        assert!(!l.allows("a..example.com"));
+        assert!(!l.allows(".a.example.com"));
         assert!(!l.allows("stripe.com"));
         assert!(!l.allows("api.stripe.com.evil.com"));
         assert!(l.allows("[::1]"));
