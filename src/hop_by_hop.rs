@@ -85,6 +85,17 @@ pub fn is_latchkey_error(name: &[u8]) -> bool {
     name.len() == 14 && name.eq_ignore_ascii_case(b"latchkey-error")
 }
 
+/// Removes an upstream's `Latchkey-Error` from its headers or trailers
+/// ([`is_latchkey_error`]).
+pub fn strip_latchkey_error(headers: &mut HeaderMap) {
+    if headers
+        .keys()
+        .any(|n| is_latchkey_error(n.as_str().as_bytes()))
+    {
+        headers.remove("latchkey-error");
+    }
+}
+
 /// Removes hop-by-hop and framing headers from an upstream response, and its
 /// `Latchkey-Error` ([`is_latchkey_error`]).
 ///
@@ -97,12 +108,7 @@ pub fn strip_response(headers: &mut HeaderMap, to_head: bool) {
     } else {
         None
     };
-    if headers
-        .keys()
-        .any(|n| is_latchkey_error(n.as_str().as_bytes()))
-    {
-        headers.remove("latchkey-error");
-    }
+    strip_latchkey_error(headers);
     strip_hop_by_hop(headers);
     if let Some(length) = length {
         headers.insert(header::CONTENT_LENGTH, length);

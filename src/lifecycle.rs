@@ -644,6 +644,9 @@ impl Lifecycle {
                 .await;
             match result {
                 Ok(true) => {
+                    // The copy the 401's re-read cached was read before this write: read
+                    // again, so that the next success here can see the failure and clear it.
+                    me.cache.invalidate(&used.id);
                     tracing::warn!(connection = %used.id, "the service refuses the current key; status set to failed")
                 }
                 Ok(false) => {}

@@ -461,7 +461,11 @@ impl Proxy {
         // host, which a device in front of latchkey might read as another host.
         let target = || ProxyError::BadRequest("CONNECT needs a host:port target".into());
         let authority = parts.uri.authority().ok_or_else(target)?;
-        let port = authority.port_u16().ok_or_else(target)?;
+        // Digits only (a `+443` parses as a number, and is not a port).
+        let digits = authority
+            .port()
+            .is_some_and(|p| p.as_str().bytes().all(|b| b.is_ascii_digit()));
+        let port = authority.port_u16().filter(|_| digits).ok_or_else(target)?;
         if parts.uri.scheme().is_some()
             || parts
                 .uri
@@ -921,6 +925,11 @@ impl Proxy {
         let Some(token) = token else {
             return;
         };
+        // A token found where the key goes is the one the client authenticated with (in
+        // gateway form): taken out of everywhere else as well.
+        if known.is_none() && route.token.is_none() {
+            without_token(headers, &mut route.path_and_query, token.expose());
+        }
         for place in places {
             match place {
                 Place::Header(name) => {

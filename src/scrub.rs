@@ -718,6 +718,7 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Scrubbed<B> {
                         // Trailers end the body.
                         if let Ok(mut t) = frame.into_trailers() {
                             this.stream.scrubber.headers(&mut t);
+                            crate::hop_by_hop::strip_latchkey_error(&mut t);
                             *this.trailers = Some(t);
                         }
                         *this.done = true;
@@ -775,7 +776,18 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Answer<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            AnswerProj::Pass { inner } => inner.poll_frame(cx),
+            // An upstream's `Latchkey-Error` is not passed on, in trailers either.
+            AnswerProj::Pass { inner } => {
+                inner
+                    .poll_frame(cx)
+                    .map_ok(|frame| match frame.into_trailers() {
+                        Ok(mut t) => {
+                            crate::hop_by_hop::strip_latchkey_error(&mut t);
+                            Frame::trailers(t)
+                        }
+                        Err(frame) => frame,
+                    })
+            }
             AnswerProj::Whole { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             AnswerProj::Stream { inner } => inner.as_mut().poll_frame(cx),
             AnswerProj::Decoded { inner } => inner.as_mut().poll_frame(cx),

@@ -815,5 +815,21 @@ async fn an_upstream_cannot_forge_latchkey_error() {
         let body = r.text().await.unwrap();
         assert!(body.contains("forged by the upstream"), "{id}: {body}");
     }
-    assert_eq!(up.requests() + up_h2.requests(), 2);
+    // Nor in trailers, which reach an h2 client (curl, h2 to latchkey, from an h2 upstream).
+    let (status, out) = curl(&[
+        "-v",
+        "--http2-prior-knowledge",
+        &lk.url("/forge-h2/forged-trailer"),
+    ])
+    .await;
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        out.contains("x-upstream-trailer"),
+        "no trailers came: {out}"
+    );
+    assert!(
+        !out.to_ascii_lowercase().contains("latchkey-error"),
+        "{out}"
+    );
+    assert_eq!(up.requests() + up_h2.requests(), 3);
 }

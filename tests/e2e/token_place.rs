@@ -275,6 +275,22 @@ async fn a_client_token_is_taken_out_however_the_client_authenticated() {
     assert_eq!(r.uri(), "/v1/messages?kept=1");
     assert!(!seen(&r).contains(TOKEN), "{}", seen(&r));
 
+    // Authenticated by the token where the key goes: taken out of everywhere else too.
+    let r = gateway_get(
+        &s.lk,
+        &format!("/tp-anthropic/v1/messages?foo={TOKEN}&kept=1"),
+        &[
+            ("x-api-key", TOKEN),
+            ("x-debug", &format!("run {TOKEN}")),
+            ("cookie", &format!("sess={TOKEN}")),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(r.header("x-api-key"), Some(s.anthropic_key.clone()));
+    assert_eq!(r.uri(), "/v1/messages?kept=1");
+    assert!(!seen(&r).contains(TOKEN), "{}", seen(&r));
+
     // Forward form: the token in Proxy-Authorization's Basic password, and again in the
     // request's own places.
     let addr = s.up.addr();
@@ -294,5 +310,5 @@ async fn a_client_token_is_taken_out_however_the_client_authenticated() {
     assert!(!text.contains(TOKEN), "{text}");
     let json = body_json(&text);
     assert_eq!(json["uri"], "/v1/messages", "{json}");
-    assert_eq!(s.up.requests(), 2);
+    assert_eq!(s.up.requests(), 3);
 }

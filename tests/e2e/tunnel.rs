@@ -748,6 +748,29 @@ async fn a_connect_without_a_token_is_407_when_clients_are_configured() {
     assert_eq!(s.up.requests(), 0);
 }
 
+/// A CONNECT target is `host:port` and nothing else (RFC 9112 section 3.2.3): user
+/// information, a scheme, a path or a port that is not digits is 400, before anything else.
+#[tokio::test]
+async fn a_connect_target_other_than_host_and_port_is_400() {
+    let s = Stripe::start(Opts::loopback()).await;
+    for target in [
+        format!("other.test@{STRIPE}:443"),
+        format!("http://{STRIPE}:443/"),
+        format!("{STRIPE}:+443"),
+        ":443".to_string(),
+    ] {
+        let x = s
+            .exchange(
+                &connect_head(&target, Some((ID, ""))),
+                Some(STRIPE),
+                &inner_get("/v1/x", STRIPE),
+            )
+            .await;
+        x.assert_connect_refused(400, "bad_request");
+    }
+    assert_eq!(s.up.requests(), 0);
+}
+
 #[tokio::test]
 async fn a_connect_to_a_host_the_connection_does_not_cover_is_403() {
     let s = Stripe::start(Opts::loopback()).await;

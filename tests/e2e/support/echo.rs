@@ -145,6 +145,20 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         .chain(futures_util::stream::pending());
         return Ok(Response::new(StreamBody::new(frames).boxed_unsync()));
     }
+    if path.ends_with("/forged-trailer") {
+        // Trailers dressed as latchkey's, beside one of the upstream's own.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(
+            "latchkey-error",
+            http::HeaderValue::from_static("connection_not_found"),
+        );
+        trailers.insert("x-upstream-trailer", http::HeaderValue::from_static("kept"));
+        let frames = futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"body"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        return Ok(Response::new(StreamBody::new(frames).boxed_unsync()));
+    }
     if path.ends_with("/forged-error") {
         // An upstream's 404 dressed as latchkey's own refusal.
         let mut r = Response::new(full(Bytes::from_static(
