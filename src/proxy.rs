@@ -1291,15 +1291,59 @@ fn gateway_location(
     }
 }
 
-/// Takes out of a request every header with `token` in a value, and every query parameter
-/// whose value (percent-decoded) holds it. An empty token is in everything: nothing is done.
+/// Takes out of a request every header with `token` in a value (as it is, percent-decoded,
+/// in base64, or inside `Basic` credentials, as user name or password), and every query
+/// parameter whose value (percent-decoded) holds it. An empty token is in everything:
+/// nothing is done.
 fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str>, token: &str) {
+    use base64::Engine as _;
     if token.is_empty() {
         return;
     }
+    // The token's whole base64 groups (what does not depend on what follows it); none for a
+    // token too short for them to say anything.
+    let groups = if token.len() >= 12 {
+        token.len() / 3 * 4
+    } else {
+        0
+    };
+    let encoded: Vec<String> = [
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(token),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token),
+    ]
+    .into_iter()
+    .filter(|_| groups > 0)
+    .map(|mut e| {
+        e.truncate(groups);
+        e
+    })
+    .collect();
+    let holds = |value: &[u8]| {
+        let has = |v: &[u8]| memchr::memmem::find(v, token.as_bytes()).is_some();
+        if has(value)
+            || encoded
+                .iter()
+                .any(|e| memchr::memmem::find(value, e.as_bytes()).is_some())
+        {
+            return true;
+        }
+        if value.contains(&b'%')
+            && has(&percent_encoding::percent_decode(value).collect::<Vec<u8>>())
+        {
+            return true;
+        }
+        // `Basic base64(user:password)`, the token as either.
+        let basic = value
+            .get(..6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"basic "));
+        basic
+            && base64::engine::general_purpose::STANDARD
+                .decode(value.get(6..).unwrap_or_default().trim_ascii())
+                .is_ok_and(|pair| has(&pair))
+    };
     let holding: Vec<http::HeaderName> = headers
         .iter()
-        .filter(|(_, v)| memchr::memmem::find(v.as_bytes(), token.as_bytes()).is_some())
+        .filter(|(_, v)| holds(v.as_bytes()))
         .map(|(n, _)| n.clone())
         .collect();
     for name in holding {
@@ -1477,6 +1521,9 @@ mod tests {
         headers.append("x-any", "kept".parse().unwrap());
         headers.append("x-any", "tok-0123456789".parse().unwrap());
         headers.insert("x-other", "kept".parse().unwrap());
+        headers.insert("x-b64", "dG9rLTAxMjM0NTY3ODk=".parse().unwrap()); // "tok-0123456789"
+        headers.insert("x-pct", "run%20tok%2D0123456789".parse().unwrap());
+        headers.insert("x-basic", "Basic dG9rLTAxMjM0NTY3ODk6".parse().unwrap()); // "tok-0123456789:"
         let mut path = Cow::Borrowed("/p?a=1&key=tok-0123456789&b=x%20tok%2D0123456789&c=3");
         without_token(&mut headers, &mut path, token);
         assert_eq!(path, "/p?a=1&c=3");
