@@ -77,8 +77,23 @@ fn listener(given: &str) -> Result<String, String> {
     }
 }
 
+/// Where the bundle goes without `--ca-bundle`: a directory of the user's own
+/// (`$XDG_RUNTIME_DIR`, else `~/.cache/latchkey`), not a name in the shared `/tmp` that
+/// another local user could have made first (and so own, and add a CA of theirs to).
 fn default_bundle() -> PathBuf {
-    std::env::temp_dir().join("latchkey-ca-bundle.pem")
+    let own = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .filter(|d| d.is_absolute())
+                .map(|h| h.join(".cache").join("latchkey"))
+        });
+    match own {
+        Some(dir) => dir.join("latchkey-ca-bundle.pem"),
+        None => std::env::temp_dir().join("latchkey-ca-bundle.pem"),
+    }
 }
 
 /// The variables that put a program behind latchkey.
@@ -154,7 +169,28 @@ pub fn write_bundle(path: &Path, ca: &str) -> anyhow::Result<()> {
         bundle.push('\n');
     }
     bundle.push_str(ca);
-    std::fs::write(path, bundle).with_context(|| format!("cannot write {}", path.display()))
+    // Written to a new file of its own, then renamed over `path`: a file or symlink someone
+    // else put at `path` is replaced, never written through (and in a sticky directory such
+    // as /tmp, one another user owns makes this fail rather than be reused).
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".latchkey-ca-bundle")
+        .tempfile_in(&dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        file.write_all(bundle.as_bytes())?;
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    file.persist(path)
+        .map(|_| ())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `latchkey env`: `export` lines for a shell (`eval "$(latchkey env ...)"`).
@@ -190,7 +226,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::listener;
+    use super::{listener, write_bundle};
 
     #[test]
     fn the_proxy_listener_is_taken_as_host_and_port_or_an_http_url() {
@@ -212,5 +248,25 @@ mod tests {
             let e = listener(given).unwrap_err();
             assert!(e.contains("HOST:PORT"), "{given}: {e}");
         }
+    }
+
+    /// The bundle replaces whatever is at its path (a symlink is not followed, a file someone
+    /// else made is not written through), and is readable by every program, not writable.
+    #[test]
+    fn the_bundle_is_a_new_file_in_place_of_whatever_was_there() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere.pem");
+        std::fs::write(&target, "theirs").unwrap();
+        let path = dir.path().join("bundle.pem");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_bundle(&path, "-----BEGIN CERTIFICATE-----\nours\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "theirs");
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("ours\n"));
+        // No temporary file left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }
