@@ -39,8 +39,9 @@ pub struct Connection {
     /// connection has no secret).
     pub scrubber: Option<Arc<Scrubber>>,
     pub custom_metadata: BTreeMap<String, String>,
-    /// Its status, as read, says an upstream refused its key (`failed`).
-    pub failed: bool,
+    /// Its status says an upstream refused its key (`failed`): as read, and as latchkey
+    /// recorded since (the failure is written after the re-read that follows a 401).
+    pub failed: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Connection {
@@ -264,7 +265,10 @@ impl Connection {
             fields: plain,
             credential,
             scrubber,
-            failed: custom_metadata.get("status").is_some_and(|s| s == "failed"),
+            failed: custom_metadata
+                .get("status")
+                .is_some_and(|s| s == "failed")
+                .into(),
             custom_metadata,
             connector,
         })

@@ -644,9 +644,9 @@ impl Lifecycle {
                 .await;
             match result {
                 Ok(true) => {
-                    // The copy the 401's re-read cached was read before this write: read
-                    // again, so that the next success here can see the failure and clear it.
-                    me.cache.invalidate(&used.id);
+                    // The copy the 401's re-read cached was read before this write: it is
+                    // told, so that the next success here can see the failure and clear it.
+                    me.mark_cached(&used, true);
                     tracing::warn!(connection = %used.id, "the service refuses the current key; status set to failed")
                 }
                 Ok(false) => {}
@@ -689,6 +689,7 @@ impl Lifecycle {
                 .await;
             match result {
                 Ok(true) => {
+                    me.mark_cached(&used, false);
                     tracing::info!(connection = %used.id, "the service accepts the current key again; status set to active")
                 }
                 Ok(false) => {}
@@ -697,6 +698,20 @@ impl Lifecycle {
                 }
             }
         });
+    }
+
+    /// Marks the cached copy of `used`'s version failed or not (a copy of another version
+    /// is left as it is).
+    fn mark_cached(&self, used: &Connection, failed: bool) {
+        if let Some(cached) = self
+            .cache
+            .get_fresh(&used.id)
+            .filter(|c| c.version == used.version)
+        {
+            cached
+                .failed
+                .store(failed, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// An upstream answered 403: the key works but lacks a permission for that call. Recorded

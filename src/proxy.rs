@@ -709,7 +709,10 @@ impl Proxy {
                 telemetry::upstream_forbidden(route.id.as_str());
                 self.lifecycle.upstream_forbidden(conn.clone(), what());
             }
-            status if conn.failed && status.is_success() => {
+            status
+                if status.is_success()
+                    && conn.failed.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
                 self.lifecycle.upstream_accepted(conn.clone());
             }
             _ => {}
