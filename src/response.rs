@@ -57,7 +57,7 @@ pub enum ProxyError {
     },
     #[error("client {client:?} asked for too many connections that do not exist; until its limit (cache.miss_rate) refills, only connections latchkey has cached are served")]
     TooManyMisses { client: String, retry_after: u64 },
-    #[error("the secret store is unavailable and connection {0:?} is not cached")]
+    #[error("the secret store is unavailable and connection {0:?} is not cached, or its cached copy is older than cache.max_stale allows")]
     SecretStoreUnavailable(String),
     #[error("the secret store is unavailable, so which connection covers {0} is not known")]
     CannotChoose(String),
