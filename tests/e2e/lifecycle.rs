@@ -1674,13 +1674,17 @@ async fn failed_clears_when_the_key_works_again_and_is_not_carried_to_a_new_vers
     let key = w.key(KeyState::ReadWrite);
     w.create_ok("flaky", &key).await;
 
+    // Refused until it shows failed (401s re-read the connection at most every 5 s, and the
+    // failure is written after the re-read).
+    let refused_until_failed = |what: &'static str| {
+        eventually(what, || async {
+            let a = w.call("flaky", Method::GET, "/v1/charges").await;
+            assert_eq!(a.status, 401, "{a:#?}");
+            (w.show("flaky").await["status"] == "failed").then_some(())
+        })
+    };
     w.sim.revoke(&key);
-    let a = w.call("flaky", Method::GET, "/v1/charges").await;
-    assert_eq!(a.status, 401, "{a:#?}");
-    eventually("the connection to turn failed", || async {
-        (w.show("flaky").await["status"] == "failed").then_some(())
-    })
-    .await;
+    refused_until_failed("the connection to turn failed").await;
     // The service takes the key back: requests succeed, and the status follows.
     w.sim.set(&key, KeyState::ReadWrite);
     eventually("a success to clear failed", || async {
@@ -1693,15 +1697,9 @@ async fn failed_clears_when_the_key_works_again_and_is_not_carried_to_a_new_vers
     assert_eq!(meta["status"], "active", "{meta}");
     assert!(meta.get("last_error").is_none(), "{meta}");
 
-    // Failed again (401s re-read the connection at most every 5 s: asked until one does),
-    // then rotated with the Vault CLI: the new version is not failed.
+    // Failed again, then rotated with the Vault CLI: the new version is not failed.
     w.sim.revoke(&key);
-    eventually("the connection to turn failed again", || async {
-        let a = w.call("flaky", Method::GET, "/v1/charges").await;
-        assert_eq!(a.status, 401, "{a:#?}");
-        (w.show("flaky").await["status"] == "failed").then_some(())
-    })
-    .await;
+    refused_until_failed("the connection to turn failed again").await;
     let new = w.key(KeyState::ReadWrite);
     w.bao.put(
         "flaky",
@@ -1726,20 +1724,8 @@ async fn a_connection_soft_deleted_in_vault_can_be_created_again_and_deleted() {
     let first = w.key(KeyState::ReadWrite);
     w.create_ok("soft", &first).await;
     let path = w.bao.path("soft");
-    let soft_delete = || async {
-        let out = w
-            .bao
-            .cli()
-            .args(["kv", "delete", "-mount=secret", &path])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    soft_delete().await;
+    let soft_delete = || w.bao.cli_ok(&["kv", "delete", "-mount=secret", &path]);
+    soft_delete();
     let r = w.api(Method::GET, "/v1/connections/soft", None).await;
     assert_api_error(&r, 404, "connection_not_found", None);
 
@@ -1751,7 +1737,7 @@ async fn a_connection_soft_deleted_in_vault_can_be_created_again_and_deleted() {
     w.assert_injected(&a, &second);
 
     // Deleted in Vault again, then through the API: nothing of it is left.
-    soft_delete().await;
+    soft_delete();
     let r = w.api(Method::DELETE, "/v1/connections/soft", None).await;
     assert_eq!(r.status, 204, "{r:#?}");
     let meta = [

@@ -307,6 +307,16 @@ impl Bao {
         format!("{}/{id}", self.prefix)
     }
 
+    /// Runs the `bao` CLI with `args` ([`Bao::cli`]) and insists that it succeeds.
+    pub fn cli_ok(&self, args: &[&str]) {
+        let out = self.cli().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "bao {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The real `bao` CLI, pointed at this server with its root token.
     pub fn cli(&self) -> Command {
         let mut c = Command::new(bao_program());
