@@ -46,19 +46,31 @@ fn main() {
             let (n, v) = l.split_once('=')?;
             Some((n.to_string(), v.to_string()))
         }));
+        let names: Vec<String> = vars.iter().map(|(n, _)| n.clone()).collect();
         match Config::parse(text, &FuzzEnv(vars)) {
             Ok(config) => {
                 let _ = config.to_string();
             }
             Err(e) => {
-                let first = e.key.split(['.', '[']).next().unwrap_or_default();
-                let names_key = e.key == "(file)"
-                    || e.key.starts_with("line ")
+                // A key a variable set is named with the variable: `LATCHKEY_X (section.key)`.
+                let key = names
+                    .iter()
+                    .filter(|n| n.starts_with("LATCHKEY_"))
+                    .find_map(|n| {
+                        e.key
+                            .strip_prefix(n.as_str())?
+                            .strip_prefix(" (")?
+                            .strip_suffix(')')
+                    })
+                    .unwrap_or(e.key.as_str());
+                let first = key.split(['.', '[']).next().unwrap_or_default();
+                let names_key = key == "(file)"
+                    || key.starts_with("line ")
                     || SECTIONS.contains(&first)
                     || top_level_keys(text).iter().any(|k| {
-                        e.key == *k
-                            || e.key.starts_with(&format!("{k}."))
-                            || e.key.starts_with(&format!("{k}["))
+                        key == *k
+                            || key.starts_with(&format!("{k}."))
+                            || key.starts_with(&format!("{k}["))
                     });
                 assert!(names_key, "the error names no key: {e}");
                 let message = e.to_string();
