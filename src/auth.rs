@@ -158,16 +158,22 @@ fn basic_password(value: &str) -> Option<Secret> {
 
 /// `path_and_query` without the query parameters named `param` (compared ignoring ASCII case).
 pub fn without_query_param(path_and_query: &str, param: &str) -> String {
+    without_query_pairs(path_and_query, |pair| {
+        pair.split_once('=')
+            .map_or(pair, |(n, _)| n)
+            .eq_ignore_ascii_case(param)
+    })
+}
+
+/// `path_and_query` without the query's empty pairs and those `drop` says go (`name=value`
+/// as written); no `?` is left when no pair stays.
+pub fn without_query_pairs(path_and_query: &str, drop: impl Fn(&str) -> bool) -> String {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return path_and_query.to_string();
     };
     let mut out = String::with_capacity(path_and_query.len());
     out.push_str(path);
-    for pair in query.split('&') {
-        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-        if pair.is_empty() || name.eq_ignore_ascii_case(param) {
-            continue;
-        }
+    for pair in query.split('&').filter(|p| !p.is_empty() && !drop(p)) {
         out.push(if out.len() == path.len() { '?' } else { '&' });
         out.push_str(pair);
     }

@@ -662,15 +662,9 @@ impl Lifecycle {
     /// back), so the failure is cleared, if it is still this version's. At most once a minute
     /// per connection: the cached copy says `failed` until it is read again.
     pub fn upstream_accepted(self: &Arc<Self>, used: Arc<Connection>) {
-        let now = Instant::now();
-        let recent = self
-            .accepted_noted
-            .get(&used.id)
-            .is_some_and(|t| now.saturating_duration_since(*t) < FORBIDDEN_NOTE_INTERVAL);
-        if recent {
+        if !first_in_a_while(&self.accepted_noted, &used.id) {
             return;
         }
-        self.accepted_noted.insert(used.id.clone(), now);
         let me = self.clone();
         tokio::spawn(async move {
             let version = used.version.to_string();
@@ -717,15 +711,9 @@ impl Lifecycle {
     /// An upstream answered 403: the key works but lacks a permission for that call. Recorded
     /// (at most once a minute per connection) as a scope warning with the connector's hint.
     pub fn upstream_forbidden(self: &Arc<Self>, used: Arc<Connection>, what: String) {
-        let now = Instant::now();
-        let recent = self
-            .forbidden_noted
-            .get(&used.id)
-            .is_some_and(|t| now.saturating_duration_since(*t) < FORBIDDEN_NOTE_INTERVAL);
-        if recent {
+        if !first_in_a_while(&self.forbidden_noted, &used.id) {
             return;
         }
-        self.forbidden_noted.insert(used.id.clone(), now);
         let me = self.clone();
         tokio::spawn(async move {
             let scopes = used
@@ -919,6 +907,18 @@ fn primary_field(conn: &Connection) -> String {
     conn.connector
         .primary_secret()
         .map_or_else(|| "fields".to_string(), |f| f.name.clone())
+}
+
+/// Whether `id` was not noted in `noted` within [`FORBIDDEN_NOTE_INTERVAL`]; notes it if so.
+fn first_in_a_while(noted: &DashMap<ConnectionId, Instant>, id: &ConnectionId) -> bool {
+    let now = Instant::now();
+    let recent = noted
+        .get(id)
+        .is_some_and(|t| now.saturating_duration_since(*t) < FORBIDDEN_NOTE_INTERVAL);
+    if !recent {
+        noted.insert(id.clone(), now);
+    }
+    !recent
 }
 
 fn record_verification(metadata: &mut BTreeMap<String, String>, v: Option<&Verification>) {

@@ -1352,7 +1352,7 @@ fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str
     for name in holding {
         headers.remove(name);
     }
-    let Some((path, query)) = path_and_query.split_once('?') else {
+    let Some((_, query)) = path_and_query.split_once('?') else {
         return;
     };
     let holds = |pair: &str| {
@@ -1360,16 +1360,9 @@ fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str
             .decode_utf8_lossy()
             .contains(token)
     };
-    if !query.split('&').any(holds) {
-        return;
+    if query.split('&').any(holds) {
+        *path_and_query = Cow::Owned(auth::without_query_pairs(path_and_query, holds));
     }
-    let mut out = String::with_capacity(path_and_query.len());
-    out.push_str(path);
-    for pair in query.split('&').filter(|p| !p.is_empty() && !holds(p)) {
-        out.push(if out.len() == path.len() { '?' } else { '&' });
-        out.push_str(pair);
-    }
-    *path_and_query = Cow::Owned(out);
 }
 
 /// Which connection a request that named none uses, in PRODUCT.md's order: a

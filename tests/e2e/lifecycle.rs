@@ -166,6 +166,20 @@ impl World {
         a.json()
     }
 
+    /// Writes a Stripe sandbox connection with `key` straight to Vault, behind the API's back
+    /// (as the Vault CLI would).
+    pub fn put_behind(&self, id: &str, key: &str) {
+        self.bao.put(
+            id,
+            &[
+                ("connector", "stripe"),
+                ("environment", "sandbox"),
+                ("base_url", &self.sim.base_url()),
+                ("api_key", key),
+            ],
+        );
+    }
+
     /// `GET /v1/connections/{id}`, insisting on 200; the connection.
     pub async fn show(&self, id: &str) -> Value {
         let a = self
@@ -1223,15 +1237,7 @@ async fn rotation_to_a_good_key_is_used_by_the_very_next_request() {
     // The cache really holds for an hour: a key changed in Vault behind latchkey's back is not
     // seen, so the rotation above took effect through the API, not through an expiry.
     let behind = w.key(KeyState::ReadWrite);
-    w.bao.put(
-        "rot",
-        &[
-            ("connector", "stripe"),
-            ("environment", "sandbox"),
-            ("base_url", &w.sim.base_url()),
-            ("api_key", &behind),
-        ],
-    );
+    w.put_behind("rot", &behind);
     let a = w.call("rot", Method::GET, "/v1/charges").await;
     w.assert_injected(&a, &new);
 }
@@ -1632,15 +1638,7 @@ async fn a_401_after_a_rotation_in_vault_picks_up_the_new_key_instead_of_failing
 
     // Rotated with the Vault CLI, and the old key revoked at the service.
     let new = w.key(KeyState::ReadWrite);
-    w.bao.put(
-        "elsewhere",
-        &[
-            ("connector", "stripe"),
-            ("environment", "sandbox"),
-            ("base_url", &w.sim.base_url()),
-            ("api_key", &new),
-        ],
-    );
+    w.put_behind("elsewhere", &new);
     w.sim.revoke(&old);
     let a = w.call("elsewhere", Method::GET, "/v1/charges").await;
     assert_eq!(a.status, 401, "{a:#?}");
@@ -1701,15 +1699,7 @@ async fn failed_clears_when_the_key_works_again_and_is_not_carried_to_a_new_vers
     w.sim.revoke(&key);
     refused_until_failed("the connection to turn failed again").await;
     let new = w.key(KeyState::ReadWrite);
-    w.bao.put(
-        "flaky",
-        &[
-            ("connector", "stripe"),
-            ("environment", "sandbox"),
-            ("base_url", &w.sim.base_url()),
-            ("api_key", &new),
-        ],
-    );
+    w.put_behind("flaky", &new);
     let shown = w.show("flaky").await;
     assert_eq!(shown["status"], "unverified", "{shown}");
     assert_eq!(shown["version"], 2, "{shown}");

@@ -206,18 +206,14 @@ async fn a_chunk_extension_with_control_characters_is_refused() {
     assert_eq!(up.requests(), 1);
 }
 
-/// A request refused behind a good one on the same connection: the good one is answered and
-/// forwarded, the bad one gets latchkey's 400, then the connection closes.
-#[tokio::test]
-async fn a_bad_request_pipelined_after_a_good_one_is_refused_alone() {
-    let (_bao, up, lk) = start().await;
+/// Sends `bytes` on one connection (then shuts its writing side, with `half_close`) and reads
+/// everything latchkey answers until it closes the connection.
+async fn pipelined(lk: &Latchkey, bytes: &[u8], half_close: bool) -> String {
     let mut stream = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
-    stream
-        .write_all(
-            b"GET /s/first HTTP/1.1\r\nHost: x\r\n\r\nGET /s/second HTTP/1.1\nHost: x\n\nGET /s/third HTTP/1.1\r\nHost: x\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    stream.write_all(bytes).await.unwrap();
+    if half_close {
+        stream.shutdown().await.unwrap();
+    }
     let mut buf = Vec::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(30),
@@ -226,7 +222,20 @@ async fn a_bad_request_pipelined_after_a_good_one_is_refused_alone() {
     .await
     .expect("latchkey did not close the connection")
     .unwrap();
-    let text = String::from_utf8_lossy(&buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A request refused behind a good one on the same connection: the good one is answered and
+/// forwarded, the bad one gets latchkey's 400, then the connection closes.
+#[tokio::test]
+async fn a_bad_request_pipelined_after_a_good_one_is_refused_alone() {
+    let (_bao, up, lk) = start().await;
+    let text = pipelined(
+        &lk,
+        b"GET /s/first HTTP/1.1\r\nHost: x\r\n\r\nGET /s/second HTTP/1.1\nHost: x\n\nGET /s/third HTTP/1.1\r\nHost: x\r\n\r\n",
+        false,
+    )
+    .await;
     let statuses: Vec<&str> = text
         .split("HTTP/1.1 ")
         .skip(1)
@@ -301,23 +310,12 @@ async fn a_request_target_that_is_not_a_uri_is_latchkeys_400_on_either_server() 
 async fn requests_before_a_half_close_are_all_answered_on_either_server() {
     for server in ["latchkey", "hyper"] {
         let (_bao, up, lk) = start_on(server).await;
-        let mut stream = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
-        stream
-            .write_all(
-                b"GET /s/one HTTP/1.1\r\nHost: x\r\n\r\nGET /s/two HTTP/1.1\r\nHost: x\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        stream.shutdown().await.unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(30),
-            stream.read_to_end(&mut buf),
+        let text = pipelined(
+            &lk,
+            b"GET /s/one HTTP/1.1\r\nHost: x\r\n\r\nGET /s/two HTTP/1.1\r\nHost: x\r\n\r\n",
+            true,
         )
-        .await
-        .expect("latchkey did not close the connection")
-        .unwrap();
-        let text = String::from_utf8_lossy(&buf);
+        .await;
         assert_eq!(text.matches("HTTP/1.1 200 ").count(), 2, "{server}: {text}");
         assert_eq!(up.requests(), 2, "{server}");
     }

@@ -168,6 +168,14 @@ impl JwtSigner {
 
 /// Options for a latchkey that logs in with `auth` (the lines of `[vault.auth]`), with no
 /// `VAULT_TOKEN`.
+/// [`login_opts`] for an AppRole login as `role_id` with the secret ID in `file`.
+fn approle_opts(role_id: &str, file: &std::path::Path) -> Opts {
+    login_opts(&format!(
+        "method = \"approle\"\nrole_id = \"{role_id}\"\nsecret_id_file = \"{}\"\n",
+        file.display()
+    ))
+}
+
 fn login_opts(auth: &str) -> Opts {
     Opts::loopback()
         .env("VAULT_TOKEN", "")
@@ -233,14 +241,7 @@ async fn approle_login_serves_requests_without_vault_token() {
     let up = echo().await;
     let key = put_bearer(&bao, "approle-conn", &format!("http://{}", up.addr()));
 
-    let lk = Latchkey::start(
-        &bao,
-        login_opts(&format!(
-            "method = \"approle\"\nrole_id = \"{role_id}\"\nsecret_id_file = \"{}\"\n",
-            file.display()
-        )),
-    )
-    .await;
+    let lk = Latchkey::start(&bao, approle_opts(&role_id, &file)).await;
     forbid_all(&lk, &bao, &[&secret_id]);
 
     let r = gateway_get(&lk, "/approle-conn/v1/x", &[]).await;
@@ -270,14 +271,7 @@ async fn a_connection_the_policy_leaves_out_is_not_found_and_costs_no_login() {
     let up = echo().await;
     put_bearer(&bao, "allowed", &format!("http://{}", up.addr()));
     let other = put_bearer(&bao, "denied", &format!("http://{}", up.addr()));
-    let lk = Latchkey::start(
-        &bao,
-        login_opts(&format!(
-            "method = \"approle\"\nrole_id = \"{role_id}\"\nsecret_id_file = \"{}\"\n",
-            file.display()
-        )),
-    )
-    .await;
+    let lk = Latchkey::start(&bao, approle_opts(&role_id, &file)).await;
     forbid_all(&lk, &bao, &[&secret_id, &other]);
 
     assert_eq!(gateway_get(&lk, "/allowed/x", &[]).await.status, 200);
