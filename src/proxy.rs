@@ -188,6 +188,37 @@ impl Tunnel {
     }
 }
 
+/// A request target that is a host and port alone (authority-form) is CONNECT's (RFC 9112
+/// section 3.2.3); any other method that sends one is refused, not read as a host to check.
+/// The target is not echoed: it may carry user information.
+fn not_authority_form(uri: &Uri) -> Result<(), ProxyError> {
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(ProxyError::BadRequest(
+            "the request target is a host and port (authority-form), which only CONNECT sends"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// An h2 field value must not start or end with whitespace (RFC 9113 section 8.2.1: such a
+/// request is malformed, and an intermediary must not forward it); the h2 decoder lets it
+/// through. HTTP/1's parser trims it, as RFC 9112 section 5.1 asks.
+fn check_fields<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.version() != Version::HTTP_2 {
+        return Ok(());
+    }
+    for (name, value) in req.headers() {
+        let v = value.as_bytes();
+        if matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t')) {
+            return Err(ProxyError::BadRequest(format!(
+                "the value of {name} starts or ends with whitespace, which HTTP/2 does not allow"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What the first phase learns of a request.
 struct Route<'u> {
     form: Form,
@@ -332,6 +363,7 @@ impl Proxy {
         log: &mut AccessLog,
         bytes_in: &BytesIn,
     ) -> Result<Response<Answer<ResponseBody>>, ProxyError> {
+        check_fields(&req)?;
         let uri = std::mem::take(req.uri_mut());
 
         let mut route = match Self::route(&req, &uri)? {
@@ -377,6 +409,8 @@ impl Proxy {
         log.form = Form::Tunnel.as_str();
         log.client = tunnel.client.clone();
         log.host = Some(tunnel.host.clone());
+        check_fields(&req)?;
+        not_authority_form(&uri)?;
         tunnel.check_inner(req.headers(), &uri)?;
         let grant = self.tunnel_grant(tunnel)?;
         let id = match &tunnel.id {
@@ -733,6 +767,7 @@ impl Proxy {
         if absolute && req.version() < Version::HTTP_2 {
             return Self::route_forward(req.headers(), uri);
         }
+        not_authority_form(uri)?;
 
         let pq = uri.path_and_query().map_or("/", |p| p.as_str());
         let Some(after) = pq.strip_prefix('/') else {

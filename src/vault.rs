@@ -61,18 +61,19 @@ pub enum VaultError {
         "vault.mount {mount:?} is a {found} mount; latchkey needs a KV version 2 mount (kv-v2)"
     )]
     NotKv2 { mount: String, found: String },
-    #[error("Vault refused the {method} login (status {status}); check {hint}")]
+    #[error("Vault refused the {method} login (status {status}{says}); check {hint}")]
     LoginRefused {
         method: &'static str,
         status: u16,
+        says: VaultSays,
         hint: &'static str,
     },
     #[error("Vault refused to unwrap the wrapping token in {0} (vault.auth.secret_id_file): a wrapping token unwraps once only, and expires; put a new one there")]
     UnwrapRefused(String),
     #[error("cannot read {key}: {reason}")]
     CredentialFile { key: &'static str, reason: String },
-    #[error("Vault answered with status {0}")]
-    Status(u16),
+    #[error("Vault answered with status {0}{1}")]
+    Status(u16, VaultSays),
     #[error("the Vault node at {0} cannot serve the KV mount yet (a standby waiting for the active node's upgrade of it)")]
     NotYet(String),
     #[error("Vault's answer could not be read ({0})")]
@@ -265,7 +266,7 @@ impl Vault {
                 Err(e) => e,
             };
             match &err {
-                VaultError::Status(404 | 400) => {
+                VaultError::Status(404 | 400, _) => {
                     self.set_healthy(None);
                     return Err(err);
                 }
@@ -391,13 +392,15 @@ impl Vault {
             {
                 VaultError::NotYet(address.to_string())
             }
-            ClientError::APIError { code, .. } => VaultError::Status(code),
+            ClientError::APIError { code, errors } => {
+                VaultError::Status(code, VaultSays::new(&errors))
+            }
             ClientError::RestClientError { source } => match source {
                 rustify::errors::ClientError::ServerResponseError { code: 403, .. } => {
                     VaultError::PermissionDenied
                 }
-                rustify::errors::ClientError::ServerResponseError { code, .. } => {
-                    VaultError::Status(code)
+                rustify::errors::ClientError::ServerResponseError { code, content } => {
+                    VaultError::Status(code, VaultSays::from_body(content.as_deref()))
                 }
                 rustify::errors::ClientError::RequestError { source, .. } => {
                     let chain = || {
@@ -629,16 +632,19 @@ impl Vault {
         };
         match info {
             Ok(info) => Ok(login::granted(info)),
-            Err(VaultError::PermissionDenied) => Err(self.refused(403, hint)),
-            Err(VaultError::Status(status @ 400..=499)) => Err(self.refused(status, hint)),
+            Err(VaultError::PermissionDenied) => Err(self.refused(403, VaultSays::default(), hint)),
+            Err(VaultError::Status(status @ 400..=499, says)) => {
+                Err(self.refused(status, says, hint))
+            }
             Err(e) => Err(e),
         }
     }
 
-    fn refused(&self, status: u16, hint: &'static str) -> VaultError {
+    fn refused(&self, status: u16, says: VaultSays, hint: &'static str) -> VaultError {
         VaultError::LoginRefused {
             method: self.config.auth.method(),
             status,
+            says,
             hint,
         }
     }
@@ -675,7 +681,7 @@ impl Vault {
                     path.display()
                 ),
             }),
-            Err(VaultError::PermissionDenied | VaultError::Status(400..=499)) => {
+            Err(VaultError::PermissionDenied | VaultError::Status(400..=499, _)) => {
                 Err(VaultError::UnwrapRefused(path.display().to_string()))
             }
             Err(e) => Err(e),
@@ -742,7 +748,7 @@ impl Vault {
             .await;
         let response = match response {
             Ok(r) => r,
-            Err(VaultError::Status(404)) => return Ok(None),
+            Err(VaultError::Status(404, _)) => return Ok(None),
             Err(e) => return Err(e),
         };
         stored_connection(response)
@@ -797,7 +803,7 @@ impl Vault {
         match meta {
             Ok(meta) => Ok(meta.version),
             // Vault answers a failed check-and-set with 400.
-            Err(VaultError::Status(400)) if cas.is_some() => Err(VaultError::CasMismatch),
+            Err(VaultError::Status(400, _)) if cas.is_some() => Err(VaultError::CasMismatch),
             Err(e) => Err(e),
         }
     }
@@ -845,7 +851,7 @@ impl Vault {
                 m.custom_metadata.unwrap_or_default().into_iter().collect(),
                 m.current_version,
             ))),
-            Err(VaultError::Status(404)) => Ok(None),
+            Err(VaultError::Status(404, _)) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -876,7 +882,7 @@ impl Vault {
                 .filter_map(|k| ConnectionId::parse(&k).ok())
                 .filter(|id| self.path(id).is_some())
                 .collect()),
-            Err(VaultError::Status(404)) => Ok(Vec::new()),
+            Err(VaultError::Status(404, _)) => Ok(Vec::new()),
             Err(e) => Err(e),
         }
     }
@@ -912,7 +918,7 @@ impl Vault {
             .await;
         let info = match info {
             Ok(info) => info,
-            Err(VaultError::PathDenied | VaultError::Status(404)) => {
+            Err(VaultError::PathDenied | VaultError::Status(404, _)) => {
                 return Err(VaultError::NoMount(mount))
             }
             Err(e) => return Err(e),
@@ -1101,13 +1107,64 @@ impl Vault {
     }
 }
 
+/// What Vault said of an error (its `errors` list), for the operator reading a log line or
+/// `/readyz`: "Vault is sealed", "invalid role or secret ID". Vault's messages name paths and
+/// reasons, not the values sent; even so only printable ASCII is kept, and 200 characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VaultSays(Option<Box<str>>);
+
+impl VaultSays {
+    const LIMIT: usize = 200;
+
+    pub fn new(errors: &[String]) -> VaultSays {
+        let mut said = String::new();
+        for e in errors.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            if !said.is_empty() {
+                said.push_str("; ");
+            }
+            said.extend(e.chars().map(|c| match c {
+                ' '..='~' => c,
+                _ => ' ',
+            }));
+            if said.len() > Self::LIMIT {
+                break;
+            }
+        }
+        if said.len() > Self::LIMIT {
+            said.truncate(Self::LIMIT);
+            said.push_str("...");
+        }
+        VaultSays((!said.is_empty()).then(|| said.into_boxed_str()))
+    }
+
+    /// From an error answer's body, `{"errors": [...]}` when Vault wrote one.
+    fn from_body(body: Option<&str>) -> VaultSays {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            #[serde(default)]
+            errors: Vec<String>,
+        }
+        body.and_then(|b| serde_json::from_str::<Body>(b).ok())
+            .map_or_else(VaultSays::default, |b| VaultSays::new(&b.errors))
+    }
+}
+
+impl std::fmt::Display for VaultSays {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(said) => write!(f, ": {said:?}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A login's or renewal's outcome, as counted: `refused` when Vault said no.
 fn auth_outcome(e: &VaultError) -> &'static str {
     match e {
         VaultError::PermissionDenied
         | VaultError::LoginRefused { .. }
         | VaultError::UnwrapRefused(_)
-        | VaultError::Status(400..=499) => "refused",
+        | VaultError::Status(400..=499, _) => "refused",
         _ => "error",
     }
 }
@@ -1157,7 +1214,7 @@ fn fails_over(e: &VaultError) -> bool {
         | VaultError::Unreachable(_)
         | VaultError::Untrusted(_)
         | VaultError::NotYet(_) => true,
-        VaultError::Status(code) => *code >= 500 || *code == 429 || (300..400).contains(code),
+        VaultError::Status(code, _) => *code >= 500 || *code == 429 || (300..400).contains(code),
         _ => false,
     }
 }
@@ -1392,6 +1449,28 @@ fn node_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_vault_says_is_kept_printable_and_short() {
+        assert_eq!(VaultSays::new(&[]).to_string(), "");
+        assert_eq!(VaultSays::new(&[" ".into()]).to_string(), "");
+        assert_eq!(
+            VaultSays::new(&["Vault is sealed".into()]).to_string(),
+            r#": "Vault is sealed""#
+        );
+        assert_eq!(
+            VaultSays::new(&["one".into(), "two\r\nthree\u{1b}".into()]).to_string(),
+            r#": "one; two  three ""#
+        );
+        let long = VaultSays::new(&["x".repeat(500)]).to_string();
+        assert_eq!(long.len(), ": \"".len() + 200 + "...\"".len(), "{long}");
+        assert_eq!(
+            VaultSays::from_body(Some(r#"{"errors":["permission denied"]}"#)).to_string(),
+            r#": "permission denied""#
+        );
+        assert_eq!(VaultSays::from_body(Some("<html>")).to_string(), "");
+        assert_eq!(VaultSays::from_body(None).to_string(), "");
+    }
 
     #[test]
     fn the_data_of_a_write_is_serialized_from_the_secrets_and_debug_hides_it() {

@@ -337,6 +337,9 @@ async fn malformed_requests_are_400_bad_request() {
         ),
         // Neither /{connection_id}/path nor an absolute URL.
         format!("OPTIONS * HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", lk.proxy),
+        // A host and port alone (authority-form) is CONNECT's target, no other method's.
+        format!("GET fwd HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", lk.proxy),
+        format!("GET {addr} HTTP/1.1\r\nHost: {addr}\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"),
     ];
     for request in &cases {
         let r = raw(lk.proxy, request).await;
@@ -344,6 +347,49 @@ async fn malformed_requests_are_400_bad_request() {
         r.assert_error(400, "bad_request");
     }
     assert_eq!(up.requests(), 1, "a refused request reached the upstream");
+}
+
+/// An h2 field value that starts or ends with whitespace makes the request malformed (RFC 9113
+/// section 8.2.1), and an intermediary must not forward it: 400, nothing sent. HTTP/1's parser
+/// trims such whitespace, so only h2 can carry it.
+#[tokio::test]
+async fn an_h2_field_value_with_outer_whitespace_is_400() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "spaced", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let tcp = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut send = async |value: &'static str| {
+        let req = http::Request::get(format!("http://{}/spaced/x", lk.proxy))
+            .header("x-field", http::HeaderValue::from_static(value))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let code = resp
+            .headers()
+            .get("latchkey-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, code)
+    };
+    for value in [" lead", "trail ", "\ttab", "tab\t"] {
+        assert_eq!(
+            send(value).await,
+            (400, Some("bad_request".to_string())),
+            "{value:?}"
+        );
+    }
+    assert_eq!(up.requests(), 0);
+    // Whitespace inside a value is the value's own.
+    assert_eq!(send("in side").await, (200, None));
+    assert_eq!(up.requests(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

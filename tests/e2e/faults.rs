@@ -343,7 +343,14 @@ async fn with_vault_sealed_cached_connections_serve_and_new_ones_are_503_until_u
         String::from_utf8_lossy(&out.stderr)
     );
     let tally = load_until_stale(&lk, &paths).await;
-    assert_out(&lk, &tally, "sealed").await;
+    let why = assert_out(&lk, &tally, "sealed").await;
+    // The reason is Vault's own words, not a bare status.
+    assert!(
+        why["reason"]
+            .as_str()
+            .is_some_and(|r| r.to_ascii_lowercase().contains("sealed")),
+        "{why}"
+    );
 
     let log = bao.server_log();
     let key = log

@@ -581,6 +581,24 @@ async fn plain_http_inside_a_connect_gets_the_connection_key() {
     assert_eq!(up.requests(), 1);
 }
 
+/// A request inside a tunnel whose target is a host and port alone (authority-form, CONNECT's
+/// target) is malformed: 400, not a host to compare with the tunnel's.
+#[tokio::test]
+async fn an_authority_form_target_inside_a_tunnel_is_400() {
+    let PlainTunnel { lk, up, addr, .. } = PlainTunnel::start().await;
+    for target in ["foo", &addr.to_string()] {
+        let x = exchange(
+            &lk,
+            &connect_head(&addr.to_string(), Some(("plain", ""))),
+            None,
+            &inner_get(target, &addr.to_string()),
+        )
+        .await;
+        x.inner().assert_error(400, "bad_request");
+    }
+    assert_eq!(up.requests(), 0);
+}
+
 /// h2 with prior knowledge inside a plain CONNECT (no TLS, so no ALPN to say it): the
 /// connection preface is seen for what it is and every request on it is served, with the key.
 #[tokio::test]

@@ -424,7 +424,8 @@ async fn wrong_credentials_leave_latchkey_not_ready_with_a_clear_reason_and_no_s
                 sid_file.display()
             ),
             "approle login",
-            "vault.auth.role_id",
+            // What Vault said, too.
+            "(status 400: \"invalid role or secret ID\"); check vault.auth.mount, vault.auth.role_id",
         ),
         (
             format!(
