@@ -142,9 +142,18 @@ impl TokenPlaces {
     }
 }
 
+/// The user name of `Basic base64(user:password)`.
+pub fn basic_user(value: &str) -> Option<Secret> {
+    basic_pair(value).map(|(user, _)| user)
+}
+
 /// The password of `Basic base64(user:password)`.
 fn basic_password(value: &str) -> Option<Secret> {
-    let (scheme, rest) = value.split_once(' ')?;
+    basic_pair(value).map(|(_, password)| password)
+}
+
+fn basic_pair(value: &str) -> Option<(Secret, Secret)> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
@@ -152,8 +161,8 @@ fn basic_password(value: &str) -> Option<Secret> {
         .decode(rest.trim())
         .ok()?;
     let decoded = Secret::from(String::from_utf8(decoded).ok()?);
-    let (_, password) = decoded.expose().split_once(':')?;
-    Some(Secret::new(password))
+    let (user, password) = decoded.expose().split_once(':')?;
+    Some((Secret::new(user), Secret::new(password)))
 }
 
 /// `path_and_query` without the query parameters named `param` (compared ignoring ASCII case).

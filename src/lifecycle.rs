@@ -22,6 +22,7 @@ use crate::cache::{Cache, Load};
 use crate::catalog::{Catalog, CatalogSlot};
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
+use crate::destination::Scheme;
 use crate::draft::{Draft, FieldError, Prepared};
 use crate::record::{StoredConnection, RESERVED_FIELDS};
 use crate::secret::Secret;
@@ -151,6 +152,8 @@ struct Save {
     prepared: Prepared,
     verify: bool,
     replaces: Option<u64>,
+    /// The save writes secret fields: a key that the status recorded before says nothing of.
+    new_key: bool,
     metadata: BTreeMap<String, String>,
 }
 
@@ -285,6 +288,7 @@ impl Lifecycle {
                 prepared,
                 verify: req.verify,
                 replaces: None,
+                new_key: true,
                 metadata: BTreeMap::new(),
             },
         )
@@ -376,10 +380,24 @@ impl Lifecycle {
         // Where the key could go after the change and could not before. An admin token must
         // not be enough to send a saved key to a host of one's own (and so read it back): such
         // a change takes every secret field again, as a new connection would.
-        let beyond = match &before {
+        let mut beyond: Vec<String> = match &before {
             Some(before) => prepared.connection.hosts.beyond(&before.connection.hosts),
             None => prepared.connection.hosts.iter().collect(),
-        };
+        }
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+        // From HTTPS to plain HTTP on the same hosts: the key would cross the network in
+        // clear, for anyone on the path to read.
+        if before.as_ref().is_some_and(|b| {
+            b.connection.base.scheme == Scheme::Https
+                && prepared.connection.base.scheme == Scheme::Http
+        }) {
+            beyond.push(format!(
+                "http://{} (plain HTTP, where it went over TLS)",
+                prepared.connection.base.authority
+            ));
+        }
         let secret_fields: Vec<&str> = prepared
             .stored
             .keys()
@@ -423,6 +441,7 @@ impl Lifecycle {
                 prepared,
                 verify: req.verify,
                 replaces: Some(stored.version),
+                new_key: !secrets_given.is_empty(),
                 metadata: stored.custom_metadata,
             },
         )
@@ -487,6 +506,7 @@ impl Lifecycle {
                 prepared,
                 verify: true,
                 replaces: Some(stored.version),
+                new_key: true,
                 metadata,
             },
         )
@@ -504,6 +524,7 @@ impl Lifecycle {
             prepared,
             verify,
             replaces,
+            new_key,
             mut metadata,
         } = save;
         let verification = if verify {
@@ -536,9 +557,9 @@ impl Lifecycle {
             Err(e) => return Err(e.into()),
         };
         let mut notices = prepared.notices;
-        // A new connection starts `unverified` unless verified; a change without a
-        // verification keeps the status it had.
-        if verification.is_some() || replaces.is_none() {
+        // A new connection, or a new key, starts `unverified` unless verified; a change of
+        // other fields without a verification keeps the status it had.
+        if verification.is_some() || new_key {
             record_verification(&mut metadata, verification.as_ref());
             if let Err(e) = self.vault.set_custom_metadata(&id, &metadata).await {
                 notices.push(format!(
@@ -925,6 +946,8 @@ fn record_verification(metadata: &mut BTreeMap<String, String>, v: Option<&Verif
     match v {
         None => {
             metadata.insert("status".into(), "unverified".into());
+            // When a key was verified is no longer this key's.
+            metadata.remove("verified_at");
         }
         Some(v) => {
             metadata.insert("status".into(), v.status().into());

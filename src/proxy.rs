@@ -38,7 +38,7 @@ use crate::scrub::{Answer, Scrubbed, Scrubber};
 use crate::secret::Secret;
 use crate::strict::{self, Link};
 use crate::telemetry::{self, AccessLog, CacheOutcome};
-use crate::upstream::{MaybeTls, Pool, ResponseBody};
+use crate::upstream::{MaybeTls, Pool, ResponseBody, Tenant};
 use crate::websocket;
 
 /// A worker's proxy as requests find it: each request loads the one in force and keeps it to
@@ -410,13 +410,18 @@ impl Proxy {
         log.client = tunnel.client.clone();
         log.host = Some(tunnel.host.clone());
         check_fields(&req)?;
+        // A tunnel inside a tunnel would carry bytes latchkey does not read; an h2 extended
+        // CONNECT (a WebSocket) is a request like any other.
+        if req.method() == Method::CONNECT && websocket::request_asks(&req).is_none() {
+            return Err(ProxyError::ConnectInsideTunnel);
+        }
         not_authority_form(&uri)?;
         tunnel.check_inner(req.headers(), &uri)?;
         let grant = self.tunnel_grant(tunnel)?;
         let id = match &tunnel.id {
             Some(id) => id.clone(),
             None => choose(
-                (req.headers(), uri.query()),
+                placeholder(&self.token_places, req.headers(), uri.query())?,
                 grant,
                 &tunnel.candidates,
                 &format!("{}:{}", tunnel.host, tunnel.port),
@@ -708,7 +713,11 @@ impl Proxy {
                 // of the answer).
                 let response = self
                     .upstream
-                    .send(Request::from_parts(parts, body), self.request_timeout)
+                    .send(
+                        Request::from_parts(parts, body),
+                        Tenant::new(conn.id.shared(), conn.version),
+                        self.request_timeout,
+                    )
                     .await
                     .map_err(|e| ProxyError::from_upstream(&e))?;
                 log.upstream_version = Some(match response.version() {
@@ -901,7 +910,8 @@ impl Proxy {
             .port
             .map_or_else(|| req.host.to_string(), |p| format!("{}:{p}", req.host));
         let query = unnamed.path_and_query.split_once('?').map(|(_, q)| q);
-        let candidates = if placeholder(headers, query).is_some() {
+        let named = placeholder(&self.token_places, headers, query)?;
+        let candidates = if named.is_some() {
             Vec::new()
         } else {
             self.coverage
@@ -909,7 +919,7 @@ impl Proxy {
                 .await
                 .map_err(|_| ProxyError::CannotChoose(what.clone()))?
         };
-        let id = choose((headers, query), client, &candidates, &what)?;
+        let id = choose(named, client, &candidates, &what)?;
         Ok(Route {
             form: unnamed.form,
             id,
@@ -1405,12 +1415,12 @@ fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str
 /// candidate (granted and covering the destination `what`); several is
 /// `connection_ambiguous`, none `host_not_allowed`.
 fn choose(
-    (headers, query): (&http::HeaderMap, Option<&str>),
+    named: Option<ConnectionId>,
     grant: Option<&Client>,
     candidates: &[ConnectionId],
     what: &str,
 ) -> Result<ConnectionId, ProxyError> {
-    if let Some(id) = placeholder(headers, query) {
+    if let Some(id) = named {
         if let Some(client) = grant {
             if !client.may_use(id.as_str()) {
                 return Err(ProxyError::ConnectionForbidden {
@@ -1450,48 +1460,41 @@ fn token_places(catalog: &Catalog) -> TokenPlaces {
 }
 
 /// The connection a `latchkey.{connection_id}` placeholder names where an SDK configured with
-/// `api_key = "latchkey.stripe-prod"` puts its key: a header value, or the query (for
-/// connectors whose key is a query parameter).
-fn placeholder(headers: &http::HeaderMap, query: Option<&str>) -> Option<ConnectionId> {
-    headers
-        .values()
-        .find_map(|value| placeholder_in(value.as_bytes()))
-        .or_else(|| query.and_then(|q| placeholder_in(q.as_bytes())))
-        .or_else(|| {
-            headers
-                .get_all(http::header::AUTHORIZATION)
-                .iter()
-                .find_map(|value| basic_placeholder(value.as_bytes()))
-        })
-}
-
-/// A placeholder inside an `Authorization: Basic` pair, where a Basic connector's key goes
-/// (the password, or the user name for a service that takes its key there): an SDK given
-/// `latchkey.{id}` as its token sends it base64-encoded.
-fn basic_placeholder(value: &[u8]) -> Option<ConnectionId> {
-    use base64::Engine as _;
-    let (scheme, pair) = value.trim_ascii().split_at_checked(6)?;
-    if !scheme.eq_ignore_ascii_case(b"basic ") {
-        return None;
-    }
-    let pair = zeroize::Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(pair.trim_ascii())
-            .ok()?,
-    );
-    placeholder_in(&pair)
-}
-
-fn placeholder_in(v: &[u8]) -> Option<ConnectionId> {
-    const MARK: &[u8] = b"latchkey.";
-    let at = v.windows(MARK.len()).position(|w| w == MARK)?;
-    let rest = v.get(at + MARK.len()..)?;
-    let end = rest
+/// `api_key = "latchkey.stripe-prod"` puts its key: the whole token in one of the catalog's key
+/// places (a header's value after its scheme word, either half of an `Authorization: Basic`
+/// pair, a key query parameter's value). The same text anywhere else (a `Referer`, a trace
+/// header, a callback URL in the query) names nothing. A token that starts with `latchkey.`
+/// but is not followed by a connection ID alone is 400 `bad_connection_id`, not read as a
+/// shorter ID.
+fn placeholder(
+    places: &TokenPlaces,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<ConnectionId>, ProxyError> {
+    let basic_users = headers
+        .get_all(http::header::AUTHORIZATION)
         .iter()
-        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
-        .unwrap_or(rest.len());
-    ConnectionId::parse(std::str::from_utf8(rest.get(..end)?).ok()?).ok()
+        .filter_map(|value| auth::basic_user(value.to_str().ok()?));
+    let tokens = places
+        .candidates(headers, query)
+        .into_iter()
+        .map(|(token, _)| token)
+        .chain(basic_users);
+    for token in tokens {
+        let Some(id) = token.expose().strip_prefix(PLACEHOLDER) else {
+            continue;
+        };
+        return ConnectionId::parse(id).map(Some).map_err(|_| {
+            ProxyError::BadConnectionId(format!(
+                "a {PLACEHOLDER}{{connection_id}} placeholder must hold a connection ID alone (letters, digits, - and _)"
+            ))
+        });
+    }
+    Ok(None)
 }
+
+/// What a placeholder starts with.
+const PLACEHOLDER: &str = "latchkey.";
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -72,6 +72,8 @@ pub enum ProxyError {
     RequestTimeout(String),
     #[error("CONNECT (the tunnel form) needs latchkey's CA: make it with `latchkey ca init` (stored in Vault; restart latchkey) or set tls.ca_cert and tls.ca_key to files that `latchkey ca init --cert FILE --key FILE` makes")]
     ConnectUnsupported,
+    #[error("a CONNECT inside a tunnel is not served: open each tunnel to latchkey itself")]
+    ConnectInsideTunnel,
     #[error("internal error")]
     Internal,
 }
@@ -100,7 +102,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::ConnectUnsupported => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ConnectUnsupported | ProxyError::ConnectInsideTunnel => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
         }
     }
 
@@ -124,7 +128,9 @@ impl ProxyError {
             ProxyError::UpstreamTls(_) => "upstream_tls",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::RequestTimeout(_) => "request_timeout",
-            ProxyError::ConnectUnsupported => "method_not_allowed",
+            ProxyError::ConnectUnsupported | ProxyError::ConnectInsideTunnel => {
+                "method_not_allowed"
+            }
             ProxyError::Internal => "internal",
         }
     }

@@ -165,10 +165,23 @@ impl Scrubber {
         Some((v, n))
     }
 
-    /// Replaces the forms in every header value of `headers`; counts and returns how many
-    /// there were.
+    /// Replaces the forms in every header value of `headers`, and takes out every header whose
+    /// name holds one (a name cannot be given the placeholder a client would read); counts and
+    /// returns how many there were.
     pub fn headers(&self, headers: &mut HeaderMap) -> u64 {
         let mut n = 0;
+        if headers.keys().any(|name| self.in_name(name.as_str())) {
+            let named: Vec<http::HeaderName> = headers
+                .keys()
+                .filter(|name| self.in_name(name.as_str()))
+                .cloned()
+                .collect();
+            for name in named {
+                if let http::header::Entry::Occupied(entry) = headers.entry(name) {
+                    n += entry.remove_entry_mult().1.count() as u64;
+                }
+            }
+        }
         for value in headers.values_mut() {
             if let Some((scrubbed, k)) = self.header(value) {
                 *value = scrubbed;
@@ -177,6 +190,20 @@ impl Scrubber {
         }
         self.count(n);
         n
+    }
+
+    /// Whether a header name holds a form of the credential. Names are lower case (as the
+    /// `http` crate keeps them), so forms are compared ignoring ASCII case; most names are
+    /// shorter than the shortest form, and cost one comparison.
+    fn in_name(&self, name: &str) -> bool {
+        let name = name.as_bytes();
+        name.len() >= self.shortest
+            && self.forms.iter().any(|form| {
+                form.len() <= name.len()
+                    && name
+                        .windows(form.len())
+                        .any(|w| w.eq_ignore_ascii_case(form))
+            })
     }
 
     /// Counts `n` replacements in the metric, and says so in the log: the upstream echoes the
@@ -1070,6 +1097,19 @@ mod tests {
         let (out, n) = streamed(&s, &chunks);
         assert_eq!(n, 5);
         assert_eq!(String::from_utf8(out).unwrap(), "latchkey.acme, ".repeat(5));
+    }
+
+    #[test]
+    fn a_header_whose_name_holds_the_key_is_taken_out() {
+        let s = Scrubber::new([b"SekritLower9zz".as_slice()], [], "acme").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-sekritlower9zz", HeaderValue::from_static("1"));
+        headers.append("x-sekritlower9zz", HeaderValue::from_static("2"));
+        headers.insert("x-long-but-harmless-name", HeaderValue::from_static("3"));
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        assert_eq!(s.headers(&mut headers), 2);
+        assert!(!headers.contains_key("x-sekritlower9zz"));
+        assert_eq!(headers.len(), 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::body;
 use crate::catalog::Verify as VerifySpec;
 use crate::connection::Connection;
 use crate::inject::{self, Target};
-use crate::upstream::{DialError, Pool, ResponseBody, SendError};
+use crate::upstream::{DialError, Pool, ResponseBody, SendError, Tenant};
 
 /// What a verification found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +148,8 @@ async fn call(
         )));
     }
     let request = Request::from_parts(parts, body::empty());
-    match client.send(request, timeout).await {
+    let tenant = Tenant::new(conn.id.shared(), conn.version);
+    match client.send(request, tenant, timeout).await {
         Err(e) if e.is_timeout() => Err(Verification {
             outcome: Outcome::Timeout,
             http_status: None,

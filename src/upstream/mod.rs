@@ -9,4 +9,4 @@ pub mod sessions;
 
 pub use dial::{tls_config, DialError, Dialer, MaybeTls};
 pub use h1::H1Error;
-pub use pool::{Limits as PoolLimits, Pool, ResponseBody, SendError};
+pub use pool::{Limits as PoolLimits, Pool, ResponseBody, SendError, Tenant};

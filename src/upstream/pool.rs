@@ -1,7 +1,8 @@
 //! The upstream connection pool: one per proxy worker, keyed by scheme and authority.
 //!
-//! An HTTP/1.1 connection is taken from its host's idle list (most recently used first; one
-//! the upstream closed meanwhile is dropped there), the exchange is latchkey's own client
+//! An HTTP/1.1 connection is taken from its host's idle list (most recently used first, among
+//! those lent before to the request's [`Tenant`]; one the upstream closed meanwhile is dropped
+//! there), the exchange is latchkey's own client
 //! ([`super::h1`]), and the connection goes back to the list only when its response body has
 //! been read to the end ([`Home`]). A request the upstream closed a reused connection on
 //! without answering is sent again on another one when that is safe (nothing of it was taken,
@@ -59,8 +60,9 @@ const REAPS: u32 = 4;
 /// a pool of a few hundred idle connections holds kilobytes, not megabytes, while one in use
 /// keeps its buffer between requests. The reaper looks at least this often.
 const RELEASE_AFTER: Duration = Duration::from_secs(1);
-/// Idle HTTP/1.1 connections kept per host, per worker: enough for a worker's share of a few
-/// hundred concurrent requests, few enough that a burst does not leave thousands open.
+/// Idle HTTP/1.1 connections kept per host, per worker, whichever tenants they are lent to
+/// (the least recently used goes first): enough for a worker's share of a few hundred
+/// concurrent requests, few enough that a burst, or many tenants, do not leave thousands open.
 const MAX_IDLE_PER_HOST: usize = 64;
 
 /// Dials to one host under way at once, per worker. A request that finds no idle connection
@@ -119,6 +121,33 @@ impl SendError {
 struct Key {
     https: bool,
     authority: Authority,
+    tenant: Tenant,
+}
+
+/// Whose credential a request carries: its connection's ID and version. An HTTP/1.1
+/// connection is lent again only to requests of the tenant it was lent to before: an upstream
+/// that sends bytes past the end of an answer it framed (a body after a `HEAD`'s head, a
+/// `Content-Length` short of the body), late enough that the check when the connection is
+/// taken sees nothing, has them read as the next request's answer on that connection, and
+/// an answer that quotes one connection's key must not reach a request that the other
+/// connection's scrubber guards (PRODUCT.md 10.8). A new version of a connection is a new
+/// tenant: a rotated key's connections are not reused by the new key's requests. h2
+/// connections stay shared by every request to their host: each answer comes on its own
+/// stream, nothing of one is read as another's.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    id: Arc<str>,
+    version: u64,
+}
+
+impl Tenant {
+    pub fn new(id: Arc<str>, version: u64) -> Tenant {
+        Tenant { id, version }
+    }
+
+    fn is(&self, other: &Tenant) -> bool {
+        self.version == other.version && (Arc::ptr_eq(&self.id, &other.id) || self.id == other.id)
+    }
 }
 
 type ByHost<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
@@ -126,6 +155,7 @@ type ByHost<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 struct Idle {
     conn: H1Conn,
     since: Instant,
+    tenant: Tenant,
 }
 
 /// Per scheme (index 0: http, 1: https), per authority.
@@ -533,6 +563,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
+        tenant: Tenant,
         within: Duration,
     ) -> Result<Response<ResponseBody>, SendError> {
         let now = Instant::now();
@@ -545,6 +576,7 @@ impl Pool {
                 .authority()
                 .cloned()
                 .ok_or(SendError::NoAuthority)?,
+            tenant,
         };
 
         if let Some(mut sender) = self.shared_h2(&key) {
@@ -724,49 +756,57 @@ impl Pool {
     }
 
     /// For a request that found no idle connection: a dial slot if the host has one free, or
-    /// else a wait for a connection to come back or a dial to end, then `Again`; after
-    /// [`DIAL_WAIT`] with neither, a dial with no slot. A host whose connections do not come
-    /// back ([`Pool::closes`]) is not waited for: a dial with no slot at once.
+    /// else a wait for a connection of its tenant to come back or a dial to end, then `Again`;
+    /// after [`DIAL_WAIT`] with neither (other tenants' connections coming back do not extend
+    /// it), a dial with no slot. A host whose connections do not come back ([`Pool::closes`])
+    /// is not waited for: a dial with no slot at once.
     async fn dial_or_wait(self: &Arc<Self>, key: &Key) -> Turn {
-        let notified = self.changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        {
-            let mut state = self.state();
-            let https = usize::from(key.https);
-            if state.idle[https]
-                .get(key.authority.as_str())
-                .is_some_and(|l| !l.is_empty())
+        let until = Instant::now() + DIAL_WAIT;
+        let mut said = false;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             {
-                return Turn::Again;
+                let mut state = self.state();
+                let https = usize::from(key.https);
+                // One came back for this tenant meanwhile (another tenant's is not this one's).
+                if state.idle[https]
+                    .get(key.authority.as_str())
+                    .is_some_and(|l| l.iter().any(|idle| idle.tenant.is(&key.tenant)))
+                {
+                    return Turn::Again;
+                }
+                let dialing = match state.dialing[https].get_mut(key.authority.as_str()) {
+                    Some(n) => n,
+                    None => state.dialing[https]
+                        .entry(key.authority.as_str().into())
+                        .or_default(),
+                };
+                if *dialing < MAX_DIALS_PER_HOST {
+                    *dialing += 1;
+                    return Turn::Dial(Some(DialSlot {
+                        pool: self.clone(),
+                        key: key.clone(),
+                    }));
+                }
+                if state.closing[https].contains_key(key.authority.as_str()) {
+                    return Turn::Dial(None);
+                }
             }
-            let dialing = match state.dialing[https].get_mut(key.authority.as_str()) {
-                Some(n) => n,
-                None => state.dialing[https]
-                    .entry(key.authority.as_str().into())
-                    .or_default(),
-            };
-            if *dialing < MAX_DIALS_PER_HOST {
-                *dialing += 1;
-                return Turn::Dial(Some(DialSlot {
-                    pool: self.clone(),
-                    key: key.clone(),
-                }));
+            if !said {
+                said = true;
+                tracing::debug!(
+                    authority = %key.authority,
+                    "every dial this worker may make to the upstream at once is under way; waiting for a connection to come back"
+                );
             }
-            if state.closing[https].contains_key(key.authority.as_str()) {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            let woken = tokio::time::timeout_at(until, notified).await;
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            if woken.is_err() {
                 return Turn::Dial(None);
             }
-        }
-        tracing::debug!(
-            authority = %key.authority,
-            "every dial this worker may make to the upstream at once is under way; waiting for a connection to come back"
-        );
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let woken = tokio::time::timeout(DIAL_WAIT, notified).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match woken {
-            Ok(()) => Turn::Again,
-            Err(_) => Turn::Dial(None),
         }
     }
 
@@ -791,11 +831,13 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection to `key` that is still good `now`.
+    /// The most recently used idle connection to `key`'s host, lent before to `key`'s tenant,
+    /// that is still good `now`.
     fn take_idle(&self, key: &Key, now: Instant) -> Option<H1Conn> {
         let mut state = self.state();
         let list = state.idle[usize::from(key.https)].get_mut(key.authority.as_str())?;
-        while let Some(mut idle) = list.pop() {
+        while let Some(at) = list.iter().rposition(|idle| idle.tenant.is(&key.tenant)) {
+            let mut idle = list.remove(at);
             if now.saturating_duration_since(idle.since) < self.limits.idle && idle.conn.is_usable()
             {
                 return Some(idle.conn);
@@ -817,11 +859,13 @@ impl Pool {
             None => map.entry(key.authority.as_str().into()).or_default(),
         };
         if list.len() >= MAX_IDLE_PER_HOST {
-            return;
+            // The least recently used makes room.
+            drop(list.remove(0));
         }
         list.push(Idle {
             conn,
             since: Instant::now(),
+            tenant: key.tenant,
         });
         if self.waiting.load(Ordering::Acquire) > 0 {
             drop(state);
@@ -998,7 +1042,48 @@ mod tests {
         Key {
             https: false,
             authority: Authority::from_static("upstream.test:80"),
+            tenant: Tenant::new(Arc::from("tenant-a"), 1),
         }
+    }
+
+    /// An idle connection goes back only to requests of the tenant (connection and version)
+    /// it was lent to; the least recently used makes room when the host's list is full.
+    #[tokio::test]
+    async fn an_idle_connection_is_lent_only_to_its_tenant() {
+        let pool = pool(Duration::from_secs(90));
+        let a = key();
+        let with = |id: &str, version| Key {
+            tenant: Tenant::new(Arc::from(id), version),
+            ..key()
+        };
+        let (conn, _upstream) = connection().await;
+        pool.put(a.clone(), conn);
+        let now = Instant::now();
+        assert!(pool.take_idle(&with("tenant-b", 1), now).is_none());
+        // A rotated key is another tenant too.
+        assert!(pool.take_idle(&with("tenant-a", 2), now).is_none());
+        // The same ID in another allocation is the same tenant.
+        let conn = pool
+            .take_idle(&with("tenant-a", 1), now)
+            .expect("its own tenant's");
+        pool.put(a.clone(), conn);
+
+        // Full: the least recently used goes, whoever's it was.
+        let mut upstreams = Vec::new();
+        for i in 1..MAX_IDLE_PER_HOST {
+            let (conn, upstream) = connection().await;
+            upstreams.push(upstream);
+            pool.put(with(&format!("t{i}"), 1), conn);
+        }
+        let (conn, _b) = connection().await;
+        pool.put(with("tenant-b", 1), conn);
+        assert_eq!(
+            pool.state().idle[0]["upstream.test:80"].len(),
+            MAX_IDLE_PER_HOST
+        );
+        assert!(pool.take_idle(&a, now).is_none(), "the oldest was kept");
+        assert!(pool.take_idle(&with("tenant-b", 1), now).is_some());
+        assert!(pool.take_idle(&with("t1", 1), now).is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1067,13 +1152,39 @@ mod tests {
             ("dial with no slot", Duration::ZERO)
         );
 
-        // A request already waiting when that is learnt stops waiting and looks again.
+        // A request already waiting when that is learnt stops waiting and dials.
         pool.state().closing[0].clear();
         let (waited, ()) = tokio::join!(turn(&pool, &key), async {
             tokio::time::sleep(DIAL_WAIT / 4).await;
             pool.closes(&key);
         });
+        assert_eq!(waited, ("dial with no slot", DIAL_WAIT / 4));
+
+        // Another tenant's connection coming back neither ends the wait nor extends it; one of
+        // the waiting request's own tenant ends it.
+        pool.state().closing[0].clear();
+        let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+        let (waited, ()) = tokio::join!(turn(&pool, &key), async {
+            for _ in 0..3 {
+                tokio::time::sleep(DIAL_WAIT / 2).await;
+                let (conn, upstream) = connection().await;
+                theirs.push(upstream);
+                let other = Key {
+                    tenant: Tenant::new(Arc::from("tenant-b"), 1),
+                    ..key.clone()
+                };
+                pool.put(other, conn);
+            }
+        });
+        assert_eq!(waited, ("dial with no slot", DIAL_WAIT));
+        let (waited, ()) = tokio::join!(turn(&pool, &key), async {
+            tokio::time::sleep(DIAL_WAIT / 4).await;
+            let (conn, upstream) = connection().await;
+            ours.push(upstream);
+            pool.put(key.clone(), conn);
+        });
         assert_eq!(waited, ("look again", DIAL_WAIT / 4));
+        assert!(pool.take_idle(&key, Instant::now()).is_some());
 
         // One of its connections put back: the host is waited for again.
         let (conn, _upstream) = connection().await;
@@ -1142,7 +1253,10 @@ mod tests {
             let req = Request::get(format!("http://{addr}/{n}"))
                 .body(body::empty())
                 .unwrap();
-            let resp = pool.send(req, Duration::from_secs(5)).await.unwrap();
+            let resp = pool
+                .send(req, key().tenant, Duration::from_secs(5))
+                .await
+                .unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
             assert_eq!(marked(&pool), closes, "after answer {n}");
         }

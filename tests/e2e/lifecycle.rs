@@ -1077,11 +1077,16 @@ async fn a_patch_that_sends_the_key_to_a_new_host_needs_the_key_again() {
         .api(
             Method::PATCH,
             "/v1/connections/p",
-            Some(&json!({"base_url": there, "allowed_hosts": [w.sim.base_url().trim_start_matches("http://")], "fields": {"api_key": new_key}})),
+            Some(&json!({"base_url": there, "allowed_hosts": [w.sim.base_url().trim_start_matches("http://")], "fields": {"api_key": new_key}, "verify": false})),
         )
         .await;
     assert_eq!(r.status, 200, "{r:#?}");
     assert_masked(&r.json()["connection"]);
+    // Saved without a verification, the new key is shown unverified: the status and time
+    // the old key was verified at are not its own.
+    assert_eq!(w.custom_metadata("p")["status"], "unverified");
+    assert_eq!(r.json()["connection"]["status"], "unverified", "{r:#?}");
+    assert!(r.json()["connection"]["verified_at"].is_null(), "{r:#?}");
     let a = w.call("p", Method::GET, "/v1/charges").await;
     assert_eq!(a.status, 200, "{a:#?}");
     assert_eq!(elsewhere.uses_of(&new_key), 1);
@@ -1096,6 +1101,57 @@ async fn a_patch_that_sends_the_key_to_a_new_host_needs_the_key_again() {
         .await;
     assert_eq!(r.status, 200, "{r:#?}");
     assert_eq!(w.stored_version("p"), 3);
+}
+
+/// From HTTPS to plain HTTP on the same host and port is a change that lets the key go where
+/// it could not before (across the network in clear): the key is asked for again. Back to
+/// HTTPS needs nothing.
+#[tokio::test]
+async fn a_patch_from_https_to_plain_http_needs_the_key_again() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.secret(&key);
+    let port = free_port();
+    let r = w
+        .api(
+            Method::POST,
+            "/v1/connections",
+            Some(&json!({"id": "tls", "connector": "generic-bearer",
+                "base_url": format!("https://127.0.0.1:{port}"),
+                "fields": {"api_key": key}, "verify": false})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:#?}");
+    let plain = json!({"base_url": format!("http://127.0.0.1:{port}")});
+    let r = w
+        .api(Method::PATCH, "/v1/connections/tls", Some(&plain))
+        .await;
+    assert_api_error(&r, 422, "invalid_field", Some("api_key"));
+    assert!(r.body.contains("plain HTTP"), "{r:#?}");
+    assert!(!r.body.contains(&key), "{r:#?}");
+    assert_eq!(w.stored_version("tls"), 1);
+
+    // With the key given again, the change is made; and back to HTTPS needs nothing.
+    let r = w
+        .api(
+            Method::PATCH,
+            "/v1/connections/tls",
+            Some(&json!({"base_url": format!("http://127.0.0.1:{port}"), "fields": {"api_key": key}, "verify": false})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    // A key saved unverified is shown unverified, whatever the status before said.
+    assert_eq!(r.json()["connection"]["status"], "unverified", "{r:#?}");
+    assert!(r.json()["connection"]["verified_at"].is_null(), "{r:#?}");
+    let r = w
+        .api(
+            Method::PATCH,
+            "/v1/connections/tls",
+            Some(&json!({"base_url": format!("https://127.0.0.1:{port}"), "verify": false})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert_eq!(w.stored_version("tls"), 3);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -599,6 +599,21 @@ async fn an_authority_form_target_inside_a_tunnel_is_400() {
     assert_eq!(up.requests(), 0);
 }
 
+/// A CONNECT inside a tunnel is not sent on (it was, as `CONNECT /`, with the key): 405.
+#[tokio::test]
+async fn a_connect_inside_a_tunnel_is_405() {
+    let PlainTunnel { lk, up, addr, .. } = PlainTunnel::start().await;
+    let x = exchange(
+        &lk,
+        &connect_head(&addr.to_string(), Some(("plain", ""))),
+        None,
+        &format!("CONNECT {addr} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    x.inner().assert_error(405, "method_not_allowed");
+    assert_eq!(up.requests(), 0);
+}
+
 /// h2 with prior knowledge inside a plain CONNECT (no TLS, so no ALPN to say it): the
 /// connection preface is seen for what it is and every request on it is served, with the key.
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Issue 10, latchkey's own upstream HTTP/1.1 client: framing is read at least as strictly as
-//! hyper reads it, a connection whose framing left any doubt never goes back to the pool (the
-//! pool is shared by every tenant of a host: a desynchronised connection would hand one
-//! tenant's answer to another), a body that stalls either way is cut after
+//! hyper reads it, a connection whose framing left any doubt never goes back to the pool (a
+//! desynchronised connection would hand one request's answer to the next), a pooled connection
+//! goes back only to requests of the connection it carried the key of (an unasked answer sent
+//! too late to be seen quotes one connection's key to no other), a body that stalls either way is cut after
 //! `proxy.body_timeout` (on h2 upstreams too, per stream), and idle pooled connections are closed after
 //! `proxy.pool_idle_timeout` without a request to find them.
 //!
@@ -286,6 +287,65 @@ async fn bytes_past_the_declared_end_of_a_response_are_not_reused() {
             "after {path}: the connection was reused"
         );
     }
+}
+
+/// An upstream that sends an unasked answer late, after the next request was written on the
+/// connection, desynchronises it undetectably; the answer it sends quotes the key of the request
+/// before. A pooled connection is lent again only to requests of the connection (ID and
+/// version) it was lent to, so that answer never reaches another connection's request, whose
+/// scrubber does not know the key: the other connection gets a connection of its own.
+#[tokio::test]
+async fn a_late_unasked_answer_never_reaches_another_connection() {
+    let bao = Bao::start().await;
+    let up = Upstream::start(|mut c| async move {
+        let mut quoted = None;
+        while let Some(head) = c.head().await {
+            let auth = head
+                .lines()
+                .find_map(|l| l.strip_prefix("authorization: Bearer "))
+                .unwrap_or_default()
+                .to_string();
+            if let Some(key) = quoted.take() {
+                // The next request on this connection: answered with the last one's key.
+                let body = format!("stolen={key}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                c.write(answer.as_bytes()).await;
+            } else {
+                c.write(OK).await;
+                if head.starts_with("GET /late ") {
+                    quoted = Some(auth);
+                }
+            }
+        }
+    })
+    .await;
+    let key_a = put_bearer(&bao, "tenant-a", &up.base_url());
+    let key_b = put_bearer(&bao, "tenant-b", &up.base_url());
+    let lk = Latchkey::start(&bao, Opts::loopback().proxy("workers = 1")).await;
+    let client = http();
+    assert_eq!(
+        get_text(&client, &lk.url("/tenant-a/late")).await,
+        (200, "ok".into())
+    );
+    // Another connection to the same host: not the connection tenant-a's answer came on.
+    let (status, body) = get_text(&client, &lk.url("/tenant-b/next")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "tenant-b was answered on tenant-a's connection"
+    );
+    assert!(!body.contains(&key_a) && !body.contains(&key_b));
+    assert_eq!(up.connections(), 2);
+    // tenant-a's next request takes its connection back, and meets the unasked answer: its own
+    // key, which its scrubber replaces.
+    let (status, body) = get_text(&client, &lk.url("/tenant-a/next")).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("stolen="), "{body}");
+    assert!(!body.contains(&key_a), "{body}");
+    assert_eq!(up.connections(), 2);
 }
 
 #[tokio::test]

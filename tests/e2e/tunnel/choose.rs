@@ -110,6 +110,81 @@ async fn two_granted_connections_on_the_host_are_ambiguous_until_one_is_named() 
     assert_eq!(s.up.requests(), 2);
 }
 
+/// A placeholder counts only as the whole token where the key goes: the same text in another
+/// header (a trace header, a `Referer` naming a host `latchkey.example.com`) or elsewhere in
+/// the query names nothing, and never overrides the one where the key goes; a token
+/// `latchkey.` followed by more than an ID is 400, not read as a shorter ID.
+#[tokio::test]
+async fn a_placeholder_counts_only_where_the_key_goes() {
+    let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
+    let second_key = format!("sk_test_second{}", free_port());
+    s._bao.put(
+        "stripe-second",
+        &[("connector", "stripe"), ("api_key", &second_key)],
+    );
+    s.lk.forbid(&second_key);
+    let user = format!("_:{TOKEN}");
+
+    // Elsewhere only: nothing is named, and the two connections leave the choice open.
+    for header in [
+        "X-Trace: from latchkey.stripe-second sidecar",
+        "Referer: https://latchkey.example.com/page",
+    ] {
+        let (status, text) = s.curl(&user, &["-H", header], "/v1/charges").await;
+        assert_eq!(status, 400, "{header}: {text}");
+        assert_eq!(
+            body_json(&text)["error"]["code"],
+            "connection_ambiguous",
+            "{text}"
+        );
+    }
+    let (status, text) = s
+        .curl(
+            &user,
+            &[],
+            "/v1/charges?next=https%3A%2F%2Flatchkey.stripe-second%2Fcb",
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        body_json(&text)["error"]["code"],
+        "connection_ambiguous",
+        "{text}"
+    );
+
+    // Where the key goes, it wins over the same text elsewhere.
+    let (status, text) = s
+        .curl(
+            &user,
+            &[
+                "-H",
+                "X-Trace: from latchkey.stripe-second sidecar",
+                "-H",
+                &format!("Authorization: Bearer latchkey.{ID}"),
+            ],
+            "/v1/charges",
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_ours(&body_json(&text), &s.key);
+
+    // More than an ID after `latchkey.`: refused, not cut short.
+    let (status, text) = s
+        .curl(
+            &user,
+            &["-H", "Authorization: Bearer latchkey.stripe-second.extra"],
+            "/v1/charges",
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        body_json(&text)["error"]["code"],
+        "bad_connection_id",
+        "{text}"
+    );
+    assert_eq!(s.up.requests(), 1);
+}
+
 #[tokio::test]
 async fn a_connect_no_granted_connection_covers_is_refused_at_connect() {
     let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
