@@ -511,11 +511,21 @@ impl<'de> Deserialize<'de> for Dur {
 
 /// Parses the duration strings of the configuration file: `"500ms"`, `"30s"`, `"5m"`, `"1h"`,
 /// `"1d"`, or several run together (`"1m30s"`), as the `humantime` crate reads them.
+/// Ten years at most: no timeout, TTL or interval means more, and a clock or timer far past
+/// that overflows.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|_| {
+    let d = humantime::parse_duration(text.trim()).map_err(|_| {
         format!("{text:?} is not a duration (write e.g. \"500ms\", \"30s\", \"5m\", \"1h\")")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{text:?} is longer than the longest duration latchkey takes, 10 years (\"3650d\")"
+        ));
+    }
+    Ok(d)
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// A CIDR such as `127.0.0.0/8`; a bare address means just that address.
 #[derive(Debug, Clone, Copy)]
@@ -1445,6 +1455,9 @@ mod tests {
         assert_eq!(parse_duration("5 minutes"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("3650d"), Ok(MAX_DURATION));
+        assert!(parse_duration("3651d").unwrap_err().contains("10 years"));
+        assert!(parse_duration("18446744073709551615s").is_err());
         for bad in ["", "5", "s", "5x", "-5s", "5 parsecs", "5m and more"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be refused");
         }

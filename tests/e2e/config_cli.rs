@@ -68,6 +68,9 @@ fn check_config_refuses_bad_files_naming_the_key() {
     for (text, key, why) in [
         ("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", "proxy.lisen", "unknown field"),
         ("[cache]\nttl = \"5 parsecs\"\n", "cache.ttl", "not a duration"),
+        // A duration so long that a clock or timer would overflow at run time.
+        ("[cache]\nnegative_ttl = \"18446744073709551615s\"\n", "cache.negative_ttl", "10 years"),
+        ("[proxy]\nheader_read_timeout = \"3651d\"\n", "proxy.header_read_timeout", "10 years"),
         ("[proxy]\nhttp1_server = \"nginx\"\n", "proxy.http1_server", "unknown variant `nginx`, expected `hyper` or `latchkey`"),
         ("[proxy]\nallow_private_destinations = [\"10.0.0.0/33\"]\n", "proxy.allow_private_destinations", "not a CIDR"),
         (

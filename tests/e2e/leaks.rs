@@ -230,3 +230,81 @@ fn the_leak_check_finds_a_key_inside_any_base64_value() {
         }
     }
 }
+
+/// A crash writes no core file holding the keys in memory: latchkey makes itself
+/// non-dumpable. The control, another process under the same core limit, shows that this
+/// machine writes core files where the check looks (`core_pattern` relative to the process's
+/// directory), so the check cannot pass for want of core files at all.
+#[tokio::test]
+async fn a_crash_writes_no_core_file() {
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    assert!(
+        !pattern.starts_with('|') && !pattern.contains('/'),
+        "this test needs core files written in the crashing process's directory; core_pattern is {pattern:?}"
+    );
+    let cores = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("core"))
+            .collect()
+    };
+    let abort_with_cores = |pid: u32| {
+        let ok = std::process::Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), "--core=unlimited"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let ok = std::process::Command::new("kill")
+            .args(["-ABRT", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+
+    // The control.
+    let dir = tempfile::tempdir().unwrap();
+    let mut control = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(dir.path())
+        .spawn()
+        .unwrap();
+    abort_with_cores(control.id());
+    control.wait().unwrap();
+    assert!(
+        !cores(dir.path()).is_empty(),
+        "the control wrote no core file"
+    );
+
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let key = put_bearer(&bao, "cored", &format!("http://{}", up.addr()));
+    let mut lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let r = gateway_get(&lk, "/cored/x", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        format!("{:?}", r.json).contains(&key),
+        "the key was not used"
+    );
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", lk.pid())).unwrap();
+    let before = cores(&cwd);
+    abort_with_cores(lk.pid());
+    let status = lk
+        .exited_within(std::time::Duration::from_secs(15))
+        .await
+        .expect("latchkey did not end on SIGABRT");
+    assert!(!status.success());
+    let written: Vec<String> = cores(&cwd)
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .collect();
+    for core in &written {
+        let _ = std::fs::remove_file(cwd.join(core));
+    }
+    assert!(
+        written.is_empty(),
+        "core files were written in {}: {written:?}",
+        cwd.display()
+    );
+}

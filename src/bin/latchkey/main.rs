@@ -110,6 +110,18 @@ enum Command {
     Connections(cli::ConnectionsArgs),
 }
 
+/// The keys latchkey serves live in its memory: made non-dumpable, the process writes no core
+/// file on a crash, and another process of the same user can neither attach a debugger nor
+/// read `/proc/PID/mem`.
+fn not_dumpable() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        tracing::warn!(error = %e, "could not make the process non-dumpable: a crash may write a core file holding keys");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -155,6 +167,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => {
             with_allocator_settings();
             latchkey::telemetry::init_logging();
+            not_dumpable();
             let loaded = latchkey::config::Config::load(&config).and_then(|c| {
                 c.vault
                     .check_credentials(&latchkey::config::ProcessEnv)
