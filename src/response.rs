@@ -219,6 +219,14 @@ impl AdminError {
         AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
     }
 
+    /// 405, with the methods the endpoint takes in `Allow` (RFC 9110 section 15.5.6).
+    pub fn not_allowed(allow: &'static str) -> Response<BoxBody> {
+        let mut r = AdminError::method_not_allowed().into_response();
+        r.headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+        r
+    }
+
     pub fn method_not_allowed() -> AdminError {
         AdminError::new(
             StatusCode::METHOD_NOT_ALLOWED,

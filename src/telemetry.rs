@@ -96,11 +96,9 @@ pub fn client_connections(worker: usize) -> metrics::Gauge {
 
 /// Sets up logging: JSON lines on standard error, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
-    // vaultrs and rustify log every failed Vault call (a 404 for an unknown connection
-    // included) at ERROR; latchkey logs its own classified line instead. An explicit RUST_LOG
-    // is taken as written.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,vaultrs=off,rustify=off"));
+    let filter = tracing_subscriber::EnvFilter::new(log_directives(
+        std::env::var("RUST_LOG").ok().as_deref(),
+    ));
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -118,6 +116,23 @@ pub fn init_logging() {
             .unwrap_or_default();
         tracing::error!(%location, "panic (message withheld)");
     }));
+}
+
+/// The log filter's directives: `RUST_LOG` (`info` without it), with vaultrs and rustify off
+/// unless it names them. They log every failed Vault call (a 404 for an unknown connection, so
+/// one per guessed ID, and every call while Vault is sealed) at ERROR; latchkey logs its own
+/// classified line instead.
+fn log_directives(rust_log: Option<&str>) -> String {
+    let mut directives = match rust_log.map(str::trim) {
+        Some(given) if !given.is_empty() => given.to_string(),
+        _ => "info".to_string(),
+    };
+    for noisy in ["vaultrs", "rustify"] {
+        if !directives.contains(noisy) {
+            directives.push_str(&format!(",{noisy}=off"));
+        }
+    }
+    directives
 }
 
 /// The process's Prometheus recorder, installed on first use.
@@ -505,5 +520,21 @@ fn status_label(status: u16) -> &'static str {
         503 => "503",
         504 => "504",
         s => LABELS.get(usize::from(s / 100)).copied().unwrap_or("other"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vault_clients_error_lines_are_off_unless_named() {
+        assert_eq!(log_directives(None), "info,vaultrs=off,rustify=off");
+        assert_eq!(log_directives(Some(" ")), "info,vaultrs=off,rustify=off");
+        assert_eq!(log_directives(Some("info")), "info,vaultrs=off,rustify=off");
+        assert_eq!(
+            log_directives(Some("trace,vaultrs=debug")),
+            "trace,vaultrs=debug,rustify=off"
+        );
     }
 }

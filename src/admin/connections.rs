@@ -65,9 +65,10 @@ pub async fn handle(
                 json!({ "connection": c, "verification": v.to_json() }),
             )
         }),
-        ([] | [_] | [_, "secret" | "verify"], _) => {
-            return AdminError::method_not_allowed().into_response()
-        }
+        ([], _) => return AdminError::not_allowed("GET, HEAD, POST"),
+        ([_], _) => return AdminError::not_allowed("GET, HEAD, PATCH, DELETE"),
+        ([_, "secret"], _) => return AdminError::not_allowed("PUT"),
+        ([_, "verify"], _) => return AdminError::not_allowed("POST"),
         _ => return AdminError::not_found().into_response(),
     };
     match result {

@@ -68,8 +68,14 @@ impl Admin {
         r
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Response<BoxBody> {
+    async fn route(&self, mut req: Request<Incoming>) -> Response<BoxBody> {
         let path = req.uri().path().to_string();
+        // HEAD is GET without the body (RFC 9110 section 9.3.2), which hyper leaves out of the
+        // answer to a HEAD: served as the GET, a load balancer's HEAD check sees the GET's
+        // status and headers.
+        if req.method() == Method::HEAD {
+            *req.method_mut() = Method::GET;
+        }
         if req.method() == Method::GET {
             if let Some(r) = web::asset(&path) {
                 return r;
@@ -102,6 +108,9 @@ impl Admin {
                     HeaderValue::from_static("text/plain; version=0.0.4"),
                 );
                 r
+            }
+            (_, "/healthz" | "/readyz" | "/ca.pem" | "/metrics") => {
+                AdminError::not_allowed("GET, HEAD")
             }
             (_, "/session") => {
                 self.sessions
@@ -178,7 +187,7 @@ impl Admin {
         let path = req.uri().path().trim_end_matches('/').to_string();
         if path == "/v1/connectors" {
             if req.method() != Method::GET {
-                return AdminError::method_not_allowed().into_response();
+                return AdminError::not_allowed("GET, HEAD");
             }
             let list: Vec<Value> = self
                 .lifecycle

@@ -259,7 +259,7 @@ impl Sessions {
                 CookieAuth::NoCsrf => csrf_refused(),
                 CookieAuth::None | CookieAuth::Expired => signed_out(),
             },
-            _ => AdminError::method_not_allowed().into_response(),
+            _ => AdminError::not_allowed("GET, HEAD, POST, DELETE"),
         }
     }
 

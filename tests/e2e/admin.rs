@@ -109,6 +109,55 @@ async fn healthz_answers_200() {
     assert_ne!(r.status, 200);
 }
 
+/// Every admin endpoint answers HEAD as its GET without the body (load balancers check with
+/// HEAD), and a method it does not take with 405 and the methods it takes in `Allow`.
+#[tokio::test]
+async fn head_is_served_and_other_methods_are_405_with_allow() {
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let url = |p: &str| format!("http://{}{p}", lk.admin);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/connectors",
+        "/v1/connections",
+    ] {
+        let r = send(http().head(url(path)).header("authorization", &auth)).await;
+        assert_eq!(r.status, 200, "HEAD {path}: {r:#?}");
+        assert!(r.body.is_empty(), "HEAD {path}: {r:#?}");
+    }
+    for (method, path, allow) in [
+        (http::Method::POST, "/healthz", "GET, HEAD"),
+        (http::Method::DELETE, "/metrics", "GET, HEAD"),
+        (http::Method::PUT, "/readyz", "GET, HEAD"),
+        (http::Method::POST, "/ca.pem", "GET, HEAD"),
+        (http::Method::DELETE, "/v1/connectors", "GET, HEAD"),
+        (http::Method::PUT, "/v1/connections", "GET, HEAD, POST"),
+        (
+            http::Method::POST,
+            "/v1/connections/x",
+            "GET, HEAD, PATCH, DELETE",
+        ),
+        (http::Method::GET, "/v1/connections/x/secret", "PUT"),
+        (http::Method::GET, "/v1/connections/x/verify", "POST"),
+    ] {
+        let r = send(
+            http()
+                .request(method.clone(), url(path))
+                .header("authorization", &auth),
+        )
+        .await;
+        assert_eq!(r.status, 405, "{method} {path}: {r:#?}");
+        assert_eq!(r.json()["error"]["code"], "method_not_allowed", "{r:#?}");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}: {r:#?}");
+    }
+    // A path that is no endpoint is still 404.
+    let r = send(http().post(url("/nothing-here"))).await;
+    assert_eq!(r.status, 404, "{r:#?}");
+}
+
 #[tokio::test]
 async fn readyz_follows_vault() {
     let bao = Bao::start_own().await;

@@ -1077,6 +1077,19 @@ async fn latchkey_run_and_env_put_a_program_behind_the_tunnel() {
             "{var}: {text}"
         );
     }
+    // A connection ID that is not one is refused, not printed into a proxy URL.
+    for sub in ["env", "run"] {
+        let mut cmd = latchkey();
+        cmd.args([sub, "--connection", "bad id"]);
+        if sub == "run" {
+            cmd.args(["--", "true"]);
+        }
+        let out = cmd.output().await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{sub}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is not a connection ID"), "{sub}: {err}");
+        assert!(out.stdout.is_empty(), "{sub}");
+    }
     assert_eq!(s.up.requests(), 1);
 }
 

@@ -25,7 +25,7 @@ const SYSTEM_BUNDLES: [&str; 3] = [
 pub struct EnvArgs {
     /// The connection the program's requests use; without it, `_` (each request names its own
     /// with a `latchkey.{id}` placeholder key).
-    #[arg(long)]
+    #[arg(long, value_parser = connection_id)]
     connection: Option<String>,
     /// latchkey's proxy listener: `HOST:PORT`, or the same as an `http://` URL.
     #[arg(long, env = "LATCHKEY_PROXY", default_value = "127.0.0.1:8080", value_parser = listener)]
@@ -53,6 +53,18 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// `--connection`: a connection ID, or `_` (each request names its own).
+fn connection_id(given: &str) -> Result<String, String> {
+    if given == "_" || latchkey::connection_id::ConnectionId::is_valid(given) {
+        Ok(given.to_string())
+    } else {
+        Err(format!(
+            "{given:?} is not a connection ID: 1 to {} letters, digits, - and _, starting with a letter or digit (or _ to name none)",
+            latchkey::connection_id::ConnectionId::MAX_LEN
+        ))
+    }
 }
 
 /// `--proxy` as the `HOST:PORT` that goes after the user in the proxy URL: given as such or as
