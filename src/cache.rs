@@ -120,6 +120,9 @@ struct Inner {
     settings: arc_swap::ArcSwap<Settings>,
     epoch: Instant,
     next_generation: AtomicU64,
+    /// Connections written or deleted through this instance ([`Cache::insert`],
+    /// [`Cache::invalidate`]): what was built from the connections before is out of date.
+    writes: AtomicU64,
     /// A re-read kept a request waiting [`EXPIRED_WAIT`] and no load has been answered promptly
     /// since: expired entries are served stale without waiting.
     stalled: AtomicBool,
@@ -185,6 +188,7 @@ impl Cache {
                 settings: arc_swap::ArcSwap::from_pointee(Settings::new(config)),
                 epoch: Instant::now(),
                 next_generation: AtomicU64::new(1),
+                writes: AtomicU64::new(0),
                 stalled: AtomicBool::new(false),
             }),
         }
@@ -375,14 +379,21 @@ impl Cache {
         telemetry::cache_entries(self.inner.map.len());
     }
 
+    /// How many connections were written or deleted through this instance so far.
+    pub fn writes(&self) -> u64 {
+        self.inner.writes.load(Ordering::Acquire)
+    }
+
     /// Drops a connection from the cache at once (after a rotation or delete).
     pub fn invalidate(&self, id: &ConnectionId) {
         self.inner.map.remove(id);
+        self.inner.writes.fetch_add(1, Ordering::Release);
         telemetry::cache_entries(self.inner.map.len());
     }
 
     /// Puts a freshly written connection in the cache, so the next request uses it.
     pub fn insert(&self, conn: Connection) {
+        self.inner.writes.fetch_add(1, Ordering::Release);
         let id = conn.id.clone();
         let now = Instant::now();
         self.inner.map.insert(

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Connector};
 use crate::connection_id::ConnectionId;
-use crate::destination::{BaseUrl, HostAllowList};
+use crate::destination::{BaseUrl, HostAllowList, Scheme};
 use crate::inject::{Credential, RenderError};
 use crate::record::{StoredConnection, RESERVED_FIELDS};
 use crate::scrub::Scrubber;
@@ -288,6 +288,7 @@ impl Connection {
         Reach {
             id: self.id.clone(),
             hosts: self.hosts.clone(),
+            https: self.base.scheme == Scheme::Https,
         }
     }
 }
@@ -297,16 +298,22 @@ impl Connection {
 pub struct Reach {
     pub id: ConnectionId,
     hosts: HostAllowList,
+    /// The base URL is https: a request goes over TLS whatever scheme it named.
+    https: bool,
 }
 
 impl Reach {
-    /// Whether the connection's credential may go to `host` on `port` (on some port of it,
-    /// with `None`).
-    pub fn covers(&self, host: &str, port: Option<u16>) -> bool {
-        match port {
-            Some(port) => self.hosts.allows_at(host, port),
-            None => self.hosts.allows(host),
-        }
+    /// Whether the connection's credential may go to `host` on the port a request would be
+    /// sent to (the proxy's rule for the upstream's port): `port` when the request named one
+    /// other than its scheme's default; else the default port of the scheme it goes over,
+    /// https when the connection's base URL is, `scheme` otherwise.
+    pub fn covers(&self, host: &str, port: Option<u16>, scheme: Scheme) -> bool {
+        let port = port.unwrap_or(if self.https {
+            Scheme::Https.default_port()
+        } else {
+            scheme.default_port()
+        });
+        self.hosts.allows_at(host, port)
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! The index holds every stored connection's hosts and ports, and nothing secret. It is built
 //! from a Vault LIST and a read of each connection through the cache, and rebuilt when it is
-//! older than the cache's TTL, or when a lookup finds nothing and it is older than
+//! older than the cache's TTL or a connection was written or deleted through this instance
+//! since, or when a lookup finds nothing and it is older than
 //! [`MIN_REBUILD_INTERVAL`] (so that a connection just created is found at once, while a client
 //! asking for hosts nobody covers costs at most one rebuild a second). One rebuild runs at a
 //! time; everyone else waits for it. When Vault cannot list, the last index is used.
@@ -17,6 +18,7 @@ use crate::auth::Client;
 use crate::cache::Cache;
 use crate::connection::Reach;
 use crate::connection_id::ConnectionId;
+use crate::destination::Scheme;
 use crate::vault::{Vault, VaultError};
 
 /// The shortest time between two rebuilds of the index caused by a lookup that found nothing.
@@ -39,7 +41,16 @@ pub struct Coverage {
 struct Index {
     built: Instant,
     generation: u64,
+    /// [`Cache::writes`] when the build began: a connection created, changed or deleted
+    /// through this instance since makes the index out of date at once.
+    writes: u64,
     reaches: Vec<Reach>,
+}
+
+impl Index {
+    fn current(&self, age: Duration, generation: u64, writes: u64) -> bool {
+        self.built.elapsed() < age && self.generation == generation && self.writes == writes
+    }
 }
 
 impl Coverage {
@@ -63,36 +74,41 @@ impl Coverage {
     }
 
     /// The connections that `client` may use (every one when latchkey is open) and whose
-    /// hosts include `host` on `port` (on any of their ports with `None`), sorted by ID.
+    /// hosts include `host` on the port a request would go to ([`Reach::covers`]: `port`, or
+    /// with `None` the default port of `scheme`, or of https for a connection whose base URL
+    /// is https), sorted by ID.
     pub async fn candidates(
         &self,
         client: Option<&Client>,
         host: &str,
-        port: Option<u16>,
+        (port, scheme): (Option<u16>, Scheme),
     ) -> Result<Vec<ConnectionId>, VaultError> {
         let max_age = Duration::from_millis(self.max_age.load(Ordering::Relaxed));
         let index = self.index_younger_than(max_age).await?;
-        let found = matching(&index, client, host, port);
+        let found = matching(&index, client, host, (port, scheme));
         if !found.is_empty() || index.built.elapsed() < MIN_REBUILD_INTERVAL {
             return Ok(found);
         }
         let index = self.index_younger_than(MIN_REBUILD_INTERVAL).await?;
-        Ok(matching(&index, client, host, port))
+        Ok(matching(&index, client, host, (port, scheme)))
     }
 
     /// The current index if it is younger than `age`; otherwise a new one (or, when Vault
     /// cannot list, the last one there is).
     async fn index_younger_than(&self, age: Duration) -> Result<Arc<Index>, VaultError> {
-        if let Some(index) = self.current().filter(|i| {
-            i.built.elapsed() < age && i.generation == self.generation.load(Ordering::Relaxed)
-        }) {
+        let current = |i: &Arc<Index>| {
+            i.current(
+                age,
+                self.generation.load(Ordering::Relaxed),
+                self.cache.writes(),
+            )
+        };
+        if let Some(index) = self.current().filter(current) {
             return Ok(index);
         }
         let _one_at_a_time = self.rebuilding.lock().await;
         // Someone else may have rebuilt it while this one waited.
-        if let Some(index) = self.current().filter(|i| {
-            i.built.elapsed() < age && i.generation == self.generation.load(Ordering::Relaxed)
-        }) {
+        if let Some(index) = self.current().filter(current) {
             return Ok(index);
         }
         match self.build().await {
@@ -121,6 +137,7 @@ impl Coverage {
     /// be read or used covers nothing.
     async fn build(&self) -> Result<Index, VaultError> {
         let generation = self.generation.load(Ordering::Relaxed);
+        let writes = self.cache.writes();
         let ids = self.vault.list().await?;
         let mut reaches = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(READS_AT_ONCE) {
@@ -135,6 +152,7 @@ impl Coverage {
         Ok(Index {
             built: Instant::now(),
             generation,
+            writes,
             reaches,
         })
     }
@@ -144,13 +162,13 @@ fn matching(
     index: &Index,
     client: Option<&Client>,
     host: &str,
-    port: Option<u16>,
+    (port, scheme): (Option<u16>, Scheme),
 ) -> Vec<ConnectionId> {
     let mut found: Vec<ConnectionId> = index
         .reaches
         .iter()
         .filter(|r| client.is_none_or(|c| c.may_use(r.id.as_str())))
-        .filter(|r| r.covers(host, port))
+        .filter(|r| r.covers(host, port, scheme))
         .map(|r| r.id.clone())
         .collect();
     found.sort_by(|a, b| a.as_str().cmp(b.as_str()));

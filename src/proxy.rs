@@ -548,9 +548,17 @@ impl Proxy {
                 let client = self.authenticate(token.as_ref())?;
                 log.client = client.map(|c| c.name.clone());
                 tunnel.grant = client.cloned();
+                // As a forward request's URL would name it: 80 and 443 are http's and https's
+                // own (plain HTTP inside a CONNECT to port 80 goes over TLS to a connection
+                // whose base URL is https, as in forward form), any other port itself.
+                let dialled = match port {
+                    80 => (None, Scheme::Http),
+                    443 => (None, Scheme::Https),
+                    other => (Some(other), Scheme::Https),
+                };
                 let candidates = self
                     .coverage
-                    .candidates(client, &host, Some(port))
+                    .candidates(client, &host, dialled)
                     .await
                     .map_err(|_| ProxyError::CannotChoose(format!("{host}:{port}")))?;
                 tunnel.candidates = Arc::from(candidates);
@@ -904,7 +912,8 @@ impl Proxy {
         log.host = Some(Arc::from(normalize_host(req.host)));
         let client = self.authenticate(unnamed.token.as_ref())?;
         log.client = client.map(|c| c.name.clone());
-        // Forward form is not held to ports (issue 10): an explicit port narrows the choice.
+        // The port the request would be sent to: the one its URL names, unless that is its
+        // scheme's default, which stands for the port of the scheme it goes over.
         let port = req.port.filter(|p| *p != req.scheme.default_port());
         let what = req
             .port
@@ -915,7 +924,7 @@ impl Proxy {
             Vec::new()
         } else {
             self.coverage
-                .candidates(client, req.host, port)
+                .candidates(client, req.host, (port, req.scheme))
                 .await
                 .map_err(|_| ProxyError::CannotChoose(what.clone()))?
         };

@@ -148,10 +148,13 @@ pub(crate) async fn stripe_upstream(ca: &TestCa) -> EchoServer {
 }
 
 /// `base` with what a tunnel needs: the upstream's CA as a root, `api.stripe.com:443` pinned
-/// to `to`, and latchkey's CA.
+/// to `to` (and `:80`, which a CONNECT to port 80 checks; what goes inside is sent over TLS to
+/// 443), and latchkey's CA.
 fn tunnel_opts(base: Opts, up_ca: &TestCa, ca: &Ca, to: SocketAddr) -> Opts {
     base.root(&up_ca.pem_path)
-        .proxy(&format!("resolve = {{ \"{STRIPE}:443\" = \"{to}\" }}"))
+        .proxy(&format!(
+            "resolve = {{ \"{STRIPE}:443\" = \"{to}\", \"{STRIPE}:80\" = \"{to}\" }}"
+        ))
         .tls(&format!("ca_cert = {:?}", ca.cert.display().to_string()))
         .tls(&format!("ca_key = {:?}", ca.key.display().to_string()))
 }

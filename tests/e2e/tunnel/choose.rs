@@ -108,6 +108,77 @@ async fn two_granted_connections_on_the_host_are_ambiguous_until_one_is_named() 
     assert_eq!(status, 200, "{text}");
     assert_ours(&body_json(&text), &s.key);
     assert_eq!(s.up.requests(), 2);
+
+    // One deleted through latchkey's admin API is no candidate from then on, not only once
+    // the index of hosts is older than the cache's TTL.
+    let r = http()
+        .delete(format!(
+            "http://{}/v1/connections/stripe-second",
+            s.lk.admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (status, text) = s.curl(&format!("_:{TOKEN}"), &[], "/v1/charges").await;
+    assert_eq!(status, 200, "{text}");
+    assert_ours(&body_json(&text), &s.key);
+    assert_eq!(s.up.requests(), 3);
+}
+
+/// A request that names no port is sent to its scheme's default port (443 for a connection
+/// whose base URL is https): a connection that covers the host only on another port is no
+/// candidate for it, in forward form and in a CONNECT to port 80 (plain HTTP inside, as undici
+/// sends an `http://` URL) alike; the one that covers it is chosen.
+#[tokio::test]
+async fn a_connection_covering_the_host_only_on_another_port_is_no_candidate() {
+    let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
+    let other_key = format!("sk_test_other_port{}", free_port());
+    s._bao.put(
+        "stripe-elsewhere",
+        &[
+            ("connector", "generic-bearer"),
+            ("base_url", "https://elsewhere.example:8443"),
+            ("allowed_hosts", &format!("{STRIPE}:8443")),
+            ("api_key", &other_key),
+        ],
+    );
+    s.lk.forbid(&other_key);
+
+    // Forward form, `_`, no port in the URL: stripe-prod, not ambiguous.
+    let client = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(s.lk.url(""))
+                .unwrap()
+                .basic_auth("_", TOKEN),
+        )
+        .build()
+        .unwrap();
+    let r = read(
+        client
+            .get(format!("http://{STRIPE}/v1/balance"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?} {:?}", r.latchkey_error, r.json);
+    assert_ours(&r.json, &s.key);
+
+    // A CONNECT to port 80, `_`: plain HTTP inside goes to stripe-prod over TLS.
+    let target = format!("{STRIPE}:80");
+    let x = s
+        .exchange(
+            &connect_head(&target, Some(("_", TOKEN))),
+            None,
+            &inner_get("/v1/charges", STRIPE),
+        )
+        .await;
+    assert_eq!(x.connect.status, 200, "{x:#?}");
+    assert_eq!(x.inner().status, 200, "{x:#?}");
+    assert_ours(&x.inner().json(), &s.key);
+    assert_eq!(s.up.requests(), 2);
 }
 
 /// A placeholder counts only as the whole token where the key goes: the same text in another
