@@ -110,7 +110,8 @@ impl TokenPlaces {
     }
 
     /// Every value in these places that could be a token, with its place: a header's value
-    /// after its scheme word (`Bearer`, `token`, `Token token=`) or the whole value, a Basic password, and a
+    /// after its scheme word (`Bearer`, `token`, `Token token=`) or the whole value, either half
+    /// of a Basic pair, and a
     /// query parameter's decoded value.
     pub fn candidates(&self, headers: &HeaderMap, query: Option<&str>) -> Vec<(Secret, Place)> {
         let mut out = Vec::new();
@@ -118,8 +119,11 @@ impl TokenPlaces {
             for value in headers.get_all(name) {
                 let Ok(value) = value.to_str() else { continue };
                 let value = value.trim();
-                if let Some(password) = basic_password(value) {
+                // Either half of a Basic pair: the password where most services take their
+                // key, the user name where the others do (`sk_live_...:`).
+                if let Some((user, password)) = basic_pair(value) {
                     out.push((password, Place::Header(name.clone())));
+                    out.push((user, Place::Header(name.clone())));
                     continue;
                 }
                 // `Bearer {token}`, `token {token}`, `Token token={token}`, or the bare token.
@@ -140,16 +144,6 @@ impl TokenPlaces {
         }
         out
     }
-}
-
-/// The user name of `Basic base64(user:password)`.
-pub fn basic_user(value: &str) -> Option<Secret> {
-    basic_pair(value).map(|(user, _)| user)
-}
-
-/// The password of `Basic base64(user:password)`.
-fn basic_password(value: &str) -> Option<Secret> {
-    basic_pair(value).map(|(_, password)| password)
 }
 
 fn basic_pair(value: &str) -> Option<(Secret, Secret)> {

@@ -77,6 +77,8 @@ pub enum ConnectionError {
     ControlCharacters(String),
     #[error("field {0:?} contains whitespace inside the value; save it again without it")]
     InnerWhitespace(String),
+    #[error("field {0:?} holds characters outside ASCII; API keys are ASCII, and one that is not is sent as bytes that an upstream reads in its own encoding (and may echo in a form not scrubbed)")]
+    NotAscii(String),
     #[error("field {0:?} does not match the connector's pattern for it")]
     Pattern(String),
     #[error("field {field:?} looks like a {key_env} key, but the connection's environment is {connection_env}")]
@@ -121,6 +123,7 @@ impl ConnectionError {
             ConnectionError::MissingField(f)
             | ConnectionError::ControlCharacters(f)
             | ConnectionError::InnerWhitespace(f)
+            | ConnectionError::NotAscii(f)
             | ConnectionError::Pattern(f)
             | ConnectionError::UnsafeUrlValue(f)
             | ConnectionError::NotText(f) => f,
@@ -183,6 +186,9 @@ pub fn clean_value<'a>(
     }
     if secret && trimmed.chars().any(char::is_whitespace) {
         return Err(ConnectionError::InnerWhitespace(field.to_string()));
+    }
+    if secret && !trimmed.is_ascii() {
+        return Err(ConnectionError::NotAscii(field.to_string()));
     }
     Ok((trimmed, trimmed.len() != value.len()))
 }

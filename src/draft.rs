@@ -156,6 +156,17 @@ fn connector_field<'a>(
     if clean.is_empty() {
         return Ok(None);
     }
+    // Every form of a secret is replaced in the upstream's answers: one this short would
+    // replace ordinary text ("json", a digit) in every answer, and guards nothing.
+    if field.secret && clean.len() < MIN_SECRET_LEN {
+        return Err(FieldError::new(
+            name,
+            format!(
+                "is {} characters; a secret is at least {MIN_SECRET_LEN} (latchkey replaces it wherever it appears in an answer, and one this short is ordinary text)",
+                clean.len()
+            ),
+        ));
+    }
     if let Some(p) = &field.pattern {
         if !p.is_match(clean) {
             return Err(FieldError::new(
@@ -172,9 +183,18 @@ fn connector_field<'a>(
     Ok(Some(clean))
 }
 
+/// The shortest secret field value saved.
+pub const MIN_SECRET_LEN: usize = 8;
+
 fn trim_notice(field: &str, raw: &str) -> String {
-    let what = if raw.ends_with('\n') {
+    let only_a_newline = raw.strip_suffix('\n').is_some_and(|r| {
+        let r = r.strip_suffix('\r').unwrap_or(r);
+        r.trim_matches(|c: char| c == ' ' || c == '\t') == r
+    });
+    let what = if only_a_newline {
         "a trailing newline"
+    } else if raw.ends_with('\n') {
+        "whitespace and a trailing newline"
     } else {
         "whitespace"
     };

@@ -1480,16 +1480,7 @@ fn placeholder(
     headers: &http::HeaderMap,
     query: Option<&str>,
 ) -> Result<Option<ConnectionId>, ProxyError> {
-    let basic_users = headers
-        .get_all(http::header::AUTHORIZATION)
-        .iter()
-        .filter_map(|value| auth::basic_user(value.to_str().ok()?));
-    let tokens = places
-        .candidates(headers, query)
-        .into_iter()
-        .map(|(token, _)| token)
-        .chain(basic_users);
-    for token in tokens {
+    for (token, _) in places.candidates(headers, query) {
         let Some(id) = token.expose().strip_prefix(PLACEHOLDER) else {
             continue;
         };

@@ -18,10 +18,10 @@ use crate::support::*;
 
 /// What one run of the CLI did.
 #[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
@@ -33,7 +33,7 @@ impl Run {
 
 /// Runs `latchkey connections {args}` with `stdin` (None: no standard input at all) and the
 /// environment `env` on top of a clean one.
-async fn run(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Run {
+pub(crate) async fn run(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Run {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"));
     cmd.arg("connections")
         .args(args)

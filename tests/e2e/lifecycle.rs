@@ -1870,6 +1870,29 @@ async fn a_two_field_credential_is_replaced_in_one_write() {
     .await
     .unwrap();
     assert_eq!(r.status(), 422);
+
+    // The CLI does the same in one write: the secret read from standard input, the field
+    // beside it given as NAME=VALUE.
+    let url = lk.admin_url("");
+    let env = [
+        ("LATCHKEY_API_URL", url.as_str()),
+        ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+    ];
+    let sid = format!("--field=account_sid={sid1}");
+    let r = crate::cli::run(
+        &["rotate", "tw", "--field", "auth_token", &sid],
+        Some(tok1),
+        &env,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    let got = gateway_get(&lk, "/tw/2010-04-01/Accounts.json", &[]).await;
+    assert_eq!(got.header("authorization"), Some(basic(sid1, tok1)));
+    // A secret is never taken from the command line.
+    let token = format!("--field=auth_token={tok2}");
+    let r = crate::cli::run(&["rotate", "tw", &token], None, &env).await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("never from the command line"), "{r:#?}");
 }
 
 /// A PATCH that names nothing to change is refused, and writes no new version.

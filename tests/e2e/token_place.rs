@@ -174,9 +174,23 @@ async fn the_client_token_as_the_api_key_authenticates_and_only_our_key_goes_on(
         Some(basic("AC0123456789abcdef0123456789abcdef", &s.twilio_token))
     );
     assert!(!seen(&r).contains(TOKEN), "{}", seen(&r));
-    assert_eq!(s.up.requests(), 4);
 
-    let lines = s.lk.access_lines(4, |l| l["status"] == 200).await;
+    // A Basic user name, as clients that send their key as `key:` do (Stripe's, curl -u).
+    let r = gateway_get(
+        &s.lk,
+        "/tp-stripe/v1/charges",
+        &[("authorization", &basic(TOKEN, ""))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {}", s.stripe_key))
+    );
+    assert!(!seen(&r).contains(TOKEN), "{}", seen(&r));
+    assert_eq!(s.up.requests(), 5);
+
+    let lines = s.lk.access_lines(5, |l| l["status"] == 200).await;
     assert!(
         lines.iter().all(|l| l["client"] == "sdk-runner"),
         "{lines:?}"

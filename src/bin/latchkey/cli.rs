@@ -44,7 +44,9 @@ pub enum ConnectionsCommand {
     /// Rotate a connection's key in place; the new key is verified first.
     Rotate {
         id: String,
-        /// The secret field to replace (default: every secret field of the connector).
+        /// The secret field to replace (default: every secret field of the connector), read
+        /// from a prompt or standard input; or `NAME=VALUE` for a field the credential is made
+        /// with beside the secret (Twilio's `account_sid`), replaced in the same write.
         #[arg(long = "field")]
         fields: Vec<String>,
     },
@@ -254,20 +256,34 @@ async fn rotate(api: &Api, id: &str, fields: Vec<String>) -> anyhow::Result<(u16
         .to_string();
     let catalog = connector_of(api, &connector).await?;
     let mut names = secret_fields(&catalog);
+    // `NAME=VALUE`: a field of the credential beside the secret, not secret itself (the API
+    // refuses one that is neither).
+    let (given, fields): (Vec<String>, Vec<String>) =
+        fields.into_iter().partition(|f| f.contains('='));
     if !fields.is_empty() {
         if let Some(bad) = fields.iter().find(|f| !names.contains(f)) {
             bail!(
-                "{bad} is not a secret field of {connector} (its secret fields: {})",
+                "{bad} is not a secret field of {connector} (its secret fields: {}; give a field the credential is made with as NAME=VALUE)",
                 names.join(", ")
             );
         }
         names = fields;
     }
+    let secret = secret_fields(&catalog);
+    let mut beside = serde_json::Map::new();
+    for pair in given {
+        let (name, value) = pair.split_once('=').unwrap_or((&pair, ""));
+        if secret.iter().any(|n| n == name) {
+            bail!("{name} is secret: it is read from a prompt or standard input, never from the command line");
+        }
+        beside.insert(name.to_string(), Value::String(value.to_string()));
+    }
     let secrets = read_secrets(&names, &catalog)?;
-    let map: serde_json::Map<String, Value> = secrets
+    let mut map: serde_json::Map<String, Value> = secrets
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.expose().to_string())))
         .collect();
+    map.extend(beside);
     let body = json!({ "fields": map });
     let r = api
         .call(
