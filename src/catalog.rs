@@ -615,19 +615,27 @@ impl Parts<'_> {
         Ok(t)
     }
 
-    /// The `base_url` template: no secret in it, and a URL once its placeholders are filled.
-    fn base_url(&self, s: &str) -> Result<Template, CatalogError> {
-        let t = self.template(s, "base_url")?;
+    /// A template of a URL (`base_url`, `verify.path`): no secret field in it. A URL is not a
+    /// safe place for a secret (logs, `Location`), and the verification path is filled with
+    /// non-secret fields only, so one naming a secret could never be used.
+    fn url_template(&self, s: &str, k: &str) -> Result<Template, CatalogError> {
+        let t = self.template(s, k)?;
         for f in t.fields() {
             if self.fields.iter().any(|g| g.name == f && g.secret) {
                 return Err(CatalogError::new(
-                    self.key("base_url"),
+                    self.key(k),
                     format!(
                         "uses the secret field {{{f}}}; a URL is not a safe place for a secret"
                     ),
                 ));
             }
         }
+        Ok(t)
+    }
+
+    /// The `base_url` template: no secret in it, and a URL once its placeholders are filled.
+    fn base_url(&self, s: &str) -> Result<Template, CatalogError> {
+        let t = self.url_template(s, "base_url")?;
         // Check the shape with every placeholder filled by a harmless word.
         let mut sample = String::new();
         let _ = t.render(&mut sample, |_| Some("x"));
@@ -702,7 +710,7 @@ impl Parts<'_> {
         }
         Ok(Verify {
             method,
-            path: self.template(&v.path, "verify.path")?,
+            path: self.url_template(&v.path, "verify.path")?,
             json_ok_field: v.json_ok_field,
         })
     }
@@ -910,6 +918,11 @@ mod tests {
             "[x]\nbase_url = \"https://{api_key}.example.com\"\ninject = { scheme = \"bearer\" }\n",
         );
         assert_eq!(e.key, "connectors.x.base_url");
+        let e = override_err(
+            "[x]\ninject = { scheme = \"bearer\" }\nverify = { path = \"/status/{api_key}\" }\n",
+        );
+        assert_eq!(e.key, "connectors.x.verify.path");
+        assert!(e.to_string().contains("secret field"), "{e}");
         let e = override_err("[x]\ninject = { scheme = \"bearer\" }\n[[x.fields]]\nname = \"api_key\"\nsecret = true\npattern = \"(\"\n");
         assert_eq!(e.key, "connectors.x.fields[0].pattern");
         let e = override_err("[x]\ninject = { scheme = \"bearer\" }\n[[x.fields]]\nname = \"connector\"\nsecret = true\n");

@@ -242,6 +242,17 @@ fn need_restart(started: &Config, new: &Config) -> Vec<&'static str> {
             .map(|t| (t.name.clone(), t.token_sha256))
             .collect()
     };
+    // Every field of `[vault]` is compared below, each by its key: one added there does not
+    // compile here until it is.
+    let crate::config::VaultConfig {
+        addresses: _,
+        mount: _,
+        prefix: _,
+        timeout: _,
+        ca_cert: _,
+        namespace: _,
+        auth: _,
+    } = &a.vault;
     [
         ("proxy.listen", a.proxy.listen != b.proxy.listen),
         ("proxy.workers", a.proxy.workers != b.proxy.workers),
@@ -270,7 +281,10 @@ fn need_restart(started: &Config, new: &Config) -> Vec<&'static str> {
             a.proxy.pool_idle_timeout != b.proxy.pool_idle_timeout,
         ),
         ("admin.listen", a.admin.listen != b.admin.listen),
-        ("admin.tokens", admin_tokens(a) != admin_tokens(b)),
+        (
+            "admin.token_sha256 / [[admin.tokens]]",
+            admin_tokens(a) != admin_tokens(b),
+        ),
         (
             "admin.expiry_warning",
             a.admin.expiry_warning != b.admin.expiry_warning,
@@ -280,7 +294,13 @@ fn need_restart(started: &Config, new: &Config) -> Vec<&'static str> {
             "admin.secure_cookie",
             a.admin.secure_cookie != b.admin.secure_cookie,
         ),
-        ("vault", debug(&a.vault, &b.vault)),
+        ("vault.address", a.vault.addresses != b.vault.addresses),
+        ("vault.mount", a.vault.mount != b.vault.mount),
+        ("vault.prefix", a.vault.prefix != b.vault.prefix),
+        ("vault.timeout", a.vault.timeout != b.vault.timeout),
+        ("vault.ca_cert", a.vault.ca_cert != b.vault.ca_cert),
+        ("vault.namespace", a.vault.namespace != b.vault.namespace),
+        ("vault.auth", debug(&a.vault.auth, &b.vault.auth)),
         ("tls.ca_cert", debug(&a.tls.ca, &b.tls.ca)),
     ]
     .into_iter()
@@ -315,7 +335,14 @@ mod tests {
         let b = config(
             "[proxy]\nlisten = \"127.0.0.1:8081\"\nrequest_timeout = \"1s\"\n[vault]\naddress = \"http://127.0.0.1:1\"\n[cache]\nttl = \"1s\"\n",
         );
-        assert_eq!(need_restart(&a, &b), vec!["proxy.listen", "vault"]);
+        assert_eq!(need_restart(&a, &b), vec!["proxy.listen", "vault.address"]);
+        let c = config(
+            "[proxy]\nlisten = \"127.0.0.1:8080\"\n[vault]\ntimeout = \"9s\"\n[admin]\ntoken_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+        );
+        assert_eq!(
+            need_restart(&a, &c),
+            vec!["admin.token_sha256 / [[admin.tokens]]", "vault.timeout"]
+        );
         assert!(need_restart(&a, &a.clone()).is_empty());
     }
 }

@@ -183,14 +183,12 @@ fn main() -> ExitCode {
                 }
             };
             run(async move {
+                // Installed before the server says it is listening: a SIGTERM from then on
+                // shuts down gracefully, a SIGHUP reloads, neither kills.
+                let shutdown = shutdown_signal()?;
                 let server = latchkey::Server::bind(config).await?;
-                // Installed before the server says it is listening: a SIGHUP from then on
-                // reloads, never kills.
                 reload_on_hangup(server.reloader(), path)?;
-                server
-                    .run(shutdown_signal())
-                    .await
-                    .map_err(anyhow::Error::from)
+                server.run(shutdown).await.map_err(anyhow::Error::from)
             })
         }
         Command::Connections(args) => {
@@ -268,25 +266,27 @@ fn reload_on_hangup(_: latchkey::reload::Reloader, _: PathBuf) -> anyhow::Result
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM or SIGINT. The handlers are installed when this is called, not when the future is
+/// first polled: `Server::run` says it is listening before it waits on the future, and a
+/// SIGTERM in between would otherwise kill the process at once (the default action), cutting
+/// the requests in flight that a graceful shutdown lets finish.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
