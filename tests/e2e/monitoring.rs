@@ -75,6 +75,44 @@ async fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
     }
 }
 
+/// `promtool check metrics` finds latchkey's `/metrics` well-formed and every family described
+/// (`# HELP`); the gauges and counter with no label are there, at 0, before first use.
+#[tokio::test]
+async fn metrics_pass_promtool_check_metrics() {
+    let promtool = program("promtool");
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "linted", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    assert_eq!(gateway_get(&lk, "/linted/x", &[]).await.status, 200);
+    assert_eq!(gateway_get(&lk, "/no-such-one/x", &[]).await.status, 404);
+    let text = metrics_text(&lk).await;
+    for zero in [
+        "latchkey_tunnels_open 0",
+        "latchkey_websockets_open 0",
+        "latchkey_vault_stalls_total 0",
+    ] {
+        assert!(text.lines().any(|l| l == zero), "{zero} missing:\n{text}");
+    }
+    let mut child = tokio::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // A real Prometheus
 
