@@ -55,6 +55,10 @@ pub struct Scrubber {
     longest: usize,
     /// A value shorter than this holds no form (most header values: no search).
     shortest: usize,
+    /// The forms a header name could hold (made of a name's characters), in lower case, as
+    /// names are kept; and the shortest of them (most names are shorter: no search).
+    in_names: Vec<Zeroizing<Vec<u8>>>,
+    shortest_in_names: usize,
     placeholder: Bytes,
     /// The connection's ID, to label the count.
     id: Arc<str>,
@@ -132,6 +136,12 @@ impl Scrubber {
             .unwrap_or(0);
         let longest = forms.iter().map(|f| f.len()).max().unwrap_or(0);
         let shortest = forms.iter().map(|f| f.len()).min().unwrap_or(0);
+        let in_names: Vec<Zeroizing<Vec<u8>>> = forms
+            .iter()
+            .filter(|f| f.iter().all(|&b| is_name_byte(b)))
+            .map(|f| Zeroizing::new(f.to_ascii_lowercase()))
+            .collect();
+        let shortest_in_names = in_names.iter().map(|f| f.len()).min().unwrap_or(usize::MAX);
         Some(Arc::new(Scrubber {
             finder,
             forms,
@@ -140,6 +150,8 @@ impl Scrubber {
             starts,
             longest,
             shortest,
+            in_names,
+            shortest_in_names,
             placeholder: Bytes::from(format!("latchkey.{id}")),
             id: Arc::from(id),
         }))
@@ -193,17 +205,15 @@ impl Scrubber {
     }
 
     /// Whether a header name holds a form of the credential. Names are lower case (as the
-    /// `http` crate keeps them), so forms are compared ignoring ASCII case; most names are
-    /// shorter than the shortest form, and cost one comparison.
+    /// `http` crate keeps them), and so are the forms looked for in them; most names are
+    /// shorter than the shortest such form, and cost one comparison.
     fn in_name(&self, name: &str) -> bool {
         let name = name.as_bytes();
-        name.len() >= self.shortest
-            && self.forms.iter().any(|form| {
-                form.len() <= name.len()
-                    && name
-                        .windows(form.len())
-                        .any(|w| w.eq_ignore_ascii_case(form))
-            })
+        name.len() >= self.shortest_in_names
+            && self
+                .in_names
+                .iter()
+                .any(|form| memchr::memmem::find(name, form).is_some())
     }
 
     /// Counts `n` replacements in the metric, and says so in the log: the upstream echoes the
@@ -839,6 +849,11 @@ impl<B: Body<Data = Bytes, Error = BoxError>> Body for Answer<B> {
             Answer::Stream { .. } | Answer::Decoded { .. } => http_body::SizeHint::default(),
         }
     }
+}
+
+/// A byte a header name may hold (RFC 9110 `tchar`).
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]

@@ -164,21 +164,41 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     use names::*;
-    describe_counter!(REQUESTS, "Requests answered, by form, connection, client and status.");
+    describe_counter!(
+        REQUESTS,
+        "Requests answered, by form, connection, client and status."
+    );
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
         "Time from a request's head to its answer's end, by form."
     );
-    describe_counter!(REQUEST_BYTES, Unit::Bytes, "Body bytes proxied, by direction.");
+    describe_counter!(
+        REQUEST_BYTES,
+        Unit::Bytes,
+        "Body bytes proxied, by direction."
+    );
     describe_counter!(ERRORS, "Answers with a Latchkey-Error, by code.");
     describe_counter!(CACHE_LOOKUPS, "Connection cache lookups, by outcome.");
     describe_gauge!(CACHE_ENTRIES, "Connections in the cache.");
     describe_counter!(VAULT_REQUESTS, "Calls to Vault, by op and outcome.");
-    describe_histogram!(VAULT_DURATION, Unit::Seconds, "Time of a call to Vault, by op.");
-    describe_counter!(VAULT_AUTH, "Vault logins and token renewals, by op and outcome.");
-    describe_counter!(UPSTREAM_ERRORS, "Upstream failures, by Latchkey-Error code.");
-    describe_counter!(UPSTREAM_UNAUTHORIZED, "Upstream 401 answers, by connection.");
+    describe_histogram!(
+        VAULT_DURATION,
+        Unit::Seconds,
+        "Time of a call to Vault, by op."
+    );
+    describe_counter!(
+        VAULT_AUTH,
+        "Vault logins and token renewals, by op and outcome."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Upstream failures, by Latchkey-Error code."
+    );
+    describe_counter!(
+        UPSTREAM_UNAUTHORIZED,
+        "Upstream 401 answers, by connection."
+    );
     describe_counter!(UPSTREAM_FORBIDDEN, "Upstream 403 answers, by connection.");
     describe_counter!(
         RESPONSE_SCRUBBED,
@@ -189,14 +209,29 @@ fn describe() {
         Unit::Seconds,
         "Seconds until a connection's expires_at, by connection."
     );
-    describe_gauge!(CLIENT_CONNECTIONS, "Open client connections, by proxy worker.");
+    describe_gauge!(
+        CLIENT_CONNECTIONS,
+        "Open client connections, by proxy worker."
+    );
     describe_gauge!(TUNNELS_OPEN, "Open CONNECT tunnels.");
     describe_counter!(TUNNEL_LEAVES, "Leaf certificates for tunnels, by outcome.");
-    describe_counter!(TUNNEL_HANDSHAKE_FAILURES, "TLS handshakes inside tunnels that failed, by reason.");
+    describe_counter!(
+        TUNNEL_HANDSHAKE_FAILURES,
+        "TLS handshakes inside tunnels that failed, by reason."
+    );
     describe_gauge!(WEBSOCKETS_OPEN, "Open WebSocket upgrades.");
-    describe_counter!(VAULT_STALLS, "Times Vault was found hung (a re-read kept a request waiting).");
-    describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP), by outcome.");
-    describe_counter!(UPSTREAM_TLS_HANDSHAKES, "TLS handshakes with upstreams, by kind (full or resumed).");
+    describe_counter!(
+        VAULT_STALLS,
+        "Times Vault was found hung (a re-read kept a request waiting)."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Configuration reloads (SIGHUP), by outcome."
+    );
+    describe_counter!(
+        UPSTREAM_TLS_HANDSHAKES,
+        "TLS handshakes with upstreams, by kind (full or resumed)."
+    );
     metrics::gauge!(TUNNELS_OPEN).set(0.0);
     metrics::gauge!(WEBSOCKETS_OPEN).set(0.0);
     metrics::gauge!(CACHE_ENTRIES).set(0.0);
