@@ -689,7 +689,14 @@ impl Config {
         let from_env = apply_env(&mut table, env)?;
         // An error at a key a variable set names the variable: the file is not to blame.
         let blame = |mut e: ConfigError| {
-            if let Some((_, var)) = from_env.iter().find(|(key, _)| *key == e.key) {
+            // The key itself, or an entry of the list or table it is (`proxy.passthrough[0]`).
+            let under = |key: &str| {
+                e.key == key
+                    || e.key
+                        .strip_prefix(key)
+                        .is_some_and(|rest| rest.starts_with('[') || rest.starts_with('.'))
+            };
+            if let Some((_, var)) = from_env.iter().find(|(key, _)| under(key)) {
                 e.key = format!("{var} ({})", e.key);
             }
             e
@@ -907,11 +914,19 @@ impl VaultConfig {
                 "names no address; give one, or a list of every node of the cluster",
             ));
         }
+        // A value from the environment is blamed on its variable, not on the file's key.
+        let named = |e: ConfigError, var: &str| match env.var(var) {
+            Some(_) => ConfigError {
+                key: format!("{var} ({})", e.key),
+                ..e
+            },
+            None => e,
+        };
         for address in &addresses {
-            check_vault_address(address)?;
+            check_vault_address(address).map_err(|e| named(e, "VAULT_ADDR"))?;
         }
         let namespace = match env.var("VAULT_NAMESPACE").or(raw.namespace) {
-            Some(ns) => Some(check_vault_namespace(&ns)?),
+            Some(ns) => Some(check_vault_namespace(&ns).map_err(|e| named(e, "VAULT_NAMESPACE"))?),
             None => None,
         };
         let mount = raw.mount.trim_matches('/').to_string();
@@ -937,7 +952,7 @@ impl VaultConfig {
         let auth = vault_auth(raw.auth, env)?;
         let ca_cert = env.var("VAULT_CACERT").map(PathBuf::from).or(raw.ca_cert);
         if let Some(path) = &ca_cert {
-            pem_certificates("vault.ca_cert", path)?;
+            pem_certificates("vault.ca_cert", path).map_err(|e| named(e, "VAULT_CACERT"))?;
         }
         Ok(VaultConfig {
             addresses,
@@ -1773,6 +1788,28 @@ mod tests {
             e.key, "LATCHKEY_CACHE_MAX_ENTRIES (cache.max_entries)",
             "{e}"
         );
+        // An entry of a list a variable set, and the Vault variables, name the variable too.
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            ("LATCHKEY_PROXY_PASSTHROUGH", "[\"*.com\"]"),
+        ]);
+        let e = Config::parse("", &env).unwrap_err();
+        assert_eq!(
+            e.key, "LATCHKEY_PROXY_PASSTHROUGH (proxy.passthrough[0])",
+            "{e}"
+        );
+        for (var, value, key) in [
+            ("VAULT_ADDR", "notaurl", "VAULT_ADDR (vault.address)"),
+            (
+                "VAULT_CACERT",
+                "/nonexistent.pem",
+                "VAULT_CACERT (vault.ca_cert)",
+            ),
+        ] {
+            let env = FakeEnv(vec![("VAULT_TOKEN", "t"), (var, value)]);
+            let e = Config::parse("", &env).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
     }
 
     #[test]
@@ -1795,7 +1832,10 @@ mod tests {
         let e = err("[vault]\naddress = [\"https://v1:8200\", \"v2:8200\"]\n");
         assert_eq!(e.key, "vault.address", "{e}");
         let env = FakeEnv(vec![("VAULT_TOKEN", "t"), ("VAULT_ADDR", "https://v1,")]);
-        assert_eq!(Config::parse("", &env).unwrap_err().key, "vault.address");
+        assert_eq!(
+            Config::parse("", &env).unwrap_err().key,
+            "VAULT_ADDR (vault.address)"
+        );
     }
 
     #[test]

@@ -52,10 +52,11 @@ fn main() {
                 let _ = config.to_string();
             }
             Err(e) => {
-                // A key a variable set is named with the variable: `LATCHKEY_X (section.key)`.
+                // A key a variable set is named with the variable: `LATCHKEY_X (section.key)`,
+                // `VAULT_ADDR (vault.address)`.
                 let key = names
                     .iter()
-                    .filter(|n| n.starts_with("LATCHKEY_"))
+                    .filter(|n| n.starts_with("LATCHKEY_") || n.starts_with("VAULT_"))
                     .find_map(|n| {
                         e.key
                             .strip_prefix(n.as_str())?
