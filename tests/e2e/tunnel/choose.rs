@@ -19,6 +19,24 @@ fn clients(grants: &[&str]) -> String {
     )
 }
 
+/// `GET http://api.stripe.com/v1/balance` in forward form, reqwest with `_` as the proxy user.
+async fn forward_balance(s: &Stripe) -> Echoed {
+    let client = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(s.lk.url(""))
+                .unwrap()
+                .basic_auth("_", TOKEN),
+        )
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://{STRIPE}/v1/balance"))
+        .send()
+        .await
+        .unwrap();
+    read(r).await
+}
+
 #[tokio::test]
 async fn the_one_granted_connection_covering_the_host_is_used_without_being_named() {
     let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
@@ -42,22 +60,7 @@ async fn the_one_granted_connection_covering_the_host_is_used_without_being_name
     assert_ours(&got["body"], &s.key);
 
     // Forward form, reqwest with `_` as the proxy user.
-    let client = reqwest::Client::builder()
-        .proxy(
-            reqwest::Proxy::http(s.lk.url(""))
-                .unwrap()
-                .basic_auth("_", TOKEN),
-        )
-        .build()
-        .unwrap();
-    let r = read(
-        client
-            .get(format!("http://{STRIPE}/v1/balance"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = forward_balance(&s).await;
     assert_eq!(r.status, 200, "{:?}", r.json);
     assert_ours(&r.json, &s.key);
 
@@ -147,22 +150,7 @@ async fn a_connection_covering_the_host_only_on_another_port_is_no_candidate() {
     s.lk.forbid(&other_key);
 
     // Forward form, `_`, no port in the URL: stripe-prod, not ambiguous.
-    let client = reqwest::Client::builder()
-        .proxy(
-            reqwest::Proxy::http(s.lk.url(""))
-                .unwrap()
-                .basic_auth("_", TOKEN),
-        )
-        .build()
-        .unwrap();
-    let r = read(
-        client
-            .get(format!("http://{STRIPE}/v1/balance"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let r = forward_balance(&s).await;
     assert_eq!(r.status, 200, "{:?} {:?}", r.latchkey_error, r.json);
     assert_ours(&r.json, &s.key);
 
