@@ -182,23 +182,22 @@ impl Scrubber {
     /// returns how many there were.
     pub fn headers(&self, headers: &mut HeaderMap) -> u64 {
         let mut n = 0;
-        // One pass over names and values; a name holding the key is rare, taken out after.
-        let mut named: Vec<http::HeaderName> = Vec::new();
-        for (name, value) in headers.iter_mut() {
-            if self.in_name(name.as_str()) {
-                if !named.contains(name) {
-                    named.push(name.clone());
+        if headers.keys().any(|name| self.in_name(name.as_str())) {
+            let named: Vec<http::HeaderName> = headers
+                .keys()
+                .filter(|name| self.in_name(name.as_str()))
+                .cloned()
+                .collect();
+            for name in named {
+                if let http::header::Entry::Occupied(entry) = headers.entry(name) {
+                    n += entry.remove_entry_mult().1.count() as u64;
                 }
-                continue;
             }
+        }
+        for value in headers.values_mut() {
             if let Some((scrubbed, k)) = self.header(value) {
                 *value = scrubbed;
                 n += k;
-            }
-        }
-        for name in named {
-            if let http::header::Entry::Occupied(entry) = headers.entry(name) {
-                n += entry.remove_entry_mult().1.count() as u64;
             }
         }
         self.count(n);
