@@ -309,16 +309,10 @@ pub struct Reach {
 }
 
 impl Reach {
-    /// Whether the connection's credential may go to `host` on the port a request would be
-    /// sent to (the proxy's rule for the upstream's port): `port` when the request named one
-    /// other than its scheme's default; else the default port of the scheme it goes over,
-    /// https when the connection's base URL is, `scheme` otherwise.
+    /// Whether the connection's credential may go to `host` on the port a request that named
+    /// `scheme` and `port` is sent to ([`crate::destination::sent_to`], the proxy's own rule).
     pub fn covers(&self, host: &str, port: Option<u16>, scheme: Scheme) -> bool {
-        let port = port.unwrap_or(if self.https {
-            Scheme::Https.default_port()
-        } else {
-            scheme.default_port()
-        });
+        let (_, port) = crate::destination::sent_to(self.https, scheme, port);
         self.hosts.allows_at(host, port)
     }
 }

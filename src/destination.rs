@@ -35,6 +35,20 @@ impl Scheme {
     }
 }
 
+/// Where a request that named `scheme` and `port` goes for a connection whose base URL is
+/// https (`base_https`) or not: over TLS whenever the base URL is (a credential never goes in
+/// the clear), to the port named unless it is the named scheme's default, which stands for
+/// the default port of the scheme it goes over. The proxy dials this; the host index matches
+/// candidates on it.
+pub fn sent_to(base_https: bool, scheme: Scheme, port: Option<u16>) -> (Scheme, u16) {
+    let over = if base_https { Scheme::Https } else { scheme };
+    let port = match port {
+        Some(p) if p != scheme.default_port() => p,
+        _ => over.default_port(),
+    };
+    (over, port)
+}
+
 /// A connection's base URL: scheme, host, port and a path prefix without a trailing slash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {

@@ -548,14 +548,17 @@ impl Proxy {
                 let client = self.authenticate(token.as_ref())?;
                 log.client = client.map(|c| c.name.clone());
                 tunnel.grant = client.cloned();
-                // As a forward request's URL would name it: 80 and 443 are http's and https's
-                // own (plain HTTP inside a CONNECT to port 80 goes over TLS to a connection
-                // whose base URL is https, as in forward form), any other port itself.
-                let dialled = match port {
-                    80 => (None, Scheme::Http),
-                    443 => (None, Scheme::Https),
-                    other => (Some(other), Scheme::Https),
-                };
+                // As a forward request's URL would name it: plain HTTP inside a CONNECT to
+                // port 80 (which goes over TLS to a connection whose base URL is https, as in
+                // forward form), TLS to any other port.
+                let dialled = (
+                    Some(port),
+                    if port == 80 {
+                        Scheme::Http
+                    } else {
+                        Scheme::Https
+                    },
+                );
                 let candidates = self
                     .coverage
                     .candidates(client, &host, dialled)
@@ -912,9 +915,6 @@ impl Proxy {
         log.host = Some(Arc::from(normalize_host(req.host)));
         let client = self.authenticate(unnamed.token.as_ref())?;
         log.client = client.map(|c| c.name.clone());
-        // The port the request would be sent to: the one its URL names, unless that is its
-        // scheme's default, which stands for the port of the scheme it goes over.
-        let port = req.port.filter(|p| *p != req.scheme.default_port());
         let what = req
             .port
             .map_or_else(|| req.host.to_string(), |p| format!("{}:{p}", req.host));
@@ -924,7 +924,7 @@ impl Proxy {
             Vec::new()
         } else {
             self.coverage
-                .candidates(client, req.host, (port, req.scheme))
+                .candidates(client, req.host, (req.port, req.scheme))
                 .await
                 .map_err(|_| ProxyError::CannotChoose(what.clone()))?
         };
@@ -1089,15 +1089,8 @@ impl Proxy {
             });
         };
         // A connection whose base URL is https never sends its credential in the clear.
-        let scheme = if conn.base.scheme == Scheme::Https {
-            Scheme::Https
-        } else {
-            req.scheme
-        };
-        let port = match req.port {
-            Some(p) if p != req.scheme.default_port() => p,
-            _ => scheme.default_port(),
-        };
+        let (scheme, port) =
+            destination::sent_to(conn.base.scheme == Scheme::Https, req.scheme, req.port);
         // Lower case, no trailing dot (`127.0.0.1.` is 127.0.0.1, and is dialled as such).
         let host = normalize_host(req.host);
         // The host and the port dialled: the credential goes to a host the connection names,

@@ -359,13 +359,7 @@ async fn an_h2_field_value_with_outer_whitespace_is_400() {
     put_bearer(&bao, "spaced", &format!("http://{}", up.addr()));
     let lk = Latchkey::start(&bao, Opts::loopback()).await;
     let tcp = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_over(tcp).await;
     let mut send = async |value: &'static str| {
         let req = http::Request::get(format!("http://{}/spaced/x", lk.proxy))
             .header("x-field", http::HeaderValue::from_static(value))

@@ -637,13 +637,7 @@ async fn h2_with_prior_knowledge_inside_a_plain_connect_gets_the_connection_key(
         head.push(byte[0]);
     }
     assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_over(tcp).await;
     for path in ["/first", "/second"] {
         let req = http::Request::get(format!("http://{addr}{path}"))
             .body(http_body_util::Empty::<bytes::Bytes>::new())

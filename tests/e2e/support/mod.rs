@@ -1096,6 +1096,20 @@ pub async fn read(resp: reqwest::Response) -> Echoed {
     }
 }
 
+/// An h2 client (prior knowledge) over `io`, its connection driven by a task of its own.
+pub async fn h2_over(
+    io: tokio::net::TcpStream,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// A message's head, read byte by byte up to the blank line (what follows is not ours to read),
 /// or what came before the peer closed or failed: check that it ends with `\r\n\r\n`.
 pub async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {

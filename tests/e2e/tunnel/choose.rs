@@ -19,6 +19,17 @@ fn clients(grants: &[&str]) -> String {
     )
 }
 
+/// A second connection on api.stripe.com, `stripe-second`; its key.
+fn stripe_second(s: &Stripe) -> String {
+    let key = format!("sk_test_second{}", free_port());
+    s._bao.put(
+        "stripe-second",
+        &[("connector", "stripe"), ("api_key", &key)],
+    );
+    s.lk.forbid(&key);
+    key
+}
+
 /// `GET http://api.stripe.com/v1/balance` in forward form, reqwest with `_` as the proxy user.
 async fn forward_balance(s: &Stripe) -> Echoed {
     let client = reqwest::Client::builder()
@@ -74,12 +85,7 @@ async fn the_one_granted_connection_covering_the_host_is_used_without_being_name
 #[tokio::test]
 async fn two_granted_connections_on_the_host_are_ambiguous_until_one_is_named() {
     let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
-    let second_key = format!("sk_test_second{}", free_port());
-    s._bao.put(
-        "stripe-second",
-        &[("connector", "stripe"), ("api_key", &second_key)],
-    );
-    s.lk.forbid(&second_key);
+    let second_key = stripe_second(&s);
 
     // Neither named: 400, naming both, and nothing sent.
     let (status, text) = s.curl(&format!("_:{TOKEN}"), &[], "/v1/charges").await;
@@ -176,12 +182,7 @@ async fn a_connection_covering_the_host_only_on_another_port_is_no_candidate() {
 #[tokio::test]
 async fn a_placeholder_counts_only_where_the_key_goes() {
     let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
-    let second_key = format!("sk_test_second{}", free_port());
-    s._bao.put(
-        "stripe-second",
-        &[("connector", "stripe"), ("api_key", &second_key)],
-    );
-    s.lk.forbid(&second_key);
+    stripe_second(&s);
     let user = format!("_:{TOKEN}");
 
     // Elsewhere only: nothing is named, and the two connections leave the choice open.
