@@ -391,8 +391,12 @@ impl Cache {
         telemetry::cache_entries(self.inner.map.len());
     }
 
-    /// Puts a freshly written connection in the cache, so the next request uses it.
-    pub fn insert(&self, conn: Connection) {
+    /// Puts a freshly written connection in the cache, so the next request uses it; the key it
+    /// replaces is still scrubbed from answers ([`Connection::remember_previous`]).
+    pub fn insert(&self, mut conn: Connection) {
+        if let Some(previous) = self.inner.ready(&conn.id) {
+            conn.remember_previous(&previous);
+        }
         self.inner.writes.fetch_add(1, Ordering::Release);
         let id = conn.id.clone();
         let now = Instant::now();
@@ -509,6 +513,14 @@ impl Inner {
         }
     }
 
+    /// The connection cached for `id`, fresh or stale.
+    fn ready(&self, id: &ConnectionId) -> Option<Arc<Connection>> {
+        match &self.map.get(id)?.state {
+            State::Ready { conn, .. } => Some(conn.clone()),
+            _ => None,
+        }
+    }
+
     async fn load(self: Arc<Self>, id: ConnectionId, generation: u64) -> Outcome {
         let started = Instant::now();
         let result = self.source.load(id.clone()).await;
@@ -525,7 +537,12 @@ impl Inner {
             tracing::info!("Vault answers again: expired connections wait for their re-read again");
         }
         let outcome: Outcome = match result {
-            Ok(Some(conn)) => Ok(Arc::new(conn)),
+            Ok(Some(mut conn)) => {
+                if let Some(previous) = self.ready(&id) {
+                    conn.remember_previous(&previous);
+                }
+                Ok(Arc::new(conn))
+            }
             Ok(None) => Err(CacheError::NotFound),
             Err(e) => Err(e),
         };
@@ -618,7 +635,8 @@ mod tests {
         ) -> BoxFuture<'static, Result<Option<Connection>, CacheError>> {
             let me = self.clone();
             async move {
-                me.loads.fetch_add(1, Ordering::SeqCst);
+                // Each load reads a newer version, as a rotation between loads would write.
+                let version = me.loads.fetch_add(1, Ordering::SeqCst) as u64 + 1;
                 let answer = me.answer.lock().unwrap().clone();
                 let delay = *me.delay.lock().unwrap();
                 tokio::time::sleep(delay).await;
@@ -635,7 +653,7 @@ mod tests {
                                     .into_iter()
                                     .map(|(k, v)| (k.to_string(), Secret::new(v)))
                                     .collect(),
-                                version: 1,
+                                version,
                                 custom_metadata: Default::default(),
                                 not_text: Vec::new(),
                             },
@@ -879,6 +897,32 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1500)).await;
         let (e, _) = cache.get(&id("c1")).await.unwrap_err();
         assert_eq!(e, CacheError::NotFound);
+    }
+
+    /// A rotated key stays scrubbed: the connection re-read with a new key also finds the one
+    /// it replaced (in answers that still quote it), and not the one before that.
+    #[tokio::test(start_paused = true)]
+    async fn a_reread_connection_still_scrubs_the_key_it_replaced() {
+        let quotes = |c: &Connection, key: &'static str| {
+            let scrubber = c.scrubber.as_ref().unwrap();
+            scrubber
+                .header(&http::HeaderValue::from_static(key))
+                .is_some()
+        };
+        let fake = Fake::new(Duration::from_millis(5));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        let (one, _) = cache.get(&id("c1")).await.unwrap();
+        assert!(quotes(&one, "sk_test_one") && !quotes(&one, "sk_test_two"));
+        fake.set(Ok(Some("sk_test_two")));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (two, _) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(key_of(&two), "Bearer sk_test_two");
+        assert!(quotes(&two, "sk_test_two") && quotes(&two, "sk_test_one"));
+        fake.set(Ok(Some("sk_test_three")));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (three, _) = cache.get(&id("c1")).await.unwrap();
+        assert!(quotes(&three, "sk_test_three") && quotes(&three, "sk_test_two"));
+        assert!(!quotes(&three, "sk_test_one"));
     }
 
     /// Issue 12: while a hung store's read had not yet timed out (Vault's own timeout, seconds),

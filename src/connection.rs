@@ -282,6 +282,22 @@ impl Connection {
 }
 
 impl Connection {
+    /// Remembers the key of `previous`, the version of this connection that this one replaces
+    /// in the cache, so that an upstream echoing the replaced key (still valid at the service
+    /// for a while, often) does not hand it to the client: the scrubber finds both. Nothing
+    /// changes when `previous` is another connection or this very version.
+    pub fn remember_previous(&mut self, previous: &Connection) {
+        if previous.id != self.id || previous.version == self.version {
+            return;
+        }
+        let Some(before) = previous.scrubber.as_deref() else {
+            return;
+        };
+        if let Some(now) = &self.scrubber {
+            self.scrubber = now.and_previous(before).or_else(|| self.scrubber.clone());
+        }
+    }
+
     /// Whether the credential may go to `host` on `port`: the base URL's own port on its host,
     /// an allowed host's own port or else the base URL scheme's. Never another port.
     pub fn allows_port(&self, host: &str, port: u16) -> bool {

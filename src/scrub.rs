@@ -62,6 +62,17 @@ pub struct Scrubber {
     placeholder: Bytes,
     /// The connection's ID, to label the count.
     id: Arc<str>,
+    /// What this scrubber was made from for the connection's current version (its secret
+    /// values and sent forms), without those of the version before ([`Scrubber::and_previous`]):
+    /// a scrubber carries the key one rotation replaced, never a chain of them.
+    own: Own,
+}
+
+/// A scrubber's inputs for one version of a connection.
+#[derive(Default)]
+struct Own {
+    secrets: Vec<Zeroizing<Vec<u8>>>,
+    sent: Vec<Zeroizing<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Scrubber {
@@ -79,6 +90,43 @@ impl Scrubber {
         sent: impl IntoIterator<Item = &'a [u8]>,
         id: &str,
     ) -> Option<Arc<Scrubber>> {
+        let own = Own {
+            secrets: secrets
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| Zeroizing::new(s.to_vec()))
+                .collect(),
+            sent: sent
+                .into_iter()
+                .map(|s| Zeroizing::new(s.to_vec()))
+                .collect(),
+        };
+        Scrubber::build(own, None, id)
+    }
+
+    /// This scrubber, also finding the forms of the key that `previous` (the same connection's
+    /// version before a rotation) scrubbed: services often keep a replaced key valid for a
+    /// while, and one that echoes it must not hand it to the client either. Only `previous`'s
+    /// own key is added, not the one before it.
+    pub fn and_previous(&self, previous: &Scrubber) -> Option<Arc<Scrubber>> {
+        let own = Own {
+            secrets: self.own.secrets.clone(),
+            sent: self.own.sent.clone(),
+        };
+        Scrubber::build(own, Some(&previous.own), &self.id)
+    }
+
+    /// The scrubber for `own`'s forms and `also`'s (a replaced key's).
+    fn build(own: Own, also: Option<&Own>, id: &str) -> Option<Arc<Scrubber>> {
+        let both = |part: fn(&Own) -> &[Zeroizing<Vec<u8>>]| -> Vec<&[u8]> {
+            std::iter::once(&own)
+                .chain(also)
+                .flat_map(part)
+                .map(|s| s.as_slice())
+                .collect()
+        };
+        let secrets = both(|o| &o.secrets);
+        let sent = both(|o| &o.sent);
         let mut forms: Vec<Zeroizing<Vec<u8>>> = Vec::new();
         // The forms as bytes (the secret, its base64, what was sent), to be looked for spelled
         // too: those with a byte an encoder may escape.
@@ -154,6 +202,7 @@ impl Scrubber {
             shortest_in_names,
             placeholder: Bytes::from(format!("latchkey.{id}")),
             id: Arc::from(id),
+            own,
         }))
     }
 

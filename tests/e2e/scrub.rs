@@ -5,12 +5,13 @@
 //! request form; each replacement is counted in `latchkey_response_scrubbed_total`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::Httpbin;
-use crate::errors::metrics_text;
+use crate::errors::{metrics_text, send};
 use crate::support::*;
 
 /// A key with characters that base64, percent-encoding and JSON treat specially.
@@ -395,5 +396,83 @@ async fn the_tunnel_form_scrubs_too() {
             .contains(&format!("Bearer latchkey.{}", crate::tunnel::ID)),
         "{}",
         inner.body
+    );
+}
+
+/// A rotated key stays scrubbed. Services often keep a replaced key valid for a while; an
+/// upstream that still quotes it hands the client the placeholder, whether the rotation went
+/// through the admin API or straight to Vault (re-read after the TTL). One rotation back, not a
+/// chain: the key two rotations ago is no longer looked for.
+#[tokio::test]
+async fn the_key_a_rotation_replaced_is_scrubbed_too() {
+    const ID: &str = "rotates";
+    let bao = Bao::start().await;
+    let hb = Httpbin::start().await;
+    let base = format!("http://127.0.0.1:{}", hb.port);
+    let keys = [
+        "sk_live_First/1+aaaaaaaa",
+        "sk_live_Second/2+bbbbbbbb",
+        "sk_live_Third/3+cccccccc",
+    ];
+    let put = |key: &str| {
+        bao.put(
+            ID,
+            &[
+                ("connector", "generic-bearer"),
+                ("base_url", &base),
+                ("api_key", key),
+            ],
+        )
+    };
+    put(keys[0]);
+    let lk = Latchkey::start(&bao, Opts::loopback().extra("[cache]\nttl = \"1s\"\n")).await;
+    for k in keys {
+        lk.forbid(k);
+    }
+    let placeholder = format!("latchkey.{ID}");
+    // What the client reads when httpbin echoes `key` in a response header and in its body.
+    let echo = |key: &'static str| {
+        let url = lk.url(&format!(
+            "/{ID}/response-headers?X-Echo={}",
+            percent_encoding::utf8_percent_encode(key, percent_encoding::NON_ALPHANUMERIC)
+        ));
+        async move {
+            let resp = http().get(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let headers = format!("{:?}", resp.headers());
+            format!("{headers}\n{}", resp.text().await.unwrap())
+        }
+    };
+    let scrubbed = |text: &str, key: &str| !text.contains(key) && text.contains(&placeholder);
+    let first = echo(keys[0]).await;
+    assert!(scrubbed(&first, keys[0]), "{first}");
+
+    // Through the admin API: the new key is cached at once, and the old one still found.
+    let r = send(
+        http()
+            .put(lk.admin_url(&format!("/v1/connections/{ID}/secret")))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({"fields": {"api_key": keys[1]}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    let second = echo(keys[1]).await;
+    assert!(scrubbed(&second, keys[1]), "{second}");
+    let old = echo(keys[0]).await;
+    assert!(scrubbed(&old, keys[0]), "the replaced key came back: {old}");
+
+    // Behind latchkey's back, in Vault: once the entry is re-read (the third key is scrubbed),
+    // the second is still found, the first no longer.
+    put(keys[2]);
+    wait_until("the third key in use", Duration::from_secs(10), || async {
+        scrubbed(&echo(keys[2]).await, keys[2]).then_some(())
+    })
+    .await;
+    let old = echo(keys[1]).await;
+    assert!(scrubbed(&old, keys[1]), "the replaced key came back: {old}");
+    let older = echo(keys[0]).await;
+    assert!(
+        older.contains(keys[0]),
+        "two rotations back is not looked for (the test's premise): {older}"
     );
 }
