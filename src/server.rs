@@ -265,13 +265,6 @@ impl Server {
             workers = self.reloader.slots().len(),
             "listening"
         );
-        match self.vault.check().await {
-            Ok(_) => tracing::info!("vault reachable, token accepted, KV version 2 mount found"),
-            Err(e) => {
-                tracing::warn!(error = %e, "vault check failed at start; /readyz will say so")
-            }
-        }
-
         let graceful = Arc::new(GracefulShutdown::new());
         {
             let admin = self.admin.clone();
@@ -291,6 +284,19 @@ impl Server {
         // Upkeep, which holds nothing a client waits for: ended at once at shutdown, even in the
         // middle of a call to a Vault that hangs.
         let mut background = tokio::task::JoinSet::new();
+        // Reported, not waited for: `/healthz` answers while a Vault that hangs is asked (up to
+        // `vault.timeout` for each of its addresses).
+        let vault = self.vault.clone();
+        background.spawn(async move {
+            match vault.check().await {
+                Ok(_) => {
+                    tracing::info!("vault reachable, token accepted, KV version 2 mount found")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "vault check failed at start; /readyz will say so")
+                }
+            }
+        });
         background.spawn(self.cache.clone().maintain(stopped(stop_rx.clone())));
         if self.ca_retry {
             background.spawn(retry_vault_ca(

@@ -109,6 +109,39 @@ async fn healthz_answers_200() {
     assert_ne!(r.status, 200);
 }
 
+/// `/healthz` does not wait for Vault: with every Vault address accepting connections and never
+/// answering, it answers as soon as the listeners are open, while the start-up check of Vault
+/// (2 s per address here) is still unanswered.
+#[tokio::test]
+async fn healthz_answers_while_the_start_up_check_of_a_hung_vault_waits() {
+    let bao = Bao::start().await;
+    // Listeners that never accept: the kernel completes each connection, nobody reads it.
+    let holes: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let opts = Opts {
+        vault_addresses: holes
+            .iter()
+            .map(|h| format!("http://{}", h.local_addr().unwrap()))
+            .collect(),
+        ..Opts::loopback()
+    };
+    let lk = Latchkey::start(&bao, opts).await;
+    let r = admin_get(&lk, "/healthz").await;
+    assert_eq!(r.status, 200, "{r:#?}");
+    assert!(
+        !lk.output().contains("vault check failed at start"),
+        "/healthz waited for the check of Vault:\n{}",
+        lk.output()
+    );
+    // The check does end, and says so.
+    lk.output_line("the failed start-up check", |l| {
+        l.contains("vault check failed at start")
+    })
+    .await;
+    drop(holes);
+}
+
 /// Every admin endpoint answers HEAD as its GET without the body (load balancers check with
 /// HEAD), and a method it does not take with 405 and the methods it takes in `Allow`.
 #[tokio::test]

@@ -220,7 +220,11 @@ fn gateway_runs_three_hardened_replicas_probed_on_readyz_and_healthz() {
     };
     assert_eq!(named_port("admin"), Some(u64::from(admin)));
     assert_eq!(named_port("proxy"), Some(u64::from(proxy)));
-    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+    for (probe, path) in [
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/healthz"),
+        ("startupProbe", "/healthz"),
+    ] {
         assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
     }
