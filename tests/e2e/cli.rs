@@ -350,7 +350,10 @@ async fn the_address_and_token_come_from_flags_or_the_environment() {
     )
     .await;
     assert_eq!(r.code, 2, "{r:#?}");
-    assert!(r.stderr.contains("cannot reach the admin API"), "{r:#?}");
+    assert!(
+        r.stderr.contains("cannot reach the admin listener"),
+        "{r:#?}"
+    );
     // A wrong token never gets as far as deleting.
     let r = run(
         &["delete", "cli-auth"],
@@ -439,4 +442,63 @@ async fn on_a_terminal_the_key_is_read_from_a_hidden_prompt() {
     assert_eq!(w.stored("cli-tty")["api_key"], key.as_str());
     let a = w.call("cli-tty", Method::GET, "/v1/charges").await;
     w.assert_injected(&a, &key);
+}
+
+/// An admin listener that accepts connections and never answers (a wedged port-forward) is
+/// given up on after `--timeout`, with exit status 2 from `connections` and a failure from
+/// `env` and `run`, each saying so; none waits for ever.
+#[tokio::test]
+async fn an_admin_listener_that_never_answers_is_given_up_on() {
+    // Never accepted: the kernel completes each connection, nobody reads it.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", hole.local_addr().unwrap());
+    let r = run(
+        &["--timeout", "1", "list"],
+        None,
+        &[
+            ("LATCHKEY_API_URL", &url),
+            ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(
+        r.stderr.contains(&format!(
+            "the admin listener at {url} did not answer within 1s"
+        )),
+        "{r:#?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    let common = [
+        "--admin",
+        &url,
+        "--timeout",
+        "1",
+        "--ca-bundle",
+        bundle.to_str().unwrap(),
+    ];
+    for command in [&["env"][..], &["run", "--", "true"][..]] {
+        let (sub, rest) = command.split_first().unwrap();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+            .arg(sub)
+            .args(common)
+            .args(rest)
+            .env_remove("LATCHKEY_TOKEN")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+            .await
+            .unwrap_or_else(|_| panic!("latchkey {sub} waited for ever"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sub}: {stderr}");
+        assert!(
+            stderr.contains("did not answer within 1s"),
+            "{sub}: {stderr}"
+        );
+        assert!(!bundle.exists(), "{sub} wrote a bundle");
+    }
+    drop(hole);
 }

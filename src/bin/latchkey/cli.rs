@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Subcommand};
@@ -29,8 +30,35 @@ pub struct ConnectionsArgs {
     /// Print the API's JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Seconds to wait for the admin API's answer (an add or verify waits for the service's
+    /// own answer, up to `proxy.request_timeout`) before giving up with exit status 2.
+    #[arg(long, global = true, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
     #[command(subcommand)]
     pub command: ConnectionsCommand,
+}
+
+/// A client for latchkey's admin listener: direct (never through a proxy the environment
+/// names, which may be latchkey itself), giving up on a listener that accepts and does not
+/// answer after `timeout` (and on one that does not accept after 10 s at most).
+pub fn admin_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .timeout(timeout)
+        .build()
+}
+
+/// What a failed call to the admin listener at `url` says: no answer in time, or no reaching it.
+pub fn unreached(url: &str, e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!(
+            "the admin listener at {url} did not answer within {}s",
+            timeout.as_secs()
+        )
+    } else {
+        format!("cannot reach the admin listener at {url}")
+    }
 }
 
 #[derive(Subcommand)]
@@ -95,6 +123,7 @@ struct Api {
     url: String,
     token: Secret,
     http: reqwest::Client,
+    timeout: Duration,
 }
 
 impl Api {
@@ -111,12 +140,21 @@ impl Api {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the admin API at {}", self.url))?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = unreached(&self.url, &e, self.timeout);
+                return Err(anyhow::Error::new(e).context(why));
+            }
+        };
         let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
+        let text = match resp.text().await {
+            Ok(t) => t,
+            Err(e) => {
+                let why = unreached(&self.url, &e, self.timeout);
+                return Err(anyhow::Error::new(e).context(why));
+            }
+        };
         let value = if text.is_empty() {
             Value::Null
         } else {
@@ -128,10 +166,12 @@ impl Api {
 
 /// Runs one `connections` command; returns the process exit code.
 pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
+    let timeout = Duration::from_secs(args.timeout);
     let api = Api {
         url: args.url.clone(),
         token: admin_token(args.token_file.as_deref())?,
-        http: reqwest::Client::builder().no_proxy().build()?,
+        http: admin_client(timeout)?,
+        timeout,
     };
     let json_out = args.json;
     let (status, value) = match args.command {

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
@@ -44,6 +45,9 @@ pub struct EnvArgs {
     /// Where to write the CA bundle.
     #[arg(long, default_value_os_t = default_bundle())]
     ca_bundle: PathBuf,
+    /// Seconds to wait for the admin listener's answer before giving up.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -123,7 +127,7 @@ async fn variables(args: &EnvArgs) -> anyhow::Result<Vec<(&'static str, String)>
     if token.expose().contains(['@', '/', ':', '%', '\'']) {
         bail!("the client token holds a character a proxy URL cannot carry as it is (@ / : % ')");
     }
-    let ca = fetch_ca(&args.admin).await?;
+    let ca = fetch_ca(&args.admin, Duration::from_secs(args.timeout)).await?;
     write_bundle(&args.ca_bundle, &ca)?;
     let user = args.connection.as_deref().unwrap_or("_");
     Ok(lines(user, &token, &args.proxy, &args.ca_bundle))
@@ -150,14 +154,15 @@ pub fn lines(
     ]
 }
 
-async fn fetch_ca(admin: &str) -> anyhow::Result<String> {
+async fn fetch_ca(admin: &str, timeout: Duration) -> anyhow::Result<String> {
     let url = format!("{}/ca.pem", admin.trim_end_matches('/'));
-    let client = reqwest::Client::builder().no_proxy().build()?;
-    let response = client
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach latchkey's admin listener at {admin}"))?;
+    let response = match crate::cli::admin_client(timeout)?.get(&url).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = crate::cli::unreached(admin, &e, timeout);
+            return Err(anyhow::Error::new(e).context(why));
+        }
+    };
     if !response.status().is_success() {
         bail!(
             "{url} answered {}: latchkey has no CA (make it with latchkey ca init)",
