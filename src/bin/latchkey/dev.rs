@@ -124,8 +124,12 @@ impl latchkey::config::Env for NoEnv {
 
 /// Runs the demo until Ctrl-C.
 pub async fn demo(options: DemoOptions) -> anyhow::Result<()> {
+    // Ctrl-C, `kill` and a closed terminal stop the demo alike, at any point from here: its
+    // OpenBao is killed and its directory (which holds the root token) removed on the way out.
+    let stop = crate::shutdown_signal(true)?;
     let dir = std::env::temp_dir().join(format!("latchkey-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _removed = RemovedOnDrop(dir.clone());
     let root_token = random_hex(16)?;
     let token_file = dir.join("vault-token");
     std::fs::write(&token_file, &root_token).context("writing the Vault token file")?;
@@ -178,14 +182,18 @@ pub async fn demo(options: DemoOptions) -> anyhow::Result<()> {
     }
     .print()?;
 
-    server
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    server.run(stop).await?;
     let _ = bao.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// A directory removed with everything in it when this is dropped.
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Starts an OpenBao dev server on a free port and waits until it is healthy; returns the

@@ -185,7 +185,7 @@ fn main() -> ExitCode {
             run(async move {
                 // Installed before the server says it is listening: a SIGTERM from then on
                 // shuts down gracefully, a SIGHUP reloads, neither kills.
-                let shutdown = shutdown_signal()?;
+                let shutdown = shutdown_signal(false)?;
                 let server = latchkey::Server::bind(config).await?;
                 reload_on_hangup(server.reloader(), path)?;
                 server.run(shutdown).await.map_err(anyhow::Error::from)
@@ -265,26 +265,43 @@ fn reload_on_hangup(_: latchkey::reload::Reloader, _: PathBuf) -> anyhow::Result
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM.
-/// SIGTERM or SIGINT. The handlers are installed when this is called, not when the future is
+/// SIGTERM or SIGINT, and SIGHUP too when `hangup` (the demo: a closed terminal stops it;
+/// `serve` reloads on SIGHUP instead, [`reload_on_hangup`]). The handlers are installed when this is called, not when the future is
 /// first polled: `Server::run` says it is listening before it waits on the future, and a
 /// SIGTERM in between would otherwise kill the process at once (the default action), cutting
 /// the requests in flight that a graceful shutdown lets finish.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal(
+    hangup: bool,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = if hangup {
+            Some(signal(SignalKind::hangup())?)
+        } else {
+            None
+        };
         Ok(async move {
+            let hup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = hup => {}
             }
         })
     }
     #[cfg(not(unix))]
     {
+        let _ = hangup;
         Ok(async {
             let _ = tokio::signal::ctrl_c().await;
         })
