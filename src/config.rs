@@ -1080,14 +1080,38 @@ fn auth_mount(raw: &str) -> Result<String, ConfigError> {
 
 impl VaultConfig {
     /// What `serve` needs besides a file that checks: the means to log in to Vault (for token
-    /// auth, `VAULT_TOKEN` set). `check-config` and a reload do not ask.
+    /// auth, `VAULT_TOKEN` set or `vault.auth.token_file` readable and not empty).
+    /// `check-config` and a reload do not ask.
     pub fn check_credentials(&self, env: &dyn Env) -> Result<(), ConfigError> {
         match &self.auth {
             VaultAuth::TokenEnv if !env.is_set("VAULT_TOKEN") => Err(ConfigError::new(
                 "vault.auth",
                 "token auth needs a token: set VAULT_TOKEN or vault.auth.token_file",
             )),
+            // The token is read at start, and without it there is nothing to start with. A
+            // login's file may come later (written by an agent): latchkey starts not ready
+            // and logs in once it can.
+            VaultAuth::TokenFile(path) => readable("vault.auth.token_file", path),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Whether the file at `path`, which holds a credential (never put in a message), can be read
+/// and is not empty.
+fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::read(path) {
+        Err(e) => Err(ConfigError::new(
+            key,
+            format!("cannot read {}: {e}", path.display()),
+        )),
+        Ok(bytes) if bytes.trim_ascii().is_empty() => Err(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        )),
+        Ok(mut bytes) => {
+            zeroize::Zeroize::zeroize(&mut bytes);
+            Ok(())
         }
     }
 }

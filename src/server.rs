@@ -48,10 +48,13 @@ use crate::vault::Vault;
 /// Why latchkey could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("{key}: cannot listen on {addr}: {cause}")]
     Bind {
+        /// The configuration key that names the address.
+        key: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        /// Said in the message, so not the error's source (which a printed chain says again).
+        cause: std::io::Error,
     },
     #[error("vault: {0}")]
     Vault(#[from] vault::VaultError),
@@ -175,13 +178,14 @@ impl Server {
         for addr in &config.proxy.listen {
             let listener = std::net::TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| StartError::Bind {
+                .map_err(|cause| StartError::Bind {
+                    key: "proxy.listen",
                     addr: *addr,
-                    source,
+                    cause,
                 })?;
             proxy_listeners.push(listener);
         }
-        let admin_listener = bind(config.admin.listen).await?;
+        let admin_listener = bind("admin.listen", config.admin.listen).await?;
         let (idle_timeout, header_read_timeout) =
             (config.proxy.idle_timeout, config.proxy.header_read_timeout);
         let serving = Serving {
@@ -369,11 +373,12 @@ fn start_workers(
         let copies = listeners
             .iter()
             .map(|l| {
-                l.try_clone().map_err(|source| StartError::Bind {
+                l.try_clone().map_err(|cause| StartError::Bind {
+                    key: "proxy.listen",
                     addr: l
                         .local_addr()
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
-                    source,
+                    cause,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -785,10 +790,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Server::bind(config).await?.run(shutdown).await
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, source })
+        .map_err(|cause| StartError::Bind { key, addr, cause })
 }
 
 /// The HTTP/1 settings of a proxy connection served in turns: those of [`downstream::hyper_builder`].

@@ -125,6 +125,72 @@ fn serve_refuses_a_bad_config_at_start() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vault.auth"));
+
+    // A token file that is missing or empty: refused as configuration, naming the key.
+    let empty = write_file(dir.path(), "empty-token", "\n");
+    for file in [dir.path().join("missing-token"), empty] {
+        let path = write_file(
+            dir.path(),
+            "file.toml",
+            &format!(
+                "[vault.auth]\nmethod = \"token\"\ntoken_file = {:?}\n",
+                file.display().to_string()
+            ),
+        );
+        let out = latchkey()
+            .env_remove("VAULT_TOKEN")
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(
+            err.contains("vault.auth.token_file") && err.contains(&file.display().to_string()),
+            "{err}"
+        );
+    }
+}
+
+/// An address that is taken is named with its key, and the reason is said once.
+#[test]
+fn a_listen_address_in_use_is_named_with_its_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (table, key) in [("proxy", "proxy.listen"), ("admin", "admin.listen")] {
+        let other = if table == "proxy" { "admin" } else { "proxy" };
+        let path = write_file(
+            dir.path(),
+            "taken.toml",
+            &format!(
+                "[{table}]\nlisten = \"{addr}\"\n[{other}]\nlisten = \"127.0.0.1:0\"\n\
+                 [vault]\naddress = \"http://127.0.0.1:9\"\ntimeout = \"1s\"\n"
+            ),
+        );
+        let out = latchkey()
+            .env("VAULT_TOKEN", "unused")
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("latchkey: "))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(
+            line.contains(&format!("{key}: cannot listen on {addr}")),
+            "{line}"
+        );
+        assert_eq!(
+            line.matches("in use").count(),
+            1,
+            "the reason said more than once: {line}"
+        );
+    }
+    drop(taken);
 }
 
 #[test]

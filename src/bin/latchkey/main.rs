@@ -198,10 +198,7 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(cli::run(args)) {
                 Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
-                    ExitCode::from(2)
-                }
+                Err(e) => failed(&e, ExitCode::from(2)),
             }
         }
         Command::Dev { bao, listen, admin } => {
@@ -215,10 +212,37 @@ fn main() -> ExitCode {
 /// status 1.
 fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> Result<T, ExitCode> {
     let runtime = runtime(tokio::runtime::Builder::new_current_thread())?;
-    runtime.block_on(fut).map_err(|e| {
-        let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
-        ExitCode::FAILURE
-    })
+    runtime
+        .block_on(fut)
+        .map_err(|e| failed(&e, ExitCode::FAILURE))
+}
+
+/// Says why a command failed, on standard error, and returns `code`. Each cause is said once:
+/// an error whose message already quotes its source does not get it repeated. A reader that
+/// went away (`latchkey connections list | head`) is no failure to report.
+fn failed(e: &anyhow::Error, code: ExitCode) -> ExitCode {
+    let broken_pipe = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return code;
+    }
+    let _ = writeln!(std::io::stderr(), "latchkey: {}", described(e));
+    code
+}
+
+/// `e` and its causes, each said once.
+fn described(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Builds a runtime with I/O and timers, or says why it could not.
@@ -238,8 +262,7 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "latchkey stopped");
-            let _ = writeln!(std::io::stderr(), "latchkey: {e:#}");
-            ExitCode::FAILURE
+            failed(&e, ExitCode::FAILURE)
         }
     }
 }
