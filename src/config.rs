@@ -57,6 +57,10 @@ pub struct Config {
     pub tls: TlsConfig,
     pub clients: Vec<Client>,
     pub catalog: Catalog,
+    /// `LATCHKEY_{SECTION}_{KEY}` variables whose section is none of the configuration's (a
+    /// typo such as `LATCHKEY_PROXYY_LISTEN`, or a variable of another tool's): not applied,
+    /// and named in a warning at start, since other readers share the prefix.
+    pub ignored_variables: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -686,7 +690,7 @@ impl Config {
             ConfigError::new("(file)", format!("not valid TOML: {}", e.message().trim()))
                 .with_span(text, e.span())
         })?;
-        let from_env = apply_env(&mut table, env)?;
+        let (from_env, ignored) = apply_env(&mut table, env)?;
         // An error at a key a variable set names the variable: the file is not to blame.
         let blame = |mut e: ConfigError| {
             // The key itself, or an entry of the list or table it is (`proxy.passthrough[0]`).
@@ -725,7 +729,9 @@ impl Config {
                 }
             }
         };
-        Config::from_raw(raw, env).map_err(blame)
+        let mut config = Config::from_raw(raw, env).map_err(blame)?;
+        config.ignored_variables = ignored;
+        Ok(config)
     }
 
     /// Checks each section in turn; the first error found is the one reported.
@@ -746,6 +752,7 @@ impl Config {
             tls,
             clients,
             catalog,
+            ignored_variables: Vec::new(),
         })
     }
 }
@@ -1335,9 +1342,11 @@ fn check_vault_namespace(namespace: &str) -> Result<String, ConfigError> {
 /// A value that parses as a TOML value (a number, a list) is taken as one, anything else as a
 /// string. Variables whose section is not a configuration section are left to other readers
 /// (the CLI's `LATCHKEY_API_URL`, say).
-/// Returns the keys set, each with its variable's name (`cache.ttl`, `LATCHKEY_CACHE_TTL`).
-fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<Vec<(String, String)>, ConfigError> {
+/// Returns the keys set, each with its variable's name (`cache.ttl`, `LATCHKEY_CACHE_TTL`), and
+/// the variables that look like settings of a section there is not ([`Config::ignored_variables`]).
+fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<Applied, ConfigError> {
     let mut set = Vec::new();
+    let mut ignored = Vec::new();
     let mut vars = env.vars();
     vars.sort();
     for (name, value) in vars {
@@ -1349,6 +1358,9 @@ fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<Vec<(String, Stri
             continue;
         };
         if !ENV_SECTIONS.contains(&section) {
+            if !OTHER_VARIABLES.contains(&name.as_str()) {
+                ignored.push(name);
+            }
             continue;
         }
         let parsed = format!("v = {value}")
@@ -1372,8 +1384,23 @@ fn apply_env(table: &mut toml::Table, env: &dyn Env) -> Result<Vec<(String, Stri
             }
         }
     }
-    Ok(set)
+    Ok((set, ignored))
 }
+
+/// What [`apply_env`] did: the keys set with their variables, and the variables ignored.
+type Applied = (Vec<(String, String)>, Vec<String>);
+
+/// `LATCHKEY_*` variables of latchkey's own that are not settings (the CLI's, the tests' and
+/// the scripts').
+const OTHER_VARIABLES: [&str; 7] = [
+    "LATCHKEY_API_URL",
+    "LATCHKEY_API_TOKEN",
+    "LATCHKEY_E2E_HTTP1_SERVER",
+    "LATCHKEY_FUZZ_JOBS",
+    "LATCHKEY_FUZZ_OUT",
+    "LATCHKEY_AUDIT_INSTALL",
+    "LATCHKEY_ADVISORY_DB",
+];
 
 /// Sets `section.key` in `table` to `value` as a string, unless it is one already (then there
 /// is nothing to retry).
@@ -1382,7 +1409,8 @@ fn as_string(table: &mut toml::Table, key: &str, value: String) -> bool {
         return false;
     };
     match table.get_mut(section).and_then(|t| t.get_mut(key)) {
-        Some(v) if !v.is_str() => {
+        // A number, a boolean or a date: a list or a table was meant as one.
+        Some(v) if !v.is_str() && !v.is_array() && !v.is_table() => {
             *v = toml::Value::String(value);
             true
         }
@@ -1409,7 +1437,14 @@ impl fmt::Display for Config {
             self.vault.prefix
         )?;
         writeln!(f, "clients:         {}", self.clients.len())?;
-        write!(f, "connectors:      {}", self.catalog.len())
+        write!(f, "connectors:      {}", self.catalog.len())?;
+        for name in &self.ignored_variables {
+            write!(
+                f,
+                "\nignored:         {name} (not a configuration variable: no such section)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -1771,12 +1806,30 @@ mod tests {
             ("LATCHKEY_CACHE_MAX_ENTRIES", "7"),
             ("LATCHKEY_PROXY_ALLOW_PRIVATE_DESTINATIONS", "127.0.0.0/8"),
             ("LATCHKEY_API_URL", "http://ignored"),
+            ("LATCHKEY_PROXYY_LISTEN", "127.0.0.1:1"),
+            ("LATCHKEY_TOKEN", "a client's"),
         ]);
         let c = Config::parse(
             "[vault]\naddress = \"http://10.0.0.1:8200\"\n[cache]\nttl = \"1m\"\n",
             &env,
         )
         .unwrap();
+        // One bad entry of a list a variable gives is named as the entry.
+        let env = FakeEnv(vec![
+            ("VAULT_TOKEN", "t"),
+            (
+                "LATCHKEY_PROXY_ALLOW_PRIVATE_DESTINATIONS",
+                "[\"127.0.0.0/8\", \"10.0.0.0/99\"]",
+            ),
+        ]);
+        let e = Config::parse("", &env).unwrap_err();
+        assert!(
+            e.to_string().contains("\"10.0.0.0/99\" is not a CIDR"),
+            "{e}"
+        );
+
+        // A section there is not: left alone and named, unless it is latchkey's own variable.
+        assert_eq!(c.ignored_variables, ["LATCHKEY_PROXYY_LISTEN"]);
         assert_eq!(c.vault.addresses, ["http://127.0.0.1:1234"]);
         assert_eq!(c.cache.ttl, Duration::from_secs(42));
         assert_eq!(c.cache.max_entries, 7);

@@ -182,6 +182,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            for name in &config.ignored_variables {
+                tracing::warn!(variable = %name, "not a configuration variable: LATCHKEY_{{SECTION}}_{{KEY}} sets a key of the section proxy, admin, vault, cache or tls; ignored");
+            }
             run(async move {
                 // Installed before the server says it is listening: a SIGTERM from then on
                 // shuts down gracefully, a SIGHUP reloads, neither kills.
