@@ -261,9 +261,15 @@ async fn environment_overrides_the_file() {
     let mut opts = Opts::loopback()
         .proxy("request_timeout = \"60s\"")
         .env("VAULT_ADDR", &bao.addr)
-        .env("LATCHKEY_PROXY_REQUEST_TIMEOUT", "1s");
+        .env("LATCHKEY_PROXY_REQUEST_TIMEOUT", "1s")
+        // A typo in the section: not applied, and said at start.
+        .env("LATCHKEY_PROXYY_REQUEST_TIMEOUT", "2s");
     opts.vault_address = Some(format!("http://127.0.0.1:{}", free_port()));
     let lk = Latchkey::start(&bao, opts).await;
+    lk.output_line("the warning about the typo", |l| {
+        l.contains("LATCHKEY_PROXYY_REQUEST_TIMEOUT") && l.contains("not a configuration variable")
+    })
+    .await;
     let r = gateway_get(&lk, "/slow/delay/3000", &[]).await;
     assert_eq!(r.status, 504, "{:?}", r.json);
     assert_eq!(r.latchkey_error.as_deref(), Some("upstream_timeout"));
