@@ -502,3 +502,21 @@ async fn an_admin_listener_that_never_answers_is_given_up_on() {
     }
     drop(hole);
 }
+
+/// `show` of a connection latchkey cannot use says why, as the API does: the field and the
+/// reason, in the text output too.
+#[tokio::test]
+async fn show_says_why_an_invalid_connection_cannot_be_used() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.fresh();
+    w.bao.put("no-connector", &[("api_key", &key)]);
+    let r = cli(&w, &["show", "no-connector"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("status       invalid"), "{r:#?}");
+    let problem = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("problem      "))
+        .unwrap_or_else(|| panic!("no problem line: {r:#?}"));
+    assert!(problem.contains("connector"), "{problem}");
+}

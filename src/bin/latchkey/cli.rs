@@ -89,13 +89,19 @@ pub enum ConnectionsCommand {
 // The arguments of `connections add` (no doc comment: the variant's is the command's help).
 #[derive(Args)]
 pub struct AddArgs {
+    /// The connection's ID: what requests name it by (letters, digits, `-` and `_`).
     id: String,
+    /// The connector: how the key is sent, and where (`latchkey connections connectors`).
     #[arg(long)]
     connector: String,
+    /// A name for people.
     #[arg(long)]
     name: Option<String>,
+    /// Which of the service's environments (`production`, `sandbox`, ...) the key is for: a
+    /// key or base URL of another one is refused, where the connector can tell.
     #[arg(long)]
     environment: Option<String>,
+    /// Where requests go, for a connector without a fixed one (or to override it).
     #[arg(long)]
     base_url: Option<String>,
     /// An extra host the credential may reach (repeatable).
@@ -573,6 +579,18 @@ fn print_connection(out: &mut impl Write, c: &Value) -> std::io::Result<()> {
             };
             writeln!(out, "field        {k} = {shown}")?;
         }
+    }
+    // Why an `invalid` connection cannot be used: the field and the reason.
+    if let Some(problem) = c["problem"].as_object() {
+        writeln!(
+            out,
+            "problem      {}: {}",
+            problem
+                .get("field")
+                .and_then(Value::as_str)
+                .unwrap_or("(connection)"),
+            problem.get("message").and_then(Value::as_str).unwrap_or("")
+        )?;
     }
     for w in c["warnings"].as_array().into_iter().flatten() {
         writeln!(out, "warning      {}", w.as_str().unwrap_or(""))?;
