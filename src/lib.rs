@@ -13,7 +13,7 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | 0 | connection_id, destination, hop_by_hop, misses, secret, spare, strict, telemetry, upstream::sessions |
+//! | 0 | connection_id, destination, hop_by_hop, misses, secret, spare, strict, telemetry, upstream::sessions, vault::capped |
 //! | 1 | auth, body, ca, record, upstream::dial, vault::login |
 //! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
 //! | 3 | config, downstream, inject, release, upstream::h1::fuzzing, upstream::pool |
@@ -34,7 +34,7 @@
 //!   Vault may be read for connections that do not exist), [`strict`] (strict HTTP/1.1 framing
 //!   of what clients send, checked before hyper reads it), [`upstream::sessions`] (the TLS
 //!   sessions upstreams hand out, kept for resuming), [`spare`] (header maps a worker keeps
-//!   for the next message).
+//!   for the next message), `vault::capped` (Vault's answers read to a bound).
 //! - Over them: [`auth`] (client tokens, globs, who may use which connection; constant-time
 //!   token matching for clients and admins alike), [`body`] (the boxed body type, the byte
 //!   counter and the access-logging body), [`record`] (a connection as Vault stores it),

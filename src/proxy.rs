@@ -1054,23 +1054,33 @@ impl Proxy {
             return Ok(conn);
         }
         let client = log.client.as_deref().unwrap_or("");
-        if !self.cache.holds(id) {
-            if let Err(wait) = self.misses.check(client) {
+        // A read of an ID the cache neither holds nor is reading takes a token first, so that
+        // concurrent misses are limited as sequential ones are.
+        let paid = !self.cache.holds(id);
+        if paid {
+            if let Err(wait) = self.misses.take(client) {
                 return Err(ProxyError::TooManyMisses {
                     client: client.to_string(),
                     retry_after: wait.as_secs().max(1),
                 });
             }
         }
-        match self.cache.get(id).await {
+        let found = self.cache.get(id).await;
+        // What found a connection (usable or not) costs nothing; an ID that is not there, or a
+        // read Vault left unanswered, keeps its token.
+        let missed = matches!(
+            found,
+            Err((CacheError::NotFound | CacheError::Unavailable(_), _))
+        );
+        if paid && !missed {
+            self.misses.refund(client);
+        }
+        match found {
             Ok((conn, outcome)) => {
                 log.cache = Some(outcome);
                 Ok(conn)
             }
             Err((e, outcome)) => {
-                if e == CacheError::NotFound && outcome == CacheOutcome::Miss {
-                    self.misses.spend(client);
-                }
                 log.cache = Some(outcome);
                 Err(ProxyError::from_cache(id.as_str(), e))
             }

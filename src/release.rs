@@ -382,7 +382,10 @@ mod tests {
             let served = idle::or_idle(
                 serve(io, &http1, service, &mut stop),
                 &activity,
-                Duration::from_secs(60),
+                idle::Limits {
+                    idle: Duration::from_secs(60),
+                    stall: Duration::from_secs(60),
+                },
             );
             match served.await.expect("closed as idle") {
                 Served::Done(ended, turns) => {

@@ -32,7 +32,7 @@ use crate::cache::{Cache, VaultSource};
 use crate::config::{CaFiles, Config, Http1Server, TlsFiles};
 use crate::coverage::Coverage;
 use crate::downstream::{self, Outcome};
-use crate::idle::{self, Activity, Watched};
+use crate::idle::{self, Activity, Limits, Watched};
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, ProxySlot};
 use crate::release::{self, First, Served};
@@ -106,6 +106,8 @@ pub struct Server {
     idle_timeout: Duration,
     /// `proxy.header_read_timeout`: how long a client has to send a whole request head.
     header_read_timeout: Duration,
+    /// `proxy.body_timeout`: a client that takes none of its answer this long is cut.
+    body_timeout: Duration,
     /// How client connections are served.
     serving: Serving,
     admin: Arc<Admin>,
@@ -186,8 +188,11 @@ impl Server {
             proxy_listeners.push(listener);
         }
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
-        let (idle_timeout, header_read_timeout) =
-            (config.proxy.idle_timeout, config.proxy.header_read_timeout);
+        let (idle_timeout, header_read_timeout, body_timeout) = (
+            config.proxy.idle_timeout,
+            config.proxy.header_read_timeout,
+            config.proxy.body_timeout,
+        );
         let serving = Serving {
             idle_release: config.proxy.idle_release,
             own_http1: config.proxy.http1_server == Http1Server::Latchkey,
@@ -218,6 +223,7 @@ impl Server {
             leaves,
             idle_timeout,
             header_read_timeout,
+            body_timeout,
             serving,
             admin,
             cache,
@@ -249,7 +255,11 @@ impl Server {
         let admin_addr = self.admin_addr().map(|a| a.to_string()).unwrap_or_default();
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let timeouts = (self.idle_timeout, self.header_read_timeout);
+        let limits = Limits {
+            idle: self.idle_timeout,
+            stall: self.body_timeout,
+        };
+        let timeouts = (limits, self.header_read_timeout);
         let workers = start_workers(
             self.reloader.slots(),
             &self.leaves,
@@ -354,7 +364,7 @@ fn start_workers(
     leaves: &LeavesSlot,
     listeners: &[std::net::TcpListener],
     stop: &watch::Receiver<bool>,
-    timeouts: (Duration, Duration),
+    timeouts: (Limits, Duration),
     serving: Serving,
 ) -> Result<Vec<tokio::sync::oneshot::Receiver<()>>, StartError> {
     let mut receivers = Vec::with_capacity(slots.len());
@@ -489,9 +499,11 @@ async fn read_vault_ca(vault: &Vault) -> Result<VaultCa, StartError> {
             Ok(VaultCa::Absent)
         }
         // A record Vault holds but latchkey cannot read (a field not a string) is broken too.
-        Err(vault::VaultError::Malformed(reason)) => Err(StartError::VaultCa {
+        // An answer that is not one (not JSON, cut short, too long) is Vault's trouble, not
+        // the record's: asked again, as a Vault that does not answer is.
+        Err(vault::VaultError::Malformed(vault::NOT_TEXT)) => Err(StartError::VaultCa {
             path,
-            reason: reason.to_string(),
+            reason: vault::NOT_TEXT.to_string(),
         }),
         Err(e) => Ok(VaultCa::Unanswered(e)),
     }
@@ -660,7 +672,7 @@ fn spawn_worker(
     worker: Worker,
     proxy: ProxySlot,
     leaves: LeavesSlot,
-    (idle, header_read): (Duration, Duration),
+    (idle, header_read): (Limits, Duration),
     serving: Serving,
 ) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -737,6 +749,7 @@ fn spawn_worker(
                     })
                     .collect();
                 let mut accepting = balancer.accepting.subscribe();
+                let mut failures = AcceptFailures::default();
                 let mut listening = !listeners.is_empty();
                 if !listening {
                     balancer.accepting.send_modify(|left| *left -= 1);
@@ -758,7 +771,7 @@ fn spawn_worker(
                             },
                             Err(e) => {
                                 // Out of descriptors and the like: wait a little rather than spin.
-                                tracing::warn!(error = %e, "accept failed");
+                                failures.note(&e);
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                             }
                         },
@@ -880,7 +893,7 @@ fn serve_in_turns<B, H, F>(
     graceful: &GracefulShutdown,
     stop: &watch::Sender<()>,
     stream: tokio::net::TcpStream,
-    (peer, idle, header_read): (SocketAddr, Duration, Duration),
+    (peer, idle, header_read): (SocketAddr, Limits, Duration),
     handler: H,
     guard: impl Send + 'static,
 ) where
@@ -928,7 +941,7 @@ fn serve_own<H, F>(
     graceful: &GracefulShutdown,
     stop: &watch::Sender<()>,
     stream: tokio::net::TcpStream,
-    (peer, idle, header_read): (SocketAddr, Duration, Duration),
+    (peer, idle, header_read): (SocketAddr, Limits, Duration),
     handler: H,
     guard: impl Send + 'static,
 ) where
@@ -987,16 +1000,23 @@ fn serve_own<H, F>(
 fn spawn_connection<C>(
     conn: C,
     activity: Arc<Activity>,
-    (peer, idle): (SocketAddr, Duration),
+    (peer, idle): (SocketAddr, Limits),
     guard: impl Send + 'static,
 ) where
     C: Future<Output = Result<(), BoxError>> + Send + 'static,
 {
     tokio::spawn(async move {
         match idle::or_idle(conn, &activity, idle).await {
-            Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
-            Some(Ok(())) => {}
-            None => tracing::debug!(%peer, ?idle, "closed an idle client connection"),
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+            Ok(Ok(())) => {}
+            Err(idle::Closed::Idle) => {
+                tracing::debug!(%peer, timeout = ?idle.idle, "closed an idle client connection")
+            }
+            Err(idle::Closed::Stalled) => tracing::debug!(
+                %peer,
+                timeout = ?idle.stall,
+                "closed a client connection that took none of its answer"
+            ),
         }
         drop(guard);
     });
@@ -1036,7 +1056,7 @@ fn serve<S, B, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     stream: S,
-    (peer, idle, strict): (SocketAddr, Duration, Option<Duration>),
+    (peer, idle, strict): (SocketAddr, Limits, Option<Duration>),
     handler: H,
     guard: impl Send + 'static,
 ) where
@@ -1068,7 +1088,7 @@ async fn accept_loop<H, F>(
     handler: H,
     graceful: Arc<GracefulShutdown>,
     stop: impl Future<Output = ()>,
-    (idle, header_read): (Duration, Duration),
+    (idle, header_read): (Limits, Duration),
 ) where
     H: Fn(Box<http::Request<hyper::body::Incoming>>) -> F + Clone + Send + Sync + Unpin + 'static,
     F: Future<Output = Result<http::Response<crate::body::BoxBody>, Infallible>> + Send + 'static,
@@ -1116,12 +1136,41 @@ async fn accept_loop<H, F>(
     while handshakes.join_next().await.is_some() {}
 }
 
+/// How often at most a listener's failed accepts are told of: out of descriptors, it fails
+/// every 50 ms for as long as that lasts.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A listener's failed accepts, told of at most once per [`ACCEPT_WARN_EVERY`] with how many
+/// went untold since.
+#[derive(Default)]
+struct AcceptFailures {
+    last: Option<std::time::Instant>,
+    untold: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, e: &std::io::Error) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_WARN_EVERY)
+        {
+            self.untold += 1;
+            return;
+        }
+        tracing::warn!(error = %e, untold = self.untold, "accept failed; new connections wait (told at most every 10 s, with how many failures went untold)");
+        self.last = Some(now);
+        self.untold = 0;
+    }
+}
+
 /// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `stop` has
 /// completed.
 async fn next_connection<S: Future<Output = ()>>(
     listener: &TcpListener,
     mut stop: std::pin::Pin<&mut S>,
 ) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    let mut failures = AcceptFailures::default();
     loop {
         tokio::select! {
             _ = &mut stop => return None,
@@ -1132,7 +1181,7 @@ async fn next_connection<S: Future<Output = ()>>(
                 }
                 Err(e) => {
                     // Out of descriptors and the like: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
+                    failures.note(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

@@ -25,7 +25,7 @@ use crate::body::{self, BoxBody, BoxError, ClientBody};
 use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
 use crate::downstream::{self, Outcome, Ready};
-use crate::idle::{self, Activity, Watched};
+use crate::idle::{self, Activity, Limits, Watched};
 use crate::proxy::{Opened, ProxySlot, Tunnel};
 use crate::response::ProxyError;
 use crate::strict::{Link, Strict};
@@ -46,8 +46,8 @@ pub struct Tunnels {
     proxy: ProxySlot,
     /// Leaf certificates minted by latchkey's CA; without a CA, CONNECT is refused.
     leaves: LeavesSlot,
-    /// `proxy.idle_timeout`, for the connections inside tunnels too.
-    idle: Duration,
+    /// `proxy.idle_timeout` and `proxy.body_timeout`, for the connections inside tunnels too.
+    idle: Limits,
     /// `proxy.header_read_timeout`, for the request heads inside tunnels too.
     header_read: Duration,
     /// HTTP/1.1 inside a tunnel is read by latchkey's own server (`proxy.http1_server`), as on
@@ -59,7 +59,7 @@ impl Tunnels {
     pub fn new(
         proxy: ProxySlot,
         leaves: LeavesSlot,
-        (idle, header_read): (Duration, Duration),
+        (idle, header_read): (Limits, Duration),
         own_http1: bool,
     ) -> Tunnels {
         Tunnels {
@@ -113,8 +113,11 @@ impl Tunnels {
     {
         let mut first = [0u8; 1];
         // Silence before the first byte is idleness: `proxy.idle_timeout` holds, when shorter.
-        match tokio::time::timeout(FIRST_BYTE_TIMEOUT.min(self.idle), io.read_exact(&mut first))
-            .await
+        match tokio::time::timeout(
+            FIRST_BYTE_TIMEOUT.min(self.idle.idle),
+            io.read_exact(&mut first),
+        )
+        .await
         {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
@@ -140,7 +143,7 @@ impl Tunnels {
         };
         telemetry::tunnel_leaf(minted.as_str());
         let accepted = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT.min(self.idle),
+            HANDSHAKE_TIMEOUT.min(self.idle.idle),
             tokio_rustls::TlsAcceptor::from(config).accept(io),
         )
         .await;
@@ -224,9 +227,9 @@ impl Tunnels {
                 .await
         };
         match idle::or_idle(conn, &activity, self.idle).await {
-            Some(served) => served.map_err(io::Error::other),
-            None => {
-                tracing::debug!(idle = ?self.idle, "closed an idle connection inside a tunnel");
+            Ok(served) => served.map_err(io::Error::other),
+            Err(closed) => {
+                tracing::debug!(limits = ?self.idle, ?closed, "closed an idle or stalled connection inside a tunnel");
                 Ok(())
             }
         }
@@ -274,7 +277,7 @@ impl<X> Ready for Watched<tokio_rustls::server::TlsStream<X>> {
 fn splice(
     upgrade: hyper::upgrade::OnUpgrade,
     mut upstream: MaybeTls,
-    idle: Duration,
+    idle: Limits,
 ) -> Response<BoxBody> {
     tokio::spawn(async move {
         let upgraded = match upgrade.await {
@@ -285,13 +288,16 @@ fn splice(
             }
         };
         let _open = telemetry::TunnelOpen::open();
-        let activity = Activity::new();
+        // Bytes are all a splice has to show: it is idle while none moves.
+        let activity = Activity::splice();
         let mut client = Watched::new(TokioIo::new(upgraded), activity.clone());
         let spliced = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         match idle::or_idle(spliced, &activity, idle).await {
-            Some(Err(e)) => tracing::debug!(error = %e, "a passthrough tunnel ended with an error"),
-            Some(Ok(_)) => {}
-            None => tracing::debug!(?idle, "closed an idle passthrough tunnel"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "a passthrough tunnel ended with an error"),
+            Ok(Ok(_)) => {}
+            Err(closed) => {
+                tracing::debug!(limits = ?idle, ?closed, "closed an idle or stalled passthrough tunnel")
+            }
         }
     });
     let mut ok = Response::new(body::empty());

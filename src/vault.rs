@@ -38,6 +38,7 @@ use crate::record::StoredConnection;
 use crate::secret::Secret;
 use crate::telemetry;
 
+mod capped;
 pub mod login;
 
 use login::{Backoff, Lease, Reason, Step};
@@ -78,6 +79,8 @@ pub enum VaultError {
     NotYet(String),
     #[error("Vault's answer could not be read ({0})")]
     Malformed(&'static str),
+    #[error("the Vault node at {0} sent an answer longer than {1} bytes: refused unread")]
+    TooLong(String, usize),
     #[error("cannot read the Vault token file {0}")]
     TokenFile(String),
     #[error("cannot set up the Vault client: {0}")]
@@ -295,9 +298,8 @@ impl Vault {
     /// Whether Vault accepts the token the client has (a lookup of itself, which every token's
     /// default policy allows).
     async fn token_works(&self, nodes: &Nodes) -> bool {
-        let lookup = |client: Arc<VaultClient>| async move {
-            vaultrs::api::exec_with_result(&*client, LookupSelf).await
-        };
+        let lookup =
+            |client: Arc<VaultClient>| async move { capped::exec(&client, LookupSelf).await };
         self.call_nodes("lookup_self", nodes, &lookup).await.is_ok()
     }
 
@@ -403,17 +405,8 @@ impl Vault {
                     VaultError::Status(code, VaultSays::from_body(content.as_deref()))
                 }
                 rustify::errors::ClientError::RequestError { source, .. } => {
-                    let chain = || {
-                        std::iter::successors(
-                            Some(&*source as &(dyn std::error::Error + 'static)),
-                            |e| e.source(),
-                        )
-                    };
-                    let timeout = chain().any(|e| {
-                        e.downcast_ref::<reqwest::Error>()
-                            .is_some_and(|r| r.is_timeout())
-                    });
-                    let untrusted = chain().any(untrusted_certificate);
+                    let timeout = causes(&*source).any(timed_out);
+                    let untrusted = causes(&*source).any(untrusted_certificate);
                     if timeout {
                         VaultError::Timeout(self.config.timeout)
                     } else if untrusted {
@@ -425,6 +418,19 @@ impl Vault {
                 rustify::errors::ClientError::ResponseParseError { .. }
                 | rustify::errors::ClientError::ResponseConversionError { .. } => {
                     VaultError::Malformed("not the JSON of the Vault API")
+                }
+                // The answer's body: it stopped coming in time, broke off, or was longer than
+                // latchkey reads. Vault's trouble (another node may do better), not a record's.
+                rustify::errors::ClientError::ResponseError { source } => {
+                    if let Some(long) =
+                        causes(&*source).find_map(|e| e.downcast_ref::<capped::TooLong>())
+                    {
+                        VaultError::TooLong(address.to_string(), long.0)
+                    } else if causes(&*source).any(timed_out) {
+                        VaultError::Timeout(self.config.timeout)
+                    } else {
+                        VaultError::Unreachable(address.to_string())
+                    }
                 }
                 _ => VaultError::Malformed("unexpected client error"),
             },
@@ -710,7 +716,7 @@ impl Vault {
     pub async fn read_ca(&self) -> Result<Option<CaRecord>, VaultError> {
         let stored = self.read_at("read_ca", CA_PATH.to_string()).await?;
         if stored.as_ref().is_some_and(|s| !s.not_text.is_empty()) {
-            return Err(VaultError::Malformed("a field is not a string"));
+            return Err(VaultError::Malformed(NOT_TEXT));
         }
         Ok(stored.map(|s| CaRecord { fields: s.fields }))
     }
@@ -742,7 +748,7 @@ impl Vault {
                         .path(path)
                         .build()
                         .map_err(|_| ClientError::InvalidUpdateParameter)?;
-                    vaultrs::api::exec_with_result(&*client, endpoint).await
+                    capped::exec(&client, endpoint).await
                 }
             })
             .await;
@@ -892,7 +898,7 @@ impl Vault {
     pub async fn check_token(&self) -> Result<Option<Duration>, VaultError> {
         let info = self
             .call("lookup_self", |client| async move {
-                vaultrs::api::exec_with_result(&*client, LookupSelf).await
+                capped::exec(&client, LookupSelf).await
             })
             .await?;
         Ok((info.renewable && info.ttl > 0).then(|| Duration::from_secs(info.ttl)))
@@ -913,7 +919,7 @@ impl Vault {
         let info = self
             .call("mount_info", |client| {
                 let mount = mount.clone();
-                async move { vaultrs::api::exec_with_result(&*client, MountInfo(mount)).await }
+                async move { capped::exec(&client, MountInfo(mount)).await }
             })
             .await;
         let info = match info {
@@ -1086,7 +1092,7 @@ impl Vault {
         let before = *self.auth.changed.borrow();
         let info = self
             .call("lookup_self", |client| async move {
-                vaultrs::api::exec_with_result(&*client, LookupSelf).await
+                capped::exec(&client, LookupSelf).await
             })
             .await?;
         if !info.renewable || info.ttl == 0 {
@@ -1198,6 +1204,23 @@ fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// `e` and the errors under it.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// Whether `e` is reqwest's timeout (`vault.timeout` on the HTTP client).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<reqwest::Error>()
+        .is_some_and(|r| r.is_timeout())
+}
+
+/// [`VaultError::Malformed`]'s reason for a record whose field is not a string: the record's
+/// fault, where the others are the answer's (Vault's, or whatever answered in its place).
+pub const NOT_TEXT: &str = "a field is not a string";
+
 /// What a KV v2 mount answers (with a 400) on a standby that has not yet seen the active node
 /// finish upgrading the mount's layout: for a moment after a mount is made, and after a
 /// standby's mount table changes.
@@ -1213,22 +1236,13 @@ fn fails_over(e: &VaultError) -> bool {
         VaultError::Timeout(_)
         | VaultError::Unreachable(_)
         | VaultError::Untrusted(_)
+        | VaultError::TooLong(..)
         | VaultError::NotYet(_) => true,
         VaultError::Status(code, _) => *code >= 500 || *code == 429 || (300..400).contains(code),
         _ => false,
     }
 }
 
-/// The fields of a write as vaultrs takes them: serialized straight from the [`Secret`]s, so
-/// latchkey makes no plain copy of its own. vaultrs makes two that latchkey cannot reach: it
-/// turns the data into a `serde_json::Value` and then into the request body; both live only
-/// until the call returns (each retry makes them anew), and are not zeroized. `Debug` shows the
-/// field names only.
-/// The fields of a write as vaultrs takes them: serialized straight from the [`Secret`]s, so
-/// latchkey makes no plain copy of its own. vaultrs makes two that latchkey cannot reach: it
-/// turns the data into a `serde_json::Value` and then into the request body; both live only
-/// until the call returns (each retry makes them anew), and are not zeroized. `Debug` shows the
-/// field names only.
 /// `GET auth/token/lookup-self`, read for the three fields latchkey uses. (vaultrs' own
 /// response type insists on fields a root token made by `operator init` does not have, such as
 /// `issue_time`: with it, such a token would never look valid.)
@@ -1283,6 +1297,10 @@ impl rustify::Endpoint for MountInfo {
     }
 }
 
+/// The fields of a write as vaultrs takes them: serialized straight from the [`Secret`]s, so
+/// latchkey makes no plain copy of its own. vaultrs makes two that latchkey cannot reach: it
+/// turns the data into a `serde_json::Value` and then into the request body; both live only
+/// until the call returns (each retry makes them anew), and are not zeroized.
 struct WriteData<'a>(&'a BTreeMap<String, Secret>);
 
 impl serde::Serialize for WriteData<'_> {

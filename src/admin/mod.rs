@@ -41,6 +41,10 @@ pub struct Admin {
     leaves: LeavesSlot,
     /// The web page's sign-in sessions.
     sessions: Sessions,
+    /// The last readiness check of Vault and when it ended: a `/readyz` that comes while one
+    /// runs waits for it and answers with its result, so that many at once cost Vault two
+    /// calls, not two each.
+    readiness: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
 
 impl Admin {
@@ -59,6 +63,7 @@ impl Admin {
             tokens,
             leaves,
             sessions: Sessions::new(secure_cookie),
+            readiness: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -174,11 +179,29 @@ impl Admin {
     }
 
     async fn ready(&self) -> Response<BoxBody> {
-        match self.vault.check().await {
-            Ok(_) => json_response(StatusCode::OK, &json!({"status": "ready"})),
-            Err(e) => json_response(
+        let asked = std::time::Instant::now();
+        let result = {
+            let mut last = self.readiness.lock().await;
+            match &*last {
+                // A check that ended after this request came: as fresh as one it would start.
+                Some((ended, result)) if *ended >= asked => result.clone(),
+                _ => {
+                    let result = self
+                        .vault
+                        .check()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    *last = Some((std::time::Instant::now(), result.clone()));
+                    result
+                }
+            }
+        };
+        match result {
+            Ok(()) => json_response(StatusCode::OK, &json!({"status": "ready"})),
+            Err(reason) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not ready", "reason": e.to_string()}),
+                &json!({"status": "not ready", "reason": reason}),
             ),
         }
     }

@@ -142,6 +142,33 @@ async fn healthz_answers_while_the_start_up_check_of_a_hung_vault_waits() {
     drop(holes);
 }
 
+/// `/readyz` asks Vault, but many at once share one check: 200 concurrent hits cost far
+/// fewer than 200 token lookups.
+#[tokio::test]
+async fn concurrent_readyz_share_their_checks_of_vault() {
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let lookups = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("latchkey_vault_requests_total{") && l.contains("op=\"lookup_self\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let before = lookups(&crate::errors::metrics_text(&lk).await);
+    let answers = futures_util::future::join_all(
+        (0..200).map(|_| async { admin_get(&lk, "/readyz").await.status }),
+    )
+    .await;
+    assert!(answers.iter().all(|&s| s == 200), "{answers:?}");
+    let asked = lookups(&crate::errors::metrics_text(&lk).await) - before;
+    assert!(
+        (1..=50).contains(&asked),
+        "200 concurrent /readyz asked Vault for the token {asked} times"
+    );
+}
+
 /// Every admin endpoint answers HEAD as its GET without the body (load balancers check with
 /// HEAD), and a method it does not take with 405 and the methods it takes in `Allow`.
 #[tokio::test]

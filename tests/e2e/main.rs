@@ -31,6 +31,7 @@ mod errors;
 mod faults;
 mod framing;
 mod hardening;
+mod held;
 mod inject;
 mod leaks;
 mod lifecycle;

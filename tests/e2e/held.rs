@@ -1,0 +1,290 @@
+//! PRODUCT.md 10.9 from the other side: clients and peers that hold latchkey's resources by
+//! taking nothing, or by sending too much.
+//!
+//! - a client that stops reading its answer (HTTP/1.1, its receive window full; h2, a window
+//!   it never opens) is closed after `proxy.body_timeout`, and the upstream connections its
+//!   requests held go with it;
+//! - an h2 connection kept busy with PINGs and no stream is closed at `proxy.idle_timeout`
+//!   ("silent or not");
+//! - concurrent requests for invented IDs meet the per-client miss limit as sequential ones do;
+//! - a Vault (or whatever answers in its place) that sends an endless answer costs a bounded
+//!   read, not memory without end; one that stops half-way through an answer at start is
+//!   asked again, not taken for a broken CA record.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+/// Short timeouts: a stall is cut after 2 s without progress, an idle connection after 2 s.
+fn short() -> Opts {
+    Opts::loopback()
+        .proxy("body_timeout = \"2s\"")
+        .proxy("idle_timeout = \"2s\"")
+}
+
+/// How long a test waits for latchkey to act on a 2 s timeout.
+const GIVE_UP: Duration = Duration::from_secs(30);
+
+/// An upstream that answers every request with an endless chunked body, and counts the
+/// connections it still writes to (one that latchkey closed fails its next write).
+struct Endless {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+    served: Arc<AtomicUsize>,
+}
+
+impl Endless {
+    async fn start() -> Endless {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (o, s) = (open.clone(), served.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut io, _)) = listener.accept().await else {
+                    return;
+                };
+                let (open, served) = (o.clone(), s.clone());
+                tokio::spawn(async move {
+                    let head = read_head(&mut io).await;
+                    if !head.ends_with(b"\r\n\r\n") {
+                        return;
+                    }
+                    open.fetch_add(1, Ordering::SeqCst);
+                    served.fetch_add(1, Ordering::SeqCst);
+                    let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                    let mut wrote = io
+                        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    while wrote.is_ok() {
+                        wrote = io.write_all(chunk.as_bytes()).await;
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Endless { addr, open, served }
+    }
+
+    /// Waits until `n` requests have been answered and then until none is still written to.
+    async fn let_go(&self, n: usize, what: &str) {
+        wait_until("the upstream to be asked", GIVE_UP, || async {
+            (self.served.load(Ordering::SeqCst) >= n).then_some(())
+        })
+        .await;
+        wait_until(what, GIVE_UP, || async {
+            (self.open.load(Ordering::SeqCst) == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_closed_with_its_upstream_connection() {
+    let bao = Bao::start().await;
+    let up = Endless::start().await;
+    put_bearer(&bao, "endless", &format!("http://{}", up.addr));
+    let lk = Latchkey::start(&bao, short()).await;
+
+    // HTTP/1.1: a request, then nothing read, ever.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(lk.proxy).await.unwrap();
+    client
+        .write_all(b"GET /endless/big HTTP/1.1\r\nHost: latchkey\r\n\r\n")
+        .await
+        .unwrap();
+    up.let_go(1, "latchkey to let go of the HTTP/1.1 client's upstream")
+        .await;
+    drop(client);
+
+    // h2: three streams, no window ever opened for their bodies.
+    let io = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    let (mut h2, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        h2 = h2.ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/endless/big", lk.proxy))
+            .body(())
+            .unwrap();
+        streams.push(h2.send_request(req, true).unwrap().0);
+    }
+    for s in streams {
+        assert_eq!(s.await.unwrap().status(), 200);
+    }
+    up.let_go(4, "latchkey to let go of the h2 client's upstreams")
+        .await;
+    // And the connection itself is closed.
+    let ended = tokio::time::timeout(GIVE_UP, driver).await;
+    assert!(ended.is_ok(), "the h2 connection is still open");
+}
+
+/// PRODUCT.md 7: `idle_timeout` closes a connection with no request in flight, silent or not.
+#[tokio::test]
+async fn an_h2_connection_kept_busy_with_pings_and_no_stream_is_closed() {
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(&bao, short()).await;
+    let io = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
+    let (_h2, mut conn) = h2::client::handshake(io).await.unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    let driver = tokio::spawn(conn);
+    let pinging = tokio::spawn(async move {
+        let mut answered = 0;
+        while pings.ping(h2::Ping::opaque()).await.is_ok() {
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        answered
+    });
+    let ended = tokio::time::timeout(GIVE_UP, driver).await;
+    assert!(ended.is_ok(), "PINGs kept a connection with no stream open");
+    let answered = pinging.await.unwrap();
+    assert!(
+        answered >= 3,
+        "the PINGs were not answered ({answered}): nothing was tried"
+    );
+}
+
+/// Concurrent misses are limited as sequential ones are: 60 invented IDs at once from one
+/// client cost at most the burst (and what refills meanwhile) Vault reads.
+#[tokio::test]
+async fn concurrent_invented_ids_meet_the_miss_limit() {
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().extra("[cache]\nmiss_rate = 1\nmiss_burst = 5\n"),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answers = futures_util::future::join_all((0..60).map(|i| {
+        let url = lk.url(&format!("/invented-{i}/x"));
+        async move { http().get(url).send().await.unwrap().status().as_u16() }
+    }))
+    .await;
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    let read = answers.iter().filter(|&&s| s == 404).count();
+    let limited = answers.iter().filter(|&&s| s == 429).count();
+    assert_eq!(read + limited, 60, "{answers:?}");
+    assert!(
+        read <= 5 + refilled,
+        "{read} of 60 concurrent misses were read from Vault (burst 5): {answers:?}"
+    );
+}
+
+/// A stand-in for Vault that answers the first request on each connection with `200` and, for
+/// `Endless`, an endless body of spaces, or for `Trickle` a 100,000-byte body a byte at a time
+/// (latchkey's calls to Vault are `GET`s without a body here).
+async fn broken_vault(kind: Broken) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut io, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let head = read_head(&mut io).await;
+                if !head.ends_with(b"\r\n\r\n") {
+                    return;
+                }
+                match kind {
+                    Broken::Endless => {
+                        let _ = io
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                                .await;
+                        let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+                        while io.write_all(chunk.as_bytes()).await.is_ok() {}
+                    }
+                    Broken::Trickle => {
+                        let _ = io
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+                                .await;
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if io.write_all(b" ").await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[derive(Clone, Copy)]
+enum Broken {
+    Endless,
+    Trickle,
+}
+
+/// The peak of the process's resident memory, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_endless_answer_from_vault_is_refused_unread() {
+    let bao = Bao::start().await;
+    let vault = broken_vault(Broken::Endless).await;
+    let opts = Opts {
+        vault_address: Some(format!("http://{vault}")),
+        ..Opts::loopback()
+    };
+    let lk = Latchkey::start(&bao, opts).await;
+    let r = gateway_get(&lk, "/anything/x", &[]).await;
+    assert_eq!(r.status, 503, "{:?}", r.json);
+    assert_eq!(
+        r.latchkey_error.as_deref(),
+        Some("secret_store_unavailable")
+    );
+    // At loopback speed, two seconds of an endless answer are gigabytes.
+    let peak = peak_rss_kib(lk.pid());
+    assert!(
+        peak < 200 * 1024,
+        "latchkey grew to {peak} KiB reading Vault"
+    );
+    lk.output_line("the refusal of the long answer", |l| {
+        l.contains("an answer longer than 1048576 bytes")
+    })
+    .await;
+}
+
+/// Vault stopping half-way through its answer to the CA read at start is Vault's trouble: the
+/// start goes on without the tunnel form and asks again, rather than stopping on a CA record
+/// it takes for broken.
+#[tokio::test]
+async fn an_answer_cut_short_at_start_is_asked_again_not_taken_for_a_broken_ca() {
+    let bao = Bao::start().await;
+    let vault = broken_vault(Broken::Trickle).await;
+    let opts = Opts {
+        vault_address: Some(format!("http://{vault}")),
+        ..Opts::loopback()
+    };
+    let lk = Latchkey::try_start(&bao, opts)
+        .await
+        .unwrap_or_else(|out| panic!("latchkey did not start:\n{out}"));
+    lk.output_line("the CA asked for again", |l| {
+        l.contains("cannot read latchkey's CA from Vault") && l.contains("asking again")
+    })
+    .await;
+    assert!(!lk.output().contains("is unusable"), "{}", lk.output());
+}
