@@ -31,8 +31,9 @@ fn short() -> Opts {
 /// How long a test waits for latchkey to act on a 2 s timeout.
 const GIVE_UP: Duration = Duration::from_secs(30);
 
-/// An upstream that answers every request with an endless chunked body, and counts the
-/// connections it still writes to (one that latchkey closed fails its next write).
+/// An upstream that answers every request with an endless chunked body (or, `/sized`, a
+/// body of [`SIZED`] bytes), and counts the connections it still writes to (one that
+/// latchkey closed fails its next write).
 struct Endless {
     addr: SocketAddr,
     open: Arc<AtomicUsize>,
@@ -59,6 +60,19 @@ impl Endless {
                     }
                     open.fetch_add(1, Ordering::SeqCst);
                     served.fetch_add(1, Ordering::SeqCst);
+                    if head.starts_with(b"GET /sized") {
+                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {SIZED}\r\n\r\n");
+                        let mut wrote = io.write_all(answer.as_bytes()).await;
+                        let block = vec![b'x'; 0x10000];
+                        for _ in 0..SIZED / block.len() {
+                            if wrote.is_err() {
+                                break;
+                            }
+                            wrote = io.write_all(&block).await;
+                        }
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
                     let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
                     let mut wrote = io
                         .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -129,6 +143,53 @@ async fn a_client_that_reads_nothing_is_closed_with_its_upstream_connection() {
     // And the connection itself is closed.
     let ended = tokio::time::timeout(GIVE_UP, driver).await;
     assert!(ended.is_ok(), "the h2 connection is still open");
+}
+
+/// The size of the upstream's `/sized` answer: a multiple of 64 KiB.
+const SIZED: usize = 6 * 1024 * 1024;
+
+/// A client that reads slowly but steadily is not taken for one that stopped: the whole answer
+/// comes, though each pause between its reads is a fifth of `body_timeout` and the kernel's
+/// send buffer could hold far more than the client takes in `body_timeout`.
+#[tokio::test]
+async fn a_slow_but_steady_reader_gets_its_whole_answer() {
+    let bao = Bao::start().await;
+    let up = Endless::start().await;
+    put_bearer(&bao, "sized", &format!("http://{}", up.addr));
+    let lk = Latchkey::start(&bao, short()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(32 * 1024).unwrap();
+    let mut client = socket.connect(lk.proxy).await.unwrap();
+    client
+        .write_all(b"GET /sized/sized HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // 192 KiB every 400 ms: the whole answer in some 13 s.
+    let mut got = 0usize;
+    let mut done = false;
+    let mut buf = vec![0u8; 192 * 1024];
+    let started = std::time::Instant::now();
+    while !done {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut turn = 0;
+        while turn < buf.len() {
+            let read = tokio::io::AsyncReadExt::read(&mut client, &mut buf[turn..]);
+            match tokio::time::timeout(Duration::from_millis(50), read).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    done = true;
+                    break;
+                }
+                Ok(Ok(n)) => turn += n,
+                Err(_) => break,
+            }
+        }
+        got += turn;
+        assert!(started.elapsed() < Duration::from_secs(120), "too slow");
+    }
+    assert!(
+        got > SIZED,
+        "the answer was cut after {got} bytes (head and body: more than {SIZED})"
+    );
 }
 
 /// PRODUCT.md 7: `idle_timeout` closes a connection with no request in flight, silent or not.
