@@ -4,17 +4,26 @@
 //!
 //! Each client has a token bucket (`cache.miss_rate` per second, up to `cache.miss_burst`). A
 //! Vault read for an ID the cache does not hold (nor is reading already) takes one token
-//! before it starts, and gives it back if it found one (usable or not): so concurrent requests for
-//! invented IDs meet the limit as one after another would, and reads that Vault leaves
-//! unanswered count too. A client whose bucket is empty is served only from the cache until it
-//! refills: a connection the cache holds works as before, anything else is `429
-//! too_many_misses` without a Vault read. Buckets are only looked at on the way to
-//! Vault, never on a cache hit; there is one per configured client (and one for everyone when
-//! latchkey runs open), so their number is bounded by the configuration.
+//! before it starts ([`MissLimit::take`]), and gives it back if it found a connection (usable
+//! or not, [`Ticket::found`]): so concurrent requests for invented IDs meet the limit as one
+//! after another would, and reads that Vault leaves unanswered count too. A request that finds
+//! the bucket empty while reads of its client are under way waits for one of them to end (its
+//! token may come back: a client starting with more real connections than the burst is not
+//! refused); with none under way, it is served only from the cache until the bucket refills:
+//! a connection the cache holds works as before, anything else is `429 too_many_misses`
+//! without a Vault read. Buckets are only looked at on the way to Vault, never on a cache hit;
+//! there is one per configured client (and one for everyone when latchkey runs open), so their
+//! number is bounded by the configuration.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use tokio::sync::Notify;
+
+/// The longest a request waits for its client's reads under way to give a token back. Each
+/// read ends within `vault.timeout` per address; this only bounds the wait should one not.
+const WAIT_FOR_READS: Duration = Duration::from_secs(30);
 
 /// The buckets, shared by every worker.
 pub struct MissLimit {
@@ -27,6 +36,34 @@ pub struct MissLimit {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Reads paid for and not yet ended.
+    reading: usize,
+    /// How many reads have ended: a waiter that saw one number and then another knows to look
+    /// again, whenever its notification came.
+    ended: u64,
+    /// Wakes the requests waiting for a read to end.
+    end: Arc<Notify>,
+}
+
+/// A read paid for: ended when dropped, its token kept unless [`Ticket::found`] says it found a
+/// connection. (A request dropped half-way ends its read too.)
+pub struct Ticket {
+    limit: Arc<MissLimit>,
+    client: Box<str>,
+    found: bool,
+}
+
+impl Ticket {
+    /// The read found a connection: the token comes back.
+    pub fn found(mut self) {
+        self.found = true;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.limit.end_at(&self.client, self.found, Instant::now());
+    }
 }
 
 impl MissLimit {
@@ -39,33 +76,68 @@ impl MissLimit {
     }
 
     /// A token for `client` to have latchkey read Vault for an ID the cache does not hold; if
-    /// there is none, how long until there is.
-    pub fn take(&self, client: &str) -> Result<(), Duration> {
-        self.take_at(client, Instant::now())
+    /// there is none (and no read of its own under way gives one back), how long until there
+    /// is.
+    pub async fn take(self: &Arc<Self>, client: &str) -> Result<Ticket, Duration> {
+        let deadline = tokio::time::Instant::now() + WAIT_FOR_READS;
+        loop {
+            let (end, seen) = match self.try_take(client, Instant::now()) {
+                Taken::Yes => {
+                    return Ok(Ticket {
+                        limit: self.clone(),
+                        client: client.into(),
+                        found: false,
+                    })
+                }
+                Taken::No(wait) => return Err(wait),
+                Taken::AfterReads(end, seen) => (end, seen),
+            };
+            let notified = end.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // A read that ended between the look and `enable` is seen here.
+            if self.ended(client) != seen {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Duration::from_secs(1));
+            }
+        }
     }
 
-    /// The read [`MissLimit::take`] paid for found the connection: the token comes back.
-    pub fn refund(&self, client: &str) {
-        self.refund_at(client, Instant::now());
-    }
-
-    fn take_at(&self, client: &str, now: Instant) -> Result<(), Duration> {
-        let mut bucket = self.buckets.entry(client.into()).or_insert(Bucket {
+    fn try_take(&self, client: &str, now: Instant) -> Taken {
+        let mut bucket = self.buckets.entry(client.into()).or_insert_with(|| Bucket {
             tokens: self.burst,
             at: now,
+            reading: 0,
+            ended: 0,
+            end: Arc::new(Notify::new()),
         });
         self.refill(&mut bucket, now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            return Ok(());
+            bucket.reading += 1;
+            return Taken::Yes;
         }
-        Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
+        if bucket.reading > 0 {
+            return Taken::AfterReads(bucket.end.clone(), bucket.ended);
+        }
+        Taken::No(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
     }
 
-    fn refund_at(&self, client: &str, now: Instant) {
+    fn ended(&self, client: &str) -> u64 {
+        self.buckets.get(client).map_or(0, |b| b.ended)
+    }
+
+    fn end_at(&self, client: &str, found: bool, now: Instant) {
         if let Some(mut bucket) = self.buckets.get_mut(client) {
             self.refill(&mut bucket, now);
-            bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
+            if found {
+                bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
+            }
+            bucket.reading = bucket.reading.saturating_sub(1);
+            bucket.ended += 1;
+            bucket.end.notify_waiters();
         }
     }
 
@@ -76,53 +148,77 @@ impl MissLimit {
     }
 }
 
+/// What [`MissLimit::try_take`] found.
+enum Taken {
+    Yes,
+    /// None now; wait for a read under way to end (the notification, and the count of ended
+    /// reads seen).
+    AfterReads(Arc<Notify>, u64),
+    No(Duration),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_burst_then_the_rate_per_client() {
-        let limit = MissLimit::new(2.0, 3);
+    fn limit(rate: f64, burst: u32) -> Arc<MissLimit> {
+        Arc::new(MissLimit::new(rate, burst))
+    }
+
+    #[tokio::test]
+    async fn a_burst_then_the_rate_per_client() {
+        let limit = limit(2.0, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(limit.take_at("a", t0), Ok(()));
+            assert!(matches!(limit.try_take("a", t0), Taken::Yes));
+            limit.end_at("a", false, t0);
         }
-        let wait = limit.take_at("a", t0).unwrap_err();
+        let Taken::No(wait) = limit.try_take("a", t0) else {
+            panic!("a fourth read at once");
+        };
         assert_eq!(wait, Duration::from_millis(500));
         // Another client has its own bucket.
-        assert_eq!(limit.take_at("b", t0), Ok(()));
+        assert!(matches!(limit.try_take("b", t0), Taken::Yes));
 
         // Half a second brings one token back, and no more than the burst ever.
         let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(limit.take_at("a", t1), Ok(()));
-        assert!(limit.take_at("a", t1).is_err());
+        assert!(matches!(limit.try_take("a", t1), Taken::Yes));
+        limit.end_at("a", false, t1);
+        assert!(matches!(limit.try_take("a", t1), Taken::No(_)));
         let later = t1 + Duration::from_secs(3600);
         for _ in 0..3 {
-            assert_eq!(limit.take_at("a", later), Ok(()));
+            assert!(matches!(limit.try_take("a", later), Taken::Yes));
+            limit.end_at("a", false, later);
         }
-        assert!(limit.take_at("a", later).is_err());
+        assert!(matches!(limit.try_take("a", later), Taken::No(_)));
     }
 
     /// A read that found its connection costs nothing; one that did not, or got no answer,
-    /// keeps its token, however many run at once.
-    #[test]
-    fn found_connections_give_the_token_back() {
-        let limit = MissLimit::new(1.0, 2);
-        let t0 = Instant::now();
+    /// keeps its token. Reads under way make the next request wait rather than fail.
+    #[tokio::test]
+    async fn found_connections_give_the_token_back_and_readers_wait_for_them() {
+        let limit = limit(0.001, 2);
         for _ in 0..10 {
-            assert_eq!(limit.take_at("a", t0), Ok(()));
-            limit.refund_at("a", t0);
+            limit.take("a").await.ok().unwrap().found();
         }
-        // Concurrent reads: each takes before any ends.
-        assert_eq!(limit.take_at("a", t0), Ok(()));
-        assert_eq!(limit.take_at("a", t0), Ok(()));
-        assert!(limit.take_at("a", t0).is_err());
-        // Refunds never raise the bucket above its burst.
-        for _ in 0..5 {
-            limit.refund_at("a", t0);
-        }
-        assert_eq!(limit.take_at("a", t0), Ok(()));
-        assert_eq!(limit.take_at("a", t0), Ok(()));
-        assert!(limit.take_at("a", t0).is_err());
+        // Two reads under way take the burst; a third waits for one to end.
+        let first = limit.take("a").await.ok().unwrap();
+        let second = limit.take("a").await.ok().unwrap();
+        let third = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.take("a").await.map(|t| t.found()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished());
+        first.found();
+        assert!(
+            third.await.unwrap().is_ok(),
+            "the refund went to the waiter"
+        );
+        // The second finds nothing: the token is spent, and with nothing under way the next
+        // request is refused at once.
+        drop(second);
+        assert!(limit.take("a").await.is_ok());
+        assert!(limit.take("a").await.is_err());
     }
 }

@@ -1056,15 +1056,20 @@ impl Proxy {
         let client = log.client.as_deref().unwrap_or("");
         // A read of an ID the cache neither holds nor is reading takes a token first, so that
         // concurrent misses are limited as sequential ones are.
-        let paid = !self.cache.holds(id);
-        if paid {
-            if let Err(wait) = self.misses.take(client) {
-                return Err(ProxyError::TooManyMisses {
-                    client: client.to_string(),
-                    retry_after: wait.as_secs().max(1),
-                });
+        let ticket = if self.cache.holds(id) {
+            None
+        } else {
+            // Boxed: rare, and its wait would otherwise make every request's future larger.
+            match Box::pin(self.misses.take(client)).await {
+                Ok(ticket) => Some(ticket),
+                Err(wait) => {
+                    return Err(ProxyError::TooManyMisses {
+                        client: client.to_string(),
+                        retry_after: wait.as_secs().max(1),
+                    })
+                }
             }
-        }
+        };
         let found = self.cache.get(id).await;
         // What found a connection (usable or not) costs nothing; an ID that is not there, or a
         // read Vault left unanswered, keeps its token.
@@ -1072,8 +1077,10 @@ impl Proxy {
             found,
             Err((CacheError::NotFound | CacheError::Unavailable(_), _))
         );
-        if paid && !missed {
-            self.misses.refund(client);
+        if let Some(ticket) = ticket {
+            if !missed {
+                ticket.found();
+            }
         }
         match found {
             Ok((conn, outcome)) => {

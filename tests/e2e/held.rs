@@ -244,6 +244,30 @@ async fn concurrent_invented_ids_meet_the_miss_limit() {
     );
 }
 
+/// The limit is on reads that find nothing: a client starting with more real connections at
+/// once than its burst has every one of them served (the requests past the burst wait for the
+/// reads under way, which give their tokens back).
+#[tokio::test]
+async fn concurrent_first_requests_on_real_connections_are_all_served() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    let base = format!("http://{}", up.addr());
+    for i in 0..30 {
+        put_bearer(&bao, &format!("real-{i}"), &base);
+    }
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().extra("[cache]\nmiss_rate = 0.01\nmiss_burst = 5\n"),
+    )
+    .await;
+    let answers = futures_util::future::join_all((0..30).map(|i| {
+        let url = lk.url(&format!("/real-{i}/x"));
+        async move { http().get(url).send().await.unwrap().status().as_u16() }
+    }))
+    .await;
+    assert!(answers.iter().all(|&s| s == 200), "{answers:?}");
+}
+
 /// A stand-in for Vault that answers the first request on each connection with `200` and, for
 /// `Endless`, an endless body of spaces, or for `Trickle` a 100,000-byte body a byte at a time
 /// (latchkey's calls to Vault are `GET`s without a body here).
