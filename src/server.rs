@@ -501,9 +501,9 @@ async fn read_vault_ca(vault: &Vault) -> Result<VaultCa, StartError> {
         // A record Vault holds but latchkey cannot read (a field not a string) is broken too.
         // An answer that is not one (not JSON, cut short, too long) is Vault's trouble, not
         // the record's: asked again, as a Vault that does not answer is.
-        Err(vault::VaultError::Malformed(vault::NOT_TEXT)) => Err(StartError::VaultCa {
+        Err(e @ vault::VaultError::NotText) => Err(StartError::VaultCa {
             path,
-            reason: vault::NOT_TEXT.to_string(),
+            reason: e.to_string(),
         }),
         Err(e) => Ok(VaultCa::Unanswered(e)),
     }

@@ -79,6 +79,10 @@ pub enum VaultError {
     NotYet(String),
     #[error("Vault's answer could not be read ({0})")]
     Malformed(&'static str),
+    /// The record's own fault, where [`VaultError::Malformed`] is the answer's (Vault's, or
+    /// whatever answered in its place).
+    #[error("a field is not a string")]
+    NotText,
     #[error("the Vault node at {0} sent an answer longer than {1} bytes: refused unread")]
     TooLong(String, usize),
     #[error("cannot read the Vault token file {0}")]
@@ -716,7 +720,7 @@ impl Vault {
     pub async fn read_ca(&self) -> Result<Option<CaRecord>, VaultError> {
         let stored = self.read_at("read_ca", CA_PATH.to_string()).await?;
         if stored.as_ref().is_some_and(|s| !s.not_text.is_empty()) {
-            return Err(VaultError::Malformed(NOT_TEXT));
+            return Err(VaultError::NotText);
         }
         Ok(stored.map(|s| CaRecord { fields: s.fields }))
     }
@@ -1216,10 +1220,6 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
     e.downcast_ref::<reqwest::Error>()
         .is_some_and(|r| r.is_timeout())
 }
-
-/// [`VaultError::Malformed`]'s reason for a record whose field is not a string: the record's
-/// fault, where the others are the answer's (Vault's, or whatever answered in its place).
-pub const NOT_TEXT: &str = "a field is not a string";
 
 /// What a KV v2 mount answers (with a 400) on a standby that has not yet seen the active node
 /// finish upgrading the mount's layout: for a moment after a mount is made, and after a

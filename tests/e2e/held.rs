@@ -100,6 +100,16 @@ impl Endless {
     }
 }
 
+/// A client connection to latchkey's proxy with a receive buffer of `rcvbuf` bytes, `request`
+/// sent on it.
+async fn asking(lk: &Latchkey, rcvbuf: u32, request: &[u8]) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(rcvbuf).unwrap();
+    let mut client = socket.connect(lk.proxy).await.unwrap();
+    client.write_all(request).await.unwrap();
+    client
+}
+
 #[tokio::test]
 async fn a_client_that_reads_nothing_is_closed_with_its_upstream_connection() {
     let bao = Bao::start().await;
@@ -108,13 +118,12 @@ async fn a_client_that_reads_nothing_is_closed_with_its_upstream_connection() {
     let lk = Latchkey::start(&bao, short()).await;
 
     // HTTP/1.1: a request, then nothing read, ever.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut client = socket.connect(lk.proxy).await.unwrap();
-    client
-        .write_all(b"GET /endless/big HTTP/1.1\r\nHost: latchkey\r\n\r\n")
-        .await
-        .unwrap();
+    let client = asking(
+        &lk,
+        4096,
+        b"GET /endless/big HTTP/1.1\r\nHost: latchkey\r\n\r\n",
+    )
+    .await;
     up.let_go(1, "latchkey to let go of the HTTP/1.1 client's upstream")
         .await;
     drop(client);
@@ -157,13 +166,12 @@ async fn a_slow_but_steady_reader_gets_its_whole_answer() {
     let up = Endless::start().await;
     put_bearer(&bao, "sized", &format!("http://{}", up.addr));
     let lk = Latchkey::start(&bao, short()).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(32 * 1024).unwrap();
-    let mut client = socket.connect(lk.proxy).await.unwrap();
-    client
-        .write_all(b"GET /sized/sized HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut client = asking(
+        &lk,
+        32 * 1024,
+        b"GET /sized/sized HTTP/1.1\r\nHost: latchkey\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     // 192 KiB every 400 ms: the whole answer in some 13 s.
     let mut got = 0usize;
     let mut done = false;
@@ -314,16 +322,6 @@ async fn broken_vault(kind: Broken) -> SocketAddr {
 enum Broken {
     Endless,
     Trickle,
-}
-
-/// The peak of the process's resident memory, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[tokio::test]

@@ -926,16 +926,6 @@ async fn server_sent_events_through_the_tunnel_arrive_event_by_event() {
 /// 100 MiB.
 const BIG: u64 = 100 * 1024 * 1024;
 
-/// Peak resident memory of a process (`VmHWM`), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
-}
-
 /// `sha256sum FILE`: the hex digest.
 async fn sha256_file(path: &Path) -> String {
     let out = tokio::process::Command::new("sha256sum")
