@@ -199,6 +199,16 @@ pub enum Closed {
     Stalled,
 }
 
+impl Closed {
+    /// Its label in `latchkey_client_connections_closed_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Closed::Idle => "idle",
+            Closed::Stalled => "stalled",
+        }
+    }
+}
+
 /// A request in flight on its connection; dropping it ends that (and counts as activity).
 #[derive(Debug)]
 pub struct InFlight(Arc<Activity>);

@@ -1028,13 +1028,17 @@ fn spawn_connection<C>(
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
             Ok(Ok(())) => {}
             Err(idle::Closed::Idle) => {
+                telemetry::client_connection_closed(idle::Closed::Idle.reason());
                 tracing::debug!(%peer, timeout = ?idle.idle, "closed an idle client connection")
             }
-            Err(idle::Closed::Stalled) => tracing::debug!(
-                %peer,
-                timeout = ?idle.stall,
-                "closed a client connection that took none of its answer"
-            ),
+            Err(idle::Closed::Stalled) => {
+                telemetry::client_connection_closed(idle::Closed::Stalled.reason());
+                tracing::debug!(
+                    %peer,
+                    timeout = ?idle.stall,
+                    "closed a client connection that took none of its answer"
+                )
+            }
         }
         drop(guard);
     });

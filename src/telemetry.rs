@@ -30,6 +30,7 @@ pub mod names {
     pub const RESPONSE_SCRUBBED: &str = "latchkey_response_scrubbed_total";
     pub const CONNECTION_EXPIRY: &str = "latchkey_connection_expiry_seconds";
     pub const CLIENT_CONNECTIONS: &str = "latchkey_client_connections";
+    pub const CLIENT_CONNECTIONS_CLOSED: &str = "latchkey_client_connections_closed_total";
     pub const TUNNELS_OPEN: &str = "latchkey_tunnels_open";
     pub const TUNNEL_LEAVES: &str = "latchkey_tunnel_leaf_certificates_total";
     pub const TUNNEL_HANDSHAKE_FAILURES: &str = "latchkey_tunnel_handshake_failures_total";
@@ -92,6 +93,12 @@ pub fn tunnel_handshake_failed(reason: &'static str) {
 /// The gauge of client connections open on proxy worker `worker`.
 pub fn client_connections(worker: usize) -> metrics::Gauge {
     gauge!(names::CLIENT_CONNECTIONS, "worker" => worker.to_string())
+}
+
+/// latchkey closed a client connection (or tunnel) of its own accord, for `reason` (`idle`,
+/// `stalled`: the reasons of the idle watch).
+pub fn client_connection_closed(reason: &'static str) {
+    counter!(names::CLIENT_CONNECTIONS_CLOSED, "reason" => reason).increment(1);
 }
 
 /// Sets up logging: JSON lines on standard error, filtered by `RUST_LOG` (default `info`).
@@ -212,6 +219,10 @@ fn describe() {
     describe_gauge!(
         CLIENT_CONNECTIONS,
         "Open client connections, by proxy worker."
+    );
+    describe_counter!(
+        CLIENT_CONNECTIONS_CLOSED,
+        "Client connections latchkey closed, by reason (idle or stalled)."
     );
     describe_gauge!(TUNNELS_OPEN, "Open CONNECT tunnels.");
     describe_counter!(TUNNEL_LEAVES, "Leaf certificates for tunnels, by outcome.");

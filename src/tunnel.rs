@@ -229,6 +229,7 @@ impl Tunnels {
         match idle::or_idle(conn, &activity, self.idle).await {
             Ok(served) => served.map_err(io::Error::other),
             Err(closed) => {
+                telemetry::client_connection_closed(closed.reason());
                 tracing::debug!(limits = ?self.idle, ?closed, "closed an idle or stalled connection inside a tunnel");
                 Ok(())
             }
@@ -296,6 +297,7 @@ fn splice(
             Ok(Err(e)) => tracing::debug!(error = %e, "a passthrough tunnel ended with an error"),
             Ok(Ok(_)) => {}
             Err(closed) => {
+                telemetry::client_connection_closed(closed.reason());
                 tracing::debug!(limits = ?idle, ?closed, "closed an idle or stalled passthrough tunnel")
             }
         }

@@ -3,9 +3,9 @@
 //!
 //! - a client that stops reading its answer (HTTP/1.1, its receive window full; h2, a window
 //!   it never opens) is closed after `proxy.body_timeout`, and the upstream connections its
-//!   requests held go with it;
+//!   requests held go with it; each close is counted as `stalled`;
 //! - an h2 connection kept busy with PINGs and no stream is closed at `proxy.idle_timeout`
-//!   ("silent or not");
+//!   ("silent or not"), and counted as `idle`;
 //! - concurrent requests for invented IDs meet the per-client miss limit as sequential ones do;
 //! - a Vault (or whatever answers in its place) that sends an endless answer costs a bounded
 //!   read, not memory without end; one that stops half-way through an answer at start is
@@ -100,6 +100,24 @@ impl Endless {
     }
 }
 
+/// Waits until latchkey has counted `n` client connections closed for `reason`.
+async fn counted_closed(lk: &Latchkey, reason: &str, n: u64) {
+    let sample = format!("latchkey_client_connections_closed_total{{reason=\"{reason}\"}} ");
+    let what = format!("{n} client connection(s) counted as closed {reason}");
+    wait_until(&what, GIVE_UP, || {
+        let sample = sample.clone();
+        async move {
+            let text = crate::errors::metrics_text(lk).await;
+            let count = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&sample)?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            (count >= n as f64).then_some(())
+        }
+    })
+    .await
+}
+
 /// A client connection to latchkey's proxy with a receive buffer of `rcvbuf` bytes, `request`
 /// sent on it.
 async fn asking(lk: &Latchkey, rcvbuf: u32, request: &[u8]) -> tokio::net::TcpStream {
@@ -127,6 +145,7 @@ async fn a_client_that_reads_nothing_is_closed_with_its_upstream_connection() {
     up.let_go(1, "latchkey to let go of the HTTP/1.1 client's upstream")
         .await;
     drop(client);
+    counted_closed(&lk, "stalled", 1).await;
 
     // h2: three streams, no window ever opened for their bodies.
     let io = tokio::net::TcpStream::connect(lk.proxy).await.unwrap();
@@ -144,14 +163,20 @@ async fn a_client_that_reads_nothing_is_closed_with_its_upstream_connection() {
             .unwrap();
         streams.push(h2.send_request(req, true).unwrap().0);
     }
+    // The answers are kept, bodies unread: dropping one would cancel its stream.
+    let mut answers = Vec::new();
     for s in streams {
-        assert_eq!(s.await.unwrap().status(), 200);
+        let answer = s.await.unwrap();
+        assert_eq!(answer.status(), 200);
+        answers.push(answer);
     }
     up.let_go(4, "latchkey to let go of the h2 client's upstreams")
         .await;
     // And the connection itself is closed.
     let ended = tokio::time::timeout(GIVE_UP, driver).await;
     assert!(ended.is_ok(), "the h2 connection is still open");
+    counted_closed(&lk, "stalled", 2).await;
+    drop(answers);
 }
 
 /// The size of the upstream's `/sized` answer: a multiple of 64 KiB.
@@ -219,6 +244,7 @@ async fn an_h2_connection_kept_busy_with_pings_and_no_stream_is_closed() {
     });
     let ended = tokio::time::timeout(GIVE_UP, driver).await;
     assert!(ended.is_ok(), "PINGs kept a connection with no stream open");
+    counted_closed(&lk, "idle", 1).await;
     let answered = pinging.await.unwrap();
     assert!(
         answered >= 3,
