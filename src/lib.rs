@@ -15,7 +15,7 @@
 //! |---|---|
 //! | 0 | connection_id, destination, hop_by_hop, misses, secret, spare, strict, telemetry, upstream::sessions, vault::capped |
 //! | 1 | auth, body, ca, record, upstream::dial, vault::login |
-//! | 2 | catalog, encoding, idle, scrub, upstream::h1 |
+//! | 2 | catalog, encoding, idle, scrub, upstream::h1, upstream::replay |
 //! | 3 | config, downstream, inject, release, upstream::h1::fuzzing, upstream::pool |
 //! | 4 | connection, upstream, vault, websocket |
 //! | 5 | cache, draft, verify |

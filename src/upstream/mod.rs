@@ -5,6 +5,7 @@
 pub mod dial;
 pub mod h1;
 pub mod pool;
+pub mod replay;
 pub mod sessions;
 
 pub use dial::{tls_config, DialError, Dialer, MaybeTls};

@@ -49,6 +49,7 @@ use tokio::time::Instant;
 
 use super::dial::{DialError, Dialer};
 use super::h1::{self, Checkin, Deadline, H1Body, H1Conn, H1Error, Pump, RequestFraming};
+use super::replay::{unprocessed, Replay};
 use crate::body::{self as body, BoxBody as UpstreamBody, BoxError};
 use crate::hop_by_hop;
 use zeroize::Zeroizing;
@@ -101,13 +102,19 @@ impl SendError {
         )
     }
 
-    /// The message with the chain of causes (hyper's errors say little at the top level).
+    /// The message with the chain of causes (hyper's errors say little at the top level), each
+    /// said once: a variant that only wraps its cause says what the cause says.
     pub fn describe(&self) -> String {
         let mut message = String::from("the upstream connection failed");
+        let mut said = String::new();
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = cur {
-            message.push_str(": ");
-            message.push_str(&e.to_string());
+            let text = e.to_string();
+            if text != said {
+                message.push_str(": ");
+                message.push_str(&text);
+                said = text;
+            }
             cur = e.source();
         }
         message
@@ -152,6 +159,14 @@ impl Tenant {
 
 type ByHost<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 
+/// An h2 connection that a host's requests share, and which one it is: a request that found
+/// it retired takes it off the map only if it is still the one there.
+#[derive(Clone)]
+struct SharedH2 {
+    id: u64,
+    sender: http2::SendRequest<UpstreamBody>,
+}
+
 struct Idle {
     conn: H1Conn,
     since: Instant,
@@ -162,7 +177,7 @@ struct Idle {
 #[derive(Default)]
 struct State {
     idle: [ByHost<Vec<Idle>>; 2],
-    h2: [ByHost<http2::SendRequest<UpstreamBody>>; 2],
+    h2: [ByHost<SharedH2>; 2],
     /// h2 connections made with an earlier dialer ([`Pool::redial`]), no longer lent.
     retired: Vec<http2::SendRequest<UpstreamBody>>,
     /// A reaper task is running.
@@ -196,6 +211,8 @@ pub struct Pool {
     waiting: std::sync::atomic::AtomicUsize,
     /// Wakes them.
     changed: tokio::sync::Notify,
+    /// Numbers the h2 connections ([`SharedH2::id`]).
+    h2_made: AtomicU64,
 }
 
 /// What a request that found no idle connection may do.
@@ -509,6 +526,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             changed: tokio::sync::Notify::new(),
+            h2_made: AtomicU64::new(0),
         })
     }
 
@@ -532,7 +550,7 @@ impl Pool {
                 .h2
                 .iter_mut()
                 .flat_map(|m| m.drain())
-                .map(|(_, s)| s)
+                .map(|(_, s)| s.sender)
                 .collect();
             state.retired.retain(|s| !s.is_closed());
             state.retired.extend(h2);
@@ -579,9 +597,15 @@ impl Pool {
             tenant,
         };
 
-        if let Some(mut sender) = self.shared_h2(&key) {
+        // A request the upstream did not process (it retired the connection) is sent once more.
+        let mut again = req.method() != Method::CONNECT;
+        while let Some(shared) = self.shared_h2(&key) {
+            let mut sender = shared.sender;
+            let replay = again.then(|| Replay::wrap(req.body_mut()));
             let (stalled, sent) = for_h2(&mut req, &key, self.limits.body);
+            let head = replay.as_ref().map(|_| head_of(&req));
             let to_head = req.method() == Method::HEAD;
+            again = false;
             match answer_by(
                 deadline,
                 &sent,
@@ -593,10 +617,23 @@ impl Pool {
                 Ok(resp) => return Ok(from_h2(resp, to_head, self.limits.body)),
                 Err(mut e) => match e.take_message() {
                     Some(back) => {
-                        self.state().h2[usize::from(key.https)].remove(key.authority.as_str());
+                        self.forget_h2(&key, shared.id);
                         req = back;
                     }
-                    None => return Err(h2_error(e.into_error(), &stalled, self.limits.body)),
+                    None => {
+                        let error = e.into_error();
+                        let Some((replay, head)) = replay.zip(head).filter(|_| unprocessed(&error))
+                        else {
+                            return Err(h2_error(error, &stalled, self.limits.body));
+                        };
+                        let body = tokio::time::timeout_at(deadline.at, replay.body()).await;
+                        let Ok(Some(body)) = body else {
+                            return Err(h2_error(error, &stalled, self.limits.body));
+                        };
+                        tracing::debug!(%error, "the upstream did not process the request (it retired the h2 connection); sending it again");
+                        self.forget_h2(&key, shared.id);
+                        req = Request::from_parts(head, body);
+                    }
                 },
             }
         }
@@ -685,10 +722,14 @@ impl Pool {
                 }
             });
             {
+                let id = self.h2_made.fetch_add(1, Ordering::Relaxed);
                 let mut state = self.state();
                 if self.generation.load(Ordering::Acquire) == generation {
-                    state.h2[usize::from(key.https)]
-                        .insert(key.authority.as_str().into(), sender.clone());
+                    let shared = SharedH2 {
+                        id,
+                        sender: sender.clone(),
+                    };
+                    state.h2[usize::from(key.https)].insert(key.authority.as_str().into(), shared);
                 }
             }
             let mut sender = sender;
@@ -739,14 +780,23 @@ impl Pool {
         head.response.map(|()| body)
     }
 
-    fn shared_h2(&self, key: &Key) -> Option<http2::SendRequest<UpstreamBody>> {
+    /// Takes `key`'s shared h2 connection off the map, if it is still the one numbered `id`.
+    fn forget_h2(&self, key: &Key, id: u64) {
+        let mut state = self.state();
+        let map = &mut state.h2[usize::from(key.https)];
+        if map.get(key.authority.as_str()).is_some_and(|s| s.id == id) {
+            map.remove(key.authority.as_str());
+        }
+    }
+
+    fn shared_h2(&self, key: &Key) -> Option<SharedH2> {
         let mut state = self.state();
         let map = &mut state.h2[usize::from(key.https)];
         if map.is_empty() {
             return None;
         }
         match map.get(key.authority.as_str()) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(s) if !s.sender.is_closed() => Some(s.clone()),
             Some(_) => {
                 map.remove(key.authority.as_str());
                 None
@@ -966,6 +1016,16 @@ fn h2_error(e: hyper::Error, stalled: &AtomicBool, body_timeout: Duration) -> Se
     }
 }
 
+/// A copy of a request's head, to send it again ([`super::replay`]).
+fn head_of<B>(req: &Request<B>) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy.into_parts().0
+}
+
 /// h2: an absolute URI (`:scheme`, `:authority`), no `Host`; the upload bounded by
 /// `body_timeout`. Returns what says whether the upload stalled.
 fn for_h2(
@@ -1015,6 +1075,21 @@ mod tests {
     use super::*;
     use crate::destination::AddressPolicy;
     use crate::upstream::dial::{tls_config, MaybeTls};
+
+    #[test]
+    fn a_failure_says_each_cause_once() {
+        // SendError and H1Error each only wrap the io::Error: its text was said three times.
+        let e = SendError::H1(H1Error::Io(std::io::Error::other("reset by peer")));
+        assert_eq!(
+            e.describe(),
+            "the upstream connection failed: reset by peer"
+        );
+        let e = SendError::H1(H1Error::Closed);
+        assert_eq!(
+            e.describe(),
+            "the upstream connection failed: the upstream closed the connection before it answered"
+        );
+    }
 
     fn pool(idle: Duration) -> Arc<Pool> {
         let dialer = Dialer::new(

@@ -365,3 +365,214 @@ async fn requests_to_an_upstream_that_closes_every_connection_dial_at_once() {
     let waited = burst_of_new_connections(true).await;
     assert!(waited.is_empty(), "{waited:#?}");
 }
+
+/// How an upstream that [`Retiring`] is turns a connection's second request away.
+#[derive(Clone, Copy)]
+enum Retire {
+    /// `GOAWAY` with the first stream as the last one it processed.
+    GoAway,
+    /// `RST_STREAM` with `REFUSED_STREAM` on the second stream.
+    Refuse,
+}
+
+/// An h2 upstream over TLS, written frame by frame (hyper's and h2's servers process a stream
+/// once its headers arrive, so neither can be told to refuse one it has seen): each connection
+/// answers its first request `200` with the request's body and turns the second away unread,
+/// as a server retiring the connection does. Counts the streams it answered and turned away.
+struct Retiring {
+    port: u16,
+    answered: Arc<AtomicUsize>,
+    turned_away: Arc<AtomicUsize>,
+}
+
+impl Retiring {
+    async fn start(ca: &TestCa, how: Retire) -> Retiring {
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(&["localhost"], &[b"h2"]));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let turned_away = Arc::new(AtomicUsize::new(0));
+        let counts = (answered.clone(), turned_away.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, counts) = (acceptor.clone(), counts.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = Retiring::serve(tls, how, counts).await;
+                    }
+                });
+            }
+        });
+        Retiring {
+            port,
+            answered,
+            turned_away,
+        }
+    }
+
+    async fn serve(
+        mut io: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        how: Retire,
+        (answered, turned_away): (Arc<AtomicUsize>, Arc<AtomicUsize>),
+    ) -> std::io::Result<()> {
+        use tokio::io::AsyncReadExt;
+        fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let len = payload.len() as u32;
+            let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        }
+        const DATA: u8 = 0;
+        const HEADERS: u8 = 1;
+        const RST_STREAM: u8 = 3;
+        const SETTINGS: u8 = 4;
+        const GOAWAY: u8 = 7;
+        const WINDOW_UPDATE: u8 = 8;
+        const END_STREAM: u8 = 0x1;
+        const END_HEADERS: u8 = 0x4;
+
+        let mut preface = [0u8; 24];
+        io.read_exact(&mut preface).await?;
+        io.write_all(&frame(SETTINGS, 0, 0, &[])).await?;
+        let mut first: Option<u32> = None;
+        let mut body = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await?;
+            match kind {
+                SETTINGS if flags & 0x1 == 0 => io.write_all(&frame(SETTINGS, 0x1, 0, &[])).await?,
+                HEADERS if first.is_none() => {
+                    first = Some(stream);
+                    if flags & END_STREAM != 0 {
+                        Retiring::answer(&mut io, stream, &body, &answered).await?;
+                    }
+                }
+                DATA if Some(stream) == first => {
+                    body.extend_from_slice(&payload);
+                    if !payload.is_empty() {
+                        let more = (payload.len() as u32).to_be_bytes();
+                        io.write_all(&frame(WINDOW_UPDATE, 0, 0, &more)).await?;
+                        io.write_all(&frame(WINDOW_UPDATE, 0, stream, &more))
+                            .await?;
+                    }
+                    if flags & END_STREAM != 0 {
+                        Retiring::answer(&mut io, stream, &body, &answered).await?;
+                    }
+                }
+                HEADERS => {
+                    turned_away.fetch_add(1, Ordering::SeqCst);
+                    match how {
+                        Retire::GoAway => {
+                            let mut away = first.unwrap().to_be_bytes().to_vec();
+                            away.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                            io.write_all(&frame(GOAWAY, 0, 0, &away)).await?;
+                        }
+                        Retire::Refuse => {
+                            let refused = 0x7u32.to_be_bytes(); // REFUSED_STREAM
+                            io.write_all(&frame(RST_STREAM, 0, stream, &refused))
+                                .await?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let _ = (END_HEADERS, HEADERS);
+        }
+    }
+
+    /// `200` (`:status` is the static table's entry 8) with `body`.
+    async fn answer(
+        io: &mut (impl tokio::io::AsyncWrite + Unpin),
+        stream: u32,
+        body: &[u8],
+        answered: &AtomicUsize,
+    ) -> std::io::Result<()> {
+        let head = |kind: u8, flags: u8, len: usize| {
+            let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f
+        };
+        let mut out = head(1, 0x4, 1);
+        out.push(0x88);
+        // DATA in frames of at most the default 16 KiB; the last ends the stream.
+        let mut chunks = body.chunks(16 * 1024).peekable();
+        if chunks.peek().is_none() {
+            out.extend(head(0, 0x1, 0));
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            out.extend(head(0, u8::from(last), chunk.len()));
+            out.extend_from_slice(chunk);
+        }
+        io.write_all(&out).await?;
+        answered.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An h2 upstream that retires a shared connection (`GOAWAY` above the streams it processed,
+/// or `REFUSED_STREAM`) did not process the requests it turned away: each is sent again on a
+/// new connection, its body whole, whatever its method, and the client never sees the refusal.
+#[tokio::test]
+async fn requests_an_h2_upstream_turned_away_unprocessed_are_sent_again() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    for (how, id) in [(Retire::GoAway, "h2-goaway"), (Retire::Refuse, "h2-refuse")] {
+        let up = Retiring::start(&ca, how).await;
+        put_bearer(&bao, id, &format!("https://localhost:{}", up.port));
+        let lk = Latchkey::start(
+            &bao,
+            Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
+        )
+        .await;
+        let client = http();
+        // The first request opens the connection that the others then share.
+        let r = read(
+            client
+                .get(lk.url(&format!("/{id}/first")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{id}: {r:?}");
+        // A bodiless GET, a small POST, and a POST larger than both the stream's first window
+        // (it is still being sent when it is turned away) and what latchkey keeps of a body to
+        // send again (what it had not sent yet is sent from where it was).
+        let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let bodies: [(reqwest::Method, Vec<u8>); 3] = [
+            (reqwest::Method::GET, Vec::new()),
+            (reqwest::Method::POST, b"{\"amount\": 100}".to_vec()),
+            (reqwest::Method::POST, big),
+        ];
+        for (n, (method, body)) in bodies.into_iter().enumerate() {
+            let r = client
+                .request(method.clone(), lk.url(&format!("/{id}/again/{n}")))
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let got = r.bytes().await.unwrap();
+            assert_eq!(
+                status,
+                200,
+                "{id} {method} {n}: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            assert!(
+                got[..] == body[..],
+                "{id} {method} {n}: the body sent again differs"
+            );
+        }
+        // Each of the three was turned away once and answered on a new connection.
+        assert_eq!(up.turned_away.load(Ordering::SeqCst), 3, "{id}");
+        assert_eq!(up.answered.load(Ordering::SeqCst), 4, "{id}");
+    }
+}
