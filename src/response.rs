@@ -215,6 +215,15 @@ impl AdminError {
         AdminError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// 408: a request body that sent nothing for `gap` (`proxy.body_timeout`).
+    pub fn stalled(gap: std::time::Duration) -> AdminError {
+        AdminError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("no byte of the request body came for {gap:?}"),
+        )
+    }
+
     pub fn not_found() -> AdminError {
         AdminError::new(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
     }

@@ -173,7 +173,7 @@ impl Server {
             lifecycle.clone(),
             config.admin.tokens.clone(),
             leaves.clone(),
-            config.admin.secure_cookie,
+            (config.admin.secure_cookie, config.proxy.body_timeout),
         ));
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());

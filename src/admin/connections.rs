@@ -1,6 +1,8 @@
 //! `/v1/connections`: the HTTP side of the connection lifecycle. Parses JSON (never echoing a
 //! value in an error), calls [`Lifecycle`], and maps its errors to statuses.
 
+use std::time::Duration;
+
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -21,7 +23,7 @@ pub async fn handle(
     lifecycle: &Lifecycle,
     admin: &str,
     req: Request<Incoming>,
-    rest: &str,
+    (rest, gap): (&str, Duration),
 ) -> Response<BoxBody> {
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let method = req.method().clone();
@@ -30,7 +32,7 @@ pub async fn handle(
             .list()
             .await
             .map(|list| (StatusCode::OK, json!({ "connections": list }))),
-        ([], &Method::POST) => match body(req).await {
+        ([], &Method::POST) => match body(req, gap).await {
             Ok(create) => lifecycle
                 .create(admin, create)
                 .await
@@ -41,7 +43,7 @@ pub async fn handle(
             .get(id)
             .await
             .map(|c| (StatusCode::OK, json!({ "connection": c }))),
-        ([id], &Method::PATCH) => match body(req).await {
+        ([id], &Method::PATCH) => match body(req, gap).await {
             Ok(patch) => lifecycle
                 .patch(admin, id, patch)
                 .await
@@ -52,7 +54,7 @@ pub async fn handle(
             .delete(admin, id)
             .await
             .map(|()| (StatusCode::NO_CONTENT, Value::Null)),
-        ([id, "secret"], &Method::PUT) => match body(req).await {
+        ([id, "secret"], &Method::PUT) => match body(req, gap).await {
             Ok(rotate) => lifecycle
                 .rotate(admin, id, rotate)
                 .await
@@ -86,20 +88,37 @@ fn saved(s: Saved) -> Value {
     })
 }
 
+/// Why a request body was not read.
+enum Unread {
+    /// It failed, or was larger than the limit.
+    Failed,
+    /// No byte of it came for the gap (`proxy.body_timeout`).
+    Stalled,
+}
+
 /// Reads a request body into one buffer that is zeroized when dropped (it holds the keys of a
-/// create or a rotation), growing it without leaving a plain copy behind; `None` when it cannot
-/// be read or is larger than `limit`. The frames hyper hands over live in hyper's buffers,
-/// which latchkey cannot reach.
-async fn read_body(mut body: Incoming, limit: usize) -> Option<Zeroizing<Vec<u8>>> {
+/// create or a rotation), growing it without leaving a plain copy behind; a body that fails, is
+/// larger than `limit` or sends nothing for `gap` is not read. The frames hyper hands over
+/// live in hyper's buffers, which latchkey cannot reach.
+async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    gap: Duration,
+) -> Result<Zeroizing<Vec<u8>>, Unread> {
     let hint = usize::try_from(body.size_hint().lower()).unwrap_or(limit);
     let mut buf = Zeroizing::new(Vec::with_capacity(hint.min(limit)));
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.ok()?.into_data() else {
+    loop {
+        let frame = match tokio::time::timeout(gap, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(Unread::Stalled),
+        };
+        let Ok(data) = frame.map_err(|_| Unread::Failed)?.into_data() else {
             continue;
         };
         let needed = buf.len() + data.len();
         if needed > limit {
-            return None;
+            return Err(Unread::Failed);
         }
         if needed > buf.capacity() {
             // A `Vec` that grows leaves its old allocation unzeroized: move to a new buffer by
@@ -112,7 +131,7 @@ async fn read_body(mut body: Incoming, limit: usize) -> Option<Zeroizing<Vec<u8>
         }
         buf.extend_from_slice(&data);
     }
-    Some(buf)
+    Ok(buf)
 }
 
 /// Reads and parses a JSON body. A parse error names where it went wrong and never quotes a
@@ -120,11 +139,15 @@ async fn read_body(mut body: Incoming, limit: usize) -> Option<Zeroizing<Vec<u8>
 /// buffer, and each secret field is parsed into a [`Secret`](crate::secret::Secret); a value
 /// written with JSON escapes passes through serde_json's scratch buffer, which is freed when
 /// parsing ends but not zeroized.
-async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, AdminError> {
-    let Some(bytes) = read_body(req.into_body(), MAX_BODY).await else {
-        return Err(AdminError::bad_request(
-            "the request body could not be read (at most 1 MiB of JSON)",
-        ));
+async fn body<T: DeserializeOwned>(req: Request<Incoming>, gap: Duration) -> Result<T, AdminError> {
+    let bytes = match read_body(req.into_body(), MAX_BODY, gap).await {
+        Ok(bytes) => bytes,
+        Err(Unread::Failed) => {
+            return Err(AdminError::bad_request(
+                "the request body could not be read (at most 1 MiB of JSON)",
+            ))
+        }
+        Err(Unread::Stalled) => return Err(AdminError::stalled(gap)),
     };
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);

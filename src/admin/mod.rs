@@ -41,6 +41,8 @@ pub struct Admin {
     leaves: LeavesSlot,
     /// The web page's sign-in sessions.
     sessions: Sessions,
+    /// `proxy.body_timeout`: a request body that sends nothing this long is answered `408`.
+    body_timeout: std::time::Duration,
     /// The last readiness check of Vault and when it ended: a `/readyz` that comes while one
     /// runs waits for it and answers with its result, so that many at once cost Vault two
     /// calls, not two each.
@@ -55,14 +57,15 @@ impl Admin {
         lifecycle: Arc<Lifecycle>,
         tokens: Vec<AdminToken>,
         leaves: LeavesSlot,
-        secure_cookie: bool,
+        (secure_cookie, body_timeout): (bool, std::time::Duration),
     ) -> Admin {
         Admin {
             vault,
             lifecycle,
             tokens,
             leaves,
-            sessions: Sessions::new(secure_cookie),
+            sessions: Sessions::new(secure_cookie, body_timeout),
+            body_timeout,
             readiness: tokio::sync::Mutex::new(None),
         }
     }
@@ -221,7 +224,8 @@ impl Admin {
             return json_response(StatusCode::OK, &json!({ "connectors": list }));
         }
         if let Some(rest) = path.strip_prefix("/v1/connections") {
-            return connections::handle(&self.lifecycle, admin, req, rest).await;
+            return connections::handle(&self.lifecycle, admin, req, (rest, self.body_timeout))
+                .await;
         }
         AdminError::not_found().into_response()
     }

@@ -138,15 +138,18 @@ pub struct Sessions {
     rng: SystemRandom,
     /// Whether the cookie is `Secure` (`admin.secure_cookie`).
     secure: bool,
+    /// `proxy.body_timeout`: a sign-in form not whole this long is answered `408`.
+    body_timeout: Duration,
     failures: Mutex<Failures>,
 }
 
 impl Sessions {
-    pub fn new(secure: bool) -> Sessions {
+    pub fn new(secure: bool, body_timeout: Duration) -> Sessions {
         Sessions {
             by_id: Mutex::new(HashMap::new()),
             rng: SystemRandom::new(),
             secure,
+            body_timeout,
             failures: Mutex::new(Failures {
                 since: Instant::now(),
                 count: 0,
@@ -304,9 +307,11 @@ impl Sessions {
             return too_large();
         }
         let limited = http_body_util::Limited::new(req.into_body(), MAX_SIGN_IN_BODY);
-        let bytes = match limited.collect().await {
-            Ok(b) => Zeroizing::new(b.to_bytes().to_vec()),
-            Err(_) => return too_large(),
+        // The form is small: all of it is due within the body timeout.
+        let bytes = match tokio::time::timeout(self.body_timeout, limited.collect()).await {
+            Ok(Ok(b)) => Zeroizing::new(b.to_bytes().to_vec()),
+            Ok(Err(_)) => return too_large(),
+            Err(_) => return AdminError::stalled(self.body_timeout).into_response(),
         };
         let token = url::form_urlencoded::parse(&bytes)
             .find(|(k, _)| k == "token")
@@ -439,7 +444,7 @@ mod tests {
 
     #[test]
     fn a_write_needs_the_sessions_own_csrf_token() {
-        let s = Sessions::new(false);
+        let s = Sessions::new(false, Duration::from_secs(60));
         let (id, csrf) = s.open("ops").unwrap();
         let mut h = with_cookie(&format!("other=1; {COOKIE}={id}"));
         assert!(matches!(s.check(&h, false), CookieAuth::Admin(a) if a == "ops"));
@@ -455,7 +460,7 @@ mod tests {
 
     #[test]
     fn an_unknown_or_missing_cookie_is_no_session() {
-        let s = Sessions::new(false);
+        let s = Sessions::new(false, Duration::from_secs(60));
         assert!(matches!(
             s.check(&HeaderMap::new(), false),
             CookieAuth::None
@@ -466,12 +471,12 @@ mod tests {
 
     #[test]
     fn the_cookie_is_httponly_strict_and_secure_only_with_tls() {
-        let plain = Sessions::new(false).cookie("abc", 60);
+        let plain = Sessions::new(false, Duration::from_secs(60)).cookie("abc", 60);
         assert_eq!(
             plain.to_str().unwrap(),
             "latchkey_session=abc; HttpOnly; SameSite=Strict; Path=/; Max-Age=60"
         );
-        let tls = Sessions::new(true).cookie("abc", 60);
+        let tls = Sessions::new(true, Duration::from_secs(60)).cookie("abc", 60);
         assert!(tls.to_str().unwrap().ends_with("; Secure"));
     }
 
@@ -500,7 +505,7 @@ mod tests {
 
     #[test]
     fn sessions_are_bounded() {
-        let s = Sessions::new(false);
+        let s = Sessions::new(false, Duration::from_secs(60));
         for _ in 0..MAX_SESSIONS + 10 {
             s.open("ops").unwrap();
         }

@@ -6,6 +6,8 @@
 //!   requests held go with it; each close is counted as `stalled`;
 //! - an h2 connection kept busy with PINGs and no stream is closed at `proxy.idle_timeout`
 //!   ("silent or not"), and counted as `idle`;
+//! - a request body to the admin listener that stops coming is answered `408` after
+//!   `proxy.body_timeout` and its connection closed (the sign-in form, the API's JSON);
 //! - concurrent requests for invented IDs meet the per-client miss limit as sequential ones do;
 //! - a Vault (or whatever answers in its place) that sends an endless answer costs a bounded
 //!   read, not memory without end; one that stops half-way through an answer at start is
@@ -250,6 +252,39 @@ async fn an_h2_connection_kept_busy_with_pings_and_no_stream_is_closed() {
         answered >= 3,
         "the PINGs were not answered ({answered}): nothing was tried"
     );
+}
+
+/// PRODUCT.md 10.9 on the admin listener: a body that stops coming, unauthenticated (the
+/// sign-in form) or not (the API's JSON), does not hold its connection: `408 request_timeout`
+/// after `proxy.body_timeout`, and the connection closes. (Held for ever before: 19,000 such
+/// connections took every descriptor latchkey had.)
+#[tokio::test]
+async fn an_admin_request_body_that_stops_coming_is_answered_408_and_closed() {
+    use tokio::io::AsyncReadExt;
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(&bao, short()).await;
+    let heads = [
+        "POST /session HTTP/1.1\r\nHost: a\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: 100\r\n\r\ntoken="
+            .to_string(),
+        format!(
+            "POST /v1/connections HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"id\": "
+        ),
+    ];
+    for head in heads {
+        let mut c = tokio::net::TcpStream::connect(lk.admin).await.unwrap();
+        c.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(GIVE_UP, c.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "{head}: no answer and not closed");
+        let answer = String::from_utf8_lossy(&answer).to_lowercase();
+        assert!(answer.starts_with("http/1.1 408"), "{head}: {answer}");
+        assert!(
+            answer.contains("latchkey-error: request_timeout"),
+            "{head}: {answer}"
+        );
+    }
 }
 
 /// Concurrent misses are limited as sequential ones are: 60 invented IDs at once from one
