@@ -37,7 +37,7 @@ use crate::response::ProxyError;
 use crate::scrub::{Answer, Scrubbed, Scrubber};
 use crate::secret::Secret;
 use crate::strict::{self, Link};
-use crate::telemetry::{self, AccessLog, CacheOutcome};
+use crate::telemetry::{self, AccessLog, CacheOutcome, LogPath};
 use crate::upstream::{MaybeTls, Pool, ResponseBody, Tenant};
 use crate::websocket;
 
@@ -695,8 +695,13 @@ impl Proxy {
             &conn.connector,
         )
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        // Logged from here on, so that an upstream failure's line says what was asked.
-        log.path = Some(log_path);
+        // Logged from here on, so that an upstream failure's line says what was asked; with
+        // any form of the key that the client wrote into the path or query itself replaced
+        // (PRODUCT.md 4.8: never in a log line).
+        log.path = Some(match &conn.scrubber {
+            Some(scrubber) => unquoted(log_path, scrubber),
+            None => log_path,
+        });
 
         let mut response = match websocket {
             // Boxed: a handshake's future is the largest of this function's, and every
@@ -1358,10 +1363,18 @@ fn gateway_location(
     }
 }
 
-/// Takes out of a request every header with `token` in a value (as it is, percent-decoded,
-/// in base64, or inside `Basic` credentials, as user name or password), and every query
-/// parameter whose value (percent-decoded) holds it. An empty token is in everything:
-/// nothing is done.
+/// `path` with every form of a connection's key in it replaced, as in answers.
+fn unquoted(path: LogPath, scrubber: &Scrubber) -> LogPath {
+    match scrubber.text(path.as_str()) {
+        Cow::Borrowed(_) => path,
+        Cow::Owned(masked) => LogPath::Masked(masked),
+    }
+}
+
+/// Takes out of a request every header and every query parameter with `token` in its value
+/// (as it is, percent-decoded, in base64 when the token is 12 bytes or longer, or inside
+/// `Basic` credentials, as user name or password). An empty token is in everything: nothing
+/// is done.
 fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str>, token: &str) {
     use base64::Engine as _;
     if token.is_empty() {
@@ -1419,10 +1432,12 @@ fn without_token(headers: &mut http::HeaderMap, path_and_query: &mut Cow<'_, str
     let Some((_, query)) = path_and_query.split_once('?') else {
         return;
     };
+    // A pair's value percent-decoded once more than `holds` does: base64's `+`, `/` and `=`
+    // are percent-encoded in a query.
     let holds = |pair: &str| {
-        percent_encoding::percent_decode_str(pair)
-            .decode_utf8_lossy()
-            .contains(token)
+        holds(pair.as_bytes())
+            || (pair.contains('%')
+                && holds(&percent_encoding::percent_decode_str(pair).collect::<Vec<u8>>()))
     };
     if query.split('&').any(holds) {
         *path_and_query = Cow::Owned(auth::without_query_pairs(path_and_query, holds));
@@ -1568,7 +1583,10 @@ mod tests {
         headers.insert("x-b64", "dG9rLTAxMjM0NTY3ODk=".parse().unwrap()); // "tok-0123456789"
         headers.insert("x-pct", "run%20tok%2D0123456789".parse().unwrap());
         headers.insert("x-basic", "Basic dG9rLTAxMjM0NTY3ODk6".parse().unwrap()); // "tok-0123456789:"
-        let mut path = Cow::Borrowed("/p?a=1&key=tok-0123456789&b=x%20tok%2D0123456789&c=3");
+        let mut path = Cow::Borrowed(
+            "/p?a=1&key=tok-0123456789&b=x%20tok%2D0123456789&c=3&d=dG9rLTAxMjM0NTY3ODk%3D\
+             &e=dG9rLTAxMjM0NTY3ODk&f=Basic%20dG9rLTAxMjM0NTY3ODk6",
+        );
         without_token(&mut headers, &mut path, token);
         assert_eq!(path, "/p?a=1&c=3");
         let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();

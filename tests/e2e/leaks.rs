@@ -103,6 +103,12 @@ async fn no_secret_in_trace_output_metrics_or_error_bodies() {
         let r = gateway_get(&lk, path, &auth).await;
         assert_eq!(r.status, 200, "{path}: {:?}", r.json);
     }
+    // The key written by the client itself into the path and the query, as it is, in base64
+    // and percent-encoded: sent on as written, and never logged (PRODUCT.md 4.8).
+    let quoted = "/stripe-bearer/v1/sk_test_LeakCanary0001?note=sk_test_LeakCanary0001\
+                  &b=c2tfdGVzdF9MZWFrQ2FuYXJ5MDAwMQ%3D%3D&p=sk%5Ftest%5FLeakCanary0001";
+    let r = gateway_get(&lk, quoted, &auth).await;
+    assert_eq!(r.status, 200, "{:?}", r.json);
     // Failures: upstream 401 (re-read), unknown connection, invalid connection, an upstream
     // that is gone; then a bad token and a host the connection does not name.
     let r = gateway_get(&lk, "/stripe-bearer/status/401", &auth).await;
@@ -205,6 +211,15 @@ async fn no_secret_in_trace_output_metrics_or_error_bodies() {
     assert_eq!(
         maps["path"],
         "/maps/api/geocode/json?address=x&key=<redacted>"
+    );
+    let quoted = lk
+        .access_log()
+        .into_iter()
+        .find(|l| l["path"].as_str().is_some_and(|p| p.contains("note=")))
+        .expect("the access line of the request quoting the key");
+    assert!(
+        quoted["path"].as_str().unwrap().starts_with("/v1/"),
+        "{quoted}"
     );
 }
 
