@@ -273,6 +273,13 @@ fn upstream_path(path_and_query: &str, prefix: &str, credential: &Credential) ->
     upstream.push_str(prefix);
     upstream.push_str(path);
     let mut first = true;
+    // A query that loses no parameter goes on as the client wrote it (a service may sign the
+    // exact text); one whose credential parameter is replaced is rebuilt without it.
+    if let (Some(query), None) = (query, query_param) {
+        upstream.push('?');
+        upstream.push_str(query);
+        return (upstream, false);
+    }
     for pair in query.into_iter().flat_map(|q| q.split('&')) {
         if pair.is_empty() {
             continue;
@@ -633,6 +640,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/?a=1");
+        // A query that loses nothing goes on as written: empty pairs, a bare `?`.
+        for (asked, sent) in [
+            ("/p?a=1&&b=2&", "/admin/api/2024-10/p?a=1&&b=2&"),
+            ("/p?", "/admin/api/2024-10/p?"),
+            ("/p?a=%41;b", "/admin/api/2024-10/p?a=%41;b"),
+        ] {
+            let mut p = request(&[]);
+            rewrite(&mut p, asked, t, &c).unwrap();
+            assert_eq!(p.uri.path_and_query().unwrap().as_str(), sent);
+        }
     }
 
     #[test]
