@@ -410,6 +410,21 @@ fn start_workers(
     Ok(workers)
 }
 
+/// Loads what the configuration names on disk as [`Server::bind`] does, without binding or
+/// asking Vault: the upstream trust (`tls.extra_roots`), latchkey's CA files, the admin
+/// listener's certificate and key. For `check-config`, and for `serve` before it starts (a
+/// file that fails here is a configuration refused: exit status 64).
+pub fn check_files(config: &Config) -> Result<(), StartError> {
+    reload::dialer(config).map_err(|e| StartError::Tls(e.message))?;
+    if let Some(files) = &config.tls.ca {
+        load_ca(files)?;
+    }
+    if let Some(files) = &config.admin.tls {
+        load_admin_tls(files)?;
+    }
+    Ok(())
+}
+
 /// Reads latchkey's CA from its files (`tls.ca_cert`, `tls.ca_key`).
 fn load_ca(files: &CaFiles) -> Result<Ca, StartError> {
     let read = |path: &std::path::Path| {

@@ -152,6 +152,52 @@ fn serve_refuses_a_bad_config_at_start() {
     }
 }
 
+/// A certificate and a key that do not belong together (latchkey's CA, the admin listener's)
+/// are refused by `check-config` as by `serve`, exit status 64, naming the key: `check-config`
+/// loads them as a start does (it passed them, and `serve` then exited 1).
+#[test]
+fn a_certificate_and_a_key_that_do_not_belong_together_are_refused_by_check_config_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::support::TestCa::new();
+    let ca_cert = ca.pem_path.clone();
+    let (leaf, _) = ca.issue(&["127.0.0.1"]);
+    let leaf = write_file(dir.path(), "leaf.pem", &leaf);
+    let (_, other_key) = crate::support::TestCa::new().issue(&["127.0.0.1"]);
+    let other_key = write_file(dir.path(), "other.key", &other_key);
+    let cases = [
+        (
+            format!(
+                "[tls]\nca_cert = {:?}\nca_key = {:?}\n",
+                ca_cert.display().to_string(),
+                other_key.display().to_string()
+            ),
+            "tls.ca_key",
+        ),
+        (
+            format!(
+                "[admin]\ntls_cert = {:?}\ntls_key = {:?}\n",
+                leaf.display().to_string(),
+                other_key.display().to_string()
+            ),
+            "admin.tls_key",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = write_file(dir.path(), "pair.toml", &text);
+        for args in [&["check-config"][..], &["serve", "--config"][..]] {
+            let out = latchkey()
+                .env("VAULT_TOKEN", "unused")
+                .args(args)
+                .arg(&path)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{args:?} {key}: {err}");
+            assert!(err.contains(key), "{args:?} {key}: {err}");
+        }
+    }
+}
+
 /// An address that is taken is named with its key, and the reason is said once.
 #[test]
 fn a_listen_address_in_use_is_named_with_its_key() {

@@ -122,10 +122,18 @@ fn not_dumpable() {
     }
 }
 
+/// The configuration file at `path`, and the files it names loaded as a start would load them
+/// (latchkey's CA, the admin listener's certificate); what is wrong, naming the key.
+fn checked(path: &std::path::Path) -> Result<latchkey::config::Config, String> {
+    let config = latchkey::config::Config::load(path).map_err(|e| e.to_string())?;
+    latchkey::server::check_files(&config).map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match latchkey::config::Config::load(&file) {
+        Command::CheckConfig { file } => match checked(&file) {
             Ok(config) => {
                 let _ = writeln!(std::io::stdout(), "{}: ok\n{config}", file.display());
                 ExitCode::SUCCESS
@@ -168,10 +176,11 @@ fn main() -> ExitCode {
             with_allocator_settings();
             latchkey::telemetry::init_logging();
             not_dumpable();
-            let loaded = latchkey::config::Config::load(&config).and_then(|c| {
+            let loaded = checked(&config).and_then(|c| {
                 c.vault
                     .check_credentials(&latchkey::config::ProcessEnv)
                     .map(|()| c)
+                    .map_err(|e| e.to_string())
             });
             let path = config;
             let config = match loaded {
