@@ -830,8 +830,8 @@ impl Lifecycle {
                 }
             } else if left as u64 <= self.expiry_warning.as_secs() {
                 warnings.push(format!(
-                    "the key expires at {when}, in {} days; rotate it before then",
-                    left / 86_400
+                    "the key expires at {when}, in {}; rotate it before then",
+                    in_words(left as u64)
                 ));
                 if stored_status != "failed" {
                     status = "expiring".into();
@@ -974,6 +974,16 @@ fn now_rfc3339() -> String {
     format_time(OffsetDateTime::now_utc())
 }
 
+/// `secs` said as a person would: whole days from two days on, else hours, else minutes.
+fn in_words(secs: u64) -> String {
+    let (n, unit) = match secs {
+        s if s >= 2 * 86_400 => (s / 86_400, "day"),
+        s if s >= 2 * 3_600 => (s / 3_600, "hour"),
+        s => ((s / 60).max(1), "minute"),
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 fn format_time(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -1010,6 +1020,17 @@ fn audit(admin: &str, action: &'static str, connection: &str, version: Option<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_left_is_said_in_words() {
+        assert_eq!(in_words(172_799), "47 hours");
+        assert_eq!(in_words(172_800), "2 days");
+        assert_eq!(in_words(30 * 86_400), "30 days");
+        assert_eq!(in_words(7_200), "2 hours");
+        assert_eq!(in_words(3_660), "61 minutes");
+        assert_eq!(in_words(60), "1 minute");
+        assert_eq!(in_words(5), "1 minute");
+    }
 
     /// What the admin API receives holding a new key: parsed into `Secret`s, and `Debug` (of
     /// the requests and of the draft made from them) never shows the key.

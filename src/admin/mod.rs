@@ -84,10 +84,11 @@ impl Admin {
         if req.method() == Method::HEAD {
             *req.method_mut() = Method::GET;
         }
-        if req.method() == Method::GET {
-            if let Some(r) = web::asset(&path) {
+        if let Some(r) = web::asset(&path) {
+            if req.method() == Method::GET {
                 return r;
             }
+            return AdminError::not_allowed("GET, HEAD");
         }
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),

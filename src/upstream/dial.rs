@@ -39,7 +39,8 @@ pub enum DialError {
     NoAddress(String),
     #[error("cannot connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
-    #[error("connecting to {0} timed out")]
+    /// What timed out: `connecting to {host}`, `the TLS handshake with {host}`.
+    #[error("{0} timed out")]
     Timeout(String),
     #[error("TLS with {host} failed: {source}")]
     Tls { host: String, source: io::Error },
@@ -185,7 +186,7 @@ impl DialerInner {
             Err(_) => {
                 tokio::time::timeout(self.connect_timeout, tokio::net::lookup_host((bare, port)))
                     .await
-                    .map_err(|_| DialError::Timeout(host.to_string()))?
+                    .map_err(|_| DialError::Timeout(format!("connecting to {host}")))?
                     .map_err(|source| DialError::Resolve {
                         host: host.to_string(),
                         source,
@@ -228,7 +229,7 @@ impl DialerInner {
                     break;
                 }
                 Ok(Err(source)) => last_error = Some(DialError::Connect { addr, source }),
-                Err(_) => last_error = Some(DialError::Timeout(addr.to_string())),
+                Err(_) => last_error = Some(DialError::Timeout(format!("connecting to {addr}"))),
             }
         }
         let tcp = match (tcp, last_error, first_block) {
@@ -254,7 +255,7 @@ impl DialerInner {
             })?;
         let tls = tokio::time::timeout(self.connect_timeout, tls.connect(server_name, tcp))
             .await
-            .map_err(|_| DialError::Timeout(format!("TLS handshake with {host}")))?
+            .map_err(|_| DialError::Timeout(format!("the TLS handshake with {host}")))?
             .map_err(|source| DialError::Tls {
                 host: host.to_string(),
                 source,

@@ -202,6 +202,10 @@ async fn head_is_served_and_other_methods_are_405_with_allow() {
         ),
         (http::Method::GET, "/v1/connections/x/secret", "PUT"),
         (http::Method::GET, "/v1/connections/x/verify", "POST"),
+        // The web page's files.
+        (http::Method::POST, "/", "GET, HEAD"),
+        (http::Method::DELETE, "/index.html", "GET, HEAD"),
+        (http::Method::PUT, "/app.js", "GET, HEAD"),
     ] {
         let r = send(
             http()
