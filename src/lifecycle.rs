@@ -98,7 +98,7 @@ pub struct CreateRequest {
     pub allowed_hosts: Vec<String>,
     #[serde(default)]
     pub expires_at: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique")]
     pub fields: BTreeMap<String, Secret>,
     #[serde(default = "yes")]
     pub verify: bool,
@@ -119,7 +119,7 @@ pub struct PatchRequest {
     #[serde(default, deserialize_with = "present")]
     pub expires_at: Option<Option<String>>,
     /// Non-secret connector fields.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique")]
     pub fields: BTreeMap<String, Option<Secret>>,
     #[serde(default)]
     pub verify: bool,
@@ -129,11 +129,46 @@ pub struct PatchRequest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
+    #[serde(deserialize_with = "unique")]
     pub fields: BTreeMap<String, Secret>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A JSON object whose keys are each given once: `{"api_key": "a", "api_key": "b"}` is refused
+/// (which of the two was meant cannot be told), not read as its last value.
+fn unique<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    // A field's name, never a value.
+                    return Err(serde::de::Error::custom(format_args!(
+                        "duplicate field `{key}`"
+                    )));
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
@@ -1020,6 +1055,24 @@ fn audit(admin: &str, action: &'static str, connection: &str, version: Option<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_given_twice_is_refused_naming_it() {
+        let e = serde_json::from_str::<CreateRequest>(
+            r#"{"id":"c","connector":"generic-bearer","fields":{"api_key":"sk-one-1234567","api_key":"sk-two-1234567"}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("duplicate field `api_key`"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("sk-"), "{e}");
+        let e =
+            serde_json::from_str::<RotateRequest>(r#"{"fields":{"k":"a","k":"b"}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("duplicate field `k`"), "{e}");
+        let ok = serde_json::from_str::<RotateRequest>(r#"{"fields":{"k":"a","l":"b"}}"#).unwrap();
+        assert_eq!(ok.fields.len(), 2);
+    }
 
     #[test]
     fn the_time_left_is_said_in_words() {

@@ -168,7 +168,9 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>, gap: Duration) -> Res
     let inner = e.into_inner();
     let text = inner.to_string();
     let message = if inner.is_data()
-        && (text.starts_with("unknown field") || text.starts_with("missing field"))
+        && (text.starts_with("unknown field")
+            || text.starts_with("missing field")
+            || text.starts_with("duplicate field"))
     {
         // Field names only: safe to repeat.
         text.split(" at line")

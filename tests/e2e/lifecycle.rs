@@ -634,6 +634,30 @@ async fn create_refuses_what_the_connector_does_not_allow_and_names_the_field() 
         )
         .await;
     assert_api_error(&r, 400, "bad_request", None);
+    // A key given twice: refused naming it, never read as its last value; an ID given twice
+    // is said to be given twice.
+    for (body, field) in [
+        (
+            format!("{{\"id\": \"c1\", \"connector\": \"stripe\", \"fields\": {{\"api_key\": \"{top_level}\", \"api_key\": \"{spaced}\"}}}}"),
+            "fields",
+        ),
+        (
+            format!("{{\"id\": \"c1\", \"id\": \"c2\", \"connector\": \"stripe\", \"fields\": {{\"api_key\": \"{top_level}\"}}}}"),
+            ".",
+        ),
+    ] {
+        let r = w
+            .api_raw(
+                Method::POST,
+                "/v1/connections",
+                Some(&format!("Bearer {ADMIN_TOKEN}")),
+                Some(body),
+            )
+            .await;
+        assert_api_error(&r, 400, "bad_request", (field != ".").then_some(field));
+        assert!(r.body.contains("duplicate field"), "{r:#?}");
+        assert!(!r.body.contains("sk_test_"), "{r:#?}");
+    }
 
     assert!(w.bao.get("c1").is_none());
     assert!(
