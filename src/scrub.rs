@@ -290,10 +290,11 @@ impl Scrubber {
         (out.freeze(), n)
     }
 
-    /// `text` with every form replaced (`text` itself when there was none). Not counted: for
-    /// latchkey's own messages (the admin API's), not for answers to workflows.
+    /// `text` with every form replaced (`text` itself when there was none; one shorter than
+    /// every form is not searched). Not counted: for latchkey's own messages (the admin API's)
+    /// and log lines (a request's path), not for answers to workflows.
     pub fn text<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        if !self.is_match(text.as_bytes()) {
+        if text.len() < self.shortest || !self.is_match(text.as_bytes()) {
             return Cow::Borrowed(text);
         }
         let mut out = BytesMut::with_capacity(text.len() + self.placeholder.len());
