@@ -215,12 +215,13 @@ impl AdminError {
         AdminError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    /// 408: a request body that sent nothing for `gap` (`proxy.body_timeout`).
+    /// 408: a request body that did not come in time (`proxy.body_timeout`, `gap`: between
+    /// pieces of the API's JSON, for the whole of the small sign-in form).
     pub fn stalled(gap: std::time::Duration) -> AdminError {
         AdminError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
-            format!("no byte of the request body came for {gap:?}"),
+            format!("the request body did not come in time (proxy.body_timeout, {gap:?})"),
         )
     }
 

@@ -746,6 +746,11 @@ impl Pump {
     }
 
     /// The body, when none of it was taken (to send it on another kind of connection).
+    /// Whether a byte of the request has been written (it cannot be sent elsewhere then).
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
     pub fn into_body(self) -> Option<UpstreamBody> {
         (!self.started).then_some(self.body)
     }

@@ -597,54 +597,17 @@ impl Pool {
             tenant,
         };
 
-        // A request the upstream did not process (it retired the connection) is sent once more.
-        let mut again = req.method() != Method::CONNECT;
-        while let Some(shared) = self.shared_h2(&key) {
-            let mut sender = shared.sender;
-            let replay = again.then(|| Replay::wrap(req.body_mut()));
-            let (stalled, sent) = for_h2(&mut req, &key, self.limits.body);
-            let head = replay.as_ref().map(|_| head_of(&req));
-            let to_head = req.method() == Method::HEAD;
-            again = false;
-            match answer_by(
-                deadline,
-                &sent,
-                self.limits.body,
-                sender.try_send_request(req),
-            )
-            .await?
-            {
-                Ok(resp) => return Ok(from_h2(resp, to_head, self.limits.body)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => {
-                        self.forget_h2(&key, shared.id);
-                        req = back;
-                    }
-                    None => {
-                        let error = e.into_error();
-                        let Some((replay, head)) = replay.zip(head).filter(|_| unprocessed(&error))
-                        else {
-                            return Err(h2_error(error, &stalled, self.limits.body));
-                        };
-                        let body = tokio::time::timeout_at(deadline.at, replay.body()).await;
-                        let Ok(Some(body)) = body else {
-                            return Err(h2_error(error, &stalled, self.limits.body));
-                        };
-                        tracing::debug!(%error, "the upstream did not process the request (it retired the h2 connection); sending it again");
-                        self.forget_h2(&key, shared.id);
-                        req = Request::from_parts(head, body);
-                    }
-                },
+        if let Some(shared) = self.shared_h2(&key) {
+            // Boxed: the h2 exchange is the rarer path, and the request path's future stays
+            // small without it.
+            match Box::pin(self.on_shared_h2(shared, req, &key, deadline)).await? {
+                OnShared::Answered(resp) => return Ok(resp),
+                OnShared::Back(back) => req = back,
             }
         }
 
-        let (parts, body) = req.into_parts();
-        let framing = RequestFraming::of(&parts.method, &body);
-        let mut exchange = Exchange {
-            head: h1::encode_head(&parts, key.authority.as_str(), framing),
-            to_head: parts.method == Method::HEAD,
-            pump: Pump::new(body, framing),
-        };
+        let (mut parts, body) = req.into_parts();
+        let mut exchange = Exchange::new(&parts, body, &key);
         let idempotent = matches!(
             parts.method,
             Method::GET
@@ -680,6 +643,24 @@ impl Pool {
             let turn = tokio::time::timeout_at(deadline.at, Box::pin(self.dial_or_wait(&key)));
             match turn.await.map_err(|_| SendError::Timeout(within))? {
                 Turn::Dial(slot) => break slot,
+                // A dial that ended may have made the host's shared h2 connection: the request
+                // goes on it, so that a burst of requests to an h2 host (its first ones, or
+                // those it turned away retiring a connection) opens a few connections, not one
+                // each.
+                Turn::Again if !exchange.pump.started() => {
+                    if let Some(shared) = self.shared_h2(&key) {
+                        let body = exchange.pump.into_body().unwrap_or_else(body::empty);
+                        let req = Request::from_parts(parts, body);
+                        match Box::pin(self.on_shared_h2(shared, req, &key, deadline)).await? {
+                            OnShared::Answered(resp) => return Ok(resp),
+                            OnShared::Back(back) => {
+                                let (p, b) = back.into_parts();
+                                exchange = Exchange::new(&p, b, &key);
+                                parts = p;
+                            }
+                        }
+                    }
+                }
                 Turn::Again => {}
             }
         };
@@ -690,6 +671,63 @@ impl Pool {
         // Each step bounds itself: the dial and the h2 handshake by the deadline, an exchange
         // by it or by the request timeout after its body was sent.
         Box::pin(self.connect_and_send(key, parts, exchange, generation, slot, deadline)).await
+    }
+
+    /// Sends `req` on the host's shared h2 connection `shared`. A request the upstream did not
+    /// process (it retired the connection: [`super::replay`]) is sent once more, on the next
+    /// shared connection if another request made one meanwhile; the request is given back
+    /// when no shared connection takes it (closed before it took it, or none left).
+    async fn on_shared_h2(
+        self: &Arc<Self>,
+        shared: SharedH2,
+        mut req: Request<UpstreamBody>,
+        key: &Key,
+        deadline: Deadline,
+    ) -> Result<OnShared, SendError> {
+        let mut again = req.method() != Method::CONNECT;
+        let mut next = Some(shared);
+        while let Some(shared) = next {
+            let mut sender = shared.sender;
+            let replay = again.then(|| Replay::wrap(req.body_mut()));
+            let (stalled, sent) = for_h2(&mut req, key, self.limits.body);
+            let head = replay.as_ref().map(|_| head_of(&req));
+            let to_head = req.method() == Method::HEAD;
+            again = false;
+            match answer_by(
+                deadline,
+                &sent,
+                self.limits.body,
+                sender.try_send_request(req),
+            )
+            .await?
+            {
+                Ok(resp) => {
+                    return Ok(OnShared::Answered(from_h2(resp, to_head, self.limits.body)))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) => {
+                        self.forget_h2(key, shared.id);
+                        req = back;
+                    }
+                    None => {
+                        let error = e.into_error();
+                        let Some((replay, head)) = replay.zip(head).filter(|_| unprocessed(&error))
+                        else {
+                            return Err(h2_error(error, &stalled, self.limits.body));
+                        };
+                        let body = tokio::time::timeout_at(deadline.at, replay.body()).await;
+                        let Ok(Some(body)) = body else {
+                            return Err(h2_error(error, &stalled, self.limits.body));
+                        };
+                        tracing::debug!(%error, "the upstream did not process the request (it retired the h2 connection); sending it again");
+                        self.forget_h2(key, shared.id);
+                        req = Request::from_parts(head, body);
+                    }
+                },
+            }
+            next = self.shared_h2(key);
+        }
+        Ok(OnShared::Back(req))
     }
 
     async fn connect_and_send(
@@ -707,8 +745,14 @@ impl Pool {
         let dialed = tokio::time::timeout_at(deadline.at, dialer.dial(key.https, &key.authority))
             .await
             .map_err(|_| timeout());
-        drop(slot);
-        let io = dialed??;
+        let mut slot = slot;
+        let io = match dialed {
+            Ok(Ok(io)) if io.is_h2() => io,
+            dialed => {
+                slot = None;
+                dialed??
+            }
+        };
         if io.is_h2() {
             let handshake = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -732,6 +776,9 @@ impl Pool {
                     state.h2[usize::from(key.https)].insert(key.authority.as_str().into(), shared);
                 }
             }
+            // Held until the connection is shared: the requests waiting for it to end then
+            // find the connection ([`Pool::dial_or_wait`]) rather than dial one each.
+            drop(slot);
             let mut sender = sender;
             let body = exchange.pump.into_body().unwrap_or_else(body::empty);
             let mut req = Request::from_parts(parts, body);
@@ -820,10 +867,14 @@ impl Pool {
             {
                 let mut state = self.state();
                 let https = usize::from(key.https);
-                // One came back for this tenant meanwhile (another tenant's is not this one's).
+                // One came back for this tenant meanwhile (another tenant's is not this one's),
+                // or a dial made the host's shared h2 connection.
                 if state.idle[https]
                     .get(key.authority.as_str())
                     .is_some_and(|l| l.iter().any(|idle| idle.tenant.is(&key.tenant)))
+                    || state.h2[https]
+                        .get(key.authority.as_str())
+                        .is_some_and(|s| !s.sender.is_closed())
                 {
                     return Turn::Again;
                 }
@@ -991,6 +1042,24 @@ struct Exchange {
     head: Zeroizing<Vec<u8>>,
     to_head: bool,
     pump: Pump,
+}
+
+impl Exchange {
+    fn new(parts: &http::request::Parts, body: UpstreamBody, key: &Key) -> Exchange {
+        let framing = RequestFraming::of(&parts.method, &body);
+        Exchange {
+            head: h1::encode_head(parts, key.authority.as_str(), framing),
+            to_head: parts.method == Method::HEAD,
+            pump: Pump::new(body, framing),
+        }
+    }
+}
+
+/// What [`Pool::on_shared_h2`] did with a request.
+enum OnShared {
+    Answered(Response<ResponseBody>),
+    /// No shared h2 connection took it.
+    Back(Request<UpstreamBody>),
 }
 
 /// An h2 answer, with its hop-by-hop headers gone and its body bounded by `body_timeout`.

@@ -21,10 +21,12 @@ use tokio::sync::oneshot;
 use crate::body::{self, BoxBody, BoxError};
 
 /// At most this much of a request body is kept to send again: a body that had given more when
-/// it was turned away is not sent again. (An upstream takes no more than the window it grants
-/// before it answers or turns a stream away, 64 KiB unless it says otherwise, so a larger body
-/// turned away is mostly still whole; this bounds what an upstream granting more can cost.)
-pub const KEPT: usize = 1024 * 1024;
+/// it was turned away is not sent again. hyper takes a body's pieces while the stream has
+/// window, and an upstream grants a stream no more than its initial window (64 KiB unless it
+/// says otherwise) before it has read the stream's headers: a body turned away unprocessed has
+/// given that and one more piece at most, and a larger one turned away is mostly still whole.
+/// Held from the request to its answer's head: what each h2 request in flight may cost.
+pub const KEPT: usize = 128 * 1024;
 
 /// Whether hyper's error says that the upstream did not process the request: its stream was
 /// above the last one a `GOAWAY` from the upstream let through (or the request came after it),
