@@ -1042,17 +1042,16 @@ fn spawn_connection<C>(
         match idle::or_idle(conn, &activity, idle).await {
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
             Ok(Ok(())) => {}
-            Err(idle::Closed::Idle) => {
-                telemetry::client_connection_closed(idle::Closed::Idle.reason());
-                tracing::debug!(%peer, timeout = ?idle.idle, "closed an idle client connection")
-            }
-            Err(idle::Closed::Stalled) => {
-                telemetry::client_connection_closed(idle::Closed::Stalled.reason());
-                tracing::debug!(
-                    %peer,
-                    timeout = ?idle.stall,
-                    "closed a client connection that took none of its answer"
-                )
+            Err(closed) => {
+                telemetry::client_connection_closed(closed.reason());
+                match closed {
+                    idle::Closed::Idle => {
+                        tracing::debug!(%peer, timeout = ?idle.idle, "closed an idle client connection")
+                    }
+                    idle::Closed::Stalled => {
+                        tracing::debug!(%peer, timeout = ?idle.stall, "closed a client connection that took none of its answer")
+                    }
+                }
             }
         }
         drop(guard);

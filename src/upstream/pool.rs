@@ -711,12 +711,14 @@ impl Pool {
                     }
                     None => {
                         let error = e.into_error();
-                        let Some((replay, head)) = replay.zip(head).filter(|_| unprocessed(&error))
-                        else {
-                            return Err(h2_error(error, &stalled, self.limits.body));
+                        let again = match replay.zip(head).filter(|_| unprocessed(&error)) {
+                            Some((replay, head)) => {
+                                let body = tokio::time::timeout_at(deadline.at, replay.body());
+                                body.await.ok().flatten().map(|body| (head, body))
+                            }
+                            None => None,
                         };
-                        let body = tokio::time::timeout_at(deadline.at, replay.body()).await;
-                        let Ok(Some(body)) = body else {
+                        let Some((head, body)) = again else {
                             return Err(h2_error(error, &stalled, self.limits.body));
                         };
                         tracing::debug!(%error, "the upstream did not process the request (it retired the h2 connection); sending it again");

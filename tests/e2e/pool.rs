@@ -147,15 +147,12 @@ async fn a_connection_closed_by_the_upstream_is_replaced() {
     assert_eq!(up2.requests(), 3);
 }
 
-#[tokio::test]
-async fn h2_upstreams_share_one_connection() {
-    let bao = Bao::start().await;
-    let (_ca, up, lk) = one_worker_to_tls(&bao, "h2-shared", &[b"h2"], "h2_shared_key_1234").await;
-    sequential(&lk, "/h2-shared/x", 1).await;
+/// Sends `n` gateway GETs to `{path}/{i}` at once; each is answered 200, over h2 upstream.
+async fn concurrent_h2_gets(lk: &Latchkey, path: &str, n: usize) {
     let client = http();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..20 {
-        let req = client.get(lk.url(&format!("/h2-shared/c/{i}")));
+    for i in 0..n {
+        let req = client.get(lk.url(&format!("{path}/{i}")));
         tasks.spawn(async move { read(req.send().await.unwrap()).await });
     }
     while let Some(r) = tasks.join_next().await {
@@ -163,6 +160,14 @@ async fn h2_upstreams_share_one_connection() {
         assert_eq!(r.status, 200);
         assert_eq!(r.json["version"], "HTTP/2.0");
     }
+}
+
+#[tokio::test]
+async fn h2_upstreams_share_one_connection() {
+    let bao = Bao::start().await;
+    let (_ca, up, lk) = one_worker_to_tls(&bao, "h2-shared", &[b"h2"], "h2_shared_key_1234").await;
+    sequential(&lk, "/h2-shared/x", 1).await;
+    concurrent_h2_gets(&lk, "/h2-shared/c", 20).await;
     assert_eq!(up.requests(), 21);
     assert_eq!(up.connections(), 1);
 }
@@ -173,17 +178,7 @@ async fn h2_upstreams_share_one_connection() {
 async fn a_burst_of_first_requests_to_an_h2_host_shares_the_connections_its_dials_made() {
     let bao = Bao::start().await;
     let (_ca, up, lk) = one_worker_to_tls(&bao, "h2-burst", &[b"h2"], "h2_burst_key_1234").await;
-    let client = http();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..40 {
-        let req = client.get(lk.url(&format!("/h2-burst/b/{i}")));
-        tasks.spawn(async move { read(req.send().await.unwrap()).await });
-    }
-    while let Some(r) = tasks.join_next().await {
-        let r = r.unwrap();
-        assert_eq!(r.status, 200);
-        assert_eq!(r.json["version"], "HTTP/2.0");
-    }
+    concurrent_h2_gets(&lk, "/h2-burst/b", 40).await;
     assert_eq!(up.requests(), 40);
     // At most the dials under way at once (4 per host), and a few more that began in the
     // instant between a dial's end and its connection being shared: not 40.
