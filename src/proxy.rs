@@ -201,10 +201,21 @@ fn not_authority_form(uri: &Uri) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// An h2 field value must not start or end with whitespace (RFC 9113 section 8.2.1: such a
-/// request is malformed, and an intermediary must not forward it); the h2 decoder lets it
-/// through. HTTP/1's parser trims it, as RFC 9112 section 5.1 asks.
+/// The fields a request must or must not have that the servers under it let through: an
+/// HTTP/1.1 request carries `Host`; an h2 field value does not start or end with whitespace
+/// (RFC 9113 section 8.2.1: such a request is malformed, and an intermediary must not forward
+/// it; HTTP/1's parser trims it, as RFC 9112 section 5.1 asks).
 fn check_fields<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.version() == Version::HTTP_11 {
+        // RFC 9112 section 3.2: a server answers 400 to an HTTP/1.1 request without `Host`.
+        // A CONNECT names its host in its target, which is all a tunnel needs.
+        if !req.headers().contains_key(http::header::HOST) && req.method() != Method::CONNECT {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request must carry a Host header (RFC 9112 section 3.2)".into(),
+            ));
+        }
+        return Ok(());
+    }
     if req.version() != Version::HTTP_2 {
         return Ok(());
     }

@@ -320,3 +320,32 @@ async fn requests_before_a_half_close_are_all_answered_on_either_server() {
         assert_eq!(up.requests(), 2, "{server}");
     }
 }
+
+/// An HTTP/1.1 request without `Host` is refused with latchkey's `400` on either server, in
+/// gateway and forward form (RFC 9112 section 3.2 asks a server to), and nothing reaches the
+/// upstream; HTTP/1.0, where `Host` is optional, is served without one.
+#[tokio::test]
+async fn an_http_1_1_request_without_host_is_refused_on_either_server() {
+    for server in ["latchkey", "hyper"] {
+        let (_bao, up, lk) = start_on(server).await;
+        let forward = format!("GET http://{}/p HTTP/1.1\r\n", up.addr());
+        for head in ["GET /s/p HTTP/1.1\r\n", forward.as_str()] {
+            let r = raw(
+                &lk,
+                &format!("{head}Proxy-Authorization: Basic czp4\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert_eq!(r.status, 400, "{server} {head}: {r:?}");
+            assert_eq!(r.header("latchkey-error"), Some("bad_request"), "{r:?}");
+            let message = r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(message.contains("Host header"), "{server}: {message}");
+        }
+        assert_eq!(up.requests(), 0, "{server}");
+        let r = raw(&lk, "GET /s/p HTTP/1.0\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{server}: {r:?}");
+        assert_eq!(up.requests(), 1, "{server}");
+    }
+}
