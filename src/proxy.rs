@@ -1510,23 +1510,34 @@ fn token_places(catalog: &Catalog) -> TokenPlaces {
 /// pair, a key query parameter's value). The same text anywhere else (a `Referer`, a trace
 /// header, a callback URL in the query) names nothing. A token that starts with `latchkey.`
 /// but is not followed by a connection ID alone is 400 `bad_connection_id`, not read as a
-/// shorter ID.
+/// shorter ID; placeholders in two places that name two connections are 400
+/// `connection_ambiguous`, not decided by which place is looked at first.
 fn placeholder(
     places: &TokenPlaces,
     headers: &http::HeaderMap,
     query: Option<&str>,
 ) -> Result<Option<ConnectionId>, ProxyError> {
+    let mut named: Option<ConnectionId> = None;
     for (token, _) in places.candidates(headers, query) {
         let Some(id) = token.expose().strip_prefix(PLACEHOLDER) else {
             continue;
         };
-        return ConnectionId::parse(id).map(Some).map_err(|_| {
+        let id = ConnectionId::parse(id).map_err(|_| {
             ProxyError::BadConnectionId(format!(
                 "a {PLACEHOLDER}{{connection_id}} placeholder must hold a connection ID alone (letters, digits, - and _)"
             ))
-        });
+        })?;
+        match &named {
+            None => named = Some(id),
+            Some(first) if *first == id => {}
+            Some(first) => {
+                return Err(ProxyError::ConnectionAmbiguous(format!(
+                    "placeholders name two connections, {first} and {id}: name one"
+                )))
+            }
+        }
     }
-    Ok(None)
+    Ok(named)
 }
 
 /// What a placeholder starts with.

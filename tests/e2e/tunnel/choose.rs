@@ -178,7 +178,8 @@ async fn a_connection_covering_the_host_only_on_another_port_is_no_candidate() {
 /// A placeholder counts only as the whole token where the key goes: the same text in another
 /// header (a trace header, a `Referer` naming a host `latchkey.example.com`) or elsewhere in
 /// the query names nothing, and never overrides the one where the key goes; a token
-/// `latchkey.` followed by more than an ID is 400, not read as a shorter ID.
+/// `latchkey.` followed by more than an ID is 400, not read as a shorter ID; placeholders
+/// naming two connections are 400 `connection_ambiguous`.
 #[tokio::test]
 async fn a_placeholder_counts_only_where_the_key_goes() {
     let s = Stripe::start(Opts::loopback().extra(&clients(&["stripe-*"]))).await;
@@ -242,7 +243,46 @@ async fn a_placeholder_counts_only_where_the_key_goes() {
         "bad_connection_id",
         "{text}"
     );
-    assert_eq!(s.up.requests(), 1);
+
+    // Placeholders in two key places: naming two connections is ambiguous, whichever place
+    // comes first; naming one connection twice is that one.
+    for (first, second) in [(ID, "stripe-second"), ("stripe-second", ID)] {
+        let (status, text) = s
+            .curl(
+                &user,
+                &[
+                    "-H",
+                    &format!("Authorization: Bearer latchkey.{first}"),
+                    "-H",
+                    &format!("x-api-key: latchkey.{second}"),
+                ],
+                "/v1/charges",
+            )
+            .await;
+        assert_eq!(status, 400, "{text}");
+        let error = &body_json(&text)["error"];
+        assert_eq!(error["code"], "connection_ambiguous", "{text}");
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(ID) && message.contains("stripe-second"),
+            "{text}"
+        );
+    }
+    let (status, text) = s
+        .curl(
+            &user,
+            &[
+                "-H",
+                &format!("Authorization: Bearer latchkey.{ID}"),
+                "-H",
+                &format!("x-api-key: latchkey.{ID}"),
+            ],
+            "/v1/charges",
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_ours(&body_json(&text), &s.key);
+    assert_eq!(s.up.requests(), 2);
 }
 
 #[tokio::test]
