@@ -728,3 +728,88 @@ async fn failed_sign_ins_close_sign_in_for_the_window_and_bearer_callers_go_on()
         assert!(!out.contains(g.as_str()), "a tried token is in the log");
     }
 }
+
+/// The page at its edges (`tests/node/web_edges.mjs`): a connector with no base URL of its own
+/// asks for one, required, and saves a connection with no environment; a connector that tells
+/// environments apart by base URL alone offers them; a 3,000-character name wraps instead of
+/// pushing every row's buttons off a 1280 px screen; an edit of the name sends the name alone
+/// (no environment forced onto a connection that has none, no verification); latchkey out of
+/// reach and a session that ended are said in words, with no uncaught error.
+#[tokio::test]
+async fn in_chromium_the_page_handles_generic_connectors_long_names_lost_sessions_and_no_latchkey()
+{
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    let v = browser_script(
+        "web_edges.mjs",
+        &[
+            ("LATCHKEY_ADMIN", format!("http://{}", w.lk.admin)),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+            ("KEY", key.clone()),
+            ("BASE_URL", w.sim.base_url()),
+        ],
+    )
+    .await;
+    assert_eq!(v["failure"], Value::Null, "{v:#}");
+    assert_eq!(v["page_errors"], json!([]), "{v:#}");
+
+    let form = &v["generic_form"];
+    assert_eq!(form["base_url_label"], "Base URL", "{v:#}");
+    assert_eq!(form["base_url_shown"], true, "{v:#}");
+    assert_eq!(form["base_url_required"], true, "{v:#}");
+    assert_eq!(form["environments"], json!([["", "(not set)"]]), "{v:#}");
+    assert_eq!(form["key_autocomplete"], "new-password", "{v:#}");
+    let verdict = v["generic_verdict"].as_str().unwrap();
+    assert!(verdict.starts_with("Saved edge-generic"), "{v:#}");
+    let stored = w.show("edge-generic").await;
+    assert_eq!(stored["base_url"], w.sim.base_url(), "{stored:#}");
+    assert_eq!(stored["environment"], Value::Null, "{stored:#}");
+
+    assert_eq!(
+        v["square_environments"],
+        json!([["production", "production"], ["sandbox", "sandbox"]]),
+        "{v:#}"
+    );
+
+    let list = &v["list"];
+    assert!(list["wrap_overflow"].as_i64().unwrap() <= 0, "{v:#}");
+    assert!(list["page_overflow"].as_i64().unwrap() <= 0, "{v:#}");
+    assert!(
+        list["verify_right"].as_f64().unwrap() <= list["width"].as_f64().unwrap(),
+        "{v:#}"
+    );
+
+    assert_eq!(v["edit_form"]["environment"], "", "{v:#}");
+    assert_eq!(v["edit_form"]["base_url"], w.sim.base_url(), "{v:#}");
+    let patch = v["writes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["method"] == "PATCH")
+        .unwrap_or_else(|| panic!("no PATCH: {v:#}"));
+    let body: Value = serde_json::from_str(patch["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body, json!({"name": "Generic, renamed"}), "{v:#}");
+    assert!(
+        v["edit_status"]
+            .as_str()
+            .unwrap()
+            .starts_with("Saved edge-generic"),
+        "{v:#}"
+    );
+    let stored = w.show("edge-generic").await;
+    assert_eq!(stored["name"], "Generic, renamed", "{stored:#}");
+    assert_eq!(stored["environment"], Value::Null, "{stored:#}");
+
+    let unreachable = v["unreachable_status"].as_str().unwrap();
+    assert!(unreachable.contains("could not be reached"), "{v:#}");
+    let ended = &v["session_ended"];
+    assert_eq!(ended["note_shown"], true, "{v:#}");
+    assert!(
+        ended["note"]
+            .as_str()
+            .unwrap()
+            .contains("the last change was not made"),
+        "{v:#}"
+    );
+    assert_eq!(v["signed_in_again_note_shown"], false, "{v:#}");
+}

@@ -25,14 +25,28 @@ async function api(method, path, body) {
     headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const r = await fetch(path, init);
+  let r;
+  try {
+    r = await fetch(path, init);
+  } catch (e) {
+    // latchkey stopped or restarting, or the network between: the request may or may not have
+    // arrived, so the list is read again once it answers.
+    return { status: 0, ok: false, data: { error: { message: UNREACHABLE } } };
+  }
   let data = null;
   if (r.status !== 204) {
     try { data = await r.json(); } catch (_) { data = null; }
   }
-  if (r.status === 401) signedOut();
+  // Said once: the calls that follow the one refused (the list read again) say nothing more.
+  if (r.status === 401 && state.csrf !== null) {
+    signedOut(method === "GET" ? "Your session has ended. Sign in again." :
+      "Your session has ended (it expired, or was signed out elsewhere), so the last change was not made. Sign in again.");
+  }
   return { status: r.status, ok: r.ok, data };
 }
+
+const UNREACHABLE = "latchkey could not be reached (stopped, restarting, or the network is down). " +
+  "Refresh the list once it is back to see whether the change was made.";
 
 function errorText(res) {
   const e = res.data && res.data.error;
@@ -53,7 +67,7 @@ function signedIn(session) {
   loadConnections();
 }
 
-function signedOut() {
+function signedOut(note) {
   state.csrf = null;
   state.connections = [];
   $("connections-body").replaceChildren();
@@ -63,6 +77,9 @@ function signedOut() {
   show($("rotate-form"), false);
   show($("action-status"), false);
   closeEdit();
+  const err = $("sign-in-error");
+  err.textContent = note || "";
+  show(err, !!note);
   show($("sign-in-view"), true);
   $("token").focus();
 }
@@ -76,13 +93,20 @@ async function signIn(ev) {
   input.value = "";
   const err = $("sign-in-error");
   show(err, false);
-  const r = await fetch("/session", {
-    method: "POST",
-    headers: { "Content-Type": "application/x-www-form-urlencoded", Accept: "application/json" },
-    body: form.toString(),
-    credentials: "same-origin",
-    cache: "no-store",
-  });
+  let r;
+  try {
+    r = await fetch("/session", {
+      method: "POST",
+      headers: { "Content-Type": "application/x-www-form-urlencoded", Accept: "application/json" },
+      body: form.toString(),
+      credentials: "same-origin",
+      cache: "no-store",
+    });
+  } catch (_) {
+    err.textContent = UNREACHABLE;
+    show(err, true);
+    return;
+  }
   let data = null;
   try { data = await r.json(); } catch (_) { data = null; }
   if (r.ok && data) {
@@ -292,6 +316,30 @@ async function deleteOne(c) {
 
 // ----- Edit: the non-secret fields and the expiry -----
 
+// The environments a connector tells apart, by key pattern or by base URL pattern.
+function environmentNames(connector) {
+  const names = Object.keys((connector && connector.environments) || {})
+    .concat(Object.keys((connector && connector.environment_urls) || {}));
+  return [...new Set(names)].sort((a, b) => (a === "production" ? -1 : b === "production" ? 1 : a.localeCompare(b)));
+}
+
+// Options for an environment select: `names`, and "" (none set) where a connection may have none.
+function environmentOptions(sel, names, withNone, selected) {
+  const values = withNone || names.length === 0 ? [""].concat(names) : names;
+  sel.replaceChildren(...values.map((e) => {
+    const o = text("option", e === "" ? "(not set)" : e);
+    o.value = e;
+    o.selected = e === selected;
+    return o;
+  }));
+}
+
+// A date input's day as an RFC 3339 time: the last second of that day, UTC, so that a key that
+// "expires on" a day still works on it.
+function endOfDay(date) {
+  return date ? date + "T23:59:59Z" : null;
+}
+
 // A connector field's label: its name in words, and whether it may be left empty.
 function fieldLabel(f) {
   return (f.label || f.name) + (f.required ? "" : " (optional)");
@@ -322,21 +370,15 @@ async function openEdit(c) {
   $("edit-title").textContent = "Edit " + c.id;
   const box = $("edit-fields");
   box.replaceChildren(...labelled("edit-name", "Name", textInput("name", c.name)));
-  const envs = Object.keys(connector.environments || {});
+  const envs = environmentNames(connector);
   if (c.environment && !envs.includes(c.environment)) envs.push(c.environment);
   const sel = document.createElement("select");
   sel.name = "environment";
-  sel.replaceChildren(...(envs.length ? envs : ["production"]).map((e) => {
-    const o = text("option", e);
-    o.value = e;
-    o.selected = e === c.environment;
-    return o;
-  }));
+  environmentOptions(sel, envs, !c.environment, c.environment || "");
   box.append(...labelled("edit-environment", "Environment", sel));
-  if (connector.base_url) {
-    box.append(...labelled("edit-base-url", "Base URL (empty: " + connector.base_url + ")",
-      textInput("base_url", c.base_url === connector.base_url ? "" : c.base_url)));
-  }
+  box.append(...labelled("edit-base-url",
+    connector.base_url ? "Base URL (empty: " + connector.base_url + ")" : "Base URL",
+    textInput("base_url", connector.base_url && c.base_url === connector.base_url ? "" : c.base_url)));
   for (const f of (connector.fields || []).filter((f) => !f.secret)) {
     const v = c.fields && typeof c.fields[f.name] === "string" ? c.fields[f.name] : "";
     const input = textInput(f.name, v);
@@ -361,18 +403,16 @@ async function saveEdit(ev) {
   const name = $("edit-name").value.trim();
   if (name !== (c.name || "")) patch.name = name || null;
   const env = $("edit-environment").value;
-  if (env !== c.environment) patch.environment = env;
+  if (env !== (c.environment || "")) patch.environment = env || null;
   const base = $("edit-base-url");
-  if (base) {
-    const was = c.base_url === connector.base_url ? "" : c.base_url;
-    if (base.value.trim() !== was) patch.base_url = base.value.trim() || null;
-  }
+  const was = (connector.base_url && c.base_url === connector.base_url ? "" : c.base_url) || "";
+  if (base.value.trim() !== was) patch.base_url = base.value.trim() || null;
   for (const i of document.querySelectorAll("#edit-fields input[data-field]")) {
     const was = c.fields && typeof c.fields[i.name] === "string" ? c.fields[i.name] : "";
     if (i.value !== was) (patch.fields = patch.fields || {})[i.name] = i.value === "" ? null : i.value;
   }
   const exp = $("edit-expires").value;
-  if (exp !== day(c.expires_at)) patch.expires_at = exp ? exp + "T00:00:00Z" : null;
+  if (exp !== day(c.expires_at)) patch.expires_at = endOfDay(exp);
   if ("environment" in patch || "base_url" in patch) patch.verify = true;
   closeEdit();
   if (Object.keys(patch).length === 0) {
@@ -440,6 +480,9 @@ function secretInput(f, prefix) {
   const id = prefix + f.name;
   const [label, input] = labelled(id, fieldLabel(f), textInput(f.name, ""));
   input.type = "password";
+  // "off" is not honoured for passwords; "new-password" keeps a browser from offering to save
+  // the key as this site's password or from filling one in.
+  input.autocomplete = "new-password";
   input.required = !!f.required;
   input.dataset.secret = "1";
   const t = text("button", "Show");
@@ -535,16 +578,13 @@ function pickConnector(c) {
     }
     if (f.description) fields.append(text("p", f.description, "help"));
   }
-  const envs = Object.keys(c.environments || {});
-  const sel = $("add-environment");
-  sel.replaceChildren(...(envs.length ? envs : ["production"]).map((e) => {
-    const o = text("option", e);
-    o.value = e;
-    return o;
-  }));
-  show($("add-base-url-wrap"), !!c.base_url);
+  const envs = environmentNames(c);
+  environmentOptions($("add-environment"), envs, false, envs[0] || "");
+  // A connector without a base URL of its own (the generic ones) takes the connection's.
+  $("add-base-url-label").textContent = c.base_url ? "Base URL (optional)" : "Base URL";
+  $("add-base-url").required = !c.base_url;
   $("add-base-url").value = "";
-  $("add-base-url").placeholder = c.base_url || "";
+  $("add-base-url").placeholder = c.base_url || "https://api.example.com";
   $("add-name").value = "";
   $("add-id").value = "";
   $("add-expires").value = "";
@@ -552,10 +592,6 @@ function pickConnector(c) {
   show($("add-form"), true);
   const first = fields.querySelector("input");
   if (first) first.focus();
-}
-
-function slug(s) {
-  return s.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 64);
 }
 
 function verdict(kind, lines) {
@@ -573,17 +609,18 @@ async function save(ev) {
     if (i.value !== "") fields[i.name] = i.dataset.secret ? fieldValue(i) : i.value;
   }
   const body = {
-    id: $("add-id").value.trim() || slug($("add-name").value),
+    id: $("add-id").value.trim(),
     name: $("add-name").value.trim(),
     connector: c.id,
-    environment: $("add-environment").value,
     fields,
     verify: true,
   };
+  const env = $("add-environment").value;
+  if (env) body.environment = env;
   const base = $("add-base-url").value.trim();
   if (base) body.base_url = base;
   const exp = $("add-expires").value;
-  if (exp) body.expires_at = exp + "T00:00:00Z";
+  if (exp) body.expires_at = endOfDay(exp);
   // What was typed in a secret field leaves the page with this request and nowhere else.
   clearSecrets();
   verdict("", ["Saving and verifying ..."]);
@@ -595,6 +632,7 @@ async function save(ev) {
     verdict("passed", [
       "Saved " + body.id + ": " + (STATUS_WORDS[status] || status || "saved") + ".",
       v && v.message, v && v.hint,
+      ...((d.connection && d.connection.warnings) || []),
       ...(d.notices || []),
     ]);
     loadConnections();
@@ -623,9 +661,13 @@ async function start() {
   $("edit-form").addEventListener("submit", saveEdit);
   $("edit-cancel").addEventListener("click", closeEdit);
   $("add-cancel").addEventListener("click", () => { clearSecrets(); view("list"); loadConnections(); });
-  const r = await fetch("/session", { headers: { Accept: "application/json" }, cache: "no-store" });
   let session = null;
-  try { session = r.ok ? await r.json() : null; } catch (_) { session = null; }
+  try {
+    const r = await fetch("/session", { headers: { Accept: "application/json" }, cache: "no-store" });
+    session = r.ok ? await r.json() : null;
+  } catch (_) {
+    session = null;
+  }
   if (session && session.signed_in) signedIn(session); else signedOut();
 }
 
