@@ -584,7 +584,7 @@ function pickConnector(c) {
   $("add-base-url-label").textContent = c.base_url ? "Base URL (optional)" : "Base URL";
   $("add-base-url").required = !c.base_url;
   $("add-base-url").value = "";
-  $("add-base-url").placeholder = c.base_url || "https://api.example.com";
+  $("add-base-url").placeholder = c.base_url || "the service's URL, with https";
   $("add-name").value = "";
   $("add-id").value = "";
   $("add-expires").value = "";
