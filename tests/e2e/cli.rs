@@ -520,3 +520,83 @@ async fn show_says_why_an_invalid_connection_cannot_be_used() {
         .unwrap_or_else(|| panic!("no problem line: {r:#?}"));
     assert!(problem.contains("connector"), "{problem}");
 }
+
+/// A reader that stops reading (`latchkey connections list | head -1`) is no failure: exit
+/// status 0 and nothing on standard error, not 2, which says the API could not be reached.
+#[tokio::test]
+async fn a_reader_that_went_away_is_no_failure() {
+    let w = World::start(Opts::loopback()).await;
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Gone before the CLI writes a byte: its first write fails with EPIPE.
+    drop(reader);
+    let url = w.lk.admin_url("");
+    // Spawned, not `output()`, which would give the child a standard output of its own.
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_latchkey"))
+        .args(["connections", "list"])
+        .env("LATCHKEY_API_URL", &url)
+        .env("LATCHKEY_API_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .expect("the CLI did not finish within 60s")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}
+
+/// `--url` naming a server that is not latchkey's admin listener: exit status 1 and a message
+/// that says so, with what the server sent, instead of an empty one.
+#[tokio::test]
+async fn a_url_that_is_not_the_admin_api_is_said_to_be_so() {
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", other.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut s, _)) = other.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let page = "<html><body>Not Found</body></html>";
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                        page.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    let env = [
+        ("LATCHKEY_API_URL", url.as_str()),
+        ("LATCHKEY_API_TOKEN", ADMIN_TOKEN),
+    ];
+    for args in [&["list"][..], &["show", "x"][..]] {
+        let r = run(args, None, &env).await;
+        assert_eq!(r.code, 1, "{args:?}: {r:#?}");
+        assert!(
+            r.stdout
+                .contains("error (404): this is not an answer of latchkey's admin API")
+                && r.stdout.contains("Not Found"),
+            "{args:?}: {r:#?}"
+        );
+    }
+    // `add` asks for the catalog first.
+    let r = run(
+        &["add", "x", "--connector", "stripe"],
+        Some("sk_test_1\n"),
+        &env,
+    )
+    .await;
+    assert_ne!(r.code, 0, "{r:#?}");
+    assert!(
+        r.stderr.contains("not an answer of latchkey's admin API"),
+        "{r:#?}"
+    );
+}

@@ -345,6 +345,16 @@ async fn rotate(api: &Api, id: &str, fields: Vec<String>) -> anyhow::Result<(u16
 /// Prints the API's answer and turns it into the exit code.
 fn report(json_out: bool, status: u16, value: &Value) -> anyhow::Result<u8> {
     let mut out = std::io::stdout().lock();
+    // Every answer of the admin API but a 204 is a JSON object: anything else came from
+    // another server (`--url` naming the wrong port, a proxy's error page).
+    if status != 204 && !value.is_object() {
+        writeln!(
+            out,
+            "error ({status}): {}",
+            not_the_api(&format!("{:?}", printable(value)))
+        )?;
+        return Ok(1);
+    }
     if json_out {
         writeln!(out, "{}", serde_json::to_string_pretty(value)?)?;
     } else {
@@ -360,15 +370,26 @@ fn report(json_out: bool, status: u16, value: &Value) -> anyhow::Result<u8> {
     })
 }
 
+/// Says that an answer is not the admin API's, with the start of what came instead.
+fn not_the_api(body: &str) -> String {
+    let start: String = body.chars().take(120).collect();
+    format!(
+        "this is not an answer of latchkey's admin API (is the URL its admin listener?); it began {start}"
+    )
+}
+
 async fn connector_of(api: &Api, id: &str) -> anyhow::Result<Value> {
     let (status, v) = api
         .call(reqwest::Method::GET, "/v1/connectors", None)
         .await?;
     if status != 200 {
-        bail!(
-            "the admin API answered {status}: {}",
-            v["error"]["message"].as_str().unwrap_or("")
-        );
+        match v["error"]["message"].as_str() {
+            Some(message) => bail!("the admin API answered {status}: {message}"),
+            None => bail!(
+                "the answer was {status}: {}",
+                not_the_api(&format!("{:?}", printable(&v)))
+            ),
+        }
     }
     v["connectors"]
         .as_array()
@@ -505,7 +526,9 @@ fn print_error(out: &mut impl Write, status: u16, err: &Value) -> std::io::Resul
     writeln!(
         out,
         "error ({status}): {}",
-        err["message"].as_str().unwrap_or("")
+        err["message"]
+            .as_str()
+            .unwrap_or("(the answer gave no message)")
     )?;
     if let Some(f) = err["field"].as_str() {
         writeln!(out, "  field: {f}")?;

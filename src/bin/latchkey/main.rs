@@ -231,14 +231,15 @@ fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> Res
 
 /// Says why a command failed, on standard error, and returns `code`. Each cause is said once:
 /// an error whose message already quotes its source does not get it repeated. A reader that
-/// went away (`latchkey connections list | head`) is no failure to report.
+/// went away (`latchkey connections list | head`) is no failure: exit status 0, as the reader
+/// chose to stop (2 would say the API could not be reached).
 fn failed(e: &anyhow::Error, code: ExitCode) -> ExitCode {
     let broken_pipe = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     });
     if broken_pipe {
-        return code;
+        return ExitCode::SUCCESS;
     }
     let _ = writeln!(std::io::stderr(), "latchkey: {}", described(e));
     code
