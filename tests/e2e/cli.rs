@@ -600,3 +600,60 @@ async fn a_url_that_is_not_the_admin_api_is_said_to_be_so() {
         "{r:#?}"
     );
 }
+
+/// `edit` changes what its flags name and nothing else (the reference's "edit" and "expiry"):
+/// a name and an expiry, then the expiry cleared; a secret field given on the command line is
+/// refused without a call and without repeating it; no flag at all is refused.
+#[tokio::test]
+async fn edit_changes_the_name_and_expiry_and_never_takes_a_secret_from_the_command_line() {
+    let w = World::start(Opts::loopback()).await;
+    let key = w.key(KeyState::ReadWrite);
+    w.create_ok("cli-edit", &key).await;
+    let version = w.show("cli-edit").await["version"].clone();
+
+    let r = cli(
+        &w,
+        &[
+            "edit",
+            "cli-edit",
+            "--name",
+            "Payments, renamed",
+            "--expires-at",
+            "2031-05-01T00:00:00Z",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    assert!(r.stdout.contains("Payments, renamed"), "{r:#?}");
+    let shown = w.show("cli-edit").await;
+    assert_eq!(shown["name"], "Payments, renamed", "{shown:#}");
+    assert_eq!(shown["expires_at"], "2031-05-01T00:00:00Z", "{shown:#}");
+    assert_eq!(shown["environment"], "sandbox", "{shown:#}");
+    assert_ne!(shown["version"], version, "{shown:#}");
+
+    let r = cli(&w, &["edit", "cli-edit", "--clear", "expires_at"], None).await;
+    assert_eq!(r.code, 0, "{r:#?}");
+    let shown = w.show("cli-edit").await;
+    assert_eq!(shown["expires_at"], Value::Null, "{shown:#}");
+    assert_eq!(shown["name"], "Payments, renamed", "{shown:#}");
+
+    let pasted = format!("sk_test_{}", w.fresh());
+    w.secret(&pasted);
+    let r = cli(
+        &w,
+        &["edit", "cli-edit", "--field", &format!("api_key={pasted}")],
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("api_key is secret"), "{r:#?}");
+    assert_eq!(w.show("cli-edit").await["version"], shown["version"]);
+
+    let r = cli(&w, &["edit", "cli-edit"], None).await;
+    assert_eq!(r.code, 2, "{r:#?}");
+    assert!(r.stderr.contains("nothing to change"), "{r:#?}");
+    let r = cli(&w, &["edit", "cli-none", "--name", "x"], None).await;
+    assert_eq!(r.code, 1, "{r:#?}");
+    assert!(r.stdout.contains("error (404)"), "{r:#?}");
+}

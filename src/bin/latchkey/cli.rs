@@ -69,6 +69,9 @@ pub enum ConnectionsCommand {
     List,
     /// Show one connection (secret fields show only that they are set).
     Show { id: String },
+    /// Change a connection's name, environment, base URL, hosts, expiry or non-secret fields
+    /// (its key: `rotate`). A change of environment or base URL is verified with the stored key.
+    Edit(EditArgs),
     /// Rotate a connection's key in place; the new key is verified first.
     Rotate {
         id: String,
@@ -94,6 +97,16 @@ pub struct AddArgs {
     /// The connector: how the key is sent, and where (`latchkey connections connectors`).
     #[arg(long)]
     connector: String,
+    #[command(flatten)]
+    described: Described,
+    /// Save without the verification call (the connection is `unverified`).
+    #[arg(long)]
+    no_verify: bool,
+}
+
+/// What `add` sets and `edit` changes, besides the key.
+#[derive(Args)]
+struct Described {
     /// A name for people.
     #[arg(long)]
     name: Option<String>,
@@ -104,7 +117,7 @@ pub struct AddArgs {
     /// Where requests go, for a connector without a fixed one (or to override it).
     #[arg(long)]
     base_url: Option<String>,
-    /// An extra host the credential may reach (repeatable).
+    /// An extra host the credential may reach (repeatable; `edit` replaces the stored list).
     #[arg(long = "allowed-host")]
     allowed_hosts: Vec<String>,
     /// When the key dies (RFC 3339).
@@ -113,10 +126,33 @@ pub struct AddArgs {
     /// A non-secret field, `name=value` (repeatable).
     #[arg(long = "field", value_parser = parse_pair)]
     fields: Vec<(String, String)>,
-    /// Save without the verification call (the connection is `unverified`).
+}
+
+// The arguments of `connections edit`.
+#[derive(Args)]
+pub struct EditArgs {
+    /// The connection to change.
+    id: String,
+    #[command(flatten)]
+    described: Described,
+    /// Remove what is stored under a key: `name`, `environment`, `base_url`, `allowed_hosts`,
+    /// `expires_at`, or a non-secret field's name (repeatable).
+    #[arg(long = "clear")]
+    clear: Vec<String>,
+    /// Save a change of environment or base URL without the verification call.
     #[arg(long)]
     no_verify: bool,
 }
+
+/// The keys of a connection that `edit --clear` removes by their own name; any other name is a
+/// connector field's.
+const RESERVED: [&str; 5] = [
+    "name",
+    "environment",
+    "base_url",
+    "allowed_hosts",
+    "expires_at",
+];
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
     // The error does not quote the argument: a secret pasted by mistake stays unrepeated.
@@ -191,6 +227,7 @@ pub async fn run(args: ConnectionsArgs) -> anyhow::Result<u8> {
             api.call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
                 .await?
         }
+        ConnectionsCommand::Edit(edit_args) => edit(&api, edit_args).await?,
         ConnectionsCommand::Rotate { id, fields } => rotate(&api, checked_id(&id)?, fields).await?,
         ConnectionsCommand::Verify { id } => {
             let id = checked_id(&id)?;
@@ -253,12 +290,15 @@ async fn add(api: &Api, args: AddArgs) -> anyhow::Result<(u16, Value)> {
     let AddArgs {
         id,
         connector,
-        name,
-        environment,
-        base_url,
-        allowed_hosts,
-        expires_at,
-        fields,
+        described:
+            Described {
+                name,
+                environment,
+                base_url,
+                allowed_hosts,
+                expires_at,
+                fields,
+            },
         no_verify,
     } = args;
     let catalog = connector_of(api, &connector).await?;
@@ -288,19 +328,10 @@ async fn add(api: &Api, args: AddArgs) -> anyhow::Result<(u16, Value)> {
 
 /// `connections rotate`: the named secret fields (default: all of them) read anew and PUT.
 async fn rotate(api: &Api, id: &str, fields: Vec<String>) -> anyhow::Result<(u16, Value)> {
-    // The connection's connector says which fields are secret; a missing connection is
-    // reported as the API's own answer.
-    let (status, current) = api
-        .call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
-        .await?;
-    if status != 200 {
-        return Ok((status, current));
-    }
-    let connector = current["connection"]["connector"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let catalog = connector_of(api, &connector).await?;
+    let (connector, catalog) = match connector_of_connection(api, id).await? {
+        Ok(found) => found,
+        Err(answer) => return Ok(answer),
+    };
     let mut names = secret_fields(&catalog);
     // `NAME=VALUE`: a field of the credential beside the secret, not secret itself (the API
     // refuses one that is neither).
@@ -342,6 +373,72 @@ async fn rotate(api: &Api, id: &str, fields: Vec<String>) -> anyhow::Result<(u16
     r
 }
 
+/// `connections edit`: a PATCH of what the flags name, and nothing else. A secret field is not
+/// taken from the command line (`rotate` reads it from a prompt or standard input).
+async fn edit(api: &Api, args: EditArgs) -> anyhow::Result<(u16, Value)> {
+    let id = checked_id(&args.id)?;
+    let Described {
+        name,
+        environment,
+        base_url,
+        allowed_hosts,
+        expires_at,
+        fields: given,
+    } = args.described;
+    let mut patch = serde_json::Map::new();
+    let mut fields = serde_json::Map::new();
+    let mut set = |key: &str, value: Option<String>| {
+        if let Some(v) = value {
+            patch.insert(key.to_string(), Value::String(v));
+        }
+    };
+    set("name", name);
+    set("environment", environment);
+    set("base_url", base_url);
+    set("expires_at", expires_at);
+    if !allowed_hosts.is_empty() {
+        patch.insert("allowed_hosts".into(), json!(allowed_hosts));
+    }
+    for (name, value) in given {
+        fields.insert(name, Value::String(value));
+    }
+    for key in &args.clear {
+        let target = if RESERVED.contains(&key.as_str()) {
+            &mut patch
+        } else {
+            &mut fields
+        };
+        if target.insert(key.clone(), Value::Null).is_some() {
+            bail!("--clear {key} and a new value for {key}: give one of them");
+        }
+    }
+    if patch.is_empty() && fields.is_empty() {
+        bail!(
+            "nothing to change: give --name, --environment, --base-url, --allowed-host, --expires-at, --field or --clear"
+        );
+    }
+    if !fields.is_empty() {
+        let secret = match connector_of_connection(api, id).await? {
+            Ok((_, catalog)) => secret_fields(&catalog),
+            Err(answer) => return Ok(answer),
+        };
+        if let Some(name) = fields.keys().find(|n| secret.contains(n)) {
+            bail!("{name} is secret: change it with `latchkey connections rotate {id}`, which reads it from a prompt or standard input, never from the command line");
+        }
+        patch.insert("fields".into(), Value::Object(fields));
+    }
+    let moves = patch.contains_key("environment") || patch.contains_key("base_url");
+    if moves && !args.no_verify {
+        patch.insert("verify".into(), Value::Bool(true));
+    }
+    api.call(
+        reqwest::Method::PATCH,
+        &format!("/v1/connections/{id}"),
+        Some(&Value::Object(patch)),
+    )
+    .await
+}
+
 /// Prints the API's answer and turns it into the exit code.
 fn report(json_out: bool, status: u16, value: &Value) -> anyhow::Result<u8> {
     let mut out = std::io::stdout().lock();
@@ -376,6 +473,26 @@ fn not_the_api(body: &str) -> String {
     format!(
         "this is not an answer of latchkey's admin API (is the URL its admin listener?); it began {start}"
     )
+}
+
+/// The connector of connection `id`, by ID and as the catalog has it (which says what fields
+/// are secret); or, when there is no such connection, the API's answer, to report as it is.
+async fn connector_of_connection(
+    api: &Api,
+    id: &str,
+) -> anyhow::Result<Result<(String, Value), (u16, Value)>> {
+    let (status, current) = api
+        .call(reqwest::Method::GET, &format!("/v1/connections/{id}"), None)
+        .await?;
+    if status != 200 {
+        return Ok(Err((status, current)));
+    }
+    let connector = current["connection"]["connector"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let catalog = connector_of(api, &connector).await?;
+    Ok(Ok((connector, catalog)))
 }
 
 async fn connector_of(api: &Api, id: &str) -> anyhow::Result<Value> {
