@@ -730,7 +730,8 @@ async fn failed_sign_ins_close_sign_in_for_the_window_and_bearer_callers_go_on()
 }
 
 /// The page at its edges (`tests/node/web_edges.mjs`): a connector with no base URL of its own
-/// asks for one, required, and saves a connection with no environment; a connector that tells
+/// asks for one, required, and saves a connection with no environment (its key pasted with
+/// spaces before and a newline after, and the notice naming both); a connector that tells
 /// environments apart by base URL alone offers them; a 3,000-character name wraps instead of
 /// pushing every row's buttons off a 1280 px screen; an edit of the name sends the name alone
 /// (no environment forced onto a connection that has none, no verification); latchkey out of
@@ -759,6 +760,14 @@ async fn in_chromium_the_page_handles_generic_connectors_long_names_lost_session
     assert_eq!(form["base_url_required"], true, "{v:#}");
     assert_eq!(form["environments"], json!([["", "(not set)"]]), "{v:#}");
     assert_eq!(form["key_autocomplete"], "new-password", "{v:#}");
+    assert_eq!(v["paste"]["trimmed"], true, "{v:#}");
+    assert!(
+        v["paste"]["notice"]
+            .as_str()
+            .unwrap()
+            .starts_with("Removed whitespace and a trailing newline"),
+        "{v:#}"
+    );
     let verdict = v["generic_verdict"].as_str().unwrap();
     assert!(verdict.starts_with("Saved edge-generic"), "{v:#}");
     let stored = w.show("edge-generic").await;

@@ -20,6 +20,7 @@ const deadline = setTimeout(() => {
 const LONG = "n".repeat(3000);
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
   const page = await context.newPage();
   page.on("pageerror", (e) => out.page_errors.push(e.message));
   page.on("request", (r) => {
@@ -50,7 +51,15 @@ try {
     environments: await options("#add-environment"),
     key_autocomplete: await page.locator("#add-fields input[data-secret]").first().getAttribute("autocomplete"),
   };
-  await page.locator("#add-fields input[data-secret]").first().fill(process.env.KEY);
+  // Pasted as a terminal and an indenting editor hand it over: spaces before, a newline after.
+  const key = page.locator("#add-fields input[data-secret]").first();
+  await key.focus();
+  await page.evaluate((t) => navigator.clipboard.writeText(t), "  " + process.env.KEY + "\n");
+  await page.keyboard.press("Control+V");
+  out.paste = {
+    trimmed: (await key.inputValue()) === process.env.KEY,
+    notice: await page.locator("#add-fields .notice").first().innerText(),
+  };
   await page.getByLabel("Name", { exact: true }).fill(LONG);
   await page.getByLabel("Connection ID").fill("edge-generic");
   await page.getByLabel("Base URL", { exact: true }).fill(process.env.BASE_URL);

@@ -545,7 +545,9 @@ function pasted(ev, input, notice) {
     input.dataset.lead = data.slice(0, data.indexOf(clean));
     input.dataset.trail = data.slice(data.indexOf(clean) + clean.length);
   }
-  const what = /[\r\n]$/.test(data) ? "a trailing newline" : "whitespace around it";
+  const newline = /[\r\n]$/.test(data);
+  const other = /^[ \t\r\n]/.test(data) || /[ \t][\r\n]*$/.test(data);
+  const what = newline ? (other ? "whitespace and a trailing newline" : "a trailing newline") : "whitespace around it";
   notice.textContent = "Removed " + what + " from the pasted value; it is saved without it.";
   notice.className = "help notice";
   show(notice, true);
