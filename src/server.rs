@@ -178,13 +178,11 @@ impl Server {
 
         let mut proxy_listeners = Vec::with_capacity(config.proxy.listen.len());
         for addr in &config.proxy.listen {
-            let listener = std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|cause| StartError::Bind {
-                    key: "proxy.listen",
-                    addr: *addr,
-                    cause,
-                })?;
+            let listener = listen(*addr).map_err(|cause| StartError::Bind {
+                key: "proxy.listen",
+                addr: *addr,
+                cause,
+            })?;
             proxy_listeners.push(listener);
         }
         let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -837,9 +835,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
+    listen(addr)
+        .and_then(TcpListener::from_std)
         .map_err(|cause| StartError::Bind { key, addr, cause })
+}
+
+/// How many connections the kernel completes for a listener before latchkey accepts them.
+/// The standard library asks for 128, which a burst of new clients overflows (each dropped
+/// SYN waits a second for its retransmission); the kernel caps this at `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// A non-blocking listener on `addr` with [`BACKLOG`], address reuse as the standard library
+/// sets it.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// The HTTP/1 settings of a proxy connection served in turns: those of [`downstream::hyper_builder`].

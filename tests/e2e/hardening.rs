@@ -476,3 +476,40 @@ async fn a_slowloris_head_is_cut_at_the_header_read_timeout() {
     assert!(sent < SLOW_BYTES);
     assert_eq!(up.requests(), 1, "the slow request reached the upstream");
 }
+
+/// A burst of new connections while latchkey is not accepting (a frozen process stands for a
+/// busy accept loop) is held by the kernel up to the listener's backlog, not cut at the
+/// standard library's 128, where each connection over it waits a second for its SYN to be
+/// sent again.
+#[tokio::test]
+async fn a_burst_of_new_connections_fits_in_the_listen_backlog() {
+    const BURST: usize = 600;
+    let bao = Bao::start().await;
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    lk.freeze().await;
+    let connects: Vec<_> = (0..BURST)
+        .map(|_| {
+            let addr = lk.proxy;
+            tokio::spawn(async move {
+                // Within the second after which a dropped SYN would be sent again.
+                tokio::time::timeout(
+                    Duration::from_millis(700),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for c in connects {
+        if let Ok(Ok(stream)) = c.await.unwrap() {
+            held.push(stream);
+        }
+    }
+    lk.thaw();
+    assert_eq!(held.len(), BURST, "connections completed by the kernel");
+    drop(held);
+    // Thawed, it takes them and serves as before.
+    let r = crate::errors::send(http().get(lk.admin_url("/healthz"))).await;
+    assert_eq!(r.status, 200, "{r:#?}");
+}

@@ -410,20 +410,7 @@ impl Bao {
         let Server::Own(s) = &self.server else {
             panic!("freeze needs an OpenBao of the test's own: Bao::start_own");
         };
-        let pid = s.child.id();
-        // Until the kernel shows every one of its threads stopped (state T), asked again each
-        // time: a `kill` that could not be run on a loaded machine, or a thread that had not
-        // taken the stop yet when the main one had, must not leave a test talking to a live
-        // server.
-        wait_until(
-            "OpenBao to be stopped",
-            Duration::from_secs(10),
-            || async move {
-                signal(pid, "STOP");
-                all_stopped(pid).then_some(())
-            },
-        )
-        .await;
+        stop_process(s.child.id(), "OpenBao").await;
     }
 
     pub fn thaw(&self) {
@@ -558,6 +545,21 @@ fn all_stopped(pid: u32) -> bool {
         seen += 1;
     }
     seen > 0
+}
+
+/// Stops process `pid` (SIGSTOP), asked again until the kernel shows every one of its threads
+/// stopped (state T): a `kill` that could not be run on a loaded machine, or a thread that had
+/// not taken the stop yet when the main one had, must not leave a test talking to a live server.
+async fn stop_process(pid: u32, what: &str) {
+    wait_until(
+        &format!("{what} to be stopped"),
+        Duration::from_secs(10),
+        || async move {
+            signal(pid, "STOP");
+            all_stopped(pid).then_some(())
+        },
+    )
+    .await;
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -786,6 +788,16 @@ impl Latchkey {
     /// The process ID (for `/proc/{pid}/status`).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Freezes latchkey (SIGSTOP) until [`Latchkey::thaw`]: the kernel still completes
+    /// connections to its listeners, up to their backlog, and nobody accepts them.
+    pub async fn freeze(&self) {
+        stop_process(self.pid(), "latchkey").await;
+    }
+
+    pub fn thaw(&self) {
+        signal(self.pid(), "CONT");
     }
 
     /// Everything latchkey has printed so far.
