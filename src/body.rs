@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
-use crate::telemetry::AccessLog;
+use crate::telemetry::{self, AccessLog};
 
 /// The error type of every body latchkey handles.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -221,6 +221,54 @@ pub struct PendingLog {
     pub bytes_in: BytesIn,
 }
 
+/// A request's access line until its answer is handed on. The future serving a request is
+/// dropped before its answer when the client goes away or a stop past its grace cuts it: then
+/// the line is written here, status 499 and error `client_closed` or `shutdown`, so that every
+/// request has its line.
+pub struct Unanswered {
+    pub log: AccessLog,
+    pub started: Instant,
+    pub bytes_in: BytesIn,
+    answered: bool,
+}
+
+impl Unanswered {
+    pub fn new(log: AccessLog) -> Self {
+        Unanswered {
+            log,
+            started: Instant::now(),
+            bytes_in: BytesIn::default(),
+            answered: false,
+        }
+    }
+
+    /// The line, for whoever has the answer to write it.
+    pub fn answered(&mut self) -> PendingLog {
+        self.answered = true;
+        PendingLog {
+            log: std::mem::take(&mut self.log),
+            started: self.started,
+            bytes_in: std::mem::take(&mut self.bytes_in),
+        }
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.log.status = 499;
+        self.log.error = Some(if telemetry::cutting() {
+            "shutdown"
+        } else {
+            "client_closed"
+        });
+        self.log.bytes_in = self.bytes_in.load();
+        self.log.emit(self.started.elapsed());
+    }
+}
+
 impl PendingLog {
     /// Writes the line, with what came in so far and `bytes_out`.
     pub fn emit(mut self, bytes_out: u64) {
@@ -250,7 +298,11 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for Logged<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(p) = this.pending.take() {
+            if let Some(mut p) = this.pending.take() {
+                // Cut short by a stop past its grace, not ended by the client.
+                if telemetry::cutting() {
+                    p.log.error.get_or_insert("shutdown");
+                }
                 p.emit(*this.bytes);
             }
         }

@@ -22,7 +22,9 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 
 use crate::auth::{self, Client, Clients, CredentialsError, Place, TokenPlaces};
-use crate::body::{BoxBody, BoxError, BytesIn, ClientBody, Counted, Logged, PendingLog};
+use crate::body::{
+    BoxBody, BoxError, BytesIn, ClientBody, Counted, Logged, PendingLog, Unanswered,
+};
 use crate::cache::{Cache, CacheError};
 use crate::catalog::{Catalog, Inject};
 use crate::connection::Connection;
@@ -323,16 +325,20 @@ impl Proxy {
         req: Box<Request<ClientBody>>,
         tunnel: Option<&Tunnel>,
     ) -> Response<BoxBody> {
-        let started = Instant::now();
-        let mut log = AccessLog {
+        let mut unanswered = Unanswered::new(AccessLog {
             method: req.method().clone(),
             ..AccessLog::default()
-        };
-        let bytes_in = BytesIn::default();
+        });
+        let (log, bytes_in) = (&mut unanswered.log, &unanswered.bytes_in);
         let served = match tunnel {
-            None => self.serve(req, &mut log, &bytes_in).await,
-            Some(t) => self.serve_tunneled(req, t, &mut log, &bytes_in).await,
+            None => self.serve(req, log, bytes_in).await,
+            Some(t) => self.serve_tunneled(req, t, log, bytes_in).await,
         };
+        let PendingLog {
+            mut log,
+            started,
+            bytes_in,
+        } = unanswered.answered();
         match served {
             Ok(mut response) => {
                 log.status = response.status().as_u16();

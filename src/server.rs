@@ -718,11 +718,15 @@ fn spawn_worker(
         .name(format!("latchkey-proxy-{}", worker.n))
         .spawn(move || {
             runtime.block_on(async move {
+                let graceful = GracefulShutdown::new();
+                // Connections served in turns close at once when idle, on this signal.
+                let (stop, _) = watch::channel(());
                 let tunnels = Arc::new(Tunnels::new(
                     proxy.clone(),
                     leaves,
                     (idle, header_read),
                     serving.own_http1,
+                    stop.subscribe(),
                 ));
                 let handler = move |req: Box<http::Request<ClientBody>>| {
                     // The proxy in force when the request starts serves it to its end.
@@ -745,9 +749,6 @@ fn spawn_worker(
                     auto: downstream::hyper_builder(None),
                     http1: http1_builder(),
                 });
-                let graceful = GracefulShutdown::new();
-                // Connections served in turns close at once when idle, on this signal.
-                let (stop, _) = watch::channel(());
                 let Worker { n, listeners, mut handed, balancer, stop: mut stopping } = worker;
                 let gauge = telemetry::client_connections(n);
                 let open = balancer.workers[n].open.clone();
@@ -816,13 +817,22 @@ fn spawn_worker(
                     take_handed(left);
                 }
                 let _ = stop.send(());
-                if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+                // The worker's own hold on the tunnels and their receiver of `stop`: from here,
+                // each connection or tunnel still open keeps `stop` open, until it ends.
+                drop(handler);
+                let drained = async {
+                    tokio::join!(graceful.shutdown(), stop.closed());
+                };
+                if tokio::time::timeout(SHUTDOWN_GRACE, drained)
                     .await
                     .is_err()
                 {
-                    tracing::warn!("connections still open after the grace period were closed");
+                    tracing::warn!("connections still open after the grace period are closed; their requests' access lines say error=shutdown");
                 }
             });
+            // The connections still open are dropped here, on this thread, before the process
+            // may exit: each request cut writes its access line.
+            telemetry::cut(|| drop(runtime));
             let _ = done_tx.send(());
         })
         .map_err(|source| StartError::Runtime { source })?;

@@ -550,6 +550,26 @@ struct RequestKey {
 const REQUEST_COUNTERS_MAX: usize = 65_536;
 
 thread_local! {
+    /// Set while this thread drops what was still open at a stop past its grace.
+    static CUTTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the requests ending now on this thread are cut by a stop past its grace (their
+/// access lines say `shutdown`), not ended by their client or upstream.
+pub fn cutting() -> bool {
+    CUTTING.with(std::cell::Cell::get)
+}
+
+/// Runs `f` (a worker dropping its runtime, and with it every connection still open) with
+/// [`cutting`] true on this thread.
+pub fn cut<T>(f: impl FnOnce() -> T) -> T {
+    CUTTING.with(|c| c.set(true));
+    let t = f();
+    CUTTING.with(|c| c.set(false));
+    t
+}
+
+thread_local! {
     /// `latchkey_requests_total` handles by label set, per thread (no lock on the hot path).
     static REQUEST_COUNTERS: RefCell<HashMap<RequestKey, Counter, foldhash::fast::RandomState>> =
         RefCell::new(HashMap::with_hasher(foldhash::fast::RandomState::default()));

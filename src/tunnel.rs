@@ -53,6 +53,12 @@ pub struct Tunnels {
     /// HTTP/1.1 inside a tunnel is read by latchkey's own server (`proxy.http1_server`), as on
     /// client connections; h2 and what asks for an upgrade are hyper's.
     own_http1: bool,
+    /// The worker's stop, which tunnels drain for as client connections do: hyper's
+    /// connections are shut down gracefully (h2 sends `GOAWAY`, HTTP/1.1 ends after the request
+    /// in flight), latchkey's own server closes once no request is in flight, and a tunnel
+    /// still waiting for its first byte ends. The worker waits (within its grace) until every
+    /// copy of this receiver is dropped: until every tunnel has ended.
+    stop: watch::Receiver<()>,
 }
 
 impl Tunnels {
@@ -61,6 +67,7 @@ impl Tunnels {
         leaves: LeavesSlot,
         (idle, header_read): (Limits, Duration),
         own_http1: bool,
+        stop: watch::Receiver<()>,
     ) -> Tunnels {
         Tunnels {
             proxy,
@@ -68,6 +75,7 @@ impl Tunnels {
             idle,
             header_read,
             own_http1,
+            stop,
         }
     }
 
@@ -112,13 +120,18 @@ impl Tunnels {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut first = [0u8; 1];
+        let mut stop = self.stop.clone();
         // Silence before the first byte is idleness: `proxy.idle_timeout` holds, when shorter.
-        match tokio::time::timeout(
+        // A tunnel that has sent nothing yet holds nothing to drain at a stop.
+        let read = tokio::time::timeout(
             FIRST_BYTE_TIMEOUT.min(self.idle.idle),
             io.read_exact(&mut first),
-        )
-        .await
-        {
+        );
+        let read = tokio::select! {
+            read = read => read,
+            _ = stop.changed() => return Ok(()),
+        };
+        match read {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(Err(e)) => return Err(e),
@@ -184,6 +197,7 @@ impl Tunnels {
         Watched<T>: Ready,
     {
         let proxy = self.proxy.clone();
+        let mut stop = self.stop.clone();
         let activity = Activity::new();
         let link = Link::new();
         // Strict HTTP/1.1 inside too, each head whole within `header_read` of its first byte.
@@ -208,9 +222,6 @@ impl Tunnels {
         let conn = async move {
             let mut read = Bytes::new();
             if own {
-                // Tunnels are not told of shutdown; they end with their idle timeout or the
-                // worker.
-                let (_never, mut stop) = watch::channel(());
                 let mut buf = BytesMut::new();
                 let bad = crate::proxy::not_strict;
                 match downstream::serve(&mut io, &mut buf, &serve_own, bad, &mut stop).await {
@@ -222,9 +233,15 @@ impl Tunnels {
                 handler(Box::new(req.map(ClientBody::Hyper)))
             });
             // The client connections' settings; heads are timed by `Strict`.
-            downstream::hyper_builder(None)
-                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(read, io)), service)
-                .await
+            let builder = downstream::hyper_builder(None);
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(read, io)), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                served = conn.as_mut() => return served,
+                _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            conn.await
         };
         match idle::or_idle(conn, &activity, self.idle).await {
             Ok(served) => served.map_err(io::Error::other),

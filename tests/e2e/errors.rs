@@ -873,3 +873,24 @@ async fn an_upstream_cannot_forge_latchkey_error() {
     );
     assert_eq!(up.requests() + up_h2.requests(), 3);
 }
+
+/// A client that goes away before its answer comes still gets its access line (status 499,
+/// error `client_closed`): an h2 client that gives up on a slow answer (curl's `--max-time`
+/// closes its connection) had none at all.
+#[tokio::test]
+async fn a_client_gone_before_its_answer_has_an_access_line_499_client_closed() {
+    let bao = Bao::start().await;
+    let up = echo().await;
+    put_bearer(&bao, "s", &format!("http://{}", up.addr()));
+    let lk = Latchkey::start(&bao, Opts::loopback()).await;
+    let url = lk.url("/s/delay/30000");
+    let (status, text) = curl(&["--http2-prior-knowledge", "--max-time", "2", &url]).await;
+    assert_eq!(status, 0, "curl gave up before any answer: {text}");
+    assert_eq!(up.requests(), 1);
+    let line = lk.access_line(|l| l["path"] == "/delay/30000").await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["error"], "client_closed", "{line}");
+    assert_eq!(line["connection"], "s", "{line}");
+    // It was logged when the client left, not when the upstream answered 30 s later.
+    assert!(line["duration_ms"].as_f64().unwrap() < 30_000.0, "{line}");
+}

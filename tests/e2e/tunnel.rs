@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::Engine as _;
 
@@ -1091,3 +1092,50 @@ async fn latchkey_run_and_env_put_a_program_behind_the_tunnel() {
 }
 
 mod choose;
+
+/// SIGTERM with requests in flight inside tunnels (the sidecar form: SDKs through
+/// `HTTPS_PROXY`): those that end within the grace period are answered in full, over HTTP/1.1
+/// and h2 inside; one that would not is cut when the grace ends, and its access line says so
+/// (status 499, error `shutdown`); latchkey exits 0. Tunnels were cut within milliseconds of the
+/// signal, and a request cut had no access line.
+#[tokio::test]
+async fn sigterm_drains_requests_inside_tunnels_and_logs_those_it_cuts() {
+    let mut s = Stripe::start(Opts::loopback()).await;
+    let user = format!("{ID}:");
+    let (h1, h2, cut) = {
+        let s = &s;
+        let user = user.as_str();
+        let term = async {
+            wait_until(
+                "the three requests to reach the upstream",
+                Duration::from_secs(30),
+                || std::future::ready((s.up.requests() >= 3).then_some(())),
+            )
+            .await;
+            s.lk.terminate();
+        };
+        let (h1, h2, cut, ()) = tokio::join!(
+            s.curl(user, &["--http1.1"], "/delay/2000"),
+            s.curl(user, &["--http2"], "/delay/2000"),
+            s.curl(user, &["--http1.1"], "/delay/60000"),
+            term
+        );
+        (h1, h2, cut)
+    };
+    for (what, (status, text)) in [("HTTP/1.1", h1), ("h2", h2)] {
+        assert_eq!(status, 200, "{what}: {text}");
+        assert_eq!(body_json(&text)["uri"], "/delay/2000", "{what}: {text}");
+    }
+    // Only the CONNECT's own 200 came: no answer inside.
+    assert_eq!(cut.1.matches("HTTP/").count(), 1, "{}", cut.1);
+    assert!(body_json(&cut.1).is_null(), "{}", cut.1);
+    let status =
+        s.lk.exited_within(Duration::from_secs(30))
+            .await
+            .expect("latchkey to exit within its grace period");
+    assert!(status.success(), "{status:?}\n{}", s.lk.output());
+    let line = s.lk.access_line(|l| l["path"] == "/delay/60000").await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["error"], "shutdown", "{line}");
+    assert_eq!(line["form"], "tunnel", "{line}");
+}
