@@ -367,7 +367,19 @@ impl Proxy {
                 log.status = e.status().as_u16();
                 log.error = Some(e.code());
                 log.bytes_in = bytes_in.load();
-                tracing::debug!(code = e.code(), message = %e, "request refused");
+                if e.status().is_server_error() {
+                    // The upstream's or Vault's failure: an operator needs its cause, which the
+                    // client's answer has and the access line's code alone does not say.
+                    tracing::warn!(
+                        code = e.code(),
+                        connection = log.connection.as_deref().unwrap_or("-"),
+                        host = log.host.as_deref().unwrap_or("-"),
+                        cause = %e,
+                        "request failed"
+                    );
+                } else {
+                    tracing::debug!(code = e.code(), message = %e, "request refused");
+                }
                 log.emit(started.elapsed());
                 e.into_response()
             }

@@ -686,6 +686,8 @@ async fn an_unknown_connection_is_404_connection_not_found() {
     assert_eq!(get(&lk, "/known/v1/x").await.status, 200);
 }
 
+/// ... and the log says why, at `warn` (the access line has the code alone): an operator
+/// should not have to ask the client what its answer said.
 #[tokio::test]
 async fn a_closed_upstream_port_is_502_upstream_unreachable() {
     let bao = Bao::start().await;
@@ -695,6 +697,20 @@ async fn a_closed_upstream_port_is_502_upstream_unreachable() {
     get(&lk, "/closed/v1/x")
         .await
         .assert_error(502, "upstream_unreachable");
+    let line = wait_until("the line with the cause", Duration::from_secs(30), || {
+        std::future::ready(
+            lk.output()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["message"] == "request failed"),
+        )
+    })
+    .await;
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["code"], "upstream_unreachable", "{line}");
+    assert_eq!(line["connection"], "closed", "{line}");
+    let cause = line["cause"].as_str().unwrap_or_default();
+    assert!(cause.contains(&format!("127.0.0.1:{port}")), "{line}");
 }
 
 #[tokio::test]
