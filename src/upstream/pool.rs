@@ -49,7 +49,7 @@ use tokio::time::Instant;
 
 use super::dial::{DialError, Dialer};
 use super::h1::{self, Checkin, Deadline, H1Body, H1Conn, H1Error, Pump, RequestFraming};
-use super::replay::{unprocessed, Replay};
+use super::replay::{connection_lost, unprocessed, Replay};
 use crate::body::{self as body, BoxBody as UpstreamBody, BoxError};
 use crate::hop_by_hop;
 use zeroize::Zeroizing;
@@ -608,15 +608,7 @@ impl Pool {
 
         let (mut parts, body) = req.into_parts();
         let mut exchange = Exchange::new(&parts, body, &key);
-        let idempotent = matches!(
-            parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
+        let idempotent = is_idempotent(&parts.method);
         let slot = loop {
             while let Some(mut conn) = self.take_idle(&key, now) {
                 match conn
@@ -685,6 +677,7 @@ impl Pool {
         deadline: Deadline,
     ) -> Result<OnShared, SendError> {
         let mut again = req.method() != Method::CONNECT;
+        let idempotent = is_idempotent(req.method());
         let mut next = Some(shared);
         while let Some(shared) = next {
             let mut sender = shared.sender;
@@ -711,7 +704,8 @@ impl Pool {
                     }
                     None => {
                         let error = e.into_error();
-                        let again = match replay.zip(head).filter(|_| unprocessed(&error)) {
+                        let resend = unprocessed(&error) || (idempotent && connection_lost(&error));
+                        let again = match replay.zip(head).filter(|_| resend) {
                             Some((replay, head)) => {
                                 let body = tokio::time::timeout_at(deadline.at, replay.body());
                                 body.await.ok().flatten().map(|body| (head, body))
@@ -721,7 +715,7 @@ impl Pool {
                         let Some((head, body)) = again else {
                             return Err(h2_error(error, &stalled, self.limits.body));
                         };
-                        tracing::debug!(%error, "the upstream did not process the request (it retired the h2 connection); sending it again");
+                        tracing::debug!(%error, "the upstream did not process the request (it retired the h2 connection), or lost the connection under an idempotent one; sending it again");
                         self.forget_h2(key, shared.id);
                         req = Request::from_parts(head, body);
                     }
@@ -1055,6 +1049,14 @@ impl Exchange {
             pump: Pump::new(body, framing),
         }
     }
+}
+
+/// RFC 9110 section 9.2.2: a request a proxy may send again when its connection failed under it.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 /// What [`Pool::on_shared_h2`] did with a request.

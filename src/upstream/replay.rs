@@ -8,6 +8,11 @@
 //! sent again: [`Replay`] keeps what the body has given so far, up to [`KEPT`] bytes, and hands
 //! it back with the rest of the body when hyper drops it ([`Replay::wrap`]).
 //!
+//! A connection that ends under a request without saying which streams it processed (closed,
+//! reset, a write that broke) may or may not have had the request processed: such a request
+//! is sent again only when its method is idempotent ([`connection_lost`]; RFC 9110 section
+//! 9.2.2 lets a proxy retry those, and no other).
+//!
 //! What is kept is let go as soon as the answer came (its [`Back`] is dropped).
 
 use std::pin::Pin;
@@ -37,6 +42,22 @@ pub fn unprocessed(e: &hyper::Error) -> bool {
     };
     h2.is_remote()
         && (h2.is_go_away() || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// Whether hyper's error says that the connection ended under the request before its answer
+/// came (closed, broken, its task gone), not that the upstream reset the stream itself: the
+/// request may have been processed or not (see the module's notes).
+pub fn connection_lost(e: &hyper::Error) -> bool {
+    if e.is_closed() || e.is_canceled() || e.is_incomplete_message() {
+        return true;
+    }
+    let Some(source) = std::error::Error::source(e) else {
+        return false;
+    };
+    match source.downcast_ref::<h2::Error>() {
+        Some(h2) => h2.is_io() || h2.is_go_away(),
+        None => source.is::<std::io::Error>(),
+    }
 }
 
 /// What a dropped [`Replay`] hands back: the frames it gave, and the body's rest.

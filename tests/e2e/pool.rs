@@ -395,6 +395,9 @@ enum Retire {
     GoAway,
     /// `RST_STREAM` with `REFUSED_STREAM` on the second stream.
     Refuse,
+    /// The connection closed at once, saying nothing of what it processed (a crash, a load
+    /// balancer that drops it).
+    Drop,
 }
 
 /// What [`Retiring`] answers for a request body: its length and FNV-1a hash (a short answer,
@@ -509,6 +512,7 @@ impl Retiring {
                             io.write_all(&frame(RST_STREAM, 0, stream, &refused))
                                 .await?;
                         }
+                        Retire::Drop => return Ok(()),
                     }
                 }
                 _ => {}
@@ -609,4 +613,52 @@ async fn requests_an_h2_upstream_turned_away_unprocessed_are_sent_again() {
         assert_eq!(up.turned_away.load(Ordering::SeqCst), 3, "{id}");
         assert_eq!(up.answered.load(Ordering::SeqCst), 4, "{id}");
     }
+}
+
+/// An h2 upstream that drops a shared connection under a request, saying nothing of what it
+/// processed: an idempotent request (GET, PUT, DELETE) is sent again on a new connection and
+/// answered; a POST, which the upstream may have acted on, is not (RFC 9110 section 9.2.2), and
+/// is `502 upstream_unreachable`.
+#[tokio::test]
+async fn an_idempotent_request_whose_h2_connection_dropped_under_it_is_sent_again() {
+    let bao = Bao::start().await;
+    let ca = TestCa::new();
+    let up = Retiring::start(&ca, Retire::Drop).await;
+    put_bearer(&bao, "h2-drop", &format!("https://localhost:{}", up.port));
+    let lk = Latchkey::start(
+        &bao,
+        Opts::loopback().root(&ca.pem_path).proxy("workers = 1"),
+    )
+    .await;
+    let client = http();
+    let mut sent = 0;
+    for (method, body, answered) in [
+        (reqwest::Method::GET, Vec::new(), true),
+        (reqwest::Method::PUT, b"{\"name\": \"x\"}".to_vec(), true),
+        (reqwest::Method::DELETE, Vec::new(), true),
+        (reqwest::Method::POST, b"{\"amount\": 100}".to_vec(), false),
+    ] {
+        // A first request opens a connection that the next one then shares.
+        let r = read(client.get(lk.url("/h2-drop/first")).send().await.unwrap()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = client
+            .request(method.clone(), lk.url("/h2-drop/dropped"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let got = String::from_utf8_lossy(&r.bytes().await.unwrap()).into_owned();
+        sent += 1;
+        if answered {
+            assert_eq!(status, 200, "{method}: {got}");
+            assert_eq!(got, digest(&body), "{method}: the body sent again differs");
+        } else {
+            assert_eq!(status, 502, "{method}: {got}");
+            assert!(got.contains("upstream_unreachable"), "{method}: {got}");
+        }
+    }
+    // Each request met a drop (the next round's first GET, on the connection a resend opened,
+    // meets one too, and is sent again as well).
+    assert!(up.turned_away.load(Ordering::SeqCst) >= sent);
 }
