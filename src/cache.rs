@@ -126,6 +126,11 @@ struct Inner {
     /// A re-read kept a request waiting [`EXPIRED_WAIT`] and no load has been answered promptly
     /// since: expired entries are served stale without waiting.
     stalled: AtomicBool,
+    /// The first load generation after the last change of `stalled` either way. Only a load
+    /// started after Vault was found hung says that it answers again, and only one started
+    /// after that finds it hung again: reads stuck on a node that hangs while others answer
+    /// (a cluster failing over) do not flip the state, and the log, back and forth.
+    stalled_turned: AtomicU64,
 }
 
 /// The `[cache]` settings the cache runs with; a reload swaps them whole.
@@ -190,6 +195,7 @@ impl Cache {
                 next_generation: AtomicU64::new(1),
                 writes: AtomicU64::new(0),
                 stalled: AtomicBool::new(false),
+                stalled_turned: AtomicU64::new(0),
             }),
         }
     }
@@ -504,13 +510,30 @@ impl Inner {
         u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// A request waited [`EXPIRED_WAIT`] for `id`'s re-read in vain: the store is stalled.
+    /// A request waited [`EXPIRED_WAIT`] for `id`'s re-read in vain: the store is stalled,
+    /// unless that re-read began before Vault was last found to answer again.
     fn stall(&self, id: &ConnectionId) {
         tracing::debug!(connection = %id, "no answer to an expired connection's re-read within {}ms; served stale", EXPIRED_WAIT.as_millis());
+        let waited_on = self
+            .map
+            .get(id)
+            .and_then(|s| s.inflight.as_ref().map(|(generation, _)| *generation))
+            .unwrap_or(u64::MAX);
+        if waited_on < self.stalled_turned.load(Ordering::Relaxed) {
+            return;
+        }
         if !self.stalled.swap(true, Ordering::Relaxed) {
+            self.turned();
             telemetry::vault_stalled();
             tracing::warn!(connection = %id, "Vault hung: a re-read got no answer within {}ms; serving expired connections stale without waiting until Vault answers again", EXPIRED_WAIT.as_millis());
         }
+    }
+
+    /// Notes that `stalled` changed: loads started from now on are the ones that may change it
+    /// back.
+    fn turned(&self) {
+        let next = self.next_generation.load(Ordering::Relaxed);
+        self.stalled_turned.store(next, Ordering::Relaxed);
     }
 
     /// The connection cached for `id`, fresh or stale.
@@ -532,8 +555,10 @@ impl Inner {
         );
         if answered
             && now.saturating_duration_since(started) < EXPIRED_WAIT
+            && generation >= self.stalled_turned.load(Ordering::Relaxed)
             && self.stalled.swap(false, Ordering::Relaxed)
         {
+            self.turned();
             tracing::info!("Vault answers again: expired connections wait for their re-read again");
         }
         let outcome: Outcome = match result {
@@ -977,6 +1002,41 @@ mod tests {
             (key_of(&conn).as_str(), o),
             ("Bearer sk_test_two", CacheOutcome::Miss)
         );
+    }
+
+    /// One node of a Vault cluster hangs while the others answer (a failover under way): a read
+    /// stuck on it since before the store was found to answer again does not make it "hung"
+    /// again. Each such read flipped the state, and the log, back and forth (13 times in 3 s).
+    #[tokio::test(start_paused = true)]
+    async fn a_read_stuck_from_before_a_recovery_does_not_mark_the_store_hung_again() {
+        let fake = Fake::new(Duration::from_millis(5));
+        let cache = Cache::new(&config(1000, 60_000), Arc::new(fake.clone()));
+        for c in ["c1", "c2"] {
+            cache.get(&id(c)).await.unwrap();
+        }
+        // c1's re-read goes to the node that hangs: found hung.
+        *fake.delay.lock().unwrap() = Duration::from_secs(60);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+        assert!(cache.inner.stalled.load(Ordering::Relaxed));
+        // c2's re-read, started since, goes to a node that answers: the store answers again.
+        *fake.delay.lock().unwrap() = Duration::from_millis(5);
+        cache.get(&id("c2")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!cache.inner.stalled.load(Ordering::Relaxed));
+        // c1 waits once more on its read stuck from before (and is served stale): not hung
+        // again for that.
+        let started = Instant::now();
+        let (_, o) = cache.get(&id("c1")).await.unwrap();
+        assert_eq!(o, CacheOutcome::Stale);
+        assert_eq!(started.elapsed(), EXPIRED_WAIT);
+        assert!(!cache.inner.stalled.load(Ordering::Relaxed));
+        // A read started after the recovery that hangs does.
+        *fake.delay.lock().unwrap() = Duration::from_secs(60);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        cache.get(&id("c2")).await.unwrap();
+        assert!(cache.inner.stalled.load(Ordering::Relaxed));
     }
 
     #[tokio::test(start_paused = true)]
