@@ -407,7 +407,18 @@ impl Lifecycle {
             }
             match value {
                 Some(v) => draft.fields.insert(name, v),
-                None => draft.fields.remove(&name),
+                // Removing what is not there would write a new version that changes nothing,
+                // and say `ok` to a name mistyped.
+                None => match draft.fields.remove(&name) {
+                    Some(v) => Some(v),
+                    None => {
+                        return Err(FieldError::new(
+                            &name,
+                            "is not set on this connection: there is nothing to remove",
+                        )
+                        .into())
+                    }
+                },
             };
         }
         let before = draft_of(&stored).prepare(&id, &self.catalog()).ok();

@@ -93,7 +93,13 @@ impl Tunnels {
         let mut tunnel = match proxy.connect(&parts, port_says_tls).await {
             Ok(Opened::Tunnel(t)) => t,
             Ok(Opened::Splice(upstream)) => return splice(upgrade, upstream, self.idle),
-            Err(e) => return e.into_response(),
+            Err(e) => {
+                // As for requests (`request failed`): the cause of latchkey's own 5xx is logged.
+                if e.status().is_server_error() {
+                    tracing::warn!(code = e.code(), host = parts.uri.host().unwrap_or("-"), cause = %e, "CONNECT failed");
+                }
+                return e.into_response();
+            }
         };
         let me = self.clone();
         tokio::spawn(async move {

@@ -276,6 +276,9 @@ fn accept_for(key: &[u8]) -> String {
 /// Waits for both sides to upgrade, then copies bytes both ways until either side closes, and
 /// writes the access line with the bytes each way.
 async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<PendingLog>) {
+    // The record comes with the answer, before either side upgrades; held where a stop past
+    // its grace, which drops this task, still writes the line.
+    let mut line = LineAtClose(log.await.ok());
     let mut read = 0;
     let mut written = 0;
     match tokio::try_join!(client, upstream) {
@@ -293,9 +296,24 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<P
             tracing::debug!(error = %e, "a WebSocket handshake was answered but not upgraded")
         }
     }
-    if let Ok(pending) = log.await {
+    if let Some(pending) = line.0.take() {
         pending.bytes_in.add(read);
         pending.emit(written);
+    }
+}
+
+/// A WebSocket's access record until it closes: dropped unwritten (a stop past its grace cuts
+/// the WebSocket), it writes the line with `error=shutdown`.
+struct LineAtClose(Option<PendingLog>);
+
+impl Drop for LineAtClose {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.0.take() {
+            if telemetry::cutting() {
+                pending.log.error.get_or_insert("shutdown");
+            }
+            pending.emit(0);
+        }
     }
 }
 

@@ -650,6 +650,17 @@ async fn edit_changes_the_name_and_expiry_and_never_takes_a_secret_from_the_comm
     assert!(r.stderr.contains("api_key is secret"), "{r:#?}");
     assert_eq!(w.show("cli-edit").await["version"], shown["version"]);
 
+    // A name mistyped, or not a field at all: refused, and no new version written.
+    for name in ["expiry", "connector"] {
+        let r = cli(&w, &["edit", "cli-edit", "--clear", name], None).await;
+        assert_eq!(r.code, 1, "{name}: {r:#?}");
+        assert!(
+            r.stdout.contains("error (422)") && r.stdout.contains("is not set"),
+            "{name}: {r:#?}"
+        );
+    }
+    assert_eq!(w.show("cli-edit").await["version"], shown["version"]);
+
     let r = cli(&w, &["edit", "cli-edit"], None).await;
     assert_eq!(r.code, 2, "{r:#?}");
     assert!(r.stderr.contains("nothing to change"), "{r:#?}");

@@ -697,15 +697,7 @@ async fn a_closed_upstream_port_is_502_upstream_unreachable() {
     get(&lk, "/closed/v1/x")
         .await
         .assert_error(502, "upstream_unreachable");
-    let line = wait_until("the line with the cause", Duration::from_secs(30), || {
-        std::future::ready(
-            lk.output()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|l| l["message"] == "request failed"),
-        )
-    })
-    .await;
+    let line = lk.log_line("request failed").await;
     assert_eq!(line["level"], "WARN", "{line}");
     assert_eq!(line["code"], "upstream_unreachable", "{line}");
     assert_eq!(line["connection"], "closed", "{line}");

@@ -1139,3 +1139,31 @@ async fn sigterm_drains_requests_inside_tunnels_and_logs_those_it_cuts() {
     assert_eq!(line["error"], "shutdown", "{line}");
     assert_eq!(line["form"], "tunnel", "{line}");
 }
+
+/// A CONNECT that latchkey cannot open (a passthrough host that refuses the connection) is its
+/// `502`, and the log says why at `warn`, as for requests (`request failed`): the cause reached
+/// only the client's answer.
+#[tokio::test]
+async fn a_connect_that_fails_upstream_is_502_and_its_cause_is_logged() {
+    let port = free_port();
+    let s = Stripe::start(Opts::loopback().proxy(&format!("passthrough = [\"localhost:{port}\"]")))
+        .await;
+    let x = s
+        .exchange(
+            &connect_head(&format!("localhost:{port}"), Some(("_", ""))),
+            None,
+            "",
+        )
+        .await;
+    x.assert_connect_refused(502, "upstream_unreachable");
+    let line = s.lk.log_line("CONNECT failed").await;
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["code"], "upstream_unreachable", "{line}");
+    assert!(
+        line["cause"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&port.to_string()),
+        "{line}"
+    );
+}

@@ -736,3 +736,34 @@ fn last_status(text: &str) -> &str {
         .find(|l| l.starts_with("HTTP/"))
         .unwrap_or_default()
 }
+
+/// A WebSocket open when latchkey stops has its access line, with the bytes it carried (here
+/// the gateway's WebSocket ends as the stop begins; one still open when a worker drops its
+/// connections at the end of the grace writes its line from `LineAtClose`'s drop, with
+/// `error=shutdown`: an operations probe found such WebSockets, in tunnels, with no line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_open_at_shutdown_has_its_access_line() {
+    let mut w = World::start().await;
+    let host = w.lk.proxy.to_string();
+    let (tcp, head) = forward_handshake(
+        &w.lk,
+        &format!("/{ID}/v1/realtime?model=gpt-realtime"),
+        &host,
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    echo_four(&mut ws).await;
+    w.lk.terminate();
+    let status =
+        w.lk.exited_within(Duration::from_secs(30))
+            .await
+            .expect("latchkey to exit");
+    assert!(status.success(), "{status:?}");
+    let line =
+        w.lk.access_line(|v| v["status"] == 101 && v["form"] == "gateway")
+            .await;
+    assert_eq!(line["connection"], ID, "{line}");
+    assert!(line["bytes_out"].as_u64().unwrap() > 0, "{line}");
+    drop(ws);
+}

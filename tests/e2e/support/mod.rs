@@ -813,6 +813,17 @@ impl Latchkey {
         lines.swap_remove(0)
     }
 
+    /// The first JSON log line whose `message` is `message`, parsed (waiting up to 30 s, as
+    /// [`Latchkey::output_line`] does).
+    pub async fn log_line(&self, message: &str) -> serde_json::Value {
+        let line = self
+            .output_line(message, |l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == message)
+            })
+            .await;
+        serde_json::from_str(&line).unwrap_or_default()
+    }
+
     /// The lines of its output that `pred` accepts, once there are at least `n` of them
     /// (waiting up to 30 s, as [`Latchkey::output_line`] does for one).
     pub async fn output_lines(
