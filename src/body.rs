@@ -270,6 +270,15 @@ impl Drop for Unanswered {
 }
 
 impl PendingLog {
+    /// Writes the line of an answer dropped before its end, with `bytes_out`: one that a stop
+    /// past its grace cut (its connection dropped by the worker) says `error=shutdown`.
+    pub fn emit_unfinished(mut self, bytes_out: u64) {
+        if telemetry::cutting() {
+            self.log.error.get_or_insert("shutdown");
+        }
+        self.emit(bytes_out);
+    }
+
     /// Writes the line, with what came in so far and `bytes_out`.
     pub fn emit(mut self, bytes_out: u64) {
         self.log.bytes_in = self.bytes_in.load();
@@ -298,12 +307,8 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for Logged<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(mut p) = this.pending.take() {
-                // Cut short by a stop past its grace, not ended by the client.
-                if telemetry::cutting() {
-                    p.log.error.get_or_insert("shutdown");
-                }
-                p.emit(*this.bytes);
+            if let Some(p) = this.pending.take() {
+                p.emit_unfinished(*this.bytes);
             }
         }
     }

@@ -308,11 +308,8 @@ struct LineAtClose(Option<PendingLog>);
 
 impl Drop for LineAtClose {
     fn drop(&mut self) {
-        if let Some(mut pending) = self.0.take() {
-            if telemetry::cutting() {
-                pending.log.error.get_or_insert("shutdown");
-            }
-            pending.emit(0);
+        if let Some(pending) = self.0.take() {
+            pending.emit_unfinished(0);
         }
     }
 }
