@@ -737,10 +737,10 @@ fn last_status(text: &str) -> &str {
         .unwrap_or_default()
 }
 
-/// A WebSocket open when latchkey stops has its access line, with the bytes it carried (here
-/// the gateway's WebSocket ends as the stop begins; one still open when a worker drops its
-/// connections at the end of the grace writes its line from `LineAtClose`'s drop, with
-/// `error=shutdown`: an operations probe found such WebSockets, in tunnels, with no line).
+/// A WebSocket open when latchkey stops has its access line: with the bytes it carried when it
+/// ends as the stop begins, or, still open when a worker drops its connections, from
+/// `LineAtClose`'s drop with `error=shutdown` (which of the two depends on timing; an
+/// operations probe found such WebSockets, in tunnels, with no line).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_open_at_shutdown_has_its_access_line() {
     let mut w = World::start().await;
@@ -764,6 +764,12 @@ async fn a_websocket_open_at_shutdown_has_its_access_line() {
         w.lk.access_line(|v| v["status"] == 101 && v["form"] == "gateway")
             .await;
     assert_eq!(line["connection"], ID, "{line}");
-    assert!(line["bytes_out"].as_u64().unwrap() > 0, "{line}");
+    // Ended as the stop began (with its bytes), or still open when the worker dropped its
+    // connections (which one depends on timing): either way it has its line, and a cut one
+    // says so.
+    assert!(
+        line["error"] == "shutdown" || line["bytes_out"].as_u64().unwrap() > 0,
+        "{line}"
+    );
     drop(ws);
 }
