@@ -1538,9 +1538,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="short runs, to smoke-test the harness")
     ap.add_argument("--duration", type=int, help="seconds per wrk run (default 10, quick 2)")
     ap.add_argument("--warmup", type=int, help="seconds of wrk warm-up per variant (default 2, quick 1)")
-    ap.add_argument("--rounds", type=int, help="wrk rounds (default 3, quick 1)")
+    ap.add_argument("--rounds", type=int, help="wrk rounds (default 5, quick 1)")
     ap.add_argument("--latency-duration", type=int, help="seconds per oha run (default 8, quick 2)")
-    ap.add_argument("--latency-rounds", type=int, help="oha rounds (default 3, quick 1)")
+    ap.add_argument("--latency-rounds", type=int, help="oha rounds (default 5, quick 1)")
     ap.add_argument("--connections", type=int, default=64, help="client connections for wrk and oha")
     ap.add_argument("--cold-connections", type=int, help="distinct connections (default 1000, quick 200)")
     ap.add_argument("--cold-concurrency", type=int, default=32)
@@ -1570,8 +1570,8 @@ def main():
         render(a.render, a.out)
         return
     q = a.quick
-    defaults = dict(duration=(2, 10), warmup=(1, 2), rounds=(1, 3), latency_duration=(2, 8),
-                    latency_rounds=(1, 3), cold_connections=(200, 1000), idle_steps=([1000, 2000], [1000, 10000]),
+    defaults = dict(duration=(2, 10), warmup=(1, 2), rounds=(1, 5), latency_duration=(2, 8),
+                    latency_rounds=(1, 5), cold_connections=(200, 1000), idle_steps=([1000, 2000], [1000, 10000]),
                     stream_bytes=(128 << 20, GiB), out=(str(BENCH / "results/quick"), str(BENCH / "results")))
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:
