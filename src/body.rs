@@ -287,6 +287,33 @@ impl PendingLog {
     }
 }
 
+/// The access record of an upgraded connection or a splice until it closes: closed, it writes
+/// the line with the bytes each way; dropped unwritten (a stop past its grace cuts the
+/// connection), with `error=shutdown`.
+pub struct LineAtClose(Option<PendingLog>);
+
+impl LineAtClose {
+    pub fn new(pending: Option<PendingLog>) -> LineAtClose {
+        LineAtClose(pending)
+    }
+
+    /// Writes the line: `read` bytes came from the client, `written` went to it.
+    pub fn close(mut self, read: u64, written: u64) {
+        if let Some(pending) = self.0.take() {
+            pending.bytes_in.add(read);
+            pending.emit(written);
+        }
+    }
+}
+
+impl Drop for LineAtClose {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            pending.emit_unfinished(0);
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// A response body that emits the access log once: at its end, on its failure, or when it
     /// is dropped unfinished.

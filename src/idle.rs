@@ -230,6 +230,33 @@ pub trait Watch {
     fn waits(&mut self) {}
 }
 
+/// The bytes a connection carried each way.
+#[derive(Default)]
+pub struct Counts {
+    pub read: u64,
+    pub written: u64,
+}
+
+impl Watch for Counts {
+    fn moved(&mut self, read: usize, written: usize) {
+        self.read += read as u64;
+        self.written += written as u64;
+    }
+}
+
+/// Two watches of one connection: each told everything.
+impl<A: Watch, B: Watch> Watch for (A, B) {
+    fn moved(&mut self, read: usize, written: usize) {
+        self.0.moved(read, written);
+        self.1.moved(read, written);
+    }
+
+    fn waits(&mut self) {
+        self.0.waits();
+        self.1.waits();
+    }
+}
+
 /// Any byte moved is activity; a byte written is progress towards the client.
 impl Watch for Arc<Activity> {
     fn moved(&mut self, read: usize, written: usize) {

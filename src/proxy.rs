@@ -68,7 +68,14 @@ pub struct Proxy {
 pub enum Opened {
     /// A tunnel that latchkey terminates, its requests served by the pipeline.
     Tunnel(Tunnel),
-    /// A passthrough host, already dialled: its bytes are spliced as they are.
+    /// A passthrough host, already dialled: its bytes are spliced as they are, and the
+    /// CONNECT's access line is written when the splice closes.
+    Splice(MaybeTls, PendingLog),
+}
+
+/// [`Opened`] before the CONNECT's line is dealt with.
+enum Opening {
+    Tunnel(Tunnel),
     Splice(MaybeTls),
 }
 
@@ -507,16 +514,31 @@ impl Proxy {
             ..AccessLog::default()
         };
         let opened = self.open_tunnel(parts, tls, &mut log).await;
-        match &opened {
-            Ok(_) => log.status = 200,
+        match opened {
+            Ok(Opening::Tunnel(tunnel)) => {
+                log.status = 200;
+                log.emit(started.elapsed());
+                Ok(Opened::Tunnel(tunnel))
+            }
+            // A splice is all its CONNECT does: its line has the bytes each way and how long
+            // it lasted, once it closes.
+            Ok(Opening::Splice(stream)) => {
+                log.status = 200;
+                let pending = PendingLog {
+                    log,
+                    started,
+                    bytes_in: BytesIn::default(),
+                };
+                Ok(Opened::Splice(stream, pending))
+            }
             Err(e) => {
                 log.status = e.status().as_u16();
                 log.error = Some(e.code());
                 tracing::debug!(code = e.code(), message = %e, "CONNECT refused");
+                log.emit(started.elapsed());
+                Err(e)
             }
         }
-        log.emit(started.elapsed());
-        opened
     }
 
     async fn open_tunnel(
@@ -524,7 +546,7 @@ impl Proxy {
         parts: &http::request::Parts,
         tls: bool,
         log: &mut AccessLog,
-    ) -> Result<Opened, ProxyError> {
+    ) -> Result<Opening, ProxyError> {
         // Only `host:port` (RFC 9112 section 3.2.3): no scheme, path, user information or empty
         // host, which a device in front of latchkey might read as another host.
         let target = || ProxyError::BadRequest("CONNECT needs a host:port target".into());
@@ -607,7 +629,7 @@ impl Proxy {
             .check_destination(&host, port)
             .await
             .map_err(|e| ProxyError::from_upstream(&e.into()))?;
-        Ok(Opened::Tunnel(tunnel))
+        Ok(Opening::Tunnel(tunnel))
     }
 
     /// A CONNECT whose proxy user names the connection: the client may use it, and whether it
@@ -659,7 +681,7 @@ impl Proxy {
         port: u16,
         tunnel: &Tunnel,
         log: &mut AccessLog,
-    ) -> Result<Opened, ProxyError> {
+    ) -> Result<Opening, ProxyError> {
         if !self.passthrough.covers(host, port) {
             return Err(ProxyError::NotCovered(match &tunnel.client {
                 Some(client) => format!(
@@ -685,7 +707,7 @@ impl Proxy {
             .dial(false, &authority)
             .await
             .map_err(|e| ProxyError::from_upstream(&e.into()))?;
-        Ok(Opened::Splice(stream))
+        Ok(Opening::Splice(stream))
     }
 
     /// Phases 3 to 6, once the route and the client are known. `reached_as`: in gateway

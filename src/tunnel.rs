@@ -21,11 +21,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use crate::body::{self, BoxBody, BoxError, ClientBody};
+use crate::body::{self, BoxBody, BoxError, ClientBody, LineAtClose, PendingLog};
 use crate::ca::{Leaves, LeavesSlot};
 use crate::destination::normalize_host;
 use crate::downstream::{self, Outcome, Ready};
-use crate::idle::{self, Activity, Limits, Watched};
+use crate::idle::{self, Activity, Counts, Limits, Watched};
 use crate::proxy::{Opened, ProxySlot, Tunnel};
 use crate::response::ProxyError;
 use crate::strict::{Link, Strict};
@@ -92,7 +92,9 @@ impl Tunnels {
         let proxy = self.proxy.load_full();
         let mut tunnel = match proxy.connect(&parts, port_says_tls).await {
             Ok(Opened::Tunnel(t)) => t,
-            Ok(Opened::Splice(upstream)) => return splice(upgrade, upstream, self.idle),
+            Ok(Opened::Splice(upstream, line)) => {
+                return splice(upgrade, upstream, self.idle, line)
+            }
             Err(e) => {
                 // As for requests (`request failed`): the cause of latchkey's own 5xx is logged.
                 if e.status().is_server_error() {
@@ -297,13 +299,18 @@ impl<X> Ready for Watched<tokio_rustls::server::TlsStream<X>> {
 
 /// Answers 200 and, once hyper hands the client's connection over, copies bytes both ways
 /// between it and the passthrough host until either side closes or no byte has moved for
-/// `idle`: no TLS termination, no credential.
+/// `idle`: no TLS termination, no credential. The CONNECT's access line (`line`) is written
+/// when the splice ends, with the bytes that went each way.
 fn splice(
     upgrade: hyper::upgrade::OnUpgrade,
     mut upstream: MaybeTls,
     idle: Limits,
+    line: PendingLog,
 ) -> Response<BoxBody> {
     tokio::spawn(async move {
+        // Dropped unwritten (not upgraded, or a stop past its grace drops this task), it
+        // writes the line all the same.
+        let line = LineAtClose::new(Some(line));
         let upgraded = match upgrade.await {
             Ok(u) => u,
             Err(e) => {
@@ -314,7 +321,10 @@ fn splice(
         let _open = telemetry::TunnelOpen::open();
         // Bytes are all a splice has to show: it is idle while none moves.
         let activity = Activity::splice();
-        let mut client = Watched::new(TokioIo::new(upgraded), activity.clone());
+        let mut client = Watched::new(
+            TokioIo::new(upgraded),
+            (activity.clone(), Counts::default()),
+        );
         let spliced = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         match idle::or_idle(spliced, &activity, idle).await {
             Ok(Err(e)) => tracing::debug!(error = %e, "a passthrough tunnel ended with an error"),
@@ -324,6 +334,8 @@ fn splice(
                 tracing::debug!(limits = ?idle, ?closed, "closed an idle or stalled passthrough tunnel")
             }
         }
+        let counts = &client.watch.1;
+        line.close(counts.read, counts.written);
     });
     let mut ok = Response::new(body::empty());
     *ok.status_mut() = StatusCode::OK;

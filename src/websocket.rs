@@ -26,9 +26,9 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
-use crate::body::PendingLog;
+use crate::body::{LineAtClose, PendingLog};
 use crate::hop_by_hop;
-use crate::idle::{Watch, Watched};
+use crate::idle::{Counts, Watched};
 use crate::telemetry;
 use crate::upstream::dial::Dialer;
 use crate::upstream::pool::{ResponseBody, SendError};
@@ -278,7 +278,7 @@ fn accept_for(key: &[u8]) -> String {
 async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<PendingLog>) {
     // The record comes with the answer, before either side upgrades; held where a stop past
     // its grace, which drops this task, still writes the line.
-    let mut line = LineAtClose(log.await.ok());
+    let line = LineAtClose::new(log.await.ok());
     let mut read = 0;
     let mut written = 0;
     match tokio::try_join!(client, upstream) {
@@ -296,36 +296,7 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, log: oneshot::Receiver<P
             tracing::debug!(error = %e, "a WebSocket handshake was answered but not upgraded")
         }
     }
-    if let Some(pending) = line.0.take() {
-        pending.bytes_in.add(read);
-        pending.emit(written);
-    }
-}
-
-/// A WebSocket's access record until it closes: dropped unwritten (a stop past its grace cuts
-/// the WebSocket), it writes the line with `error=shutdown`.
-struct LineAtClose(Option<PendingLog>);
-
-impl Drop for LineAtClose {
-    fn drop(&mut self) {
-        if let Some(pending) = self.0.take() {
-            pending.emit_unfinished(0);
-        }
-    }
-}
-
-/// The bytes an upgraded client connection carried each way.
-#[derive(Default)]
-struct Counts {
-    read: u64,
-    written: u64,
-}
-
-impl Watch for Counts {
-    fn moved(&mut self, read: usize, written: usize) {
-        self.read += read as u64;
-        self.written += written as u64;
-    }
+    line.close(read, written);
 }
 
 #[cfg(test)]

@@ -454,9 +454,11 @@ impl Passthrough {
 async fn a_passthrough_host_is_spliced_with_its_own_certificate_and_no_credential() {
     let p = passthrough().await;
     // With no connection named, and with a connection named that does not cover the host.
+    let mut echoed = 0;
     for user in [format!("_:{TOKEN}"), format!("{ID}:{TOKEN}")] {
         let (status, text) = p.curl(&user, &p.pypi_ca.pem_path).await;
         assert_eq!(status, 200, "{user}: {text}");
+        echoed = text.len() as u64;
         let echo = Echoed {
             status,
             json: body_json(&text),
@@ -478,6 +480,8 @@ async fn a_passthrough_host_is_spliced_with_its_own_certificate_and_no_credentia
     assert!(!text.contains("the-clients-own"), "{text}");
     assert_eq!(p.pypi.requests(), 2);
 
+    // The CONNECT's line is written when the splice closes, with the bytes each way: a TLS
+    // handshake and a request in, the handshake's answer and the echo out.
     let line =
         p.s.lk
             .access_line(|l| l["method"] == "CONNECT" && l["form"] == "passthrough")
@@ -485,6 +489,12 @@ async fn a_passthrough_host_is_spliced_with_its_own_certificate_and_no_credentia
     assert_eq!(line["host"], PYPI, "{line}");
     assert_eq!(line["status"], 200, "{line}");
     assert_eq!(line["client"], "runner", "{line}");
+    let (bytes_in, bytes_out) = (
+        line["bytes_in"].as_u64().unwrap(),
+        line["bytes_out"].as_u64().unwrap(),
+    );
+    assert!(bytes_in > 200, "{line}");
+    assert!(bytes_out > echoed, "{line}");
 }
 
 #[tokio::test]
@@ -639,4 +649,41 @@ async fn a_placeholder_as_the_basic_password_picks_the_connection() {
     assert_eq!(r.status, 400, "{:?}", r.json);
     assert_eq!(r.latchkey_error.as_deref(), Some("connection_ambiguous"));
     assert_eq!(up.requests(), 1);
+}
+
+/// A splice still open when latchkey stops is cut, and its CONNECT has its access line all the
+/// same, saying so.
+#[tokio::test]
+async fn a_passthrough_splice_open_at_shutdown_has_its_access_line() {
+    use tokio::io::AsyncWriteExt as _;
+    let mut p = passthrough().await;
+    let mut tcp = tokio::net::TcpStream::connect(p.s.lk.proxy).await.unwrap();
+    let connect = connect_head(&format!("{PYPI}:443"), Some(("_", TOKEN)));
+    tcp.write_all(connect.as_bytes()).await.unwrap();
+    let head = String::from_utf8(read_head(&mut tcp).await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Some bytes through, then silence: the splice stays open (its idle limit is a minute).
+    tcp.write_all(b"hello").await.unwrap();
+    let lk = &p.s.lk;
+    wait_until("the splice open", Duration::from_secs(10), || async {
+        let text = crate::errors::metrics_text(lk).await;
+        text.lines()
+            .any(|l| l == "latchkey_tunnels_open 1")
+            .then_some(())
+    })
+    .await;
+    p.s.lk.terminate();
+    let status =
+        p.s.lk
+            .exited_within(Duration::from_secs(30))
+            .await
+            .expect("latchkey to exit");
+    assert!(status.success(), "{status:?}");
+    let line =
+        p.s.lk
+            .access_line(|l| l["method"] == "CONNECT" && l["form"] == "passthrough")
+            .await;
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "shutdown", "{line}");
+    drop(tcp);
 }
