@@ -1105,7 +1105,32 @@ mod tests {
                 "e".repeat(n)
             )
         };
+        // hyper's totals for one body (its TRAILER_LIMIT and CHUNKED_EXTENSIONS_LIMIT, 16 KiB
+        // each): a trailer section (from its first byte to the empty line's LF) of 16,384
+        // bytes is refused, one of 16,383 read; extension bytes (after each `;`) add up over
+        // the chunks, and the 16,384th is refused.
+        let trailers = |section: usize| {
+            format!(
+                "POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: {}\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
+                "v".repeat(section - 9)
+            )
+        };
+        let extensions = |sizes: &[usize]| {
+            let chunks: String = sizes
+                .iter()
+                .map(|&n| format!("1;{}\r\nc\r\n", "e".repeat(n)))
+                .collect();
+            format!(
+                "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}0\r\n\r\nGET /n HTTP/1.1\r\n\r\n"
+            )
+        };
         vec![
+            trailers(16_383).into_bytes(),
+            trailers(16_384).into_bytes(),
+            trailers(30_000).into_bytes(),
+            extensions(&[4000, 4000, 4000, 4383]).into_bytes(),
+            extensions(&[4000, 4000, 4000, 4384]).into_bytes(),
+            extensions(&[4000, 4000, 4000, 4000, 4000]).into_bytes(),
             zeros(18, "5").into_bytes(),
             zeros(19, "5").into_bytes(),
             zeros(2400, "5").into_bytes(),

@@ -50,6 +50,13 @@ pub const MAX_HEAD: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line, extensions included.
 pub const MAX_CHUNK_LINE: usize = 4096;
+/// The most bytes a chunked body's trailer section may have, from its first byte to the LF of
+/// the empty line that ends it: one less than hyper's `TRAILER_LIMIT` (its server refuses the
+/// byte that reaches 16 KiB).
+const MAX_TRAILERS: usize = 16 * 1024 - 1;
+/// The most chunk-extension bytes (those after each `;`) a chunked body may have over all its
+/// chunks: one less than hyper's `CHUNKED_EXTENSIONS_LIMIT`, as for trailers.
+const MAX_EXTENSIONS: u64 = 16 * 1024 - 1;
 /// What an h2 connection opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The path of the stand-in request that takes a refused head's place.
@@ -137,6 +144,8 @@ pub struct Framer {
     line_start: usize,
     /// The current request asked for an upgrade.
     upgrade: bool,
+    /// Chunk-extension bytes of the current chunked body so far.
+    extensions: u64,
     /// Empty lines before the current request line.
     blank_lines: usize,
     heads: usize,
@@ -258,6 +267,7 @@ impl Framer {
             scanned: 0,
             line_start: 0,
             upgrade: false,
+            extensions: 0,
             blank_lines: 0,
             heads: 0,
             offset: 0,
@@ -306,7 +316,10 @@ impl Framer {
                         self.state = match framing.body {
                             Body::None => self.message_end(),
                             Body::Fixed(n) => State::Fixed(n),
-                            Body::Chunked => State::ChunkSize(ChunkLine::new()),
+                            Body::Chunked => {
+                                self.extensions = 0;
+                                State::ChunkSize(ChunkLine::new())
+                            }
                         };
                     }
                 },
@@ -335,7 +348,7 @@ impl Framer {
                 }
                 State::ChunkSize(mut line) => {
                     for &b in rest {
-                        match line.byte(b) {
+                        match line.byte(b, &mut self.extensions) {
                             Err(reason) => return self.refuse(at, head_at, reason),
                             Ok(None) => at += 1,
                             Ok(Some(size)) => {
@@ -631,8 +644,9 @@ impl ChunkLine {
         }
     }
 
-    /// Takes one byte of a chunk-size line: the size once the line is whole.
-    fn byte(&mut self, b: u8) -> Result<Option<u64>, &'static str> {
+    /// Takes one byte of a chunk-size line: the size once the line is whole. `extensions`
+    /// counts the body's extension bytes so far.
+    fn byte(&mut self, b: u8, extensions: &mut u64) -> Result<Option<u64>, &'static str> {
         self.len += 1;
         if self.len > MAX_CHUNK_LINE {
             return Err("a chunk-size line is longer than 4 KiB");
@@ -661,7 +675,12 @@ impl ChunkLine {
             (ChunkPhase::Extension, _) if is_ctl(b) && b != b'\t' => {
                 return Err("a chunk extension holds a control character")
             }
-            (ChunkPhase::Extension, _) => {}
+            (ChunkPhase::Extension, _) => {
+                *extensions += 1;
+                if *extensions > MAX_EXTENSIONS {
+                    return Err("a chunked body's extensions add up to more than 16 KiB");
+                }
+            }
         }
         Ok(None)
     }
@@ -679,8 +698,8 @@ impl TrailerLine {
     /// Takes one byte of the trailer section (after the last chunk): true once it has ended.
     fn byte(&mut self, b: u8) -> Result<bool, &'static str> {
         self.len += 1;
-        if self.len > MAX_HEAD {
-            return Err("the chunked body's trailers are larger than 64 KiB");
+        if self.len > MAX_TRAILERS {
+            return Err("the chunked body's trailers are 16 KiB or more");
         }
         self.phase = match (self.phase, b) {
             (TrailerPhase::LineStart, b'\r') => TrailerPhase::EndLf,
