@@ -49,8 +49,10 @@ Measurements:
    request), and the peak RSS (``VmHWM``, reset before each run through
    ``/proc/PID/clear_refs`` when the kernel allows it, else the process-lifetime peak).
 2. Latency, open loop: oha with ``--latency-correction`` (no coordinated omission) at 25%, 50%
-   and 75% of the lowest saturation rate measured in step 1 (the same offered rates for every
-   variant), p50/p99/p99.9.
+   and 75% of a saturation rate measured in step 1, p50/p99/p99.9: the variants to the plain
+   upstream at fractions of the lower of latchkey's and nginx's plain rates, those to the HTTPS
+   upstream at fractions of the lower of their HTTPS rates (``LATENCY_GROUPS``); ``direct`` at
+   both sets of rates.
 3. Cold path (a fresh latchkey): requests on many distinct connections, each one a cache miss
    and a Vault read, then the same again warm; then a burst of concurrent requests on one new
    connection; Vault reads counted in the audit log.
@@ -95,6 +97,16 @@ IDLE_SETTLE = 5
 GiB = 1 << 30
 
 VARIANTS = ["direct", "nginx", "latchkey", "latchkey-forward", "latchkey-https", "nginx-https"]
+# The open-loop latency runs, in two groups, each at 25, 50 and 75% of the saturation of its pair
+# (the lower of the two throughputs of step 1): the variants to the plain upstream, and those to
+# the HTTPS one; `direct` runs at both groups' rates, for the latency each adds.
+LATENCY_GROUPS = {
+    "plain": {"variants": ["direct", "nginx", "latchkey", "latchkey-forward"],
+              "pair": ("latchkey", "nginx")},
+    "https": {"variants": ["direct", "nginx-https", "latchkey-https"],
+              "pair": ("latchkey-https", "nginx-https")},
+}
+LATENCY_FRACTIONS = (0.25, 0.50, 0.75)
 # Driven by examples/tunnel_load.rs (both sides), in the same rounds as VARIANTS.
 TLS_VARIANTS = ["latchkey-tunnel", "nginx-tls", "latchkey-tunnel-new", "nginx-tls-new"]
 # latchkey's against nginx's, for the ratios.
@@ -945,39 +957,48 @@ class Bench:
 
     def latency(self):
         a = self.args
-        lowest = min(self.results["variants"][n]["rps"] for n in VARIANTS)
-        lowest_name = min(VARIANTS, key=lambda n: self.results["variants"][n]["rps"])
-        rates = [max(1, int(lowest * f)) for f in (0.25, 0.50, 0.75)]
-        self.results["latency_rates"] = {"lowest_saturation": lowest, "lowest_variant": lowest_name,
-                                         "rates": rates}
-        log(f"latency: oha open loop, latency correction, rates {rates} req/s "
-            f"(25/50/75% of {lowest:.0f}, {lowest_name}), {a.latency_duration}s per run, "
-            f"{a.latency_rounds} rounds")
-        runs = {n: {r: [] for r in rates} for n in VARIANTS}
+        groups = {}
+        for g, spec in LATENCY_GROUPS.items():
+            pair = spec["pair"]
+            saturation = min(self.results["variants"][n]["rps"] for n in pair)
+            lowest = min(pair, key=lambda n: self.results["variants"][n]["rps"])
+            rates = [max(1, int(saturation * f)) for f in LATENCY_FRACTIONS]
+            groups[g] = {"variants": spec["variants"], "pair": list(pair), "saturation": saturation,
+                         "lowest_variant": lowest, "rates": rates}
+            log(f"latency ({g}): oha open loop, latency correction, rates {rates} req/s "
+                f"(25/50/75% of {saturation:.0f}, {lowest}), {a.latency_duration}s per run, "
+                f"{a.latency_rounds} rounds")
+        self.results["latency_rates"] = {"groups": groups}
+        runs = {}
+        for g in groups.values():
+            for name in g["variants"]:
+                for rate in g["rates"]:
+                    runs.setdefault(name, {})[rate] = []
         for rnd in range(a.latency_rounds):
-            for rate in rates:
-                order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[:rnd % len(VARIANTS)]
-                for name in order:
-                    v = self.variants[name]
-                    o = v.get("oha", {"url": v["url"]})
-                    ppids = v["proxy"].pids() if v["proxy"] else []
-                    p0 = cpu_ticks(ppids)
-                    foreign = Foreign()
-                    r = oha_run(self.oha, o["url"], a.latency_duration, rate, a.connections,
-                                o.get("proxy"), o.get("proxy_headers", ()))
-                    r["foreign"] = foreign.share()
-                    p1 = cpu_ticks(ppids)
-                    r["proxy_cpu_us"] = ((p1 - p0) / CLK_TCK * 1e6 / max(r["ok"], 1)) if ppids else None
-                    runs[name][rate].append(r)
-                    log(f"  round {rnd + 1} {rate:6d}/s {name:17s} p50 {r['p50_ms']:.3f} "
-                        f"p99 {r['p99_ms']:.3f} p99.9 {r['p999_ms']:.3f} ms  "
-                        f"errors {r['errors'] + r['non200']}"
-                        + (f"  (other processes used {r['foreign'] * 100:.0f}% of the machine)"
-                           if r["foreign"] > 0.02 else ""))
-        for name in VARIANTS:
+            for g in groups.values():
+                names = g["variants"]
+                for rate in g["rates"]:
+                    order = names[rnd % len(names):] + names[:rnd % len(names)]
+                    for name in order:
+                        v = self.variants[name]
+                        o = v.get("oha", {"url": v["url"]})
+                        ppids = v["proxy"].pids() if v["proxy"] else []
+                        p0 = cpu_ticks(ppids)
+                        foreign = Foreign()
+                        r = oha_run(self.oha, o["url"], a.latency_duration, rate, a.connections,
+                                    o.get("proxy"), o.get("proxy_headers", ()))
+                        r["foreign"] = foreign.share()
+                        p1 = cpu_ticks(ppids)
+                        r["proxy_cpu_us"] = ((p1 - p0) / CLK_TCK * 1e6 / max(r["ok"], 1)) if ppids else None
+                        runs[name][rate].append(r)
+                        log(f"  round {rnd + 1} {rate:6d}/s {name:17s} p50 {r['p50_ms']:.3f} "
+                            f"p99 {r['p99_ms']:.3f} p99.9 {r['p999_ms']:.3f} ms  "
+                            f"errors {r['errors'] + r['non200']}"
+                            + (f"  (other processes used {r['foreign'] * 100:.0f}% of the machine)"
+                               if r["foreign"] > 0.02 else ""))
+        for name, by_rate in runs.items():
             self.results["latency"][name] = {}
-            for rate in rates:
-                rs = runs[name][rate]
+            for rate, rs in by_rate.items():
                 self.results["latency"][name][rate] = {
                     "runs": rs,
                     **{k: median([r[k] for r in rs]) for k in
@@ -1317,27 +1338,31 @@ class Bench:
         if R.get("tls"):
             self.tls_markdown(w)
         if R["latency"]:
-            lr = R["latency_rates"]
+            groups = latency_groups(R)
             w("## Latency at fixed offered rates (open loop, oha with latency correction)\n")
-            w(f"Offered rates: 25%, 50% and 75% of the lowest saturation rate ({lr['lowest_saturation']:,.0f} "
-              f"req/s, {lr['lowest_variant']}), the same for every variant; {a.connections} connections, "
-              f"{a.latency_duration} s per run, {a.latency_rounds} round(s), medians. `added` is the "
-              f"difference from `direct` at the same rate.\n")
-            w("| variant | offered req/s | achieved | p50 ms | p99 ms | p99.9 ms | added p50 | added p99 | "
-              "proxy CPU µs/req | oha CPU µs/req | errors |")
-            w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for rate in lr["rates"]:
-                d = R["latency"]["direct"][rate]
-                for name in VARIANTS:
-                    v = R["latency"][name][rate]
-                    added = "" if name == "direct" else f"{v['p50_ms'] - d['p50_ms']:+.3f}"
-                    added99 = "" if name == "direct" else f"{v['p99_ms'] - d['p99_ms']:+.3f}"
-                    sat = " (saturated)" if v["achieved"] < 0.95 * rate else ""
-                    w(f"| {name} | {rate:,} | {v['achieved']:,.0f}{sat} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | "
-                      f"{v['p999_ms']:.3f} | {added} | {added99} | {fmt(v['proxy_cpu_us'], '.1f')} | "
-                      f"{v['client_cpu_us']:.1f} | {v['errors']} |")
-            fmax = max(v["foreign_max"] for n in VARIANTS for v in R["latency"][n].values())
-            w(f"\nProcesses outside the benchmark used at most {fmax * 100:.0f}% of the machine during "
+            w(f"{a.connections} connections, {a.latency_duration} s per run, {a.latency_rounds} round(s), "
+              f"medians. `added` is the difference from `direct` at the same rate.\n")
+            for g in groups.values():
+                pair = " and ".join(f"`{n}`" for n in g["pair"])
+                of = "the lowest saturation rate of all variants" if g.get("shared") else f"the lower saturation rate of {pair}"
+                w(f"Offered rates for {', '.join(f'`{n}`' for n in g['variants'])}: 25%, 50% and 75% of "
+                  f"{of} ({g['saturation']:,.0f} req/s, {g['lowest_variant']}).\n")
+                w("| variant | offered req/s | achieved | p50 ms | p99 ms | p99.9 ms | added p50 | added p99 | "
+                  "proxy CPU µs/req | oha CPU µs/req | errors |")
+                w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                for rate in g["rates"]:
+                    d = R["latency"]["direct"][rate]
+                    for name in g["variants"]:
+                        v = R["latency"][name][rate]
+                        added = "" if name == "direct" else f"{v['p50_ms'] - d['p50_ms']:+.3f}"
+                        added99 = "" if name == "direct" else f"{v['p99_ms'] - d['p99_ms']:+.3f}"
+                        sat = " (saturated)" if v["achieved"] < 0.95 * rate else ""
+                        w(f"| {name} | {rate:,} | {v['achieved']:,.0f}{sat} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | "
+                          f"{v['p999_ms']:.3f} | {added} | {added99} | {fmt(v['proxy_cpu_us'], '.1f')} | "
+                          f"{v['client_cpu_us']:.1f} | {v['errors']} |")
+                w("")
+            fmax = max(v["foreign_max"] for n in R["latency"] for v in R["latency"][n].values())
+            w(f"Processes outside the benchmark used at most {fmax * 100:.0f}% of the machine during "
               "one of these runs.")
             w("\n`saturated`: the variant did not sustain the offered rate (achieved < 95%); its latencies "
               "there are queueing. oha costs more CPU per request than wrk (see its column), and it shares "
@@ -1457,27 +1482,30 @@ class Bench:
         w("")
 
     def targets(self):
+        """Each target of PRODUCT.md section 9 (issue 15's list) with its verdict in this run."""
         R = self.results
         out = []
-        if R["variants"]:
-            lk, ng = R["variants"]["latchkey"]["rps"], R["variants"]["nginx"]["rps"]
-            out.append(f"warm gateway throughput at least nginx's: {lk:,.0f} vs {ng:,.0f} req/s "
-                       f"({lk / ng:.2f}×): **{'met' if lk >= ng else 'not met'}**")
-        if R["latency"]:
-            worse = []
-            for rate in R["latency_rates"]["rates"]:
-                l99 = R["latency"]["latchkey"][rate]["p99_ms"]
-                n99 = R["latency"]["nginx"][rate]["p99_ms"]
-                worse.append(f"{rate:,}/s: {l99:.3f} vs {n99:.3f} ms")
-            ok = all(R["latency"]["latchkey"][r]["p99_ms"] <= R["latency"]["nginx"][r]["p99_ms"]
-                     for r in R["latency_rates"]["rates"])
-            out.append(f"gateway p99 no worse than nginx's: {'; '.join(worse)}: **{'met' if ok else 'not met'}**")
+        verdict = lambda ok: f"**{'met' if ok else 'not met'}**"  # noqa: E731
+        V = R["variants"]
+        for lk, ng, what in (("latchkey", "nginx", "gateway form, plain upstream"),
+                             ("latchkey-https", "nginx-https", "gateway form, HTTPS upstream")):
+            if V:
+                a, b = V[lk]["rps"], V[ng]["rps"]
+                out.append(f"{what}: throughput at least nginx's: {a:,.0f} vs {b:,.0f} req/s "
+                           f"({a / b:.2f}×): {verdict(a >= b)}")
+            if R["latency"]:
+                g = next(g for g in latency_groups(R).values() if lk in g["variants"])
+                points = [(r, R["latency"][lk][r]["p99_ms"], R["latency"][ng][r]["p99_ms"]) for r in g["rates"]]
+                shown = "; ".join(f"{r:,}/s: {x:.3f} vs {y:.3f} ms" for r, x, y in points)
+                out.append(f"{what}: p99 no worse than nginx's at 25, 50 and 75% of saturation: {shown}: "
+                           f"{verdict(all(x <= y for _, x, y in points))}")
         if R.get("tls"):
             T = R["tls"]
-            parts = [f"{lk} {T[lk]['rps']:,.0f} vs {ng} {T[ng]['rps']:,.0f} req/s ({T[lk]['rps'] / T[ng]['rps']:.2f}×), "
-                     f"p99 {T[lk]['p99_ms']:.2f} vs {T[ng]['p99_ms']:.2f} ms" for lk, ng in TLS_PAIRS]
-            out.append("tunnel form, TLS to the client with a cached leaf, against nginx terminating TLS "
-                       "(no target figure in PRODUCT.md: measured): " + "; ".join(parts))
+            for lk, ng in TLS_PAIRS:
+                a, b = T[lk]["rps"], T[ng]["rps"]
+                out.append(f"tunnel form, {'a new tunnel per request' if lk.endswith('-new') else 'keep-alive inside'}, "
+                           f"against nginx terminating TLS: {a:,.0f} vs {b:,.0f} req/s ({a / b:.2f}×): "
+                           f"{verdict(a >= b)}")
         c = R["cold"]
         if c:
             b = c["burst"]["vault_reads"]
@@ -1494,10 +1522,28 @@ class Bench:
             out.append(f"memory flat while streaming {self.args.stream_bytes / GiB:g} GiB: peak RSS at most "
                        f"{grow / 1024:.1f} MiB above idle")
             li = m["latchkey_idle_conns"]
-            n = max(self.args.idle_steps)
-            out.append(f"small per idle connection: {(li[n]['rss_kib'] - li['idle_kib']) / n:.1f} KiB each "
-                       f"with {n:,} connections")
+            steps = list(self.args.idle_steps)
+            each = {n: (li[n]["rss_kib"] - li["idle_kib"]) / n for n in steps}
+            out.append("at most 4 KiB per idle client connection: "
+                       + "; ".join(f"{e:.1f} KiB each with {n:,}" for n, e in each.items())
+                       + f": {verdict(all(e <= 4.0 for e in each.values()))}")
+            n = max(steps)
+            if n >= 10_000:
+                out.append(f"{n:,} idle connections under 64 MiB in all: {li[n]['rss_kib'] / 1024:.1f} MiB: "
+                           f"{verdict(li[n]['rss_kib'] < 64 * 1024)}")
         return out
+
+
+def latency_groups(R):
+    """The latency runs' groups (LATENCY_GROUPS with their saturation and rates), also from a
+    results file of before the groups, when every variant ran at one set of rates."""
+    lr = R["latency_rates"]
+    if "groups" in lr:
+        return lr["groups"]
+    return {g: {"variants": spec["variants"], "pair": list(spec["pair"]),
+                "saturation": lr["lowest_saturation"], "lowest_variant": lr["lowest_variant"],
+                "rates": lr["rates"], "shared": True}
+            for g, spec in LATENCY_GROUPS.items()}
 
 
 def fmt(x, spec):
@@ -1577,9 +1623,10 @@ def main():
         if getattr(a, k) is None:
             setattr(a, k, quick if q else full)
 
-    n, t = len(VARIANTS), len(VARIANTS) + len(TLS_VARIANTS)
+    t = len(VARIANTS) + len(TLS_VARIANTS)
     est = (t * a.warmup + t * a.rounds * (a.duration + 0.3)
-           + 3 * n * a.latency_rounds * (a.latency_duration + 0.3)) if not a.skip_load else 0
+           + len(LATENCY_FRACTIONS) * sum(len(g["variants"]) for g in LATENCY_GROUPS.values())
+           * a.latency_rounds * (a.latency_duration + 0.3)) if not a.skip_load else 0
     log(f"load phases take about {est / 60:.1f} min, plus setup, cold path and memory (a minute or two)")
     log(f"{CORES} cores shared by the load generator, the proxies and the upstream (nothing pinned)")
 
