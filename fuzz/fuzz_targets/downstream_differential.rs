@@ -18,7 +18,7 @@ fn main() {
     afl::fuzz(true, |data: &[u8]| {
         let input = &data[..data.len().min(MAX_INPUT)];
         if let Err(difference) = fuzzing::compare(&rt, input) {
-            panic!("{difference}");
+            panic!("difference from hyper: {difference}");
         }
     });
 }

@@ -95,7 +95,7 @@ fn main() {
         };
         if let Some(what) = finding {
             if report_known || known(input, &ours, &theirs).is_none() {
-                panic!("{what}\nlatchkey: {ours:?}\nhyper:    {theirs:?}");
+                panic!("difference from hyper: {what}\nlatchkey: {ours:?}\nhyper:    {theirs:?}");
             }
         }
     });

@@ -86,12 +86,15 @@ fn main() {
             // the end of the connection; one that does is compared as hyper gives it on (a
             // fragment dropped, `/` after an authority).
             let Ok(target) = read.target.parse::<http::Uri>() else {
-                assert!(seen.len() <= i, "hyper read a target it cannot parse");
+                assert!(
+                    seen.len() <= i,
+                    "difference from hyper: hyper read a target it cannot parse"
+                );
                 return;
             };
             let Some(theirs) = seen.get(i) else {
                 panic!(
-                    "strict passed request {i} whole, hyper did not read it\n\
+                    "difference from hyper: strict passed request {i} whole, hyper did not read it\n\
                      strict: {passed:?}\nhyper:  {seen:?}"
                 );
             };
@@ -100,7 +103,7 @@ fn main() {
                 && theirs.body.as_deref() == Ok(read.body.as_slice());
             assert!(
                 same,
-                "hyper read request {i} otherwise\nstrict: {read:?}\nhyper:  {theirs:?}"
+                "difference from hyper: hyper read request {i} otherwise\nstrict: {read:?}\nhyper:  {theirs:?}"
             );
             if read.upgrade() || read.last() {
                 return;
@@ -112,7 +115,7 @@ fn main() {
         if all_whole && verdict.stop.is_none() {
             assert!(
                 seen.len() <= passed.len(),
-                "hyper read more requests than strict passed\nstrict: {passed:?}\nhyper:  {seen:?}"
+                "difference from hyper: hyper read more requests than strict passed\nstrict: {passed:?}\nhyper:  {seen:?}"
             );
         }
     });
