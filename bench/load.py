@@ -983,6 +983,11 @@ class Bench:
                         v = self.variants[name]
                         o = v.get("oha", {"url": v["url"]})
                         ppids = v["proxy"].pids() if v["proxy"] else []
+                        # Not measured: the same rate for a moment first, so that a pool the
+                        # variant's last run left to expire (over 90 s ago) is filled again and
+                        # the run measures the steady state (bench/tail.py measures a cold pool).
+                        oha_run(self.oha, o["url"], a.latency_warmup, rate, a.connections,
+                                o.get("proxy"), o.get("proxy_headers", ()))
                         p0 = cpu_ticks(ppids)
                         foreign = Foreign()
                         r = oha_run(self.oha, o["url"], a.latency_duration, rate, a.connections,
@@ -1340,8 +1345,12 @@ class Bench:
         if R["latency"]:
             groups = latency_groups(R)
             w("## Latency at fixed offered rates (open loop, oha with latency correction)\n")
-            w(f"{a.connections} connections, {a.latency_duration} s per run, {a.latency_rounds} round(s), "
-              f"medians. `added` is the difference from `direct` at the same rate.\n")
+            warm = getattr(a, "latency_warmup", None)
+            w(f"{a.connections} connections, {a.latency_duration} s per run"
+              + (f" after {warm} s at the same rate, not measured (a pool the variant's last run left "
+                 f"to expire is filled again: the steady state)" if warm else "")
+              + f", {a.latency_rounds} round(s), medians. `added` is the difference from `direct` at "
+              f"the same rate.\n")
             for g in groups.values():
                 pair = " and ".join(f"`{n}`" for n in g["pair"])
                 of = "the lowest saturation rate of all variants" if g.get("shared") else f"the lower saturation rate of {pair}"
@@ -1587,6 +1596,8 @@ def main():
     ap.add_argument("--rounds", type=int, help="wrk rounds (default 5, quick 1)")
     ap.add_argument("--latency-duration", type=int, help="seconds per oha run (default 8, quick 2)")
     ap.add_argument("--latency-rounds", type=int, help="oha rounds (default 5, quick 1)")
+    ap.add_argument("--latency-warmup", type=int,
+                    help="seconds of oha at the same rate before each measured oha run (default 2, quick 1)")
     ap.add_argument("--connections", type=int, default=64, help="client connections for wrk and oha")
     ap.add_argument("--cold-connections", type=int, help="distinct connections (default 1000, quick 200)")
     ap.add_argument("--cold-concurrency", type=int, default=32)
@@ -1617,7 +1628,7 @@ def main():
         return
     q = a.quick
     defaults = dict(duration=(2, 10), warmup=(1, 2), rounds=(1, 5), latency_duration=(2, 8),
-                    latency_rounds=(1, 5), cold_connections=(200, 1000), idle_steps=([1000, 2000], [1000, 10000]),
+                    latency_rounds=(1, 5), latency_warmup=(1, 2), cold_connections=(200, 1000), idle_steps=([1000, 2000], [1000, 10000]),
                     stream_bytes=(128 << 20, GiB), out=(str(BENCH / "results/quick"), str(BENCH / "results")))
     for k, (quick, full) in defaults.items():
         if getattr(a, k) is None:
@@ -1626,7 +1637,7 @@ def main():
     t = len(VARIANTS) + len(TLS_VARIANTS)
     est = (t * a.warmup + t * a.rounds * (a.duration + 0.3)
            + len(LATENCY_FRACTIONS) * sum(len(g["variants"]) for g in LATENCY_GROUPS.values())
-           * a.latency_rounds * (a.latency_duration + 0.3)) if not a.skip_load else 0
+           * a.latency_rounds * (a.latency_warmup + a.latency_duration + 0.6)) if not a.skip_load else 0
     log(f"load phases take about {est / 60:.1f} min, plus setup, cold path and memory (a minute or two)")
     log(f"{CORES} cores shared by the load generator, the proxies and the upstream (nothing pinned)")
 
