@@ -406,20 +406,20 @@ impl Lifecycle {
                 secrets_given.push(name.clone());
             }
             match value {
-                Some(v) => draft.fields.insert(name, v),
+                Some(v) => {
+                    draft.fields.insert(name, v);
+                }
                 // Removing what is not there would write a new version that changes nothing,
                 // and say `ok` to a name mistyped.
-                None => match draft.fields.remove(&name) {
-                    Some(v) => Some(v),
-                    None => {
-                        return Err(FieldError::new(
-                            &name,
-                            "is not set on this connection: there is nothing to remove",
-                        )
-                        .into())
-                    }
-                },
-            };
+                None if draft.fields.remove(&name).is_none() => {
+                    return Err(FieldError::new(
+                        &name,
+                        "is not set on this connection: there is nothing to remove",
+                    )
+                    .into())
+                }
+                None => {}
+            }
         }
         let before = draft_of(&stored).prepare(&id, &self.catalog()).ok();
         let prepared = draft.prepare(&id, &self.catalog())?;

@@ -534,7 +534,13 @@ impl Proxy {
             Err(e) => {
                 log.status = e.status().as_u16();
                 log.error = Some(e.code());
-                tracing::debug!(code = e.code(), message = %e, "CONNECT refused");
+                if e.status().is_server_error() {
+                    // As for requests (`request failed`): the cause of latchkey's own 5xx,
+                    // which the client's answer has and the access line's code alone does not.
+                    tracing::warn!(code = e.code(), host = log.host.as_deref().unwrap_or("-"), cause = %e, "CONNECT failed");
+                } else {
+                    tracing::debug!(code = e.code(), message = %e, "CONNECT refused");
+                }
                 log.emit(started.elapsed());
                 Err(e)
             }

@@ -95,13 +95,7 @@ impl Tunnels {
             Ok(Opened::Splice(upstream, line)) => {
                 return splice(upgrade, upstream, self.idle, line)
             }
-            Err(e) => {
-                // As for requests (`request failed`): the cause of latchkey's own 5xx is logged.
-                if e.status().is_server_error() {
-                    tracing::warn!(code = e.code(), host = parts.uri.host().unwrap_or("-"), cause = %e, "CONNECT failed");
-                }
-                return e.into_response();
-            }
+            Err(e) => return e.into_response(),
         };
         let me = self.clone();
         tokio::spawn(async move {
